@@ -1,0 +1,105 @@
+"""`config.model.name` -> Flax module. A new model is one file plus one line here.
+
+Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
+  variables = model.init({"params": rng, "vq": rng}, x, train=False)
+      -> {"params": ..., "vq_state": ...}
+  (recon, aux), updates = model.apply(variables, x, train=True, rngs={"vq": rng},
+                                      mutable=["vq_state"])
+      aux["loss"]              scalar to minimise (reconstruction + latent losses)
+      aux["mse"]               reconstruction mean squared error, images in [-1, 1]
+      aux["latent_loss"]       commitment (+ codebook) loss summed over levels
+      aux["level{i}/perplexity"], aux["level{i}/usage"], aux["level{i}/top_share"]
+                               per-batch code statistics, level 0 = coarsest (top)
+      aux["level{i}/counts"]   int32 [num_codes] histogram of the batch's codes
+  model.apply(variables, x, method="encode_to_indices") -> tuple of int32 code maps,
+      coarsest first: ([B, h0, w0], ..., [B, hN, wN])
+  model.apply(variables, codes, method="decode_from_indices") -> images [B, H, W, C]
+With train=False nothing in "vq_state" changes.
+"""
+
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str):
+  """Maps a config dtype string to a JAX dtype, with a clear error for unknown names."""
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
+  """Quantizer constructor arguments from `config.vq`."""
+  return dict(
+      num_codes=vq.num_codes,
+      code_dim=vq.code_dim,
+      beta=vq.beta,
+      ema=vq.ema,
+      decay=vq.decay,
+      eps=vq.eps,
+      bias_correction=vq.bias_correction,
+      init=vq.init,
+      kmeans_iters=vq.kmeans_iters,
+      restart_after=vq.restart_after,
+  )
+
+
+def _build_vqvae(config, dtype, param_dtype):
+  from vqjax.models import vqvae
+
+  m = config.model
+  return vqvae.VQVAE(
+      out_channels=config.data.channels,
+      channels=m.channels,
+      res_channels=m.res_channels,
+      num_res_blocks=m.num_res_blocks,
+      downsample=m.downsample,
+      quantizer=quantizer_kwargs(config.vq),
+      dtype=dtype,
+      param_dtype=param_dtype,
+  )
+
+
+def _build_vqvae2(config, dtype, param_dtype):
+  from vqjax.models import hierarchy
+
+  m = config.model
+  return hierarchy.VQVAE2(
+      out_channels=config.data.channels,
+      channels=m.channels,
+      res_channels=m.res_channels,
+      num_res_blocks=m.num_res_blocks,
+      levels=m.levels,
+      first_stride=m.first_stride,
+      level_stride=m.level_stride,
+      quantizer=quantizer_kwargs(config.vq),
+      dtype=dtype,
+      param_dtype=param_dtype,
+  )
+
+
+MODELS = {"vqvae": _build_vqvae, "vqvae2": _build_vqvae2}
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """Builds the stage-1 model named by `config.model.name`."""
+  name = config.model.name
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+  return MODELS[name](
+      config, dtype_from_name(config.model.dtype), dtype_from_name(config.model.param_dtype)
+  )
+
+
+def total_stride(config: ml_collections.ConfigDict) -> int:
+  """The factor by which the model's coarsest code map is smaller than the image."""
+  m = config.model
+  if m.name == "vqvae":
+    return 2**m.downsample
+  return m.first_stride * m.level_stride ** (m.levels - 1)
+
+
