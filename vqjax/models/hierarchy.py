@@ -1,0 +1,174 @@
+"""VQ-VAE-2: a hierarchy of code maps, coarse codes for global structure, fine codes for detail.
+
+Layout (the paper's and the common PyTorch re-implementation's, generalised to N levels):
+  * the bottom encoder reduces the image by `first_stride` (4), each encoder above it reduces
+    the features below by `level_stride` (2);
+  * the top features are projected by a 1x1 conv to `code_dim` and quantized first;
+  * every lower level concatenates [decoder(quantized codes of the level above), its own
+    encoder features], projects them by a 1x1 conv and quantizes them, so fine codes are
+    conditioned on coarse ones;
+  * the final decoder sees [upsampled codes of every upper level, ..., bottom codes] and
+    upsamples by `first_stride` back to the image.
+Levels are numbered coarsest first: level 0 is the top. With `levels=1` this is the single-level
+VQ-VAE (see vqvae.py). NHWC, images in [-1, 1], any channel count, any size divisible by
+`first_stride * level_stride ** (levels - 1)`.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vqjax.models.layers import Decoder, Encoder, UpConv
+from vqjax.models.quantizer import VectorQuantizer
+
+
+class Upsampler(nn.Module):
+  """A chain of stride-2 transposed convs (ReLU between) that keeps the channel count."""
+
+  features: int
+  factor: int
+  upconv_impl: str = "subpixel"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n = self.factor.bit_length() - 1
+    for i in range(n):
+      if i > 0:
+        x = nn.relu(x)
+      x = UpConv(self.features, impl=self.upconv_impl, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name=f"up{i}")(x)
+    return x
+
+
+class VQVAE2(nn.Module):
+  """Hierarchical VQ-VAE with `levels` code maps (see the module docstring).
+
+  Attributes:
+    out_channels: image channels (1 for Fashion-MNIST, 3 for RGB).
+    channels: hidden channels of encoders and decoders.
+    res_channels: hidden channels inside residual blocks.
+    num_res_blocks: residual blocks per encoder / decoder.
+    levels: number of code maps (2 = top + bottom; FFHQ-1024 uses 3).
+    first_stride: downsampling of the bottom encoder (power of two).
+    level_stride: downsampling between consecutive levels (power of two).
+    quantizer: keyword arguments of every level's VectorQuantizer (num_codes, code_dim, ...).
+    upconv_impl: "subpixel" or "lax" transposed convolutions (same function, same weights).
+    dtype: compute dtype; quantizer distances and statistics stay float32.
+    param_dtype: parameter dtype.
+  """
+
+  out_channels: int = 3
+  channels: int = 128
+  res_channels: int = 32
+  num_res_blocks: int = 2
+  levels: int = 2
+  first_stride: int = 4
+  level_stride: int = 2
+  quantizer: dict | None = None
+  upconv_impl: str = "subpixel"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.levels < 1:
+      raise ValueError(f"levels must be >= 1, got {self.levels}")
+    qkw = dict(self.quantizer or {})
+    self.code_dim = qkw.get("code_dim", 64)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    n = self.levels
+    bottom = n - 1
+    self.encoders = [
+        Encoder(self.channels, self.res_channels, self.num_res_blocks,
+                self.first_stride if i == bottom else self.level_stride, **kw)
+        for i in range(n)
+    ]
+    self.pre_quant = [nn.Conv(self.code_dim, (1, 1), **kw) for _ in range(n)]
+    self.quantizers = [VectorQuantizer(**qkw, **kw) for _ in range(n)]
+    # cond_decoders[i] maps the codes of level i (i < bottom) to the resolution of level i + 1.
+    self.cond_decoders = [
+        Decoder(self.code_dim, self.channels, self.res_channels, self.num_res_blocks,
+                self.level_stride, upconv_impl=self.upconv_impl, **kw)
+        for _ in range(n - 1)
+    ]
+    # upsamplers[i] brings the codes of level i (i < bottom) to the bottom code resolution.
+    self.upsamplers = [
+        Upsampler(self.code_dim, self.level_stride ** (bottom - i),
+                  upconv_impl=self.upconv_impl, **kw)
+        for i in range(n - 1)
+    ]
+    self.decoder = Decoder(self.out_channels, self.channels, self.res_channels,
+                           self.num_res_blocks, self.first_stride,
+                           upconv_impl=self.upconv_impl, **kw)
+
+  @property
+  def total_stride(self) -> int:
+    return self.first_stride * self.level_stride ** (self.levels - 1)
+
+  def _check_input(self, x: jax.Array) -> None:
+    s = self.total_stride
+    if x.ndim != 4 or x.shape[1] % s or x.shape[2] % s:
+      raise ValueError(
+          f"expected NHWC images with H and W divisible by {s}, got shape {tuple(x.shape)}"
+      )
+
+  def encode(self, x: jax.Array, train: bool = False):
+    """Encodes images to quantized code maps.
+
+    Returns:
+      (quantized, aux): quantized is a list of [B, h_i, w_i, code_dim] maps, coarsest first;
+      aux is the list of each level's quantizer aux dict (indices, losses, counts, metrics).
+    """
+    self._check_input(x)
+    n = self.levels
+    features = [None] * n
+    h = x
+    for i in reversed(range(n)):  # bottom encoder first, on the image
+      h = self.encoders[i](h)
+      features[i] = h
+    quantized, aux = [], []
+    for i in range(n):  # top level first: each lower level is conditioned on the one above
+      h = features[i]
+      if i > 0:
+        h = jnp.concatenate([self.cond_decoders[i - 1](quantized[-1]), h], axis=-1)
+      q, a = self.quantizers[i](self.pre_quant[i](h), train=train)
+      quantized.append(q)
+      aux.append(a)
+    return quantized, aux
+
+  def decode(self, quantized: list[jax.Array]) -> jax.Array:
+    """Decodes quantized code maps (coarsest first) to images [B, H, W, out_channels]."""
+    parts = [self.upsamplers[i](q) for i, q in enumerate(quantized[:-1])]
+    return self.decoder(jnp.concatenate(parts + [quantized[-1]], axis=-1))
+
+  def encode_to_indices(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """Images -> one int32 code map per level, coarsest first ([B, h_i, w_i])."""
+    _, aux = self.encode(x, train=False)
+    return tuple(a["indices"] for a in aux)
+
+  def decode_from_indices(self, codes) -> jax.Array:
+    """One int code map per level, coarsest first -> images [B, H, W, out_channels]."""
+    if len(codes) != self.levels:
+      raise ValueError(f"expected {self.levels} code maps, got {len(codes)}")
+    return self.decode([qz.lookup(c) for qz, c in zip(self.quantizers, codes)])
+
+  def __call__(self, x: jax.Array, train: bool = False):
+    """Reconstructs x.
+
+    Returns:
+      (recon, aux): recon [B, H, W, out_channels] in the compute dtype; aux has "loss"
+      (mse + latent losses), "mse", "latent_loss" and per level i (0 = top)
+      "level{i}/{perplexity,usage,top_share,commitment,counts}".
+    """
+    quantized, level_aux = self.encode(x, train=train)
+    recon = self.decode(quantized)
+    mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - x.astype(jnp.float32)))
+    latent = sum(a["latent_loss"] for a in level_aux)
+    aux = {"loss": mse + latent, "mse": mse, "latent_loss": latent}
+    for i, a in enumerate(level_aux):
+      for key in ("perplexity", "usage", "top_share", "commitment", "counts"):
+        aux[f"level{i}/{key}"] = a[key]
+    return recon, aux

@@ -1,0 +1,305 @@
+"""Vector quantization: nearest codeword, straight-through gradients, codebook learning.
+
+The quantizer maps each encoder vector z to its nearest codeword e (squared Euclidean distance,
+always computed in float32) and passes gradients straight through: z_q = z + sg[e - z].
+
+Two ways to learn the codebook:
+  * loss-trained (`ema=False`): latent loss = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2. The
+    first (codebook) term moves the codewords, the second (commitment) term, weighted by beta,
+    keeps the encoder close to its codewords.
+  * EMA (`ema=True`, VQ-VAE appendix): codewords are running means of the vectors assigned to
+    them; the latent loss is only beta * commitment. Cluster sizes use Laplace smoothing;
+    optional bias correction divides the running sums by 1 - decay^t.
+
+The codebook can be initialised from the first training batch (k-means++ seeding, optionally
+followed by Lloyd iterations) and codes unused for `restart_after` steps are re-seeded from
+the current batch's encoder outputs. Both are deterministic given the "vq" rng stream.
+
+Variables: the loss-trained codebook is the param "codebook"; everything else, including the
+EMA codebook, lives in the "vq_state" collection and changes only when `train=True`.
+Under jit with globally sharded arrays, every batch statistic here is global over all devices.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+_KMEANS_MAX_POINTS = 16384  # k-means on a random subset: the cost stays flat at any batch size
+_INITS = ("normal", "uniform", "kmeans++", "kmeans")
+
+
+def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Pairwise ||x_n - e_k||^2 in float32, [N, D] x [K, D] -> [N, K]."""
+  x = x.astype(jnp.float32)
+  codebook = codebook.astype(jnp.float32)
+  cross = jnp.einsum("nd,kd->nk", x, codebook, precision=HIGHEST)
+  return (
+      jnp.sum(x * x, axis=1, keepdims=True) - 2.0 * cross + jnp.sum(codebook * codebook, axis=1)
+  )
+
+
+def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Index of the nearest codeword for each row of x ([N, D] -> int32 [N])."""
+  return jnp.argmin(squared_distances(x, codebook), axis=1).astype(jnp.int32)
+
+
+def code_counts(indices: jax.Array, num_codes: int) -> jax.Array:
+  """Histogram of code indices: int32 [num_codes]."""
+  flat = indices.reshape(-1)
+  return jnp.zeros((num_codes,), jnp.int32).at[flat].add(1)
+
+
+def usage_metrics(counts: jax.Array) -> dict[str, jax.Array]:
+  """Perplexity, fraction of codes used and share of the most used code from a histogram."""
+  counts = counts.astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(counts), 1.0)
+  p = counts / total
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return {
+      "perplexity": jnp.exp(entropy),
+      "usage": jnp.mean((counts > 0).astype(jnp.float32)),
+      "top_share": jnp.max(counts) / total,
+  }
+
+
+def subsample(x: jax.Array, rng: jax.Array, max_points: int = _KMEANS_MAX_POINTS) -> jax.Array:
+  """At most `max_points` rows of x drawn at random (with replacement when subsampling)."""
+  if x.shape[0] <= max_points:
+    return x
+  return x[jax.random.randint(rng, (max_points,), 0, x.shape[0])]
+
+
+def kmeans_plus_plus(x: jax.Array, k: int, rng: jax.Array) -> jax.Array:
+  """k-means++ seeding: k rows of x, each drawn with probability ~ squared distance to the
+  nearest already chosen one. x: [N, D] -> [k, D] float32."""
+  x = x.astype(jnp.float32)
+  rng, first_rng = jax.random.split(rng)
+  first = x[jax.random.randint(first_rng, (), 0, x.shape[0])]
+  centers = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(first)
+  d2 = squared_distances(x, first[None])[:, 0]
+
+  def body(i, carry):
+    centers, d2, rng = carry
+    rng, pick_rng = jax.random.split(rng)
+    # Points already chosen have d2 == 0 and so (almost) no chance to be drawn again.
+    logits = jnp.log(jnp.maximum(d2, 0.0) + 1e-20)
+    c = x[jax.random.categorical(pick_rng, logits)]
+    d2 = jnp.minimum(d2, squared_distances(x, c[None])[:, 0])
+    return centers.at[i].set(c), d2, rng
+
+  centers, _, _ = jax.lax.fori_loop(1, k, body, (centers, d2, rng))
+  return centers
+
+
+def lloyd(x: jax.Array, centers: jax.Array, iters: int) -> jax.Array:
+  """`iters` k-means (Lloyd) iterations from `centers`; empty clusters keep their center."""
+  x = x.astype(jnp.float32)
+  k = centers.shape[0]
+
+  def body(_, centers):
+    assign = nearest_code(x, centers)
+    sums = jax.ops.segment_sum(x, assign, num_segments=k)
+    counts = jax.ops.segment_sum(jnp.ones_like(assign, jnp.float32), assign, num_segments=k)
+    return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centers)
+
+  return jax.lax.fori_loop(0, iters, body, centers)
+
+
+def ema_codebook(ema_sum, ema_count, weight, eps):
+  """Codebook from EMA statistics with Laplace-smoothed cluster sizes.
+
+  `weight` is the bias-correction divisor (1 - decay^t), or 1 without bias correction.
+  """
+  count = ema_count / weight
+  n = jnp.sum(count)
+  smoothed = (count + eps) / (n + count.shape[0] * eps) * n
+  return (ema_sum / weight) / smoothed[:, None]
+
+
+class VectorQuantizer(nn.Module):
+  """Nearest-codeword quantizer with a loss-trained or EMA codebook.
+
+  Attributes:
+    num_codes: codebook size K.
+    code_dim: codeword dimension D (the last axis of the input).
+    beta: weight of the commitment term ||z - sg[e]||^2.
+    ema: EMA codebook (True) or codebook learned by the codebook loss (False).
+    decay: EMA decay.
+    eps: Laplace smoothing of the EMA cluster sizes.
+    bias_correction: divide EMA statistics by 1 - decay^t (they then start from zero).
+    init: "normal" (N(0, 1), as the PyTorch reference), "uniform" (U(-1/K, 1/K)), or
+      "kmeans++" / "kmeans" (from the first training batch; "kmeans" adds Lloyd iterations).
+    kmeans_iters: Lloyd iterations for init="kmeans".
+    restart_after: re-seed codes unused for this many training steps (0 = never).
+    dtype: dtype of the quantized output (distances and statistics stay float32).
+    param_dtype: dtype of the codebook parameter (loss-trained codebook).
+  """
+
+  num_codes: int = 512
+  code_dim: int = 64
+  beta: float = 0.25
+  ema: bool = True
+  decay: float = 0.99
+  eps: float = 1e-5
+  bias_correction: bool = False
+  init: str = "kmeans++"
+  kmeans_iters: int = 10
+  restart_after: int = 0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.init not in _INITS:
+      raise ValueError(f"unknown codebook init {self.init!r}; expected one of {_INITS}")
+    k, d = self.num_codes, self.code_dim
+
+    def initial_codebook():
+      rng = self.make_rng("params")
+      if self.init == "uniform":
+        return jax.random.uniform(rng, (k, d), jnp.float32, -1.0 / k, 1.0 / k)
+      return jax.random.normal(rng, (k, d), jnp.float32)
+
+    from_data = self.init in ("kmeans++", "kmeans")
+    self.initialized = self.variable(
+        "vq_state", "initialized", lambda: jnp.array(not from_data, jnp.bool_)
+    )
+    self.unused_steps = self.variable("vq_state", "unused_steps", jnp.zeros, (k,), jnp.int32)
+    if self.ema:
+      self.codebook_var = self.variable("vq_state", "codebook", initial_codebook)
+      # The reference starts EMA sums at the codebook with zero counts; with bias correction
+      # both start at zero and `ema_weight` (1 - decay^t) undoes the bias.
+      start = 0.0 if self.bias_correction else 1.0
+      self.ema_count = self.variable("vq_state", "ema_count", jnp.zeros, (k,), jnp.float32)
+      self.ema_sum = self.variable(
+          "vq_state", "ema_sum", lambda: start * self.codebook_var.value
+      )
+      self.ema_weight = self.variable("vq_state", "ema_weight", lambda: jnp.array(start))
+    else:
+      self.codebook_param = self.param(
+          "codebook", lambda rng: initial_codebook().astype(self.param_dtype)
+      )
+      # Data init and restarts set codewords through this offset, so the parameter (and its
+      # optimizer state) is never overwritten: codebook = param + offset.
+      self.offset = self.variable("vq_state", "offset", jnp.zeros, (k, d), jnp.float32)
+
+  @property
+  def codebook(self) -> jax.Array:
+    """The current codebook, float32 [K, D]."""
+    if self.ema:
+      return self.codebook_var.value
+    return self.codebook_param.astype(jnp.float32) + self.offset.value
+
+  def lookup(self, indices: jax.Array) -> jax.Array:
+    """Codewords for integer indices of any shape -> [..., D] in `dtype`."""
+    return jnp.take(self.codebook, indices, axis=0).astype(self.dtype)
+
+  def indices(self, z: jax.Array) -> jax.Array:
+    """Nearest-codeword indices for z [..., D] -> int32 [...]."""
+    flat = z.reshape(-1, self.code_dim)
+    return nearest_code(flat, self.codebook).reshape(z.shape[:-1])
+
+  def _set_codes(self, new_codes, mask, count):
+    """Overwrite the codewords where mask [K] is set (used by data init and restarts)."""
+    if self.ema:
+      w = self.ema_weight.value
+      self.ema_count.value = jnp.where(mask, count * w, self.ema_count.value)
+      self.ema_sum.value = jnp.where(mask[:, None], new_codes * count * w, self.ema_sum.value)
+      self.codebook_var.value = jnp.where(mask[:, None], new_codes, self.codebook_var.value)
+    else:
+      param = self.codebook_param.astype(jnp.float32)
+      self.offset.value = jnp.where(mask[:, None], new_codes - param, self.offset.value)
+
+  def _init_from_data(self, flat_z, rng):
+    k = self.num_codes
+    x = subsample(flat_z, jax.random.fold_in(rng, 0))
+
+    def seed(_):
+      centers = kmeans_plus_plus(x, k, jax.random.fold_in(rng, 1))
+      if self.init == "kmeans":
+        centers = lloyd(x, centers, self.kmeans_iters)
+      return centers
+
+    centers = jax.lax.cond(
+        self.initialized.value, lambda _: self.codebook, seed, operand=None
+    )
+    # Give each seeded code the average share of the batch, so the first EMA steps move the
+    # codewords at the usual rate.
+    count = max(flat_z.shape[0] / k, 1.0)
+    self._set_codes(centers, jnp.logical_not(self.initialized.value) & jnp.ones(k, bool), count)
+    self.initialized.value = jnp.array(True)
+
+  def _ema_update(self, flat_z, idx):
+    k = self.num_codes
+    counts = jax.ops.segment_sum(jnp.ones_like(idx, jnp.float32), idx, num_segments=k)
+    sums = jax.ops.segment_sum(flat_z, idx, num_segments=k)
+    d = self.decay
+    self.ema_count.value = d * self.ema_count.value + (1 - d) * counts
+    self.ema_sum.value = d * self.ema_sum.value + (1 - d) * sums
+    if self.bias_correction:
+      self.ema_weight.value = d * self.ema_weight.value + (1 - d)
+    # Without bias correction ema_weight stays 1: the sums are used as they are.
+    self.codebook_var.value = ema_codebook(
+        self.ema_sum.value, self.ema_count.value, self.ema_weight.value, self.eps
+    )
+
+  def _restart_dead_codes(self, flat_z, counts, rng):
+    unused = jnp.where(counts > 0, 0, self.unused_steps.value + 1)
+    dead = unused >= self.restart_after
+    picks = flat_z[jax.random.randint(rng, (self.num_codes,), 0, flat_z.shape[0])]
+    self._set_codes(picks, dead, 1.0)
+    self.unused_steps.value = jnp.where(dead, 0, unused)
+
+  def __call__(self, z: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Quantizes z [..., D].
+
+    Args:
+      z: encoder outputs, last axis = code_dim.
+      train: update codebook statistics (EMA, data init, restarts) from this batch.
+
+    Returns:
+      (z_q, aux): z_q has z's shape and straight-through gradients; aux holds "indices",
+      "latent_loss", "commitment", "codebook_loss", "counts" and the usage metrics.
+    """
+    if z.shape[-1] != self.code_dim:
+      raise ValueError(f"quantizer expects last axis {self.code_dim}, got shape {z.shape}")
+    z32 = z.astype(jnp.float32)
+    flat = z32.reshape(-1, self.code_dim)
+    flat_sg = jax.lax.stop_gradient(flat)
+    rng = self.make_rng("vq") if train and self._needs_rng else None
+
+    if train and self.init in ("kmeans++", "kmeans"):
+      self._init_from_data(flat_sg, jax.random.fold_in(rng, 0))
+
+    codebook = self.codebook
+    idx = nearest_code(flat_sg, codebook)
+    e = jnp.take(codebook, idx, axis=0)
+    commitment = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(e)))
+    codebook_loss = (
+        jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))
+    )
+    latent_loss = codebook_loss + self.beta * commitment
+    counts = code_counts(idx, self.num_codes)
+
+    if train:
+      if self.ema:
+        self._ema_update(flat_sg, idx)
+      if self.restart_after > 0:
+        self._restart_dead_codes(flat_sg, counts, jax.random.fold_in(rng, 1))
+
+    zq = flat + jax.lax.stop_gradient(e - flat)
+    aux = {
+        "indices": idx.reshape(z.shape[:-1]),
+        "latent_loss": latent_loss,
+        "commitment": commitment,
+        "codebook_loss": codebook_loss,
+        "counts": counts,
+        **usage_metrics(counts),
+    }
+    return zq.reshape(z.shape).astype(self.dtype), aux
+
+  @property
+  def _needs_rng(self) -> bool:
+    return self.init in ("kmeans++", "kmeans") or self.restart_after > 0

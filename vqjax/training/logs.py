@@ -1,0 +1,175 @@
+"""What a user sees while a run goes: progress lines, JSON lines, TensorBoard, image grids.
+
+Only process 0 writes files or prints progress (`MetricWriter(active=...)`); every process
+may call the methods. Metrics arrive as host floats: the trainer pulls them from the device
+on logging steps only.
+"""
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+
+def _fmt_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricWriter:
+  """JSON lines (`metrics.jsonl`), TensorBoard events and progress lines in `workdir`.
+
+  Args:
+    workdir: the run directory.
+    tensorboard: write TensorBoard event files (needs `tensorboardX`; skipped with a warning
+      when it is missing).
+    active: whether this process writes (True on process 0 only).
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True, active: bool = True):
+    self.active = active
+    self.workdir = workdir
+    self._tb = None
+    self._jsonl = None
+    if not active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard event files")
+      else:
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+    """Appends one JSON line `{"step", "split", **metrics}` and the TensorBoard scalars."""
+    if not self.active:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    record = {"step": int(step), "split": prefix, **clean}
+    # json writes NaN/Infinity tokens; keep them so a diverged run is visible in the file.
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
+      self._tb.flush()
+
+  def write_images(self, step: int, name: str, grid: np.ndarray) -> None:
+    """Adds a uint8 [H, W, C] grid to TensorBoard."""
+    if self.active and self._tb is not None:
+      self._tb.add_image(name, grid, int(step), dataformats="HWC")
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """Throughput and ETA between logging steps, measured on the host.
+
+  Args:
+    total_steps: the step the run stops at.
+    global_batch: images per step, for img/s.
+    start_step: the step the run starts (or resumes) at.
+  """
+
+  def __init__(self, total_steps: int, global_batch: int, start_step: int):
+    self.total = total_steps
+    self.batch = global_batch
+    self._t = time.perf_counter()
+    self._step = start_step
+
+  def line(self, step: int, metrics: Mapping[str, float], keys: Sequence[str]) -> tuple[str, dict]:
+    """The progress line and the timing metrics (`img_per_s`, `eta_s`) since the last call."""
+    now = time.perf_counter()
+    dt, ds = now - self._t, step - self._step
+    self._t, self._step = now, step
+    rate = ds * self.batch / dt if dt > 0 and ds > 0 else float("nan")
+    eta = (self.total - step) * dt / ds if ds > 0 else float("nan")
+    shown = []
+    for key in keys:
+      for name in sorted(metrics):
+        if name == key or name.endswith("/" + key):
+          shown.append(f"{name}={metrics[name]:.4g}")
+    width = len(str(self.total))
+    text = (
+        f"step {step:>{width}}/{self.total} " + " ".join(shown)
+        + f" | {rate:.1f} img/s, ETA {_fmt_duration(eta)}"
+    )
+    return text, {"img_per_s": rate, "eta_s": eta}
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 [0, 255]."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
+  """Stacks equally long image rows ([N, H, W, C] in [-1, 1]) into one uint8 grid.
+
+  Args:
+    rows: e.g. (inputs, reconstructions): row r, column i shows rows[r][i].
+    pad: white pixels between images.
+
+  Returns:
+    uint8 [R * (H + pad) + pad, N * (W + pad) + pad, C] with C in {1, 3}.
+  """
+  rows = [to_uint8(r) for r in rows]
+  n, h, w, c = rows[0].shape
+  grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, np.uint8)
+  for r, row in enumerate(rows):
+    for i in range(n):
+      y, x = pad + r * (h + pad), pad + i * (w + pad)
+      grid[y : y + h, x : x + w] = row[i]
+  return grid
+
+
+def save_png(path: str, grid: np.ndarray) -> None:
+  """Writes a uint8 [H, W, 1|3] grid as PNG, atomically (readers never see half a file)."""
+  img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  tmp = path + ".tmp"
+  img.save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def comparison_grid(images: Mapping[str, np.ndarray], per_row: int = 8) -> np.ndarray:
+  """Inputs and reconstructions interleaved, `per_row` images per row pair."""
+  names = list(images)
+  n = len(images[names[0]])
+  rows = []
+  for start in range(0, n, per_row):
+    chunk = slice(start, min(start + per_row, n))
+    for name in names:
+      row = np.asarray(images[name][chunk])
+      if len(row) < per_row:  # pad a short last row with blank (white) images
+        blank = np.ones((per_row - len(row),) + row.shape[1:], row.dtype)
+        row = np.concatenate([row, blank])
+      rows.append(row)
+  return image_grid(rows)
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes the resolved config as `config.json` and as a readable `config.py` dump."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  with open(os.path.join(workdir, "config.py"), "w") as f:
+    f.write('"""The resolved config of this run (written by vqjax.training.logs)."""\n\n')
+    f.write("import ml_collections\n\n\ndef get_config(arg=None):\n  del arg\n")
+    f.write(f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
