@@ -12,8 +12,10 @@ Batches are host-local numpy: {"image": float32 [B_local, H, W, C] in [-1, 1], "
 
 import collections
 import concurrent.futures
+import itertools
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -87,7 +89,8 @@ def _read(source: Any, indices: np.ndarray) -> tuple[Any, np.ndarray]:
 
 def _local_batch_size(batch_size: int, process_count: int, what: str) -> int:
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"{what}={batch_size} must be a positive multiple of {process_count} processes")
+    raise ValueError(f"{what}={batch_size} must be a positive multiple of {process_count} "
+                     "processes")
   return batch_size // process_count
 
 
@@ -292,7 +295,7 @@ class TfDataEvalIterable(EvalIterable):
   def _chunks(self) -> Iterator[tuple[Any, np.ndarray]]:
     it = self._ds.as_numpy_iterator()
     for _ in range(self.num_batches):
-      exs = [ex for ex, _ in zip(it, range(self.local_batch_size))]
+      exs = list(itertools.islice(it, self.local_batch_size))
       yield [ex["image"] for ex in exs], np.array([ex.get("label", 0) for ex in exs], np.int32)
 
 

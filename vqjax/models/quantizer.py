@@ -130,9 +130,9 @@ class VectorQuantizer(nn.Module):
     decay: EMA decay.
     eps: Laplace smoothing of the EMA cluster sizes.
     bias_correction: divide EMA statistics by 1 - decay^t (they then start from zero).
-    init: "normal" (N(0, 1), as the PyTorch reference), "uniform" (U(-1/K, 1/K)), or
+    codebook_init: "normal" (N(0, 1), as the PyTorch reference), "uniform" (U(-1/K, 1/K)), or
       "kmeans++" / "kmeans" (from the first training batch; "kmeans" adds Lloyd iterations).
-    kmeans_iters: Lloyd iterations for init="kmeans".
+    kmeans_iters: Lloyd iterations for codebook_init="kmeans".
     restart_after: re-seed codes unused for this many training steps (0 = never).
     dtype: dtype of the quantized output (distances and statistics stay float32).
     param_dtype: dtype of the codebook parameter (loss-trained codebook).
@@ -145,30 +145,31 @@ class VectorQuantizer(nn.Module):
   decay: float = 0.99
   eps: float = 1e-5
   bias_correction: bool = False
-  init: str = "kmeans++"
+  codebook_init: str = "kmeans++"
   kmeans_iters: int = 10
   restart_after: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def setup(self):
-    if self.init not in _INITS:
-      raise ValueError(f"unknown codebook init {self.init!r}; expected one of {_INITS}")
+    if self.codebook_init not in _INITS:
+      raise ValueError(f"unknown codebook init {self.codebook_init!r}; expected one of {_INITS}")
     k, d = self.num_codes, self.code_dim
 
-    def initial_codebook():
-      rng = self.make_rng("params")
-      if self.init == "uniform":
+    def initial_codebook(rng):
+      if self.codebook_init == "uniform":
         return jax.random.uniform(rng, (k, d), jnp.float32, -1.0 / k, 1.0 / k)
       return jax.random.normal(rng, (k, d), jnp.float32)
 
-    from_data = self.init in ("kmeans++", "kmeans")
+    from_data = self.codebook_init in ("kmeans++", "kmeans")
     self.initialized = self.variable(
         "vq_state", "initialized", lambda: jnp.array(not from_data, jnp.bool_)
     )
     self.unused_steps = self.variable("vq_state", "unused_steps", jnp.zeros, (k,), jnp.int32)
     if self.ema:
-      self.codebook_var = self.variable("vq_state", "codebook", initial_codebook)
+      self.codebook_var = self.variable(
+          "vq_state", "codebook", lambda: initial_codebook(self.make_rng("params"))
+      )
       # The reference starts EMA sums at the codebook with zero counts; with bias correction
       # both start at zero and `ema_weight` (1 - decay^t) undoes the bias.
       start = 0.0 if self.bias_correction else 1.0
@@ -179,7 +180,7 @@ class VectorQuantizer(nn.Module):
       self.ema_weight = self.variable("vq_state", "ema_weight", lambda: jnp.array(start))
     else:
       self.codebook_param = self.param(
-          "codebook", lambda rng: initial_codebook().astype(self.param_dtype)
+          "codebook", lambda rng: initial_codebook(rng).astype(self.param_dtype)
       )
       # Data init and restarts set codewords through this offset, so the parameter (and its
       # optimizer state) is never overwritten: codebook = param + offset.
@@ -218,7 +219,7 @@ class VectorQuantizer(nn.Module):
 
     def seed(_):
       centers = kmeans_plus_plus(x, k, jax.random.fold_in(rng, 1))
-      if self.init == "kmeans":
+      if self.codebook_init == "kmeans":
         centers = lloyd(x, centers, self.kmeans_iters)
       return centers
 
@@ -270,7 +271,7 @@ class VectorQuantizer(nn.Module):
     flat_sg = jax.lax.stop_gradient(flat)
     rng = self.make_rng("vq") if train and self._needs_rng else None
 
-    if train and self.init in ("kmeans++", "kmeans"):
+    if train and self.codebook_init in ("kmeans++", "kmeans"):
       self._init_from_data(flat_sg, jax.random.fold_in(rng, 0))
 
     codebook = self.codebook
@@ -302,4 +303,4 @@ class VectorQuantizer(nn.Module):
 
   @property
   def _needs_rng(self) -> bool:
-    return self.init in ("kmeans++", "kmeans") or self.restart_after > 0
+    return self.codebook_init in ("kmeans++", "kmeans") or self.restart_after > 0

@@ -42,7 +42,7 @@ def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
       decay=vq.decay,
       eps=vq.eps,
       bias_correction=vq.bias_correction,
-      init=vq.init,
+      codebook_init=vq.init,
       kmeans_iters=vq.kmeans_iters,
       restart_after=vq.restart_after,
   )

@@ -26,6 +26,20 @@ def _fmt_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class _DropLibraryInfo(logging.logging.Filter):
+  """Drops INFO records from Orbax (dozens of lines per save would bury the progress lines)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keeps absl's log readable: Orbax's INFO chatter is dropped, its warnings stay."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())
+
+
 class MetricWriter:
   """JSON lines (`metrics.jsonl`), TensorBoard events and progress lines in `workdir`.
 
@@ -96,12 +110,14 @@ class Progress:
     self._step = start_step
 
   def line(self, step: int, metrics: Mapping[str, float], keys: Sequence[str]) -> tuple[str, dict]:
-    """The progress line and the timing metrics (`img_per_s`, `eta_s`) since the last call."""
+    """The progress line and the timing metrics (`img_per_s`, `eta_s`; empty on the first
+    call, when no interval has been measured yet) since the last call."""
     now = time.perf_counter()
     dt, ds = now - self._t, step - self._step
     self._t, self._step = now, step
     rate = ds * self.batch / dt if dt > 0 and ds > 0 else float("nan")
     eta = (self.total - step) * dt / ds if ds > 0 else float("nan")
+    timing = {"img_per_s": rate, "eta_s": eta} if ds > 0 else {}
     shown = []
     for key in keys:
       for name in sorted(metrics):
@@ -112,7 +128,7 @@ class Progress:
         f"step {step:>{width}}/{self.total} " + " ".join(shown)
         + f" | {rate:.1f} img/s, ETA {_fmt_duration(eta)}"
     )
-    return text, {"img_per_s": rate, "eta_s": eta}
+    return text, timing
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -1,0 +1,67 @@
+"""Quickstart: a small VQ-VAE-2 on real Fashion-MNIST (28x28 padded to 32x32, 1 channel).
+
+Run:
+  python -m vqjax.train --config experiments/fashion_mnist.py --workdir /tmp/vqjax_fmnist
+Reads Debian's idx files (`apt install dataset-fashion-mnist`, or point
+`--config.data.local_dir` at the four idx .gz files); nothing is downloaded.
+
+Expected: on 2 CPU cores about 4 minutes (1,200 steps of batch 64); eval MSE about 0.01
+(PSNR about 26 dB on [-1, 1] images) on the 10k test images, most of the 128 codes per level
+in use; `workdir/images/recon_0001200.png` shows inputs (odd rows) over reconstructions.
+`:smoke` runs one step in seconds.
+"""
+
+import ml_collections
+
+from vqjax import configs
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Fashion-MNIST quickstart config; `arg="smoke"` shrinks it to one CPU step."""
+  c = configs.base_config()
+  c.data.name = "fashion_mnist"
+  c.data.reader = "local"
+  c.data.image_size = 32
+  c.data.channels = 1
+  c.data.resize = "pad"
+  c.data.batch_size = 64
+  c.data.eval_batch_size = 500
+
+  c.model.name = "vqvae2"
+  c.model.channels = 64
+  c.model.res_channels = 32
+  c.model.num_res_blocks = 1
+  c.model.levels = 2
+  c.model.first_stride = 2  # bottom codes 16x16, top codes 8x8
+  c.model.level_stride = 2
+  c.vq.num_codes = 128
+  c.vq.code_dim = 32
+
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.schedule = "cosine"
+  c.train.steps = 1200
+
+  c.ckpt.every_steps = 400
+  c.log.every_steps = 50
+  c.log.eval_every_steps = 600
+  c.log.image_every_steps = 600
+  c.log.num_images = 16
+
+  if arg == "smoke":
+    c.data.train_split = "train[:64]"
+    c.data.eval_split = "test[:16]"
+    c.data.batch_size = 8
+    c.data.eval_batch_size = 8
+    c.model.channels = 16
+    c.model.res_channels = 8
+    c.vq.num_codes = 32
+    c.vq.code_dim = 8
+    c.optim.warmup_steps = 0
+    c.train.steps = 1
+    c.log.every_steps = 1
+    c.log.eval_batches = 1
+    c.log.num_images = 8
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; expected 'smoke' or nothing")
+  return c

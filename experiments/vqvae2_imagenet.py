@@ -1,0 +1,86 @@
+"""VQ-VAE-2 on ImageNet 256x256 (Razavi et al. 2019) with rosinality/vq-vae-2-pytorch defaults.
+
+Run:
+  python -m vqjax.train --config experiments/vqvae2_imagenet.py --workdir /tmp/vqvae2_imagenet
+Needs tfds `imagenet2012` prepared beforehand (manual download; ArrayRecord for the grain
+reader, TFRecord with TensorFlow for `--config.data.reader=tfdata`).
+
+Model: top codes 32x32, bottom codes 64x64, K=512 per level, channel 128, residual channel
+32, 2 residual blocks, embedding 64, EMA codebooks (decay 0.99), beta 0.25; Adam 3e-4,
+batch 128 (1.39M parameters, about 23 GFLOP per image per training step).
+Expected: reconstruction MSE around 0.01 on [-1, 1] images after a few epochs. Cost: 200k
+steps x 128 images at the 1,344 img/s measured for a float32 JAX port on one H100 is about
+5.3 hours (`--config.model.dtype=bfloat16` measured 4,146 img/s there).
+`:smoke` runs one step on CPU in seconds from the local Fashion-MNIST files.
+"""
+
+import ml_collections
+
+from vqjax import configs
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """ImageNet-256 VQ-VAE-2 config; `arg="smoke"` shrinks it to one CPU step."""
+  c = configs.base_config()
+  c.data.name = "imagenet2012"
+  c.data.reader = "auto"
+  c.data.image_size = 256
+  c.data.channels = 3
+  c.data.resize = "resize_crop"
+  c.data.random_flip = True
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.batch_size = 128
+  c.data.eval_batch_size = 128
+  c.data.num_workers = 8
+
+  c.model.name = "vqvae2"
+  c.model.channels = 128
+  c.model.res_channels = 32
+  c.model.num_res_blocks = 2
+  c.model.levels = 2
+  c.model.first_stride = 4  # 256 -> 64x64 bottom codes
+  c.model.level_stride = 2  # 64 -> 32x32 top codes
+  c.vq.num_codes = 512
+  c.vq.code_dim = 64
+  c.vq.beta = 0.25
+  c.vq.ema = True
+  c.vq.decay = 0.99
+
+  c.optim.name = "adam"
+  c.optim.lr = 3e-4
+  c.train.steps = 200_000
+
+  c.ckpt.every_steps = 5000
+  c.log.every_steps = 100
+  c.log.eval_every_steps = 10_000
+  c.log.eval_batches = 50
+  c.log.image_every_steps = 5000
+
+  if arg == "smoke":
+    _smoke(c)
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}; expected 'smoke' or nothing")
+  return c
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  """One step of a tiny two-level model on local Fashion-MNIST images as 3-channel 32x32."""
+  c.data.name = "fashion_mnist"
+  c.data.reader = "local"
+  c.data.image_size = 32
+  c.data.resize = "pad"
+  c.data.random_flip = False
+  c.data.train_split = "train[:64]"
+  c.data.eval_split = "test[:16]"
+  c.data.batch_size = 8
+  c.data.eval_batch_size = 8
+  c.data.num_workers = 0
+  c.model.channels = 16
+  c.model.res_channels = 8
+  c.vq.num_codes = 32
+  c.vq.code_dim = 8
+  c.train.steps = 1
+  c.log.every_steps = 1
+  c.log.eval_batches = 1
+  c.log.num_images = 8

@@ -1,0 +1,135 @@
+"""Tests of vqjax/training/checkpoint.py: restore onto another mesh (8 -> 4 devices), keep-N,
+data iterator state, and a one-line error for a checkpoint of a different model."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vqjax import configs
+from vqjax.training import checkpoint, sharding, steps
+
+
+class TinyAE(nn.Module):
+  """A minimal model with the registry contract: one conv, an EMA code histogram, one conv."""
+
+  features: int = 16
+  num_codes: int = 8
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Conv(self.features, (3, 3))(x)
+    codebook = self.param("codebook", nn.initializers.normal(1.0), (self.num_codes, self.features))
+    ema = self.variable("vq_state", "ema_counts", jnp.zeros, (self.num_codes,))
+    d = jnp.sum(jnp.square(h[..., None, :] - codebook), -1)
+    idx = jnp.argmin(d, -1)
+    counts = jnp.zeros(self.num_codes).at[idx.ravel()].add(1.0)
+    if train:
+      ema.value = 0.9 * ema.value + 0.1 * counts
+    q = codebook[idx]
+    zq = h + jax.lax.stop_gradient(q - h)
+    recon = nn.Conv(x.shape[-1], (3, 3))(zq)
+    mse = jnp.mean(jnp.square(recon - x))
+    latent = jnp.mean(jnp.square(h - jax.lax.stop_gradient(q))) + jnp.mean(
+        jnp.square(jax.lax.stop_gradient(h) - q))
+    p = counts / counts.sum()
+    aux = {"loss": mse + latent, "mse": mse, "latent_loss": latent,
+           "level0/perplexity": jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0))),
+           "level0/usage": jnp.mean(counts > 0), "level0/top_share": jnp.max(p),
+           "level0/counts": counts.astype(jnp.int32)}
+    return recon, aux
+
+  def encode_to_indices(self, x):
+    h = nn.Conv(self.features, (3, 3), name="Conv_0")(x)
+    codebook = self.param("codebook", nn.initializers.normal(1.0), (self.num_codes, self.features))
+    return (jnp.argmin(jnp.sum(jnp.square(h[..., None, :] - codebook), -1), -1),)
+
+
+def _config(features=16):
+  c = configs.base_config()
+  c.model.channels = features
+  c.mesh.fsdp_min_size = 64
+  return c
+
+
+def _state(mesh, features=16, seed=0):
+  task = steps.AutoencoderTask(_config(features), model=TinyAE(features=features))
+  init = lambda key: task.init(key, {"image": jnp.zeros((1, 8, 8, 1))})
+  state, sh = sharding.create_sharded_state(init, mesh, 64, jax.random.key(seed))
+  return task, state, sh
+
+
+def _mesh(data, fsdp, devices=None):
+  cfg = ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
+  return sharding.make_mesh(cfg, devices)
+
+
+def test_save_on_8_devices_restore_on_4(tmp_path):
+  mesh8 = _mesh(1, 8)
+  _, state, _ = _state(mesh8)
+  assert any("fsdp" in tuple(x.sharding.spec) for x in jax.tree.leaves(state.params))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  meta = checkpoint.config_meta(_config())
+  ckpt.save(5, state, {"epoch": 0, "step": 5}, meta)
+  ckpt.close()
+
+  mesh4 = _mesh(2, 2, jax.devices()[:4])
+  _, fresh, sh4 = _state(mesh4, seed=1)
+  target = checkpoint.abstract_with_shardings(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh), sh4)
+  restored, data_state = checkpoint.Checkpointer(str(tmp_path / "ckpt")).restore(target)
+  assert data_state == {"epoch": 0, "step": 5}
+  for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(sh4)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.sharding == s
+    assert {d.id for d in a.sharding.device_set} <= {d.id for d in jax.devices()[:4]}
+  assert type(restored) is steps.TrainState
+
+
+def test_keep_n_and_latest(tmp_path):
+  mesh = _mesh(8, 1)
+  _, state, _ = _state(mesh)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=2, async_save=True)
+  meta = checkpoint.config_meta(_config())
+  for step in (1, 2, 3, 4):
+    ckpt.save(step, state, {"step": step}, meta)
+  ckpt.wait()
+  assert ckpt.all_steps() == [3, 4]
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+
+
+def test_other_model_gives_one_line_error(tmp_path):
+  mesh = _mesh(8, 1)
+  _, state, _ = _state(mesh, features=16)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  ckpt.save(1, state, {}, checkpoint.config_meta(_config(16)))
+  ckpt.close()
+  _, other, sh = _state(mesh, features=8)
+  target = checkpoint.abstract_with_shardings(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other), sh)
+  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+    checkpoint.Checkpointer(str(tmp_path / "c")).restore(target, meta=checkpoint.config_meta(_config(8)))
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert "shape (16,) in the checkpoint but (8,) in this model" in msg or "has shape" in msg
+  assert "model.channels: 16 -> 8" in msg
+
+
+def test_describe_mismatch_names_missing_and_extra_arrays():
+  a = {"params": {"w": np.zeros((2, 3)), "b": np.zeros(3)}}
+  b = {"params": {"w": np.zeros((2, 3)), "c": np.zeros(3)}}
+  msg = checkpoint.describe_mismatch(a, b)
+  assert "only in the checkpoint (e.g. params.b)" in msg
+  assert "only in this model (e.g. params.c)" in msg
+  assert checkpoint.describe_mismatch(a, a) is None
+  assert "params.w has shape (2, 3) in the checkpoint but (3, 2)" in checkpoint.describe_mismatch(
+      a, {"params": {"w": np.zeros((3, 2)), "b": np.zeros(3)}})
+
+
+def test_resolve_directory(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  assert checkpoint.resolve_directory(str(tmp_path)) == str(tmp_path / "checkpoints")
+  assert checkpoint.resolve_directory(str(tmp_path / "checkpoints")) == str(tmp_path / "checkpoints")

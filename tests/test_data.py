@@ -1,0 +1,369 @@
+"""Tests for vqjax/data: idx parsing, sources, preprocessing, order, resume, per-host split."""
+
+import gzip
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from vqjax.configs import base_config
+from vqjax.data import pipeline, sources
+
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+  """Encodes a uint8 array as idx, written here from the format spec, not by the code under test."""
+  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+  return header + array.astype(np.uint8).tobytes()
+
+
+def _write_fashion_dir(path, n_train=100, n_test=30):
+  """A Debian-like directory of tiny idx .gz files; label i identifies example i (mod 256)."""
+  os.makedirs(path, exist_ok=True)
+  rng = np.random.default_rng(0)
+  out = {}
+  for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8)
+    with gzip.open(os.path.join(path, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
+      f.write(_idx_bytes(images))
+    with gzip.open(os.path.join(path, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
+      f.write(_idx_bytes(labels))
+    out[split] = images
+  return out
+
+
+def _config(tmp_path, **overrides):
+  c = base_config().data
+  c.local_dir = str(tmp_path / "fmnist")
+  c.data_dir = str(tmp_path / "cache")
+  c.reader = "local"
+  c.batch_size = 10
+  c.eval_batch_size = 8
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture
+def tiny(tmp_path):
+  images = _write_fashion_dir(tmp_path / "fmnist")
+  return _config(tmp_path), images
+
+
+def test_read_idx_values(tmp_path):
+  a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+  gz = tmp_path / "a-idx3-ubyte.gz"
+  with gzip.open(gz, "wb") as f:
+    f.write(_idx_bytes(a))
+  raw = tmp_path / "b-idx1-ubyte"
+  raw.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9]))
+  got = sources.read_idx(str(gz))
+  assert got.dtype == np.uint8 and got.shape == (2, 3, 4)
+  np.testing.assert_array_equal(got, a)
+  np.testing.assert_array_equal(sources.read_idx(str(raw)), [7, 8, 9])
+
+
+@pytest.mark.parametrize("payload", [
+  bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 5]),  # unknown type code
+  bytes([1, 2, 8, 1, 0, 0, 0, 1, 5]),  # bad magic
+  bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3]),  # truncated data
+])
+def test_read_idx_rejects_corrupt(tmp_path, payload):
+  path = tmp_path / "broken-idx.gz"
+  with gzip.open(path, "wb") as f:
+    f.write(payload)
+  with pytest.raises(ValueError, match="broken-idx.gz"):
+    sources.read_idx(str(path))
+
+
+def test_read_idx_rejects_truncated_gzip(tmp_path):
+  path = tmp_path / "cut.gz"
+  path.write_bytes(gzip.compress(_idx_bytes(np.arange(5000, dtype=np.uint8) * 7))[:300])
+  with pytest.raises(ValueError, match="cut.gz"):
+    sources.read_idx(str(path))
+
+
+def test_local_cache_is_written_and_reused(tiny, tmp_path):
+  c, images = tiny
+  src = sources.make_source(c, "train")
+  np.testing.assert_array_equal(src.images[..., 0], images["train"])
+  cache = tmp_path / "cache" / "fashion_mnist_local" / "train.npz"
+  assert cache.is_file()
+  # Same size, garbage content: only a reused cache can still give the right images.
+  gz = tmp_path / "fmnist" / "train-images-idx3-ubyte.gz"
+  gz.write_bytes(b"\0" * gz.stat().st_size)
+  np.testing.assert_array_equal(sources.make_source(c, "train").images[..., 0], images["train"])
+  assert len(sources.make_source(c, "train[:25]")) == 25
+  assert pipeline.num_examples(c, "test") == 30
+
+
+def test_missing_fashion_mnist_is_a_clear_error(tmp_path):
+  c = _config(tmp_path)
+  with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
+    pipeline.make_train_iterator(c, seed=0)
+
+
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_DIR), reason="dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist(tmp_path):
+  c = base_config().data
+  c.data_dir = str(tmp_path)
+  assert sources.resolve_reader(c) == "local"
+  assert pipeline.num_examples(c, "train") == 60000
+  assert pipeline.num_examples(c, "test") == 10000
+  it = pipeline.make_train_iterator(c, seed=0)
+  batch = next(it)
+  x = batch["image"]
+  assert x.shape == (128, 32, 32, 1) and x.dtype == np.float32 and batch["label"].dtype == np.int32
+  assert x.min() >= -1.0 and x.max() <= 1.0 and x.max() > 0.9
+  border = np.ones((32, 32), bool)
+  border[2:30, 2:30] = False
+  assert np.all(x[:, border] == -1.0)
+  assert set(np.unique(batch["label"])) <= set(range(10))
+  # The interior is the raw image scaled independently; find it through its raw index.
+  raw = sources.read_idx(os.path.join(DEBIAN_DIR, "train-images-idx3-ubyte.gz"))
+  idx = it._shard[np.random.default_rng((0, 0, 0)).permutation(60000)[0]]
+  expected = raw[idx].astype(np.float64) / 127.5 - 1
+  np.testing.assert_allclose(x[0, 2:30, 2:30, 0], expected, atol=1e-6)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_order_is_deterministic_and_epochs_cover_all(tiny):
+  c, _ = tiny
+  a = _take(pipeline.make_train_iterator(c, seed=3), 20)
+  b = _take(pipeline.make_train_iterator(c, seed=3), 20)
+  other = _take(pipeline.make_train_iterator(c, seed=4), 10)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert any((x["label"] != y["label"]).any() for x, y in zip(a[:10], other, strict=True))
+  epoch0 = np.concatenate([x["label"] for x in a[:10]])
+  epoch1 = np.concatenate([x["label"] for x in a[10:]])
+  assert sorted(epoch0) == list(range(100)) and sorted(epoch1) == list(range(100))
+  assert (epoch0 != epoch1).any()
+
+
+def test_drop_last_partial_batch(tmp_path):
+  _write_fashion_dir(tmp_path / "fmnist", n_train=95)
+  it = pipeline.make_train_iterator(_config(tmp_path, batch_size=10), seed=0)
+  assert it.steps_per_epoch == 9
+  labels = np.concatenate([x["label"] for x in _take(it, 9)])
+  assert len(set(labels)) == 90 and it.get_state()["epoch"] == 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_gives_the_same_batches(tiny, num_workers):
+  c, _ = tiny
+  c.random_flip = True
+  c.num_workers = num_workers
+  it = pipeline.make_train_iterator(c, seed=7)
+  _take(it, 8)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 6)  # crosses the epoch boundary at step 10
+  resumed = pipeline.make_train_iterator(c, seed=7)
+  resumed.set_state(state)
+  for x, y in zip(expected, _take(resumed, 6), strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  with pytest.raises(ValueError, match="seed"):
+    pipeline.make_train_iterator(c, seed=8).set_state(state)
+
+
+def test_workers_do_not_change_the_order(tiny):
+  c, _ = tiny
+  serial = _take(pipeline.make_train_iterator(c, seed=1), 12)
+  c.num_workers = 3
+  threaded = _take(pipeline.make_train_iterator(c, seed=1), 12)
+  for x, y in zip(serial, threaded, strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_random_flip_mirrors_some_images(tiny):
+  c, _ = tiny
+  plain = next(pipeline.make_train_iterator(c, seed=0))["image"]
+  c.random_flip = True
+  flipped = next(pipeline.make_train_iterator(c, seed=0))["image"]
+  same = [np.array_equal(a, b) for a, b in zip(plain, flipped, strict=True)]
+  mirrored = [np.array_equal(a[:, ::-1], b) for a, b in zip(plain, flipped, strict=True)]
+  assert all(s or m for s, m in zip(same, mirrored, strict=True)) and any(mirrored) and any(same)
+
+
+def test_per_host_shards_are_disjoint_and_cover_the_epoch(tiny):
+  c, _ = tiny
+  seen = []
+  for p in range(2):
+    it = pipeline.make_train_iterator(c, seed=0, process_index=p, process_count=2)
+    assert it.local_batch_size == 5 and it.steps_per_epoch == 10
+    seen.append(np.concatenate([x["label"] for x in _take(it, it.steps_per_epoch)]))
+    assert it.get_state()["epoch"] == 1
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(np.concatenate(seen)) == list(range(100))
+  with pytest.raises(ValueError, match="multiple of 3"):
+    pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=3)
+
+
+def test_eval_covers_the_split_once_with_mask(tiny):
+  c, images = tiny
+  labels, batches = [], 0
+  for p in range(2):
+    ev = pipeline.make_eval_iterator(c, process_index=p, process_count=2)
+    assert len(ev) == 4  # 15 examples per host in batches of 4
+    for b in ev:
+      batches += 1
+      assert b["image"].shape == (4, 32, 32, 1) and b["mask"].dtype == np.float32
+      real = b["mask"] == 1
+      labels += list(b["label"][real])
+      for x, lab in zip(b["image"][real], b["label"][real], strict=True):
+        np.testing.assert_allclose(x[2:30, 2:30, 0], images["test"][lab] / 127.5 - 1, atol=1e-6)
+  assert batches == 8 and sorted(labels) == list(range(30))
+  assert len(list(pipeline.make_eval_iterator(c, max_batches=2))) == 2
+
+
+def _save(path, array, fmt="PNG"):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path, fmt)
+
+
+def test_folder_source_labels_channels_and_corrupt_file(tmp_path):
+  rng = np.random.default_rng(0)
+  root = tmp_path / "imgs"
+  _save(root / "zebra" / "a.png", rng.integers(0, 256, (40, 30), dtype=np.uint8))
+  _save(root / "deep" / "x" / "ant" / "b.png", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+  _save(root / "zebra" / "c.JPG", np.full((36, 48, 3), 200, np.uint8), "JPEG")
+  (root / "notes.txt").write_text("not an image")
+  c = _config(tmp_path, name="folder", folder=str(root), channels=3, resize="resize_crop",
+              image_size=16, batch_size=3, eval_batch_size=3)
+  src = sources.make_source(c, "train")
+  assert [os.path.relpath(p, root) for p in src.paths] == [
+    "deep/x/ant/b.png", "zebra/a.png", "zebra/c.JPG"]
+  assert [src[i]["label"] for i in range(3)] == [0, 1, 1]
+  assert src[1]["image"].shape == (40, 30, 3)  # grayscale converted to RGB
+  batch = next(pipeline.make_train_iterator(c, seed=0))
+  assert batch["image"].shape == (3, 16, 16, 3)
+  assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+  assert any(np.allclose(im, 200 / 127.5 - 1, atol=0.05) for im in batch["image"])  # the JPEG
+  c.channels = 1
+  assert sources.make_source(c, "train")[0]["image"].shape == (20, 20, 1)
+  (root / "zebra" / "bad.png").write_bytes(b"\x89PNG garbage")
+  src = sources.make_source(c, "train")
+  with pytest.raises(ValueError, match="bad.png"):
+    src[src.paths.index(str(root / "zebra" / "bad.png"))]
+  with pytest.raises(ValueError, match="bad.png"):
+    list(pipeline.make_eval_iterator(c))
+
+
+def test_folder_flat_and_missing(tmp_path):
+  _save(tmp_path / "flat" / "1.png", np.zeros((8, 8), np.uint8))
+  _save(tmp_path / "flat" / "2.png", np.zeros((8, 8), np.uint8))
+  c = _config(tmp_path, name="folder", folder=str(tmp_path / "flat"))
+  assert [s["label"] for s in sources.make_source(c, "train")] == [0, 0]
+  c.folder = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="nowhere"):
+    sources.make_source(c, "train")
+
+
+def test_preprocess_modes_against_numpy():
+  c = base_config().data
+  c.image_size, c.channels = 4, 1
+  img = np.arange(36, dtype=np.uint8).reshape(1, 6, 6, 1) * 7
+  c.resize = "center_crop"
+  expected = img[0, 1:5, 1:5, 0] / 127.5 - 1
+  np.testing.assert_allclose(pipeline.preprocess(img, c)[0, ..., 0], expected, atol=1e-6)
+  c.resize, c.image_size = "pad", 8
+  padded = np.zeros((8, 8))
+  padded[1:7, 1:7] = img[0, ..., 0]
+  np.testing.assert_allclose(pipeline.preprocess([img[0]], c)[0, ..., 0], padded / 127.5 - 1,
+                             atol=1e-6)
+  c.resize, c.image_size = "resize_crop", 3
+  wide = np.zeros((6, 12, 3), np.uint8)
+  wide[:, 3:9] = 255  # the centre crop keeps only the bright middle
+  out = pipeline.preprocess([wide], c)
+  assert out.shape == (1, 3, 3, 1) and out[0, :, 1].min() > 0.9
+  rgb = np.array([[[[255, 0, 0]]]], np.uint8)
+  c.resize, c.image_size = "pad", 1
+  luma = round(0.299 * 255) / 127.5 - 1  # ITU-R 601 weight of red
+  np.testing.assert_allclose(pipeline.preprocess(rgb, c)[0, 0, 0, 0], luma, atol=1e-6)
+  c.resize = "stretch"
+  with pytest.raises(ValueError, match="resize"):
+    pipeline.preprocess([wide], c)
+
+
+class VqjaxTinyTestDs(tfds.core.GeneratorBasedBuilder):
+  """A tfds dataset written without TensorFlow: Tensor features need no image encoder."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+      "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+      "label": np.int64}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(400), "test": self._generate_examples(9)}
+
+  def _generate_examples(self, n=0):
+    for i in range(n):
+      yield i, {"image": np.full((28, 28, 1), i % 251, np.uint8), "label": i}
+
+
+def test_tfds_data_source_reader(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  VqjaxTinyTestDs(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  c = _config(tmp_path, name="vqjax_tiny_test_ds", reader="grain", data_dir=data_dir,
+              batch_size=40)
+  assert pipeline.num_examples(c, "train") == 400 and pipeline.num_examples(c, "test") == 9
+  it = pipeline.make_train_iterator(c, seed=0)
+  batches = _take(it, 10)
+  labels = np.concatenate([b["label"] for b in batches])
+  assert sorted(labels) == list(range(400))
+  for b in batches:  # each image is its label mod 251, padded with -1
+    np.testing.assert_allclose(b["image"][:, 16, 16, 0], b["label"] % 251 / 127.5 - 1, atol=1e-6)
+    assert np.all(b["image"][:, 0] == -1)
+  state = it.get_state()
+  nxt = next(it)
+  again = pipeline.make_train_iterator(c, seed=0)
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)["label"], nxt["label"])
+  ev = list(pipeline.make_eval_iterator(c))
+  assert len(ev) == 2 and ev[1]["mask"].sum() == 1
+  # Decoding threads keep the order and each record with its own label.
+  c.num_workers, c.batch_size = 0, 16
+  serial = _take(pipeline.make_train_iterator(c, seed=0), 30)
+  c.num_workers = 4
+  threaded = _take(pipeline.make_train_iterator(c, seed=0), 30)
+  for a, b in zip(serial, threaded, strict=True):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_allclose(b["image"][:, 16, 16, 0], b["label"] % 251 / 127.5 - 1, atol=1e-6)
+
+
+def test_unprepared_tfds_dataset_fails_fast(tmp_path):
+  c = _config(tmp_path, name="mnist", reader="grain", data_dir=str(tmp_path / "empty"))
+  with pytest.raises(ValueError, match="not prepared"):
+    pipeline.make_train_iterator(c, seed=0)
+  c.name = "no_such_dataset_xyz"
+  with pytest.raises(ValueError, match="Unknown tfds dataset"):
+    pipeline.num_examples(c, "train")
+  c.name, c.reader = "fashion_mnist", "auto"  # no Debian files in local_dir: falls back to tfds
+  with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
+    pipeline.make_train_iterator(c, seed=0)
+
+
+def test_tfdata_reader_needs_tensorflow(tmp_path):
+  try:
+    import tensorflow  # noqa: F401
+    pytest.skip("TensorFlow is installed")
+  except ImportError:
+    pass
+  c = _config(tmp_path, name="mnist", reader="tfdata")
+  with pytest.raises(ValueError, match="tensorflow-cpu"):
+    pipeline.make_train_iterator(c, seed=0)
+  with pytest.raises(ValueError, match="tensorflow-cpu"):
+    pipeline.make_eval_iterator(c)

@@ -1,0 +1,118 @@
+"""Import weights trained elsewhere and store them in vqjax's own format.
+
+A converted model is a directory:
+  config.json  `vqjax.configs.base_config()` with the model.*, vq.* and data.channels fields
+               of the imported model (`ConfigDict.to_json()`);
+  variables/   an Orbax `StandardCheckpointer` checkpoint of {"params", "vq_state"}.
+`save_converted` writes one and `load_converted` reads it back. Converters live one per
+source in this package (`rosinality.py`); `python -m vqjax.convert --help` lists commands.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from vqjax.configs import base_config
+from vqjax.convert.rosinality import convert_vqvae2, load_vqvae2
+from vqjax.models import registry
+
+__all__ = [
+    "convert_vqvae2", "load_converted", "load_vqvae2", "read_config", "save_converted"
+]
+
+CONFIG_FILE = "config.json"
+VARIABLES_DIR = "variables"
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
+  # Onto the current schema, so fields added since the conversion keep their defaults, while
+  # a field the schema no longer has is an error rather than silently dropped.
+  for key, value in values.items():
+    name = f"{prefix}{key}"
+    if key not in config:
+      raise ValueError(f"{CONFIG_FILE} has a field {name!r} that vqjax's config does not know")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        raise ValueError(f"{CONFIG_FILE} field {name!r} should be a group, got {value!r}")
+      _merge(config[key], value, f"{name}.")
+    else:
+      config[key] = value
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+  """Reads a config written with `ConfigDict.to_json()` onto `base_config()`.
+
+  Args:
+    path: the JSON file.
+
+  Returns:
+    The config; unknown fields raise ValueError.
+  """
+  with open(path) as f:
+    values = json.load(f)
+  config = base_config()
+  _merge(config, values)
+  return config
+
+
+def save_converted(
+    out_dir: str, config: ml_collections.ConfigDict, variables: Any, force: bool = False
+) -> None:
+  """Writes OUT_DIR/config.json and the OUT_DIR/variables Orbax checkpoint.
+
+  Args:
+    out_dir: the directory to write (created if needed).
+    config: the config of the model the variables belong to.
+    variables: {"params": ..., "vq_state": ...}.
+    force: overwrite an existing OUT_DIR/variables.
+  """
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  target = os.path.join(out_dir, VARIABLES_DIR)
+  if os.path.exists(target) and not force:
+    raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json(indent=2) + "\n")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(
+      target, {"params": variables["params"], "vq_state": variables["vq_state"]}, force=force
+  )
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def load_converted(out_dir: str):
+  """Reads a directory written by `save_converted` (e.g. by `python -m vqjax.convert`).
+
+  Args:
+    out_dir: the directory holding config.json and variables/.
+
+  Returns:
+    (config, model, variables): the model is `registry.build_model(config)`; variables are
+    {"params", "vq_state"} jax arrays on the default device.
+  """
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  config_path = os.path.join(out_dir, CONFIG_FILE)
+  target = os.path.join(out_dir, VARIABLES_DIR)
+  for path in (config_path, target):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: {out_dir} is not a converted model directory")
+  config = read_config(config_path)
+  model = registry.build_model(config)
+  size = registry.total_stride(config)
+  x = jax.numpy.zeros((1, size, size, config.data.channels), jax.numpy.float32)
+  abstract = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+  )
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    variables = checkpointer.restore(target, abstract)
+  finally:
+    checkpointer.close()
+  return config, model, dict(variables)

@@ -1,0 +1,53 @@
+"""Command line converter: `python -m vqjax.convert rosinality-vqvae2 IN.pt OUT_DIR`.
+
+Writes OUT_DIR/config.json and OUT_DIR/variables (see `vqjax.convert`), which
+`vqjax.convert.load_converted(OUT_DIR)` reads back. Errors are reported on one line.
+"""
+
+import argparse
+import sys
+
+from vqjax.convert import rosinality, save_converted
+
+
+def _rosinality_vqvae2(args: argparse.Namespace) -> str:
+  config, _, variables = rosinality.convert_vqvae2(args.checkpoint)
+  if args.image_size:
+    config.data.image_size = args.image_size
+  save_converted(args.out_dir, config, variables, force=args.force)
+  m, vq = config.model, config.vq
+  return (
+      f"wrote {args.out_dir}: VQ-VAE-2 with {config.data.channels} image channels, "
+      f"channels {m.channels}, {m.num_res_blocks} res blocks of {m.res_channels}, "
+      f"{vq.num_codes} codes of dim {vq.code_dim}"
+  )
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the converter named on the command line; returns the exit status."""
+  parser = argparse.ArgumentParser(
+      prog="python -m vqjax.convert", description="Convert weights trained elsewhere to vqjax."
+  )
+  commands = parser.add_subparsers(dest="command", required=True)
+  p = commands.add_parser(
+      "rosinality-vqvae2",
+      help="a VQVAE state_dict from rosinality/vq-vae-2-pytorch (torch.save file)",
+  )
+  p.add_argument("checkpoint", help="the .pt file written by torch.save(model.state_dict())")
+  p.add_argument("out_dir", help="directory for config.json and variables/")
+  p.add_argument("--image-size", type=int, default=0,
+                 help="set data.image_size in config.json (the reference trains on 256)")
+  p.add_argument("--force", action="store_true", help="overwrite OUT_DIR/variables")
+  p.set_defaults(run=_rosinality_vqvae2)
+  args = parser.parse_args(argv)
+  try:
+    print(args.run(args))
+  except (ValueError, ImportError, OSError) as e:
+    # One readable line rather than a traceback: these are the user's input's problems.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
