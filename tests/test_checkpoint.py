@@ -81,7 +81,8 @@ def test_save_on_8_devices_restore_on_4(tmp_path):
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh), sh4)
   restored, data_state = checkpoint.Checkpointer(str(tmp_path / "ckpt")).restore(target)
   assert data_state == {"epoch": 0, "step": 5}
-  for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(sh4)):
+  leaves = zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(sh4), strict=True)
+  for a, b, s in leaves:
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding == s
     assert {d.id for d in a.sharding.device_set} <= {d.id for d in jax.devices()[:4]}
@@ -111,7 +112,8 @@ def test_other_model_gives_one_line_error(tmp_path):
   target = checkpoint.abstract_with_shardings(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other), sh)
   with pytest.raises(checkpoint.CheckpointMismatchError) as e:
-    checkpoint.Checkpointer(str(tmp_path / "c")).restore(target, meta=checkpoint.config_meta(_config(8)))
+    checkpoint.Checkpointer(str(tmp_path / "c")).restore(
+        target, meta=checkpoint.config_meta(_config(8)))
   msg = str(e.value)
   assert "\n" not in msg
   assert "shape (16,) in the checkpoint but (8,) in this model" in msg or "has shape" in msg
@@ -132,4 +134,5 @@ def test_describe_mismatch_names_missing_and_extra_arrays():
 def test_resolve_directory(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   assert checkpoint.resolve_directory(str(tmp_path)) == str(tmp_path / "checkpoints")
-  assert checkpoint.resolve_directory(str(tmp_path / "checkpoints")) == str(tmp_path / "checkpoints")
+  sub = str(tmp_path / "checkpoints")
+  assert checkpoint.resolve_directory(sub) == sub

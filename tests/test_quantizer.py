@@ -102,11 +102,13 @@ def _np_ema_reference(batches, codebook, decay, eps, bias_correction):
   return codebook
 
 
-@pytest.mark.parametrize("bias_correction", [False, True])
-def test_ema_update_matches_numpy_over_several_steps(bias_correction):
+@pytest.mark.parametrize(
+    "bias_correction,stats_impl", [(False, "scatter"), (True, "scatter"), (False, "onehot")]
+)
+def test_ema_update_matches_numpy_over_several_steps(bias_correction, stats_impl):
   k, d, decay, eps = 8, 3, 0.9, 1e-5
   q = VectorQuantizer(num_codes=k, code_dim=d, decay=decay, eps=eps, codebook_init="normal",
-                      bias_correction=bias_correction)
+                      bias_correction=bias_correction, stats_impl=stats_impl)
   rng = np.random.default_rng(1)
   batches = [rng.normal(size=(64, d)).astype(np.float32) for _ in range(5)]
   v = _init(q, jnp.asarray(batches[0]))

@@ -95,7 +95,7 @@ def _run(fn, state, image, mesh, min_size):
   return jitted(state.params, state.model_state, batch, key), sh
 
 
-@pytest.mark.parametrize("data,fsdp", [(8, 1), (1, 8), (2, 4)])
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (1, 8)])
 def test_same_loss_grads_and_ema_on_1_and_8_devices(reference, data, fsdp):
   task, fn, state, image, (ref, _) = reference
   mesh = sharding.make_mesh(_mesh_cfg(data, fsdp))
@@ -107,14 +107,14 @@ def test_same_loss_grads_and_ema_on_1_and_8_devices(reference, data, fsdp):
   loss, grads, model_state, counts = jax.device_get(out)
   np.testing.assert_allclose(loss, ref[0], rtol=1e-5)
   np.testing.assert_array_equal(counts, ref[3])
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1])):
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(model_state), jax.tree.leaves(ref[2])):
+  for a, b in zip(jax.tree.leaves(model_state), jax.tree.leaves(ref[2]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # The EMA statistics moved: they saw the global batch, not a per-device slice.
   assert any(
       not np.array_equal(a, b)
-      for a, b in zip(jax.tree.leaves(model_state), jax.tree.leaves(state.model_state))
+      for a, b in zip(jax.tree.leaves(model_state), jax.tree.leaves(state.model_state), strict=True)
   )
 
 

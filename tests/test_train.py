@@ -31,7 +31,8 @@ needs_fmnist = pytest.mark.skipif(
 
 
 def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", name + ".py"))
+  path = os.path.join(ROOT, "experiments", name + ".py")
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -46,6 +47,13 @@ def train_losses(workdir: str) -> dict[int, float]:
   """step -> loss; a step logged twice (before a kill and after the resume) keeps the last."""
   return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
           if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+  """One persistent compilation cache for every run of the Fashion-MNIST smoke model: the
+  in-process run, the CLI runs and their resumes compile each program once."""
+  return tmp_path_factory.mktemp("jax_cache")
 
 
 def quick(config, cache_dir):
@@ -87,14 +95,16 @@ def test_smoke_config_takes_one_real_step(name):
   assert int(new_state.step) == 1
   assert np.isfinite(float(metrics["loss"]))
   assert 0 < float(metrics["mse"]) < 4
-  changed = [not np.allclose(a, b) for a, b in
-             zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(new_state.params)))]
+  after = jax.device_get(new_state.params)
+  changed = [not np.allclose(a, b)
+             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
   assert sum(changed) > len(changed) // 2
 
 
 def test_full_configs_describe_the_papers():
   c = load_config("vqvae_cifar10")
-  assert (c.model.name, c.model.channels, c.model.downsample, c.vq.num_codes) == ("vqvae", 256, 2, 512)
+  assert (c.model.name, c.model.channels, c.model.downsample) == ("vqvae", 256, 2)
+  assert c.vq.num_codes == 512
   assert (c.optim.lr, c.data.batch_size, c.train.steps) == (2e-4, 128, 250_000)
   c = load_config("vqvae2_imagenet")
   assert (c.data.image_size, c.model.first_stride * c.model.level_stride) == (256, 8)
@@ -110,8 +120,8 @@ def test_full_configs_describe_the_papers():
 
 
 @needs_fmnist
-def test_train_and_evaluate_writes_everything_and_resumes(tmp_path):
-  config = quick(load_config("fashion_mnist", "smoke"), tmp_path / "cache")
+def test_train_and_evaluate_writes_everything_and_resumes(tmp_path, shared_cache):
+  config = quick(load_config("fashion_mnist", "smoke"), shared_cache)
   config.train.steps = 2
   config.ckpt.every_steps = 1
   config.log.image_every_steps = 2
@@ -201,8 +211,8 @@ _CLI_RUN = ("--config.optim.schedule=constant", "--config.log.every_steps=1",
 
 
 @needs_fmnist
-def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
-  cache = f"--config.log.compilation_cache={tmp_path / 'cache'}"
+def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, shared_cache):
+  cache = f"--config.log.compilation_cache={shared_cache}"
   total = 12
   ref = tmp_path / "ref"
   subprocess.run(cli(ref, *_CLI_RUN, cache, f"--config.train.steps={total}"), cwd=ROOT,
@@ -232,10 +242,10 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
 
 
 @needs_fmnist
-def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path, shared_cache):
   run = tmp_path / "run"
   args = cli(run, *_CLI_RUN, "--config.ckpt.every_steps=100000", "--config.train.steps=100000",
-             f"--config.log.compilation_cache={tmp_path / 'cache'}")
+             f"--config.log.compilation_cache={shared_cache}")
   proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   metrics = run / "metrics.jsonl"

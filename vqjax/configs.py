@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.first_stride = 4  # vqvae2: stride of the first (bottom) encoder, 2 or 4
   c.model.level_stride = 2  # vqvae2: stride between consecutive levels
   c.model.downsample = 2  # vqvae: number of stride-2 convs (2 -> /4)
+  c.model.upconv_impl = "subpixel"  # transposed convs: "subpixel" or "lax" (same function)
   c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
   c.model.param_dtype = "float32"
 
@@ -56,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.init = "kmeans++"  # "normal" | "uniform" | "kmeans++" | "kmeans" (from the first batch)
   c.vq.kmeans_iters = 10
   c.vq.restart_after = 100  # re-seed codes unused for this many steps; 0 = never
+  c.vq.stats_impl = "onehot"  # per-code counts/sums: "onehot" (faster on GPU) or "scatter"
 
   # --- optimiser --------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

@@ -28,10 +28,12 @@ _USER_ERRORS = (FloatingPointError, ValueError, FileNotFoundError)
 def _multi_process_env() -> bool:
   """Whether a launcher JAX can read (SLURM, MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS) started
   several processes; then `jax.distributed.initialize()` finds its arguments by itself."""
-  if os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1":
+  env = os.environ
+  if env.get("SLURM_NTASKS", "1") != "1" or env.get("OMPI_COMM_WORLD_SIZE", "1") != "1":
     return True
-  return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")) \
-      or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return True
+  return "," in env.get("TPU_WORKER_HOSTNAMES", "")
 
 
 def initialize_distributed(d) -> None:

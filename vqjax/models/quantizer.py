@@ -52,6 +52,21 @@ def code_counts(indices: jax.Array, num_codes: int) -> jax.Array:
   return jnp.zeros((num_codes,), jnp.int32).at[flat].add(1)
 
 
+def cluster_sums(x: jax.Array, indices: jax.Array, num_codes: int, impl: str = "scatter"):
+  """Per-code counts (float32 [K]) and sums of x (float32 [K, D]) for assignments `indices`.
+
+  impl="scatter" uses segment sums; impl="onehot" a one-hot matrix product, which avoids
+  atomic contention on accelerators when many vectors share a few codes.
+  """
+  if impl == "scatter":
+    counts = jax.ops.segment_sum(jnp.ones_like(indices, jnp.float32), indices, num_codes)
+    return counts, jax.ops.segment_sum(x, indices, num_segments=num_codes)
+  if impl == "onehot":
+    onehot = jax.nn.one_hot(indices, num_codes, dtype=jnp.float32)
+    return jnp.sum(onehot, axis=0), jnp.einsum("nk,nd->kd", onehot, x, precision=HIGHEST)
+  raise ValueError(f"unknown cluster statistics impl {impl!r}; expected 'scatter' or 'onehot'")
+
+
 def usage_metrics(counts: jax.Array) -> dict[str, jax.Array]:
   """Perplexity, fraction of codes used and share of the most used code from a histogram."""
   counts = counts.astype(jnp.float32)
@@ -134,6 +149,7 @@ class VectorQuantizer(nn.Module):
       "kmeans++" / "kmeans" (from the first training batch; "kmeans" adds Lloyd iterations).
     kmeans_iters: Lloyd iterations for codebook_init="kmeans".
     restart_after: re-seed codes unused for this many training steps (0 = never).
+    stats_impl: "scatter" or "onehot" computation of per-code counts and sums (same values).
     dtype: dtype of the quantized output (distances and statistics stay float32).
     param_dtype: dtype of the codebook parameter (loss-trained codebook).
   """
@@ -148,6 +164,7 @@ class VectorQuantizer(nn.Module):
   codebook_init: str = "kmeans++"
   kmeans_iters: int = 10
   restart_after: int = 0
+  stats_impl: str = "onehot"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -233,9 +250,7 @@ class VectorQuantizer(nn.Module):
     self.initialized.value = jnp.array(True)
 
   def _ema_update(self, flat_z, idx):
-    k = self.num_codes
-    counts = jax.ops.segment_sum(jnp.ones_like(idx, jnp.float32), idx, num_segments=k)
-    sums = jax.ops.segment_sum(flat_z, idx, num_segments=k)
+    counts, sums = cluster_sums(flat_z, idx, self.num_codes, self.stats_impl)
     d = self.decay
     self.ema_count.value = d * self.ema_count.value + (1 - d) * counts
     self.ema_sum.value = d * self.ema_sum.value + (1 - d) * sums
@@ -282,7 +297,10 @@ class VectorQuantizer(nn.Module):
         jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))
     )
     latent_loss = codebook_loss + self.beta * commitment
-    counts = code_counts(idx, self.num_codes)
+    if self.stats_impl == "onehot":
+      counts = jnp.sum(jax.nn.one_hot(idx, self.num_codes, dtype=jnp.int32), axis=0)
+    else:
+      counts = code_counts(idx, self.num_codes)
 
     if train:
       if self.ema:

@@ -45,6 +45,7 @@ def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
       codebook_init=vq.init,
       kmeans_iters=vq.kmeans_iters,
       restart_after=vq.restart_after,
+      stats_impl=vq.stats_impl,
   )
 
 
@@ -59,6 +60,7 @@ def _build_vqvae(config, dtype, param_dtype):
       num_res_blocks=m.num_res_blocks,
       downsample=m.downsample,
       quantizer=quantizer_kwargs(config.vq),
+      upconv_impl=m.upconv_impl,
       dtype=dtype,
       param_dtype=param_dtype,
   )
@@ -77,6 +79,7 @@ def _build_vqvae2(config, dtype, param_dtype):
       first_stride=m.first_stride,
       level_stride=m.level_stride,
       quantizer=quantizer_kwargs(config.vq),
+      upconv_impl=m.upconv_impl,
       dtype=dtype,
       param_dtype=param_dtype,
   )

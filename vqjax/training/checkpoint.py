@@ -82,7 +82,8 @@ def _gather_json(obj: Any) -> list:
   padded = np.zeros(int(np.max(lengths)), np.uint8)
   padded[: data.size] = data
   everything = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(everything, lengths.ravel())]
+  rows = zip(everything, lengths.ravel(), strict=True)
+  return [json.loads(bytes(row[: int(n)]).decode()) for row, n in rows]
 
 
 def resolve_directory(path: str) -> str:
@@ -102,7 +103,9 @@ class Checkpointer:
     read_only: open an existing directory for restoring only (`ckpt.init_from`).
   """
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+  def __init__(
+      self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
+  ):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,

@@ -172,6 +172,8 @@ def to_host(tree: Any) -> Any:
 def all_finite(tree: Any) -> jax.Array:
   """True when every floating leaf of `tree` is finite (reduced on device)."""
   leaves = [
-      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.inexact)
   ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

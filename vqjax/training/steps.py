@@ -129,7 +129,7 @@ class AutoencoderTask(Task):
         if not k.endswith("/counts") and jnp.ndim(v) == 0
     }
     metrics["loss"] = loss
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = jnp.asarray(self.schedule(state.step), jnp.float32)
     new_state = state.replace(
         step=state.step + 1,

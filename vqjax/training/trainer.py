@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -109,10 +110,14 @@ def train_and_evaluate(
   # Data first: a missing dataset fails here, before any compilation.
   train_iter = pipeline.make_train_iterator(config.data, config.seed, pi, pc)
   eval_data = pipeline.make_eval_iterator(config.data, pi, pc, config.log.eval_batches)
-  image_shape = tuple(train_iter.image_shape)
+  # The task initialises from a one-example batch shaped like the real ones (images for the
+  # autoencoder, code maps for a prior); peek at one and rewind the iterator.
+  position = train_iter.get_state()
+  example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in next(train_iter).items()}
+  train_iter.set_state(position)
 
   def init_fn(rng):
-    return task.init(rng, {"image": jax.numpy.zeros((1, *image_shape), jax.numpy.float32)})
+    return task.init(rng, jax.tree.map(jnp.asarray, example))
 
   repl = sharding.replicated(mesh)
   # Parameters are drawn with the "rbg" generator: XLA compiles a flax init that uses it in
