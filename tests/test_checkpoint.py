@@ -136,3 +136,27 @@ def test_resolve_directory(tmp_path):
   assert checkpoint.resolve_directory(str(tmp_path)) == str(tmp_path / "checkpoints")
   sub = str(tmp_path / "checkpoints")
   assert checkpoint.resolve_directory(sub) == sub
+
+
+def test_restore_weights_reads_params_and_model_state_only(tmp_path):
+  mesh = _mesh(8, 1)
+  _, state, _ = _state(mesh, seed=0)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(7, state, {}, checkpoint.config_meta(_config()))
+  ckpt.close()
+  # A different optimiser (AdamW + clipping: another opt_state tree) still takes the weights.
+  config = _config()
+  config.optim.name, config.optim.weight_decay, config.optim.grad_clip = "adamw", 0.1, 1.0
+  task = steps.AutoencoderTask(config, model=TinyAE())
+  abstract = jax.eval_shape(lambda k: task.init(k, {"image": jnp.zeros((1, 8, 8, 1))}),
+                            jax.random.key(0))
+  sh = sharding.state_shardings(abstract, mesh, 64)
+  weights = checkpoint.restore_weights(str(tmp_path), checkpoint.abstract_with_shardings(abstract, sh))
+  assert set(weights) == {"params", "model_state"}
+  for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves((state.params, state.model_state)),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _, small, sh8 = _state(mesh, features=8)
+  abstract8 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="init_from .* has shape"):
+    checkpoint.restore_weights(str(tmp_path), checkpoint.abstract_with_shardings(abstract8, sh8))

@@ -22,7 +22,8 @@ def test_nearest_code_matches_numpy_brute_force():
   rng = np.random.default_rng(0)
   z = rng.normal(size=(300, 7)).astype(np.float32)
   codebook = rng.normal(size=(50, 7)).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(qlib.nearest_code(z, codebook)), _np_nearest(z, codebook))
+  got = np.asarray(qlib.nearest_code(z, codebook))
+  np.testing.assert_array_equal(got, _np_nearest(z, codebook))
 
 
 def test_nearest_code_in_float32_for_bfloat16_inputs():

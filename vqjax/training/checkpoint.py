@@ -214,6 +214,54 @@ class Checkpointer:
     self._manager.close()
 
 
+WEIGHT_FIELDS = ("params", "model_state")
+
+
+def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> dict:
+  """Reads only the weights (params and model_state) of a checkpoint, for `ckpt.init_from`.
+
+  The optimiser state is not read, so a run may start from weights trained with another
+  optimiser or schedule.
+
+  Args:
+    path: a workdir, its checkpoints/ directory, or any directory of step directories.
+    abstract_state: the current run's abstract TrainState (ShapeDtypeStructs with shardings).
+    step: which step; None = the latest.
+
+  Returns:
+    {"params": ..., "model_state": ...} placed on the target shardings.
+  """
+  directory = resolve_directory(path)
+  manager = ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+  )
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"ckpt.init_from: no checkpoint in {directory}")
+    item = {k: getattr(abstract_state, k) for k in WEIGHT_FIELDS}
+    saved = manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    problem = describe_mismatch({k: saved.get(k) for k in WEIGHT_FIELDS}, item)
+    if problem is not None:
+      raise CheckpointMismatchError(
+          f"ckpt.init_from {directory}/{step} does not fit this model: {problem}"
+      )
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                         partial_restore=True)
+        ),
+    )
+    return out["state"]
+  finally:
+    manager.close()
+
+
 def _config_diff(old: dict, new: dict) -> str:
   a, b = old.get("config", {}), new.get("config", {})
   changed = []

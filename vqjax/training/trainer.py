@@ -142,14 +142,10 @@ def train_and_evaluate(
       logging.info("resumed from %s/%d", ckpt.directory, ckpt.latest_step())
     elif config.ckpt.init_from:
       # Weights (params + EMA codebooks) only: the optimiser, step and data order start fresh.
-      source = checkpoint.Checkpointer(
-          checkpoint.resolve_directory(config.ckpt.init_from), read_only=True
-      )
-      loaded, _ = source.restore(target, meta=meta)
-      source.close()
+      weights = checkpoint.restore_weights(config.ckpt.init_from, target)
       state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
-      state = state.replace(params=loaded.params, model_state=loaded.model_state)
-      logging.info("initialised weights from %s", source.directory)
+      state = state.replace(**weights)
+      logging.info("initialised weights from %s", config.ckpt.init_from)
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
 
