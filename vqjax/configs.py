@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- vector quantizer -------------------------------------------------------------------
   c.vq = ml_collections.ConfigDict()
+  c.vq.kind = "vq"  # "vq" (nearest codeword) | "gumbel" (Gumbel-softmax, models/gumbel.py)
   c.vq.num_codes = 512
   c.vq.code_dim = 64
   c.vq.beta = 0.25  # weight of the commitment term ||z - sg[e]||^2
@@ -57,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.init = "kmeans++"  # "normal" | "uniform" | "kmeans++" | "kmeans" (from the first batch)
   c.vq.kmeans_iters = 10
   c.vq.restart_after = 100  # re-seed codes unused for this many steps; 0 = never
+  c.vq.temperature = 1.0  # gumbel only: relaxation temperature
+  c.vq.kl_weight = 5e-4  # gumbel only: weight of KL(q || uniform)
   c.vq.stats_impl = "onehot"  # per-code counts/sums: "onehot" (faster on GPU) or "scatter"
 
   # --- optimiser --------------------------------------------------------------------------

@@ -20,8 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqjax.models.gumbel import GumbelQuantizer
 from vqjax.models.layers import Decoder, Encoder, UpConv
 from vqjax.models.quantizer import VectorQuantizer
+
+QUANTIZERS = {"vq": VectorQuantizer, "gumbel": GumbelQuantizer}
 
 
 class Upsampler(nn.Module):
@@ -55,7 +58,8 @@ class VQVAE2(nn.Module):
     levels: number of code maps (2 = top + bottom; FFHQ-1024 uses 3).
     first_stride: downsampling of the bottom encoder (power of two).
     level_stride: downsampling between consecutive levels (power of two).
-    quantizer: keyword arguments of every level's VectorQuantizer (num_codes, code_dim, ...).
+    quantizer: keyword arguments of every level's quantizer (num_codes, code_dim, ...);
+      "kind" picks VectorQuantizer ("vq", the default) or GumbelQuantizer ("gumbel").
     upconv_impl: "subpixel" or "lax" transposed convolutions (same function, same weights).
     dtype: compute dtype; quantizer distances and statistics stay float32.
     param_dtype: parameter dtype.
@@ -77,6 +81,9 @@ class VQVAE2(nn.Module):
     if self.levels < 1:
       raise ValueError(f"levels must be >= 1, got {self.levels}")
     qkw = dict(self.quantizer or {})
+    kind = qkw.pop("kind", "vq")
+    if kind not in QUANTIZERS:
+      raise ValueError(f"unknown quantizer kind {kind!r}; expected one of {sorted(QUANTIZERS)}")
     self.code_dim = qkw.get("code_dim", 64)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n = self.levels
@@ -87,7 +94,7 @@ class VQVAE2(nn.Module):
         for i in range(n)
     ]
     self.pre_quant = [nn.Conv(self.code_dim, (1, 1), **kw) for _ in range(n)]
-    self.quantizers = [VectorQuantizer(**qkw, **kw) for _ in range(n)]
+    self.quantizers = [QUANTIZERS[kind](**qkw, **kw) for _ in range(n)]
     # cond_decoders[i] maps the codes of level i (i < bottom) to the resolution of level i + 1.
     self.cond_decoders = [
         Decoder(self.code_dim, self.channels, self.res_channels, self.num_res_blocks,

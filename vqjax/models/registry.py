@@ -33,7 +33,12 @@ def dtype_from_name(name: str):
 
 
 def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
-  """Quantizer constructor arguments from `config.vq`."""
+  """Quantizer constructor arguments from `config.vq` (for its `kind`)."""
+  if vq.kind == "gumbel":
+    return dict(kind="gumbel", num_codes=vq.num_codes, code_dim=vq.code_dim,
+                temperature=vq.temperature, kl_weight=vq.kl_weight)
+  if vq.kind != "vq":
+    raise ValueError(f"unknown config.vq.kind {vq.kind!r}; expected 'vq' or 'gumbel'")
   return dict(
       num_codes=vq.num_codes,
       code_dim=vq.code_dim,

@@ -109,6 +109,10 @@ class Progress:
     self._t = time.perf_counter()
     self._step = start_step
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an eval, an image grid) out of the training throughput."""
+    self._t += seconds
+
   def line(self, step: int, metrics: Mapping[str, float], keys: Sequence[str]) -> tuple[str, dict]:
     """The progress line and the timing metrics (`img_per_s`, `eta_s`; empty on the first
     call, when no interval has been measured yet) since the last call."""

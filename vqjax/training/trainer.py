@@ -59,10 +59,13 @@ class _StopRequest:
                     signal.Signals(signum).name)
 
   def requested(self, sync: bool) -> bool:
-    """Whether to stop; with `sync` every process learns whether any process was signalled."""
+    """Whether to stop. With several processes all must stop at the same step, so the answer
+    is True only on `sync` steps, where every process learns whether any was signalled."""
     local = self.signum is not None
-    if not sync or jax.process_count() == 1:
+    if jax.process_count() == 1:
       return local
+    if not sync:
+      return False
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
@@ -239,11 +242,13 @@ def train_and_evaluate(
         if pi == 0:
           logging.info("%s", text)
         result.update(host)
-      stopping = stop.requested(sync=log_now or pc == 1)
+      stopping = stop.requested(sync=log_now)
+      t_aside = time.perf_counter()
       if config.log.eval_every_steps and step % config.log.eval_every_steps == 0 and not stopping:
         eval_result, last_eval = evaluate(), step
       if config.log.image_every_steps and step % config.log.image_every_steps == 0:
         save_images()
+      progress.exclude(time.perf_counter() - t_aside)
       if stopping or step == total or (config.ckpt.every_steps and
                                        step % config.ckpt.every_steps == 0):
         save("stop request" if stopping else "checkpoint step")
