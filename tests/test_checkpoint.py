@@ -151,9 +151,11 @@ def test_restore_weights_reads_params_and_model_state_only(tmp_path):
   abstract = jax.eval_shape(lambda k: task.init(k, {"image": jnp.zeros((1, 8, 8, 1))}),
                             jax.random.key(0))
   sh = sharding.state_shardings(abstract, mesh, 64)
-  weights = checkpoint.restore_weights(str(tmp_path), checkpoint.abstract_with_shardings(abstract, sh))
+  target = checkpoint.abstract_with_shardings(abstract, sh)
+  weights = checkpoint.restore_weights(str(tmp_path), target)
   assert set(weights) == {"params", "model_state"}
-  for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves((state.params, state.model_state)),
+  expected = {"params": state.params, "model_state": state.model_state}
+  for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(expected),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   _, small, sh8 = _state(mesh, features=8)

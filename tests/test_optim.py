@@ -51,7 +51,7 @@ def test_global_norm_clipping_matches_adam_on_clipped_gradients():
   m = b1 * (1 - b1) * c1 + (1 - b1) * g2
   v = b2 * (1 - b2) * c1**2 + (1 - b2) * g2**2
   expected = -(m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + eps)
-  np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(updates["w"]), expected, rtol=1e-4)  # float32 vs float64
   unclipped, _ = optim.make_optimizer(_optim(lr=1.0), 10)
   s2 = unclipped.init(params)
   _, s2 = unclipped.update({"w": jnp.asarray(g1)}, s2, params)
