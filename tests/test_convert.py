@@ -288,3 +288,28 @@ def test_refuses_pickled_objects(tmp_path):
 
 class _Args:
   """Stands for the argparse.Namespace that prior checkpoints store next to the weights."""
+
+
+def test_training_starts_from_converted_weights(tmp_path):
+  """`ckpt.init_from` pointed at a converted directory: the first step's (pre-update) MSE is
+  the imported model's MSE on that batch, which a fresh initialisation would not give."""
+  import os
+
+  from vqjax.data import pipeline
+  from vqjax.training import trainer
+
+  if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("needs Debian's dataset-fashion-mnist")
+  torch.save(_state_dict(**SMALL, seed=5), tmp_path / "w.pt")
+  out = tmp_path / "converted"
+  assert main(["rosinality-vqvae2", str(tmp_path / "w.pt"), str(out)]) == 0
+  config, model, variables = load_converted(str(out))
+  config.data.update(name="fashion_mnist", reader="local", train_split="train[:16]",
+                     eval_split="test[:8]", batch_size=8, eval_batch_size=8, image_size=32)
+  config.train.steps = 1
+  config.ckpt.init_from = str(out)
+  config.log.update(every_steps=1, eval_batches=1, tensorboard=False)
+  result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  batch = next(pipeline.make_train_iterator(config.data, config.seed))
+  _, aux = model.apply(variables, jnp.asarray(batch["image"]))
+  np.testing.assert_allclose(result["mse"], float(aux["mse"]), rtol=1e-4)

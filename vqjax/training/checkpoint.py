@@ -217,6 +217,28 @@ class Checkpointer:
 WEIGHT_FIELDS = ("params", "model_state")
 
 
+def _is_converted(path: str) -> bool:
+  """A directory written by `python -m vqjax.convert` (config.json + variables/)."""
+  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+      os.path.join(path, "variables")
+  )
+
+
+def _restore_converted(path: str, abstract_state: Any) -> dict:
+  """Weights of an imported model (variables = {"params", "vq_state"}) onto the run's state."""
+  target = {"params": abstract_state.params, **abstract_state.model_state}
+  checkpointer = ocp.StandardCheckpointer()
+  saved = checkpointer.metadata(os.path.join(os.path.abspath(path), "variables"))
+  saved = getattr(saved, "item_metadata", saved)
+  saved = getattr(saved, "tree", saved)
+  problem = describe_mismatch(saved, target)
+  if problem is not None:
+    raise CheckpointMismatchError(f"ckpt.init_from {path} does not fit this model: {problem}")
+  out = checkpointer.restore(os.path.join(os.path.abspath(path), "variables"), target)
+  params = out.pop("params")
+  return {"params": params, "model_state": out}
+
+
 def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> dict:
   """Reads only the weights (params and model_state) of a checkpoint, for `ckpt.init_from`.
 
@@ -231,6 +253,8 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
   Returns:
     {"params": ..., "model_state": ...} placed on the target shardings.
   """
+  if _is_converted(path):
+    return _restore_converted(path, abstract_state)
   directory = resolve_directory(path)
   manager = ocp.CheckpointManager(
       directory,
