@@ -51,19 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.num_images = 16
 
   if arg == "smoke":
-    c.data.train_split = "train[:64]"
-    c.data.eval_split = "test[:16]"
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 8
-    c.model.channels = 16
-    c.model.res_channels = 8
-    c.vq.num_codes = 32
-    c.vq.code_dim = 8
-    c.optim.warmup_steps = 0
-    c.train.steps = 1
-    c.log.every_steps = 1
-    c.log.eval_batches = 1
-    c.log.num_images = 8
+    configs.shrink_for_smoke(c)
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; expected 'smoke' or nothing")
   return c

@@ -55,31 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.num_images = 8
 
   if arg == "smoke":
-    _smoke(c)
+    configs.shrink_for_smoke(c)
+    c.model.first_stride = 2  # 32 -> 16, 8, 4 code maps
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; expected 'smoke' or nothing")
   return c
 
-
-def _smoke(c: ml_collections.ConfigDict) -> None:
-  """One step of a tiny three-level model on local Fashion-MNIST images as 3-channel 32x32."""
-  c.data.name = "fashion_mnist"
-  c.data.reader = "local"
-  c.data.image_size = 32
-  c.data.resize = "pad"
-  c.data.random_flip = False
-  c.data.train_split = "train[:64]"
-  c.data.eval_split = "test[:16]"
-  c.data.batch_size = 8
-  c.data.eval_batch_size = 8
-  c.data.num_workers = 0
-  c.model.first_stride = 2  # 32 -> 16, 8, 4 code maps
-  c.model.dtype = "float32"
-  c.model.channels = 16
-  c.model.res_channels = 8
-  c.vq.num_codes = 32
-  c.vq.code_dim = 8
-  c.train.steps = 1
-  c.log.every_steps = 1
-  c.log.eval_batches = 1
-  c.log.num_images = 8

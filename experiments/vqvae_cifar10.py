@@ -52,26 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.image_every_steps = 5000
 
   if arg == "smoke":
-    _smoke(c)
+    configs.shrink_for_smoke(c)
   elif arg:
     raise ValueError(f"unknown variant {arg!r}; expected 'smoke' or nothing")
   return c
 
-
-def _smoke(c: ml_collections.ConfigDict) -> None:
-  """One step of a tiny model on 16 local Fashion-MNIST images as 3-channel 32x32."""
-  c.data.name = "fashion_mnist"
-  c.data.reader = "local"
-  c.data.resize = "pad"
-  c.data.train_split = "train[:64]"
-  c.data.eval_split = "test[:16]"
-  c.data.batch_size = 8
-  c.data.eval_batch_size = 8
-  c.model.channels = 16
-  c.model.res_channels = 8
-  c.vq.num_codes = 32
-  c.vq.code_dim = 8
-  c.train.steps = 1
-  c.log.every_steps = 1
-  c.log.eval_batches = 1
-  c.log.num_images = 8

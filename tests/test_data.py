@@ -296,6 +296,13 @@ def test_preprocess_modes_against_numpy():
     pipeline.preprocess([wide], c)
 
 
+def _tiny_image(i):
+  """Example i of the tiny tfds set: halves i % 251 and 255 - i % 251 (never equal: flips show)."""
+  image = np.full((28, 28, 1), i % 251, np.uint8)
+  image[:, 14:] = 255 - i % 251
+  return image
+
+
 class VqjaxTinyTestDs(tfds.core.GeneratorBasedBuilder):
   """A tfds dataset written without TensorFlow: Tensor features need no image encoder."""
 
@@ -311,37 +318,138 @@ class VqjaxTinyTestDs(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, n=0):
     for i in range(n):
-      yield i, {"image": np.full((28, 28, 1), i % 251, np.uint8), "label": i}
+      yield i, {"image": _tiny_image(i), "label": i}
 
 
-def test_tfds_data_source_reader(tmp_path):
-  data_dir = str(tmp_path / "tfds")
+@pytest.fixture(scope="module")
+def tiny_tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
   VqjaxTinyTestDs(data_dir=data_dir, file_format="array_record").download_and_prepare()
-  c = _config(tmp_path, name="vqjax_tiny_test_ds", reader="grain", data_dir=data_dir,
-              batch_size=40)
+  return data_dir
+
+
+@pytest.fixture
+def grain_config(tmp_path, tiny_tfds_dir):
+  return _config(tmp_path, name="vqjax_tiny_test_ds", reader="grain", data_dir=tiny_tfds_dir,
+                 batch_size=40)
+
+
+def _assert_tiny_images(batch, flipped=None):
+  """Checks every image against its label's example, padded to 32 and scaled independently.
+
+  Returns:
+    A bool per image: True where the image is the mirrored example.
+  """
+  mirrored = []
+  for x, label in zip(batch["image"], batch["label"], strict=True):
+    expected = np.full((32, 32, 1), -1.0)
+    expected[2:30, 2:30] = _tiny_image(int(label)).astype(np.float64) / 127.5 - 1
+    if np.allclose(x, expected, atol=1e-6):
+      mirrored.append(False)
+    else:
+      np.testing.assert_allclose(x, expected[:, ::-1], atol=1e-6)
+      mirrored.append(True)
+  return np.array(mirrored)
+
+
+def _assert_same_batches(a, b):
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_grain_reader_values_and_epochs(grain_config):
+  c = grain_config
   assert pipeline.num_examples(c, "train") == 400 and pipeline.num_examples(c, "test") == 9
   it = pipeline.make_train_iterator(c, seed=0)
-  batches = _take(it, 10)
-  labels = np.concatenate([b["label"] for b in batches])
-  assert sorted(labels) == list(range(400))
-  for b in batches:  # each image is its label mod 251, padded with -1
-    np.testing.assert_allclose(b["image"][:, 16, 16, 0], b["label"] % 251 / 127.5 - 1, atol=1e-6)
-    assert np.all(b["image"][:, 0] == -1)
-  state = it.get_state()
-  nxt = next(it)
-  again = pipeline.make_train_iterator(c, seed=0)
-  again.set_state(state)
-  np.testing.assert_array_equal(next(again)["label"], nxt["label"])
+  assert isinstance(it, pipeline.GrainTrainIterator) and "grain" in it.get_state()
+  assert (it.local_batch_size, it.image_shape, it.steps_per_epoch) == (40, (32, 32, 1), 10)
+  batches = _take(it, 20)
+  for b in batches:
+    assert b["image"].shape == (40, 32, 32, 1) and b["image"].dtype == np.float32
+    assert b["label"].dtype == np.int32
+    assert not _assert_tiny_images(b).any()  # random_flip is off
+  epoch0 = np.concatenate([b["label"] for b in batches[:10]])
+  epoch1 = np.concatenate([b["label"] for b in batches[10:]])
+  assert sorted(epoch0) == list(range(400)) and sorted(epoch1) == list(range(400))
+  assert (epoch0 != epoch1).any()  # each epoch is shuffled anew
+  it.close()
+  # 400 // 48 = 8 batches: each epoch drops its own 16 examples, no batch spans two epochs.
+  c.batch_size = 48
+  it = pipeline.make_train_iterator(c, seed=0)
+  assert it.steps_per_epoch == 8
+  labels = [np.concatenate([b["label"] for b in _take(it, 8)]) for _ in range(2)]
+  assert all(len(set(x)) == 384 for x in labels) and set(labels[0]) != set(labels[1])
+  assert it.get_state()["grain"]["next_index"] == 16
   ev = list(pipeline.make_eval_iterator(c))
-  assert len(ev) == 2 and ev[1]["mask"].sum() == 1
-  # Decoding threads keep the order and each record with its own label.
-  c.num_workers, c.batch_size = 0, 16
+  assert len(ev) == 2 and ev[1]["mask"].sum() == 1  # 9 examples in batches of 8
+
+
+def test_grain_reader_seed_fixes_the_batches(grain_config):
+  c = grain_config
+  c.random_flip = True
+  a = _take(pipeline.make_train_iterator(c, seed=3), 12)
+  _assert_same_batches(a, _take(pipeline.make_train_iterator(c, seed=3), 12))
+  other = _take(pipeline.make_train_iterator(c, seed=4), 12)
+  assert any((x["label"] != y["label"]).any() for x, y in zip(a, other, strict=True))
+  per_batch = [_assert_tiny_images(b) for b in a]
+  assert len({tuple(f) for f in per_batch}) > 1  # each batch draws its own flips
+  flips = np.concatenate(per_batch)
+  assert 0.3 < flips.mean() < 0.7  # about half the images are mirrored
+  other_flips = np.concatenate([_assert_tiny_images(b) for b in other])
+  assert (flips != other_flips).any()
+
+
+def test_grain_reader_resume_gives_the_same_batches(grain_config):
+  c = grain_config
+  c.random_flip = True
+  it = pipeline.make_train_iterator(c, seed=7)
+  first = next(it)
+  # The trainer peeks at one batch and rewinds before training.
+  it.set_state(pipeline.make_train_iterator(c, seed=7).get_state())
+  _assert_same_batches([first], [next(it)])
+  _take(it, 6)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 6)  # crosses the epoch boundary at batch 10
+  resumed = pipeline.make_train_iterator(c, seed=7)
+  resumed.set_state(state)
+  _assert_same_batches(expected, _take(resumed, 6))
+  assert resumed.get_state() == it.get_state()
+  with pytest.raises(ValueError, match="seed"):
+    pipeline.make_train_iterator(c, seed=8).set_state(state)
+  c.batch_size = 20
+  with pytest.raises(ValueError, match="local_batch_size"):
+    pipeline.make_train_iterator(c, seed=7).set_state(state)
+  with pytest.raises(ValueError, match="another reader"):
+    resumed.set_state({"epoch": 1, "step": 3, "seed": 7})
+
+
+def test_grain_reader_hosts_get_disjoint_shards(grain_config):
+  c = grain_config
+  seen = []
+  for p in range(2):
+    it = pipeline.make_train_iterator(c, seed=0, process_index=p, process_count=2)
+    assert it.local_batch_size == 20 and it.steps_per_epoch == 10
+    batches = _take(it, it.steps_per_epoch)
+    for b in batches:
+      _assert_tiny_images(b)
+    seen.append(np.concatenate([b["label"] for b in batches]))
+    assert len(set(seen[-1])) == 200
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(np.concatenate(seen)) == list(range(400))
+
+
+def test_grain_reader_threads_do_not_change_the_batches(grain_config):
+  c = grain_config
+  c.random_flip, c.batch_size = True, 16
   serial = _take(pipeline.make_train_iterator(c, seed=0), 30)
-  c.num_workers = 4
-  threaded = _take(pipeline.make_train_iterator(c, seed=0), 30)
-  for a, b in zip(serial, threaded, strict=True):
-    np.testing.assert_array_equal(a["label"], b["label"])
-    np.testing.assert_allclose(b["image"][:, 16, 16, 0], b["label"] % 251 / 127.5 - 1, atol=1e-6)
+  c.num_workers = 2
+  threaded_it = pipeline.make_train_iterator(c, seed=0)
+  threaded = _take(threaded_it, 30)
+  threaded_it.close()
+  _assert_same_batches(serial, threaded)
+  for b in threaded:  # each record stays with its own label
+    _assert_tiny_images(b)
 
 
 def test_unprepared_tfds_dataset_fails_fast(tmp_path):

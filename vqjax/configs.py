@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_flip = False
   c.data.batch_size = 128  # global batch, split over processes and devices
   c.data.eval_batch_size = 256
-  c.data.num_workers = 0  # grain worker processes; 0 = read in the main process
+  c.data.num_workers = 0  # reader threads (grain prefetch threads for tfds data); 0 = none
   c.data.download = False  # tfds may download when True (never in tests)
 
   # --- model ------------------------------------------------------------------------------
@@ -106,4 +106,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.num_images = 16
   c.log.tensorboard = True
   c.log.compilation_cache = ""  # directory for JAX's persistent compilation cache; "" = off
+  return c
+
+
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns an experiment config into a one-step CPU run of a tiny model on 64 local
+  Fashion-MNIST images (padded to 32x32, in the experiment's channel count); no download.
+
+  Experiments call this for their `:smoke` variant, then adjust what their model needs
+  (e.g. strides that fit 32x32 images).
+  """
+  c.data.update(name="fashion_mnist", reader="local", image_size=32, resize="pad",
+                random_flip=False, train_split="train[:64]", eval_split="test[:16]",
+                batch_size=8, eval_batch_size=8, num_workers=0)
+  c.model.update(channels=16, res_channels=8, dtype="float32")
+  c.vq.update(num_codes=32, code_dim=8)
+  c.optim.warmup_steps = 0
+  c.train.steps = 1
+  c.log.update(every_steps=1, eval_batches=1, num_images=8)
   return c

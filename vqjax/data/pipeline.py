@@ -1,17 +1,26 @@
 """Preprocessing, per-host batching and resumable iteration over the sources of `sources.py`.
 
-The training order is plain index arithmetic: process p of P owns the strided shard
+Every reader splits the training set the same way: process p of P owns the strided shard
 `p, p + P, p + 2P, ...` of the first `P * (N // P)` examples (every host owns as many examples,
-so all hosts take the same number of steps and none waits in a collective), epoch e visits the
-shard in a permutation drawn from (seed, e, p), and batch k of epoch e is a pure function of
-(seed, e, k, p). The iterator state is therefore just (epoch, step); it is the same on every
-process, so saving process 0's state is enough to resume all of them.
+so all hosts take the same number of steps and none waits in a collective), each epoch visits
+the shard in a seeded permutation that depends on the epoch and p, and the last partial batch
+of an epoch is dropped.
 
-Batches are host-local numpy: {"image": float32 [B_local, H, W, C] in [-1, 1], "label": int32}.
+  * "grain" (tfds ArrayRecord through `tfds.data_source`): a grain `MapDataset` pipeline;
+    grain's iterator state (the index of the next batch) is the resume point.
+  * "local" and "folder": plain index arithmetic, batch k of epoch e is a pure function of
+    (seed, e, k, p) and the state is (epoch, step).
+  * "tfdata" (TFRecord through `tfds.load`, needs TensorFlow): a seeded shuffle per epoch,
+    resumed by skipping into it.
+
+A state is the same on every process, so saving process 0's state is enough to resume all of
+them. Batches are host-local numpy: {"image": float32 [B_local, H, W, C] in [-1, 1],
+"label": int32}.
 """
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import math
 from collections.abc import Iterator
@@ -200,6 +209,115 @@ class TrainIterator:
       self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class GrainTrainIterator:
+  """The "grain" reader: a grain pipeline over a random-access source (a tfds ArrayRecord set).
+
+  source (reads and decodes) -> this host's shard -> per-epoch shuffle -> fit to size -> batch
+  -> repeat -> scale and flip -> prefetch in `config.data.num_workers` threads. Every stage
+  before the prefetch is a random-access `MapDataset`, so batch k of the endless stream is a
+  pure function of (seed, k, process) whatever the threads, and grain's iterator state (the
+  index of the next batch) resumes it exactly.
+
+  Attributes:
+    local_batch_size: examples per batch on this process (global batch // process_count).
+    image_shape: (H, W, C) of every image.
+    steps_per_epoch: batches per epoch (the last partial batch is dropped).
+  """
+
+  def __init__(self, source: Any, data_config: Any, seed: int, process_index: int,
+               process_count: int):
+    import grain  # deferred: grain takes a second to import and only this reader needs it
+
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    b = _local_batch_size(data_config.batch_size, process_count, "config.data.batch_size")
+    self.local_batch_size = b
+    size = data_config.image_size
+    self.image_shape = (size, size, data_config.channels)
+    n = len(source)
+    self.steps_per_epoch = n // process_count // b
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"{n} examples make no batch of {data_config.batch_size} over "
+                       f"{process_count} processes")
+    seed = int(seed) % 2**63
+    # What a saved state must agree with to mean the same batches in this run.
+    self._identity = {"seed": seed, "num_examples": n, "process_count": process_count,
+                      "local_batch_size": b}
+    # grain seeds epoch e of a shuffle with shuffle_seed + e (32 bits), so hosts get unrelated
+    # permutations from a hash of (seed, process) rather than from seed + process.
+    shuffle_seed = int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0])
+    ds = grain.MapDataset.source(source)
+    ds = ds[process_index : n - n % process_count : process_count]
+    ds = ds.shuffle(seed=shuffle_seed)
+    ds = ds.map(functools.partial(_fit_example, data_config=data_config))
+    # Batching before the repeat drops each epoch's partial batch instead of letting a batch
+    # straddle two epochs; the shuffle still sees the epoch through the repeated indices.
+    ds = ds.batch(b, drop_remainder=True).repeat()
+    ds = ds.map_with_index(functools.partial(_scale_and_flip, data_config=data_config,
+                                             key=(seed, process_index)))
+    workers = data_config.num_workers
+    # num_threads=0 reads in the calling thread, as num_workers=0 promises; with threads, two
+    # batches per thread in flight keep them all busy without holding many batches in memory.
+    self._ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=workers,
+                                                    prefetch_buffer_size=2 * workers))
+    self._it = iter(self._ds)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict[str, Any]:
+    """grain's iterator state under "grain", plus what must match on resume (JSON-serialisable).
+
+    Returns:
+      {"grain": {"next_index": batches consumed}, "seed", "num_examples", "process_count",
+      "local_batch_size"}.
+    """
+    return {"grain": self._it.get_state(), **self._identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Moves to a state from `get_state`; the next batch is the one that followed it.
+
+    Args:
+      state: a dict from `get_state`, possibly through a JSON round trip.
+
+    Raises:
+      ValueError: the state was saved by another reader or under another seed, dataset size,
+        process count or per-process batch size.
+    """
+    for k, v in self._identity.items():
+      if k in state and int(state[k]) != v:
+        raise ValueError(f"Cannot resume data iterator: saved {k}={state[k]}, this run has {v}")
+    if not isinstance(state.get("grain"), dict):
+      raise ValueError(f"Cannot resume data iterator: no grain state in the saved state "
+                       f"(keys {sorted(state)}); it was saved by another reader")
+    # A fresh iterator rather than set_state on the live one: it drops the batches the threads
+    # prefetched from the old position.
+    self._it.close()
+    self._it = iter(self._ds)
+    self._it.set_state(state["grain"])
+
+  def close(self) -> None:
+    """Stops the prefetch threads, if any."""
+    self._it.close()
+
+
+def _fit_example(example: dict[str, Any], data_config: Any) -> dict[str, np.ndarray]:
+  """One source example -> uint8 [S, S, C] at the configured size and channels, int32 label."""
+  image = sources.convert_channels(np.asarray(example["image"]), data_config.channels)
+  return {"image": _fit(image, data_config.image_size, data_config.resize),
+          "label": np.int32(example["label"])}
+
+
+def _scale_and_flip(index: int, batch: dict[str, np.ndarray], data_config: Any,
+                    key: tuple[int, int]) -> dict[str, np.ndarray]:
+  """Maps batch `index` of the stream to [-1, 1] and flips it with a key fixed by its index."""
+  x = _flip(preprocess(batch["image"], data_config), data_config, key + (index,))
+  return {"image": x, "label": np.asarray(batch["label"], np.int32)}
+
+
 class TfDataTrainIterator(TrainIterator):
   """The "tfdata" reader: TFRecords through `tfds.load`, read in order (needs TensorFlow).
 
@@ -310,12 +428,16 @@ def make_train_iterator(data_config: Any, seed: int, process_index: int = 0,
     process_count: number of processes (`jax.process_count()`).
 
   Returns:
-    An iterator with `__next__`, `get_state()`, `set_state(state)`, `local_batch_size` and
-    `image_shape`, yielding {"image": float32 [B_local, H, W, C], "label": int32 [B_local]}.
+    An iterator with `__next__`, `get_state()`, `set_state(state)`, `close()`,
+    `local_batch_size`, `image_shape` and `steps_per_epoch`, yielding
+    {"image": float32 [B_local, H, W, C], "label": int32 [B_local]}.
   """
-  if sources.resolve_reader(data_config) == "tfdata":
+  reader = sources.resolve_reader(data_config)
+  if reader == "tfdata":
     return TfDataTrainIterator(data_config, seed, process_index, process_count)
   source = sources.make_source(data_config, data_config.train_split)
+  if reader == "grain":
+    return GrainTrainIterator(source, data_config, seed, process_index, process_count)
   return TrainIterator(source, data_config, seed, process_index, process_count)
 
 

@@ -1,13 +1,15 @@
 """Random-access image sources: Fashion-MNIST from local idx files, tfds datasets, image folders.
 
 Every source has `__len__` and `__getitem__(i) -> {"image": uint8 [H, W, C], "label": int}`, so
-`pipeline.py` can shuffle, shard and resume with plain index arithmetic whatever the reader.
+`pipeline.py` can shuffle, shard and resume by index whatever the reader (with grain for
+"grain", with plain index arithmetic for the others).
 `make_source(data_config, split)` picks the source from `config.data`:
 
   * "local": Fashion-MNIST from Debian's `dataset-fashion-mnist` idx .gz files. The first run
     writes an uncompressed .npz cache (under `data_dir`, or ~/.cache/vqjax) that later runs load
     in a fraction of a second; tfds cannot write its own format here without TensorFlow.
-  * "grain": a tfds dataset prepared as ArrayRecord, read through `tfds.data_source`.
+  * "grain": a tfds dataset prepared as ArrayRecord, read through `tfds.data_source`; it is the
+    source of a grain `MapDataset` for training and is read directly in batches for eval.
   * "folder": every PNG/JPEG below `config.data.folder`, labelled by parent directory.
 
 The "tfdata" reader (TFRecord through `tfds.load`) is streaming, not random access; it lives in

@@ -168,7 +168,8 @@ class VQVAE2(nn.Module):
     Returns:
       (recon, aux): recon [B, H, W, out_channels] in the compute dtype; aux has "loss"
       (mse + latent losses), "mse", "latent_loss" and per level i (0 = top)
-      "level{i}/{perplexity,usage,top_share,commitment,counts}".
+      "level{i}/{perplexity,usage,top_share,commitment,counts,indices}" (indices: the int32
+      code map of level i, as `encode_to_indices` returns it).
     """
     quantized, level_aux = self.encode(x, train=train)
     recon = self.decode(quantized)
@@ -176,6 +177,6 @@ class VQVAE2(nn.Module):
     latent = sum(a["latent_loss"] for a in level_aux)
     aux = {"loss": mse + latent, "mse": mse, "latent_loss": latent}
     for i, a in enumerate(level_aux):
-      for key in ("perplexity", "usage", "top_share", "commitment", "counts"):
+      for key in ("perplexity", "usage", "top_share", "commitment", "counts", "indices"):
         aux[f"level{i}/{key}"] = a[key]
     return recon, aux

@@ -11,6 +11,7 @@ Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
       aux["level{i}/perplexity"], aux["level{i}/usage"], aux["level{i}/top_share"]
                                per-batch code statistics, level 0 = coarsest (top)
       aux["level{i}/counts"]   int32 [num_codes] histogram of the batch's codes
+      aux["level{i}/indices"]  int32 code map of level i
   model.apply(variables, x, method="encode_to_indices") -> tuple of int32 code maps,
       coarsest first: ([B, h0, w0], ..., [B, hN, wN])
   model.apply(variables, codes, method="decode_from_indices") -> images [B, H, W, C]

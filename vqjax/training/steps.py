@@ -146,12 +146,13 @@ class AutoencoderTask(Task):
     """Masked sums over one eval batch: squared error, example count, code histograms."""
     image, mask = batch["image"], batch["mask"].astype(jnp.float32)
     variables = self._variables(state)
-    recon, _ = self.model.apply(variables, image, train=False)
+    recon, aux = self.model.apply(variables, image, train=False)
     err = jnp.mean(jnp.square(recon.astype(jnp.float32) - image), axis=(1, 2, 3))
     sums = {"sq_err": jnp.sum(err * mask), "count": jnp.sum(mask)}
-    codes = self.model.apply(variables, image, method="encode_to_indices")
     num_codes = self.config.vq.num_codes
-    for i, c in enumerate(codes):
+    levels = sum(1 for k in aux if k.endswith("/indices"))
+    for i in range(levels):
+      c = aux[f"level{i}/indices"]
       per_pos = c.reshape(c.shape[0], -1)
       weights = jnp.broadcast_to(mask[:, None], per_pos.shape)
       # Weighted histogram: padded examples add zero, so the counts cover the real split only.
