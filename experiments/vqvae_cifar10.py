@@ -7,7 +7,8 @@ TensorFlow installed and `--config.data.reader=tfdata`); `--config.data.download
 tfds fetch it.
 
 Setup from the paper: encoder of 2 stride-2 4x4 convs and 2 residual blocks, 256 hidden units,
-8x8 latents with K=512 codes, beta 0.25, Adam 2e-4, batch 128, 250k steps, codebook learned
+8x8 latents with K=512 codes (one 64-dim code per position here; the paper's "8x8x10" field,
+ten codes per position, would need a grouped quantizer that vqjax does not have yet), beta 0.25, Adam 2e-4, batch 128, 250k steps, codebook learned
 by the codebook loss (`--config.vq.ema=True` gives the paper's EMA variant).
 Expected: reconstructions close to the inputs (the paper reports 4.67 bits/dim for the
 full model with its prior, not a reconstruction number); about 6 hours on one H100 (not

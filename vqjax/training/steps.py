@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vqjax.models import registry
+from vqjax.models import quantizer, registry
 from vqjax.training import optim
 
 Batch = dict[str, jax.Array]
@@ -169,11 +169,9 @@ class AutoencoderTask(Task):
       if not key.endswith("/counts"):
         continue
       level = key[: -len("/counts")]
-      counts = np.asarray(counts, np.float64)
-      p = counts / max(counts.sum(), 1.0)
-      nz = p[p > 0]
-      out[f"{level}/usage"] = float(np.mean(counts > 0))
-      out[f"{level}/perplexity"] = float(np.exp(-np.sum(nz * np.log(nz))))
+      stats = quantizer.usage_metrics(np.asarray(counts, np.float32))
+      out[f"{level}/usage"] = float(stats["usage"])
+      out[f"{level}/perplexity"] = float(stats["perplexity"])
     out["examples"] = float(sums["count"])
     return out
 
