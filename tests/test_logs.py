@@ -25,6 +25,7 @@ def test_grid_layout_and_values(tmp_path):
 
 def test_writer_and_progress(tmp_path):
   w = logs.MetricWriter(str(tmp_path), tensorboard=False)
+  w.start_at(0)
   w.write(3, {"loss": 0.5, "level0/usage": 0.25})
   w.write(3, {"mse": 0.1}, prefix="eval")
   w.close()
@@ -38,8 +39,29 @@ def test_writer_and_progress(tmp_path):
   assert text.startswith("step  10/100 loss=0.5 level0/usage=0.25 level1/usage=1")
   assert "img/s" in text and "ETA" in text and timing["img_per_s"] > 0
   inactive = logs.MetricWriter(str(tmp_path / "other"), active=False)
+  inactive.start_at(0)
   inactive.write(1, {"loss": 1.0})
   assert not os.path.exists(tmp_path / "other")
+
+
+def test_resumed_writer_drops_records_after_the_checkpoint(tmp_path):
+  """A run killed after its step-4 checkpoint had logged steps 5-6; the resumed run logs them
+  again, and each step must appear once."""
+  w = logs.MetricWriter(str(tmp_path), tensorboard=True)
+  w.start_at(0)
+  for step in range(1, 7):
+    w.write(step, {"loss": float(step)})
+  w.write(4, {"mse": 0.5}, prefix="eval")
+  w.close()
+  w = logs.MetricWriter(str(tmp_path), tensorboard=True)
+  w.start_at(4)
+  w.write(5, {"loss": 50.0})
+  w.close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert [(r["step"], r["split"]) for r in rows] == [
+      (1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "eval"), (5, "train")]
+  assert rows[-1]["loss"] == 50.0
 
 
 def test_save_config_round_trips(tmp_path):

@@ -53,24 +53,41 @@ class MetricWriter:
   def __init__(self, workdir: str, tensorboard: bool = True, active: bool = True):
     self.active = active
     self.workdir = workdir
+    self.tensorboard = tensorboard
     self._tb = None
     self._jsonl = None
-    if not active:
+
+  def start_at(self, step: int) -> None:
+    """Opens the logs for a run that continues after `step` (0 for a fresh run).
+
+    Records of later steps, written by a run that was killed after its last checkpoint, are
+    dropped from metrics.jsonl and purged from TensorBoard, so every step appears once.
+    """
+    if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    if tensorboard:
+    os.makedirs(self.workdir, exist_ok=True)
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")
+    if self.tensorboard:
       try:
         from tensorboardX import SummaryWriter
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard event files")
       else:
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=step + 1)
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
     """Appends one JSON line `{"step", "split", **metrics}` and the TensorBoard scalars."""
     if not self.active:
       return
+    if self._jsonl is None:
+      raise RuntimeError("MetricWriter.start_at(step) must be called before write()")
     clean = {k: float(v) for k, v in metrics.items()}
     record = {"step": int(step), "split": prefix, **clean}
     # json writes NaN/Infinity tokens; keep them so a diverged run is visible in the file.

@@ -170,6 +170,7 @@ def train_and_evaluate(
                         out_shardings=repl)
 
     step = int(jax.device_get(state.step))
+    writer.start_at(step)
     total = int(config.train.steps)
     start_step = step
     if pi == 0:
