@@ -8,8 +8,9 @@ tfds fetch it.
 
 Setup from the paper: encoder of 2 stride-2 4x4 convs and 2 residual blocks, 256 hidden units,
 8x8 latents with K=512 codes (one 64-dim code per position here; the paper's "8x8x10" field,
-ten codes per position, would need a grouped quantizer that vqjax does not have yet), beta 0.25, Adam 2e-4, batch 128, 250k steps, codebook learned
-by the codebook loss (`--config.vq.ema=True` gives the paper's EMA variant).
+ten codes per position, would need a grouped quantizer that vqjax does not have yet),
+beta 0.25, Adam 2e-4, batch 128, 250k steps, codebook learned by the codebook loss
+(`--config.vq.ema=True` gives the paper's EMA variant).
 Expected: reconstructions close to the inputs (the paper reports 4.67 bits/dim for the
 full model with its prior, not a reconstruction number); about 6 hours on one H100 (not
 measured here). `:smoke` runs one step on CPU in seconds from the local Fashion-MNIST files.

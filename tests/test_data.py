@@ -475,3 +475,150 @@ def test_tfdata_reader_needs_tensorflow(tmp_path):
     pipeline.make_train_iterator(c, seed=0)
   with pytest.raises(ValueError, match="tensorflow-cpu"):
     pipeline.make_eval_iterator(c)
+
+
+class VqjaxTinyTfrecordDs(tfds.core.GeneratorBasedBuilder):
+  """The tiny set with PNG-encoded Image features, for the "tfdata" reader (needs TensorFlow)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(28, 28, 1)), "label": np.int64}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(100), "test": self._generate_examples(9)}
+
+  def _generate_examples(self, n=0):
+    for i in range(n):
+      yield i, {"image": _tiny_image(i), "label": i}
+
+
+@pytest.fixture(scope="module")
+def tfrecord_dir(tmp_path_factory):
+  """A data_dir with both tiny sets prepared as TFRecord, offline (skips without TensorFlow)."""
+  pytest.importorskip("tensorflow")
+  data_dir = str(tmp_path_factory.mktemp("tfrecord"))
+  for builder in (VqjaxTinyTfrecordDs, VqjaxTinyTestDs):
+    builder(data_dir=data_dir, file_format="tfrecord").download_and_prepare(
+      download_config=tfds.download.DownloadConfig())
+  return data_dir
+
+
+@pytest.fixture
+def tfdata_config(tmp_path, tfrecord_dir):
+  return _config(tmp_path, name="vqjax_tiny_tfrecord_ds", reader="tfdata",
+                 data_dir=tfrecord_dir, batch_size=10, eval_batch_size=4)
+
+
+def test_tfdata_reader_values_epochs_and_seed(tfdata_config):
+  c = tfdata_config
+  assert pipeline.num_examples(c, "train") == 100 and pipeline.num_examples(c, "test") == 9
+  assert pipeline.num_examples(c, "train[:64]") == 64
+  it = pipeline.make_train_iterator(c, seed=3)
+  assert isinstance(it, pipeline.TfDataTrainIterator)
+  assert (it.local_batch_size, it.image_shape, it.steps_per_epoch) == (10, (32, 32, 1), 10)
+  batches = _take(it, 20)
+  for b in batches:
+    assert b["image"].shape == (10, 32, 32, 1) and b["image"].dtype == np.float32
+    assert b["label"].dtype == np.int32
+    assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+    assert not _assert_tiny_images(b).any()  # random_flip is off
+  epoch0 = np.concatenate([b["label"] for b in batches[:10]])
+  epoch1 = np.concatenate([b["label"] for b in batches[10:]])
+  assert sorted(epoch0) == list(range(100)) and sorted(epoch1) == list(range(100))
+  assert (epoch0 != epoch1).any()  # each epoch is shuffled anew
+  assert it.get_state()["epoch"] == 2
+  _assert_same_batches(batches, _take(pipeline.make_train_iterator(c, seed=3), 20))
+  other = _take(pipeline.make_train_iterator(c, seed=4), 10)
+  assert any((x["label"] != y["label"]).any() for x, y in zip(batches, other, strict=True))
+
+
+def test_tfdata_reader_resume_gives_the_same_batches(tfdata_config):
+  c = tfdata_config
+  c.random_flip = True
+  it = pipeline.make_train_iterator(c, seed=7)
+  first = next(it)
+  # The trainer peeks at one batch and rewinds before training.
+  it.set_state(pipeline.make_train_iterator(c, seed=7).get_state())
+  _assert_same_batches([first], [next(it)])
+  _take(it, 6)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 6)  # crosses the epoch boundary at batch 10
+  flips = np.concatenate([_assert_tiny_images(b) for b in expected])
+  assert 0 < flips.mean() < 1
+  resumed = pipeline.make_train_iterator(c, seed=7)
+  resumed.set_state(state)
+  _assert_same_batches(expected, _take(resumed, 6))
+  assert resumed.get_state() == it.get_state()
+  with pytest.raises(ValueError, match="seed"):
+    pipeline.make_train_iterator(c, seed=8).set_state(state)
+
+
+def test_tfdata_reader_hosts_get_disjoint_shards(tfdata_config):
+  c = tfdata_config
+  seen = []
+  for p in range(2):
+    it = pipeline.make_train_iterator(c, seed=0, process_index=p, process_count=2)
+    assert it.local_batch_size == 5 and it.steps_per_epoch == 10
+    batches = _take(it, it.steps_per_epoch)
+    for b in batches:
+      _assert_tiny_images(b)
+    seen.append(np.concatenate([b["label"] for b in batches]))
+    assert len(set(seen[-1])) == 50 and it.get_state()["epoch"] == 1
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(np.concatenate(seen)) == list(range(100))
+  with pytest.raises(ValueError, match="multiple of 3"):
+    pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=3)
+
+
+def test_tfdata_eval_covers_the_split_once_with_mask(tfdata_config):
+  c = tfdata_config
+  labels, batches = [], 0
+  for p in range(2):
+    ev = pipeline.make_eval_iterator(c, process_index=p, process_count=2)
+    assert len(ev) == 3  # 9 examples: 5 and 4 per host, in batches of 2
+    for b in ev:
+      batches += 1
+      assert b["image"].shape == (2, 32, 32, 1) and b["mask"].dtype == np.float32
+      real = b["mask"] == 1
+      assert np.all(b["image"][~real] == -1.0)
+      labels += list(b["label"][real])
+      _assert_tiny_images({"image": b["image"][real], "label": b["label"][real]})
+  assert batches == 6 and sorted(labels) == list(range(9))
+  ev = pipeline.make_eval_iterator(c, max_batches=2)
+  assert len(list(ev)) == 2 and len(list(ev)) == 2  # re-iterable
+
+
+def test_tfdata_reader_tensor_features_and_arrayrecord(tfdata_config, tiny_tfds_dir):
+  c = tfdata_config
+  c.name, c.batch_size = "vqjax_tiny_test_ds", 40  # Tensor features: stored unencoded
+  it = pipeline.make_train_iterator(c, seed=0)
+  labels = np.concatenate([_take(it, 1)[0]["label"]] + [b["label"] for b in _take(it, 9)])
+  assert sorted(labels) == list(range(400))
+  ev = list(pipeline.make_eval_iterator(c))
+  assert len(ev) == 3 and ev[2]["mask"].sum() == 1
+  for b in ev:
+    _assert_tiny_images({"image": b["image"][b["mask"] == 1], "label": b["label"][b["mask"] == 1]})
+  c.data_dir = tiny_tfds_dir  # the same set prepared as ArrayRecord
+  with pytest.raises(ValueError, match="reader='grain'"):
+    pipeline.make_train_iterator(c, seed=0)
+  with pytest.raises(ValueError, match="reader='grain'"):
+    pipeline.make_eval_iterator(c)
+
+
+def test_tfdata_reader_trains_one_step(tfrecord_dir, tmp_path):
+  import importlib.util
+
+  from vqjax.training import trainer
+
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "fashion_mnist.py")
+  spec = importlib.util.spec_from_file_location("fashion_mnist_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.data.update(name="vqjax_tiny_tfrecord_ds", reader="tfdata", data_dir=tfrecord_dir,
+                     train_split="train[:64]", eval_split="test")
+  result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert result["step"] == 1 and np.isfinite(result["loss"])
+  assert result["eval/examples"] == 8  # one eval batch of 8 real test images

@@ -330,16 +330,24 @@ class TfDataTrainIterator(TrainIterator):
     import tensorflow_datasets as tfds
 
     c = data_config
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     sources.check_tfds_prepared(c.name, c.data_dir, c.download, "tfdata")
     split = tfds.even_splits(c.train_split, n=process_count, drop_remainder=True)[process_index]
     # Images stay encoded until after the shuffle, so the buffer holds bytes, not pixels.
-    self._ds = tfds.load(c.name, split=split, data_dir=c.data_dir or None, download=c.download,
-                         shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    self._ds = _tfds_load(c, split, c.download, {"image": tfds.decode.SkipDecoding()})
     self._tf = tf
+    # An Image feature skips to its encoded bytes (tf.string); a Tensor feature has no encoding
+    # and comes back as pixels, which `decode_image` would reject.
+    self._encoded = self._ds.element_spec["image"].dtype == tf.string
     local = int(self._ds.cardinality())
-    self._setup(data_config, seed, 0, 1, local)
-    self._identity["process_count"] = process_count
-    self._pi, self._pool, self._live = process_index, None, None
+    if local < 0:
+      raise ValueError(f"tfds {c.name!r} split {c.train_split!r} has no known size "
+                       f"(cardinality {local})")
+    # `even_splits` gave every host `local` examples; as P * local examples in all, `_setup`
+    # derives the per-host batch from the global one and a shard of `local` positions.
+    self._setup(data_config, seed, process_index, process_count, local * process_count)
+    self._pool, self._live = None, None
 
   def _read_batch(self, epoch: int, step: int) -> tuple[Any, np.ndarray]:
     tf, b = self._tf, self.local_batch_size
@@ -347,9 +355,10 @@ class TfDataTrainIterator(TrainIterator):
       shuffle_seed = int(np.random.default_rng((self._seed, epoch, self._pi)).integers(2**31))
       ds = self._ds.shuffle(min(len(self._shard), 16384), seed=shuffle_seed,
                             reshuffle_each_iteration=False).skip(step * b)
-      ds = ds.map(lambda ex: (tf.io.decode_image(ex["image"], expand_animations=False),
-                              ex.get("label", 0)), num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True).prefetch(2 * b)
+      decode = (functools.partial(tf.io.decode_image, expand_animations=False) if self._encoded
+                else tf.identity)
+      ds = ds.map(lambda ex: (decode(ex["image"]), ex.get("label", 0)),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2 * b)
       self._live = (epoch, step, ds.as_numpy_iterator())
     it = self._live[2]
     pairs = [next(it) for _ in range(b)]
@@ -407,14 +416,25 @@ class TfDataEvalIterable(EvalIterable):
     total = num_examples(c, c.eval_split)
     super().__init__(None, c, process_index, process_count, max_batches, num_total=total)
     parts = tfds.even_splits(c.eval_split, n=process_count, drop_remainder=False)
-    self._ds = tfds.load(c.name, split=parts[process_index], data_dir=c.data_dir or None,
-                         download=False, shuffle_files=False)
+    self._ds = _tfds_load(c, parts[process_index], False, None)
 
   def _chunks(self) -> Iterator[tuple[Any, np.ndarray]]:
     it = self._ds.as_numpy_iterator()
     for _ in range(self.num_batches):
       exs = list(itertools.islice(it, self.local_batch_size))
       yield [ex["image"] for ex in exs], np.array([ex.get("label", 0) for ex in exs], np.int32)
+
+
+def _tfds_load(data_config: Any, split: Any, download: bool, decoders: Any) -> Any:
+  """`tfds.load` of one split in file order, with a one-line error for an ArrayRecord dataset."""
+  import tensorflow_datasets as tfds
+
+  c = data_config
+  try:
+    return tfds.load(c.name, split=split, data_dir=c.data_dir or None, download=download,
+                     shuffle_files=False, decoders=decoders)
+  except NotImplementedError as e:  # prepared as ArrayRecord: only data_source reads it
+    raise ValueError(f"tfds {c.name!r} is not TFRecord; use reader='grain' ({e})") from None
 
 
 def make_train_iterator(data_config: Any, seed: int, process_index: int = 0,
