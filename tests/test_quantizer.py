@@ -169,6 +169,31 @@ def test_kmeans_init_uses_the_codebook(init):
   assert bool(state["initialized"])
 
 
+def test_kmeans_init_survives_bias_correction():
+  """The seeded codewords are the EMA statistics' starting point even when bias correction
+  starts them from zero: codes the first batch does not use keep their seeds."""
+  z = _collapsing_data(n=40)
+  q = VectorQuantizer(num_codes=64, code_dim=4, bias_correction=True)
+  _, state = _usage_after(q, z, 1)
+  norms = np.linalg.norm(np.asarray(state["codebook"]), axis=1)
+  assert norms.min() > 1.0  # the data lie around 6 in every coordinate; zero vectors would fail
+  np.testing.assert_allclose(float(state["ema_weight"]), 1.0)
+
+
+def test_loss_codebook_gets_gradients_on_the_data_init_step():
+  z = jnp.asarray(_collapsing_data())
+  q = VectorQuantizer(num_codes=32, code_dim=4, ema=False)
+  v = _init(q, z)
+
+  def loss(params):
+    (_, aux), _ = q.apply({"params": params, "vq_state": v["vq_state"]}, z, train=True,
+                          rngs={"vq": jax.random.key(0)}, mutable=["vq_state"])
+    return aux["codebook_loss"]
+
+  g = jax.grad(loss)(v["params"])["codebook"]
+  assert float(jnp.sum(jnp.abs(g))) > 0
+
+
 def test_kmeans_matches_numpy_lloyd_step():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(200, 2)).astype(np.float32)

@@ -144,7 +144,9 @@ class VectorQuantizer(nn.Module):
     ema: EMA codebook (True) or codebook learned by the codebook loss (False).
     decay: EMA decay.
     eps: Laplace smoothing of the EMA cluster sizes.
-    bias_correction: divide EMA statistics by 1 - decay^t (they then start from zero).
+    bias_correction: divide EMA statistics by 1 - decay^t (they then start from zero, and
+      codes unused in the first steps decay towards the zero vector until restarted; after a
+      data init the statistics are unbiased and the correction stays 1).
     codebook_init: "normal" (N(0, 1), as the PyTorch reference), "uniform" (U(-1/K, 1/K)), or
       "kmeans++" / "kmeans" (from the first training batch; "kmeans" adds Lloyd iterations).
     kmeans_iters: Lloyd iterations for codebook_init="kmeans".
@@ -227,7 +229,8 @@ class VectorQuantizer(nn.Module):
       self.ema_sum.value = jnp.where(mask[:, None], new_codes * count * w, self.ema_sum.value)
       self.codebook_var.value = jnp.where(mask[:, None], new_codes, self.codebook_var.value)
     else:
-      param = self.codebook_param.astype(jnp.float32)
+      # The parameter keeps its gradient: only the offset, a constant, absorbs the change.
+      param = jax.lax.stop_gradient(self.codebook_param.astype(jnp.float32))
       self.offset.value = jnp.where(mask[:, None], new_codes - param, self.offset.value)
 
   def _init_from_data(self, flat_z, rng):
@@ -246,7 +249,12 @@ class VectorQuantizer(nn.Module):
     # Give each seeded code the average share of the batch, so the first EMA steps move the
     # codewords at the usual rate.
     count = max(flat_z.shape[0] / k, 1.0)
-    self._set_codes(centers, jnp.logical_not(self.initialized.value) & jnp.ones(k, bool), count)
+    fresh = jnp.logical_not(self.initialized.value)
+    if self.ema:
+      # Seeded statistics carry no bias towards zero: with bias correction the weight
+      # starts at 1 (it then stays 1), else the seeds would be scaled by 0 and lost.
+      self.ema_weight.value = jnp.where(fresh, 1.0, self.ema_weight.value)
+    self._set_codes(centers, fresh & jnp.ones(k, bool), count)
     self.initialized.value = jnp.array(True)
 
   def _ema_update(self, flat_z, idx):

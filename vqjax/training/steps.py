@@ -162,7 +162,11 @@ class AutoencoderTask(Task):
     return sums
 
   def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
-    """MSE, PSNR (images in [-1, 1], so the peak-to-peak range is 2) and code statistics."""
+    """MSE, PSNR and code statistics over the whole eval split.
+
+    PSNR is 10 log10(4 / MSE) of the split's mean squared error (images in [-1, 1], so the
+    peak-to-peak range is 2), not a mean of per-image PSNRs.
+    """
     mse = float(sums["sq_err"]) / max(float(sums["count"]), 1.0)
     out = {"mse": mse, "psnr": float(10.0 * np.log10(4.0 / max(mse, 1e-12)))}
     for key, counts in sums.items():

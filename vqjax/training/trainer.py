@@ -105,8 +105,6 @@ def train_and_evaluate(
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.data.batch_size, mesh)
   sharding.check_batch_size(config.data.eval_batch_size, mesh)
-  if pi == 0:
-    logs.save_config(workdir, config)
   writer = logs.MetricWriter(workdir, tensorboard=config.log.tensorboard, active=pi == 0)
   task = steps.make_task(config) if task is None else task
 
@@ -170,6 +168,10 @@ def train_and_evaluate(
                         out_shardings=repl)
 
     step = int(jax.device_get(state.step))
+    # Written only once the state is restored or created: a relaunch with a config that does
+    # not fit the workdir's checkpoint fails above and leaves the run's config record as it was.
+    if pi == 0:
+      logs.save_config(workdir, config)
     writer.start_at(step)
     total = int(config.train.steps)
     start_step = step
