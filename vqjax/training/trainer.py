@@ -38,6 +38,12 @@ def setup_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# With several processes, a stop request (SIGTERM on a preemptible pod) is agreed on every this
+# many steps: each agreement waits for the device, so not every step, but often enough that the
+# save starts well inside a preemption notice whatever log.every_steps is.
+_STOP_SYNC_EVERY = 10
+
+
 class _StopRequest:
   """Records SIGTERM / SIGINT so the loop can finish its step and save; a second signal of
   the same kind gets the previous handler (a second Ctrl-C interrupts at once)."""
@@ -245,7 +251,7 @@ def train_and_evaluate(
         if pi == 0:
           logging.info("%s", text)
         result.update(host)
-      stopping = stop.requested(sync=log_now)
+      stopping = stop.requested(sync=log_now or step % _STOP_SYNC_EVERY == 0)
       t_aside = time.perf_counter()
       if config.log.eval_every_steps and step % config.log.eval_every_steps == 0 and not stopping:
         eval_result, last_eval = evaluate(), step
