@@ -8,9 +8,11 @@ reader, TFRecord with TensorFlow for `--config.data.reader=tfdata`).
 Model: top codes 32x32, bottom codes 64x64, K=512 per level, channel 128, residual channel
 32, 2 residual blocks, embedding 64, EMA codebooks (decay 0.99), beta 0.25; Adam 3e-4,
 batch 128 (1.39M parameters, about 23 GFLOP per image per training step).
-Expected: reconstruction MSE around 0.01 on [-1, 1] images after a few epochs. Cost: 200k
-steps x 128 images at the 1,344 img/s measured for a float32 JAX port on one H100 is about
-5.3 hours (`--config.model.dtype=bfloat16` measured 4,146 img/s there).
+Expected: reconstruction MSE around 0.01 on [-1, 1] images after a few epochs (not measured
+here: no ImageNet on the project's machines). Cost of 200k steps x 128 images on one H100, from
+this config's own train step on synthetic data (benchmarks/RESULTS.md): float32 3,395 img/s,
+about 2.1 hours; `--config.model.dtype=bfloat16` 6,548 img/s, about 1.1 hours (the input
+pipeline must keep up: 8 grain threads decoding JPEGs is not enough for that rate on most hosts).
 `:smoke` runs one step on CPU in seconds from the local Fashion-MNIST files.
 """
 
