@@ -11,8 +11,8 @@ batch 128 (1.39M parameters, about 23 GFLOP per image per training step).
 Expected: reconstruction MSE around 0.01 on [-1, 1] images after a few epochs (not measured
 here: no ImageNet on the project's machines). Cost of 200k steps x 128 images on one H100, from
 this config's own train step on synthetic data (benchmarks/RESULTS.md): float32 3,395 img/s,
-about 2.1 hours; `--config.model.dtype=bfloat16` 6,548 img/s, about 1.1 hours (the input
-pipeline must keep up: 8 grain threads decoding JPEGs is not enough for that rate on most hosts).
+about 2.1 hours; `--config.model.dtype=bfloat16` 6,548 img/s, about 1.1 hours, if the input
+pipeline keeps up (its JPEG decoding rate was not measured).
 `:smoke` runs one step on CPU in seconds from the local Fashion-MNIST files.
 """
 
