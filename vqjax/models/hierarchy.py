@@ -21,30 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from vqjax.models.gumbel import GumbelQuantizer
-from vqjax.models.layers import Decoder, Encoder, UpConv
+from vqjax.models.layers import Decoder, Encoder, Upsampler
 from vqjax.models.quantizer import VectorQuantizer
 
 QUANTIZERS = {"vq": VectorQuantizer, "gumbel": GumbelQuantizer}
-
-
-class Upsampler(nn.Module):
-  """A chain of stride-2 transposed convs (ReLU between) that keeps the channel count."""
-
-  features: int
-  factor: int
-  upconv_impl: str = "subpixel"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    n = self.factor.bit_length() - 1
-    for i in range(n):
-      if i > 0:
-        x = nn.relu(x)
-      x = UpConv(self.features, impl=self.upconv_impl, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name=f"up{i}")(x)
-    return x
 
 
 class VQVAE2(nn.Module):

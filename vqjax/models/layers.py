@@ -184,3 +184,22 @@ class Decoder(nn.Module):
       if not last:
         x = nn.relu(x)
     return x
+
+
+class Upsampler(nn.Module):
+  """A chain of stride-2 transposed convs (ReLU between) that keeps the channel count."""
+
+  features: int
+  factor: int
+  upconv_impl: str = "subpixel"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(_log2_stride(self.factor)):
+      if i > 0:
+        x = nn.relu(x)
+      x = UpConv(self.features, impl=self.upconv_impl, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name=f"up{i}")(x)
+    return x
