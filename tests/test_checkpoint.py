@@ -1,5 +1,9 @@
-"""Tests of vqjax/training/checkpoint.py: restore onto another mesh (8 -> 4 devices), keep-N,
-data iterator state, and a one-line error for a checkpoint of a different model."""
+"""Tests of vqjax/training/checkpoint.py: restore onto another mesh (8 -> 4 devices), keep-N
+that never deletes the last good step, damaged steps skipped with the file named, the data
+iterator state, and a one-line error for a checkpoint of a different model."""
+
+import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -9,7 +13,7 @@ import numpy as np
 import pytest
 
 from vqjax import configs
-from vqjax.training import checkpoint, sharding, steps
+from vqjax.training import checkpoint, sharding, tasks
 
 
 class TinyAE(nn.Module):
@@ -55,7 +59,7 @@ def _config(features=16):
 
 
 def _state(mesh, features=16, seed=0):
-  task = steps.AutoencoderTask(_config(features), model=TinyAE(features=features))
+  task = tasks.AutoencoderTask(_config(features), model=TinyAE(features=features))
   init = lambda key: task.init(key, {"image": jnp.zeros((1, 8, 8, 1))})
   state, sh = sharding.create_sharded_state(init, mesh, 64, jax.random.key(seed))
   return task, state, sh
@@ -86,7 +90,7 @@ def test_save_on_8_devices_restore_on_4(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding == s
     assert {d.id for d in a.sharding.device_set} <= {d.id for d in jax.devices()[:4]}
-  assert type(restored) is steps.TrainState
+  assert type(restored) is tasks.TrainState
 
 
 def test_keep_n_and_latest(tmp_path):
@@ -100,6 +104,109 @@ def test_keep_n_and_latest(tmp_path):
   assert ckpt.all_steps() == [3, 4]
   assert ckpt.latest_step() == 4
   ckpt.close()
+
+
+def test_keep_n_never_deletes_the_last_good_step_and_skips_bad_ones(tmp_path):
+  mesh = _mesh(8, 1)
+  _, state, _ = _state(mesh)
+  meta = checkpoint.config_meta(_config())
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=2, async_save=False)
+  ckpt.save(1, state, {}, meta)
+  ckpt.mark_good([1])
+  for step in (2, 3, 4):  # saved after a divergence began: never confirmed
+    ckpt.save(step, state, {}, meta)
+  assert ckpt.all_steps() == [1, 3, 4]  # keep-2 plus the last good one
+  ckpt.mark_bad([3, 4])
+  assert ckpt.latest_step() == 1
+  assert ckpt.last_good_step() == 1
+  ckpt.close()
+  # The record survives a restart: a new Checkpointer resumes from the good step.
+  again = checkpoint.Checkpointer(str(tmp_path / "c"), keep=2)
+  assert again.latest_step() == 1 and again.bad_steps() == [3, 4]
+  again.close()
+
+
+def _saved_run(tmp_path, steps=(1, 2)):
+  mesh = _mesh(8, 1)
+  _, state, sh = _state(mesh)
+  meta = checkpoint.config_meta(_config())
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5, async_save=False)
+  for step in steps:
+    ckpt.save(step, jax.tree.map(lambda x, s=step: x + s if x.dtype.kind == "f" else x, state),
+              {"step": step}, meta)
+  ckpt.close()
+  target = checkpoint.abstract_with_shardings(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), sh)
+  return state, target, meta
+
+
+def _truncate_data_files(step_dir):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state"))
+           for f in fs if os.sep + "d" + os.sep in os.path.join(r, f)]
+  assert files
+  for victim in files:  # as a copy cut short leaves them
+    with open(victim, "r+b") as f:
+      f.truncate(os.path.getsize(victim) // 2)
+
+
+@pytest.mark.parametrize("damage", ["metadata", "manifest", "data", "commit"])
+def test_damaged_latest_step_is_named_and_the_previous_one_restored(tmp_path, damage, caplog):
+  state, target, meta = _saved_run(tmp_path)
+  step_dir = str(tmp_path / "c" / "2")
+  if damage == "metadata":
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+  elif damage == "manifest":
+    path = os.path.join(step_dir, "state", "manifest.ocdbt")
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  elif damage == "data":
+    _truncate_data_files(step_dir)
+  else:
+    os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  if damage != "commit":  # without its commit record Orbax no longer lists the step at all
+    with pytest.raises(checkpoint.CheckpointDamagedError) as e:
+      ckpt.restore(target, step=2, meta=meta)
+    msg = str(e.value)
+    assert "step 2" in msg and "\n" not in msg and len(msg) < 400
+    if damage == "metadata":
+      assert "state/_METADATA is missing" in msg
+  restored, data_state, step = ckpt.restore_newest_intact(target, meta=meta)
+  assert step == 1 and data_state == {"step": 1}
+  expected = jax.tree.map(lambda x: x + 1 if x.dtype.kind == "f" else x, state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ckpt.close()
+
+
+def test_every_step_damaged_is_one_clear_error(tmp_path):
+  _, target, meta = _saved_run(tmp_path, steps=(1,))
+  os.remove(str(tmp_path / "c" / "1" / "state" / "_METADATA"))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  with pytest.raises(checkpoint.CheckpointDamagedError, match="no intact checkpoint.*step 1"):
+    ckpt.restore_newest_intact(target, meta=meta)
+  ckpt.close()
+
+
+def test_config_changes_lists_every_difference():
+  a, b = _config(), _config()
+  b.vq.beta = 5.0
+  b.optim.lr = 1e-2
+  changes = checkpoint.config_changes(checkpoint.config_meta(a), checkpoint.config_meta(b))
+  assert changes == ["optim.lr: 0.0003 -> 0.01", "vq.beta: 0.25 -> 5.0"]
+
+
+def test_fingerprint_covers_the_task_sections_only():
+  a, b = _config(), _config()
+  b.optim.lr = 1.0
+  assert (checkpoint.config_meta(a)["model_fingerprint"]
+          == checkpoint.config_meta(b)["model_fingerprint"])
+  b.vq.num_codes = 7
+  assert (checkpoint.config_meta(a)["model_fingerprint"]
+          != checkpoint.config_meta(b)["model_fingerprint"])
+  # A task that declares other sections is fingerprinted on those.
+  assert (checkpoint.config_meta(a, ("task", "model"))["model_fingerprint"]
+          == checkpoint.config_meta(b, ("task", "model"))["model_fingerprint"])
 
 
 def test_other_model_gives_one_line_error(tmp_path):
@@ -147,7 +254,7 @@ def test_restore_weights_reads_params_and_model_state_only(tmp_path):
   # A different optimiser (AdamW + clipping: another opt_state tree) still takes the weights.
   config = _config()
   config.optim.name, config.optim.weight_decay, config.optim.grad_clip = "adamw", 0.1, 1.0
-  task = steps.AutoencoderTask(config, model=TinyAE())
+  task = tasks.AutoencoderTask(config, model=TinyAE())
   abstract = jax.eval_shape(lambda k: task.init(k, {"image": jnp.zeros((1, 8, 8, 1))}),
                             jax.random.key(0))
   sh = sharding.state_shardings(abstract, mesh, 64)
@@ -160,5 +267,5 @@ def test_restore_weights_reads_params_and_model_state_only(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   _, small, sh8 = _state(mesh, features=8)
   abstract8 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small)
-  with pytest.raises(checkpoint.CheckpointMismatchError, match="init_from .* has shape"):
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="does not fit this model: .* has shape"):
     checkpoint.restore_weights(str(tmp_path), checkpoint.abstract_with_shardings(abstract8, sh8))

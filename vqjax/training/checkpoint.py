@@ -21,18 +21,54 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vqjax import errors
+
 CHECKPOINT_SUBDIR = "checkpoints"
-# Config groups that decide the state's tree structure and shapes.
+# Config groups that decide the state's tree structure and shapes, when the task names none.
 MODEL_FIELDS = ("task", "model", "vq")
 
 
-def config_meta(config: ml_collections.ConfigDict) -> dict:
-  """JSON-serialisable record of the config, with a hash of the model-shaping fields."""
+def config_meta(config: ml_collections.ConfigDict,
+                sections: tuple[str, ...] = MODEL_FIELDS) -> dict:
+  """JSON-serialisable record of the config, with a hash of the state-shaping sections.
+
+  Args:
+    config: the run config.
+    sections: the config groups that decide the state's shapes (`Task.config_sections`);
+      `data.channels` is always included.
+
+  Returns:
+    {"model_fingerprint": 16 hex digits, "sections": [...], "config": the config as a dict}.
+  """
   as_dict = json.loads(config.to_json_best_effort())
-  shaping = {k: as_dict.get(k) for k in MODEL_FIELDS}
-  shaping["channels"] = as_dict["data"]["channels"]
+  shaping = {k: as_dict.get(k) for k in sections}
+  shaping["channels"] = as_dict.get("data", {}).get("channels")
   digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-  return {"model_fingerprint": digest, "config": as_dict}
+  return {"model_fingerprint": digest, "sections": list(sections), "config": as_dict}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
+def config_changes(old: dict, new: dict, groups: tuple[str, ...] | None = None) -> list[str]:
+  """"group.field: old -> new" for every field that differs between two `config_meta`s.
+
+  Args:
+    old: the saved record.
+    new: this run's record.
+    groups: only these top-level groups; None = all.
+  """
+  a, b = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
+  keys = sorted(set(a) | set(b))
+  if groups is not None:
+    keys = [k for k in keys if k.split(".")[0] in groups]
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def _path_str(path) -> str:
@@ -69,8 +105,12 @@ def describe_mismatch(saved: Any, target: Any) -> str | None:
   return None
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.CheckpointError):
   """The checkpoint was written by a different model or config."""
+
+
+class CheckpointDamagedError(errors.CheckpointError):
+  """A step directory is incomplete or unreadable (a missing or truncated file)."""
 
 
 def _gather_json(obj: Any) -> list:
@@ -93,22 +133,51 @@ def resolve_directory(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
+# Files every complete step directory holds (Orbax writes them; a step missing one is damaged).
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+                   "data/metadata", "meta/metadata")
+
+
+def _short(e: BaseException, limit: int = 240) -> str:
+  """First line of an exception, cut to `limit` characters (tensorstore errors run to KBs)."""
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator state, config record) with Orbax.
 
+  Beyond Orbax's own guarantees (a step appears only once completely written), it keeps a
+  health record, `health.json`, of which steps the trainer confirmed good (the losses after
+  them stayed finite and sane) and which it found bad (saved just before a divergence):
+  restoring skips bad and damaged steps, and the keep-N clean-up never deletes the newest
+  good step.
+
   Args:
     directory: where step directories live (usually `workdir/checkpoints`).
-    keep: how many recent checkpoints to keep (`config.ckpt.keep`).
+    keep: how many recent checkpoints to keep (`config.ckpt.keep`); 0 = all.
     async_save: save in a background thread (`config.ckpt.async_save`).
     read_only: open an existing directory for restoring only (`ckpt.init_from`).
   """
+
+  HEALTH_FILE = "health.json"
 
   def __init__(
       self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
   ):
     self.directory = os.path.abspath(directory)
+    self.keep = int(keep)
+    self._read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None,
+        # Deletion is ours (`_clean_up`): Orbax's keep-N would rotate out the last good step.
+        max_to_keep=None,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=async_save,
@@ -124,13 +193,87 @@ class Checkpointer:
             "meta": ocp.JsonCheckpointHandler(),
         },
     )
+    self._health = self._read_health()
+
+  # --- health record ---------------------------------------------------------------------
+
+  def _read_health(self) -> dict:
+    path = os.path.join(self.directory, self.HEALTH_FILE)
+    try:
+      with open(path) as f:
+        data = json.load(f)
+      return {"good": [int(s) for s in data.get("good", [])],
+              "bad": [int(s) for s in data.get("bad", [])]}
+    except FileNotFoundError:
+      return {"good": [], "bad": []}
+    except (OSError, ValueError, TypeError, AttributeError):
+      logging.warning("%s is unreadable; treating every checkpoint as unconfirmed", path)
+      return {"good": [], "bad": []}
+
+  def _write_health(self) -> None:
+    if self._read_only or jax.process_index() != 0:
+      return
+    _write_json_atomic(os.path.join(self.directory, self.HEALTH_FILE), self._health)
+
+  def mark_good(self, steps: list[int]) -> None:
+    """Records saved steps as good: training after them stayed finite and sane."""
+    new = [int(s) for s in steps if int(s) not in self._health["good"]]
+    if new:
+      self._health["good"] = sorted(set(self._health["good"]) | set(new))
+      self._health["bad"] = [s for s in self._health["bad"] if s not in new]
+      self._write_health()
+      self._clean_up()
+
+  def mark_bad(self, steps: list[int]) -> None:
+    """Records saved steps as bad (written just before a divergence): never restored."""
+    new = [int(s) for s in steps if int(s) not in self._health["bad"]]
+    if new:
+      self._health["bad"] = sorted(set(self._health["bad"]) | set(new))
+      self._health["good"] = [s for s in self._health["good"] if s not in new]
+      self._write_health()
+
+  def last_good_step(self) -> int | None:
+    """The newest step confirmed good that is still on disk, or None."""
+    steps = set(self.all_steps())
+    good = [s for s in self._health["good"] if s in steps]
+    return max(good) if good else None
+
+  def bad_steps(self) -> list[int]:
+    return list(self._health["bad"])
+
+  def _clean_up(self, saving: int | None = None) -> None:
+    """Deletes all but the newest `keep` usable steps, always keeping the newest good one.
+
+    Args:
+      saving: a step being saved asynchronously (not listed yet, but counted as kept).
+    """
+    if self.keep <= 0 or self._read_only:
+      return
+    on_disk = self.all_steps()
+    steps = sorted(set(on_disk) | ({saving} if saving is not None else set()))
+    usable = [s for s in steps if s not in self._health["bad"]]
+    keep = set(usable[-self.keep:])
+    good = self.last_good_step()
+    if good is not None:
+      keep.add(good)
+    oldest_kept = min(keep) if keep else None
+    for s in steps:
+      # Bad steps go once something newer and usable exists; older good ones beyond keep-N go.
+      if s in keep or s not in on_disk or (
+          s in self._health["bad"] and oldest_kept is not None and s > oldest_kept):
+        continue
+      self._manager.delete(s)
+
+  # --- save / restore --------------------------------------------------------------------
 
   def latest_step(self) -> int | None:
-    """The newest complete step, or None."""
-    return self._manager.latest_step()
+    """The newest complete step not recorded as bad, or None."""
+    steps = [s for s in self.all_steps() if s not in self._health["bad"]]
+    return max(steps) if steps else None
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: Any, meta: dict) -> None:
     """Starts saving `state` (async unless disabled). Every process must call this.
@@ -151,18 +294,46 @@ class Checkpointer:
         ),
         force=True,
     )
+    self._clean_up(saving=int(step))
+
+  def check_intact(self, step: int) -> None:
+    """Raises CheckpointDamagedError naming the first missing or empty file of `step`."""
+    root = os.path.join(self.directory, str(step))
+    for rel in _REQUIRED_FILES:
+      path = os.path.join(root, rel)
+      if not os.path.isfile(path):
+        raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
+      if os.path.getsize(path) == 0:
+        raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is empty")
+
+  def read_meta(self, step: int) -> dict:
+    """The config record (`config_meta`) saved with `step`; {} when it cannot be read."""
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return out["meta"] or {}
+    except Exception:  # noqa: BLE001 - a damaged record only costs the explanation
+      return {}
 
   def check_compatible(self, step: int, abstract_state: Any, meta: dict | None = None) -> None:
     """Raises CheckpointMismatchError (one line) if the saved tree differs from the target."""
-    saved = self._manager.item_metadata(step)["state"]
+    self.check_intact(step)
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # noqa: BLE001 - any failure to read the tree's metadata is damage
+      raise CheckpointDamagedError(
+          f"checkpoint step {step} is damaged: {self.directory}/{step}/state/_METADATA "
+          f"cannot be read ({_short(e)})") from None
     saved_tree = getattr(saved, "tree", saved)
+    if not saved_tree:
+      raise CheckpointDamagedError(
+          f"checkpoint step {step} is damaged: {self.directory}/{step}/state/_METADATA "
+          "describes no arrays")
     problem = describe_mismatch(saved_tree, abstract_state)
     if problem is None:
       return
     hint = ""
     if meta is not None:
-      saved_meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-      old = saved_meta["meta"] or {}
+      old = self.read_meta(step)
       if old.get("model_fingerprint") != meta["model_fingerprint"]:
         hint = f"; it was written by a different model config ({_config_diff(old, meta)})"
     raise CheckpointMismatchError(
@@ -172,28 +343,42 @@ class Checkpointer:
   def restore(
       self, abstract_state: Any, step: int | None = None, meta: dict | None = None
   ) -> tuple[Any, Any]:
-    """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with `sharding`).
+    """Restores one step onto the shardings of `abstract_state` (ShapeDtypeStructs with
+    `sharding`).
 
     Args:
       abstract_state: the target tree; its shardings may use a different mesh than the save.
-      step: which step; None = the latest.
+      step: which step; None = the latest usable one.
       meta: this run's `config_meta`, to explain a mismatch.
 
     Returns:
       (state, this process's data iterator state or None if it cannot be matched).
+
+    Raises:
+      CheckpointDamagedError: the step is incomplete or unreadable.
+      CheckpointMismatchError: the step was written by another model.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     self.check_compatible(step, abstract_state, meta)
-    out = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-        ),
-    )
-    data = out["data"] or {}
+    try:
+      out = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=ocp.args.JsonRestore(),
+          ),
+      )
+      data = out["data"]
+      if not isinstance(data, dict) or "states" not in data:
+        raise ValueError(f"data record is {type(data).__name__}, not the saved iterator states")
+      state = out["state"]
+      # Reading is lazy in places: force every array so truncated files fail here, not later.
+      jax.block_until_ready(state)
+    except Exception as e:  # noqa: BLE001 - anything unreadable in a step is damage
+      raise CheckpointDamagedError(
+          f"checkpoint step {step} in {self.directory} is damaged: {_short(e)}") from None
     data_state = None
     if data.get("process_count") == jax.process_count():
       data_state = data["states"][jax.process_index()]
@@ -203,7 +388,35 @@ class Checkpointer:
           data.get("process_count"),
           jax.process_count(),
       )
-    return out["state"], data_state
+    return state, data_state
+
+  def restore_newest_intact(
+      self, abstract_state: Any, meta: dict | None = None
+  ) -> tuple[Any, Any, int]:
+    """Restores the newest usable step, skipping (with a warning) damaged ones.
+
+    Returns:
+      (state, data iterator state or None, the restored step).
+
+    Raises:
+      CheckpointMismatchError: the newest intact step was written by another model.
+      CheckpointDamagedError: every step is damaged.
+    """
+    problems = []
+    for step in sorted((s for s in self.all_steps() if s not in self._health["bad"]),
+                       reverse=True):
+      try:
+        state, data_state = self.restore(abstract_state, step, meta)
+      except CheckpointDamagedError as e:
+        logging.warning("%s; skipping it and trying an earlier step", e)
+        problems.append(str(e))
+        continue
+      if problems:
+        logging.warning("resumed from step %d after skipping %d damaged checkpoint(s)", step,
+                        len(problems))
+      return state, data_state, step
+    raise CheckpointDamagedError(
+        f"no intact checkpoint in {self.directory}: {'; '.join(problems) or 'none saved'}")
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
@@ -233,7 +446,7 @@ def _restore_converted(path: str, abstract_state: Any) -> dict:
   saved = getattr(saved, "tree", saved)
   problem = describe_mismatch(saved, target)
   if problem is not None:
-    raise CheckpointMismatchError(f"ckpt.init_from {path} does not fit this model: {problem}")
+    raise CheckpointMismatchError(f"{path} does not fit this model: {problem}")
   out = checkpointer.restore(os.path.join(os.path.abspath(path), "variables"), target)
   params = out.pop("params")
   return {"params": params, "model_state": out}
@@ -256,22 +469,37 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
   if _is_converted(path):
     return _restore_converted(path, abstract_state)
   directory = resolve_directory(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{path} is neither a run's workdir nor a checkpoint directory")
+  if step is None:
+    # The newest intact step not recorded as bad, as a resume would pick.
+    probe = Checkpointer(directory, read_only=True)
+    try:
+      for candidate in sorted(set(probe.all_steps()) - set(probe.bad_steps()), reverse=True):
+        try:
+          probe.check_intact(candidate)
+        except CheckpointDamagedError as e:
+          logging.warning("%s; trying an earlier step", e)
+          continue
+        step = candidate
+        break
+    finally:
+      probe.close()
+    if step is None:
+      raise FileNotFoundError(f"no intact checkpoint in {directory}")
   manager = ocp.CheckpointManager(
       directory,
       options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers={"state": ocp.PyTreeCheckpointHandler()},
   )
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"ckpt.init_from: no checkpoint in {directory}")
     item = {k: getattr(abstract_state, k) for k in WEIGHT_FIELDS}
     saved = manager.item_metadata(step)["state"]
     saved = getattr(saved, "tree", saved)
     problem = describe_mismatch({k: saved.get(k) for k in WEIGHT_FIELDS}, item)
     if problem is not None:
       raise CheckpointMismatchError(
-          f"ckpt.init_from {directory}/{step} does not fit this model: {problem}"
+          f"{directory}/{step} does not fit this model: {problem}"
       )
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     out = manager.restore(
@@ -287,15 +515,8 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
 
 
 def _config_diff(old: dict, new: dict) -> str:
-  a, b = old.get("config", {}), new.get("config", {})
-  changed = []
-  for group in MODEL_FIELDS:
-    ga, gb = a.get(group), b.get(group)
-    if isinstance(ga, dict) and isinstance(gb, dict):
-      changed += [f"{group}.{k}: {ga.get(k)!r} -> {gb.get(k)!r}" for k in sorted(set(ga) | set(gb))
-                  if ga.get(k) != gb.get(k)]
-    elif ga != gb:
-      changed.append(f"{group}: {ga!r} -> {gb!r}")
+  groups = tuple(new.get("sections") or MODEL_FIELDS) + ("data",)
+  changed = config_changes(old, new, groups)
   return ", ".join(changed[:4]) or "fingerprint differs"
 
 

@@ -40,6 +40,39 @@ def quiet_library_logs() -> None:
     handler.addFilter(_DropLibraryInfo())
 
 
+def _records_up_to(path: str, step: int) -> tuple[list[str], int]:
+  """The lines of a metrics.jsonl at or before `step`, and how many lines could not be parsed
+  (a line half-written when the process was killed)."""
+  kept, dropped = [], 0
+  with open(path, errors="replace") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        record_step = int(record["step"])
+      except (ValueError, KeyError, TypeError):
+        dropped += 1
+        continue
+      if record_step <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  return kept, dropped
+
+
+def read_records(path: str) -> list[dict]:
+  """Every readable record of a metrics.jsonl (a partial last line is skipped)."""
+  records = []
+  if not os.path.exists(path):
+    return records
+  with open(path, errors="replace") as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        continue
+  return records
+
+
 class MetricWriter:
   """JSON lines (`metrics.jsonl`), TensorBoard events and progress lines in `workdir`.
 
@@ -68,8 +101,10 @@ class MetricWriter:
     os.makedirs(self.workdir, exist_ok=True)
     path = os.path.join(self.workdir, "metrics.jsonl")
     if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      kept, dropped = _records_up_to(path, step)
+      if dropped:
+        logging.warning("%s: dropped %d unreadable line(s) (a write cut short by a kill)", path,
+                        dropped)
       with open(path + ".tmp", "w") as f:
         f.writelines(kept)
       os.replace(path + ".tmp", path)
@@ -116,13 +151,15 @@ class Progress:
 
   Args:
     total_steps: the step the run stops at.
-    global_batch: images per step, for img/s.
+    global_batch: examples per step, for the throughput.
     start_step: the step the run starts (or resumes) at.
+    unit: what an example is, as the task names it ("img" -> "img/s", "codes" -> "codes/s").
   """
 
-  def __init__(self, total_steps: int, global_batch: int, start_step: int):
+  def __init__(self, total_steps: int, global_batch: int, start_step: int, unit: str = "img"):
     self.total = total_steps
     self.batch = global_batch
+    self.unit = unit
     self._t = time.perf_counter()
     self._step = start_step
 
@@ -131,14 +168,14 @@ class Progress:
     self._t += seconds
 
   def line(self, step: int, metrics: Mapping[str, float], keys: Sequence[str]) -> tuple[str, dict]:
-    """The progress line and the timing metrics (`img_per_s`, `eta_s`; empty on the first
-    call, when no interval has been measured yet) since the last call."""
+    """The progress line and the timing metrics (`{unit}_per_s`, `eta_s`; empty when no step
+    ran since the last call) since the last call."""
     now = time.perf_counter()
     dt, ds = now - self._t, step - self._step
     self._t, self._step = now, step
     rate = ds * self.batch / dt if dt > 0 and ds > 0 else float("nan")
     eta = (self.total - step) * dt / ds if ds > 0 else float("nan")
-    timing = {"img_per_s": rate, "eta_s": eta} if ds > 0 else {}
+    timing = {f"{self.unit}_per_s": rate, "eta_s": eta} if ds > 0 else {}
     shown = []
     for key in keys:
       for name in sorted(metrics):
@@ -147,7 +184,7 @@ class Progress:
     width = len(str(self.total))
     text = (
         f"step {step:>{width}}/{self.total} " + " ".join(shown)
-        + f" | {rate:.1f} img/s, ETA {_fmt_duration(eta)}"
+        + f" | {rate:.1f} {self.unit}/s, ETA {_fmt_duration(eta)}"
     )
     return text, timing
 
@@ -186,10 +223,19 @@ def save_png(path: str, grid: np.ndarray) -> None:
 
 
 def comparison_grid(images: Mapping[str, np.ndarray], per_row: int = 8) -> np.ndarray:
-  """Inputs and reconstructions interleaved, `per_row` images per row pair."""
+  """Named rows of images ({"input": x, "reconstruction": y}), `per_row` images per row, each
+  row labelled with its name in a white margin on the left.
+
+  Args:
+    images: row name -> [N, H, W, C] in [-1, 1]; every entry has the same N.
+    per_row: images per row; longer entries wrap onto further groups of rows.
+
+  Returns:
+    uint8 [rows, width, C] grid.
+  """
   names = list(images)
   n = len(images[names[0]])
-  rows = []
+  rows, labels = [], []
   for start in range(0, n, per_row):
     chunk = slice(start, min(start + per_row, n))
     for name in names:
@@ -198,7 +244,26 @@ def comparison_grid(images: Mapping[str, np.ndarray], per_row: int = 8) -> np.nd
         blank = np.ones((per_row - len(row),) + row.shape[1:], row.dtype)
         row = np.concatenate([row, blank])
       rows.append(row)
-  return image_grid(rows)
+      labels.append(name)
+  return label_rows(image_grid(rows), labels, rows[0].shape[1])
+
+
+def label_rows(grid: np.ndarray, labels: Sequence[str], cell: int, pad: int = 2) -> np.ndarray:
+  """Adds a white margin left of `grid` with `labels[r]` written beside image row r."""
+  from PIL import ImageDraw, ImageFont
+
+  font = ImageFont.load_default()
+  probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+  width = max(int(probe.textlength(t, font=font)) for t in labels) + 2 * pad
+  margin = Image.new("L", (width, grid.shape[0]), 255)
+  draw = ImageDraw.Draw(margin)
+  for r, text in enumerate(labels):
+    y = pad + r * (cell + pad) + max(cell // 2 - 6, 0)
+    draw.text((pad, y), text, fill=0, font=font)
+  left = np.asarray(margin)[..., None]
+  if grid.shape[-1] == 3:
+    left = np.repeat(left, 3, axis=-1)
+  return np.concatenate([left, grid], axis=1)
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

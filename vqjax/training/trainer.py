@@ -1,18 +1,27 @@
 """The training loop shared by every stage: setup, resume, steps, eval, logs, checkpoints.
 
 `train_and_evaluate(config, workdir)` is the one entry point; `vqjax/train.py`, notebooks,
-tests and benchmarks all call it. What is trained is decided by a `steps.Task` (stage 1
-autoencoder today; priors and a classifier later), so this file holds no model code.
+tests and benchmarks all call it. What is trained is decided by a `tasks.Task` (the stage-1
+autoencoder today; priors and a classifier next), so this file holds no model code and makes no
+assumption about what a batch holds.
 
-Order of a run: mesh -> task -> data -> state (workdir checkpoint, else `ckpt.init_from`,
-else fresh init, always created directly in its sharding) -> jitted steps -> loop. The loop
-pulls metrics to the host only on logging, eval and checkpoint steps. SIGTERM / SIGINT finish
-the current step, save and return. A non-finite loss stops the run with FloatingPointError
-before anything non-finite is saved.
+Order of a run: checkpoints -> config (the data reader pinned) -> mesh -> task -> data ->
+state (newest intact workdir checkpoint, else `ckpt.init_from`, else fresh, always created in
+its sharding) -> the task's frozen inputs, sharded -> jitted steps -> loop. The loop pulls
+metrics to the host only on logging, eval and checkpoint steps, and keeps at most one step in
+flight, so a stop request is served within a step. SIGTERM / SIGINT finish the current step,
+save and return.
+
+Divergence: every step folds its loss into a device-side "worst loss since the last check".
+A check (every log and checkpoint step) that finds it non-finite stops the run with
+`errors.DivergenceError`; one that finds it exploded (far above the recent losses) only warns.
+Either way the checkpoints saved since the previous good check are recorded as bad, so a
+resume starts from the last good one, which the keep-N clean-up never deletes.
 """
 
 import os
 import signal
+import statistics
 import time
 from typing import Any
 
@@ -22,8 +31,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vqjax.data import pipeline
-from vqjax.training import checkpoint, logs, sharding, steps
+from vqjax import errors
+from vqjax.data import pipeline, sources
+from vqjax.training import checkpoint, logs, sharding, tasks
 
 
 def setup_compilation_cache(directory: str) -> None:
@@ -42,6 +52,9 @@ def setup_compilation_cache(directory: str) -> None:
 # many steps: each agreement waits for the device, so not every step, but often enough that the
 # save starts well inside a preemption notice whatever log.every_steps is.
 _STOP_SYNC_EVERY = 10
+# A check window whose worst loss exceeds this many times the median of the recent windows'
+# worst losses is "exploded": the checkpoints before it are not trusted as good.
+_EXPLODED_RATIO = 100.0
 
 
 class _StopRequest:
@@ -89,15 +102,92 @@ def _count_params(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def _pin_reader(config: ml_collections.ConfigDict, saved_meta: dict) -> ml_collections.ConfigDict:
+  """Resolves `data.reader="auto"` once: to the reader the run's checkpoint records, else from
+  this machine. The same run moved to another machine then reads the same way (or fails with
+  what to set) instead of switching readers under a saved data position."""
+  if config.data.reader != "auto":
+    return config
+  recorded = saved_meta.get("config", {}).get("data", {}).get("reader", "auto")
+  config = config.copy_and_resolve_references()
+  config.data.reader = recorded if recorded != "auto" else sources.resolve_reader(config.data)
+  return config
+
+
+def _place(tree: Any, mesh: jax.sharding.Mesh, min_size: int) -> tuple[Any, Any]:
+  """Host arrays -> global arrays sharded by the FSDP rule (each process gives its slices)."""
+  shardings = sharding.state_shardings(tree, mesh, min_size)
+
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+  return jax.tree.map(put, tree, shardings), shardings
+
+
+class _Health:
+  """Decides which saved checkpoints are good from the losses that followed them.
+
+  The train step folds each loss into `worst` on the device (non-finite -> inf); `check`
+  pulls it on log and checkpoint steps. Checkpoints saved before a sane window are good; those
+  saved before a non-finite or exploded window are bad.
+  """
+
+  def __init__(self, ckpt: checkpoint.Checkpointer, pending: list[int]):
+    self.ckpt = ckpt
+    self.pending = list(pending)  # saved steps no window has judged yet
+    self.history: list[float] = []  # worst loss of recent sane windows
+
+  def check(self, worst: float, step: int) -> None:
+    """Judges the window of steps ending at `step` whose worst loss was `worst`.
+
+    Raises:
+      errors.DivergenceError: the window's loss was non-finite.
+    """
+    if not np.isfinite(worst):
+      self.ckpt.mark_bad(self.pending)
+      self.pending = []
+      self.ckpt.wait()
+      good = self.ckpt.latest_step()
+      where = (f"a resume continues from the last good checkpoint, {self.ckpt.directory}/{good}"
+               if good is not None else
+               "no checkpoint was saved before it diverged, so there is nothing to resume from")
+      raise errors.DivergenceError(
+          f"the loss became non-finite by step {step}; stopped. {where[0].upper()}{where[1:]}. "
+          "Lower config.optim.lr, set config.optim.grad_clip or check the input data.")
+    recent = self.history[-8:]
+    if recent and worst > _EXPLODED_RATIO * statistics.median(recent):
+      logging.warning(
+          "loss exploded to %.4g by step %d (recent worst %.4g); checkpoints %s are not trusted",
+          worst, step, statistics.median(recent), self.pending or "(none)")
+      self.ckpt.mark_bad(self.pending)
+      self.pending = []
+      return
+    self.history.append(worst)
+    self.ckpt.mark_good([s for s in self.pending if s < step])
+    self.pending = [s for s in self.pending if s >= step]
+
+
+def _finished(workdir: str, step: int, total: int) -> dict[str, float]:
+  """What a re-run of a finished workdir returns: the last eval record, without re-running."""
+  records = logs.read_records(os.path.join(workdir, "metrics.jsonl"))
+  evals = [r for r in records if r.get("split") == "eval"]
+  result = {f"eval/{k}": v for k, v in (evals[-1] if evals else {}).items()
+            if k not in ("step", "split")}
+  logging.info("run already finished at step %d (config.train.steps=%d): nothing to do. Raise "
+               "--config.train.steps to train further.", step, total)
+  return {**result, "step": step}
+
+
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, task: steps.Task | None = None
+    config: ml_collections.ConfigDict, workdir: str, *, task: tasks.Task | None = None
 ) -> dict[str, float]:
   """Trains (or resumes) the run described by `config` in `workdir`.
 
   Args:
     config: a config from `experiments/` (see `vqjax/configs.py` for every field).
     workdir: output directory: checkpoints/, metrics.jsonl, tb/, images/, config.json.
-    task: the stage to train; default `steps.make_task(config)`.
+    task: the stage to train; default `tasks.make_task(config)`.
 
   Returns:
     Host floats: the last eval metrics (prefixed "eval/"), the last train metrics, "step",
@@ -108,45 +198,52 @@ def train_and_evaluate(
   setup_compilation_cache(config.log.compilation_cache)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   pi, pc = jax.process_index(), jax.process_count()
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.data.batch_size, mesh)
-  sharding.check_batch_size(config.data.eval_batch_size, mesh)
-  writer = logs.MetricWriter(workdir, tensorboard=config.log.tensorboard, active=pi == 0)
-  task = steps.make_task(config) if task is None else task
-
-  # Data first: a missing dataset fails here, before any compilation.
-  train_iter = pipeline.make_train_iterator(config.data, config.seed, pi, pc)
-  eval_data = pipeline.make_eval_iterator(config.data, pi, pc, config.log.eval_batches)
-  # The task initialises from a one-example batch shaped like the real ones (images for the
-  # autoencoder, code maps for a prior); peek at one and rewind the iterator.
-  position = train_iter.get_state()
-  example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in next(train_iter).items()}
-  train_iter.set_state(position)
-
-  def init_fn(rng):
-    return task.init(rng, jax.tree.map(jnp.asarray, example))
-
-  repl = sharding.replicated(mesh)
-  # Parameters are drawn with the "rbg" generator: XLA compiles a flax init that uses it in
-  # a fraction of the time threefry's unrolled loops take (4 s vs 23 s measured on 2 CPU
-  # cores for the Fashion-MNIST smoke model). Training randomness stays threefry.
-  init_rng = jax.jit(lambda: jax.random.key(config.seed, impl="rbg"), out_shardings=repl)()
-  train_rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=repl)()
-  abstract = jax.eval_shape(init_fn, init_rng)
-  shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  target = checkpoint.abstract_with_shardings(abstract, shardings)
-  meta = checkpoint.config_meta(config)
-
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR), config.ckpt.keep, config.ckpt.async_save
   )
-  stop = None
+  writer = train_iter = stop = None
   try:
-    if ckpt.latest_step() is not None:
-      state, data_state = ckpt.restore(target, meta=meta)
+    latest = ckpt.latest_step()
+    saved_meta = ckpt.read_meta(latest) if latest is not None else {}
+    config = _pin_reader(config, saved_meta)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.data.batch_size, mesh)
+    sharding.check_batch_size(config.data.eval_batch_size, mesh)
+    task = tasks.make_task(config) if task is None else task
+    meta = checkpoint.config_meta(config, task.config_sections)
+
+    # Data first: a missing dataset fails here, before any compilation.
+    train_iter = pipeline.make_train_iterator(config.data, config.seed, pi, pc)
+    eval_data = pipeline.make_eval_iterator(config.data, pi, pc, config.log.eval_batches)
+    # The task initialises from a one-example batch shaped like the real ones (images for the
+    # autoencoder, code maps for a prior); peek at one and rewind the iterator.
+    position = train_iter.get_state()
+    example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in next(train_iter).items()}
+    train_iter.set_state(position)
+
+    def init_fn(rng):
+      return task.init(rng, jax.tree.map(jnp.asarray, example))
+
+    repl = sharding.replicated(mesh)
+    # Parameters are drawn with the "rbg" generator: XLA compiles a flax init that uses it in
+    # a fraction of the time threefry's unrolled loops take (4 s vs 23 s measured on 2 CPU
+    # cores for the Fashion-MNIST smoke model). Training randomness stays threefry.
+    init_rng = jax.jit(lambda: jax.random.key(config.seed, impl="rbg"), out_shardings=repl)()
+    train_rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=repl)()
+    image_rng = jax.jit(lambda: jax.random.key(config.seed + 2), out_shardings=repl)()
+    abstract = jax.eval_shape(init_fn, init_rng)
+    shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    target = checkpoint.abstract_with_shardings(abstract, shardings)
+
+    if latest is not None:
+      state, data_state, step = ckpt.restore_newest_intact(target, meta=meta)
       if data_state is not None:
         train_iter.set_state(data_state)
-      logging.info("resumed from %s/%d", ckpt.directory, ckpt.latest_step())
+      changes = checkpoint.config_changes(ckpt.read_meta(step) or saved_meta, meta)
+      if changes and pi == 0:
+        logging.warning("the config differs from the one checkpoint %d was saved with: %s", step,
+                        "; ".join(changes))
+      logging.info("resumed from %s/%d", ckpt.directory, step)
     elif config.ckpt.init_from:
       # Weights (params + EMA codebooks) only: the optimiser, step and data order start fresh.
       weights = checkpoint.restore_weights(config.ckpt.init_from, target)
@@ -156,30 +253,50 @@ def train_and_evaluate(
     else:
       state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
 
-    batch_sh = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        task.train_step,
-        in_shardings=(shardings, batch_sh, repl),
-        out_shardings=(shardings, repl),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(task.eval_step, in_shardings=(shardings, batch_sh), out_shardings=repl)
-    n_img = config.log.num_images
-    images_fn = jax.jit(
-        lambda s, b: jax.tree.map(lambda x: x[:n_img], task.images(s, b)),
-        in_shardings=(shardings, batch_sh),
-        out_shardings=repl,
-    )
-    finite_fn = jax.jit(lambda s: sharding.all_finite((s.params, s.model_state)),
-                        out_shardings=repl)
-
     step = int(jax.device_get(state.step))
+    total = int(config.train.steps)
+    if latest is not None and step >= total:
+      return _finished(workdir, step, total)
     # Written only once the state is restored or created: a relaunch with a config that does
     # not fit the workdir's checkpoint fails above and leaves the run's config record as it was.
     if pi == 0:
       logs.save_config(workdir, config)
+    writer = logs.MetricWriter(workdir, tensorboard=config.log.tensorboard, active=pi == 0)
     writer.start_at(step)
-    total = int(config.train.steps)
+
+    frozen, frozen_sh = task.frozen(), None
+    if frozen is not None:
+      frozen, frozen_sh = _place(frozen, mesh, config.mesh.fsdp_min_size)
+
+    def step_fn(state, batch, rng, frozen, worst):
+      # One key per step, a function of the step only: a resumed run draws the same randomness,
+      # and no task can forget to fold it.
+      new_state, metrics = task.train_step(state, batch, jax.random.fold_in(rng, state.step),
+                                           frozen)
+      loss = jnp.asarray(metrics["loss"], jnp.float32)
+      worst = jnp.maximum(worst, jnp.where(jnp.isfinite(loss), loss, jnp.inf))
+      return new_state, metrics, worst
+
+    batch_sh = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sh, repl, frozen_sh, repl),
+        out_shardings=(shardings, repl, repl),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(task.eval_step, in_shardings=(shardings, batch_sh, frozen_sh),
+                        out_shardings=repl)
+    n_img = config.log.num_images
+    images_fn = jax.jit(
+        lambda s, b, r, f: jax.tree.map(lambda x: x[:n_img], task.images(s, b, r, f)),
+        in_shardings=(shardings, batch_sh, repl, frozen_sh),
+        out_shardings=repl,
+    )
+    finite_fn = jax.jit(lambda s: sharding.all_finite((s.params, s.model_state)),
+                        out_shardings=repl)
+    no_loss = jax.device_put(jnp.float32(-jnp.inf), repl)
+    worst = no_loss
+    health = _Health(ckpt, [] if latest is None or step in ckpt.bad_steps() else [step])
     start_step = step
     if pi == 0:
       logging.info(
@@ -188,64 +305,74 @@ def train_and_evaluate(
           step, total,
       )
 
+    def check() -> None:
+      nonlocal worst
+      value, worst = float(jax.device_get(worst)), no_loss
+      health.check(value, step)
+
     def evaluate() -> dict[str, float]:
       totals = None
       for host_batch in eval_data:
-        sums = eval_step(state, sharding.global_batch(host_batch, mesh))
+        sums = eval_step(state, sharding.global_batch(host_batch, mesh), frozen)
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
       if totals is None:
-        raise ValueError(f"eval split {config.data.eval_split!r} gave no batches")
+        raise errors.UserError(f"eval split {config.data.eval_split!r} gave no batches")
       result = task.eval_summary(sharding.to_host(totals))
       writer.write(step, result, prefix="eval")
       if pi == 0:
         shown = " ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "examples")
-        logging.info("eval at step %d: %s", step, shown)
+        logging.info("eval over %d examples at step %d: %s", int(result.get("examples", 0)),
+                     step, shown)
       return result
 
     def save_images() -> None:
       host_batch = next(iter(eval_data))
-      imgs = sharding.to_host(images_fn(state, sharding.global_batch(host_batch, mesh)))
-      if imgs and pi == 0:
-        grid = logs.comparison_grid(imgs)
-        os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-        logs.save_png(os.path.join(workdir, "images", f"recon_{step:07d}.png"), grid)
-        writer.write_images(step, "reconstructions", grid)
+      rng = jax.random.fold_in(image_rng, step)
+      grids = sharding.to_host(images_fn(state, sharding.global_batch(host_batch, mesh), rng,
+                                         frozen))
+      if pi != 0:
+        return
+      os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+      for name, rows in grids.items():
+        grid = logs.comparison_grid(rows)
+        logs.save_png(os.path.join(workdir, "images", f"{name}_{step:07d}.png"), grid)
+        writer.write_images(step, name, grid)
 
     def save(where: str) -> None:
+      check()
       # Never write a non-finite state: the previous checkpoint stays the last good one.
       if not bool(finite_fn(state)):
-        raise FloatingPointError(
-            f"non-finite parameters at step {step} ({where}); not saved. Last good checkpoint: "
-            f"{ckpt.directory}/{ckpt.latest_step()}. Lower config.optim.lr or set "
-            "config.optim.grad_clip."
-        )
+        health.check(float("nan"), step)
       ckpt.save(step, state, train_iter.get_state(), meta)
+      health.pending.append(step)
+      logging.debug("saved step %d (%s)", step, where)
 
     stop = _StopRequest()
-    progress = logs.Progress(total, config.data.batch_size, step)
+    progress = logs.Progress(total, config.data.batch_size, step, unit=task.unit)
     result: dict[str, float] = {}
     eval_result: dict[str, float] = {}
     last_eval = -1
+    previous = None
     while step < total:
       batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch, train_rng)
+      state, metrics, worst = train_step(state, batch, train_rng, frozen, worst)
       step += 1
+      # At most one step queued behind this one: the host never runs far ahead of the device,
+      # so a stop request or a log line is served within a step, not dozens.
+      if previous is not None:
+        jax.block_until_ready(previous)
+      previous = worst
       if step == start_step + 1:
         jax.block_until_ready(state)
         result["first_step_s"] = time.perf_counter() - t_start
         if pi == 0:
           logging.info("first step done %.1f s after start (compilation included)",
                        result["first_step_s"])
-        progress = logs.Progress(total, config.data.batch_size, step)
+        progress = logs.Progress(total, config.data.batch_size, step, unit=task.unit)
       log_now = step % config.log.every_steps == 0 or step == total
       if log_now:
         host = _host_metrics(metrics)
-        if not np.isfinite(host["loss"]):
-          raise FloatingPointError(
-              f"loss is {host['loss']} at step {step}; stopping. Last good checkpoint: "
-              f"{ckpt.directory}/{ckpt.latest_step()}. Lower config.optim.lr, set "
-              "config.optim.grad_clip or check the input data."
-          )
+        check()
         text, timing = progress.line(step, host, task.progress_keys)
         writer.write(step, {**host, **timing})
         if pi == 0:
@@ -274,11 +401,18 @@ def train_and_evaluate(
         save_images()
     result.update({f"eval/{k}": v for k, v in eval_result.items()})
     result["step"] = step
+    if pi == 0:
+      ckpt.wait()
+      logging.info(
+          "outputs in %s: checkpoints/ (step %s), metrics.jsonl, images/, config.json; "
+          "TensorBoard: `pip install tensorboard && tensorboard --logdir %s`",
+          workdir, ckpt.latest_step(), os.path.join(workdir, "tb"))
     return result
   finally:
     if stop is not None:
       stop.restore()
     ckpt.close()
-    writer.close()
-    if hasattr(train_iter, "close"):
+    if writer is not None:
+      writer.close()
+    if train_iter is not None and hasattr(train_iter, "close"):
       train_iter.close()

@@ -1,15 +1,30 @@
-"""Pure step functions, one small task per training stage.
+"""What is trained: one small `Task` per stage, pure step functions the trainer jits.
 
-The trainer knows nothing about models or losses: it talks to a `Task`, which provides
-  init(rng, example_batch) -> TrainState              pure; the trainer jits it sharded
-  train_step(state, batch, rng) -> (state, metrics)    pure; rng is folded with state.step
-  eval_step(state, batch) -> sums                      pure; masked sums over the batch
-  eval_summary(sums) -> {name: float}                  host; turns summed statistics into metrics
-  images(state, batch) -> {name: images}               pure; grids written by logs.py
-and `progress_keys`, the metrics shown on the progress line. Batches are dicts of global
-arrays ("image" float32 [B, H, W, C] in [-1, 1], "label", and in eval a "mask" float32 [B]
-that is 0 on padding). A prior or a classifier is one more `Task` subclass and one line in
-`TASKS`.
+The trainer knows nothing about models, losses or what a batch holds; it talks to a `Task`:
+
+  init(rng, batch) -> TrainState                       pure; jitted sharded by the trainer
+  frozen() -> pytree | None                            host; another run's weights the steps
+                                                       read but never train (a stage-1 model
+                                                       inside a prior's image hook); the trainer
+                                                       shards it like the state and passes it
+                                                       to every jitted step as an argument
+  train_step(state, batch, rng, frozen) -> (state, metrics)
+                                                       pure; `rng` is already this step's key
+  eval_step(state, batch, frozen) -> sums              pure; sums over the real examples
+  eval_summary(sums) -> {name: float}                  host; summed statistics -> metrics
+  images(state, batch, rng, frozen) -> {grid: {row: images}}
+                                                       pure; each grid becomes a PNG with its
+                                                       rows labelled ("recon": input / output)
+  dummy_batch() -> batch                               host; a one-example batch of the right
+                                                       shapes, to build a model without data
+
+and a few attributes: `progress_keys` (metrics on the progress line), `unit` (what the
+throughput counts: "img" -> img/s, "codes" -> codes/s) and `config_sections` (the config groups
+that decide the state's shapes, for the checkpoint fingerprint).
+
+Batches are dicts of global arrays whose features depend on the data source (images float32
+[B, H, W, C] in [-1, 1], integer code maps, "label"); eval batches add "mask" float32 [B], 0 on
+padding. A prior or a classifier is one more `Task` subclass and one line in `TASKS`.
 """
 
 from typing import Any
@@ -22,6 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from vqjax import errors
 from vqjax.models import quantizer, registry
 from vqjax.training import optim
 
@@ -51,26 +67,52 @@ class Task:
   """The interface between the trainer and a training stage (see the module docstring)."""
 
   progress_keys: tuple[str, ...] = ("loss",)
+  unit: str = "img"
+  config_sections: tuple[str, ...] = ("task", "model")
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     raise NotImplementedError
 
-  def train_step(self, state: TrainState, batch: Batch, rng: jax.Array):
+  def frozen(self) -> Any:
+    return None
+
+  def train_step(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any):
     raise NotImplementedError
 
-  def eval_step(self, state: TrainState, batch: Batch) -> Metrics:
+  def eval_step(self, state: TrainState, batch: Batch, frozen: Any) -> Metrics:
     raise NotImplementedError
 
   def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
     raise NotImplementedError
 
-  def images(self, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+  def images(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any) -> dict:
     return {}
 
+  def dummy_batch(self) -> dict[str, np.ndarray]:
+    raise NotImplementedError
 
-def _fold(rng: jax.Array, step: jax.Array) -> jax.Array:
-  # One key per step, a function of the step only: a resumed run draws the same randomness.
-  return jax.random.fold_in(rng, step)
+
+def level_names(levels: int) -> tuple[str, ...]:
+  """Names of the code levels, coarsest first: what a user reads in logs and metrics."""
+  if levels == 1:
+    return ("codes",)
+  if levels == 2:
+    return ("top", "bottom")
+  if levels == 3:
+    return ("top", "middle", "bottom")
+  return tuple(f"level{i}" for i in range(levels))
+
+
+def _rename_levels(metrics: dict[str, Any], levels: int) -> dict[str, Any]:
+  """"level{i}/x" -> "top/x", "bottom/x", ... (see `level_names`)."""
+  names = level_names(levels)
+  out = {}
+  for k, v in metrics.items():
+    if k.startswith("level") and "/" in k:
+      head, tail = k.split("/", 1)
+      k = f"{names[int(head[len('level'):])]}/{tail}"
+    out[k] = v
+  return out
 
 
 class AutoencoderTask(Task):
@@ -82,15 +124,24 @@ class AutoencoderTask(Task):
       `registry.build_model(config)`.
   """
 
-  progress_keys = ("loss", "mse", "usage")
+  progress_keys = ("loss", "mse", "batch_usage")
+  config_sections = ("task", "model", "vq")
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module | None = None):
     self.config = config
     self.model = registry.build_model(config) if model is None else model
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
+    self.levels = config.model.levels if config.model.name == "vqvae2" else 1
+
+  def dummy_batch(self) -> dict[str, np.ndarray]:
+    size, channels = self.config.data.image_size, self.config.data.channels
+    return {"image": np.zeros((1, size, size, channels), np.float32)}
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     """Creates parameters, EMA state and optimiser state from the shape of `batch`."""
+    if "image" not in batch:
+      raise errors.UserError(
+          f"the autoencoder task needs an 'image' feature; the data has {sorted(batch)}")
     params_rng, vq_rng = jax.random.split(rng)
     variables = self.model.init({"params": params_rng, "vq": vq_rng}, batch["image"], train=False)
     variables = dict(variables)
@@ -114,9 +165,9 @@ class AutoencoderTask(Task):
     # The loss is reduced in float32 whatever the compute dtype (bf16 sums lose small terms).
     return aux["loss"].astype(jnp.float32), (aux, updates)
 
-  def train_step(self, state: TrainState, batch: Batch, rng: jax.Array):
+  def train_step(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None):
     """One optimiser update. Returns (new state, scalar metrics)."""
-    rng = _fold(rng, state.step)
+    del frozen
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     (loss, (aux, model_state)), grads = grad_fn(
         state.params, state.model_state, batch["image"], rng
@@ -128,6 +179,9 @@ class AutoencoderTask(Task):
         for k, v in aux.items()
         if not k.endswith("/counts") and jnp.ndim(v) == 0
     }
+    # Per-batch statistics are told apart from the eval ones over the whole split.
+    metrics = {k.replace("/usage", "/batch_usage").replace("/perplexity", "/batch_perplexity"): v
+               for k, v in _rename_levels(metrics, self.levels).items()}
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = jnp.asarray(self.schedule(state.step), jnp.float32)
@@ -142,23 +196,20 @@ class AutoencoderTask(Task):
   def _variables(self, state: TrainState) -> dict:
     return {"params": state.params, **state.model_state}
 
-  def eval_step(self, state: TrainState, batch: Batch) -> Metrics:
+  def eval_step(self, state: TrainState, batch: Batch, frozen: Any = None) -> Metrics:
     """Masked sums over one eval batch: squared error, example count, code histograms."""
+    del frozen
     image, mask = batch["image"], batch["mask"].astype(jnp.float32)
-    variables = self._variables(state)
-    recon, aux = self.model.apply(variables, image, train=False)
+    recon, aux = self.model.apply(self._variables(state), image, train=False)
     err = jnp.mean(jnp.square(recon.astype(jnp.float32) - image), axis=(1, 2, 3))
     sums = {"sq_err": jnp.sum(err * mask), "count": jnp.sum(mask)}
-    num_codes = self.config.vq.num_codes
-    levels = sum(1 for k in aux if k.endswith("/indices"))
-    for i in range(levels):
-      c = aux[f"level{i}/indices"]
-      per_pos = c.reshape(c.shape[0], -1)
-      weights = jnp.broadcast_to(mask[:, None], per_pos.shape)
-      # Weighted histogram: padded examples add zero, so the counts cover the real split only.
-      sums[f"level{i}/counts"] = jnp.zeros((num_codes,), jnp.float32).at[per_pos.ravel()].add(
-          weights.ravel()
-      )
+    names = level_names(self.levels)
+    for i, name in enumerate(names):
+      codes = aux[f"level{i}/indices"]
+      # Padded examples add zero, so the counts cover the real split only.
+      weights = mask.reshape((-1,) + (1,) * (codes.ndim - 1))
+      sums[f"{name}/counts"] = quantizer.code_histogram(
+          codes, self.config.vq.num_codes, weights=weights)
     return sums
 
   def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
@@ -179,10 +230,12 @@ class AutoencoderTask(Task):
     out["examples"] = float(sums["count"])
     return out
 
-  def images(self, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Inputs and their reconstructions, both in [-1, 1]."""
+  def images(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None) -> dict:
+    """One grid, "recon": inputs over their reconstructions, both in [-1, 1]."""
+    del rng, frozen
     recon, _ = self.model.apply(self._variables(state), batch["image"], train=False)
-    return {"input": batch["image"], "reconstruction": jnp.clip(recon.astype(jnp.float32), -1, 1)}
+    recon = jnp.clip(recon.astype(jnp.float32), -1, 1)
+    return {"recon": {"input": batch["image"], "reconstruction": recon}}
 
 
 TASKS = {"autoencoder": AutoencoderTask}
@@ -191,5 +244,5 @@ TASKS = {"autoencoder": AutoencoderTask}
 def make_task(config: ml_collections.ConfigDict) -> Task:
   """The task named by `config.task`."""
   if config.task not in TASKS:
-    raise ValueError(f"unknown task {config.task!r}; expected one of {sorted(TASKS)}")
+    raise errors.UserError(f"unknown config.task {config.task!r}; expected one of {sorted(TASKS)}")
   return TASKS[config.task](config)

@@ -1,0 +1,108 @@
+"""`load_run`: the one way from a trained model on disk to (config, model, variables).
+
+Code extraction, sampling, evaluation and notebooks all start here. Two kinds of directory
+hold a trained model:
+  * a trainer workdir (`python -m vqjax.train ... --workdir DIR`, or its checkpoints/): the
+    config is the one saved with the chosen step, the weights are its params and model state
+    (the optimiser state is never read);
+  * a directory written by `python -m vqjax.convert` (config.json + variables/).
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from vqjax import errors
+from vqjax.training import checkpoint, tasks
+
+
+def _config_from_record(record: dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON back into a ConfigDict (fields the schema has since gained keep
+  their defaults)."""
+  from vqjax import configs
+
+  config = configs.base_config()
+  with config.unlocked():
+    _merge(config, record)
+  return config
+
+
+def _merge(config: ml_collections.ConfigDict, record: dict) -> None:
+  for key, value in record.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _merge(config[key], value)
+    else:
+      current = config.get(key)
+      if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+      config[key] = value
+
+
+def _is_converted(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+      os.path.join(path, "variables"))
+
+
+def load_run(
+    workdir: str, step: int | None = None, device: jax.Device | None = None
+) -> tuple[ml_collections.ConfigDict, Any, dict]:
+  """Loads a trained model: its config, its module and its variables.
+
+  Args:
+    workdir: a trainer workdir, its checkpoints/ directory, or a `vqjax.convert` output.
+    step: the checkpoint step; None = the newest intact step not recorded as bad.
+    device: where the variables go; default the first device.
+
+  Returns:
+    (config, model, variables): `model.apply(variables, ...)` computes the trained model
+    (for the autoencoder: `{"params", "vq_state"}`, see `models/registry.py`).
+
+  Raises:
+    errors.UserError: the directory holds no trained model, or the model does not fit.
+  """
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(path):
+    raise errors.UserError(f"{workdir} is not a directory")
+  if _is_converted(path):
+    if step is not None:
+      raise errors.UserError(f"{workdir} is a converted model: it has no steps")
+    from vqjax import convert
+
+    return convert.load_converted(path)
+  directory = checkpoint.resolve_directory(path)
+  ckpt = checkpoint.Checkpointer(directory, read_only=True)
+  try:
+    if step is None:
+      step = ckpt.latest_step()
+      if step is None:
+        raise errors.UserError(f"no checkpoint in {directory}: {workdir} is not a finished or "
+                               "running vqjax run")
+    elif step not in ckpt.all_steps():
+      raise errors.UserError(f"no checkpoint of step {step} in {directory}; it has "
+                             f"{ckpt.all_steps()}")
+    meta = ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+  record = meta.get("config")
+  if record is None:  # the step's record is damaged: fall back to the run's config.json
+    config_json = os.path.join(os.path.dirname(directory), "config.json")
+    try:
+      with open(config_json) as f:
+        record = json.load(f)
+    except (OSError, ValueError):
+      raise errors.CheckpointError(
+          f"checkpoint {directory}/{step} has no readable config record, nor has "
+          f"{config_json}") from None
+  config = _config_from_record(record)
+  task = tasks.make_task(config)
+  batch = jax.tree.map(jax.numpy.asarray, task.dummy_batch())
+  abstract = jax.eval_shape(lambda k: task.init(k, batch), jax.random.key(0, impl="rbg"))
+  placement = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),
+                        abstract)
+  weights = checkpoint.restore_weights(directory, target, step=step)
+  variables = {"params": weights["params"], **weights["model_state"]}
+  return config, task.model, variables
