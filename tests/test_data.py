@@ -1,4 +1,5 @@
-"""Tests for vqjax/data: idx parsing, sources, preprocessing, order, resume, per-host split."""
+"""Tests for vqjax/data on Fashion-MNIST-like idx files: idx parsing, the local cache,
+preprocessing, order, resume, reader resolution, per-host split, eval padding."""
 
 import gzip
 import json
@@ -8,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 from data_helpers import data_config, take
-from PIL import Image
 
+from vqjax import errors
 from vqjax.configs import base_config
 from vqjax.data import pipeline, sources
 
@@ -80,13 +81,14 @@ def test_read_idx_rejects_truncated_gzip(tmp_path):
 def test_local_cache_is_written_and_reused(tiny, tmp_path):
   c, images = tiny
   src = sources.make_source(c, "train")
-  np.testing.assert_array_equal(src.images[..., 0], images["train"])
+  np.testing.assert_array_equal(src.features["image"][..., 0], images["train"])
   cache = tmp_path / "cache" / "fashion_mnist_local" / "train.npz"
   assert cache.is_file()
   # Same size, garbage content: only a reused cache can still give the right images.
   gz = tmp_path / "fmnist" / "train-images-idx3-ubyte.gz"
   gz.write_bytes(b"\0" * gz.stat().st_size)
-  np.testing.assert_array_equal(sources.make_source(c, "train").images[..., 0], images["train"])
+  np.testing.assert_array_equal(sources.make_source(c, "train").features["image"][..., 0],
+                                images["train"])
   assert len(sources.make_source(c, "train[:25]")) == 25
   assert pipeline.num_examples(c, "test") == 30
 
@@ -113,11 +115,15 @@ def test_debian_fashion_mnist(tmp_path):
   border[2:30, 2:30] = False
   assert np.all(x[:, border] == -1.0)
   assert set(np.unique(batch["label"])) <= set(range(10))
-  # The interior is the raw image scaled independently; find it through its raw index.
+  # The interior is a raw image scaled independently; find which one by its pixels.
   raw = sources.read_idx(os.path.join(DEBIAN_DIR, "train-images-idx3-ubyte.gz"))
-  idx = it._shard[np.random.default_rng((0, 0, 0)).permutation(60000)[0]]
-  expected = raw[idx].astype(np.float64) / 127.5 - 1
+  raw_labels = sources.read_idx(os.path.join(DEBIAN_DIR, "train-labels-idx1-ubyte.gz"))
+  pixels = np.rint((x[0, 2:30, 2:30, 0].astype(np.float64) + 1) * 127.5)
+  match = np.flatnonzero((raw == pixels).all(axis=(1, 2)))
+  assert len(match) and batch["label"][0] in raw_labels[match]
+  expected = raw[match[0]].astype(np.float64) / 127.5 - 1
   np.testing.assert_allclose(x[0, 2:30, 2:30, 0], expected, atol=1e-6)
+  assert it.get_state()["reader"] == "local"
 
 
 def test_order_is_deterministic_and_epochs_cover_all(tiny):
@@ -143,31 +149,92 @@ def test_drop_last_partial_batch(tmp_path):
   assert len(set(labels)) == 90 and it.get_state()["epoch"] == 1
 
 
+def _assert_same_batches(a, b):
+  for x, y in zip(a, b, strict=True):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_gives_the_same_batches(tiny, num_workers):
+@pytest.mark.parametrize("stop_at", [7, 10])  # mid-epoch, and exactly at the epoch boundary
+def test_resume_gives_the_same_batches(tiny, num_workers, stop_at):
   c, _ = tiny
   c.random_flip = True
   c.num_workers = num_workers
+  uninterrupted = take(pipeline.make_train_iterator(c, seed=7), 24)  # 10 batches per epoch
   it = pipeline.make_train_iterator(c, seed=7)
-  take(it, 8)
+  take(it, stop_at)
   state = json.loads(json.dumps(it.get_state()))
-  expected = take(it, 6)  # crosses the epoch boundary at step 10
+  assert (state["epoch"], state["step"]) == divmod(stop_at, 10)
+  it.close()
   resumed = pipeline.make_train_iterator(c, seed=7)
   resumed.set_state(state)
-  for x, y in zip(expected, take(resumed, 6), strict=True):
-    np.testing.assert_array_equal(x["image"], y["image"])
-    np.testing.assert_array_equal(x["label"], y["label"])
-  with pytest.raises(ValueError, match="seed"):
+  _assert_same_batches(uninterrupted[stop_at:], take(resumed, 24 - stop_at))
+  resumed.close()
+  with pytest.raises(errors.UserError, match="seed=7.*--config.seed=7"):
     pipeline.make_train_iterator(c, seed=8).set_state(state)
+  c.train_split = "train[:90]"
+  with pytest.raises(errors.UserError, match="num_examples=100, this run has 90"):
+    pipeline.make_train_iterator(c, seed=7).set_state(state)
+
+
+def test_state_records_the_reader_and_a_mismatch_names_the_setting(tiny):
+  c, _ = tiny
+  it = pipeline.make_train_iterator(c, seed=0)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["reader"] == "local" and it.reader == "local"
+  c.reader = "auto"  # Debian's files are in local_dir: auto resolves to the same reader
+  pipeline.make_train_iterator(c, seed=0).set_state(state)
+  moved = dict(state, reader="grain")  # as if "auto" had found no idx files where it was saved
+  with pytest.raises(errors.UserError,
+                     match=r"saved by reader 'grain'.*set --config\.data\.reader=grain"):
+    pipeline.make_train_iterator(c, seed=0).set_state(moved)
+  with pytest.raises(ValueError, match="another reader"):  # UserError is a ValueError
+    it.set_state({k: v for k, v in state.items() if k not in ("grain", "epoch", "step")})
+
+
+def test_resolve_reader(tiny, tmp_path, monkeypatch):
+  c, _ = tiny
+  c.reader = "auto"
+  assert sources.resolve_reader(c) == "local"
+  c.local_dir = str(tmp_path / "elsewhere")
+  assert sources.resolve_reader(c) == "grain"  # no idx files: the tfds catalogue
+  c.name = "cifar10"
+  assert sources.resolve_reader(c) == "grain"
+  c.reader = "local"
+  with pytest.raises(errors.UserError, match="cifar10"):
+    sources.resolve_reader(c)
+  monkeypatch.setitem(sources.SOURCES, "toy", lambda config, split: None)
+  c.name, c.reader = "toy", "auto"
+  assert sources.resolve_reader(c) == "local"
+  c.name = "folder"
+  assert sources.resolve_reader(c) == "folder"
+  c.reader = "grain"
+  with pytest.raises(errors.UserError, match="reader=folder"):
+    sources.resolve_reader(c)
+  c.reader = "tfds"
+  with pytest.raises(errors.UserError, match=r"auto\|local\|folder\|grain\|tfdata"):
+    sources.resolve_reader(c)
+
+
+def test_state_from_an_earlier_version_resumes_at_its_position(tiny):
+  c, _ = tiny
+  it = pipeline.make_train_iterator(c, seed=0)
+  it.set_state({"epoch": 1, "step": 3, "seed": 0, "num_examples": 100, "process_count": 1,
+                "local_batch_size": 10})
+  assert it.get_state()["grain"] == {"next_index": 13}
 
 
 def test_workers_do_not_change_the_order(tiny):
   c, _ = tiny
+  c.random_flip = True
   serial = take(pipeline.make_train_iterator(c, seed=1), 12)
-  c.num_workers = 3
-  threaded = take(pipeline.make_train_iterator(c, seed=1), 12)
-  for x, y in zip(serial, threaded, strict=True):
-    np.testing.assert_array_equal(x["image"], y["image"])
+  for workers in (1, 3):
+    c.num_workers = workers
+    threaded = pipeline.make_train_iterator(c, seed=1)
+    _assert_same_batches(serial, take(threaded, 12))
+    threaded.close()
 
 
 def test_random_flip_mirrors_some_images(tiny):
@@ -181,15 +248,18 @@ def test_random_flip_mirrors_some_images(tiny):
 
 
 def test_per_host_shards_are_disjoint_and_cover_the_epoch(tiny):
-  c, _ = tiny
-  seen = []
+  c, images = tiny
   for p in range(2):
     it = pipeline.make_train_iterator(c, seed=0, process_index=p, process_count=2)
     assert it.local_batch_size == 5 and it.steps_per_epoch == 10
-    seen.append(np.concatenate([x["label"] for x in take(it, it.steps_per_epoch)]))
-    assert it.get_state()["epoch"] == 1
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(np.concatenate(seen)) == list(range(100))
+    batches = take(it, 20)
+    for e in range(2):  # process p owns examples p, p + 2, ... (label i is example i)
+      labels = np.concatenate([x["label"] for x in batches[10 * e : 10 * (e + 1)]])
+      assert sorted(labels) == list(range(p, 100, 2))
+    for x in batches:  # each image stays with its own label
+      expected = images["train"][x["label"]].astype(np.float64) / 127.5 - 1
+      np.testing.assert_allclose(x["image"][:, 2:30, 2:30, 0], expected, atol=1e-6)
+    assert it.get_state()["epoch"] == 2
   with pytest.raises(ValueError, match="multiple of 3"):
     pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=3)
 
@@ -209,49 +279,6 @@ def test_eval_covers_the_split_once_with_mask(tiny):
         np.testing.assert_allclose(x[2:30, 2:30, 0], images["test"][lab] / 127.5 - 1, atol=1e-6)
   assert batches == 8 and sorted(labels) == list(range(30))
   assert len(list(pipeline.make_eval_iterator(c, max_batches=2))) == 2
-
-
-def _save(path, array, fmt="PNG"):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path, fmt)
-
-
-def test_folder_source_labels_channels_and_corrupt_file(tmp_path):
-  rng = np.random.default_rng(0)
-  root = tmp_path / "imgs"
-  _save(root / "zebra" / "a.png", rng.integers(0, 256, (40, 30), dtype=np.uint8))
-  _save(root / "deep" / "x" / "ant" / "b.png", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
-  _save(root / "zebra" / "c.JPG", np.full((36, 48, 3), 200, np.uint8), "JPEG")
-  (root / "notes.txt").write_text("not an image")
-  c = data_config(tmp_path, name="folder", folder=str(root), channels=3, resize="resize_crop",
-              image_size=16, batch_size=3, eval_batch_size=3)
-  src = sources.make_source(c, "train")
-  assert [os.path.relpath(p, root) for p in src.paths] == [
-    "deep/x/ant/b.png", "zebra/a.png", "zebra/c.JPG"]
-  assert [src[i]["label"] for i in range(3)] == [0, 1, 1]
-  assert src[1]["image"].shape == (40, 30, 3)  # grayscale converted to RGB
-  batch = next(pipeline.make_train_iterator(c, seed=0))
-  assert batch["image"].shape == (3, 16, 16, 3)
-  assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-  assert any(np.allclose(im, 200 / 127.5 - 1, atol=0.05) for im in batch["image"])  # the JPEG
-  c.channels = 1
-  assert sources.make_source(c, "train")[0]["image"].shape == (20, 20, 1)
-  (root / "zebra" / "bad.png").write_bytes(b"\x89PNG garbage")
-  src = sources.make_source(c, "train")
-  with pytest.raises(ValueError, match="bad.png"):
-    src[src.paths.index(str(root / "zebra" / "bad.png"))]
-  with pytest.raises(ValueError, match="bad.png"):
-    list(pipeline.make_eval_iterator(c))
-
-
-def test_folder_flat_and_missing(tmp_path):
-  _save(tmp_path / "flat" / "1.png", np.zeros((8, 8), np.uint8))
-  _save(tmp_path / "flat" / "2.png", np.zeros((8, 8), np.uint8))
-  c = data_config(tmp_path, name="folder", folder=str(tmp_path / "flat"))
-  assert [s["label"] for s in sources.make_source(c, "train")] == [0, 0]
-  c.folder = str(tmp_path / "nowhere")
-  with pytest.raises(ValueError, match="nowhere"):
-    sources.make_source(c, "train")
 
 
 def test_preprocess_modes_against_numpy():

@@ -78,8 +78,9 @@ def test_grain_reader_values_and_epochs(grain_config):
   c = grain_config
   assert pipeline.num_examples(c, "train") == 400 and pipeline.num_examples(c, "test") == 9
   it = pipeline.make_train_iterator(c, seed=0)
-  assert isinstance(it, pipeline.GrainTrainIterator) and "grain" in it.get_state()
-  assert (it.local_batch_size, it.image_shape, it.steps_per_epoch) == (40, (32, 32, 1), 10)
+  assert isinstance(it, pipeline.TrainIterator) and "grain" in it.get_state()
+  assert (it.local_batch_size, it.steps_per_epoch, it.reader) == (40, 10, "grain")
+  assert it.get_state()["reader"] == "grain"
   batches = take(it, 20)
   for b in batches:
     assert b["image"].shape == (40, 32, 32, 1) and b["image"].dtype == np.float32
@@ -141,7 +142,10 @@ def test_reader_resume_gives_the_same_batches(reader, request):
     with pytest.raises(ValueError, match="local_batch_size"):
       pipeline.make_train_iterator(c, seed=7).set_state(state)
     with pytest.raises(ValueError, match="another reader"):
-      resumed.set_state({"epoch": 1, "step": 3, "seed": 7})
+      resumed.set_state({"seed": 7, "reader": "grain"})
+    # A state of the other tfds reader names the setting that reads it.
+    with pytest.raises(ValueError, match="set --config.data.reader=tfdata"):
+      resumed.set_state({"epoch": 1, "step": 3, "seed": 7, "reader": "tfdata"})
 
 
 def test_grain_reader_hosts_get_disjoint_shards(grain_config):
@@ -237,7 +241,7 @@ def test_tfdata_reader_values_epochs_and_seed(tfdata_config):
   assert pipeline.num_examples(c, "train[:64]") == 64
   it = pipeline.make_train_iterator(c, seed=3)
   assert isinstance(it, pipeline.TfDataTrainIterator)
-  assert (it.local_batch_size, it.image_shape, it.steps_per_epoch) == (10, (32, 32, 1), 10)
+  assert (it.local_batch_size, it.steps_per_epoch, it.reader) == (10, 10, "tfdata")
   batches = take(it, 20)
   for b in batches:
     assert b["image"].shape == (10, 32, 32, 1) and b["image"].dtype == np.float32

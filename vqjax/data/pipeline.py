@@ -1,49 +1,71 @@
 """Preprocessing, per-host batching and resumable iteration over the sources of `sources.py`.
 
-Every reader splits the training set the same way: process p of P owns the strided shard
-`p, p + P, p + 2P, ...` of the first `P * (N // P)` examples (every host owns as many examples,
-so all hosts take the same number of steps and none waits in a collective), each epoch visits
-the shard in a seeded permutation that depends on the epoch and p, and the last partial batch
-of an epoch is dropped.
+Batches are host-local dicts of numpy arrays, one per source feature. Features are handled by
+kind (`transform_batch` is the one place that does it): "image" (uint8 [H, W, C] in the source)
+is fitted to `image_size` x `image_size` x `channels`, scaled to float32 [-1, 1] and randomly
+flipped when `random_flip`; every other feature (a "label", integer code maps, ...) passes
+through with its dtype, stacked. `image_size`, `resize` and `channels` only matter when the
+source has an "image".
 
-  * "grain" (tfds ArrayRecord through `tfds.data_source`): a grain `MapDataset` pipeline;
-    grain's iterator state (the index of the next batch) is the resume point.
-  * "local" and "folder": plain index arithmetic, batch k of epoch e is a pure function of
-    (seed, e, k, p) and the state is (epoch, step).
-  * "tfdata" (TFRecord through `tfds.load`, needs TensorFlow): a seeded shuffle per epoch,
-    resumed by skipping into it.
+Training splits the examples the same way whatever the reader: process p of P owns the strided
+shard `p, p + P, p + 2P, ...` of the first `P * (N // P)` examples (every host owns as many, so
+all hosts take the same number of steps and none waits in a collective), each epoch visits the
+shard in a seeded permutation of its own, and the last partial batch of an epoch is dropped.
+
+  * Random-access sources ("local", "folder", "grain"): one grain `MapDataset` pipeline, so
+    batch k of the endless stream is a pure function of (seed, k, process), whatever the reader
+    threads; the resume point is grain's iterator state (the index of the next batch).
+  * "tfdata" (TFRecord through `tfds.load`, needs TensorFlow): a seeded shuffle per epoch of
+    this host's `tfds.even_splits` part, resumed by skipping into it.
 
 A state is the same on every process, so saving process 0's state is enough to resume all of
-them. Batches are host-local numpy: {"image": float32 [B_local, H, W, C] in [-1, 1],
-"label": int32}.
+them. It records what must match on resume (seed, dataset size, process count, per-process
+batch, concrete reader); a mismatch is a one-line error saying what differs.
 """
 
-import collections
-import concurrent.futures
 import functools
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from vqjax.data import sources
+from vqjax.errors import UserError
+
+IMAGE = "image"
+MASK = "mask"
 
 
-def _fit(image: np.ndarray, size: int, mode: str) -> np.ndarray:
-  """Pads, crops or resizes one uint8 [H, W, C] image to [size, size, C]."""
+def fit_image(image: np.ndarray, size: int, mode: str, name: str = "") -> np.ndarray:
+  """Pads, crops or resizes one uint8 [H, W, C] image to [size, size, C].
+
+  Args:
+    image: uint8 [H, W, C].
+    size: the output height and width.
+    mode: "pad" (centre-pad with 0), "center_crop", or "resize_crop" (shorter side to `size`
+      with bicubic filtering, then centre-crop).
+    name: how errors name the image (a path, or "example 12").
+
+  Returns:
+    uint8 [size, size, C].
+  """
   h, w = image.shape[:2]
+  what = f"image {name} is" if name else "got"
   if mode == "pad":
     if h > size or w > size:
-      raise ValueError(f"resize='pad' needs images no larger than {size}, got {h}x{w}")
+      raise UserError(f"resize='pad' needs images no larger than {size}x{size}: {what} {h}x{w}; "
+                      "set --config.data.resize=resize_crop or a larger image_size")
     top, left = (size - h) // 2, (size - w) // 2
     # Zero is the background of the datasets padded this way (MNIST-like: black, -1 later).
     return np.pad(image, ((top, size - h - top), (left, size - w - left), (0, 0)))
   if mode == "center_crop":
     if h < size or w < size:
-      raise ValueError(f"resize='center_crop' needs images of at least {size}, got {h}x{w}")
+      raise UserError(f"resize='center_crop' needs images of at least {size}x{size}: {what} "
+                      f"{h}x{w}")
   elif mode == "resize_crop":
     if min(h, w) != size:
       scale = size / min(h, w)
@@ -53,209 +75,201 @@ def _fit(image: np.ndarray, size: int, mode: str) -> np.ndarray:
       image = np.asarray(pil.resize((nw, nh), Image.Resampling.BICUBIC)).reshape(nh, nw, -1)
       h, w = nh, nw
   else:
-    raise ValueError(f"config.data.resize must be pad|resize_crop|center_crop, not {mode!r}")
+    raise UserError(f"config.data.resize must be pad|resize_crop|center_crop, not {mode!r}")
   top, left = (h - size) // 2, (w - size) // 2
   return image[top : top + size, left : left + size]
 
 
+def fit_images(images: Any, data_config: Any,
+               name_of: Callable[[int], str] = lambda j: f"example {j}") -> np.ndarray:
+  """Fits uint8 images to `config.data` (image_size, resize, channels).
+
+  Args:
+    images: uint8 [B, H, W, C], or a list of uint8 [H, W, C] arrays of any sizes.
+    data_config: `config.data`.
+    name_of: names image j of the batch in errors.
+
+  Returns:
+    uint8 [B, image_size, image_size, channels].
+  """
+  size, mode, channels = data_config.image_size, data_config.resize, data_config.channels
+  if isinstance(images, np.ndarray) and images.ndim == 4:  # one shape: the whole batch at once
+    images = sources.convert_channels(images, channels)
+    h, w = images.shape[1:3]
+    if mode == "pad" and h <= size and w <= size:
+      top, left = (size - h) // 2, (size - w) // 2
+      return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
+    if h == w == size or (mode == "center_crop" and h >= size and w >= size):
+      top, left = (h - size) // 2, (w - size) // 2
+      return images[:, top : top + size, left : left + size]
+  fitted = [fit_image(sources.convert_channels(np.asarray(im), channels), size, mode, name_of(j))
+            for j, im in enumerate(images)]
+  return np.stack(fitted) if fitted else np.zeros((0, size, size, channels), np.uint8)
+
+
+def transform_batch(batch: dict[str, np.ndarray], data_config: Any,
+                    flip_key: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+  """The per-kind host transform of a fitted batch, the last step before the device.
+
+  "image" (uint8 [B, S, S, C]) becomes float32 in [-1, 1] (0 -> -1 and 255 -> 1 exactly) and,
+  with `random_flip` and a `flip_key`, about half the images are mirrored left-right, chosen by
+  a generator seeded from the key. Every other feature passes through unchanged.
+
+  Args:
+    batch: {name: array [B, ...]} from `load_batch`.
+    data_config: `config.data` (random_flip).
+    flip_key: integers fixing this batch's flips (seed, process, batch index); None = no flips
+      (eval).
+
+  Returns:
+    A new dict with the same keys.
+  """
+  out = dict(batch)
+  if IMAGE in out:
+    # Division by 127.5 (exact in float32) keeps 255 at exactly 1.0; a multiply would overshoot.
+    x = out[IMAGE].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    if flip_key is not None and data_config.random_flip:
+      flip = np.random.default_rng(flip_key + (1,)).random(len(x)) < 0.5
+      x[flip] = x[flip, :, ::-1]
+    out[IMAGE] = x
+  return out
+
+
 def preprocess(images: Any, data_config: Any) -> np.ndarray:
-  """Turns uint8 images into a float32 NHWC batch in [-1, 1] of the configured size.
+  """Fits and scales images as eval does: float32 [B, image_size, image_size, channels].
 
   Args:
     images: a uint8 array [B, H, W, C] or a list of uint8 [H, W, C] arrays of any sizes.
     data_config: `config.data` (image_size, resize, channels).
 
   Returns:
-    float32 [B, image_size, image_size, channels]; 0 maps to -1 and 255 to 1 exactly.
+    float32 in [-1, 1]; 0 maps to -1 and 255 to 1 exactly.
   """
-  size, mode, channels = data_config.image_size, data_config.resize, data_config.channels
-  if isinstance(images, np.ndarray):  # one shape: the whole batch at once
-    images = sources.convert_channels(images, channels)
-    h, w = images.shape[1:3]
-    if mode == "pad" and h <= size and w <= size:
-      top, left = (size - h) // 2, (size - w) // 2
-      pad = ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0))
-      x = np.pad(images, pad)
-    elif h == w == size or (mode == "center_crop" and h >= size and w >= size):
-      top, left = (h - size) // 2, (w - size) // 2
-      x = images[:, top : top + size, left : left + size]
+  return transform_batch({IMAGE: fit_images(images, data_config)}, data_config)[IMAGE]
+
+
+def _stack(examples: list[dict[str, Any]], data_config: Any,
+           name_of: Callable[[int], str]) -> dict[str, np.ndarray]:
+  """Stacks examples feature by feature, fitting images to the configured size."""
+  keys = list(examples[0])
+  out = {}
+  for k in keys:
+    try:
+      values = [ex[k] for ex in examples]
+    except KeyError:
+      raise UserError(f"Examples of one dataset differ in features: {sorted(examples[0])} vs "
+                      f"{sorted(next(ex for ex in examples if k not in ex))}") from None
+    if k == IMAGE:
+      out[k] = fit_images(values, data_config, name_of)
     else:
-      x = np.stack([_fit(im, size, mode) for im in images])
-  else:
-    x = np.stack([_fit(sources.convert_channels(im, channels), size, mode) for im in images])
-  # Division by 127.5 (exact in float32) keeps 255 at exactly 1.0; a multiply would overshoot.
-  return x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+      out[k] = np.stack([np.asarray(v) for v in values])
+  return out
 
 
-def _read(source: Any, indices: np.ndarray) -> tuple[Any, np.ndarray]:
-  """Reads examples by index: one fancy-index for in-memory arrays, else one batched call."""
-  if isinstance(source, sources.ArraySource):
-    return source.images[indices], source.labels[indices]
+def load_batch(source: Any, indices: Any, data_config: Any) -> dict[str, np.ndarray]:
+  """Reads the examples at `indices` and stacks them, images fitted but still uint8.
+
+  Args:
+    source: a source of `sources.py` (anything with `__getitem__`; `read_batch` or
+      `__getitems__` are used when present, `name_of` to name examples in errors).
+    indices: example indices.
+    data_config: `config.data`.
+
+  Returns:
+    {name: array [len(indices), ...]}; "image" uint8 [B, image_size, image_size, channels].
+  """
+  indices = np.asarray(indices, np.int64)
+
+  def name_of(j: int) -> str:
+    i = int(indices[j])
+    return source.name_of(i) if hasattr(source, "name_of") else f"example {i}"
+
+  if hasattr(source, "read_batch"):  # in memory: one fancy-index per feature
+    batch = source.read_batch(indices)
+    if IMAGE in batch:
+      batch[IMAGE] = fit_images(batch[IMAGE], data_config, name_of)
+    return batch
   idx = [int(i) for i in indices]
   items = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
-  return [it["image"] for it in items], np.array([it["label"] for it in items], np.int32)
+  return _stack(items, data_config, name_of)
 
 
 def _local_batch_size(batch_size: int, process_count: int, what: str) -> int:
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"{what}={batch_size} must be a positive multiple of {process_count} "
-                     "processes")
+    raise UserError(f"{what}={batch_size} must be a positive multiple of {process_count} "
+                    "processes")
   return batch_size // process_count
 
 
-def _flip(images: np.ndarray, data_config: Any, key: tuple[int, ...]) -> np.ndarray:
-  """Flips horizontally half the images, chosen by a generator seeded from the batch position."""
-  if not data_config.random_flip:
-    return images
-  flip = np.random.default_rng(key + (1,)).random(len(images)) < 0.5
-  images[flip] = images[flip, :, ::-1]
-  return images
+def _check_process(process_index: int, process_count: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index {process_index} not in [0, {process_count})")
+
+
+_RESUME_HINTS = {
+  "seed": "set --config.seed={saved}",
+  "num_examples": "the training split changed (config.data.train_split, or the files in it)",
+  "process_count": "resume on as many processes as the run that saved it",
+  "local_batch_size": "keep config.data.batch_size / process count as it was",
+}
+
+
+def _check_identity(state: dict[str, Any], identity: dict[str, Any]) -> None:
+  """Raises a one-line UserError when `state` was saved under another identity."""
+  saved = state.get("reader")
+  if saved is not None and saved != identity["reader"]:
+    raise UserError(f"Cannot resume data iterator: saved by reader {saved!r}, this run reads "
+                    f"with {identity['reader']!r}; set --config.data.reader={saved}")
+  for k, v in identity.items():
+    if k != "reader" and k in state and int(state[k]) != v:
+      hint = _RESUME_HINTS[k].format(saved=state[k])
+      raise UserError(f"Cannot resume data iterator: saved {k}={state[k]}, this run has {v}; "
+                      f"{hint}")
 
 
 class TrainIterator:
-  """Endless, resumable iterator of training batches over a random-access source.
+  """Endless, resumable training batches of one process over a random-access source.
+
+  source indices -> this host's shard -> per-epoch shuffle -> batch (dropping each epoch's
+  partial batch) -> repeat -> read, fit, scale and flip the batch -> prefetch in
+  `config.data.num_workers` threads. Every stage is a random-access grain `MapDataset` before
+  the prefetch, so batch k is a pure function of (seed, k, process) whatever the threads.
 
   Attributes:
     local_batch_size: examples per batch on this process (global batch // process_count).
-    image_shape: (H, W, C) of every image.
-    steps_per_epoch: batches per epoch (the last partial batch is dropped).
+    steps_per_epoch: batches per epoch.
+    reader: the concrete reader ("local", "folder", "grain").
   """
 
   def __init__(self, source: Any, data_config: Any, seed: int, process_index: int,
-               process_count: int):
-    self._source = source
-    self._setup(data_config, seed, process_index, process_count, len(source))
-    # num_workers > 0: decode ahead in threads; batches depend only on their position, so the
-    # order and the resume point are unchanged.
-    n = data_config.num_workers
-    self._pool = concurrent.futures.ThreadPoolExecutor(n) if n > 0 else None
+               process_count: int, reader: str):
+    import grain  # deferred: grain takes a second to import
 
-  def _setup(self, data_config: Any, seed: int, process_index: int, process_count: int,
-             num_examples: int) -> None:
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    self._config, self._seed, self._pi = data_config, int(seed) % 2**63, process_index
-    self.local_batch_size = _local_batch_size(data_config.batch_size, process_count,
-                                              "config.data.batch_size")
-    size = data_config.image_size
-    self.image_shape = (size, size, data_config.channels)
-    # Equal shards for every host: the remainder N % P is left out of every epoch.
-    self._shard = np.arange(process_index, num_examples - num_examples % process_count,
-                            process_count)
-    self.steps_per_epoch = len(self._shard) // self.local_batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"{num_examples} examples make no batch of {data_config.batch_size} "
-                       f"over {process_count} processes")
-    # What a saved state must agree with to mean the same batches in this run.
-    self._identity = {"seed": self._seed, "num_examples": num_examples,
-                      "process_count": process_count, "local_batch_size": self.local_batch_size}
-    self._epoch = self._step = 0
-    self._perm = (-1, None)  # (epoch, permutation of the shard), computed once per epoch
-    self._ahead = collections.deque()  # futures of the batches from (epoch, step) on, in order
-
-  def _read_batch(self, epoch: int, step: int) -> tuple[Any, np.ndarray]:
-    cached_epoch, perm = self._perm
-    if cached_epoch != epoch:
-      perm = np.random.default_rng((self._seed, epoch, self._pi)).permutation(len(self._shard))
-      self._perm = (epoch, perm)
-    b = self.local_batch_size
-    return _read(self._source, self._shard[perm[step * b : (step + 1) * b]])
-
-  def batch_at(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-    """The batch at (epoch, step), without moving the iterator."""
-    images, labels = self._read_batch(epoch, step)
-    x = _flip(preprocess(images, self._config), self._config, (self._seed, epoch, step, self._pi))
-    return {"image": x, "label": np.asarray(labels, np.int32)}
-
-  def _advance(self, epoch: int, step: int) -> tuple[int, int]:
-    return (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._pool is None:
-      batch = self.batch_at(self._epoch, self._step)
-    else:
-      pos = (self._epoch, self._step)
-      for _ in range(len(self._ahead)):
-        pos = self._advance(*pos)
-      for _ in range(len(self._ahead), 2 * self._config.num_workers):
-        self._ahead.append(self._pool.submit(self.batch_at, *pos))
-        pos = self._advance(*pos)
-      batch = self._ahead.popleft().result()
-    self._epoch, self._step = self._advance(self._epoch, self._step)
-    return batch
-
-  def get_state(self) -> dict[str, int]:
-    """The position of the next batch, plus what must match on resume (JSON-serialisable)."""
-    return {"epoch": self._epoch, "step": self._step, **self._identity}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Moves to a state from `get_state`; the next batch is the one that followed it."""
-    for k, v in self._identity.items():
-      if k in state and int(state[k]) != v:
-        raise ValueError(f"Cannot resume data iterator: saved {k}={state[k]}, this run has {v}")
-    if not 0 <= int(state["step"]) < self.steps_per_epoch:
-      raise ValueError(f"Cannot resume data iterator: step {state['step']} out of range")
-    for f in self._ahead:
-      f.cancel()
-    self._ahead.clear()
-    self._epoch, self._step = int(state["epoch"]), int(state["step"])
-
-  def close(self) -> None:
-    """Stops the decoding threads, if any."""
-    if self._pool is not None:
-      self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class GrainTrainIterator:
-  """The "grain" reader: a grain pipeline over a random-access source (a tfds ArrayRecord set).
-
-  source (reads and decodes) -> this host's shard -> per-epoch shuffle -> fit to size -> batch
-  -> repeat -> scale and flip -> prefetch in `config.data.num_workers` threads. Every stage
-  before the prefetch is a random-access `MapDataset`, so batch k of the endless stream is a
-  pure function of (seed, k, process) whatever the threads, and grain's iterator state (the
-  index of the next batch) resumes it exactly.
-
-  Attributes:
-    local_batch_size: examples per batch on this process (global batch // process_count).
-    image_shape: (H, W, C) of every image.
-    steps_per_epoch: batches per epoch (the last partial batch is dropped).
-  """
-
-  def __init__(self, source: Any, data_config: Any, seed: int, process_index: int,
-               process_count: int):
-    import grain  # deferred: grain takes a second to import and only this reader needs it
-
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    _check_process(process_index, process_count)
     b = _local_batch_size(data_config.batch_size, process_count, "config.data.batch_size")
-    self.local_batch_size = b
-    size = data_config.image_size
-    self.image_shape = (size, size, data_config.channels)
     n = len(source)
+    self.local_batch_size, self.reader = b, reader
     self.steps_per_epoch = n // process_count // b
     if self.steps_per_epoch == 0:
-      raise ValueError(f"{n} examples make no batch of {data_config.batch_size} over "
-                       f"{process_count} processes")
+      raise UserError(f"{n} examples make no batch of {data_config.batch_size} over "
+                      f"{process_count} processes")
     seed = int(seed) % 2**63
-    # What a saved state must agree with to mean the same batches in this run.
     self._identity = {"seed": seed, "num_examples": n, "process_count": process_count,
-                      "local_batch_size": b}
+                      "local_batch_size": b, "reader": reader}
     # grain seeds epoch e of a shuffle with shuffle_seed + e (32 bits), so hosts get unrelated
     # permutations from a hash of (seed, process) rather than from seed + process.
     shuffle_seed = int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0])
-    ds = grain.MapDataset.source(source)
-    ds = ds[process_index : n - n % process_count : process_count]
+    ds = grain.MapDataset.range(process_index, n - n % process_count, process_count)
     ds = ds.shuffle(seed=shuffle_seed)
-    ds = ds.map(functools.partial(_fit_example, data_config=data_config))
-    # Batching before the repeat drops each epoch's partial batch instead of letting a batch
-    # straddle two epochs; the shuffle still sees the epoch through the repeated indices.
+    # Batching indices before the repeat drops each epoch's partial batch instead of letting a
+    # batch straddle two epochs; the shuffle still sees the epoch through the repeated indices.
+    # Reading whole batches lets in-memory and tfds sources read them in one call.
     ds = ds.batch(b, drop_remainder=True).repeat()
-    ds = ds.map_with_index(functools.partial(_scale_and_flip, data_config=data_config,
-                                             key=(seed, process_index)))
+    ds = ds.map_with_index(functools.partial(_train_batch, source=source,
+                                             data_config=data_config, key=(seed, process_index)))
     workers = data_config.num_workers
+    if workers < 0:
+      raise UserError(f"config.data.num_workers must be >= 0, not {workers}")
     # num_threads=0 reads in the calling thread, as num_workers=0 promises; with threads, two
     # batches per thread in flight keep them all busy without holding many batches in memory.
     self._ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=workers,
@@ -269,13 +283,15 @@ class GrainTrainIterator:
     return next(self._it)
 
   def get_state(self) -> dict[str, Any]:
-    """grain's iterator state under "grain", plus what must match on resume (JSON-serialisable).
+    """The resume point and what must match on resume (JSON-serialisable).
 
     Returns:
-      {"grain": {"next_index": batches consumed}, "seed", "num_examples", "process_count",
-      "local_batch_size"}.
+      {"grain": {"next_index": batches consumed}, "epoch", "step" (for people reading it),
+      "seed", "num_examples", "process_count", "local_batch_size", "reader"}.
     """
-    return {"grain": self._it.get_state(), **self._identity}
+    grain_state = self._it.get_state()
+    epoch, step = divmod(int(grain_state["next_index"]), self.steps_per_epoch)
+    return {"grain": grain_state, "epoch": epoch, "step": step, **self._identity}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Moves to a state from `get_state`; the next batch is the one that followed it.
@@ -284,45 +300,50 @@ class GrainTrainIterator:
       state: a dict from `get_state`, possibly through a JSON round trip.
 
     Raises:
-      ValueError: the state was saved by another reader or under another seed, dataset size,
+      UserError: the state was saved by another reader or under another seed, dataset size,
         process count or per-process batch size.
     """
-    for k, v in self._identity.items():
-      if k in state and int(state[k]) != v:
-        raise ValueError(f"Cannot resume data iterator: saved {k}={state[k]}, this run has {v}")
-    if not isinstance(state.get("grain"), dict):
-      raise ValueError(f"Cannot resume data iterator: no grain state in the saved state "
-                       f"(keys {sorted(state)}); it was saved by another reader")
+    _check_identity(state, self._identity)
+    grain_state = state.get("grain")
+    if grain_state is None and "reader" not in state and {"epoch", "step"} <= set(state):
+      # Saved by the index-arithmetic iterator of earlier versions: same position, but its
+      # permutations are not grain's, so the rest of that epoch visits other examples.
+      logging.warning("data state from an earlier vqjax: resuming at epoch %s step %s with "
+                      "a different example order", state["epoch"], state["step"])
+      grain_state = {"next_index": int(state["epoch"]) * self.steps_per_epoch +
+                                   int(state["step"])}
+    if not isinstance(grain_state, dict):
+      raise UserError(f"Cannot resume data iterator: no grain state in the saved state "
+                      f"(keys {sorted(state)}); it was saved by another reader")
     # A fresh iterator rather than set_state on the live one: it drops the batches the threads
     # prefetched from the old position.
     self._it.close()
     self._it = iter(self._ds)
-    self._it.set_state(state["grain"])
+    self._it.set_state(grain_state)
 
   def close(self) -> None:
     """Stops the prefetch threads, if any."""
     self._it.close()
 
 
-def _fit_example(example: dict[str, Any], data_config: Any) -> dict[str, np.ndarray]:
-  """One source example -> uint8 [S, S, C] at the configured size and channels, int32 label."""
-  image = sources.convert_channels(np.asarray(example["image"]), data_config.channels)
-  return {"image": _fit(image, data_config.image_size, data_config.resize),
-          "label": np.int32(example["label"])}
+def _train_batch(index: int, indices: np.ndarray, source: Any, data_config: Any,
+                 key: tuple[int, int]) -> dict[str, np.ndarray]:
+  """Batch `index` of the stream: its examples read, fitted, scaled and flipped by its key."""
+  return transform_batch(load_batch(source, indices, data_config), data_config, key + (index,))
 
 
-def _scale_and_flip(index: int, batch: dict[str, np.ndarray], data_config: Any,
-                    key: tuple[int, int]) -> dict[str, np.ndarray]:
-  """Maps batch `index` of the stream to [-1, 1] and flips it with a key fixed by its index."""
-  x = _flip(preprocess(batch["image"], data_config), data_config, key + (index,))
-  return {"image": x, "label": np.asarray(batch["label"], np.int32)}
-
-
-class TfDataTrainIterator(TrainIterator):
+class TfDataTrainIterator:
   """The "tfdata" reader: TFRecords through `tfds.load`, read in order (needs TensorFlow).
 
-  Same batches-from-(epoch, step) contract, but a TFRecord stream has no random access: each
-  epoch is a seeded shuffle of this host's `tfds.even_splits` part, and resuming skips into it.
+  Batch (epoch, step) is a pure function of (seed, epoch, step, process): each epoch is a seeded
+  shuffle of this host's `tfds.even_splits` part, and resuming skips into it. Images stay
+  encoded through the shuffle buffer and are decoded in `config.data.num_workers` tf.data
+  threads (0 = in order, one at a time).
+
+  Attributes:
+    local_batch_size: examples per batch on this process (global batch // process_count).
+    steps_per_epoch: batches per epoch.
+    reader: "tfdata".
   """
 
   def __init__(self, data_config: Any, seed: int, process_index: int, process_count: int):
@@ -330,51 +351,108 @@ class TfDataTrainIterator(TrainIterator):
     import tensorflow_datasets as tfds
 
     c = data_config
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    _check_process(process_index, process_count)
+    if c.num_workers < 0:
+      raise UserError(f"config.data.num_workers must be >= 0, not {c.num_workers}")
     sources.check_tfds_prepared(c.name, c.data_dir, c.download, "tfdata")
     split = tfds.even_splits(c.train_split, n=process_count, drop_remainder=True)[process_index]
     # Images stay encoded until after the shuffle, so the buffer holds bytes, not pixels.
-    self._ds = _tfds_load(c, split, c.download, {"image": tfds.decode.SkipDecoding()})
-    self._tf = tf
+    self._ds = _tfds_load(c, split, c.download, skip_image_decoding=True)
+    self._tf, self._config, self._pi = tf, c, process_index
     # An Image feature skips to its encoded bytes (tf.string); a Tensor feature has no encoding
     # and comes back as pixels, which `decode_image` would reject.
-    self._encoded = self._ds.element_spec["image"].dtype == tf.string
+    spec = self._ds.element_spec
+    self._encoded = IMAGE in spec and spec[IMAGE].dtype == tf.string
     local = int(self._ds.cardinality())
     if local < 0:
-      raise ValueError(f"tfds {c.name!r} split {c.train_split!r} has no known size "
-                       f"(cardinality {local})")
-    # `even_splits` gave every host `local` examples; as P * local examples in all, `_setup`
-    # derives the per-host batch from the global one and a shard of `local` positions.
-    self._setup(data_config, seed, process_index, process_count, local * process_count)
-    self._pool, self._live = None, None
+      raise UserError(f"tfds {c.name!r} split {c.train_split!r} has no known size "
+                      f"(cardinality {local})")
+    self.reader, self._local = "tfdata", local
+    self.local_batch_size = b = _local_batch_size(c.batch_size, process_count,
+                                                  "config.data.batch_size")
+    self.steps_per_epoch = local // b
+    if self.steps_per_epoch == 0:
+      raise UserError(f"{local * process_count} examples make no batch of {c.batch_size} over "
+                      f"{process_count} processes")
+    self._seed = int(seed) % 2**63
+    # `even_splits` gave every host `local` examples: P * local in all.
+    self._identity = {"seed": self._seed, "num_examples": local * process_count,
+                      "process_count": process_count, "local_batch_size": b, "reader": "tfdata"}
+    self._epoch = self._step = 0
+    self._live = None  # (epoch, step, numpy iterator positioned at that batch)
 
-  def _read_batch(self, epoch: int, step: int) -> tuple[Any, np.ndarray]:
-    tf, b = self._tf, self.local_batch_size
+  def _stream(self, epoch: int, step: int) -> Iterator[dict[str, np.ndarray]]:
+    tf, c, b = self._tf, self._config, self.local_batch_size
+    shuffle_seed = int(np.random.default_rng((self._seed, epoch, self._pi)).integers(2**31))
+    ds = self._ds.shuffle(min(self._local, 16384), seed=shuffle_seed,
+                          reshuffle_each_iteration=False).skip(step * b)
+    if self._encoded:
+      decode = functools.partial(tf.io.decode_image, expand_animations=False)
+      ds = ds.map(lambda ex: {**ex, IMAGE: decode(ex[IMAGE])},
+                  num_parallel_calls=c.num_workers or None, deterministic=True)
+    return ds.prefetch(2 * b).as_numpy_iterator()
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    epoch, step, b = self._epoch, self._step, self.local_batch_size
     if self._live is None or self._live[:2] != (epoch, step):
-      shuffle_seed = int(np.random.default_rng((self._seed, epoch, self._pi)).integers(2**31))
-      ds = self._ds.shuffle(min(len(self._shard), 16384), seed=shuffle_seed,
-                            reshuffle_each_iteration=False).skip(step * b)
-      decode = (functools.partial(tf.io.decode_image, expand_animations=False) if self._encoded
-                else tf.identity)
-      ds = ds.map(lambda ex: (decode(ex["image"]), ex.get("label", 0)),
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2 * b)
-      self._live = (epoch, step, ds.as_numpy_iterator())
+      self._live = (epoch, step, self._stream(epoch, step))
     it = self._live[2]
-    pairs = [next(it) for _ in range(b)]
-    self._live = (epoch, step + 1, it) if step + 1 < self.steps_per_epoch else None
-    return [p[0] for p in pairs], np.array([p[1] for p in pairs], np.int32)
+    examples = [sources.tfds_example(next(it)) for _ in range(b)]
+    batch = _stack(examples, self._config, lambda j: f"example {step * b + j} of epoch {epoch}")
+    key = (self._seed, self._pi, epoch * self.steps_per_epoch + step)
+    if step + 1 < self.steps_per_epoch:
+      self._epoch, self._step, self._live = epoch, step + 1, (epoch, step + 1, it)
+    else:
+      self._epoch, self._step, self._live = epoch + 1, 0, None
+    return transform_batch(batch, self._config, key)
+
+  def get_state(self) -> dict[str, Any]:
+    """The position of the next batch, plus what must match on resume (JSON-serialisable)."""
+    return {"epoch": self._epoch, "step": self._step, **self._identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Moves to a state from `get_state`; the next batch is the one that followed it."""
+    _check_identity(state, self._identity)
+    if "epoch" not in state or "step" not in state:
+      raise UserError(f"Cannot resume data iterator: no epoch/step in the saved state "
+                      f"(keys {sorted(state)}); it was saved by another reader")
+    if not 0 <= int(state["step"]) < self.steps_per_epoch:
+      raise UserError(f"Cannot resume data iterator: step {state['step']} out of range")
+    self._epoch, self._step, self._live = int(state["epoch"]), int(state["step"]), None
+
+  def close(self) -> None:
+    """Drops the open tf.data iterator."""
+    self._live = None
+
+
+def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads every feature to `size` rows (images with -1, the rest with 0) and adds "mask"."""
+  n = len(next(iter(batch.values())))
+  out = {}
+  for k, v in batch.items():
+    padded = np.full((size, *v.shape[1:]), -1 if k == IMAGE else 0, v.dtype)
+    padded[:n] = v
+    out[k] = padded
+  mask = np.zeros(size, np.float32)
+  mask[:n] = 1.0
+  out[MASK] = mask
+  return out
 
 
 class EvalIterable:
   """One pass over an eval split in padded batches with a "mask" (1 = real example).
 
   Process p reads examples p, p + P, ...; every process yields the same number of batches
-  (padding the short ones), so metrics can be summed across hosts.
+  (padding the short ones), so metrics can be summed across hosts. Padding rows are -1 in
+  "image" (black), 0 in every other feature.
   """
 
   def __init__(self, source: Any, data_config: Any, process_index: int, process_count: int,
                max_batches: int, num_total: int = -1):
+    _check_process(process_index, process_count)
     self._source, self._config = source, data_config
     self.local_batch_size = _local_batch_size(data_config.eval_batch_size, process_count,
                                               "config.data.eval_batch_size")
@@ -387,21 +465,28 @@ class EvalIterable:
   def __len__(self) -> int:
     return self.num_batches
 
-  def _chunks(self) -> Iterator[tuple[Any, np.ndarray]]:
+  def _chunks(self) -> Iterator[dict[str, np.ndarray] | None]:
+    """The fitted uint8 batches of this process; None where it has no examples left."""
     b = self.local_batch_size
     for k in range(self.num_batches):
       idx = self._indices[k * b : (k + 1) * b]
-      yield _read(self._source, idx) if len(idx) else ([], np.zeros(0, np.int32))
+      yield load_batch(self._source, idx, self._config) if len(idx) else None
+
+  def _template(self) -> dict[str, np.ndarray]:
+    """An empty batch with the features, shapes and dtypes of the real ones."""
+    one = transform_batch(load_batch(self._source, [0], self._config), self._config)
+    return {k: v[:0] for k, v in one.items()}
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    b, size = self.local_batch_size, self._config.image_size
-    for images, lab in self._chunks():
-      x = np.full((b, size, size, self._config.channels), -1.0, np.float32)
-      labels, mask = np.zeros(b, np.int32), np.zeros(b, np.float32)
-      n = len(lab)
-      if n:
-        x[:n], labels[:n], mask[:n] = preprocess(images, self._config), lab, 1.0
-      yield {"image": x, "label": labels, "mask": mask}
+    template = None
+    for chunk in self._chunks():
+      if chunk is None:
+        template = self._template() if template is None else template
+        batch = template
+      else:
+        batch = transform_batch(chunk, self._config)
+        template = {k: v[:0] for k, v in batch.items()}
+      yield _pad(batch, self.local_batch_size)
 
 
 class TfDataEvalIterable(EvalIterable):
@@ -416,29 +501,40 @@ class TfDataEvalIterable(EvalIterable):
     total = num_examples(c, c.eval_split)
     super().__init__(None, c, process_index, process_count, max_batches, num_total=total)
     parts = tfds.even_splits(c.eval_split, n=process_count, drop_remainder=False)
-    self._ds = _tfds_load(c, parts[process_index], False, None)
+    self._ds = _tfds_load(c, parts[process_index], False, skip_image_decoding=False)
 
-  def _chunks(self) -> Iterator[tuple[Any, np.ndarray]]:
+  def _chunks(self) -> Iterator[dict[str, np.ndarray] | None]:
     it = self._ds.as_numpy_iterator()
-    for _ in range(self.num_batches):
-      exs = list(itertools.islice(it, self.local_batch_size))
-      yield [ex["image"] for ex in exs], np.array([ex.get("label", 0) for ex in exs], np.int32)
+    b = self.local_batch_size
+    for k in range(self.num_batches):
+      exs = [sources.tfds_example(ex) for ex in itertools.islice(it, b)]
+      yield _stack(exs, self._config, lambda j, k=k: f"eval example {k * b + j}") if exs else None
+
+  def _template(self) -> dict[str, np.ndarray]:
+    # Only a process with no eval example at all gets here (its parts are never empty after a
+    # non-empty one); it has nothing to read a shape from.
+    raise UserError(f"eval split {self._config.eval_split!r} has fewer examples than processes")
 
 
-def _tfds_load(data_config: Any, split: Any, download: bool, decoders: Any) -> Any:
+def _tfds_load(data_config: Any, split: Any, download: bool, skip_image_decoding: bool) -> Any:
   """`tfds.load` of one split in file order, with a one-line error for an ArrayRecord dataset."""
   import tensorflow_datasets as tfds
 
   c = data_config
+  decoders = None
+  if skip_image_decoding:
+    features = tfds.builder(c.name, data_dir=c.data_dir or None).info.features
+    if IMAGE in features.keys():
+      decoders = {IMAGE: tfds.decode.SkipDecoding()}
   try:
     return tfds.load(c.name, split=split, data_dir=c.data_dir or None, download=download,
                      shuffle_files=False, decoders=decoders)
   except NotImplementedError as e:  # prepared as ArrayRecord: only data_source reads it
-    raise ValueError(f"tfds {c.name!r} is not TFRecord; use reader='grain' ({e})") from None
+    raise UserError(f"tfds {c.name!r} is not TFRecord; use reader='grain' ({e})") from None
 
 
 def make_train_iterator(data_config: Any, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> Any:
+                        process_count: int = 1) -> TrainIterator | TfDataTrainIterator:
   """Builds the endless, resumable training iterator of this process.
 
   Args:
@@ -449,16 +545,14 @@ def make_train_iterator(data_config: Any, seed: int, process_index: int = 0,
 
   Returns:
     An iterator with `__next__`, `get_state()`, `set_state(state)`, `close()`,
-    `local_batch_size`, `image_shape` and `steps_per_epoch`, yielding
-    {"image": float32 [B_local, H, W, C], "label": int32 [B_local]}.
+    `local_batch_size`, `steps_per_epoch` and `reader`, yielding {feature: array [B_local, ...]}
+    (see `transform_batch`).
   """
   reader = sources.resolve_reader(data_config)
   if reader == "tfdata":
     return TfDataTrainIterator(data_config, seed, process_index, process_count)
   source = sources.make_source(data_config, data_config.train_split)
-  if reader == "grain":
-    return GrainTrainIterator(source, data_config, seed, process_index, process_count)
-  return TrainIterator(source, data_config, seed, process_index, process_count)
+  return TrainIterator(source, data_config, seed, process_index, process_count, reader)
 
 
 def make_eval_iterator(data_config: Any, process_index: int = 0, process_count: int = 1,
@@ -472,7 +566,7 @@ def make_eval_iterator(data_config: Any, process_index: int = 0, process_count: 
     max_batches: stop after this many batches; 0 = the whole split.
 
   Returns:
-    An iterable (re-iterable, with `len`) of {"image", "label", "mask": float32 [B_local]}.
+    An iterable (re-iterable, with `len`) of the train features plus "mask": float32 [B_local].
   """
   if sources.resolve_reader(data_config) == "tfdata":
     return TfDataEvalIterable(data_config, process_index, process_count, max_batches)

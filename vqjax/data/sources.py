@@ -1,29 +1,38 @@
-"""Random-access image sources: Fashion-MNIST from local idx files, tfds datasets, image folders.
+"""Random-access sources of examples: local Fashion-MNIST, image folders, tfds, in-memory arrays.
 
-Every source has `__len__` and `__getitem__(i) -> {"image": uint8 [H, W, C], "label": int}`, so
-`pipeline.py` can shuffle, shard and resume by index whatever the reader (with grain for
-"grain", with plain index arithmetic for the others).
-`make_source(data_config, split)` picks the source from `config.data`:
+A source has `__len__` and `__getitem__(i) -> {feature name: numpy value}`; it may add
+`__getitems__(indices)` (one batched read) and `name_of(i)` (how errors name example i).
+Feature names are free; `pipeline.py` treats the one named "image" (uint8 [H, W, C]) as an
+image and passes every other feature (a "label", integer code maps, ...) through untouched.
 
-  * "local": Fashion-MNIST from Debian's `dataset-fashion-mnist` idx .gz files. The first run
-    writes an uncompressed .npz cache (under `data_dir`, or ~/.cache/vqjax) that later runs load
-    in a fraction of a second; tfds cannot write its own format here without TensorFlow.
-  * "grain": a tfds dataset prepared as ArrayRecord, read through `tfds.data_source`; it is the
-    source of a grain `MapDataset` for training and is read directly in batches for eval.
-  * "folder": every PNG/JPEG below `config.data.folder`, labelled by parent directory.
+`SOURCES` maps `config.data.name` to a factory `(data_config, split) -> source` for the data
+vqjax reads itself; names not in it come from the tfds catalogue. `resolve_reader` turns
+`config.data.reader` ("auto" included) into the concrete reader:
 
-The "tfdata" reader (TFRecord through `tfds.load`) is streaming, not random access; it lives in
-`pipeline.py` and only `require_tensorflow` is here.
+  * "local": a `SOURCES` entry; for "fashion_mnist", Debian's `dataset-fashion-mnist` idx .gz
+    files, parsed once into an .npz cache (under `data_dir`, or ~/.cache/vqjax).
+  * "folder": every PNG/JPEG below `config.data.folder`, labelled by parent directory; files
+    PIL cannot read are found before training and skipped (see `FolderSource`).
+  * "grain": a tfds dataset prepared as ArrayRecord, read through `tfds.data_source`.
+  * "tfdata": TFRecord through `tfds.load` (needs TensorFlow); streaming, not random access, so
+    it lives in `pipeline.py` and only `require_tensorflow` is here.
 """
 
+import concurrent.futures
 import gzip
+import hashlib
+import json
 import os
 import re
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from absl import logging
 from PIL import Image
+
+from vqjax.errors import UserError
 
 _FASHION_FILES = {
   "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -33,6 +42,9 @@ _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # idx type codes (third magic byte) -> numpy dtype, big-endian as the format stores them.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CACHE_VERSION = 1
+_CHECK_VERSION = 1
+READERS = ("auto", "local", "folder", "grain", "tfdata")
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, skipped files) already logged
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -45,7 +57,7 @@ def read_idx(path: str) -> np.ndarray:
     The array with the shape and dtype given by the file header (native byte order).
 
   Raises:
-    ValueError: the file is truncated, not gzip, or its header is not a valid idx header.
+    UserError: the file is truncated, not gzip, or its header is not a valid idx header.
   """
   try:
     if path.endswith(".gz"):
@@ -55,18 +67,18 @@ def read_idx(path: str) -> np.ndarray:
       with open(path, "rb") as f:
         data = f.read()
   except (OSError, EOFError, zlib.error) as e:
-    raise ValueError(f"Cannot read idx file {path}: {e}") from None
+    raise UserError(f"Cannot read idx file {path}: {e}") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-    raise ValueError(f"Not an idx file (bad magic number {data[:4].hex()!r}): {path}")
+    raise UserError(f"Not an idx file (bad magic number {data[:4].hex()!r}): {path}")
   ndim = data[3]
   header = 4 + 4 * ndim
   if ndim == 0 or len(data) < header:
-    raise ValueError(f"Truncated idx header ({ndim} dimensions): {path}")
+    raise UserError(f"Truncated idx header ({ndim} dimensions): {path}")
   shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
   dtype = np.dtype(_IDX_DTYPES[data[2]])
   expected = int(np.prod(shape)) * dtype.itemsize
   if len(data) - header != expected:
-    raise ValueError(
+    raise UserError(
       f"idx file has {len(data) - header} data bytes, header {shape} needs {expected}: {path}"
     )
   return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
@@ -76,7 +88,7 @@ def parse_split(split: str) -> tuple[str, str]:
   """Splits "train[:90%]" into ("train", ":90%"); a plain "train" gives ("train", "")."""
   m = re.fullmatch(r"\s*([\w-]+)\s*(?:\[([^\]]*)\])?\s*", split)
   if not m:
-    raise ValueError(f"Bad split {split!r}: expected 'name' or 'name[start:stop]'")
+    raise UserError(f"Bad split {split!r}: expected 'name' or 'name[start:stop]'")
   return m.group(1), m.group(2) or ""
 
 
@@ -86,7 +98,7 @@ def _slice_range(spec: str, n: int, split: str) -> range:
     return range(n)
   parts = spec.split(":")
   if len(parts) != 2:
-    raise ValueError(f"Bad split slice in {split!r}: expected [start:stop]")
+    raise UserError(f"Bad split slice in {split!r}: expected [start:stop]")
 
   def bound(s: str, default: int) -> int:
     s = s.strip()
@@ -95,27 +107,65 @@ def _slice_range(spec: str, n: int, split: str) -> range:
     try:
       return round(n * float(s[:-1]) / 100) if s.endswith("%") else int(s)
     except ValueError:
-      raise ValueError(f"Bad split bound {s!r} in {split!r}") from None
+      raise UserError(f"Bad split bound {s!r} in {split!r}") from None
 
   return range(n)[slice(bound(parts[0], 0), bound(parts[1], n))]
 
 
 class ArraySource:
-  """In-memory uint8 images and int labels; the pipeline reads its arrays directly."""
+  """Examples held in memory as arrays of equal length, one per feature.
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
-    if images.ndim == 3:  # idx images have no channel axis
-      images = images[..., None]
-    if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
-      raise ValueError(f"ArraySource needs uint8 [N,H,W,C] and N labels, got {images.shape}")
-    self.images = images
-    self.labels = np.asarray(labels, np.int32)
+  The pipeline reads a batch with one fancy-index per feature (`read_batch`), not example by
+  example.
+
+  Attributes:
+    features: {name: array [N, ...]}; "image", when present, is uint8 [N, H, W, C].
+  """
+
+  def __init__(self, features: dict[str, np.ndarray]):
+    """Wraps `features`.
+
+    Args:
+      features: {name: array [N, ...]}, all with the same N; "image" uint8 [N, H, W, C] or
+        [N, H, W] (given a channel axis).
+
+    Raises:
+      UserError: the arrays differ in length, or "image" is not uint8 [N, H, W(, C)].
+    """
+    features = {k: np.asarray(v) for k, v in features.items()}
+    if not features:
+      raise UserError("ArraySource needs at least one feature")
+    image = features.get("image")
+    if image is not None:
+      if image.ndim == 3:  # idx images have no channel axis
+        image = features["image"] = image[..., None]
+      if image.ndim != 4 or image.dtype != np.uint8:
+        raise UserError(f"ArraySource 'image' must be uint8 [N, H, W, C], got {image.dtype} "
+                        f"{image.shape}")
+    lengths = {k: len(v) for k, v in features.items()}
+    if len(set(lengths.values())) != 1:
+      raise UserError(f"ArraySource features differ in length: {lengths}")
+    self.features = features
+    self._n = next(iter(lengths.values()))
+
+  @classmethod
+  def from_images(cls, images: np.ndarray, labels: np.ndarray) -> "ArraySource":
+    """An ArraySource of {"image": uint8 images, "label": int32 labels}."""
+    return cls({"image": images, "label": np.asarray(labels, np.int32)})
 
   def __len__(self) -> int:
-    return len(self.images)
+    return self._n
 
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    return {"image": self.images[i], "label": int(self.labels[i])}
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {k: v[i] for k, v in self.features.items()}
+
+  def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The examples at `indices`, stacked: {name: array [len(indices), ...]}."""
+    return {k: v[indices] for k, v in self.features.items()}
+
+  def slice(self, rows: range) -> "ArraySource":
+    """The examples in `rows` (a range with step 1), as views."""
+    return ArraySource({k: v[rows.start : rows.stop] for k, v in self.features.items()})
 
 
 def default_cache_dir(data_dir: str) -> str:
@@ -139,15 +189,15 @@ def load_fashion_mnist(local_dir: str, split: str, cache_dir: str) -> ArraySourc
     cache_dir: directory for the prepared .npz; "" disables caching.
 
   Returns:
-    An ArraySource of uint8 [N, 28, 28, 1] images and their labels.
+    An ArraySource of {"image": uint8 [N, 28, 28, 1], "label": int32 [N]}.
   """
   base, spec = parse_split(split)
   if base not in _FASHION_FILES:
-    raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {base!r}")
+    raise UserError(f"Fashion-MNIST has splits 'train' and 'test', not {base!r}")
   image_path, label_path = (os.path.join(local_dir, f) for f in _FASHION_FILES[base])
   for path in (image_path, label_path):
     if not os.path.isfile(path):
-      raise ValueError(
+      raise UserError(
         f"Fashion-MNIST file {path} not found: `apt-get install dataset-fashion-mnist` or set "
         "--config.data.local_dir to a directory with the idx .gz files"
       )
@@ -165,14 +215,14 @@ def load_fashion_mnist(local_dir: str, split: str, cache_dir: str) -> ArraySourc
   if images is None:
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-      raise ValueError(f"Mismatched idx files {image_path} {images.shape}, {label_path}")
+      raise UserError(f"Mismatched idx files {image_path} {images.shape}, {label_path}")
     if cache:
-      _write_cache(cache, images=images, labels=labels, key=key)
+      _write_npz(cache, images=images, labels=labels, key=key)
   rows = _slice_range(spec, len(images), split)
-  return ArraySource(images[rows.start : rows.stop : rows.step], labels[rows.start : rows.stop])
+  return ArraySource.from_images(images, labels).slice(rows)
 
 
-def _write_cache(path: str, **arrays: np.ndarray) -> None:
+def _write_npz(path: str, **arrays: np.ndarray) -> None:
   """Writes an .npz atomically, so concurrent processes never read half a file."""
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -181,6 +231,19 @@ def _write_cache(path: str, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
   except OSError:
     pass  # a read-only cache dir only costs re-parsing on the next run
+
+
+def _write_text(path: str, text: str) -> bool:
+  """Writes a text file atomically; False where the directory is not writable."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+    return True
+  except OSError:
+    return False
 
 
 def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -196,27 +259,154 @@ def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
     # ITU-R 601 luma, as PIL's convert("L").
     y = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return np.clip(np.rint(y), 0, 255).astype(np.uint8)[..., None]
-  raise ValueError(f"Cannot convert {c} image channels to {channels}")
+  raise UserError(f"Cannot convert {c} image channels to {channels}")
+
+
+def decode_image(path: str, channels: int) -> np.ndarray:
+  """Decodes an image file to uint8 [H, W, channels].
+
+  16-bit grayscale (PIL modes "I;16*" and "I") is scaled to 8 bits as round(value / 257), so
+  65535 maps to 255; PIL's own convert("L") would clip everything above 255.
+
+  Raises:
+    UserError: one line naming the file, when it cannot be decoded.
+  """
+  try:
+    with Image.open(path) as im:
+      if im.mode.startswith("I;16") or im.mode == "I":
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        # (v + 128) // 257 is v / 257 rounded: v / 257 is never exactly halfway for integer v.
+        image = ((wide + 128) // 257).astype(np.uint8)[..., None]
+        return np.repeat(image, 3, axis=-1) if channels == 3 else image
+      image = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    reason = " ".join(str(e).split())  # one line, whatever PIL put in the message
+    raise UserError(f"Cannot decode image {path}: {reason}") from None
+  return image[..., None] if image.ndim == 2 else image
+
+
+def _check_image(path: str) -> str:
+  """"" when PIL can open and verify `path`, else why not (one line).
+
+  `verify` walks the file's structure (a PNG's chunk CRCs) without decoding pixels, so it is
+  cheap; a JPEG damaged inside its entropy-coded data still passes and fails at decode time.
+  """
+  try:
+    with Image.open(path) as im:
+      im.verify()
+    return ""
+  except Exception as e:  # noqa: BLE001 -- whatever PIL raises, the file is unusable
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _folder_check_path(cache_dir: str, folder: str) -> str:
+  digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
+  return os.path.join(cache_dir, "folder_checks", digest) if cache_dir else ""
+
+
+def check_images(folder: str, relpaths: list[str], cache_dir: str,
+                 threads: int = 16) -> dict[str, str]:
+  """Checks that PIL can read every image, reusing earlier results for unchanged files.
+
+  A result is keyed by the file's relative path, size and modification time, kept in
+  `<cache_dir>/folder_checks/<hash of folder>/checks.json`, so a relaunch on a big folder only
+  stats its files.
+
+  Args:
+    folder: the root the paths are relative to.
+    relpaths: image paths relative to `folder`.
+    cache_dir: where the results are kept; "" = check every file every time.
+    threads: files checked in parallel.
+
+  Returns:
+    {relative path: why it is unreadable} for the bad files only.
+  """
+  where = _folder_check_path(cache_dir, folder)
+  cache_file = os.path.join(where, "checks.json") if where else ""
+  known = {}
+  if cache_file and os.path.isfile(cache_file):
+    try:
+      with open(cache_file) as f:
+        saved = json.load(f)
+      if saved.get("version") == _CHECK_VERSION:
+        known = saved["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+      pass  # a damaged record only costs checking again
+
+  def one(rel: str) -> tuple[str, list[Any]]:
+    path = os.path.join(folder, rel)
+    try:
+      st = os.stat(path)
+    except OSError as e:
+      return rel, [-1, -1, f"cannot stat: {e}"]
+    entry = known.get(rel)
+    if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
+      return rel, entry
+    return rel, [st.st_size, st.st_mtime_ns, _check_image(path)]
+
+  # Threads, not processes: the work is file reads and zlib, which release the GIL.
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    results = dict(pool.map(one, relpaths, chunksize=64))
+  if cache_file and results != {k: known.get(k) for k in results}:
+    _write_text(cache_file, json.dumps({"version": _CHECK_VERSION, "folder":
+                                        os.path.abspath(folder), "files": results}))
+  return {rel: r[2] for rel, r in results.items() if r[2]}
 
 
 class FolderSource:
-  """Every PNG/JPEG found recursively below a folder, sorted by path.
+  """Every readable PNG/JPEG found recursively below a folder, sorted by path.
+
+  Every file is checked (PIL open + verify, in threads, cached by size and mtime) when the
+  source is built, so an unreadable file is found before training rather than when its batch
+  comes up. Such files are skipped with a warning, listed in `skipped` and in the file
+  `skipped_list`; they are not counted, so deleting one later leaves the dataset, and the
+  resume point, unchanged.
 
   The label is the index of the file's immediate parent directory name among the sorted parent
   names, so "cats/1.png, dogs/2.png" gives 0 and 1, and a flat folder gives 0 everywhere.
+
+  Attributes:
+    paths: the good image paths, sorted by path relative to the folder.
+    labels: int32 [len(paths)].
+    class_names: sorted parent directory names.
+    skipped: [(path, reason)] of the unreadable files left out.
+    skipped_list: the file listing `skipped` ("" when nothing was skipped or it could not be
+      written).
   """
 
-  def __init__(self, folder: str, channels: int):
+  def __init__(self, folder: str, channels: int, cache_dir: str = "", threads: int = 16):
     if not folder or not os.path.isdir(folder):
-      raise ValueError(f"Image folder {folder!r} not found: set --config.data.folder")
-    paths = []
+      raise UserError(f"Image folder {folder!r} not found: set --config.data.folder")
+    rel = []
     for root, dirs, files in os.walk(folder, followlinks=True):
       dirs.sort()
-      paths += [os.path.join(root, f) for f in files if f.lower().endswith(_IMAGE_EXTENSIONS)]
-    if not paths:
-      raise ValueError(f"No .png/.jpg/.jpeg images found below {folder}")
-    self.paths = sorted(paths, key=lambda p: os.path.relpath(p, folder))
-    parents = [os.path.basename(os.path.dirname(os.path.relpath(p, folder))) for p in self.paths]
+      rel += [os.path.relpath(os.path.join(root, f), folder) for f in files
+              if f.lower().endswith(_IMAGE_EXTENSIONS)]
+    if not rel:
+      raise UserError(f"No .png/.jpg/.jpeg images found below {folder}")
+    rel.sort()
+    bad = check_images(folder, rel, cache_dir, threads)
+    self.skipped = [(os.path.join(folder, r), bad[r]) for r in rel if r in bad]
+    self.skipped_list = ""
+    if self.skipped:
+      where = _folder_check_path(cache_dir, folder)
+      text = "".join(f"{p}\t{why}\n" for p, why in self.skipped)
+      if where and _write_text(os.path.join(where, "bad_images.txt"), text):
+        self.skipped_list = os.path.join(where, "bad_images.txt")
+      shown = self.skipped_list or "; ".join(p for p, _ in self.skipped[:5])
+      # The train and eval splits of one folder check it twice (the second time from the
+      # cache); one warning is enough.
+      key = (os.path.abspath(folder), tuple(p for p, _ in self.skipped))
+      if key not in _WARNED:
+        _WARNED.add(key)
+        logging.warning("skipping %d of %d images below %s that cannot be read: %s",
+                        len(self.skipped), len(rel), folder, shown)
+    rel = [r for r in rel if r not in bad]
+    if not rel:
+      raise UserError(f"None of the images below {folder} can be read (first: "
+                      f"{self.skipped[0][0]}: {self.skipped[0][1]})")
+    self.paths = [os.path.join(folder, r) for r in rel]
+    parents = [os.path.basename(os.path.dirname(r)) for r in rel]
     self.class_names = sorted(set(parents))
     index = {name: i for i, name in enumerate(self.class_names)}
     self.labels = np.array([index[p] for p in parents], np.int32)
@@ -226,22 +416,24 @@ class FolderSource:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    path = self.paths[i]
-    try:
-      with Image.open(path) as im:
-        image = np.asarray(im.convert("L" if self.channels == 1 else "RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise ValueError(f"Cannot decode image {path}: {e}") from None
-    if image.ndim == 2:
-      image = image[..., None]
-    return {"image": image, "label": int(self.labels[i])}
+    return {"image": decode_image(self.paths[i], self.channels), "label": self.labels[i]}
+
+  def name_of(self, i: int) -> str:
+    """How errors name example i: its path."""
+    return self.paths[i]
 
 
-def folder_source(folder: str, split: str, channels: int) -> FolderSource:
-  """A FolderSource over `folder/<split>` when that directory exists, else over all of `folder`."""
+def folder_source(folder: str, split: str, channels: int, cache_dir: str = "",
+                  threads: int = 16) -> FolderSource:
+  """A FolderSource over `folder/<split>` when that directory exists, else over all of `folder`.
+
+  The split's slice ("train[:-1000]") applies to the readable files only, so skipping or
+  deleting a bad file never moves another file between slices.
+  """
   base, spec = parse_split(split)
   sub = os.path.join(folder, base) if folder else ""
-  source = FolderSource(sub if sub and os.path.isdir(sub) else folder, channels)
+  source = FolderSource(sub if sub and os.path.isdir(sub) else folder, channels, cache_dir,
+                        threads)
   rows = _slice_range(spec, len(source), split)
   source.paths = [source.paths[i] for i in rows]
   source.labels = source.labels[rows.start : rows.stop : rows.step]
@@ -251,6 +443,8 @@ def folder_source(folder: str, split: str, channels: int) -> FolderSource:
 class TfdsSource:
   """A tfds ArrayRecord dataset read through `tfds.data_source` (no TensorFlow needed).
 
+  Every numeric feature is kept under its tfds name; text and bytes features (e.g. a file name)
+  are dropped, as they cannot go to the devices. 64-bit numbers become 32-bit, JAX's default.
   Record i is the i-th record of the prepared files: tfds shuffles examples when it writes them,
   so it is not the i-th example the builder generated.
   """
@@ -262,26 +456,37 @@ class TfdsSource:
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
     except NotImplementedError as e:  # prepared as TFRecord: data_source cannot read it
-      raise ValueError(f"tfds {name!r} is not ArrayRecord; use reader='tfdata' ({e})") from None
+      raise UserError(f"tfds {name!r} is not ArrayRecord; use reader='tfdata' ({e})") from None
 
   def __len__(self) -> int:
     return len(self._ds)
 
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    return _tfds_record(self._ds[i])
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return tfds_example(self._ds[i])
 
-  def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+  def __getitems__(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
     # One ArrayRecord call for the batch is much faster than one per index; the source is safe
-    # to read from the pipeline's decoding threads (checked with 8 threads against serial reads).
-    return [_tfds_record(r) for r in self._ds.__getitems__(list(indices))]
+    # to read from the pipeline's threads (checked with 8 threads against serial reads).
+    return [tfds_example(r) for r in self._ds.__getitems__(list(indices))]
 
 
-def _tfds_record(record: dict[str, Any]) -> dict[str, Any]:
-  """Maps a tfds record to the source schema; datasets without "label" get label 0."""
-  image = np.asarray(record["image"])
-  if image.ndim == 2:
-    image = image[..., None]
-  return {"image": image, "label": int(record.get("label", 0))}
+def tfds_example(record: dict[str, Any]) -> dict[str, np.ndarray]:
+  """Maps a decoded tfds record to a source example (see `TfdsSource`)."""
+  out = {}
+  for k, v in record.items():
+    v = np.asarray(v)
+    if v.dtype.kind not in "biuf":
+      continue
+    if v.dtype == np.int64:
+      v = v.astype(np.int32)
+    elif v.dtype == np.uint64:
+      v = v.astype(np.uint32)
+    elif v.dtype == np.float64:
+      v = v.astype(np.float32)
+    out[k] = v
+  if "image" in out and out["image"].ndim == 2:
+    out["image"] = out["image"][..., None]
+  return out
 
 
 def check_tfds_prepared(name: str, data_dir: str, download: bool, reader: str) -> None:
@@ -295,16 +500,16 @@ def check_tfds_prepared(name: str, data_dir: str, download: bool, reader: str) -
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
+    raise UserError(
       f"Unknown tfds dataset {name!r}: not in the tfds catalogue nor prepared in "
-      f"{data_dir or 'the tfds default data_dir'}"
+      f"{data_dir or 'the tfds default data_dir'} (vqjax's own sources: {sorted(SOURCES)})"
     ) from None
   if builder.is_prepared() or download:
     return
   hint = ""
   if name == "fashion_mnist":
     hint = "; or `apt-get install dataset-fashion-mnist` and use reader='local'"
-  raise ValueError(
+  raise UserError(
     f"tfds dataset {name!r} is not prepared in {os.path.dirname(builder.data_dir)} and "
     f"config.data.download=False (reader={reader!r}): set --config.data.download=True or "
     f"--config.data.data_dir{hint}"
@@ -316,25 +521,61 @@ def require_tensorflow() -> Any:
   try:
     import tensorflow as tf
   except ImportError:
-    raise ValueError(
+    raise UserError(
       "reader='tfdata' needs TensorFlow: `pip install tensorflow-cpu`, or use reader='grain' "
       "with an ArrayRecord dataset"
     ) from None
   return tf
 
 
+def _fashion_mnist(data_config: Any, split: str) -> ArraySource:
+  return load_fashion_mnist(data_config.local_dir, split, default_cache_dir(data_config.data_dir))
+
+
+def _folder(data_config: Any, split: str) -> FolderSource:
+  # Checking is file I/O: more threads than cores pay off on network disks.
+  threads = max(16, data_config.num_workers)
+  return folder_source(data_config.folder, split, data_config.channels,
+                       default_cache_dir(data_config.data_dir), threads)
+
+
+# config.data.name -> factory(data_config, split) -> source, for the data vqjax reads itself
+# (reader "local", or "folder" for "folder"); other names are looked up in the tfds catalogue.
+SOURCES: dict[str, Callable[[Any, str], Any]] = {
+  "fashion_mnist": _fashion_mnist,
+  "folder": _folder,
+}
+
+
 def resolve_reader(data_config: Any) -> str:
-  """The reader for `config.data`: "local", "folder", "grain" or "tfdata" ("auto" resolved)."""
+  """The concrete reader of `config.data`: "local", "folder", "grain" or "tfdata".
+
+  "auto", "local" or "folder" read name="folder" with "folder". Otherwise "auto" picks "local"
+  for the other `SOURCES` names and "grain" (tfds ArrayRecord) for the rest; "fashion_mnist",
+  also in the tfds catalogue, is "local" when its idx files are in `local_dir`, else "grain".
+  So "auto" can resolve differently on another machine; the iterator state records the concrete
+  reader.
+
+  Raises:
+    UserError: an unknown reader, or one that cannot read `config.data.name`.
+  """
   name, reader = data_config.name, data_config.reader
-  if reader not in ("auto", "local", "grain", "tfdata"):
-    raise ValueError(f"config.data.reader must be auto|local|grain|tfdata, not {reader!r}")
-  if name == "folder":
+  if reader not in READERS:
+    raise UserError(f"config.data.reader must be {'|'.join(READERS)}, not {reader!r}")
+  if name == "folder" or reader == "folder":
+    # "local" is accepted too: a folder is data vqjax reads itself, like the other SOURCES.
+    if name != "folder" or reader not in ("auto", "local", "folder"):
+      raise UserError(f"reader 'folder' reads only name='folder' (got name={name!r}, "
+                      f"reader={reader!r}): set --config.data.reader=folder with "
+                      "--config.data.name=folder")
     return "folder"
-  if reader == "local" and name != "fashion_mnist":
-    raise ValueError(f"reader='local' reads only fashion_mnist, not {name!r}")
+  if reader == "local" and name not in SOURCES:
+    raise UserError(f"reader='local' reads {sorted(set(SOURCES) - {'folder'})}, not {name!r}; "
+                    "set --config.data.reader=grain or tfdata for a tfds dataset")
   if reader == "auto":
-    local = name == "fashion_mnist" and fashion_mnist_files_exist(data_config.local_dir)
-    return "local" if local else "grain"
+    if name == "fashion_mnist":
+      return "local" if fashion_mnist_files_exist(data_config.local_dir) else "grain"
+    return "local" if name in SOURCES else "grain"
   return reader
 
 
@@ -346,14 +587,11 @@ def make_source(data_config: Any, split: str) -> Any:
     split: split name, optionally sliced ("train[:1000]", "test[50%:]").
 
   Returns:
-    A source with `__len__` and `__getitem__` (ArraySource, FolderSource or TfdsSource).
+    A source with `__len__` and `__getitem__` (from `SOURCES`, or a TfdsSource).
   """
   reader = resolve_reader(data_config)
-  if reader == "local":
-    cache_dir = default_cache_dir(data_config.data_dir)
-    return load_fashion_mnist(data_config.local_dir, split, cache_dir)
-  if reader == "folder":
-    return folder_source(data_config.folder, split, data_config.channels)
+  if reader in ("local", "folder"):
+    return SOURCES[data_config.name](data_config, split)
   if reader == "grain":
     return TfdsSource(data_config.name, split, data_config.data_dir, data_config.download)
-  raise ValueError("reader='tfdata' streams TFRecords: it has no random-access source")
+  raise UserError("reader='tfdata' streams TFRecords: it has no random-access source")
