@@ -50,8 +50,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.image_every_steps = 600
   c.log.num_images = 16
 
-  if arg == "smoke":
-    configs.shrink_for_smoke(c)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; expected 'smoke' or nothing")
-  return c
+  return configs.apply_variant(c, arg, {"smoke": configs.shrink_for_smoke})

@@ -54,10 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.image_every_steps = 2000
   c.log.num_images = 8
 
-  if arg == "smoke":
-    configs.shrink_for_smoke(c)
-    c.model.first_stride = 2  # 32 -> 16, 8, 4 code maps
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; expected 'smoke' or nothing")
-  return c
+  return configs.apply_variant(c, arg, {"smoke": _smoke})
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  configs.shrink_for_smoke(c)
+  c.model.first_stride = 2  # 32x32 images -> 16, 8 and 4 square code maps
 

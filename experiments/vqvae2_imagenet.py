@@ -59,9 +59,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.eval_batches = 50
   c.log.image_every_steps = 5000
 
-  if arg == "smoke":
-    configs.shrink_for_smoke(c)
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r}; expected 'smoke' or nothing")
-  return c
-
+  return configs.apply_variant(c, arg, {"smoke": configs.shrink_for_smoke})

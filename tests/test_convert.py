@@ -1,9 +1,12 @@
 """Tests of vqjax/convert: importing rosinality/vq-vae-2-pytorch VQVAE weights.
 
 The expected outputs come from a float64 NCHW forward written here with torch.nn.functional
-from the architecture description (REFERENCE.md), on a state_dict built here with the
-reference's key names and random weights; nothing is downloaded.
+from the `VQVAE` module of the rosinality/vq-vae-2-pytorch repository (vqvae.py: its encoder,
+decoder and EMA quantizer), on a state_dict built here with that module's key names and
+random weights; nothing is downloaded.
 """
+
+import argparse
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from vqjax.convert import load_converted, load_vqvae2  # noqa: E402
 from vqjax.convert.__main__ import main  # noqa: E402
+from vqjax.errors import UserError  # noqa: E402
 
 SMALL = dict(in_channel=3, channel=16, n_res_block=2, n_res_channel=8, embed_dim=8, n_embed=32)
 GRAY = dict(in_channel=1, channel=12, n_res_block=1, n_res_channel=4, embed_dim=4, n_embed=16)
@@ -279,15 +283,45 @@ def test_bad_state_dict_names_the_key(corrupt, tmp_path, capsys):
   assert not (tmp_path / "out").exists()
 
 
-def test_refuses_pickled_objects(tmp_path):
-  path = tmp_path / "with_args.pt"
-  torch.save({"model": _state_dict(**GRAY), "args": _Args()}, path)
-  with pytest.raises(ValueError, match="weights_only"):
+class _WritesFile:
+  """Unpickles by calling open(path, "w"): stands for any code a checkpoint could run on load."""
+
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __reduce__(self):
+    return open, (self.path, "w")
+
+
+def test_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
+  victim = tmp_path / "written_on_load"
+  path = tmp_path / "malicious.pt"
+  torch.save({"model": _state_dict(**GRAY), "payload": _WritesFile(victim)}, path)
+  with pytest.raises(UserError, match=r"pickled io\.open\b.*state_dict alone"):
     load_vqvae2(str(path))
+  assert main(["rosinality-vqvae2", str(path), str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err.strip()
+  assert "io.open" in err and len(err.splitlines()) == 1
+  assert not victim.exists() and not (tmp_path / "out").exists()
+  # The payload is live: loading without weights_only runs it, which the refusal prevented.
+  torch.load(path, weights_only=False)
+  assert victim.exists()
 
 
-class _Args:
-  """Stands for the argparse.Namespace that prior checkpoints store next to the weights."""
+def test_refusal_names_the_object_and_the_allow_list(tmp_path):
+  # What prior checkpoints of the reference store next to the weights: the training args.
+  path = tmp_path / "with_args.pt"
+  torch.save({"model": _state_dict(**GRAY), "args": argparse.Namespace(epoch=1)}, path)
+  with pytest.raises(UserError) as refused:
+    load_vqvae2(str(path))
+  message = str(refused.value)
+  assert "argparse.Namespace" in message and "\n" not in message
+  assert "safe_globals([argparse.Namespace])" in message
+  # The advice works: under that allow-list the weights load.
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    sd = torch.load(path, weights_only=True)
+  _, variables = load_vqvae2(sd)
+  assert variables["params"]
 
 
 def test_training_starts_from_converted_weights(tmp_path):

@@ -1,10 +1,24 @@
-"""The one config schema every experiment starts from.
+"""The one config schema every experiment starts from, and the loader of experiments.
 
 Experiments in `experiments/` call `base_config()` and change fields; they never add top-level
 keys, so a misspelled override (`--config.optim.lrr=1`) fails instead of being ignored.
+`load_experiment("fashion_mnist:smoke")` loads one the way `python -m vqjax.train --config`
+does; `validate(config)` rejects values no code would read (a field the chosen model or
+quantizer ignores, a misspelled choice) before a run starts.
 """
 
+import importlib.util
+import os
+import textwrap
+from collections.abc import Callable, Mapping
+
 import ml_collections
+
+from vqjax import errors
+
+# The repository's experiments/, next to the vqjax package (an editable install or a checkout).
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "experiments")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -125,3 +139,174 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.steps = 1
   c.log.update(every_steps=1, eval_batches=1, num_images=8)
   return c
+
+
+# ---- experiments ------------------------------------------------------------------------------
+
+
+def list_experiments() -> list[str]:
+  """Names of the experiment configs in the repository's experiments/ directory, sorted."""
+  if not os.path.isdir(EXPERIMENTS_DIR):
+    return []
+  return sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR)
+                if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_experiment(path_or_name: str) -> tuple[str, str | None]:
+  """Finds the file of an experiment spec.
+
+  Args:
+    path_or_name: "experiments/x.py[:variant]" (any path to a .py file), "x.py[:variant]" or a
+      bare "x[:variant]"; the last two are looked up in `EXPERIMENTS_DIR` when not a file.
+
+  Returns:
+    (absolute path of the .py file, variant or None). A file that does not exist raises
+    `errors.UserError` naming the available experiments.
+  """
+  path, _, variant = path_or_name.partition(":")
+  candidates = [path] if path.endswith(".py") else []
+  if os.sep not in path and "/" not in path:
+    candidates.append(os.path.join(EXPERIMENTS_DIR, path if path.endswith(".py") else path + ".py"))
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate), variant or None
+  available = ", ".join(list_experiments()) or f"none (no {EXPERIMENTS_DIR})"
+  raise errors.UserError(f"no experiment config {path!r}; available: {available}")
+
+
+def load_experiment(path_or_name: str) -> ml_collections.ConfigDict:
+  """Loads an experiment config as `python -m vqjax.train --config` does, without absl flags.
+
+  Args:
+    path_or_name: see `resolve_experiment`, e.g. "experiments/fashion_mnist.py:smoke" or
+      "fashion_mnist:smoke".
+
+  Returns:
+    The experiment's `get_config(variant)`, locked like the CLI's config: fields can be set,
+    new fields cannot be added. A missing file or unknown variant raises `errors.UserError`.
+  """
+  path, variant = resolve_experiment(path_or_name)
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"vqjax_experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  try:
+    config = module.get_config(variant) if variant else module.get_config()
+  except errors.UserError as e:
+    raise errors.UserError(f"{name}: {e}") from e
+  config.lock()
+  return config
+
+
+def apply_variant(
+    config: ml_collections.ConfigDict,
+    variant: str | None,
+    variants: Mapping[str, Callable[[ml_collections.ConfigDict], object]],
+) -> ml_collections.ConfigDict:
+  """Applies the named variant of an experiment (the text after ":" in `--config`).
+
+  Args:
+    config: the experiment's full config, changed in place.
+    variant: None or "" for the full config, else a key of `variants`.
+    variants: name -> function that changes the config in place.
+
+  Returns:
+    `config`; an unknown variant raises `errors.UserError` listing the known ones.
+  """
+  if not variant:
+    return config
+  if variant not in variants:
+    known = ", ".join(sorted(variants)) or "none"
+    raise errors.UserError(f"unknown variant {variant!r}; known variants: {known}")
+  variants[variant](config)
+  return config
+
+
+def summarize_fields(config: ml_collections.ConfigDict | None = None, width: int = 100) -> str:
+  """Every field as `group.field=default`, one wrapped paragraph per group (for --help).
+
+  Args:
+    config: the config to describe; `base_config()` when None.
+    width: line width of the text.
+
+  Returns:
+    The text, one group per paragraph.
+  """
+  config = base_config() if config is None else config
+  groups: dict[str, list[str]] = {"": []}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      groups[key] = [f"{key}.{k}={v!r}" for k, v in value.items()]
+    else:
+      groups[""].append(f"{key}={value!r}")
+  return "\n".join(textwrap.fill("  ".join(items), width, initial_indent="  ",
+                                 subsequent_indent="    ", break_on_hyphens=False)
+                   for items in groups.values() if items)
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+# Fields with a fixed set of values (model.name and the dtypes come from models/registry.py).
+_CHOICES = {
+    "data.reader": ("auto", "grain", "tfdata", "local"),
+    "data.resize": ("pad", "resize_crop", "center_crop"),
+    "model.upconv_impl": ("subpixel", "lax"),
+    "vq.kind": ("vq", "gumbel"),
+    "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
+    "vq.stats_impl": ("onehot", "scatter"),
+    "optim.name": ("adam", "adamw"),
+    "optim.schedule": ("constant", "cosine"),
+    "distributed.initialize": ("auto", "yes", "no"),
+}
+
+# (selector field, its value) -> fields that nothing reads with that value: setting one is
+# a mistake (e.g. tuning vq.beta of a Gumbel quantizer), so it is rejected rather than ignored.
+# Mirrors models/registry.py (quantizer_kwargs and the model builders) and training/optim.py.
+IGNORED_FIELDS = {
+    ("vq.kind", "gumbel"): ("vq.beta", "vq.ema", "vq.decay", "vq.eps", "vq.bias_correction",
+                            "vq.init", "vq.kmeans_iters", "vq.restart_after", "vq.stats_impl"),
+    ("vq.kind", "vq"): ("vq.temperature", "vq.kl_weight"),
+    ("model.name", "vqvae"): ("model.levels", "model.first_stride", "model.level_stride"),
+    ("model.name", "vqvae2"): ("model.downsample",),
+    ("optim.name", "adam"): ("optim.weight_decay",),  # decoupled decay is adamw's
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  group, _, field = dotted.rpartition(".")
+  return (config[group] if group else config)[field]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a config before a run: choice fields hold a known value, and no field that the
+  chosen model or quantizer ignores differs from its `base_config()` default.
+
+  Args:
+    config: a full config (from an experiment, with overrides).
+
+  Raises:
+    errors.UserError: one line naming the offending field(s).
+  """
+  from vqjax.models import registry  # here, not at the top: it imports Flax
+
+  choices = dict(_CHOICES, **{"model.name": tuple(registry.MODELS),
+                              "model.dtype": tuple(registry.DTYPES),
+                              "model.param_dtype": tuple(registry.DTYPES)})
+  for field, allowed in choices.items():
+    value = _get(config, field)
+    if value not in allowed:
+      raise errors.UserError(
+          f"config.{field}={value!r} is not one of {', '.join(map(repr, allowed))}"
+      )
+  defaults = base_config()
+  for (selector, selected), fields in IGNORED_FIELDS.items():
+    if _get(config, selector) != selected:
+      continue
+    changed = [f"config.{f}={_get(config, f)!r}" for f in fields
+               if _get(config, f) != _get(defaults, f)]
+    if changed:
+      raise errors.UserError(
+          f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} ignored by "
+          f"{selector}={selected!r}; leave {'it' if len(changed) == 1 else 'them'} at the "
+          f"default or choose another {selector}"
+      )

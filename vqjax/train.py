@@ -1,28 +1,26 @@
 """Trains a vqjax model: `python -m vqjax.train --config experiments/X.py[:variant] --workdir DIR`.
 
-Overrides: `--config.optim.lr=1e-4`; a misspelled key is an error. Resuming is automatic: run
-the same command again with the same workdir. Multi-host: set `--config.distributed.*` (or
-run under a launcher JAX detects, e.g. SLURM or Cloud TPU) and start one process per host.
+Overrides: `--config.optim.lr=1e-4`; a misspelled key is an error. `--config` also takes a bare
+experiment name (`--config fashion_mnist:smoke`). Resuming is automatic: run the same command
+again with the same workdir. Multi-host: set `--config.distributed.*` (or run under a launcher
+JAX detects, e.g. SLURM or Cloud TPU) and start one process per host.
 """
 
 import os
+import sys
 import traceback
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vqjax.training import trainer
+from vqjax import configs, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (experiments/*.py, optionally :variant).",
+    "config", None, "Experiment config: experiments/X.py, X.py or X, optionally :variant.",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-# Errors the user can fix from the message alone: shown as one line, traceback at -v 1.
-_USER_ERRORS = (FloatingPointError, ValueError, FileNotFoundError)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too (or -v 1).")
 
 
 def _multi_process_env() -> bool:
@@ -38,8 +36,11 @@ def _multi_process_env() -> bool:
 
 def initialize_distributed(d) -> None:
   """Calls `jax.distributed.initialize` per `config.distributed` (nothing on a single host)."""
+  import jax  # here, so that --help and flag errors answer without loading JAX
+
   if d.initialize not in ("auto", "yes", "no"):
-    raise ValueError(f"config.distributed.initialize must be auto|yes|no, not {d.initialize!r}")
+    raise errors.UserError(
+        f"config.distributed.initialize must be auto|yes|no, not {d.initialize!r}")
   kwargs = {}
   if d.coordinator_address:
     kwargs["coordinator_address"] = d.coordinator_address
@@ -54,28 +55,80 @@ def initialize_distributed(d) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def _usage() -> str:
+  return (f"{__doc__}\nExperiments (--config NAME[:smoke]): "
+          f"{', '.join(configs.list_experiments())}\n\n"
+          f"Config fields and defaults (set with --config.GROUP.FIELD=VALUE):\n"
+          f"{configs.summarize_fields()}\n\nFlags:\n{flags.FLAGS.main_module_help()}\n"
+          "(absl's own flags, such as -v: --helpfull)")
+
+
+def _with_resolved_config(argv: list[str]) -> list[str]:
+  """argv with the --config value replaced by the experiment file's path (a bare name is
+  looked up in experiments/), after loading it once so that a bad file or variant is one line."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg in ("--config", "-config") and i + 1 < len(out):
+      i, spec = i + 1, out[i + 1]
+    elif arg.startswith(("--config=", "-config=")):
+      spec = arg.partition("=")[2]
+    else:
+      continue
+    configs.load_experiment(spec)
+    path, variant = configs.resolve_experiment(spec)
+    resolved = path + (f":{variant}" if variant else "")
+    out[i] = resolved if out[i] == spec else f"--config={resolved}"
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a misspelled `--config.a.b` reported as one line, not a traceback."""
+  """absl flag parsing where every mistake (a missing flag, an unknown experiment or variant,
+  a misspelled `--config.a.b`) is reported as one line, not a traceback."""
+  if any(a in ("-h", "-?", "--help", "-help", "--helpshort") for a in argv[1:]):
+    print(_usage())
+    sys.exit(0)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(_with_resolved_config(argv))
+  except errors.UserError as e:
+    raise SystemExit(f"vqjax.train: {e}") from None
   except (AttributeError, KeyError, TypeError, flags.Error) as e:
     detail = str(e)
     if len(detail) > 1 and detail[0] in "'\"" and detail[-1] == detail[0]:  # a repr'd message
       detail = detail[1:-1].replace("\\n", " ").replace("\\'", "'")
     detail = " ".join(detail.split())
     raise SystemExit(f"vqjax.train: bad config override: {detail}") from None
+  for name, what in (("config", "an experiment, e.g. --config fashion_mnist:smoke"),
+                     ("workdir", "the directory for checkpoints, logs and images")):
+    if flags.FLAGS[name].value is None:
+      raise SystemExit(f"vqjax.train: --{name} is required ({what}); see --help")
+  return rest
+
+
+def _user_error(message: str) -> SystemExit:
+  if _VERBOSE.value or logging.get_verbosity() >= logging.DEBUG:
+    traceback.print_exc()
+  return SystemExit(f"vqjax.train: {' '.join(message.split())}")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+
+  from vqjax.training import trainer
+
   config = _CONFIG.value
-  initialize_distributed(config.distributed)
+  # Only errors a user fixes from the message are one line; anything else is a bug, whose
+  # traceback is what a report needs.
   try:
+    configs.validate(config)
+    initialize_distributed(config.distributed)
     result = trainer.train_and_evaluate(config, _WORKDIR.value)
-  except _USER_ERRORS as e:
-    logging.debug("%s", traceback.format_exc())
-    raise SystemExit(f"vqjax.train: {type(e).__name__}: {e}") from None
+  except errors.UserError as e:
+    raise _user_error(f"{type(e).__name__}: {e}") from None
+  except OSError as e:  # a read-only or full disk, a workdir that is a file, ...
+    where = f"{e.filename}: " if e.filename else ""
+    raise _user_error(f"{type(e).__name__}: {where}{e.strerror or e}") from None
   shown = " ".join(f"{k}={v:.5g}" for k, v in sorted(result.items()))
   print(f"process {jax.process_index()}/{jax.process_count()} done: {shown}", flush=True)
 

@@ -21,6 +21,7 @@ pickled Python objects, so a checkpoint cannot run code on import.
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vqjax import errors
 from vqjax.configs import base_config
 from vqjax.models import registry
 
@@ -203,13 +205,40 @@ def _to_numpy(x: Any) -> np.ndarray:
   return np.asarray(x, np.float32)
 
 
-def _load_error_reason(e: Exception) -> str:
-  # torch's message is many lines of advice; the line naming the refused object is the news.
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  for line in lines:
-    if "Unsupported global" in line or "WeightsUnpickler error" in line:
-      return line
-  return lines[0] if lines else type(e).__name__
+# How torch names the object it refused, across versions: "Unsupported global: GLOBAL
+# argparse.Namespace was not an allowed global" and, for a blocked module, "Trying to load
+# unsupported GLOBAL posix.system whose module posix is blocked" (both torch 2.13); older
+# releases said "Unsupported class argparse.Namespace".
+_REFUSED = re.compile(r"(?:GLOBAL|Unsupported class)\s+([A-Za-z_][\w.]*[\w])")
+
+
+def _load_error(path: str, e: Exception) -> errors.UserError:
+  """One line for a file `torch.load(weights_only=True)` refused: what, and what to do."""
+  message = str(e)
+  found = _REFUSED.search(message)
+  if found:
+    what = found.group(1)
+    if "is blocked" in message:  # torch refuses these modules whatever the allow-list
+      other = f" (torch blocks the module of {what} even on an allow-list)"
+    else:
+      other = (f", or, only if you trust {what}, load the file under "
+               f"torch.serialization.safe_globals([{what}]) and pass the state_dict to "
+               "vqjax.convert.load_vqvae2")
+    return errors.UserError(
+        f"{path} holds a pickled {what}, not just tensors; torch.load(weights_only=True) "
+        f"refused it, as unpickling it could run code: re-save the state_dict alone "
+        f"(torch.save(model.state_dict(), path)) where the file is trusted{other}"
+    )
+  # Not a refused object (a damaged file, an unsupported pickle opcode, ...): torch's most
+  # specific line; its other lines are generic advice about weights_only=False.
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  reason = next((line for line in lines
+                 if line.startswith(("Unsupported", "Invalid", "PytorchStreamReader"))),
+                lines[0] if lines else type(e).__name__)
+  return errors.UserError(
+      f"cannot read {path} with torch.load(weights_only=True): {reason} (expected a file "
+      "written by torch.save(model.state_dict(), path))"
+  )
 
 
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -238,11 +267,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
     try:
       sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; all mean the same here
-      raise ValueError(
-          f"cannot read {path} as a tensors-only checkpoint (torch.load weights_only=True): "
-          f"{_load_error_reason(e)}; save `model.state_dict()` rather than a pickled model "
-          "or other objects"
-      ) from e
+      raise _load_error(path, e) from e
     if not isinstance(sd, Mapping):
       raise ValueError(f"{path} holds a {type(sd).__name__}, not a state_dict")
   for wrapper in ("model", "state_dict"):

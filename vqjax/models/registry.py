@@ -18,19 +18,23 @@ Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
 With train=False nothing in "vq_state" changes.
 """
 
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from vqjax import errors
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def dtype_from_name(name: str):
   """Maps a config dtype string to a JAX dtype, with a clear error for unknown names."""
-  if name not in _DTYPES:
-    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-  return _DTYPES[name]
+  if name not in DTYPES:
+    raise errors.UserError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
 
 
 def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
@@ -39,7 +43,7 @@ def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
     return dict(kind="gumbel", num_codes=vq.num_codes, code_dim=vq.code_dim,
                 temperature=vq.temperature, kl_weight=vq.kl_weight)
   if vq.kind != "vq":
-    raise ValueError(f"unknown config.vq.kind {vq.kind!r}; expected 'vq' or 'gumbel'")
+    raise errors.UserError(f"unknown config.vq.kind {vq.kind!r}; expected 'vq' or 'gumbel'")
   return dict(
       num_codes=vq.num_codes,
       code_dim=vq.code_dim,
@@ -91,24 +95,49 @@ def _build_vqvae2(config, dtype, param_dtype):
   )
 
 
-MODELS = {"vqvae": _build_vqvae, "vqvae2": _build_vqvae2}
+class ModelEntry(NamedTuple):
+  """How to build one model and how much it downsamples (from `config.model` alone)."""
+
+  build: Callable[..., nn.Module]  # (config, dtype, param_dtype) -> module
+  total_stride: Callable[[ml_collections.ConfigDict], int]  # config.model -> stride
+
+
+MODELS = {
+    "vqvae": ModelEntry(_build_vqvae, lambda m: 2**m.downsample),  # `downsample` stride-2 convs
+    # The bottom encoder, then one `level_stride` encoder per further level.
+    "vqvae2": ModelEntry(
+        _build_vqvae2, lambda m: m.first_stride * m.level_stride ** (m.levels - 1)
+    ),
+}
+
+
+def _check_name(name: str) -> None:
+  if name not in MODELS:
+    raise errors.UserError(
+        f"unknown config.model.name {name!r}; expected one of {', '.join(sorted(MODELS))}"
+    )
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   """Builds the stage-1 model named by `config.model.name`."""
-  name = config.model.name
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-  return MODELS[name](
+  _check_name(config.model.name)
+  return MODELS[config.model.name].build(
       config, dtype_from_name(config.model.dtype), dtype_from_name(config.model.param_dtype)
   )
 
 
 def total_stride(config: ml_collections.ConfigDict) -> int:
-  """The factor by which the model's coarsest code map is smaller than the image."""
-  m = config.model
-  if m.name == "vqvae":
-    return 2**m.downsample
-  return m.first_stride * m.level_stride ** (m.levels - 1)
+  """The factor by which the model's coarsest code map is smaller than the image.
+
+  The config-level answer (the model need not be built); image sizes must be multiples of it.
+
+  Args:
+    config: a full config; `config.model.name` picks the formula.
+
+  Returns:
+    The stride; an unknown model name raises `errors.UserError`.
+  """
+  _check_name(config.model.name)
+  return MODELS[config.model.name].total_stride(config.model)
 
 

@@ -1,0 +1,224 @@
+"""Tests of vqjax/configs.py (experiment loading, variants, validation) and of the config-level
+helpers of vqjax/models/registry.py (total_stride)."""
+
+import os
+
+import ml_collections
+import pytest
+
+from vqjax import configs, errors
+from vqjax.models import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments"))
+                     if f.endswith(".py"))
+
+
+# --- loading experiments ------------------------------------------------------------------------
+
+
+def test_lists_the_repository_experiments():
+  assert configs.list_experiments() == EXPERIMENTS
+  assert "fashion_mnist" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_and_its_smoke_variant_load_and_validate(name):
+  full = configs.load_experiment(name)
+  smoke = configs.load_experiment(f"experiments/{name}.py:smoke")
+  for config in (full, smoke):
+    configs.validate(config)
+    # Locked like the CLI's config: an unknown field is an error, not a new key.
+    with pytest.raises(AttributeError):
+      config.optim.lrr = 1.0
+  # The smoke variant is what shrink_for_smoke makes of the full config (plus at most the
+  # model-specific strides), and it must fit its 32x32 images.
+  assert smoke.train.steps == 1 and smoke.data.reader == "local"
+  assert full.to_dict() != smoke.to_dict()
+  assert smoke.data.image_size % registry.total_stride(smoke) == 0
+  assert full.data.image_size % registry.total_stride(full) == 0
+
+
+def test_spellings_of_the_same_experiment_agree():
+  want = configs.load_experiment("fashion_mnist:smoke").to_dict()
+  path = os.path.join(ROOT, "experiments", "fashion_mnist.py")
+  for spec in ("fashion_mnist.py:smoke", "experiments/fashion_mnist.py:smoke", path + ":smoke"):
+    assert configs.load_experiment(spec).to_dict() == want
+
+
+def test_a_missing_experiment_names_the_available_ones():
+  for spec in ("nope", "experiments/nope.py:smoke", "fashion_mnst.py"):
+    with pytest.raises(errors.UserError) as e:
+      configs.load_experiment(spec)
+    message = str(e.value)
+    assert spec.split(":")[0] in message and "\n" not in message
+    assert all(name in message for name in EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_an_unknown_variant_names_the_known_ones(name):
+  with pytest.raises(errors.UserError, match=rf"{name}: unknown variant 'smok'.*smoke"):
+    configs.load_experiment(f"{name}:smok")
+
+
+def test_apply_variant():
+  calls = []
+  c = configs.base_config()
+  assert configs.apply_variant(c, None, {"a": calls.append}) is c and not calls
+  assert configs.apply_variant(c, "a", {"a": calls.append}) is c and calls == [c]
+  with pytest.raises(errors.UserError, match="'c'; known variants: a, b"):
+    configs.apply_variant(c, "c", {"b": calls.append, "a": calls.append})
+
+
+def test_field_summary_has_every_field_and_default():
+  text = configs.summarize_fields()
+  base = configs.base_config()
+  for group, fields in base.items():
+    if isinstance(fields, ml_collections.ConfigDict):
+      for field, value in fields.items():
+        assert f"{group}.{field}={value!r}" in text
+    else:
+      assert f"{group}={fields!r}" in text
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+class _Recorder:
+  """A read-only view of a ConfigDict that records which dotted fields are read."""
+
+  def __init__(self, config, seen, prefix=""):
+    self._config, self._seen, self._prefix = config, seen, prefix
+
+  def __getattr__(self, name):
+    value = self._config[name]
+    if isinstance(value, ml_collections.ConfigDict):
+      return _Recorder(value, self._seen, f"{self._prefix}{name}.")
+    self._seen.add(f"{self._prefix}{name}")
+    return value
+
+
+def _fields(group: str) -> set[str]:
+  return {f"{group}.{k}" for k in configs.base_config()[group]}
+
+
+def _read_by_quantizer(kind: str) -> set[str]:
+  config = configs.base_config()
+  config.vq.kind = kind
+  seen = set()
+  registry.quantizer_kwargs(_Recorder(config.vq, seen, "vq."))
+  return seen
+
+
+def _read_by_model(name: str) -> set[str]:
+  config = configs.base_config()
+  config.model.name = name
+  seen = set()
+  registry.MODELS[name].build(_Recorder(config, seen), None, None)
+  # build_model reads these itself, for every model.
+  return seen | {"model.name", "model.dtype", "model.param_dtype"}
+
+
+# Which field values no code reads, found by reading the registry rather than from a list.
+IGNORED = [("vq.kind", k, _fields("vq") - _read_by_quantizer(k)) for k in ("vq", "gumbel")] + [
+    ("model.name", n, _fields("model") - _read_by_model(n)) for n in sorted(registry.MODELS)]
+
+
+def _other_value(field: str, value):
+  """A valid value different from `value` for a field."""
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value + 1
+  return {"vq.init": "normal", "vq.stats_impl": "scatter"}[field]
+
+
+def _set(config, field, value):
+  group, _, name = field.partition(".")
+  config[group][name] = value
+
+
+def test_the_ignored_fields_found_match_the_brief():
+  # A guard on the recorder itself: the Gumbel quantizer reads none of the EMA/commitment
+  # settings, and each model reads the stride fields of the other not at all.
+  ignored = {(s, v): f for s, v, f in IGNORED}
+  assert len(ignored[("vq.kind", "gumbel")]) == 9 and "vq.beta" in ignored[("vq.kind", "gumbel")]
+  assert ignored[("vq.kind", "vq")] == {"vq.temperature", "vq.kl_weight"}
+  assert ignored[("model.name", "vqvae")] == {"model.levels", "model.first_stride",
+                                              "model.level_stride"}
+  assert ignored[("model.name", "vqvae2")] == {"model.downsample"}
+
+
+@pytest.mark.parametrize("selector,selected,fields", IGNORED,
+                         ids=[f"{s}={v}" for s, v, _ in IGNORED])
+def test_validate_rejects_each_ignored_field(selector, selected, fields):
+  base = configs.base_config()
+  _set(base, selector, selected)
+  configs.validate(base)  # the defaults are fine
+  for field in sorted(fields):
+    config = configs.base_config()
+    _set(config, selector, selected)
+    group, _, name = field.partition(".")
+    _set(config, field, _other_value(field, base[group][name]))
+    with pytest.raises(errors.UserError) as e:
+      configs.validate(config)
+    assert f"config.{field}=" in str(e.value) and f"{selector}={selected!r}" in str(e.value)
+
+
+def test_validate_accepts_the_read_fields_of_the_other_kind():
+  # The fields one kind ignores are exactly those the other reads: changing them is fine there.
+  config = configs.base_config()
+  config.vq.update(kind="gumbel", temperature=0.5, kl_weight=0.0)
+  config.model.update(name="vqvae", downsample=3)
+  configs.validate(config)
+  config = configs.base_config()
+  config.vq.update(kind="vq", beta=0.5, ema=False, init="normal", restart_after=0)
+  config.model.update(name="vqvae2", levels=3, first_stride=2, level_stride=4)
+  configs.validate(config)
+
+
+def test_validate_rejects_weight_decay_that_adam_ignores():
+  config = configs.base_config()
+  config.optim.weight_decay = 1e-4
+  with pytest.raises(errors.UserError, match=r"optim\.weight_decay=0\.0001 is ignored by "
+                                             r"optim\.name='adam'"):
+    configs.validate(config)
+  config.optim.name = "adamw"
+  configs.validate(config)
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("model.dtype", "fp16"), ("model.param_dtype", "float64"), ("model.name", "vqvae3"),
+    ("vq.kind", "fsq"), ("vq.init", "zeros"), ("optim.schedule", "linear"),
+    ("optim.name", "sgd"), ("data.reader", "tfds"), ("data.resize", "crop"),
+    ("model.upconv_impl", "conv"), ("distributed.initialize", "maybe"),
+])
+def test_validate_rejects_unknown_choices(field, bad):
+  config = configs.base_config()
+  _set(config, field, bad)
+  with pytest.raises(errors.UserError, match=rf"config\.{field}='{bad}' is not one of"):
+    configs.validate(config)
+
+
+# --- total_stride -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model,expected", [
+    (dict(name="vqvae", downsample=2), 4),
+    (dict(name="vqvae", downsample=3), 8),
+    (dict(name="vqvae2", levels=2, first_stride=4, level_stride=2), 8),  # 256 -> 64 -> 32
+    (dict(name="vqvae2", levels=2, first_stride=2, level_stride=2), 4),
+    (dict(name="vqvae2", levels=3, first_stride=8, level_stride=2), 32),  # 1024 -> 128, 64, 32
+    (dict(name="vqvae2", levels=3, first_stride=2, level_stride=4), 32),
+])
+def test_total_stride(model, expected):
+  config = configs.base_config()
+  config.model.update(model)
+  assert registry.total_stride(config) == expected
+
+
+def test_total_stride_of_an_unknown_model_is_a_user_error():
+  config = configs.base_config()
+  config.model.name = "vqgan"
+  with pytest.raises(errors.UserError, match="'vqgan'.*vqvae, vqvae2"):
+    registry.total_stride(config)

@@ -1,0 +1,46 @@
+"""Tests of vqjax/runs.py: `load_run` on a converted model directory and its errors (the trainer
+workdir case runs in tests/test_train.py, where a real run exists)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vqjax
+from vqjax import configs, convert, errors
+from vqjax.models import registry
+
+
+def _tiny_config():
+  c = configs.load_experiment("fashion_mnist:smoke")
+  return c
+
+
+def test_load_run_reads_a_converted_directory(tmp_path):
+  config = _tiny_config()
+  model = registry.build_model(config)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 1)), jnp.float32)
+  variables = model.init({"params": jax.random.key(3), "vq": jax.random.key(4)}, x)
+  # Perturb the EMA state so a loader that re-initialised it would be caught.
+  variables = jax.tree.map(lambda a: a + 0.5 if a.dtype == jnp.float32 else a, dict(variables))
+  convert.save_converted(str(tmp_path / "conv"), config, variables)
+  loaded_config, loaded_model, loaded = vqjax.load_run(str(tmp_path / "conv"))
+  assert loaded_config.vq.num_codes == config.vq.num_codes
+  flat_a = jax.tree_util.tree_flatten_with_path(variables)[0]
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+  assert len(flat_a) == len(flat_b)
+  for path, a in flat_a:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(flat_b[path]))
+  recon_a, _ = model.apply(variables, x)
+  recon_b, _ = loaded_model.apply(loaded, x)
+  np.testing.assert_array_equal(np.asarray(recon_a), np.asarray(recon_b))
+  with pytest.raises(errors.UserError, match="converted model"):
+    vqjax.load_run(str(tmp_path / "conv"), step=3)
+
+
+def test_load_run_errors_name_the_problem(tmp_path):
+  with pytest.raises(errors.UserError, match="not a directory"):
+    vqjax.load_run(str(tmp_path / "missing"))
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(errors.UserError, match="no checkpoint in"):
+    vqjax.load_run(str(tmp_path))
