@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 
 import numpy as np
 from PIL import Image
@@ -11,12 +12,22 @@ from vqjax.training import logs
 
 
 def test_grid_layout_and_values(tmp_path):
-  inputs = np.full((3, 4, 5, 1), -1.0, np.float32)  # black
-  recons = np.full((3, 4, 5, 1), 1.0, np.float32)  # white
-  grid = logs.comparison_grid({"input": inputs, "reconstruction": recons}, per_row=2)
-  # 2 images per row, 2 row pairs (3 images -> the second pair padded with a blank image).
-  assert grid.shape == (4 * (4 + 2) + 2, 2 * (5 + 2) + 2, 1)
-  assert grid[2, 2, 0] == 0 and grid[2 + 6, 2, 0] == 255
+  inputs = np.full((3, 16, 5, 1), -1.0, np.float32)  # black
+  recons = np.full((3, 16, 5, 1), 1.0, np.float32)  # white
+  labelled = logs.comparison_grid({"input": inputs, "reconstruction": recons}, per_row=2)
+  # 2 images per row, 2 row pairs (3 images -> the second pair padded with a blank image),
+  # after a white margin holding the row names.
+  width = 2 * (5 + 2) + 2
+  margin = labelled.shape[1] - width
+  assert labelled.shape[0] == 4 * (16 + 2) + 2 and margin > 20
+  grid = labelled[:, margin:]
+  assert grid[2, 2, 0] == 0 and grid[2 + 18, 2, 0] == 255
+  assert grid[2 + 36, 2 + 7, 0] == 255  # the blank padding image
+  assert grid[2 + 36, 2, 0] == 0
+  # Each row's label is ink in the margin level with that row; the names differ in length.
+  ink = [(labelled[2 + r * 18 : 2 + r * 18 + 16, :margin, 0] < 128).sum(0).nonzero()[0].max()
+         for r in range(4)]
+  assert ink[0] == ink[2] and ink[1] == ink[3] and ink[1] > ink[0]
   path = os.path.join(tmp_path, "g.png")
   logs.save_png(path, grid)
   np.testing.assert_array_equal(np.asarray(Image.open(path)), grid[..., 0])
@@ -37,7 +48,13 @@ def test_writer_and_progress(tmp_path):
   text, timing = p.line(10, {"loss": 0.5, "level0/usage": 0.25, "level1/usage": 1.0},
                         ("loss", "usage"))
   assert text.startswith("step  10/100 loss=0.5 level0/usage=0.25 level1/usage=1")
-  assert "img/s" in text and "ETA" in text and timing["img_per_s"] > 0
+  assert "img/s" in text and "ETA" in text
+  # 10 steps of 10 examples over the measured interval.
+  elapsed = 100 / timing["img_per_s"]
+  assert 0 < elapsed < 5 and abs(timing["eta_s"] - 9 * elapsed) < 1e-6 * timing["eta_s"]
+  codes = logs.Progress(total_steps=4, global_batch=3, start_step=0, unit="codes")
+  text, timing = codes.line(2, {"loss": 1.0}, ("loss",))
+  assert "codes/s" in text and "img/s" not in text and set(timing) == {"codes_per_s", "eta_s"}
   inactive = logs.MetricWriter(str(tmp_path / "other"), active=False)
   inactive.start_at(0)
   inactive.write(1, {"loss": 1.0})
@@ -62,6 +79,46 @@ def test_resumed_writer_drops_records_after_the_checkpoint(tmp_path):
   assert [(r["step"], r["split"]) for r in rows] == [
       (1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "eval"), (5, "train")]
   assert rows[-1]["loss"] == 50.0
+  # TensorBoard: the resumed writer asks for steps after 4 to be purged (a SessionLog START
+  # at step 5), so TensorBoard hides the first run's steps 5-6.
+  files = sorted((tmp_path / "tb").iterdir(), key=os.path.getmtime)
+  assert len(files) == 2
+  starts = [(e.step, e.session_log.status) for e in _events(files[-1]) if e.HasField("session_log")]
+  assert starts == [(5, 1)]  # 1 = SessionLog.START
+  first = [(e.step, e.session_log.status) for e in _events(files[0]) if e.HasField("session_log")]
+  assert first == [(1, 1)]
+  assert [e.step for e in _events(files[0]) if e.summary.value] == [1, 2, 3, 4, 5, 6, 4]
+
+
+def _events(path):
+  """Event protos of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
+
+  data = path.read_bytes()
+  pos, out = 0, []
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos : pos + 8])
+    out.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n]))
+    pos += 12 + n + 4
+  return out
+
+
+def test_half_written_last_line_is_dropped_on_resume(tmp_path):
+  w = logs.MetricWriter(str(tmp_path), tensorboard=False)
+  w.start_at(0)
+  w.write(1, {"loss": 1.0})
+  w.write(2, {"loss": 2.0})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "split": "tr')  # a kill in the middle of a write
+  assert [r["step"] for r in logs.read_records(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+  w = logs.MetricWriter(str(tmp_path), tensorboard=False)
+  w.start_at(2)
+  w.write(3, {"loss": 3.0})
+  w.close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
 def test_save_config_round_trips(tmp_path):

@@ -30,7 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   # --- data -------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist"  # tfds catalogue name, "fashion_mnist", or "folder"
-  c.data.reader = "auto"  # "auto" | "grain" (tfds.data_source) | "tfdata" (tfds.load) | "local"
+  # "auto" (resolved once per run and recorded) | "grain" (tfds.data_source) | "tfdata"
+  # (tfds.load) | "local" (Fashion-MNIST idx files, in-memory sources) | "folder"
+  c.data.reader = "auto"
   c.data.data_dir = ""  # tfds data dir; "" = the tfds default (or ~/.cache/vqjax for local data)
   c.data.folder = ""  # image folder for name="folder"
   c.data.local_dir = "/usr/share/datasets/fashion-mnist"  # Debian's Fashion-MNIST idx files
@@ -42,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_flip = False
   c.data.batch_size = 128  # global batch, split over processes and devices
   c.data.eval_batch_size = 256
-  c.data.num_workers = 0  # reader threads (grain prefetch threads for tfds data); 0 = none
+  c.data.num_workers = 0  # read/decode threads (grain), tf.data parallel calls; 0 = none
   c.data.download = False  # tfds may download when True (never in tests)
 
   # --- model ------------------------------------------------------------------------------
@@ -248,7 +250,7 @@ def summarize_fields(config: ml_collections.ConfigDict | None = None, width: int
 
 # Fields with a fixed set of values (model.name and the dtypes come from models/registry.py).
 _CHOICES = {
-    "data.reader": ("auto", "grain", "tfdata", "local"),
+    "data.reader": ("auto", "grain", "tfdata", "local", "folder"),
     "data.resize": ("pad", "resize_crop", "center_crop"),
     "model.upconv_impl": ("subpixel", "lax"),
     "vq.kind": ("vq", "gumbel"),

@@ -115,7 +115,10 @@ class MetricWriter:
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard event files")
       else:
-        self._tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=step + 1)
+        # A suffix of the pid and the step: a resume within the same second (the default
+        # name has one-second resolution) must not reopen, and truncate, the earlier file.
+        self._tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=step + 1,
+                                 filename_suffix=f".{os.getpid()}.{step}")
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
     """Appends one JSON line `{"step", "split", **metrics}` and the TensorBoard scalars."""

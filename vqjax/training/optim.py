@@ -7,6 +7,8 @@ global-norm clipping. The schedule is returned too so the trainer can log the cu
 import ml_collections
 import optax
 
+from vqjax import errors
+
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `optim.lr`, then constant or cosine decay to 0.
@@ -24,7 +26,8 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
   elif optim.schedule == "cosine":
     after = optax.cosine_decay_schedule(optim.lr, decay_steps=max(total_steps - warmup, 1))
   else:
-    raise ValueError(f"unknown optim.schedule {optim.schedule!r}; expected 'constant' or 'cosine'")
+    raise errors.UserError(
+        f"unknown optim.schedule {optim.schedule!r}; expected 'constant' or 'cosine'")
   if warmup == 0:
     return after
   ramp = optax.linear_schedule(0.0, optim.lr, transition_steps=warmup)
@@ -47,12 +50,12 @@ def make_optimizer(
   if optim.name == "adam":
     if optim.weight_decay:
       # Adam's L2 term differs from decoupled decay; refuse rather than silently pick one.
-      raise ValueError("optim.weight_decay needs optim.name='adamw'")
+      raise errors.UserError("optim.weight_decay needs optim.name='adamw'")
     tx = optax.adam(schedule, b1=optim.b1, b2=optim.b2)
   elif optim.name == "adamw":
     tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
   else:
-    raise ValueError(f"unknown optim.name {optim.name!r}; expected 'adam' or 'adamw'")
+    raise errors.UserError(f"unknown optim.name {optim.name!r}; expected 'adam' or 'adamw'")
   if optim.grad_clip and optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
   return tx, schedule

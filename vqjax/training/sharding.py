@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vqjax import errors
+
 AXES = ("data", "fsdp")
 # The batch dimension is split over both axes: fsdp devices hold different examples too.
 BATCH_AXES = ("data", "fsdp")
@@ -34,17 +36,17 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   """
   data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
   if data == -1 and fsdp == -1:
-    raise ValueError("config.mesh: only one of data and fsdp may be -1")
+    raise errors.UserError("config.mesh: only one of data and fsdp may be -1")
   if data == -1:
     if num_devices % fsdp:
-      raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices")
+      raise errors.UserError(f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices")
     data = num_devices // fsdp
   elif fsdp == -1:
     if num_devices % data:
-      raise ValueError(f"config.mesh.data={data} does not divide the {num_devices} devices")
+      raise errors.UserError(f"config.mesh.data={data} does not divide the {num_devices} devices")
     fsdp = num_devices // data
   if data * fsdp != num_devices or data < 1 or fsdp < 1:
-    raise ValueError(
+    raise errors.UserError(
         f"config.mesh data={data} x fsdp={fsdp} does not match the {num_devices} devices "
         "(set one axis to -1 to use all devices)"
     )
@@ -158,7 +160,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   """Fails early, with the numbers, if the batch does not split over the mesh."""
   n = mesh.devices.size
   if global_batch_size % n:
-    raise ValueError(
+    raise errors.UserError(
         f"config.data.batch_size={global_batch_size} is not divisible by the {n} devices of "
         f"the mesh {dict(mesh.shape)}"
     )

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vqjax import errors
+from vqjax import configs, errors
 from vqjax.data import pipeline, sources
 from vqjax.training import checkpoint, logs, sharding, tasks
 
@@ -194,6 +194,7 @@ def train_and_evaluate(
     and "first_step_s" (setup + compile time of this launch) when a step ran.
   """
   t_start = time.perf_counter()
+  configs.validate(config)
   logs.quiet_library_logs()
   setup_compilation_cache(config.log.compilation_cache)
   workdir = os.path.abspath(os.path.expanduser(workdir))
