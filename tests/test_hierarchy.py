@@ -60,8 +60,13 @@ def two_level():
   def run(mdl, x):
     recon, aux = mdl(x)
     codes = mdl.encode_to_indices(x)
-    z_top = mdl.pre_quant[0](mdl.encoders[0](mdl.encoders[1](x)))
-    return recon, aux, codes, mdl.decode_from_indices(codes), z_top
+    # The quantizer inputs, rebuilt from the layout of the module docstring: the top from the
+    # top encoder, the bottom from [decoded top codewords, bottom encoder features].
+    h_bottom = mdl.encoders[1](x)
+    z_top = mdl.pre_quant[0](mdl.encoders[0](h_bottom))
+    cond = mdl.cond_decoders[0](mdl.quantizers[0].lookup(codes[0]))
+    z_bottom = mdl.pre_quant[1](jnp.concatenate([cond, h_bottom], axis=-1))
+    return recon, aux, codes, mdl.decode_from_indices(codes), (z_top, z_bottom)
 
   return m, v, x, *_apply(m, v, x, method=run)
 
@@ -71,20 +76,31 @@ def test_decode_from_indices_reproduces_the_forward_pass(two_level):
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(recon), rtol=1e-5, atol=1e-6)
 
 
+def _np_nearest(z, book):
+  return ((z[:, None] - book[None]) ** 2).sum(-1).argmin(1)
+
+
 def test_codes_are_the_nearest_codewords_of_the_encoder_outputs(two_level):
-  _, v, _, _, _, codes, _, z_top = two_level
-  z = np.asarray(z_top, np.float64).reshape(-1, 8)
-  book = np.asarray(v["vq_state"]["quantizers_0"]["codebook"], np.float64)
-  expect = ((z[:, None] - book[None]) ** 2).sum(-1).argmin(1)
-  np.testing.assert_array_equal(np.asarray(codes[0]).reshape(-1), expect)
+  _, v, _, _, _, codes, _, zs = two_level
+  for level, z in enumerate(zs):  # the bottom level is conditioned on the top codes
+    z = np.asarray(z, np.float64).reshape(-1, 8)
+    book = np.asarray(v["vq_state"][f"quantizers_{level}"]["codebook"], np.float64)
+    np.testing.assert_array_equal(np.asarray(codes[level]).reshape(-1), _np_nearest(z, book))
 
 
 def test_loss_is_mse_plus_beta_commitment(two_level):
-  _, _, x, recon, aux, _, _, _ = two_level
+  _, v, x, recon, aux, _, _, zs = two_level
   mse = np.mean((np.asarray(recon, np.float64) - np.asarray(x, np.float64)) ** 2)
   np.testing.assert_allclose(float(aux["mse"]), mse, rtol=1e-5)
-  commit = float(aux["level0/commitment"]) + float(aux["level1/commitment"])
-  np.testing.assert_allclose(float(aux["loss"]), mse + 0.25 * commit, rtol=1e-5)
+  commit = 0.0
+  for level, z in enumerate(zs):
+    z = np.asarray(z, np.float64).reshape(-1, 8)
+    book = np.asarray(v["vq_state"][f"quantizers_{level}"]["codebook"], np.float64)
+    c = np.mean((z - book[_np_nearest(z, book)]) ** 2)
+    np.testing.assert_allclose(float(aux[f"level{level}/commitment"]), c, rtol=1e-4)
+    commit += c
+  np.testing.assert_allclose(float(aux["latent_loss"]), 0.25 * commit, rtol=1e-4)
+  np.testing.assert_allclose(float(aux["loss"]), mse + 0.25 * commit, rtol=1e-4)
 
 
 def test_reconstruction_gradients_reach_the_encoders_through_the_quantizers(two_level):
@@ -112,9 +128,20 @@ def test_bfloat16_forward_is_close_to_float32():
 
 def test_training_step_updates_ema_codebooks_and_eval_does_not(two_level):
   m, v, x = two_level[:3]
+  zs = two_level[-1]
   _, upd = _apply(m, v, x, train=True, mutable=["vq_state"])
+  for level, z in enumerate(zs):
+    # One EMA step (decay 0.99, eps 1e-5, no bias correction) from sums = codebook, counts = 0,
+    # in float64 from the VQ-VAE appendix equations.
+    z = np.asarray(z, np.float64).reshape(-1, 8)
+    book = np.asarray(v["vq_state"][f"quantizers_{level}"]["codebook"], np.float64)
+    onehot = np.eye(32)[_np_nearest(z, book)]
+    count = 0.01 * onehot.sum(0)
+    total = 0.99 * book + 0.01 * onehot.T @ z
+    smoothed = (count + 1e-5) / (count.sum() + 32 * 1e-5) * count.sum()
+    np.testing.assert_allclose(np.asarray(upd["vq_state"][f"quantizers_{level}"]["codebook"]),
+                               total / smoothed[:, None], rtol=1e-4, atol=1e-5)
   before = v["vq_state"]["quantizers_1"]["codebook"]
-  assert not np.allclose(np.asarray(upd["vq_state"]["quantizers_1"]["codebook"]), before)
   _, same = _apply(m, v, x, train=False, mutable=["vq_state"])
   np.testing.assert_array_equal(np.asarray(same["vq_state"]["quantizers_1"]["codebook"]), before)
 

@@ -36,16 +36,26 @@ def test_upconv_matches_pytorch_semantics_in_float64(impl):
   np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)
 
 
-def test_upconv_implementations_have_the_same_gradients():
-  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
-  a, b = UpConv(5, impl="subpixel"), UpConv(5, impl="lax")
-  v = a.init(jax.random.key(1), x)
-  w = jax.random.normal(jax.random.key(2), (2, 8, 8, 5))
-  loss = lambda m: (lambda v, x: jnp.sum(m.apply(v, x) * w))
-  ga = jax.grad(loss(a), argnums=(0, 1))(v, x)
-  gb = jax.grad(loss(b), argnums=(0, 1))(v, x)
-  for p, q in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-    np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("impl", ["subpixel", "lax"])
+def test_upconv_gradients_match_numpy_in_float64(impl):
+  x = jax.random.normal(jax.random.key(0), (2, 4, 3, 3))
+  m = UpConv(5, impl=impl)
+  v = m.init(jax.random.key(1), x)
+  w = np.asarray(jax.random.normal(jax.random.key(2), (2, 8, 6, 5)), np.float64)
+  gv, gx = jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * w), argnums=(0, 1))(v, x)
+  # L = sum(y * w) with y[2i - 1 + ky, 2j - 1 + kx] += x[i, j] @ kernel[ky, kx]: pad w by the
+  # padding (1) so every tap (ky, kx) reads w at 2i + ky, 2j + kx.
+  xn, kernel = np.asarray(x, np.float64), np.asarray(v["params"]["kernel"], np.float64)
+  wp = np.pad(w, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expect_x, expect_k = np.zeros_like(xn), np.zeros_like(kernel)
+  for ky in range(4):
+    for kx in range(4):
+      wt = wp[:, ky : ky + 8 : 2, kx : kx + 6 : 2]  # [n, i, j, o]
+      expect_x += np.einsum("nijo,co->nijc", wt, kernel[ky, kx])
+      expect_k[ky, kx] = np.einsum("nijc,nijo->co", xn, wt)
+  np.testing.assert_allclose(np.asarray(gx), expect_x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gv["params"]["kernel"]), expect_k, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gv["params"]["bias"]), w.sum((0, 1, 2)), rtol=1e-5)
 
 
 def test_resblock_matches_numpy():
@@ -66,7 +76,54 @@ def test_resblock_matches_numpy():
   np.testing.assert_allclose(np.asarray(m.apply({"params": v}, x)), expect, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stride", [2, 4, 8])
+def _np_conv(x, k, b, stride=1, pad=0):
+  """Cross-correlation as nn.Conv computes it, NHWC / HWIO, float64."""
+  kh, kw = k.shape[:2]
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  oh, ow = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], oh, ow, k.shape[-1])) + b
+  for dy in range(kh):
+    for dx in range(kw):
+      patch = xp[:, dy : dy + stride * oh : stride, dx : dx + stride * ow : stride]
+      out += np.einsum("nyxc,co->nyxo", patch, k[dy, dx])
+  return out
+
+
+def _np_resblock(x, p):
+  relu = lambda a: np.maximum(a, 0)
+  h = relu(_np_conv(relu(x), p["conv3"]["kernel"], p["conv3"]["bias"], pad=1))
+  return x + _np_conv(h, p["conv1"]["kernel"], p["conv1"]["bias"])
+
+
+def test_encoder_and_decoder_match_numpy_in_float64():
+  """Stride 4: both down convs (channels // 2, then channels) and both up convs, in order."""
+  relu = lambda a: np.maximum(a, 0)
+  x = jax.random.normal(jax.random.key(0), (1, 8, 12, 3))
+  enc = Encoder(6, 4, 1, 4)
+  ve = enc.init(jax.random.key(1), x)
+  h = enc.apply(ve, x)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), ve["params"])
+  assert p["down0"]["kernel"].shape == (4, 4, 3, 3) and "down2" not in p
+  e = _np_conv(np.asarray(x, np.float64), p["down0"]["kernel"], p["down0"]["bias"], 2, 1)
+  e = _np_conv(relu(e), p["down1"]["kernel"], p["down1"]["bias"], 2, 1)
+  e = _np_conv(relu(e), p["conv_out"]["kernel"], p["conv_out"]["bias"], pad=1)
+  e = relu(_np_resblock(e, p["res0"]))
+  np.testing.assert_allclose(np.asarray(h), e, rtol=1e-4, atol=1e-5)
+
+  dec = Decoder(2, 6, 4, 1, 4)
+  vd = dec.init(jax.random.key(2), h)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), vd["params"])
+  assert p["up0"]["kernel"].shape == (4, 4, 6, 3) and "up2" not in p
+  d = _np_conv(np.asarray(h, np.float64), p["conv_in"]["kernel"], p["conv_in"]["bias"], pad=1)
+  d = relu(_np_resblock(d, p["res0"]))
+  d = relu(_np_conv_transpose(d, p["up0"]["kernel"], p["up0"]["bias"]))
+  d = _np_conv_transpose(d, p["up1"]["kernel"], p["up1"]["bias"])
+  y = dec.apply(vd, h)
+  assert y.shape == (1, 8, 12, 2)
+  np.testing.assert_allclose(np.asarray(y), d, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [2, 8])
 def test_encoder_decoder_strides(stride):
   x = jnp.zeros((2, 32, 16, 3))
   enc = Encoder(8, 4, 1, stride)

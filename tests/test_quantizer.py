@@ -129,6 +129,11 @@ def test_eval_mode_changes_no_statistics():
   _, upd = q.apply(v, z, train=False, mutable=["vq_state"])
   for a, b in zip(jax.tree.leaves(v["vq_state"]), jax.tree.leaves(upd["vq_state"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The same call with train=True does change them: the comparison above can fail.
+  _, trained = q.apply(v, z, train=True, rngs={"vq": jax.random.key(1)}, mutable=["vq_state"])
+  assert bool(trained["vq_state"]["initialized"]) and not bool(v["vq_state"]["initialized"])
+  assert not np.array_equal(np.asarray(trained["vq_state"]["codebook"]),
+                            np.asarray(v["vq_state"]["codebook"]))
 
 
 def _collapsing_data(n=512, d=4, clusters=32, seed=0):
@@ -190,8 +195,18 @@ def test_loss_codebook_gets_gradients_on_the_data_init_step():
                           rngs={"vq": jax.random.key(0)}, mutable=["vq_state"])
     return aux["codebook_loss"]
 
-  g = jax.grad(loss)(v["params"])["codebook"]
-  assert float(jnp.sum(jnp.abs(g))) > 0
+  g = np.asarray(jax.grad(loss)(v["params"])["codebook"], np.float64)
+  # The gradient is the codebook-loss formula at the seeded codebook (param + offset), so the
+  # seeds reach the loss while the parameter keeps its gradient.
+  _, upd = q.apply(v, z, train=True, rngs={"vq": jax.random.key(0)}, mutable=["vq_state"])
+  e = np.asarray(v["params"]["codebook"], np.float64) + np.asarray(
+      upd["vq_state"]["offset"], np.float64)
+  zn = np.asarray(z, np.float64)
+  idx = _np_nearest(zn, e)
+  expect = np.zeros_like(e)
+  np.add.at(expect, idx, 2 * (e[idx] - zn) / zn.size)
+  assert np.abs(expect).sum() > 0
+  np.testing.assert_allclose(g, expect, rtol=1e-4, atol=1e-8)
 
 
 def test_kmeans_matches_numpy_lloyd_step():
@@ -250,3 +265,132 @@ def test_bad_arguments_are_clear_errors():
     _init(VectorQuantizer(num_codes=4, code_dim=3, codebook_init="zeros"), z)
   with pytest.raises(ValueError, match="last axis 5"):
     _init(VectorQuantizer(num_codes=4, code_dim=5, codebook_init="normal"), z)
+
+
+@pytest.mark.parametrize("impl", ["onehot", "scatter"])
+def test_code_histogram_matches_bincount(impl):
+  rng = np.random.default_rng(0)
+  k = 11
+  idx = rng.integers(0, k, size=(4, 3, 5))
+  mask = np.array([1.0, 0.0, 0.5, 1.0], np.float32)
+  full = rng.uniform(size=idx.shape).astype(np.float32)
+  got = qlib.code_histogram(jnp.asarray(idx), k, impl=impl)
+  assert got.dtype == jnp.float32 and got.shape == (k,)
+  np.testing.assert_array_equal(np.asarray(got), np.bincount(idx.ravel(), minlength=k))
+  # A per-example mask [B] weighs every position of example b.
+  per_pos = np.broadcast_to(mask[:, None, None], idx.shape)
+  got = qlib.code_histogram(jnp.asarray(idx), k, weights=jnp.asarray(mask), impl=impl)
+  np.testing.assert_allclose(
+      np.asarray(got), np.bincount(idx.ravel(), per_pos.ravel(), minlength=k), rtol=1e-6)
+  # [B, h] weights line up with the leading axes too; full-shape weights are used as given.
+  rows = rng.uniform(size=(4, 3)).astype(np.float32)
+  got = qlib.code_histogram(jnp.asarray(idx), k, weights=jnp.asarray(rows), impl=impl)
+  expect = np.bincount(idx.ravel(), np.broadcast_to(rows[:, :, None], idx.shape).ravel(), k)
+  np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-6)
+  got = qlib.code_histogram(jnp.asarray(idx), k, weights=jnp.asarray(full), impl=impl)
+  np.testing.assert_allclose(
+      np.asarray(got), np.bincount(idx.ravel(), full.ravel().astype(np.float64), k), rtol=1e-6)
+  with pytest.raises(ValueError, match="more axes"):
+    qlib.code_histogram(jnp.asarray(idx[0, 0]), k, weights=jnp.asarray(mask[:, None]), impl=impl)
+
+
+def test_code_histogram_rejects_unknown_impl():
+  with pytest.raises(ValueError, match="histogram impl"):
+    qlib.code_histogram(jnp.zeros((3,), jnp.int32), 4, impl="bincount")
+
+
+@pytest.mark.parametrize("impl", ["onehot", "scatter"])
+def test_cluster_sums_match_numpy(impl):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(50, 3)).astype(np.float32)
+  idx = rng.integers(0, 7, size=50)
+  counts, sums = qlib.cluster_sums(jnp.asarray(x), jnp.asarray(idx), 7, impl)
+  np.testing.assert_array_equal(np.asarray(counts), np.bincount(idx, minlength=7))
+  expect = np.zeros((7, 3))
+  np.add.at(expect, idx, x.astype(np.float64))
+  np.testing.assert_allclose(np.asarray(sums), expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("train,ema,impl", [
+    (False, True, "onehot"), (True, True, "onehot"), (True, True, "scatter"),
+    (True, False, "scatter"),
+])
+def test_aux_counts_losses_and_metrics_match_numpy(train, ema, impl):
+  k, d, beta = 16, 3, 0.3
+  q = VectorQuantizer(num_codes=k, code_dim=d, beta=beta, ema=ema, codebook_init="normal",
+                      stats_impl=impl)
+  z = jax.random.normal(jax.random.key(4), (2, 5, 7, d))
+  v = _init(q, z)
+  (zq, aux), _ = q.apply(v, z, train=train, mutable=["vq_state"])
+  # Losses and codes use the codebook from before this step's update.
+  book = np.asarray(v["vq_state"]["codebook"] if ema else v["params"]["codebook"], np.float64)
+  zn = np.asarray(z, np.float64).reshape(-1, d)
+  idx = _np_nearest(zn, book)
+  np.testing.assert_array_equal(np.asarray(aux["indices"]), idx.reshape(2, 5, 7))
+  np.testing.assert_allclose(np.asarray(zq).reshape(-1, d), book[idx], rtol=1e-6, atol=1e-6)
+  counts = np.bincount(idx, minlength=k)
+  assert aux["counts"].dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(aux["counts"]), counts)
+  mse = np.mean((zn - book[idx]) ** 2)
+  np.testing.assert_allclose(float(aux["commitment"]), mse, rtol=1e-5)
+  np.testing.assert_allclose(float(aux["codebook_loss"]), 0.0 if ema else mse, rtol=1e-5)
+  np.testing.assert_allclose(
+      float(aux["latent_loss"]), (0.0 if ema else mse) + beta * mse, rtol=1e-5)
+  p = counts[counts > 0] / counts.sum()
+  np.testing.assert_allclose(float(aux["perplexity"]), np.exp(-(p * np.log(p)).sum()), rtol=1e-5)
+  np.testing.assert_allclose(float(aux["usage"]), (counts > 0).mean())
+
+
+def _np_ema_steps(batches, codebook, count, total, weight, decay, eps, bias_correction):
+  """Float64 EMA steps from given statistics (the VQ-VAE appendix equations)."""
+  k = codebook.shape[0]
+  for z in batches:
+    z = z.astype(np.float64)
+    onehot = np.eye(k)[_np_nearest(z, codebook)]
+    count = decay * count + (1 - decay) * onehot.sum(0)
+    total = decay * total + (1 - decay) * onehot.T @ z
+    if bias_correction:
+      weight = decay * weight + (1 - decay)
+    c = count / weight
+    n = c.sum()
+    codebook = (total / weight) / ((c + eps) / (n + k * eps) * n)[:, None]
+  return codebook
+
+
+@pytest.mark.parametrize("init,bias_correction,stats_impl", [
+    ("kmeans++", False, "onehot"), ("kmeans++", True, "scatter"), ("kmeans", False, "scatter"),
+])
+def test_data_init_then_ema_steps_match_numpy(init, bias_correction, stats_impl):
+  """Seeding on step 1, then plain EMA steps (no re-seeding) against a float64 reference.
+
+  The first batch holds exactly K distinct, well separated points, so k-means++ (and Lloyd
+  from there) must seed one code on each of them: the seeds are known up to a permutation,
+  and the reference follows the codes in the order the quantizer chose.
+  """
+  k, d, decay, eps, reps = 8, 3, 0.9, 1e-5, 4
+  rng = np.random.default_rng(2)
+  points = (10.0 * rng.normal(size=(k, d))).astype(np.float32)
+  first = np.repeat(points, reps, axis=0)
+  later = [(points[rng.integers(0, k, 40)] + 0.5 * rng.normal(size=(40, d))).astype(np.float32)
+           for _ in range(4)]
+  q = VectorQuantizer(num_codes=k, code_dim=d, decay=decay, eps=eps, codebook_init=init,
+                      bias_correction=bias_correction, stats_impl=stats_impl)
+  v = _init(q, jnp.asarray(first))
+  state, books = v["vq_state"], []
+  for step, z in enumerate([first] + later):
+    _, upd = q.apply({"vq_state": state}, jnp.asarray(z), train=True,
+                     rngs={"vq": jax.random.key(7 + step)}, mutable=["vq_state"])
+    state = upd["vq_state"]
+    books.append(np.asarray(state["codebook"]))
+  # Which seed each code got: the point nearest to its codeword after step 1.
+  order = _np_nearest(books[0], points)
+  assert sorted(order) == list(range(k))
+  seeds = points[order].astype(np.float64)
+  n0 = first.shape[0] / k
+  for step in range(len(books)):
+    batches = ([first] + later)[: step + 1]
+    expect = _np_ema_steps(batches, seeds, np.full(k, n0), seeds * n0, 1.0, decay, eps,
+                           bias_correction)
+    np.testing.assert_allclose(books[step], expect, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(state["ema_weight"]), 1.0, rtol=1e-6)
+  assert bool(state["initialized"])

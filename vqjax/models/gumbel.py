@@ -1,10 +1,11 @@
 """Gumbel-softmax quantization (Jang et al. 2016; the article's "future direction").
 
 Instead of a nearest-neighbour lookup, a 1x1 projection gives logits over the K codewords;
-training samples a relaxed one-hot y = softmax((logits + g) / tau) with Gumbel noise g (hard:
-the one-hot of its argmax with the relaxed gradient) and outputs y @ codebook; evaluation takes
-the argmax. The latent loss is kl_weight * KL(softmax(logits) || uniform), which spreads use
-over the codebook. Same interface as VectorQuantizer: `__call__(z, train)`, `lookup`, `indices`.
+training samples a relaxed one-hot y = softmax((logits + g) / tau) with Gumbel noise g and
+outputs the codeword of its argmax, with the relaxed gradient (hard straight-through:
+onehot(argmax y) + y - sg[y]); evaluation takes the argmax of the logits. The latent loss is
+kl_weight * KL(softmax(logits) || uniform), which spreads use over the codebook. Same interface
+as VectorQuantizer: `__call__(z, train)` and `lookup`.
 """
 
 from typing import Any
@@ -13,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqjax.models.quantizer import HIGHEST, code_counts, usage_metrics
+from vqjax.models.quantizer import HIGHEST, code_histogram, usage_metrics
 
 
 class GumbelQuantizer(nn.Module):
@@ -23,7 +24,6 @@ class GumbelQuantizer(nn.Module):
     num_codes: codebook size K.
     code_dim: codeword dimension D (and of the input's last axis).
     temperature: softmax temperature tau of the relaxation.
-    hard: straight-through hard one-hot samples in training.
     kl_weight: weight of KL(q(code | z) || uniform).
     dtype: dtype of the output; logits and the relaxation stay float32.
     param_dtype: dtype of the parameters.
@@ -32,7 +32,6 @@ class GumbelQuantizer(nn.Module):
   num_codes: int = 512
   code_dim: int = 64
   temperature: float = 1.0
-  hard: bool = True
   kl_weight: float = 5e-4
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -48,10 +47,6 @@ class GumbelQuantizer(nn.Module):
     """Codewords for integer indices of any shape -> [..., D]."""
     return jnp.take(self.codebook.astype(jnp.float32), indices, axis=0).astype(self.dtype)
 
-  def indices(self, z: jax.Array) -> jax.Array:
-    """Most likely code per position: int32 [...]."""
-    return jnp.argmax(self.to_logits(z.astype(jnp.float32)), axis=-1).astype(jnp.int32)
-
   def __call__(self, z: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Quantizes z [..., D]; returns (z_q, aux) with the VectorQuantizer aux keys."""
     logits = self.to_logits(z.astype(jnp.float32))
@@ -59,15 +54,14 @@ class GumbelQuantizer(nn.Module):
     if train:
       g = jax.random.gumbel(self.make_rng("vq"), logits.shape, jnp.float32)
       y = jax.nn.softmax((logits + g) / self.temperature, axis=-1)
-      if self.hard:
-        y_hard = jax.nn.one_hot(jnp.argmax(y, axis=-1), self.num_codes, dtype=jnp.float32)
-        y = y_hard + y - jax.lax.stop_gradient(y)
+      y_hard = jax.nn.one_hot(jnp.argmax(y, axis=-1), self.num_codes, dtype=jnp.float32)
+      y = y_hard + y - jax.lax.stop_gradient(y)
     else:
       y = jax.nn.one_hot(idx, self.num_codes, dtype=jnp.float32)
     zq = jnp.einsum("...k,kd->...d", y, self.codebook.astype(jnp.float32), precision=HIGHEST)
     log_q = jax.nn.log_softmax(logits, axis=-1)
     kl = jnp.mean(jnp.sum(jnp.exp(log_q) * log_q, axis=-1)) + jnp.log(float(self.num_codes))
-    counts = code_counts(idx, self.num_codes)
+    counts = code_histogram(idx, self.num_codes).astype(jnp.int32)  # int32, as VectorQuantizer
     zero = jnp.zeros((), jnp.float32)
     aux = {
         "indices": idx, "latent_loss": self.kl_weight * kl, "kl": kl, "commitment": zero,

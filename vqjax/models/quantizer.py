@@ -46,29 +46,93 @@ def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
   return jnp.argmin(squared_distances(x, codebook), axis=1).astype(jnp.int32)
 
 
-def code_counts(indices: jax.Array, num_codes: int) -> jax.Array:
-  """Histogram of code indices: int32 [num_codes]."""
+def _weights_like(indices: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """float32 weights of indices' shape; weights' axes line up with the leading axes of indices."""
+  if weights is None:
+    return jnp.ones(indices.shape, jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.ndim > indices.ndim:
+    raise ValueError(
+        f"weights of shape {weights.shape} have more axes than indices {indices.shape}"
+    )
+  # Leading-axis alignment (not NumPy's trailing rule): a per-example mask [B] must weigh
+  # every position of example b, whatever the code map's spatial shape.
+  weights = weights.reshape(weights.shape + (1,) * (indices.ndim - weights.ndim))
+  return jnp.broadcast_to(weights, indices.shape)
+
+
+def code_histogram(
+    indices: jax.Array,
+    num_codes: int,
+    weights: jax.Array | None = None,
+    impl: str = "onehot",
+) -> jax.Array:
+  """(Weighted) histogram of code indices, the one count of codes used across vqjax.
+
+  Args:
+    indices: integer code indices, any shape (e.g. a code map [B, h, w]). Indices outside
+      [0, num_codes) are not counted.
+    num_codes: number of bins K.
+    weights: None (every index counts 1) or an array whose axes line up with the LEADING
+      axes of `indices`, each of size 1 or equal to the matching axis of `indices`; missing
+      trailing axes are broadcast. So a per-example mask [B] weighs every position of example
+      b by mask[b] for a code map [B, h, w]; weights of the full shape [B, h, w] are used as
+      they are. Index j then adds weights[j] to its bin.
+    impl: "onehot" (a one-hot matrix reduction, no atomic scatter; fast on accelerators) or
+      "scatter" (segment sum, O(N) memory). Both give the same counts up to float32
+      summation order (exactly the same for integer weights below 2**24).
+
+  Returns:
+    float32 [num_codes]: the summed weight of each code.
+  """
   flat = indices.reshape(-1)
-  return jnp.zeros((num_codes,), jnp.int32).at[flat].add(1)
+  if impl == "onehot":
+    onehot = jax.nn.one_hot(flat, num_codes, dtype=jnp.float32)
+    if weights is None:
+      return jnp.sum(onehot, axis=0)
+    w = _weights_like(indices, weights).reshape(-1)
+    return jnp.einsum("n,nk->k", w, onehot, precision=HIGHEST)
+  if impl == "scatter":
+    w = _weights_like(indices, weights).reshape(-1)
+    return jax.ops.segment_sum(w, flat, num_segments=num_codes)
+  raise ValueError(f"unknown histogram impl {impl!r}; expected 'onehot' or 'scatter'")
 
 
-def cluster_sums(x: jax.Array, indices: jax.Array, num_codes: int, impl: str = "scatter"):
-  """Per-code counts (float32 [K]) and sums of x (float32 [K, D]) for assignments `indices`.
+def cluster_sums(
+    x: jax.Array, indices: jax.Array, num_codes: int, impl: str = "scatter"
+) -> tuple[jax.Array, jax.Array]:
+  """Per-code counts and sums of the vectors assigned to each code.
 
-  impl="scatter" uses segment sums; impl="onehot" a one-hot matrix product, which avoids
-  atomic contention on accelerators when many vectors share a few codes.
+  Args:
+    x: vectors [N, D].
+    indices: int assignments [N].
+    num_codes: number of codes K.
+    impl: "scatter" (segment sums) or "onehot" (one [N, K] one-hot, shared by the counts and
+      the sums; avoids atomic contention on accelerators when many vectors share a few codes).
+
+  Returns:
+    (counts float32 [K], sums float32 [K, D]); counts equal `code_histogram(indices, K)`.
   """
   if impl == "scatter":
-    counts = jax.ops.segment_sum(jnp.ones_like(indices, jnp.float32), indices, num_codes)
+    counts = code_histogram(indices, num_codes, impl="scatter")
     return counts, jax.ops.segment_sum(x, indices, num_segments=num_codes)
   if impl == "onehot":
+    # The same reduction as code_histogram's, on a one-hot built once for both statistics.
     onehot = jax.nn.one_hot(indices, num_codes, dtype=jnp.float32)
     return jnp.sum(onehot, axis=0), jnp.einsum("nk,nd->kd", onehot, x, precision=HIGHEST)
   raise ValueError(f"unknown cluster statistics impl {impl!r}; expected 'scatter' or 'onehot'")
 
 
 def usage_metrics(counts: jax.Array) -> dict[str, jax.Array]:
-  """Perplexity, fraction of codes used and share of the most used code from a histogram."""
+  """Code usage statistics of a histogram (the one place they are computed).
+
+  Args:
+    counts: [K] code histogram (any numeric dtype, e.g. from `code_histogram`).
+
+  Returns:
+    {"perplexity": exp(entropy of counts / sum), "usage": fraction of codes with a nonzero
+    count, "top_share": share of the most used code}, float32 scalars.
+  """
   counts = counts.astype(jnp.float32)
   total = jnp.maximum(jnp.sum(counts), 1.0)
   p = counts / total
@@ -216,13 +280,8 @@ class VectorQuantizer(nn.Module):
     """Codewords for integer indices of any shape -> [..., D] in `dtype`."""
     return jnp.take(self.codebook, indices, axis=0).astype(self.dtype)
 
-  def indices(self, z: jax.Array) -> jax.Array:
-    """Nearest-codeword indices for z [..., D] -> int32 [...]."""
-    flat = z.reshape(-1, self.code_dim)
-    return nearest_code(flat, self.codebook).reshape(z.shape[:-1])
-
   def _set_codes(self, new_codes, mask, count):
-    """Overwrite the codewords where mask [K] is set (used by data init and restarts)."""
+    """Overwrite the codewords where mask [K] is set (dead-code restarts)."""
     if self.ema:
       w = self.ema_weight.value
       self.ema_count.value = jnp.where(mask, count * w, self.ema_count.value)
@@ -234,31 +293,41 @@ class VectorQuantizer(nn.Module):
       self.offset.value = jnp.where(mask[:, None], new_codes - param, self.offset.value)
 
   def _init_from_data(self, flat_z, rng):
+    """Seeds every codeword from the batch on the first training step, a no-op afterwards."""
     k = self.num_codes
-    x = subsample(flat_z, jax.random.fold_in(rng, 0))
-
-    def seed(_):
-      centers = kmeans_plus_plus(x, k, jax.random.fold_in(rng, 1))
-      if self.codebook_init == "kmeans":
-        centers = lloyd(x, centers, self.kmeans_iters)
-      return centers
-
-    centers = jax.lax.cond(
-        self.initialized.value, lambda _: self.codebook, seed, operand=None
-    )
     # Give each seeded code the average share of the batch, so the first EMA steps move the
     # codewords at the usual rate.
     count = max(flat_z.shape[0] / k, 1.0)
-    fresh = jnp.logical_not(self.initialized.value)
     if self.ema:
-      # Seeded statistics carry no bias towards zero: with bias correction the weight
-      # starts at 1 (it then stays 1), else the seeds would be scaled by 0 and lost.
-      self.ema_weight.value = jnp.where(fresh, 1.0, self.ema_weight.value)
-    self._set_codes(centers, fresh & jnp.ones(k, bool), count)
+      state = (self.ema_count.value, self.ema_sum.value, self.codebook_var.value,
+               self.ema_weight.value)
+    else:
+      state = (self.offset.value,)
+    param = None if self.ema else jax.lax.stop_gradient(self.codebook_param.astype(jnp.float32))
+
+    def seed(state):
+      x = subsample(flat_z, jax.random.fold_in(rng, 0))
+      centers = kmeans_plus_plus(x, k, jax.random.fold_in(rng, 1))
+      if self.codebook_init == "kmeans":
+        centers = lloyd(x, centers, self.kmeans_iters)
+      if self.ema:
+        # Seeded statistics carry no bias towards zero: with bias correction the weight
+        # starts at 1 (it then stays 1), else the seeds would be scaled by 0 and lost.
+        weight = jnp.ones_like(state[3])
+        return (jnp.full_like(state[0], count), centers * count, centers, weight)
+      # The parameter keeps its gradient: only the offset, a constant, absorbs the seeds.
+      return (centers - param,)
+
+    # A cond, not a select: after the first step neither the subsample nor k-means runs.
+    state = jax.lax.cond(self.initialized.value, lambda s: s, seed, state)
+    if self.ema:
+      (self.ema_count.value, self.ema_sum.value, self.codebook_var.value,
+       self.ema_weight.value) = state
+    else:
+      (self.offset.value,) = state
     self.initialized.value = jnp.array(True)
 
-  def _ema_update(self, flat_z, idx):
-    counts, sums = cluster_sums(flat_z, idx, self.num_codes, self.stats_impl)
+  def _ema_update(self, counts, sums):
     d = self.decay
     self.ema_count.value = d * self.ema_count.value + (1 - d) * counts
     self.ema_sum.value = d * self.ema_sum.value + (1 - d) * sums
@@ -285,7 +354,8 @@ class VectorQuantizer(nn.Module):
 
     Returns:
       (z_q, aux): z_q has z's shape and straight-through gradients; aux holds "indices",
-      "latent_loss", "commitment", "codebook_loss", "counts" and the usage metrics.
+      "latent_loss", "commitment", "codebook_loss", "counts" (int32 [K] histogram of
+      the batch's codes) and the usage metrics.
     """
     if z.shape[-1] != self.code_dim:
       raise ValueError(f"quantizer expects last axis {self.code_dim}, got shape {z.shape}")
@@ -305,16 +375,15 @@ class VectorQuantizer(nn.Module):
         jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))
     )
     latent_loss = codebook_loss + self.beta * commitment
-    if self.stats_impl == "onehot":
-      counts = jnp.sum(jax.nn.one_hot(idx, self.num_codes, dtype=jnp.int32), axis=0)
+    if train and self.ema:
+      # One pass over the assignments gives the EMA statistics and the histogram.
+      counts, sums = cluster_sums(flat_sg, idx, self.num_codes, self.stats_impl)
+      self._ema_update(counts, sums)
     else:
-      counts = code_counts(idx, self.num_codes)
-
-    if train:
-      if self.ema:
-        self._ema_update(flat_sg, idx)
-      if self.restart_after > 0:
-        self._restart_dead_codes(flat_sg, counts, jax.random.fold_in(rng, 1))
+      counts = code_histogram(idx, self.num_codes, impl=self.stats_impl)
+    counts = counts.astype(jnp.int32)  # exact: float32 holds integer counts below 2**24
+    if train and self.restart_after > 0:
+      self._restart_dead_codes(flat_sg, counts, jax.random.fold_in(rng, 1))
 
     zq = flat + jax.lax.stop_gradient(e - flat)
     aux = {
