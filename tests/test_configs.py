@@ -114,7 +114,7 @@ def _read_by_model(name: str) -> set[str]:
   config = configs.base_config()
   config.model.name = name
   seen = set()
-  registry.MODELS[name].build(_Recorder(config, seen), None, None)
+  registry.MODELS[name](_Recorder(config, seen), None, None)
   # build_model reads these itself, for every model.
   return seen | {"model.name", "model.dtype", "model.param_dtype"}
 

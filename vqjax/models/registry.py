@@ -18,8 +18,6 @@ Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
 With train=False nothing in "vq_state" changes.
 """
 
-from collections.abc import Callable
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -95,20 +93,8 @@ def _build_vqvae2(config, dtype, param_dtype):
   )
 
 
-class ModelEntry(NamedTuple):
-  """How to build one model and how much it downsamples (from `config.model` alone)."""
-
-  build: Callable[..., nn.Module]  # (config, dtype, param_dtype) -> module
-  total_stride: Callable[[ml_collections.ConfigDict], int]  # config.model -> stride
-
-
-MODELS = {
-    "vqvae": ModelEntry(_build_vqvae, lambda m: 2**m.downsample),  # `downsample` stride-2 convs
-    # The bottom encoder, then one `level_stride` encoder per further level.
-    "vqvae2": ModelEntry(
-        _build_vqvae2, lambda m: m.first_stride * m.level_stride ** (m.levels - 1)
-    ),
-}
+# config.model.name -> (config, dtype, param_dtype) -> module.
+MODELS = {"vqvae": _build_vqvae, "vqvae2": _build_vqvae2}
 
 
 def _check_name(name: str) -> None:
@@ -121,7 +107,7 @@ def _check_name(name: str) -> None:
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   """Builds the stage-1 model named by `config.model.name`."""
   _check_name(config.model.name)
-  return MODELS[config.model.name].build(
+  return MODELS[config.model.name](
       config, dtype_from_name(config.model.dtype), dtype_from_name(config.model.param_dtype)
   )
 
@@ -137,7 +123,7 @@ def total_stride(config: ml_collections.ConfigDict) -> int:
   Returns:
     The stride; an unknown model name raises `errors.UserError`.
   """
-  _check_name(config.model.name)
-  return MODELS[config.model.name].total_stride(config.model)
+  # The module's own definition (it checks input sizes with it); building one is cheap.
+  return build_model(config).total_stride
 
 

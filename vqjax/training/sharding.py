@@ -136,10 +136,13 @@ def create_sharded_state(
   Returns:
     (state, shardings), the state a pytree of global `jax.Array`s.
   """
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = state_shardings(abstract, mesh, min_size)
-  state = jax.jit(init_fn, out_shardings=shardings)(*args)
-  return state, shardings
+  shardings = state_shardings(jax.eval_shape(init_fn, *args), mesh, min_size)
+  return init_sharded(init_fn, shardings, *args), shardings
+
+
+def init_sharded(init_fn: Callable[..., Any], shardings: Any, *args: Any) -> Any:
+  """Runs `init_fn(*args)` compiled to write each leaf straight into its sharding."""
+  return jax.jit(init_fn, out_shardings=shardings)(*args)
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

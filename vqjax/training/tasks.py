@@ -206,10 +206,9 @@ class AutoencoderTask(Task):
     names = level_names(self.levels)
     for i, name in enumerate(names):
       codes = aux[f"level{i}/indices"]
-      # Padded examples add zero, so the counts cover the real split only.
-      weights = mask.reshape((-1,) + (1,) * (codes.ndim - 1))
+      # Padded examples weigh zero, so the counts cover the real split only.
       sums[f"{name}/counts"] = quantizer.code_histogram(
-          codes, self.config.vq.num_codes, weights=weights)
+          codes, self.config.vq.num_codes, weights=mask)
     return sums
 
   def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:

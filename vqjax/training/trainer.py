@@ -168,6 +168,38 @@ class _Health:
     self.pending = [s for s in self.pending if s >= step]
 
 
+def jit_train_step(task: tasks.Task, mesh: jax.sharding.Mesh, state_shardings: Any,
+                   frozen_shardings: Any = None):
+  """The train step `train_and_evaluate` runs, jitted: benchmarks time exactly this.
+
+  `step(state, batch, rng, frozen, worst) -> (state, metrics, worst)` hands the task the key
+  `fold_in(rng, state.step)` (one key per step, a function of the step only: a resumed run
+  draws the same randomness and no task can forget to fold it) and folds the step's loss into
+  `worst` (the largest loss since the last check, inf when non-finite). The state is donated.
+
+  Args:
+    task: the task.
+    mesh: the mesh.
+    state_shardings: shardings of the train state.
+    frozen_shardings: shardings of the task's frozen inputs (None when it has none).
+  """
+
+  def step(state, batch, rng, frozen, worst):
+    new_state, metrics = task.train_step(state, batch, jax.random.fold_in(rng, state.step),
+                                         frozen)
+    loss = jnp.asarray(metrics["loss"], jnp.float32)
+    worst = jnp.maximum(worst, jnp.where(jnp.isfinite(loss), loss, jnp.inf))
+    return new_state, metrics, worst
+
+  repl = sharding.replicated(mesh)
+  return jax.jit(
+      step,
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl, frozen_shardings, repl),
+      out_shardings=(state_shardings, repl, repl),
+      donate_argnums=0,
+  )
+
+
 def _finished(workdir: str, step: int, total: int) -> dict[str, float]:
   """What a re-run of a finished workdir returns: the last eval record, without re-running."""
   records = logs.read_records(os.path.join(workdir, "metrics.jsonl"))
@@ -248,11 +280,11 @@ def train_and_evaluate(
     elif config.ckpt.init_from:
       # Weights (params + EMA codebooks) only: the optimiser, step and data order start fresh.
       weights = checkpoint.restore_weights(config.ckpt.init_from, target)
-      state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
+      state = sharding.init_sharded(init_fn, shardings, init_rng)
       state = state.replace(**weights)
       logging.info("initialised weights from %s", config.ckpt.init_from)
     else:
-      state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
+      state = sharding.init_sharded(init_fn, shardings, init_rng)
 
     step = int(jax.device_get(state.step))
     total = int(config.train.steps)
@@ -269,22 +301,8 @@ def train_and_evaluate(
     if frozen is not None:
       frozen, frozen_sh = _place(frozen, mesh, config.mesh.fsdp_min_size)
 
-    def step_fn(state, batch, rng, frozen, worst):
-      # One key per step, a function of the step only: a resumed run draws the same randomness,
-      # and no task can forget to fold it.
-      new_state, metrics = task.train_step(state, batch, jax.random.fold_in(rng, state.step),
-                                           frozen)
-      loss = jnp.asarray(metrics["loss"], jnp.float32)
-      worst = jnp.maximum(worst, jnp.where(jnp.isfinite(loss), loss, jnp.inf))
-      return new_state, metrics, worst
-
+    train_step = jit_train_step(task, mesh, shardings, frozen_sh)
     batch_sh = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sh, repl, frozen_sh, repl),
-        out_shardings=(shardings, repl, repl),
-        donate_argnums=0,
-    )
     eval_step = jax.jit(task.eval_step, in_shardings=(shardings, batch_sh, frozen_sh),
                         out_shardings=repl)
     n_img = config.log.num_images
@@ -349,7 +367,7 @@ def train_and_evaluate(
       logging.debug("saved step %d (%s)", step, where)
 
     stop = _StopRequest()
-    progress = logs.Progress(total, config.data.batch_size, step, unit=task.unit)
+    progress = None  # started after the first step, so compilation is not in the throughput
     result: dict[str, float] = {}
     eval_result: dict[str, float] = {}
     last_eval = -1
