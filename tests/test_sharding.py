@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vqjax import configs
-from vqjax.training import sharding, steps
+from vqjax.training import sharding, tasks
 
 
 def _mesh_cfg(data, fsdp, min_size=2**14):
@@ -65,7 +65,7 @@ def _small_config():
 def reference():
   """Loss, gradients and new EMA state of one batch, computed on a single device."""
   config = _small_config()
-  task = steps.AutoencoderTask(config)
+  task = tasks.AutoencoderTask(config)
   rng = np.random.default_rng(0)
   image = rng.uniform(-1, 1, (8, 16, 16, 1)).astype(np.float32)
   # rbg: compiles much faster than threefry for a flax init (see trainer.py).

@@ -101,6 +101,31 @@ def test_smoke_config_takes_one_real_step(name):
   assert sum(changed) > len(changed) // 2
 
 
+@needs_fmnist
+def test_bfloat16_train_step_tracks_float32():
+  """The bf16 step (compute in bfloat16, float32 parameters, quantizer in float32) gives the
+  float32 step's loss and moves the parameters the same way."""
+  config = load_config("fashion_mnist", "smoke")
+  it = pipeline.make_train_iterator(config.data, config.seed)
+  batch = jax.tree.map(jnp.asarray, next(it))
+  it.close()
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    task = tasks.make_task(config)
+    state = jax.jit(task.init)(jax.random.key(0, impl="rbg"), {"image": batch["image"][:1]})
+    new, metrics = jax.jit(task.train_step)(state, batch, jax.random.key(1), None)
+    delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                         new.params, state.params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+    flat = np.concatenate([d.ravel() for d in jax.tree.leaves(delta)])
+    out[dtype] = (float(metrics["loss"]), flat)
+  (l32, d32), (l16, d16) = out["float32"], out["bfloat16"]
+  assert abs(l16 - l32) < 0.05 * l32
+  cosine = d32 @ d16 / np.linalg.norm(d32) / np.linalg.norm(d16)
+  assert cosine > 0.9, cosine
+
+
 @pytest.mark.parametrize("name, shapes", [
     ("vqvae_cifar10", [(8, 8)]),  # van den Oord et al. 2017: 32x32 images -> 8x8 latents
     ("vqvae2_imagenet", [(32, 32), (64, 64)]),  # Razavi et al. 2019: 256px -> 32x32, 64x64
@@ -225,7 +250,7 @@ def _codes_data(n, seed):
           "label": rng.integers(0, _CodesTask.CLASSES, n).astype(np.int32)}
 
 
-def test_a_task_with_integer_inputs_and_frozen_weights(tmp_path, monkeypatch):
+def test_a_task_with_integer_inputs_and_frozen_weights(tmp_path, monkeypatch, caplog):
   data = {"train": _codes_data(48, 0), "test": _codes_data(21, 1)}  # 21: eval pads
   monkeypatch.setitem(sources.SOURCES, "toy_codes",
                       lambda data_config, split: sources.ArraySource(data[split]))
@@ -252,9 +277,13 @@ def test_a_task_with_integer_inputs_and_frozen_weights(tmp_path, monkeypatch):
   assert result["eval/examples"] == 21
   assert os.path.exists(os.path.join(workdir, "images", "samples_0000003.png"))
 
-  # Resumed for two more steps, the keys go on from step 3.
+  # Resumed for two more steps, the keys go on from step 3; the changed fields are logged.
   config.train.steps = 5
-  trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))
+  config.vq.beta = 5.0
+  with caplog.at_level("WARNING"):
+    trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))
+  (warning,) = [r.getMessage() for r in caplog.records if "config differs" in r.getMessage()]
+  assert "train.steps: 3 -> 5" in warning and "vq.beta: 0.25 -> 5.0" in warning
   train = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
   np.testing.assert_allclose(
@@ -312,7 +341,7 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path):
   with pytest.MonkeyPatch.context() as m:
     m.setitem(sources.SOURCES, "toy_codes",
               lambda data_config, split: sources.ArraySource(data[split]))
-    with pytest.raises(errors.DivergenceError, match="no checkpoint was saved before it diverged"):
+    with pytest.raises(errors.DivergenceError, match="No checkpoint was saved before it diverged"):
       trainer.train_and_evaluate(config, str(tmp_path / "w"), task=Exploding(config))
 
 

@@ -232,6 +232,22 @@ class Checkpointer:
       self._health["good"] = [s for s in self._health["good"] if s not in new]
       self._write_health()
 
+  def _forget(self, steps: list[int]) -> None:
+    """Drops `steps` from the health record (they are being deleted or rewritten)."""
+    h = self._health
+    if any(s in h["good"] or s in h["bad"] for s in steps):
+      h["good"] = [s for s in h["good"] if s not in steps]
+      h["bad"] = [s for s in h["bad"] if s not in steps]
+      self._write_health()
+
+  def discard_after(self, step: int) -> None:
+    """Deletes the steps after `step`: a run resumed from `step` replaces that future (they
+    were recorded bad, or the resume skipped them as damaged)."""
+    later = [s for s in self.all_steps() if s > step]
+    for s in later:
+      self._manager.delete(s)
+    self._forget(later)
+
   def last_good_step(self) -> int | None:
     """The newest step confirmed good that is still on disk, or None."""
     steps = set(self.all_steps())
@@ -256,13 +272,10 @@ class Checkpointer:
     good = self.last_good_step()
     if good is not None:
       keep.add(good)
-    oldest_kept = min(keep) if keep else None
     for s in steps:
-      # Bad steps go once something newer and usable exists; older good ones beyond keep-N go.
-      if s in keep or s not in on_disk or (
-          s in self._health["bad"] and oldest_kept is not None and s > oldest_kept):
-        continue
-      self._manager.delete(s)
+      if s not in keep and s in on_disk:
+        self._manager.delete(s)
+    self._forget([s for s in steps if s not in keep and s in on_disk])
 
   # --- save / restore --------------------------------------------------------------------
 
@@ -285,6 +298,9 @@ class Checkpointer:
       meta: `config_meta(config)`.
     """
     data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
+    if int(step) in self.all_steps():  # left by a run that diverged after this step's
+      self._manager.delete(int(step))
+    self._forget([int(step)])
     self._manager.save(
         int(step),
         args=ocp.args.Composite(

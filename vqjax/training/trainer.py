@@ -144,17 +144,20 @@ class _Health:
     Raises:
       errors.DivergenceError: the window's loss was non-finite.
     """
+    if worst == -np.inf:  # no step since the last check: nothing to judge
+      return
     if not np.isfinite(worst):
       self.ckpt.mark_bad(self.pending)
       self.pending = []
       self.ckpt.wait()
       good = self.ckpt.latest_step()
-      where = (f"a resume continues from the last good checkpoint, {self.ckpt.directory}/{good}"
-               if good is not None else
-               "no checkpoint was saved before it diverged, so there is nothing to resume from")
+      if good is None:
+        where = "No checkpoint was saved before it diverged: there is nothing to resume from."
+      else:
+        where = f"A resume continues from the last good checkpoint, {self.ckpt.directory}/{good}."
       raise errors.DivergenceError(
-          f"the loss became non-finite by step {step}; stopped. {where[0].upper()}{where[1:]}. "
-          "Lower config.optim.lr, set config.optim.grad_clip or check the input data.")
+          f"the loss became non-finite by step {step}; stopped. {where} Lower "
+          "config.optim.lr, set config.optim.grad_clip or check the input data.")
     recent = self.history[-8:]
     if recent and worst > _EXPLODED_RATIO * statistics.median(recent):
       logging.warning(
@@ -270,6 +273,7 @@ def train_and_evaluate(
 
     if latest is not None:
       state, data_state, step = ckpt.restore_newest_intact(target, meta=meta)
+      ckpt.discard_after(step)
       if data_state is not None:
         train_iter.set_state(data_state)
       changes = checkpoint.config_changes(ckpt.read_meta(step) or saved_meta, meta)
