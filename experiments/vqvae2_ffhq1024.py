@@ -60,4 +60,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _smoke(c: ml_collections.ConfigDict) -> None:
   configs.shrink_for_smoke(c)
   c.model.first_stride = 2  # 32x32 images -> 16, 8 and 4 square code maps
-

@@ -10,8 +10,9 @@ from vqjax import configs, errors
 from vqjax.models import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments"))
-                     if f.endswith(".py"))
+EXPERIMENTS = sorted(
+  f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py")
+)
 
 
 # --- loading experiments ------------------------------------------------------------------------
@@ -35,6 +36,10 @@ def test_every_experiment_and_its_smoke_variant_load_and_validate(name):
   # model-specific strides), and it must fit its 32x32 images.
   assert smoke.train.steps == 1 and smoke.data.reader == "local"
   assert full.to_dict() != smoke.to_dict()
+  if full.task == "prior":  # priors: smoke runs on synthetic codes, no stage-1 model
+    assert smoke.data.name == "synthetic_codes" and full.data.name == "codes"
+    assert 0 <= smoke.prior.level < len(smoke.data.synthetic_shapes)
+    return
   assert smoke.data.image_size % registry.total_stride(smoke) == 0
   assert full.data.image_size % registry.total_stride(full) == 0
 
@@ -121,7 +126,8 @@ def _read_by_model(name: str) -> set[str]:
 
 # Which field values no code reads, found by reading the registry rather than from a list.
 IGNORED = [("vq.kind", k, _fields("vq") - _read_by_quantizer(k)) for k in ("vq", "gumbel")] + [
-    ("model.name", n, _fields("model") - _read_by_model(n)) for n in sorted(registry.MODELS)]
+  ("model.name", n, _fields("model") - _read_by_model(n)) for n in sorted(registry.MODELS)
+]
 
 
 def _other_value(field: str, value):
@@ -144,13 +150,17 @@ def test_the_ignored_fields_found_match_the_brief():
   ignored = {(s, v): f for s, v, f in IGNORED}
   assert len(ignored[("vq.kind", "gumbel")]) == 9 and "vq.beta" in ignored[("vq.kind", "gumbel")]
   assert ignored[("vq.kind", "vq")] == {"vq.temperature", "vq.kl_weight"}
-  assert ignored[("model.name", "vqvae")] == {"model.levels", "model.first_stride",
-                                              "model.level_stride"}
+  assert ignored[("model.name", "vqvae")] == {
+    "model.levels",
+    "model.first_stride",
+    "model.level_stride",
+  }
   assert ignored[("model.name", "vqvae2")] == {"model.downsample"}
 
 
-@pytest.mark.parametrize("selector,selected,fields", IGNORED,
-                         ids=[f"{s}={v}" for s, v, _ in IGNORED])
+@pytest.mark.parametrize(
+  "selector,selected,fields", IGNORED, ids=[f"{s}={v}" for s, v, _ in IGNORED]
+)
 def test_validate_rejects_each_ignored_field(selector, selected, fields):
   base = configs.base_config()
   _set(base, selector, selected)
@@ -180,19 +190,32 @@ def test_validate_accepts_the_read_fields_of_the_other_kind():
 def test_validate_rejects_weight_decay_that_adam_ignores():
   config = configs.base_config()
   config.optim.weight_decay = 1e-4
-  with pytest.raises(errors.UserError, match=r"optim\.weight_decay=0\.0001 is ignored by "
-                                             r"optim\.name='adam'"):
+  with pytest.raises(
+    errors.UserError,
+    match=r"optim\.weight_decay=0\.0001 is ignored by "
+    r"optim\.name='adam'",
+  ):
     configs.validate(config)
   config.optim.name = "adamw"
   configs.validate(config)
 
 
-@pytest.mark.parametrize("field,bad", [
-    ("model.dtype", "fp16"), ("model.param_dtype", "float64"), ("model.name", "vqvae3"),
-    ("vq.kind", "fsq"), ("vq.init", "zeros"), ("optim.schedule", "linear"),
-    ("optim.name", "sgd"), ("data.reader", "tfds"), ("data.resize", "crop"),
-    ("model.upconv_impl", "conv"), ("distributed.initialize", "maybe"),
-])
+@pytest.mark.parametrize(
+  "field,bad",
+  [
+    ("model.dtype", "fp16"),
+    ("model.param_dtype", "float64"),
+    ("model.name", "vqvae3"),
+    ("vq.kind", "fsq"),
+    ("vq.init", "zeros"),
+    ("optim.schedule", "linear"),
+    ("optim.name", "sgd"),
+    ("data.reader", "tfds"),
+    ("data.resize", "crop"),
+    ("model.upconv_impl", "conv"),
+    ("distributed.initialize", "maybe"),
+  ],
+)
 def test_validate_rejects_unknown_choices(field, bad):
   config = configs.base_config()
   _set(config, field, bad)
@@ -203,14 +226,17 @@ def test_validate_rejects_unknown_choices(field, bad):
 # --- total_stride -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model,expected", [
+@pytest.mark.parametrize(
+  "model,expected",
+  [
     (dict(name="vqvae", downsample=2), 4),
     (dict(name="vqvae", downsample=3), 8),
     (dict(name="vqvae2", levels=2, first_stride=4, level_stride=2), 8),  # 256 -> 64 -> 32
     (dict(name="vqvae2", levels=2, first_stride=2, level_stride=2), 4),
     (dict(name="vqvae2", levels=3, first_stride=8, level_stride=2), 32),  # 1024 -> 128, 64, 32
     (dict(name="vqvae2", levels=3, first_stride=2, level_stride=4), 32),
-])
+  ],
+)
 def test_total_stride(model, expected):
   config = configs.base_config()
   config.model.update(model)

@@ -17,15 +17,17 @@ import ml_collections
 from vqjax import errors
 
 # The repository's experiments/, next to the vqjax package (an editable install or a checkout).
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments")
+EXPERIMENTS_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Returns the default config with every field a run may set."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = "autoencoder"  # the step functions used by the trainer (training/steps.py)
+  # What is trained (training/tasks.py): "autoencoder" (stage 1) or "prior" (stage 2).
+  c.task = "autoencoder"
 
   # --- data -------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -46,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 256
   c.data.num_workers = 0  # read/decode threads (grain), tf.data parallel calls; 0 = none
   c.data.download = False  # tfds may download when True (never in tests)
+  c.data.codes_dir = ""  # name="codes": the directory written by `python -m vqjax.extract_codes`
+  # name="synthetic_codes": random code maps of these shapes (coarsest first) over
+  # `synthetic_num_codes` codes, for smoke runs and benchmarks without a stage-1 model.
+  c.data.synthetic_shapes = ml_collections.config_dict.placeholder(list)
+  c.data.synthetic_num_codes = 0
+  c.data.synthetic_examples = 256
 
   # --- model ------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -60,6 +68,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.upconv_impl = "subpixel"  # transposed convs: "subpixel" or "lax" (same function)
   c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
   c.model.param_dtype = "float32"
+
+  # Priors (task="prior", model.name "pixelcnn" | "pixelsnail"); channels, res_channels and
+  # num_res_blocks above are shared with the autoencoders.
+  c.model.kernel_size = 5  # causal conv kernel
+  c.model.num_layers = 15  # pixelcnn: gated layers
+  c.model.num_blocks = 4  # pixelsnail: blocks (each num_res_blocks gated residual blocks)
+  c.model.attention = True  # pixelsnail: causal self-attention in every block
+  c.model.num_heads = 8  # pixelsnail attention heads
+  c.model.dropout = 0.0
+  c.model.cond_channels = 0  # pixelcnn: channels of the coarser-codes conditioning stack
+  c.model.num_cond_res_blocks = 0  # pixelsnail: conditioning residual blocks
+  c.model.cond_res_channels = 0  # pixelsnail: their channels
+  c.model.cond_res_kernel = 3
+  c.model.num_out_res_blocks = 0  # pixelsnail: residual blocks after the last block
 
   # --- vector quantizer -------------------------------------------------------------------
   c.vq = ml_collections.ConfigDict()
@@ -77,6 +99,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.temperature = 1.0  # gumbel only: relaxation temperature
   c.vq.kl_weight = 5e-4  # gumbel only: weight of KL(q || uniform)
   c.vq.stats_impl = "onehot"  # per-code counts/sums: "onehot" (faster on GPU) or "scatter"
+
+  # --- prior (task="prior") ---------------------------------------------------------------
+  c.prior = ml_collections.ConfigDict()
+  c.prior.level = 0  # which code map is modelled: 0 = the coarsest (top); finer ones are
+  #                    conditioned on every coarser map
+  c.prior.class_conditional = False  # condition on data "label" too
+  c.prior.num_classes = 0  # labels in [0, num_classes) when class_conditional
+  # Filled from the code dataset's metadata when the run starts (and recorded with it, so a
+  # trained prior can be loaded without the codes): the code-map shapes of every level,
+  # coarsest first, and the image shape they encode.
+  c.prior.code_shapes = ml_collections.config_dict.placeholder(list)
+  c.prior.image_shape = ml_collections.config_dict.placeholder(list)
 
   # --- optimiser --------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()
@@ -132,14 +166,67 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   Experiments call this for their `:smoke` variant, then adjust what their model needs
   (e.g. strides that fit 32x32 images).
   """
-  c.data.update(name="fashion_mnist", reader="local", image_size=32, resize="pad",
-                random_flip=False, train_split="train[:64]", eval_split="test[:16]",
-                batch_size=8, eval_batch_size=8, num_workers=0)
+  c.data.update(
+    name="fashion_mnist",
+    reader="local",
+    image_size=32,
+    resize="pad",
+    random_flip=False,
+    train_split="train[:64]",
+    eval_split="test[:16]",
+    batch_size=8,
+    eval_batch_size=8,
+    num_workers=0,
+  )
   c.model.update(channels=16, res_channels=8, dtype="float32")
   c.vq.update(num_codes=32, code_dim=8)
   c.optim.warmup_steps = 0
   c.train.steps = 1
   c.log.update(every_steps=1, eval_batches=1, num_images=8)
+  return c
+
+
+def prior_config(codes_dir: str, level: int, model: str) -> ml_collections.ConfigDict:
+  """The base of a stage-2 experiment: a `model` prior ("pixelcnn" | "pixelsnail") over level
+  `level` (0 = top) of the code dataset in `codes_dir`."""
+  c = base_config()
+  c.task = "prior"
+  c.data.name = "codes"
+  c.data.codes_dir = codes_dir
+  c.data.reader = "local"
+  c.model.name = model
+  c.prior.level = level
+  c.log.image_every_steps = 0  # sample grids arrive with the sampler
+  return c
+
+
+def shrink_prior_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns a prior experiment into a one-step CPU run of a tiny prior on synthetic codes of the
+  quickstart's shapes (top 8x8, bottom 16x16, 32 codes); no stage-1 run needed."""
+  c.data.update(
+    name="synthetic_codes",
+    synthetic_shapes=[[8, 8], [16, 16]],
+    synthetic_num_codes=32,
+    synthetic_examples=64,
+    train_split="train",
+    eval_split="test[:16]",
+    batch_size=8,
+    eval_batch_size=8,
+    num_workers=0,
+  )
+  c.vq.num_codes = 32
+  c.model.update(channels=16, dtype="float32")
+  if c.model.name == "pixelsnail":
+    c.model.update(res_channels=16, num_heads=2, num_blocks=1, num_res_blocks=1)
+    if c.model.num_cond_res_blocks:
+      c.model.update(num_cond_res_blocks=1, cond_res_channels=16)
+  else:
+    c.model.num_layers = 3
+    if c.model.cond_channels:
+      c.model.cond_channels = 8
+  c.optim.warmup_steps = 0
+  c.train.steps = 1
+  c.log.update(every_steps=1, eval_batches=1)
   return c
 
 
@@ -150,8 +237,9 @@ def list_experiments() -> list[str]:
   """Names of the experiment configs in the repository's experiments/ directory, sorted."""
   if not os.path.isdir(EXPERIMENTS_DIR):
     return []
-  return sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR)
-                if f.endswith(".py") and not f.startswith("_"))
+  return sorted(
+    f[:-3] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith(".py") and not f.startswith("_")
+  )
 
 
 def resolve_experiment(path_or_name: str) -> tuple[str, str | None]:
@@ -201,9 +289,9 @@ def load_experiment(path_or_name: str) -> ml_collections.ConfigDict:
 
 
 def apply_variant(
-    config: ml_collections.ConfigDict,
-    variant: str | None,
-    variants: Mapping[str, Callable[[ml_collections.ConfigDict], object]],
+  config: ml_collections.ConfigDict,
+  variant: str | None,
+  variants: Mapping[str, Callable[[ml_collections.ConfigDict], object]],
 ) -> ml_collections.ConfigDict:
   """Applies the named variant of an experiment (the text after ":" in `--config`).
 
@@ -241,36 +329,85 @@ def summarize_fields(config: ml_collections.ConfigDict | None = None, width: int
       groups[key] = [f"{key}.{k}={v!r}" for k, v in value.items()]
     else:
       groups[""].append(f"{key}={value!r}")
-  return "\n".join(textwrap.fill("  ".join(items), width, initial_indent="  ",
-                                 subsequent_indent="    ", break_on_hyphens=False)
-                   for items in groups.values() if items)
+  return "\n".join(
+    textwrap.fill(
+      "  ".join(items), width, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False
+    )
+    for items in groups.values()
+    if items
+  )
 
 
 # ---- validation -------------------------------------------------------------------------------
 
 # Fields with a fixed set of values (model.name and the dtypes come from models/registry.py).
 _CHOICES = {
-    "data.reader": ("auto", "grain", "tfdata", "local", "folder"),
-    "data.resize": ("pad", "resize_crop", "center_crop"),
-    "model.upconv_impl": ("subpixel", "lax"),
-    "vq.kind": ("vq", "gumbel"),
-    "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
-    "vq.stats_impl": ("onehot", "scatter"),
-    "optim.name": ("adam", "adamw"),
-    "optim.schedule": ("constant", "cosine"),
-    "distributed.initialize": ("auto", "yes", "no"),
+  "task": ("autoencoder", "prior"),
+  "data.reader": ("auto", "grain", "tfdata", "local", "folder"),
+  "data.resize": ("pad", "resize_crop", "center_crop"),
+  "model.upconv_impl": ("subpixel", "lax"),
+  "vq.kind": ("vq", "gumbel"),
+  "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
+  "vq.stats_impl": ("onehot", "scatter"),
+  "optim.name": ("adam", "adamw"),
+  "optim.schedule": ("constant", "cosine"),
+  "distributed.initialize": ("auto", "yes", "no"),
 }
 
 # (selector field, its value) -> fields that nothing reads with that value: setting one is
 # a mistake (e.g. tuning vq.beta of a Gumbel quantizer), so it is rejected rather than ignored.
 # Mirrors models/registry.py (quantizer_kwargs and the model builders) and training/optim.py.
+_STAGE1_MODEL_FIELDS = (
+  "model.levels",
+  "model.first_stride",
+  "model.level_stride",
+  "model.downsample",
+  "model.upconv_impl",
+)
+_PRIOR_MODEL_FIELDS = (
+  "model.kernel_size",
+  "model.num_layers",
+  "model.num_blocks",
+  "model.attention",
+  "model.num_heads",
+  "model.dropout",
+  "model.cond_channels",
+  "model.num_cond_res_blocks",
+  "model.cond_res_channels",
+  "model.cond_res_kernel",
+  "model.num_out_res_blocks",
+)
 IGNORED_FIELDS = {
-    ("vq.kind", "gumbel"): ("vq.beta", "vq.ema", "vq.decay", "vq.eps", "vq.bias_correction",
-                            "vq.init", "vq.kmeans_iters", "vq.restart_after", "vq.stats_impl"),
-    ("vq.kind", "vq"): ("vq.temperature", "vq.kl_weight"),
-    ("model.name", "vqvae"): ("model.levels", "model.first_stride", "model.level_stride"),
-    ("model.name", "vqvae2"): ("model.downsample",),
-    ("optim.name", "adam"): ("optim.weight_decay",),  # decoupled decay is adamw's
+  ("vq.kind", "gumbel"): (
+    "vq.beta",
+    "vq.ema",
+    "vq.decay",
+    "vq.eps",
+    "vq.bias_correction",
+    "vq.init",
+    "vq.kmeans_iters",
+    "vq.restart_after",
+    "vq.stats_impl",
+  ),
+  ("vq.kind", "vq"): ("vq.temperature", "vq.kl_weight"),
+  ("model.name", "vqvae"): ("model.levels", "model.first_stride", "model.level_stride")
+  + _PRIOR_MODEL_FIELDS,
+  ("model.name", "vqvae2"): ("model.downsample",) + _PRIOR_MODEL_FIELDS,
+  ("model.name", "pixelcnn"): _STAGE1_MODEL_FIELDS
+  + (
+    "model.res_channels",
+    "model.num_res_blocks",
+    "model.num_blocks",
+    "model.attention",
+    "model.num_heads",
+    "model.num_cond_res_blocks",
+    "model.cond_res_channels",
+    "model.cond_res_kernel",
+    "model.num_out_res_blocks",
+  ),
+  ("model.name", "pixelsnail"): _STAGE1_MODEL_FIELDS + ("model.num_layers", "model.cond_channels"),
+  ("task", "autoencoder"): ("prior.level", "prior.class_conditional", "prior.num_classes"),
+  ("optim.name", "adam"): ("optim.weight_decay",),  # decoupled decay is adamw's
 }
 
 
@@ -291,24 +428,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   from vqjax.models import registry  # here, not at the top: it imports Flax
 
-  choices = dict(_CHOICES, **{"model.name": tuple(registry.MODELS),
-                              "model.dtype": tuple(registry.DTYPES),
-                              "model.param_dtype": tuple(registry.DTYPES)})
+  choices = dict(
+    _CHOICES,
+    **{
+      "model.name": tuple(registry.MODELS),
+      "model.dtype": tuple(registry.DTYPES),
+      "model.param_dtype": tuple(registry.DTYPES),
+    },
+  )
   for field, allowed in choices.items():
     value = _get(config, field)
     if value not in allowed:
       raise errors.UserError(
-          f"config.{field}={value!r} is not one of {', '.join(map(repr, allowed))}"
+        f"config.{field}={value!r} is not one of {', '.join(map(repr, allowed))}"
       )
   defaults = base_config()
   for (selector, selected), fields in IGNORED_FIELDS.items():
     if _get(config, selector) != selected:
       continue
-    changed = [f"config.{f}={_get(config, f)!r}" for f in fields
-               if _get(config, f) != _get(defaults, f)]
+    changed = [
+      f"config.{f}={_get(config, f)!r}" for f in fields if _get(config, f) != _get(defaults, f)
+    ]
     if changed:
       raise errors.UserError(
-          f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} ignored by "
-          f"{selector}={selected!r}; leave {'it' if len(changed) == 1 else 'them'} at the "
-          f"default or choose another {selector}"
+        f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} ignored by "
+        f"{selector}={selected!r}; leave {'it' if len(changed) == 1 else 'them'} at the "
+        f"default or choose another {selector}"
       )

@@ -92,7 +92,7 @@ def parse_split(split: str) -> tuple[str, str]:
   return m.group(1), m.group(2) or ""
 
 
-def _slice_range(spec: str, n: int, split: str) -> range:
+def slice_range(spec: str, n: int, split: str) -> range:
   """Resolves a tfds-like slice ("1000:", ":90%", "-500:") over n examples."""
   if not spec:
     return range(n)
@@ -140,8 +140,9 @@ class ArraySource:
       if image.ndim == 3:  # idx images have no channel axis
         image = features["image"] = image[..., None]
       if image.ndim != 4 or image.dtype != np.uint8:
-        raise UserError(f"ArraySource 'image' must be uint8 [N, H, W, C], got {image.dtype} "
-                        f"{image.shape}")
+        raise UserError(
+          f"ArraySource 'image' must be uint8 [N, H, W, C], got {image.dtype} {image.shape}"
+        )
     lengths = {k: len(v) for k, v in features.items()}
     if len(set(lengths.values())) != 1:
       raise UserError(f"ArraySource features differ in length: {lengths}")
@@ -218,7 +219,7 @@ def load_fashion_mnist(local_dir: str, split: str, cache_dir: str) -> ArraySourc
       raise UserError(f"Mismatched idx files {image_path} {images.shape}, {label_path}")
     if cache:
       _write_npz(cache, images=images, labels=labels, key=key)
-  rows = _slice_range(spec, len(images), split)
+  rows = slice_range(spec, len(images), split)
   return ArraySource.from_images(images, labels).slice(rows)
 
 
@@ -286,7 +287,7 @@ def decode_image(path: str, channels: int) -> np.ndarray:
 
 
 def _check_image(path: str) -> str:
-  """"" when PIL can open and verify `path`, else why not (one line).
+  """ "" when PIL can open and verify `path`, else why not (one line).
 
   `verify` walks the file's structure (a PNG's chunk CRCs) without decoding pixels, so it is
   cheap; a JPEG damaged inside its entropy-coded data still passes and fails at decode time.
@@ -304,8 +305,9 @@ def _folder_check_path(cache_dir: str, folder: str) -> str:
   return os.path.join(cache_dir, "folder_checks", digest) if cache_dir else ""
 
 
-def check_images(folder: str, relpaths: list[str], cache_dir: str,
-                 threads: int = 16) -> dict[str, str]:
+def check_images(
+  folder: str, relpaths: list[str], cache_dir: str, threads: int = 16
+) -> dict[str, str]:
   """Checks that PIL can read every image, reusing earlier results for unchanged files.
 
   A result is keyed by the file's relative path, size and modification time, kept in
@@ -348,8 +350,10 @@ def check_images(folder: str, relpaths: list[str], cache_dir: str,
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
     results = dict(pool.map(one, relpaths, chunksize=64))
   if cache_file and results != {k: known.get(k) for k in results}:
-    _write_text(cache_file, json.dumps({"version": _CHECK_VERSION, "folder":
-                                        os.path.abspath(folder), "files": results}))
+    _write_text(
+      cache_file,
+      json.dumps({"version": _CHECK_VERSION, "folder": os.path.abspath(folder), "files": results}),
+    )
   return {rel: r[2] for rel, r in results.items() if r[2]}
 
 
@@ -380,8 +384,11 @@ class FolderSource:
     rel = []
     for root, dirs, files in os.walk(folder, followlinks=True):
       dirs.sort()
-      rel += [os.path.relpath(os.path.join(root, f), folder) for f in files
-              if f.lower().endswith(_IMAGE_EXTENSIONS)]
+      rel += [
+        os.path.relpath(os.path.join(root, f), folder)
+        for f in files
+        if f.lower().endswith(_IMAGE_EXTENSIONS)
+      ]
     if not rel:
       raise UserError(f"No .png/.jpg/.jpeg images found below {folder}")
     rel.sort()
@@ -399,12 +406,19 @@ class FolderSource:
       key = (os.path.abspath(folder), tuple(p for p, _ in self.skipped))
       if key not in _WARNED:
         _WARNED.add(key)
-        logging.warning("skipping %d of %d images below %s that cannot be read: %s",
-                        len(self.skipped), len(rel), folder, shown)
+        logging.warning(
+          "skipping %d of %d images below %s that cannot be read: %s",
+          len(self.skipped),
+          len(rel),
+          folder,
+          shown,
+        )
     rel = [r for r in rel if r not in bad]
     if not rel:
-      raise UserError(f"None of the images below {folder} can be read (first: "
-                      f"{self.skipped[0][0]}: {self.skipped[0][1]})")
+      raise UserError(
+        f"None of the images below {folder} can be read (first: "
+        f"{self.skipped[0][0]}: {self.skipped[0][1]})"
+      )
     self.paths = [os.path.join(folder, r) for r in rel]
     parents = [os.path.basename(os.path.dirname(r)) for r in rel]
     self.class_names = sorted(set(parents))
@@ -423,8 +437,9 @@ class FolderSource:
     return self.paths[i]
 
 
-def folder_source(folder: str, split: str, channels: int, cache_dir: str = "",
-                  threads: int = 16) -> FolderSource:
+def folder_source(
+  folder: str, split: str, channels: int, cache_dir: str = "", threads: int = 16
+) -> FolderSource:
   """A FolderSource over `folder/<split>` when that directory exists, else over all of `folder`.
 
   The split's slice ("train[:-1000]") applies to the readable files only, so skipping or
@@ -432,9 +447,8 @@ def folder_source(folder: str, split: str, channels: int, cache_dir: str = "",
   """
   base, spec = parse_split(split)
   sub = os.path.join(folder, base) if folder else ""
-  source = FolderSource(sub if sub and os.path.isdir(sub) else folder, channels, cache_dir,
-                        threads)
-  rows = _slice_range(spec, len(source), split)
+  source = FolderSource(sub if sub and os.path.isdir(sub) else folder, channels, cache_dir, threads)
+  rows = slice_range(spec, len(source), split)
   source.paths = [source.paths[i] for i in rows]
   source.labels = source.labels[rows.start : rows.stop : rows.step]
   return source
@@ -535,15 +549,72 @@ def _fashion_mnist(data_config: Any, split: str) -> ArraySource:
 def _folder(data_config: Any, split: str) -> FolderSource:
   # Checking is file I/O: more threads than cores pay off on network disks.
   threads = max(16, data_config.num_workers)
-  return folder_source(data_config.folder, split, data_config.channels,
-                       default_cache_dir(data_config.data_dir), threads)
+  return folder_source(
+    data_config.folder,
+    split,
+    data_config.channels,
+    default_cache_dir(data_config.data_dir),
+    threads,
+  )
 
 
 # config.data.name -> factory(data_config, split) -> source, for the data vqjax reads itself
 # (reader "local", or "folder" for "folder"); other names are looked up in the tfds catalogue.
+def _codes(data_config: Any, split: str) -> Any:
+  from vqjax.data import codes  # deferred: grain's ArrayRecord reader loads only when needed
+
+  return codes.CodesSource(data_config.codes_dir, split)
+
+
+class SyntheticCodesSource:
+  """Uniformly random code maps of every level and a label, a pure function of the index.
+
+  Args:
+    shapes: code-map shapes, coarsest first.
+    num_codes: codes per level.
+    num_examples: the split's size.
+    seed: distinguishes splits.
+  """
+
+  def __init__(self, shapes: list, num_codes: int, num_examples: int, seed: int):
+    if not shapes or num_codes <= 0:
+      raise UserError(
+        "name='synthetic_codes' needs config.data.synthetic_shapes (e.g. [[8, 8], [16, 16]]) "
+        "and config.data.synthetic_num_codes > 0"
+      )
+    self.shapes, self.num_codes, self.n, self.seed = shapes, num_codes, num_examples, seed
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    rng = np.random.default_rng((self.seed, int(i)))
+    example = {
+      f"codes{level}": rng.integers(0, self.num_codes, shape).astype(np.int32)
+      for level, shape in enumerate(self.shapes)
+    }
+    example["label"] = np.int32(rng.integers(0, 10))
+    return example
+
+
+def _synthetic_codes(data_config: Any, split: str) -> SyntheticCodesSource:
+  base, spec = parse_split(split)
+  c = data_config
+  source = SyntheticCodesSource(
+    [list(s) for s in (c.synthetic_shapes or [])],
+    c.synthetic_num_codes,
+    c.synthetic_examples,
+    seed=sum(map(ord, base)),
+  )
+  source.n = len(slice_range(spec, source.n, split))
+  return source
+
+
 SOURCES: dict[str, Callable[[Any, str], Any]] = {
+  "synthetic_codes": _synthetic_codes,
   "fashion_mnist": _fashion_mnist,
   "folder": _folder,
+  "codes": _codes,  # code maps written by `python -m vqjax.extract_codes` (data/codes.py)
 }
 
 
@@ -565,13 +636,17 @@ def resolve_reader(data_config: Any) -> str:
   if name == "folder" or reader == "folder":
     # "local" is accepted too: a folder is data vqjax reads itself, like the other SOURCES.
     if name != "folder" or reader not in ("auto", "local", "folder"):
-      raise UserError(f"reader 'folder' reads only name='folder' (got name={name!r}, "
-                      f"reader={reader!r}): set --config.data.reader=folder with "
-                      "--config.data.name=folder")
+      raise UserError(
+        f"reader 'folder' reads only name='folder' (got name={name!r}, "
+        f"reader={reader!r}): set --config.data.reader=folder with "
+        "--config.data.name=folder"
+      )
     return "folder"
   if reader == "local" and name not in SOURCES:
-    raise UserError(f"reader='local' reads {sorted(set(SOURCES) - {'folder'})}, not {name!r}; "
-                    "set --config.data.reader=grain or tfdata for a tfds dataset")
+    raise UserError(
+      f"reader='local' reads {sorted(set(SOURCES) - {'folder'})}, not {name!r}; "
+      "set --config.data.reader=grain or tfdata for a tfds dataset"
+    )
   if reader == "auto":
     if name == "fashion_mnist":
       return "local" if fashion_mnist_files_exist(data_config.local_dir) else "grain"

@@ -18,7 +18,6 @@ Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
 With train=False nothing in "vq_state" changes.
 """
 
-
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
@@ -38,22 +37,27 @@ def dtype_from_name(name: str):
 def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
   """Quantizer constructor arguments from `config.vq` (for its `kind`)."""
   if vq.kind == "gumbel":
-    return dict(kind="gumbel", num_codes=vq.num_codes, code_dim=vq.code_dim,
-                temperature=vq.temperature, kl_weight=vq.kl_weight)
+    return dict(
+      kind="gumbel",
+      num_codes=vq.num_codes,
+      code_dim=vq.code_dim,
+      temperature=vq.temperature,
+      kl_weight=vq.kl_weight,
+    )
   if vq.kind != "vq":
     raise errors.UserError(f"unknown config.vq.kind {vq.kind!r}; expected 'vq' or 'gumbel'")
   return dict(
-      num_codes=vq.num_codes,
-      code_dim=vq.code_dim,
-      beta=vq.beta,
-      ema=vq.ema,
-      decay=vq.decay,
-      eps=vq.eps,
-      bias_correction=vq.bias_correction,
-      codebook_init=vq.init,
-      kmeans_iters=vq.kmeans_iters,
-      restart_after=vq.restart_after,
-      stats_impl=vq.stats_impl,
+    num_codes=vq.num_codes,
+    code_dim=vq.code_dim,
+    beta=vq.beta,
+    ema=vq.ema,
+    decay=vq.decay,
+    eps=vq.eps,
+    bias_correction=vq.bias_correction,
+    codebook_init=vq.init,
+    kmeans_iters=vq.kmeans_iters,
+    restart_after=vq.restart_after,
+    stats_impl=vq.stats_impl,
   )
 
 
@@ -62,15 +66,15 @@ def _build_vqvae(config, dtype, param_dtype):
 
   m = config.model
   return vqvae.VQVAE(
-      out_channels=config.data.channels,
-      channels=m.channels,
-      res_channels=m.res_channels,
-      num_res_blocks=m.num_res_blocks,
-      downsample=m.downsample,
-      quantizer=quantizer_kwargs(config.vq),
-      upconv_impl=m.upconv_impl,
-      dtype=dtype,
-      param_dtype=param_dtype,
+    out_channels=config.data.channels,
+    channels=m.channels,
+    res_channels=m.res_channels,
+    num_res_blocks=m.num_res_blocks,
+    downsample=m.downsample,
+    quantizer=quantizer_kwargs(config.vq),
+    upconv_impl=m.upconv_impl,
+    dtype=dtype,
+    param_dtype=param_dtype,
   )
 
 
@@ -79,28 +83,87 @@ def _build_vqvae2(config, dtype, param_dtype):
 
   m = config.model
   return hierarchy.VQVAE2(
-      out_channels=config.data.channels,
-      channels=m.channels,
-      res_channels=m.res_channels,
-      num_res_blocks=m.num_res_blocks,
-      levels=m.levels,
-      first_stride=m.first_stride,
-      level_stride=m.level_stride,
-      quantizer=quantizer_kwargs(config.vq),
-      upconv_impl=m.upconv_impl,
-      dtype=dtype,
-      param_dtype=param_dtype,
+    out_channels=config.data.channels,
+    channels=m.channels,
+    res_channels=m.res_channels,
+    num_res_blocks=m.num_res_blocks,
+    levels=m.levels,
+    first_stride=m.first_stride,
+    level_stride=m.level_stride,
+    quantizer=quantizer_kwargs(config.vq),
+    upconv_impl=m.upconv_impl,
+    dtype=dtype,
+    param_dtype=param_dtype,
+  )
+
+
+def _prior_classes(config) -> int:
+  return config.prior.num_classes if config.prior.class_conditional else 0
+
+
+def _build_pixelcnn(config, dtype, param_dtype):
+  from vqjax.models import pixelcnn
+
+  m = config.model
+  return pixelcnn.GatedPixelCNN(
+    num_codes=config.vq.num_codes,
+    channels=m.channels,
+    num_layers=m.num_layers,
+    kernel_size=m.kernel_size,
+    num_classes=_prior_classes(config),
+    cond_channels=m.cond_channels,
+    dropout=m.dropout,
+    dtype=dtype,
+    param_dtype=param_dtype,
+  )
+
+
+def _build_pixelsnail(config, dtype, param_dtype):
+  from vqjax.models import pixelsnail
+
+  m = config.model
+  shapes = config.prior.code_shapes
+  if not shapes:
+    raise errors.UserError(
+      "config.prior.code_shapes is not set: a PixelSNAIL needs the code-map shape (set "
+      "--config.data.codes_dir to the code dataset; the shapes are read from it)"
+    )
+  return pixelsnail.PixelSNAIL(
+    shape=tuple(shapes[config.prior.level]),
+    num_codes=config.vq.num_codes,
+    channels=m.channels,
+    kernel_size=m.kernel_size,
+    num_blocks=m.num_blocks,
+    num_res_blocks=m.num_res_blocks,
+    res_channels=m.res_channels,
+    attention=m.attention,
+    num_heads=m.num_heads,
+    dropout=m.dropout,
+    num_cond_res_blocks=m.num_cond_res_blocks,
+    cond_res_channels=m.cond_res_channels,
+    cond_res_kernel=m.cond_res_kernel,
+    num_out_res_blocks=m.num_out_res_blocks,
+    num_classes=_prior_classes(config),
+    dtype=dtype,
+    param_dtype=param_dtype,
   )
 
 
 # config.model.name -> (config, dtype, param_dtype) -> module.
-MODELS = {"vqvae": _build_vqvae, "vqvae2": _build_vqvae2}
+MODELS = {
+  "vqvae": _build_vqvae,
+  "vqvae2": _build_vqvae2,
+  "pixelcnn": _build_pixelcnn,
+  "pixelsnail": _build_pixelsnail,
+}
+# The stage-1 models (the rest are priors over their codes).
+AUTOENCODERS = ("vqvae", "vqvae2")
 
 
 def _check_name(name: str) -> None:
   if name not in MODELS:
     raise errors.UserError(
-        f"unknown config.model.name {name!r}; expected one of {', '.join(sorted(MODELS))}"
+      f"unknown config.model.name {name!r}; expected one of {', '.join(sorted(MODELS))}"
     )
 
 
@@ -108,7 +171,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   """Builds the stage-1 model named by `config.model.name`."""
   _check_name(config.model.name)
   return MODELS[config.model.name](
-      config, dtype_from_name(config.model.dtype), dtype_from_name(config.model.param_dtype)
+    config, dtype_from_name(config.model.dtype), dtype_from_name(config.model.param_dtype)
   )
 
 
@@ -123,7 +186,11 @@ def total_stride(config: ml_collections.ConfigDict) -> int:
   Returns:
     The stride; an unknown model name raises `errors.UserError`.
   """
+  _check_name(config.model.name)
+  if config.model.name not in AUTOENCODERS:
+    raise errors.UserError(
+      f"total_stride: {config.model.name!r} is a prior, not an autoencoder "
+      f"({', '.join(AUTOENCODERS)})"
+    )
   # The module's own definition (it checks input sizes with it); building one is cheap.
   return build_model(config).total_stride
-
-

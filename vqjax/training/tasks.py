@@ -104,13 +104,13 @@ def level_names(levels: int) -> tuple[str, ...]:
 
 
 def _rename_levels(metrics: dict[str, Any], levels: int) -> dict[str, Any]:
-  """"level{i}/x" -> "top/x", "bottom/x", ... (see `level_names`)."""
+  """ "level{i}/x" -> "top/x", "bottom/x", ... (see `level_names`)."""
   names = level_names(levels)
   out = {}
   for k, v in metrics.items():
     if k.startswith("level") and "/" in k:
       head, tail = k.split("/", 1)
-      k = f"{names[int(head[len('level'):])]}/{tail}"
+      k = f"{names[int(head[len('level') :])]}/{tail}"
     out[k] = v
   return out
 
@@ -141,25 +141,26 @@ class AutoencoderTask(Task):
     """Creates parameters, EMA state and optimiser state from the shape of `batch`."""
     if "image" not in batch:
       raise errors.UserError(
-          f"the autoencoder task needs an 'image' feature; the data has {sorted(batch)}")
+        f"the autoencoder task needs an 'image' feature; the data has {sorted(batch)}"
+      )
     params_rng, vq_rng = jax.random.split(rng)
     variables = self.model.init({"params": params_rng, "vq": vq_rng}, batch["image"], train=False)
     variables = dict(variables)
     params = variables.pop("params")
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=self.tx.init(params),
-        model_state=variables,
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.tx.init(params),
+      model_state=variables,
     )
 
   def _loss(self, params, model_state, image, rng):
     (recon, aux), updates = self.model.apply(
-        {"params": params, **model_state},
-        image,
-        train=True,
-        rngs={"vq": rng},
-        mutable=list(model_state.keys()),
+      {"params": params, **model_state},
+      image,
+      train=True,
+      rngs={"vq": rng},
+      mutable=list(model_state.keys()),
     )
     del recon
     # The loss is reduced in float32 whatever the compute dtype (bf16 sums lose small terms).
@@ -170,26 +171,28 @@ class AutoencoderTask(Task):
     del frozen
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     (loss, (aux, model_state)), grads = grad_fn(
-        state.params, state.model_state, batch["image"], rng
+      state.params, state.model_state, batch["image"], rng
     )
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        k: jnp.asarray(v, jnp.float32)
-        for k, v in aux.items()
-        if not k.endswith("/counts") and jnp.ndim(v) == 0
+      k: jnp.asarray(v, jnp.float32)
+      for k, v in aux.items()
+      if not k.endswith("/counts") and jnp.ndim(v) == 0
     }
     # Per-batch statistics are told apart from the eval ones over the whole split.
-    metrics = {k.replace("/usage", "/batch_usage").replace("/perplexity", "/batch_perplexity"): v
-               for k, v in _rename_levels(metrics, self.levels).items()}
+    metrics = {
+      k.replace("/usage", "/batch_usage").replace("/perplexity", "/batch_perplexity"): v
+      for k, v in _rename_levels(metrics, self.levels).items()
+    }
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = jnp.asarray(self.schedule(state.step), jnp.float32)
     new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        model_state={**state.model_state, **model_state},
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      model_state={**state.model_state, **model_state},
     )
     return new_state, metrics
 
@@ -208,7 +211,8 @@ class AutoencoderTask(Task):
       codes = aux[f"level{i}/indices"]
       # Padded examples weigh zero, so the counts cover the real split only.
       sums[f"{name}/counts"] = quantizer.code_histogram(
-          codes, self.config.vq.num_codes, weights=mask)
+        codes, self.config.vq.num_codes, weights=mask
+      )
     return sums
 
   def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
@@ -237,7 +241,185 @@ class AutoencoderTask(Task):
     return {"recon": {"input": batch["image"], "reconstruction": recon}}
 
 
-TASKS = {"autoencoder": AutoencoderTask}
+def codes_key(level: int) -> str:
+  """The feature name of level `level`'s code map in a code dataset (0 = coarsest)."""
+  return f"codes{level}"
+
+
+class PriorTask(Task):
+  """Stage 2: an autoregressive prior (Gated PixelCNN or PixelSNAIL) over one level's codes.
+
+  The modelled level is `config.prior.level` (0 = the coarsest, top); it is conditioned on every
+  coarser level's code map and, with `config.prior.class_conditional`, on the label. The loss is
+  the mean cross-entropy per code in nats; metrics report it in bits per code and in bits per
+  image dimension (the level's total bits over H * W * C of the images the codes encode).
+
+  Args:
+    config: the run config; when `config.data.name == "codes"`, `config.prior.code_shapes` and
+      `config.prior.image_shape` are filled from the code dataset (and checked against it).
+    model: a prior module; default `registry.build_model(config)`.
+  """
+
+  progress_keys = ("loss", "bits_per_code")
+  unit = "samples"
+  config_sections = ("task", "model", "vq", "prior")
+
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module | None = None):
+    self.config = config
+    p = config.prior
+    if config.data.name == "codes":
+      _fill_from_codes(config)
+    elif config.data.name == "synthetic_codes" and not p.code_shapes:
+      p.code_shapes = [list(s) for s in config.data.synthetic_shapes or []]
+    if not p.code_shapes:
+      raise errors.UserError(
+        "config.prior.code_shapes is not set: train priors on a code dataset "
+        "(--config.data.name=codes --config.data.codes_dir=DIR) or set it"
+      )
+    if not 0 <= p.level < len(p.code_shapes):
+      raise errors.UserError(
+        f"config.prior.level={p.level} but the codes have {len(p.code_shapes)} level(s) "
+        f"(0 = top ... {len(p.code_shapes) - 1} = bottom)"
+      )
+    if p.class_conditional and p.num_classes <= 0:
+      raise errors.UserError("config.prior.class_conditional needs config.prior.num_classes > 0")
+    self.level = p.level
+    self.shape = tuple(p.code_shapes[p.level])
+    image_dims = int(np.prod(p.image_shape)) if p.image_shape else 0
+    # bits per image dimension = (bits of the whole map) / (image dimensions)
+    self.dims_per_code = image_dims / float(np.prod(self.shape)) if image_dims else 0.0
+    self.model = registry.build_model(config) if model is None else model
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
+
+  def dummy_batch(self) -> dict[str, np.ndarray]:
+    batch = {
+      codes_key(i): np.zeros((1, *s), np.int32)
+      for i, s in enumerate(self.config.prior.code_shapes[: self.level + 1])
+    }
+    batch["label"] = np.zeros((1,), np.int32)
+    return batch
+
+  def _inputs(self, batch: Batch) -> tuple[jax.Array, Any, Any]:
+    key = codes_key(self.level)
+    if key not in batch:
+      raise errors.UserError(
+        f"the prior of level {self.level} needs feature {key!r}; the data has {sorted(batch)}"
+      )
+    condition = tuple(batch[codes_key(i)] for i in range(self.level)) or None
+    label = None
+    if self.config.prior.class_conditional:
+      if "label" not in batch:
+        raise errors.UserError("config.prior.class_conditional is set but the codes have no labels")
+      label = batch["label"]
+    return batch[key], condition, label
+
+  def init(self, rng: jax.Array, batch: Batch) -> TrainState:
+    """Creates parameters and optimiser state from the shapes of `batch`."""
+    codes, condition, label = self._inputs(batch)
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = self.model.init(
+      {"params": params_rng, "dropout": dropout_rng},
+      codes,
+      condition=condition,
+      label=label,
+      train=False,
+    )
+    variables = dict(variables)
+    params = variables.pop("params")
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.tx.init(params),
+      model_state=variables,
+    )
+
+  def _nll(self, params, model_state, batch, rng, train: bool) -> jax.Array:
+    """Cross-entropy in nats of every code, [B, H, W], float32."""
+    codes, condition, label = self._inputs(batch)
+    logits = self.model.apply(
+      {"params": params, **model_state},
+      codes,
+      condition=condition,
+      label=label,
+      train=train,
+      rngs={"dropout": rng} if rng is not None else None,
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), codes)
+
+  def train_step(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None):
+    """One optimiser update on the mean cross-entropy per code."""
+    del frozen
+
+    def loss_fn(params):
+      return jnp.mean(self._nll(params, state.model_state, batch, rng, True))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    metrics = {
+      "loss": loss,
+      "bits_per_code": loss / np.log(2.0),
+      "grad_norm": optax.tree.norm(grads),
+      "lr": jnp.asarray(self.schedule(state.step), jnp.float32),
+    }
+    if self.dims_per_code:
+      metrics["bits_per_dim"] = metrics["bits_per_code"] / self.dims_per_code
+    new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+    return new_state, metrics
+
+  def eval_step(self, state: TrainState, batch: Batch, frozen: Any = None) -> Metrics:
+    """Summed cross-entropy over the real examples' codes, and how many codes that was."""
+    del frozen
+    mask = batch["mask"].astype(jnp.float32)
+    nll = self._nll(state.params, state.model_state, batch, None, False)
+    per_example = jnp.sum(nll.reshape(nll.shape[0], -1), axis=1)
+    return {
+      "nll": jnp.sum(per_example * mask),
+      "count": jnp.sum(mask),
+      "codes": jnp.sum(mask) * float(np.prod(self.shape)),
+    }
+
+  def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+    """Held-out cross-entropy: nats and bits per code, bits per image dimension."""
+    per_code = float(sums["nll"]) / max(float(sums["codes"]), 1.0)
+    out = {
+      "loss": per_code,
+      "bits_per_code": per_code / float(np.log(2.0)),
+      "examples": float(sums["count"]),
+    }
+    if self.dims_per_code:
+      out["bits_per_dim"] = out["bits_per_code"] / self.dims_per_code
+    return out
+
+
+def _fill_from_codes(config: ml_collections.ConfigDict) -> None:
+  """Copies the code dataset's shapes into `config.prior` and checks they fit the config."""
+  from vqjax.data import codes as codes_data
+
+  meta = codes_data.read_metadata(config.data.codes_dir)
+  shapes = [list(level["shape"]) for level in meta["levels"]]
+  if meta["num_codes"] != config.vq.num_codes:
+    raise errors.UserError(
+      f"the codes in {config.data.codes_dir} use {meta['num_codes']} codes per level, the "
+      f"config {config.vq.num_codes}: set --config.vq.num_codes={meta['num_codes']}"
+    )
+  p = config.prior
+  if p.code_shapes and [list(s) for s in p.code_shapes] != shapes:
+    raise errors.UserError(
+      f"the codes in {config.data.codes_dir} have level shapes {shapes}, the config (or the "
+      f"checkpoint) {[list(s) for s in p.code_shapes]}: they come from another stage-1 model"
+    )
+  if p.class_conditional and not meta.get("has_labels"):
+    raise errors.UserError(
+      f"config.prior.class_conditional is set but the codes in "
+      f"{config.data.codes_dir} have no labels"
+    )
+  p.code_shapes = shapes
+  p.image_shape = list(meta["image_shape"])
+
+
+TASKS = {"autoencoder": AutoencoderTask, "prior": PriorTask}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:

@@ -74,8 +74,9 @@ class _StopRequest:
     del frame
     self.signum = signum
     signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-    logging.warning("received %s: finishing this step, saving, stopping",
-                    signal.Signals(signum).name)
+    logging.warning(
+      "received %s: finishing this step, saving, stopping", signal.Signals(signum).name
+    )
 
   def requested(self, sync: bool) -> bool:
     """Whether to stop. With several processes all must stop at the same step, so the answer
@@ -106,11 +107,12 @@ def _pin_reader(config: ml_collections.ConfigDict, saved_meta: dict) -> ml_colle
   """Resolves `data.reader="auto"` once: to the reader the run's checkpoint records, else from
   this machine. The same run moved to another machine then reads the same way (or fails with
   what to set) instead of switching readers under a saved data position."""
-  if config.data.reader != "auto":
-    return config
-  recorded = saved_meta.get("config", {}).get("data", {}).get("reader", "auto")
+  # A copy: the run resolves fields (this one; a prior's code shapes) without touching the
+  # caller's config.
   config = config.copy_and_resolve_references()
-  config.data.reader = recorded if recorded != "auto" else sources.resolve_reader(config.data)
+  if config.data.reader == "auto":
+    recorded = saved_meta.get("config", {}).get("data", {}).get("reader", "auto")
+    config.data.reader = recorded if recorded != "auto" else sources.resolve_reader(config.data)
   return config
 
 
@@ -156,13 +158,18 @@ class _Health:
       else:
         where = f"A resume continues from the last good checkpoint, {self.ckpt.directory}/{good}."
       raise errors.DivergenceError(
-          f"the loss became non-finite by step {step}; stopped. {where} Lower "
-          "config.optim.lr, set config.optim.grad_clip or check the input data.")
+        f"the loss became non-finite by step {step}; stopped. {where} Lower "
+        "config.optim.lr, set config.optim.grad_clip or check the input data."
+      )
     recent = self.history[-8:]
     if recent and worst > _EXPLODED_RATIO * statistics.median(recent):
       logging.warning(
-          "loss exploded to %.4g by step %d (recent worst %.4g); checkpoints %s are not trusted",
-          worst, step, statistics.median(recent), self.pending or "(none)")
+        "loss exploded to %.4g by step %d (recent worst %.4g); checkpoints %s are not trusted",
+        worst,
+        step,
+        statistics.median(recent),
+        self.pending or "(none)",
+      )
       self.ckpt.mark_bad(self.pending)
       self.pending = []
       return
@@ -171,8 +178,9 @@ class _Health:
     self.pending = [s for s in self.pending if s >= step]
 
 
-def jit_train_step(task: tasks.Task, mesh: jax.sharding.Mesh, state_shardings: Any,
-                   frozen_shardings: Any = None):
+def jit_train_step(
+  task: tasks.Task, mesh: jax.sharding.Mesh, state_shardings: Any, frozen_shardings: Any = None
+):
   """The train step `train_and_evaluate` runs, jitted: benchmarks time exactly this.
 
   `step(state, batch, rng, frozen, worst) -> (state, metrics, worst)` hands the task the key
@@ -188,18 +196,17 @@ def jit_train_step(task: tasks.Task, mesh: jax.sharding.Mesh, state_shardings: A
   """
 
   def step(state, batch, rng, frozen, worst):
-    new_state, metrics = task.train_step(state, batch, jax.random.fold_in(rng, state.step),
-                                         frozen)
+    new_state, metrics = task.train_step(state, batch, jax.random.fold_in(rng, state.step), frozen)
     loss = jnp.asarray(metrics["loss"], jnp.float32)
     worst = jnp.maximum(worst, jnp.where(jnp.isfinite(loss), loss, jnp.inf))
     return new_state, metrics, worst
 
   repl = sharding.replicated(mesh)
   return jax.jit(
-      step,
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl, frozen_shardings, repl),
-      out_shardings=(state_shardings, repl, repl),
-      donate_argnums=0,
+    step,
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh), repl, frozen_shardings, repl),
+    out_shardings=(state_shardings, repl, repl),
+    donate_argnums=0,
   )
 
 
@@ -207,15 +214,20 @@ def _finished(workdir: str, step: int, total: int) -> dict[str, float]:
   """What a re-run of a finished workdir returns: the last eval record, without re-running."""
   records = logs.read_records(os.path.join(workdir, "metrics.jsonl"))
   evals = [r for r in records if r.get("split") == "eval"]
-  result = {f"eval/{k}": v for k, v in (evals[-1] if evals else {}).items()
-            if k not in ("step", "split")}
-  logging.info("run already finished at step %d (config.train.steps=%d): nothing to do. Raise "
-               "--config.train.steps to train further.", step, total)
+  result = {
+    f"eval/{k}": v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "split")
+  }
+  logging.info(
+    "run already finished at step %d (config.train.steps=%d): nothing to do. Raise "
+    "--config.train.steps to train further.",
+    step,
+    total,
+  )
   return {**result, "step": step}
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, task: tasks.Task | None = None
+  config: ml_collections.ConfigDict, workdir: str, *, task: tasks.Task | None = None
 ) -> dict[str, float]:
   """Trains (or resumes) the run described by `config` in `workdir`.
 
@@ -232,30 +244,53 @@ def train_and_evaluate(
   configs.validate(config)
   logs.quiet_library_logs()
   setup_compilation_cache(config.log.compilation_cache)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  pi, pc = jax.process_index(), jax.process_count()
-  ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR), config.ckpt.keep, config.ckpt.async_save
-  )
-  writer = train_iter = stop = None
-  try:
+  with _Run(config, workdir, task) as run:
+    if run.step >= run.total and run.resumed:
+      return _finished(run.workdir, run.step, run.total)
+    return run.train(t_start)
+
+
+class _Run:
+  """One launch of a run: its state and step, data, jitted steps, logs and checkpoints.
+
+  Built in the order of the module docstring; `train` is the loop. Closing it (a `with`
+  block) waits for pending checkpoint saves and releases files, signal handlers and readers.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: tasks.Task | None):
+    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.pi, pc = jax.process_index(), jax.process_count()
+    self.writer = self.train_iter = self.stop = None
+    self.ckpt = checkpoint.Checkpointer(
+      os.path.join(self.workdir, checkpoint.CHECKPOINT_SUBDIR),
+      config.ckpt.keep,
+      config.ckpt.async_save,
+    )
+    try:
+      self._setup(config, task, pc)
+    except BaseException:
+      self.close()
+      raise
+
+  def _setup(self, config: ml_collections.ConfigDict, task: tasks.Task | None, pc: int) -> None:
+    ckpt = self.ckpt
     latest = ckpt.latest_step()
     saved_meta = ckpt.read_meta(latest) if latest is not None else {}
-    config = _pin_reader(config, saved_meta)
-    mesh = sharding.make_mesh(config.mesh)
+    self.config = config = _pin_reader(config, saved_meta)
+    self.mesh = mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.batch_size, mesh)
     sharding.check_batch_size(config.data.eval_batch_size, mesh)
-    task = tasks.make_task(config) if task is None else task
-    meta = checkpoint.config_meta(config, task.config_sections)
+    self.task = task = tasks.make_task(config) if task is None else task
+    self.meta = checkpoint.config_meta(config, task.config_sections)
 
     # Data first: a missing dataset fails here, before any compilation.
-    train_iter = pipeline.make_train_iterator(config.data, config.seed, pi, pc)
-    eval_data = pipeline.make_eval_iterator(config.data, pi, pc, config.log.eval_batches)
+    self.train_iter = pipeline.make_train_iterator(config.data, config.seed, self.pi, pc)
+    self.eval_data = pipeline.make_eval_iterator(config.data, self.pi, pc, config.log.eval_batches)
     # The task initialises from a one-example batch shaped like the real ones (images for the
     # autoencoder, code maps for a prior); peek at one and rewind the iterator.
-    position = train_iter.get_state()
-    example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in next(train_iter).items()}
-    train_iter.set_state(position)
+    position = self.train_iter.get_state()
+    example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in next(self.train_iter).items()}
+    self.train_iter.set_state(position)
 
     def init_fn(rng):
       return task.init(rng, jax.tree.map(jnp.asarray, example))
@@ -265,177 +300,217 @@ def train_and_evaluate(
     # a fraction of the time threefry's unrolled loops take (4 s vs 23 s measured on 2 CPU
     # cores for the Fashion-MNIST smoke model). Training randomness stays threefry.
     init_rng = jax.jit(lambda: jax.random.key(config.seed, impl="rbg"), out_shardings=repl)()
-    train_rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=repl)()
-    image_rng = jax.jit(lambda: jax.random.key(config.seed + 2), out_shardings=repl)()
+    self.train_rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=repl)()
+    self.image_rng = jax.jit(lambda: jax.random.key(config.seed + 2), out_shardings=repl)()
     abstract = jax.eval_shape(init_fn, init_rng)
     shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    target = checkpoint.abstract_with_shardings(abstract, shardings)
 
-    if latest is not None:
-      state, data_state, step = ckpt.restore_newest_intact(target, meta=meta)
+    self.resumed = latest is not None
+    if self.resumed:
+      target = checkpoint.abstract_with_shardings(abstract, shardings)
+      self.state, data_state, step = ckpt.restore_newest_intact(target, meta=self.meta)
       ckpt.discard_after(step)
       if data_state is not None:
-        train_iter.set_state(data_state)
-      changes = checkpoint.config_changes(ckpt.read_meta(step) or saved_meta, meta)
-      if changes and pi == 0:
-        logging.warning("the config differs from the one checkpoint %d was saved with: %s", step,
-                        "; ".join(changes))
+        self.train_iter.set_state(data_state)
+      changes = checkpoint.config_changes(ckpt.read_meta(step) or saved_meta, self.meta)
+      if changes and self.pi == 0:
+        logging.warning(
+          "the config differs from the one checkpoint %d was saved with: %s",
+          step,
+          "; ".join(changes),
+        )
       logging.info("resumed from %s/%d", ckpt.directory, step)
     elif config.ckpt.init_from:
       # Weights (params + EMA codebooks) only: the optimiser, step and data order start fresh.
+      target = checkpoint.abstract_with_shardings(abstract, shardings)
       weights = checkpoint.restore_weights(config.ckpt.init_from, target)
-      state = sharding.init_sharded(init_fn, shardings, init_rng)
-      state = state.replace(**weights)
+      self.state = sharding.init_sharded(init_fn, shardings, init_rng).replace(**weights)
       logging.info("initialised weights from %s", config.ckpt.init_from)
     else:
-      state = sharding.init_sharded(init_fn, shardings, init_rng)
+      self.state = sharding.init_sharded(init_fn, shardings, init_rng)
+    self.step = int(jax.device_get(self.state.step))
+    self.total = int(config.train.steps)
+    if self.resumed and self.step >= self.total:
+      return  # finished: nothing to compile or write
 
-    step = int(jax.device_get(state.step))
-    total = int(config.train.steps)
-    if latest is not None and step >= total:
-      return _finished(workdir, step, total)
     # Written only once the state is restored or created: a relaunch with a config that does
     # not fit the workdir's checkpoint fails above and leaves the run's config record as it was.
-    if pi == 0:
-      logs.save_config(workdir, config)
-    writer = logs.MetricWriter(workdir, tensorboard=config.log.tensorboard, active=pi == 0)
-    writer.start_at(step)
-
-    frozen, frozen_sh = task.frozen(), None
-    if frozen is not None:
-      frozen, frozen_sh = _place(frozen, mesh, config.mesh.fsdp_min_size)
-
-    train_step = jit_train_step(task, mesh, shardings, frozen_sh)
-    batch_sh = sharding.batch_sharding(mesh)
-    eval_step = jax.jit(task.eval_step, in_shardings=(shardings, batch_sh, frozen_sh),
-                        out_shardings=repl)
-    n_img = config.log.num_images
-    images_fn = jax.jit(
-        lambda s, b, r, f: jax.tree.map(lambda x: x[:n_img], task.images(s, b, r, f)),
-        in_shardings=(shardings, batch_sh, repl, frozen_sh),
-        out_shardings=repl,
+    if self.pi == 0:
+      logs.save_config(self.workdir, config)
+    self.writer = logs.MetricWriter(
+      self.workdir, tensorboard=config.log.tensorboard, active=self.pi == 0
     )
-    finite_fn = jax.jit(lambda s: sharding.all_finite((s.params, s.model_state)),
-                        out_shardings=repl)
-    no_loss = jax.device_put(jnp.float32(-jnp.inf), repl)
-    worst = no_loss
-    health = _Health(ckpt, [] if latest is None or step in ckpt.bad_steps() else [step])
-    start_step = step
-    if pi == 0:
+    self.writer.start_at(self.step)
+
+    self.frozen, frozen_sh = task.frozen(), None
+    if self.frozen is not None:
+      self.frozen, frozen_sh = _place(self.frozen, mesh, config.mesh.fsdp_min_size)
+    self.train_step = jit_train_step(task, mesh, shardings, frozen_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+    self.eval_step = jax.jit(
+      task.eval_step, in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=repl
+    )
+    n_img = config.log.num_images
+    self.images_fn = jax.jit(
+      lambda s, b, r, f: jax.tree.map(lambda x: x[:n_img], task.images(s, b, r, f)),
+      in_shardings=(shardings, batch_sh, repl, frozen_sh),
+      out_shardings=repl,
+    )
+    self.finite_fn = jax.jit(
+      lambda s: sharding.all_finite((s.params, s.model_state)), out_shardings=repl
+    )
+    self.no_loss = jax.device_put(jnp.float32(-jnp.inf), repl)
+    self.worst = self.no_loss
+    unjudged = [] if not self.resumed or self.step in ckpt.bad_steps() else [self.step]
+    self.health = _Health(ckpt, unjudged)
+    if self.pi == 0:
       logging.info(
-          "mesh %s over %d processes; %s parameters; global batch %d; steps %d -> %d",
-          dict(mesh.shape), pc, f"{_count_params(state.params):,}", config.data.batch_size,
-          step, total,
+        "mesh %s over %d processes; %s parameters; global batch %d; steps %d -> %d",
+        dict(mesh.shape),
+        pc,
+        f"{_count_params(self.state.params):,}",
+        config.data.batch_size,
+        self.step,
+        self.total,
       )
 
-    def check() -> None:
-      nonlocal worst
-      value, worst = float(jax.device_get(worst)), no_loss
-      health.check(value, step)
+  # --- what the loop does besides stepping ------------------------------------------------
 
-    def evaluate() -> dict[str, float]:
-      totals = None
-      for host_batch in eval_data:
-        sums = eval_step(state, sharding.global_batch(host_batch, mesh), frozen)
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-      if totals is None:
-        raise errors.UserError(f"eval split {config.data.eval_split!r} gave no batches")
-      result = task.eval_summary(sharding.to_host(totals))
-      writer.write(step, result, prefix="eval")
-      if pi == 0:
-        shown = " ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "examples")
-        logging.info("eval over %d examples at step %d: %s", int(result.get("examples", 0)),
-                     step, shown)
-      return result
+  def check(self) -> None:
+    """Judges the losses since the last check (see `_Health`)."""
+    value, self.worst = float(jax.device_get(self.worst)), self.no_loss
+    self.health.check(value, self.step)
 
-    def save_images() -> None:
-      host_batch = next(iter(eval_data))
-      rng = jax.random.fold_in(image_rng, step)
-      grids = sharding.to_host(images_fn(state, sharding.global_batch(host_batch, mesh), rng,
-                                         frozen))
-      if pi != 0:
-        return
-      os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-      for name, rows in grids.items():
-        grid = logs.comparison_grid(rows)
-        logs.save_png(os.path.join(workdir, "images", f"{name}_{step:07d}.png"), grid)
-        writer.write_images(step, name, grid)
+  def evaluate(self) -> dict[str, float]:
+    """One pass over the eval split; writes and returns the task's summary."""
+    totals = None
+    for host_batch in self.eval_data:
+      batch = sharding.global_batch(host_batch, self.mesh)
+      sums = self.eval_step(self.state, batch, self.frozen)
+      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    if totals is None:
+      raise errors.UserError(f"eval split {self.config.data.eval_split!r} gave no batches")
+    result = self.task.eval_summary(sharding.to_host(totals))
+    self.writer.write(self.step, result, prefix="eval")
+    if self.pi == 0:
+      shown = " ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "examples")
+      logging.info(
+        "eval over %d examples at step %d: %s", int(result.get("examples", 0)), self.step, shown
+      )
+    return result
 
-    def save(where: str) -> None:
-      check()
-      # Never write a non-finite state: the previous checkpoint stays the last good one.
-      if not bool(finite_fn(state)):
-        health.check(float("nan"), step)
-      ckpt.save(step, state, train_iter.get_state(), meta)
-      health.pending.append(step)
-      logging.debug("saved step %d (%s)", step, where)
+  def save_images(self) -> None:
+    """The task's grids for the first eval batch, as `images/{grid}_{step}.png`."""
+    batch = sharding.global_batch(next(iter(self.eval_data)), self.mesh)
+    rng = jax.random.fold_in(self.image_rng, self.step)
+    grids = sharding.to_host(self.images_fn(self.state, batch, rng, self.frozen))
+    if self.pi != 0:
+      return
+    os.makedirs(os.path.join(self.workdir, "images"), exist_ok=True)
+    for name, rows in grids.items():
+      grid = logs.comparison_grid(rows)
+      logs.save_png(os.path.join(self.workdir, "images", f"{name}_{self.step:07d}.png"), grid)
+      self.writer.write_images(self.step, name, grid)
 
-    stop = _StopRequest()
+  def save(self) -> None:
+    """Checks the losses so far, then saves (never a non-finite state)."""
+    self.check()
+    if not bool(self.finite_fn(self.state)):
+      self.health.check(float("nan"), self.step)
+    self.ckpt.save(self.step, self.state, self.train_iter.get_state(), self.meta)
+    self.health.pending.append(self.step)
+
+  # --- the loop ---------------------------------------------------------------------------
+
+  def train(self, t_start: float) -> dict[str, float]:
+    """Steps to `config.train.steps` (or a stop request), then evaluates; see the module
+    docstring. Returns what `train_and_evaluate` returns."""
+    c, task = self.config, self.task
+    self.stop = _StopRequest()
+    start_step = self.step
     progress = None  # started after the first step, so compilation is not in the throughput
     result: dict[str, float] = {}
     eval_result: dict[str, float] = {}
     last_eval = -1
     previous = None
-    while step < total:
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics, worst = train_step(state, batch, train_rng, frozen, worst)
-      step += 1
+    stopping = False
+    while self.step < self.total and not stopping:
+      batch = sharding.global_batch(next(self.train_iter), self.mesh)
+      self.state, metrics, self.worst = self.train_step(
+        self.state, batch, self.train_rng, self.frozen, self.worst
+      )
+      self.step += 1
+      step = self.step
       # At most one step queued behind this one: the host never runs far ahead of the device,
       # so a stop request or a log line is served within a step, not dozens.
       if previous is not None:
         jax.block_until_ready(previous)
-      previous = worst
+      previous = self.worst
       if step == start_step + 1:
-        jax.block_until_ready(state)
+        jax.block_until_ready(self.state)
         result["first_step_s"] = time.perf_counter() - t_start
-        if pi == 0:
-          logging.info("first step done %.1f s after start (compilation included)",
-                       result["first_step_s"])
-        progress = logs.Progress(total, config.data.batch_size, step, unit=task.unit)
-      log_now = step % config.log.every_steps == 0 or step == total
+        if self.pi == 0:
+          logging.info(
+            "first step done %.1f s after start (compilation included)", result["first_step_s"]
+          )
+        progress = logs.Progress(self.total, c.data.batch_size, step, unit=task.unit)
+      log_now = step % c.log.every_steps == 0 or step == self.total
       if log_now:
         host = _host_metrics(metrics)
-        check()
+        self.check()
         text, timing = progress.line(step, host, task.progress_keys)
-        writer.write(step, {**host, **timing})
-        if pi == 0:
+        self.writer.write(step, {**host, **timing})
+        if self.pi == 0:
           logging.info("%s", text)
         result.update(host)
-      stopping = stop.requested(sync=log_now or step % _STOP_SYNC_EVERY == 0)
+      stopping = self.stop.requested(sync=log_now or step % _STOP_SYNC_EVERY == 0)
       t_aside = time.perf_counter()
-      if config.log.eval_every_steps and step % config.log.eval_every_steps == 0 and not stopping:
-        eval_result, last_eval = evaluate(), step
-      if config.log.image_every_steps and step % config.log.image_every_steps == 0:
-        save_images()
+      if c.log.eval_every_steps and step % c.log.eval_every_steps == 0 and not stopping:
+        eval_result, last_eval = self.evaluate(), step
+      if c.log.image_every_steps and step % c.log.image_every_steps == 0:
+        self.save_images()
       progress.exclude(time.perf_counter() - t_aside)
-      if stopping or step == total or (config.ckpt.every_steps and
-                                       step % config.ckpt.every_steps == 0):
-        save("stop request" if stopping else "checkpoint step")
-      if stopping:
-        logging.warning("stopped at step %d by %s; checkpoint saved", step,
-                        signal.Signals(stop.signum).name if stop.signum else "another process")
-        break
+      if stopping or step == self.total or (c.ckpt.every_steps and step % c.ckpt.every_steps == 0):
+        self.save()
+
+    if stopping:
+      signum = self.stop.signum
+      logging.warning(
+        "stopped at step %d by %s; checkpoint saved",
+        self.step,
+        signal.Signals(signum).name if signum else "another process",
+      )
     else:
-      if step == start_step and ckpt.latest_step() != step:  # nothing ran: keep a checkpoint
-        save("end of training")
-      if last_eval != step:
-        eval_result = evaluate()
-      if config.log.image_every_steps and step % config.log.image_every_steps:
-        save_images()
+      if self.step == start_step and self.ckpt.latest_step() != self.step:
+        self.save()  # nothing ran (train.steps reached by init_from or 0): keep a checkpoint
+      if last_eval != self.step:
+        eval_result = self.evaluate()
+      if c.log.image_every_steps and self.step % c.log.image_every_steps:
+        self.save_images()
     result.update({f"eval/{k}": v for k, v in eval_result.items()})
-    result["step"] = step
-    if pi == 0:
-      ckpt.wait()
+    result["step"] = self.step
+    if self.pi == 0:
+      self.ckpt.wait()
       logging.info(
-          "outputs in %s: checkpoints/ (step %s), metrics.jsonl, images/, config.json; "
-          "TensorBoard: `pip install tensorboard && tensorboard --logdir %s`",
-          workdir, ckpt.latest_step(), os.path.join(workdir, "tb"))
+        "outputs in %s: checkpoints/ (step %s), metrics.jsonl, images/, config.json; "
+        "TensorBoard: `pip install tensorboard && tensorboard --logdir %s`",
+        self.workdir,
+        self.ckpt.latest_step(),
+        os.path.join(self.workdir, "tb"),
+      )
     return result
-  finally:
-    if stop is not None:
-      stop.restore()
-    ckpt.close()
-    if writer is not None:
-      writer.close()
-    if train_iter is not None and hasattr(train_iter, "close"):
-      train_iter.close()
+
+  def close(self) -> None:
+    if self.stop is not None:
+      self.stop.restore()
+    self.ckpt.close()
+    if self.writer is not None:
+      self.writer.close()
+    if self.train_iter is not None and hasattr(self.train_iter, "close"):
+      self.train_iter.close()
+
+  def __enter__(self) -> "_Run":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,43 @@
+"""PixelSNAIL top prior of VQ-VAE-2 on ImageNet-256 (32x32 top codes, K=512), with the sizes of
+rosinality/vq-vae-2-pytorch's `train_pixelsnail.py --hier top`: channel 256, kernel 5, 4 blocks
+of 4 gated residual blocks with 256 channels, causal attention, dropout 0.1, batch 32, Adam 3e-4.
+
+Run after stage 1 (experiments/vqvae2_imagenet.py) and code extraction:
+  python -m vqjax.extract_codes --workdir STAGE1 --out CODES
+  python -m vqjax.train --config experiments/pixelsnail_top_imagenet.py --workdir RUN \
+      --config.data.codes_dir=CODES [--config.prior.class_conditional=True]
+Razavi et al. 2019 condition the ImageNet priors on the class: set
+`--config.prior.class_conditional=True` (1,000 classes). The network has about 85M parameters;
+`--config.model.dtype=bfloat16` and `--config.mesh.fsdp=N` for large batches. `:smoke` runs
+one CPU step on synthetic codes.
+"""
+
+import ml_collections
+
+from vqjax import configs
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """ImageNet top prior; `arg="smoke"` shrinks it to one CPU step."""
+  c = configs.prior_config("", level=0, model="pixelsnail")
+  c.vq.num_codes = 512
+  c.prior.num_classes = 1000
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 64
+  c.model.update(
+    channels=256,
+    res_channels=256,
+    kernel_size=5,
+    num_blocks=4,
+    num_res_blocks=4,
+    attention=True,
+    num_heads=8,
+    dropout=0.1,
+  )
+  c.optim.lr = 3e-4
+  c.train.steps = 1_000_000
+  c.ckpt.every_steps = 5000
+  c.log.every_steps = 100
+  c.log.eval_every_steps = 10_000
+  c.log.eval_batches = 100
+  return configs.apply_variant(c, arg, {"smoke": configs.shrink_prior_for_smoke})

@@ -1,0 +1,186 @@
+"""Encodes a dataset with a trained stage-1 model into a code dataset for stage 2.
+
+  python -m vqjax.extract_codes --workdir STAGE1_WORKDIR --out CODES_DIR [--splits train,test]
+
+Every split of the run's dataset (default: its train and eval splits, unflipped, in example
+order) is encoded with `encode_to_indices` into one code map per level plus the label, and
+written as ArrayRecord shards with `metadata.json` (data/codes.py). Shards are split over
+processes (process p writes shards p, p + P, ...); each is written to a temporary file and
+renamed when complete, so a killed extraction restarts where it stopped and keeps the finished
+shards. Then: `--config.data.name=codes --config.data.codes_dir=CODES_DIR`.
+"""
+
+import os
+import sys
+import time
+import traceback
+
+from absl import app, flags, logging
+
+from vqjax import errors
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Stage-1 run (trainer workdir or converted).")
+_OUT = flags.DEFINE_string("out", None, "Directory to write the code dataset to.")
+_SPLITS = flags.DEFINE_list("splits", None, "Splits to encode (default: train and eval splits).")
+_BATCH = flags.DEFINE_integer("batch", 0, "Examples per encoding batch (0 = eval batch size).")
+_SHARD = flags.DEFINE_integer("examples_per_shard", 10_000, "Examples per ArrayRecord shard.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of the stage-1 run (default newest).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
+
+
+def _stage1_record(workdir: str, config, step) -> dict:
+  from vqjax.training import checkpoint
+
+  meta = checkpoint.config_meta(config)
+  return {
+    "workdir": os.path.abspath(workdir),
+    "step": step,
+    "fingerprint": meta["model_fingerprint"],
+  }
+
+
+def extract(
+  workdir: str,
+  out: str,
+  splits: list[str] | None = None,
+  batch_size: int = 0,
+  examples_per_shard: int = 10_000,
+  step: int | None = None,
+) -> dict:
+  """Writes the code dataset of a stage-1 run (see the module docstring).
+
+  Args:
+    workdir: the stage-1 run (anything `vqjax.load_run` reads).
+    out: output directory.
+    splits: split names (with optional slices); default the run's train and eval splits.
+    batch_size: examples per encoding batch; 0 = the run's eval batch size.
+    examples_per_shard: examples per shard.
+    step: the stage-1 checkpoint step; None = the newest good one.
+
+  Returns:
+    The metadata written.
+
+  Raises:
+    errors.UserError: no trained model in `workdir`, or `out` holds codes of another model.
+  """
+  import jax
+  import numpy as np
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from jax.experimental import multihost_utils
+
+  from vqjax import runs
+  from vqjax.data import codes, pipeline, sources
+  from vqjax.models import registry
+  from vqjax.training import tasks
+
+  config, model, variables = runs.load_run(workdir, step=step)
+  if config.model.name not in registry.AUTOENCODERS:
+    raise errors.UserError(f"{workdir} is a {config.model.name} run, not a stage-1 autoencoder")
+  data = config.data
+  splits = splits or [data.train_split, data.eval_split]
+  batch_size = batch_size or data.eval_batch_size
+  pi, pc = jax.process_index(), jax.process_count()
+  stage1 = _stage1_record(workdir, config, step)
+  os.makedirs(out, exist_ok=True)
+  meta_path = os.path.join(out, codes.METADATA)
+  if os.path.exists(meta_path):
+    old = codes.read_metadata(out)
+    if old["stage1"]["fingerprint"] != stage1["fingerprint"]:
+      raise errors.UserError(
+        f"{out} holds codes of another stage-1 model ({old['stage1']['workdir']}); choose "
+        "another --out or delete it"
+      )
+
+  encode = jax.jit(lambda v, x: model.apply(v, x, method="encode_to_indices"))
+  image = np.zeros((1, data.image_size, data.image_size, data.channels), np.float32)
+  level_shapes = [list(c.shape[1:]) for c in jax.eval_shape(encode, variables, image)]
+  names = tasks.level_names(len(level_shapes))
+  meta = {
+    "format": codes.FORMAT,
+    "levels": [{"name": n, "shape": s} for n, s in zip(names, level_shapes, strict=True)],
+    "num_codes": int(config.vq.num_codes),
+    "image_shape": [data.image_size, data.image_size, data.channels],
+    "stage1": stage1,
+    "splits": {},
+    "has_labels": False,
+  }
+  for split in splits:
+    base, _ = sources.parse_split(split)
+    source = sources.make_source(data, split)
+    n = len(source)
+    num_shards = max(1, -(-n // examples_per_shard))
+    done = written = 0
+    t0 = time.perf_counter()
+    for k in range(pi, num_shards, pc):
+      path = os.path.join(out, codes.shard_name(base, k, num_shards))
+      lo, hi = k * examples_per_shard, min(n, (k + 1) * examples_per_shard)
+      if os.path.exists(path):  # finished by an earlier (interrupted) run
+        done += hi - lo
+        continue
+      tmp = f"{path}.tmp{pi}"
+      writer = ArrayRecordWriter(tmp, "group_size:1")
+      try:
+        for start in range(lo, hi, batch_size):
+          idx = np.arange(start, min(start + batch_size, hi))
+          batch = pipeline.transform_batch(pipeline.load_batch(source, idx, data), data)
+          maps = [np.asarray(c) for c in encode(variables, batch["image"])]
+          labels = batch.get("label")
+          for j in range(len(idx)):
+            example = {f"codes{i}": m[j].astype(np.uint16) for i, m in enumerate(maps)}
+            if labels is not None:
+              example["label"] = np.int32(labels[j])
+            writer.write(codes.encode_example(example))
+          done += len(idx)
+          written += len(idx)
+      finally:
+        writer.close()
+      os.replace(tmp, path)
+      rate = written / max(time.perf_counter() - t0, 1e-9)
+      logging.info(
+        "%s: shard %d/%d written, %d/%d examples (%.0f examples/s)",
+        base,
+        k + 1,
+        num_shards,
+        done,
+        -(-n // pc) if pc > 1 else n,
+        rate,
+      )
+    has_labels = n > 0 and "label" in pipeline.load_batch(source, np.arange(1), data)
+    meta["has_labels"] = meta["has_labels"] or has_labels
+    meta["splits"][base] = {"num_examples": n, "num_shards": num_shards}
+  if pc > 1:
+    multihost_utils.sync_global_devices("vqjax.extract_codes")
+  if pi == 0:
+    codes.write_metadata(out, meta)
+    logging.info(
+      "code dataset written to %s: levels %s, %d codes; train a prior with "
+      "--config.data.name=codes --config.data.codes_dir=%s",
+      out,
+      level_shapes,
+      meta["num_codes"],
+      out,
+    )
+  return meta
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for flag, value in (("--workdir", _WORKDIR.value), ("--out", _OUT.value)):
+    if not value:
+      raise SystemExit(f"vqjax.extract_codes: {flag} is required")
+  try:
+    meta = extract(
+      _WORKDIR.value, _OUT.value, _SPLITS.value, _BATCH.value, _SHARD.value, _STEP.value
+    )
+  except (errors.UserError, OSError) as e:
+    if _VERBOSE.value:
+      traceback.print_exc()
+    detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+    raise SystemExit(f"vqjax.extract_codes: {type(e).__name__}: {detail}") from None
+  shown = ", ".join(f"{k}={v['num_examples']}" for k, v in meta["splits"].items())
+  print(f"codes written: {shown}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
