@@ -71,8 +71,10 @@ def main():
   mesh = sharding.make_mesh(config.mesh)
   example = jax.tree.map(jnp.asarray, task.dummy_batch())
   state, shardings = sharding.create_sharded_state(
-      lambda rng: task.init(rng, example), mesh, config.mesh.fsdp_min_size,
-      jax.random.key(config.seed, impl="rbg"),  # as the trainer: faster init compile
+    lambda rng: task.init(rng, example),
+    mesh,
+    config.mesh.fsdp_min_size,
+    jax.random.key(config.seed, impl="rbg"),  # as the trainer: faster init compile
   )
   step = trainer.jit_train_step(task, mesh, shardings)
   shape = (batch_size,) + example["image"].shape[1:]
@@ -100,14 +102,29 @@ def main():
   jax.block_until_ready(recon(variables, batch["image"]))
   recon_s = _time(lambda: recon(variables, batch["image"]), a.steps)
   mem = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
-  print(json.dumps({
-      "config": a.config, "dtype": a.dtype, "batch": batch_size, "image_size": shape[1],
-      "overrides": a.set, "mesh": dict(mesh.shape), "train_img_s": round(batch_size / train_s, 1),
-      "train_ms": round(1000 * train_s, 2), "recon_img_s": round(batch_size / recon_s, 1),
-      "compile_s": round(compile_s, 2), "launch_to_first_step_s": round(first_step_s, 2),
-      "peak_mem_gib": round(mem / 2**30, 2), "loss": round(loss, 5), "cache": bool(a.cache),
-      "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-  }), flush=True)
+  print(
+    json.dumps(
+      {
+        "config": a.config,
+        "dtype": a.dtype,
+        "batch": batch_size,
+        "image_size": shape[1],
+        "overrides": a.set,
+        "mesh": dict(mesh.shape),
+        "train_img_s": round(batch_size / train_s, 1),
+        "train_ms": round(1000 * train_s, 2),
+        "recon_img_s": round(batch_size / recon_s, 1),
+        "compile_s": round(compile_s, 2),
+        "launch_to_first_step_s": round(first_step_s, 2),
+        "peak_mem_gib": round(mem / 2**30, 2),
+        "loss": round(loss, 5),
+        "cache": bool(a.cache),
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+      }
+    ),
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

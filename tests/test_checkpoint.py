@@ -36,12 +36,18 @@ class TinyAE(nn.Module):
     recon = nn.Conv(x.shape[-1], (3, 3))(zq)
     mse = jnp.mean(jnp.square(recon - x))
     latent = jnp.mean(jnp.square(h - jax.lax.stop_gradient(q))) + jnp.mean(
-        jnp.square(jax.lax.stop_gradient(h) - q))
+      jnp.square(jax.lax.stop_gradient(h) - q)
+    )
     p = counts / counts.sum()
-    aux = {"loss": mse + latent, "mse": mse, "latent_loss": latent,
-           "level0/perplexity": jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0))),
-           "level0/usage": jnp.mean(counts > 0), "level0/top_share": jnp.max(p),
-           "level0/counts": counts.astype(jnp.int32)}
+    aux = {
+      "loss": mse + latent,
+      "mse": mse,
+      "latent_loss": latent,
+      "level0/perplexity": jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0))),
+      "level0/usage": jnp.mean(counts > 0),
+      "level0/top_share": jnp.max(p),
+      "level0/counts": counts.astype(jnp.int32),
+    }
     return recon, aux
 
   def encode_to_indices(self, x):
@@ -81,7 +87,8 @@ def test_save_on_8_devices_restore_on_4(tmp_path):
   mesh4 = _mesh(2, 2, jax.devices()[:4])
   _, fresh, sh4 = _state(mesh4, seed=1)
   target = checkpoint.abstract_with_shardings(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh), sh4)
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh), sh4
+  )
   restored, data_state = checkpoint.Checkpointer(str(tmp_path / "ckpt")).restore(target)
   assert data_state == {"epoch": 0, "step": 5}
   leaves = zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(sh4), strict=True)
@@ -131,17 +138,26 @@ def _saved_run(tmp_path, steps=(1, 2)):
   meta = checkpoint.config_meta(_config())
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5, async_save=False)
   for step in steps:
-    ckpt.save(step, jax.tree.map(lambda x, s=step: x + s if x.dtype.kind == "f" else x, state),
-              {"step": step}, meta)
+    ckpt.save(
+      step,
+      jax.tree.map(lambda x, s=step: x + s if x.dtype.kind == "f" else x, state),
+      {"step": step},
+      meta,
+    )
   ckpt.close()
   target = checkpoint.abstract_with_shardings(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), sh)
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), sh
+  )
   return state, target, meta
 
 
 def _truncate_data_files(step_dir):
-  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state"))
-           for f in fs if os.sep + "d" + os.sep in os.path.join(r, f)]
+  files = [
+    os.path.join(r, f)
+    for r, _, fs in os.walk(os.path.join(step_dir, "state"))
+    for f in fs
+    if os.sep + "d" + os.sep in os.path.join(r, f)
+  ]
   assert files
   for victim in files:  # as a copy cut short leaves them
     with open(victim, "r+b") as f:
@@ -198,14 +214,18 @@ def test_config_changes_lists_every_difference():
 def test_fingerprint_covers_the_task_sections_only():
   a, b = _config(), _config()
   b.optim.lr = 1.0
-  assert (checkpoint.config_meta(a)["model_fingerprint"]
-          == checkpoint.config_meta(b)["model_fingerprint"])
+  assert (
+    checkpoint.config_meta(a)["model_fingerprint"] == checkpoint.config_meta(b)["model_fingerprint"]
+  )
   b.vq.num_codes = 7
-  assert (checkpoint.config_meta(a)["model_fingerprint"]
-          != checkpoint.config_meta(b)["model_fingerprint"])
+  assert (
+    checkpoint.config_meta(a)["model_fingerprint"] != checkpoint.config_meta(b)["model_fingerprint"]
+  )
   # A task that declares other sections is fingerprinted on those.
-  assert (checkpoint.config_meta(a, ("task", "model"))["model_fingerprint"]
-          == checkpoint.config_meta(b, ("task", "model"))["model_fingerprint"])
+  assert (
+    checkpoint.config_meta(a, ("task", "model"))["model_fingerprint"]
+    == checkpoint.config_meta(b, ("task", "model"))["model_fingerprint"]
+  )
 
 
 def test_other_model_gives_one_line_error(tmp_path):
@@ -216,10 +236,12 @@ def test_other_model_gives_one_line_error(tmp_path):
   ckpt.close()
   _, other, sh = _state(mesh, features=8)
   target = checkpoint.abstract_with_shardings(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other), sh)
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other), sh
+  )
   with pytest.raises(checkpoint.CheckpointMismatchError) as e:
     checkpoint.Checkpointer(str(tmp_path / "c")).restore(
-        target, meta=checkpoint.config_meta(_config(8)))
+      target, meta=checkpoint.config_meta(_config(8))
+    )
   msg = str(e.value)
   assert "\n" not in msg
   assert "shape (16,) in the checkpoint but (8,) in this model" in msg or "has shape" in msg
@@ -234,7 +256,8 @@ def test_describe_mismatch_names_missing_and_extra_arrays():
   assert "only in this model (e.g. params.c)" in msg
   assert checkpoint.describe_mismatch(a, a) is None
   assert "params.w has shape (2, 3) in the checkpoint but (3, 2)" in checkpoint.describe_mismatch(
-      a, {"params": {"w": np.zeros((3, 2)), "b": np.zeros(3)}})
+    a, {"params": {"w": np.zeros((3, 2)), "b": np.zeros(3)}}
+  )
 
 
 def test_resolve_directory(tmp_path):
@@ -254,15 +277,15 @@ def test_restore_weights_reads_params_and_model_state_only(tmp_path):
   config = _config()
   config.optim.name, config.optim.weight_decay, config.optim.grad_clip = "adamw", 0.1, 1.0
   task = tasks.AutoencoderTask(config, model=TinyAE())
-  abstract = jax.eval_shape(lambda k: task.init(k, {"image": jnp.zeros((1, 8, 8, 1))}),
-                            jax.random.key(0))
+  abstract = jax.eval_shape(
+    lambda k: task.init(k, {"image": jnp.zeros((1, 8, 8, 1))}), jax.random.key(0)
+  )
   sh = sharding.state_shardings(abstract, mesh, 64)
   target = checkpoint.abstract_with_shardings(abstract, sh)
   weights = checkpoint.restore_weights(str(tmp_path), target)
   assert set(weights) == {"params", "model_state"}
   expected = {"params": state.params, "model_state": state.model_state}
-  for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(expected),
-                  strict=True):
+  for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   _, small, sh8 = _state(mesh, features=8)
   abstract8 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small)

@@ -10,15 +10,24 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "experiments/fashion_mnist.py:smoke"
-needs_fmnist = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                                  reason="Fashion-MNIST idx files not installed")
+needs_fmnist = pytest.mark.skipif(
+  not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+  reason="Fashion-MNIST idx files not installed",
+)
 
 
 def run(*args, timeout=120):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "vqjax.train", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+  )
+  return subprocess.run(
+    [sys.executable, "-m", "vqjax.train", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def one_line_error(result) -> str:
@@ -33,15 +42,24 @@ def one_line_error(result) -> str:
 def test_help_lists_experiments_and_config_fields():
   result = run("--help")
   assert result.returncode == 0, result.stderr
-  for name in ("fashion_mnist", "vqvae2_imagenet", "vq.beta=0.25", "optim.lr=", "--workdir",
-               "verbose"):
+  for name in (
+    "fashion_mnist",
+    "vqvae2_imagenet",
+    "vq.beta=0.25",
+    "optim.lr=",
+    "--workdir",
+    "verbose",
+  ):
     assert name in result.stdout
 
 
-@pytest.mark.parametrize("args,expected", [
+@pytest.mark.parametrize(
+  "args,expected",
+  [
     ((f"--config={SMOKE}",), "--workdir is required"),
     (("--workdir=/tmp/unused",), "--config is required"),
-])
+  ],
+)
 def test_a_missing_flag_is_named(args, expected):
   err = one_line_error(run(*args))
   assert expected in err and "override" not in err
@@ -64,15 +82,26 @@ def test_a_bad_override_is_one_line():
 
 
 def test_an_ignored_field_is_rejected_before_training(tmp_path):
-  err = one_line_error(run(f"--config={SMOKE}", f"--workdir={tmp_path / 'w'}",
-                           "--config.vq.kind=gumbel", "--config.vq.beta=0.5"))
+  err = one_line_error(
+    run(
+      f"--config={SMOKE}",
+      f"--workdir={tmp_path / 'w'}",
+      "--config.vq.kind=gumbel",
+      "--config.vq.beta=0.5",
+    )
+  )
   assert "vq.beta" in err and "gumbel" in err
   assert not (tmp_path / "w").exists()
 
 
 def test_verbose_adds_the_traceback_of_a_user_error(tmp_path):
-  result = run(f"--config={SMOKE}", f"--workdir={tmp_path / 'w'}", "--verbose",
-               "--config.vq.kind=gumbel", "--config.vq.beta=0.5")
+  result = run(
+    f"--config={SMOKE}",
+    f"--workdir={tmp_path / 'w'}",
+    "--verbose",
+    "--config.vq.kind=gumbel",
+    "--config.vq.beta=0.5",
+  )
   assert result.returncode != 0 and "Traceback" in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith("vqjax.train: UserError")
 
@@ -101,8 +130,9 @@ def _unwritable_dir(tmp_path) -> str:
 def test_an_unusable_workdir_is_one_line_naming_it(case, tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("not a directory")
-  workdir = {"regular_file": str(a_file), "under_a_file": str(a_file / "run"),
-             "unwritable": None}[case] or _unwritable_dir(tmp_path)
+  workdir = {"regular_file": str(a_file), "under_a_file": str(a_file / "run"), "unwritable": None}[
+    case
+  ] or _unwritable_dir(tmp_path)
   err = one_line_error(run(f"--config={SMOKE}", f"--workdir={workdir}"))
   assert workdir in err and "Error" in err
 
@@ -123,19 +153,24 @@ app.run(train.main, flags_parser=train.parse_flags)
 """
 
 
-@pytest.mark.parametrize("error,one_line", [
+@pytest.mark.parametrize(
+  "error,one_line",
+  [
     ("errors.CheckpointError('checkpoint 7 is damaged')", "CheckpointError: checkpoint 7"),
     ("errors.DivergenceError('loss is nan at step 3')", "DivergenceError: loss is nan"),
     ("PermissionError(13, 'Permission denied', '/data/run')", "/data/run: Permission denied"),
     ("ValueError('an internal bug')", None),
     ("FloatingPointError('an internal bug')", None),
-])
+  ],
+)
 def test_only_user_and_os_errors_lose_their_traceback(error, one_line):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+  )
   code = _RAISING_TRAINER.format(error=error, smoke=SMOKE)
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
   if one_line:
     assert one_line in one_line_error(result)
   else:

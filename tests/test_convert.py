@@ -129,11 +129,13 @@ def _state_dict(in_channel, channel, n_res_block, n_res_channel, embed_dim, n_em
     sd[key] = torch.from_numpy(rng.normal(0, 1 / np.sqrt(fan_in), shape).astype(np.float32))
   for level in ("t", "b"):
     sd[f"quantize_{level}.embed"] = torch.from_numpy(
-        rng.normal(size=(e, n_embed)).astype(np.float32))
+      rng.normal(size=(e, n_embed)).astype(np.float32)
+    )
     size = rng.uniform(0.5, 5.0, n_embed).astype(np.float32)
     sd[f"quantize_{level}.cluster_size"] = torch.from_numpy(size)
     sd[f"quantize_{level}.embed_avg"] = torch.from_numpy(
-        rng.normal(size=(e, n_embed)).astype(np.float32))
+      rng.normal(size=(e, n_embed)).astype(np.float32)
+    )
   return sd
 
 
@@ -155,8 +157,9 @@ def _case(sizes, batch=3, image=32, seed=0):
   x = rng.uniform(-1, 1, (batch, sizes["in_channel"], image, image))
   sd = _state_dict(**sizes, seed=seed)
   _data_codebooks(sd, torch.from_numpy(x), sizes["n_res_block"])
-  expected = _reference({k: v.double() for k, v in sd.items()}, torch.from_numpy(x),
-                        sizes["n_res_block"])
+  expected = _reference(
+    {k: v.double() for k, v in sd.items()}, torch.from_numpy(x), sizes["n_res_block"]
+  )
   return sd, x, expected
 
 
@@ -213,8 +216,7 @@ def test_inferred_sizes_and_ema_state():
     new = updates["vq_state"][f"quantizers_{i}"]
     np.testing.assert_allclose(np.asarray(new["ema_count"]), size.numpy(), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(new["ema_sum"]), avg.T.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(new["codebook"]), embed.T.numpy(), rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new["codebook"]), embed.T.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_cli_round_trip(tmp_path):
@@ -338,8 +340,15 @@ def test_training_starts_from_converted_weights(tmp_path):
   out = tmp_path / "converted"
   assert main(["rosinality-vqvae2", str(tmp_path / "w.pt"), str(out)]) == 0
   config, model, variables = load_converted(str(out))
-  config.data.update(name="fashion_mnist", reader="local", train_split="train[:16]",
-                     eval_split="test[:8]", batch_size=8, eval_batch_size=8, image_size=32)
+  config.data.update(
+    name="fashion_mnist",
+    reader="local",
+    train_split="train[:16]",
+    eval_split="test[:8]",
+    batch_size=8,
+    eval_batch_size=8,
+    image_size=32,
+  )
   config.train.steps = 1
   config.ckpt.init_from = str(out)
   config.log.update(every_steps=1, eval_batches=1, tensorboard=False)

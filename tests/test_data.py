@@ -58,11 +58,14 @@ def test_read_idx_values(tmp_path):
   np.testing.assert_array_equal(sources.read_idx(str(raw)), [7, 8, 9])
 
 
-@pytest.mark.parametrize("payload", [
-  bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 5]),  # unknown type code
-  bytes([1, 2, 8, 1, 0, 0, 0, 1, 5]),  # bad magic
-  bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3]),  # truncated data
-])
+@pytest.mark.parametrize(
+  "payload",
+  [
+    bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 5]),  # unknown type code
+    bytes([1, 2, 8, 1, 0, 0, 0, 1, 5]),  # bad magic
+    bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3]),  # truncated data
+  ],
+)
 def test_read_idx_rejects_corrupt(tmp_path, payload):
   path = tmp_path / "broken-idx.gz"
   with gzip.open(path, "wb") as f:
@@ -87,8 +90,9 @@ def test_local_cache_is_written_and_reused(tiny, tmp_path):
   # Same size, garbage content: only a reused cache can still give the right images.
   gz = tmp_path / "fmnist" / "train-images-idx3-ubyte.gz"
   gz.write_bytes(b"\0" * gz.stat().st_size)
-  np.testing.assert_array_equal(sources.make_source(c, "train").features["image"][..., 0],
-                                images["train"])
+  np.testing.assert_array_equal(
+    sources.make_source(c, "train").features["image"][..., 0], images["train"]
+  )
   assert len(sources.make_source(c, "train[:25]")) == 25
   assert pipeline.num_examples(c, "test") == 30
 
@@ -187,8 +191,9 @@ def test_state_records_the_reader_and_a_mismatch_names_the_setting(tiny):
   c.reader = "auto"  # Debian's files are in local_dir: auto resolves to the same reader
   pipeline.make_train_iterator(c, seed=0).set_state(state)
   moved = dict(state, reader="grain")  # as if "auto" had found no idx files where it was saved
-  with pytest.raises(errors.UserError,
-                     match=r"saved by reader 'grain'.*set --config\.data\.reader=grain"):
+  with pytest.raises(
+    errors.UserError, match=r"saved by reader 'grain'.*set --config\.data\.reader=grain"
+  ):
     pipeline.make_train_iterator(c, seed=0).set_state(moved)
   with pytest.raises(ValueError, match="another reader"):  # UserError is a ValueError
     it.set_state({k: v for k, v in state.items() if k not in ("grain", "epoch", "step")})
@@ -221,8 +226,16 @@ def test_resolve_reader(tiny, tmp_path, monkeypatch):
 def test_state_from_an_earlier_version_resumes_at_its_position(tiny):
   c, _ = tiny
   it = pipeline.make_train_iterator(c, seed=0)
-  it.set_state({"epoch": 1, "step": 3, "seed": 0, "num_examples": 100, "process_count": 1,
-                "local_batch_size": 10})
+  it.set_state(
+    {
+      "epoch": 1,
+      "step": 3,
+      "seed": 0,
+      "num_examples": 100,
+      "process_count": 1,
+      "local_batch_size": 10,
+    }
+  )
   assert it.get_state()["grain"] == {"next_index": 13}
 
 
@@ -291,8 +304,9 @@ def test_preprocess_modes_against_numpy():
   c.resize, c.image_size = "pad", 8
   padded = np.zeros((8, 8))
   padded[1:7, 1:7] = img[0, ..., 0]
-  np.testing.assert_allclose(pipeline.preprocess([img[0]], c)[0, ..., 0], padded / 127.5 - 1,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    pipeline.preprocess([img[0]], c)[0, ..., 0], padded / 127.5 - 1, atol=1e-6
+  )
   c.resize, c.image_size = "resize_crop", 3
   wide = np.zeros((6, 12, 3), np.uint8)
   wide[:, 3:9] = 255  # the centre crop keeps only the bright middle

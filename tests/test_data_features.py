@@ -15,7 +15,7 @@ N = 24
 
 def _codes(n=N):
   """Integer-only features: code map i holds i * 64 + 0..63 (beyond uint8, to catch casts)."""
-  codes = (np.arange(n, dtype=np.int32)[:, None] * 64 + np.arange(64, dtype=np.int32))
+  codes = np.arange(n, dtype=np.int32)[:, None] * 64 + np.arange(64, dtype=np.int32)
   return {"codes": codes.reshape(n, 8, 8), "label": np.arange(n, dtype=np.int32) % 5}
 
 
@@ -28,16 +28,22 @@ def _register(monkeypatch, tmp_path, features_fn, **overrides):
     return sources.ArraySource(features_fn(split))
 
   monkeypatch.setitem(sources.SOURCES, "toy", factory)
-  c = data_config(tmp_path, name="toy", reader="auto", batch_size=4, eval_batch_size=4,
-                  **overrides)
+  c = data_config(tmp_path, name="toy", reader="auto", batch_size=4, eval_batch_size=4, **overrides)
   return c, calls
 
 
 def test_integer_only_source_round_trips_exactly(monkeypatch, tmp_path):
   feats = _codes()
   # image_size/resize/channels/random_flip are image settings: meaningless here, never applied.
-  c, calls = _register(monkeypatch, tmp_path, lambda split: feats, image_size=3,
-                       resize="center_crop", channels=3, random_flip=True)
+  c, calls = _register(
+    monkeypatch,
+    tmp_path,
+    lambda split: feats,
+    image_size=3,
+    resize="center_crop",
+    channels=3,
+    random_flip=True,
+  )
   it = pipeline.make_train_iterator(c, seed=0)
   assert it.reader == "local" and calls == ["train"]
   batches = take(it, 2 * it.steps_per_epoch)
@@ -105,8 +111,13 @@ def test_eval_pads_each_feature_by_kind(monkeypatch, tmp_path):
   np.testing.assert_array_equal(empty["mask"], 0)
   np.testing.assert_array_equal(empty["codes"], 0)
   np.testing.assert_array_equal(empty["image"], -1.0)
-  real = sorted(int(c) for h in per_host for b in h for c, m in zip(b["codes"][:, 0, 0] // 64,
-                                                                    b["mask"], strict=True) if m)
+  real = sorted(
+    int(c)
+    for h in per_host
+    for b in h
+    for c, m in zip(b["codes"][:, 0, 0] // 64, b["mask"], strict=True)
+    if m
+  )
   assert real == list(range(n))
 
 
@@ -129,14 +140,14 @@ class _ListSource:
     return len(self._sizes)
 
   def __getitem__(self, i):
-    return {"image": np.zeros((self._sizes[i], self._sizes[i], 1), np.uint8),
-            "label": np.int32(i)}
+    return {"image": np.zeros((self._sizes[i], self._sizes[i], 1), np.uint8), "label": np.int32(i)}
 
 
 def test_pad_error_names_the_example(monkeypatch, tmp_path):
   monkeypatch.setitem(sources.SOURCES, "toy", lambda config, split: _ListSource([4] * 5 + [9]))
-  c = data_config(tmp_path, name="toy", reader="local", image_size=8, resize="pad",
-                  eval_batch_size=6)
+  c = data_config(
+    tmp_path, name="toy", reader="local", image_size=8, resize="pad", eval_batch_size=6
+  )
   with pytest.raises(errors.UserError, match="image example 5 is 9x9"):
     list(pipeline.make_eval_iterator(c))
   batch = pipeline.load_batch(_ListSource([4, 8, 2]), [0, 1, 2], c)

@@ -26,11 +26,22 @@ def test_folder_source_labels_and_channels(tmp_path):
   _save(root / "deep" / "x" / "ant" / "b.png", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
   _save(root / "zebra" / "c.JPG", np.full((36, 48, 3), 200, np.uint8), "JPEG")
   (root / "notes.txt").write_text("not an image")
-  c = data_config(tmp_path, name="folder", folder=str(root), channels=3, resize="resize_crop",
-                  image_size=16, batch_size=3, eval_batch_size=3)
+  c = data_config(
+    tmp_path,
+    name="folder",
+    folder=str(root),
+    channels=3,
+    resize="resize_crop",
+    image_size=16,
+    batch_size=3,
+    eval_batch_size=3,
+  )
   src = sources.make_source(c, "train")
   assert [os.path.relpath(p, root) for p in src.paths] == [
-    "deep/x/ant/b.png", "zebra/a.png", "zebra/c.JPG"]
+    "deep/x/ant/b.png",
+    "zebra/a.png",
+    "zebra/c.JPG",
+  ]
   assert [int(src[i]["label"]) for i in range(3)] == [0, 1, 1] and src.skipped == []
   assert src[1]["image"].shape == (40, 30, 3)  # grayscale converted to RGB
   it = pipeline.make_train_iterator(c, seed=0)
@@ -70,8 +81,9 @@ def test_bad_image_is_found_before_training_skipped_and_deletable(tmp_path, capl
   bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")  # far from the first batch
   truncated = root / "41.png"
   truncated.write_bytes(truncated.read_bytes()[:60])  # a valid header, then nothing
-  c = data_config(tmp_path, name="folder", folder=str(root), image_size=8, batch_size=4,
-                  random_flip=True)
+  c = data_config(
+    tmp_path, name="folder", folder=str(root), image_size=8, batch_size=4, random_flip=True
+  )
   with caplog.at_level(logging.WARNING):
     it = pipeline.make_train_iterator(c, seed=0)
   # Found when the iterator is built, before any batch is read: warned, listed, not counted.
@@ -130,8 +142,9 @@ def test_file_broken_after_the_check_is_a_one_line_error(tmp_path):
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
-  values = np.array([[0, 1, 128, 129, 385, 386], [30000, 32767, 32768, 65279, 65534, 65535]],
-                    np.uint16)
+  values = np.array(
+    [[0, 1, 128, 129, 385, 386], [30000, 32767, 32768, 65279, 65534, 65535]], np.uint16
+  )
   rng = np.random.default_rng(0)
   noise = rng.integers(0, 65536, (6, 6), dtype=np.uint16)
   _save(tmp_path / "imgs" / "a.png", values)
@@ -152,7 +165,13 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
 def test_pad_error_names_the_file(tmp_path):
   _save(tmp_path / "imgs" / "small.png", np.zeros((8, 8), np.uint8))
   _save(tmp_path / "imgs" / "wide.png", np.zeros((8, 40), np.uint8))
-  c = data_config(tmp_path, name="folder", folder=str(tmp_path / "imgs"), image_size=32,
-                  resize="pad", eval_batch_size=2)
+  c = data_config(
+    tmp_path,
+    name="folder",
+    folder=str(tmp_path / "imgs"),
+    image_size=32,
+    resize="pad",
+    eval_batch_size=2,
+  )
   with pytest.raises(errors.UserError, match=r"image .*imgs/wide\.png is 8x40"):
     list(pipeline.make_eval_iterator(c))

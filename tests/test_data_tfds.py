@@ -25,9 +25,12 @@ class VqjaxTinyTestDs(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-      "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-      "label": np.int64}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {"image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8), "label": np.int64}
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(400), "test": self._generate_examples(9)}
@@ -46,8 +49,9 @@ def tiny_tfds_dir(tmp_path_factory):
 
 @pytest.fixture
 def grain_config(tmp_path, tiny_tfds_dir):
-  return data_config(tmp_path, name="vqjax_tiny_test_ds", reader="grain", data_dir=tiny_tfds_dir,
-                 batch_size=40)
+  return data_config(
+    tmp_path, name="vqjax_tiny_test_ds", reader="grain", data_dir=tiny_tfds_dir, batch_size=40
+  )
 
 
 def _assert_tiny_images(batch, flipped=None):
@@ -191,6 +195,7 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path):
 def test_tfdata_reader_needs_tensorflow(tmp_path):
   try:
     import tensorflow  # noqa: F401
+
     pytest.skip("TensorFlow is installed")
   except ImportError:
     pass
@@ -207,8 +212,12 @@ class VqjaxTinyTfrecordDs(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(28, 28, 1)), "label": np.int64}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {"image": tfds.features.Image(shape=(28, 28, 1)), "label": np.int64}
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(100), "test": self._generate_examples(9)}
@@ -225,14 +234,21 @@ def tfrecord_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfrecord"))
   for builder in (VqjaxTinyTfrecordDs, VqjaxTinyTestDs):
     builder(data_dir=data_dir, file_format="tfrecord").download_and_prepare(
-      download_config=tfds.download.DownloadConfig())
+      download_config=tfds.download.DownloadConfig()
+    )
   return data_dir
 
 
 @pytest.fixture
 def tfdata_config(tmp_path, tfrecord_dir):
-  return data_config(tmp_path, name="vqjax_tiny_tfrecord_ds", reader="tfdata",
-                 data_dir=tfrecord_dir, batch_size=10, eval_batch_size=4)
+  return data_config(
+    tmp_path,
+    name="vqjax_tiny_tfrecord_ds",
+    reader="tfdata",
+    data_dir=tfrecord_dir,
+    batch_size=10,
+    eval_batch_size=4,
+  )
 
 
 def test_tfdata_reader_values_epochs_and_seed(tfdata_config):
@@ -320,8 +336,13 @@ def test_tfdata_reader_trains_one_step(tfrecord_dir, tmp_path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
-  config.data.update(name="vqjax_tiny_tfrecord_ds", reader="tfdata", data_dir=tfrecord_dir,
-                     train_split="train[:64]", eval_split="test")
+  config.data.update(
+    name="vqjax_tiny_tfrecord_ds",
+    reader="tfdata",
+    data_dir=tfrecord_dir,
+    train_split="train[:64]",
+    eval_split="test",
+  )
   result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert result["step"] == 1 and np.isfinite(result["loss"])
   assert result["eval/examples"] == 8  # one eval batch of 8 real test images

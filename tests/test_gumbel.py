@@ -20,7 +20,7 @@ def test_eval_picks_the_argmax_codeword_and_kl_matches_numpy():
   zq, aux = q.apply(v, z, train=False)
   p = v["params"]
   logits = np.asarray(z, np.float64) @ np.asarray(p["to_logits"]["kernel"]) + np.asarray(
-      p["to_logits"]["bias"]
+    p["to_logits"]["bias"]
   )
   idx = logits.argmax(-1)
   np.testing.assert_array_equal(np.asarray(aux["indices"]), idx)
@@ -63,12 +63,15 @@ def test_hard_straight_through_values_and_gradients_match_numpy(monkeypatch):
   # L = sum(zq^2) with zq = (hard + y - sg[y]) @ book.
   dl_dy = 2 * expect_zq @ book.T
   dl_dlogits = y * (dl_dy - (y * dl_dy).sum(-1, keepdims=True)) / tau
-  np.testing.assert_allclose(np.asarray(grads["codebook"]), hard.T @ (2 * expect_zq),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(grads["to_logits"]["kernel"]), zn.T @ dl_dlogits,
-                             rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(grads["to_logits"]["bias"]), dl_dlogits.sum(0),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(grads["codebook"]), hard.T @ (2 * expect_zq), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(grads["to_logits"]["kernel"]), zn.T @ dl_dlogits, rtol=1e-4, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(grads["to_logits"]["bias"]), dl_dlogits.sum(0), rtol=1e-4, atol=1e-6
+  )
 
 
 def test_training_samples_follow_softmax_of_the_logits():
@@ -86,8 +89,13 @@ def test_training_samples_follow_softmax_of_the_logits():
 
 
 def test_gumbel_kind_in_the_hierarchy():
-  m = VQVAE2(out_channels=1, channels=8, res_channels=4, num_res_blocks=1,
-             quantizer=dict(kind="gumbel", num_codes=8, code_dim=4))
+  m = VQVAE2(
+    out_channels=1,
+    channels=8,
+    res_channels=4,
+    num_res_blocks=1,
+    quantizer=dict(kind="gumbel", num_codes=8, code_dim=4),
+  )
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1), minval=-1.0, maxval=1.0)
   v = jax.jit(m.init)({"params": jax.random.key(0)}, x)
   assert v["params"]["quantizers_0"]["codebook"].shape == (8, 4)
@@ -103,5 +111,6 @@ def test_gumbel_kind_in_the_hierarchy():
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(recon), rtol=1e-5, atol=1e-6)
   for i, c in enumerate(codes):
     np.testing.assert_array_equal(np.asarray(aux[f"level{i}/indices"]), np.asarray(c))
-    np.testing.assert_array_equal(np.asarray(aux[f"level{i}/counts"]),
-                                  np.bincount(np.asarray(c).ravel(), minlength=8))
+    np.testing.assert_array_equal(
+      np.asarray(aux[f"level{i}/counts"]), np.bincount(np.asarray(c).ravel(), minlength=8)
+    )

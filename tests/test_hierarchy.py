@@ -12,8 +12,15 @@ QKW = dict(num_codes=32, code_dim=8, codebook_init="normal")
 
 
 def _model(levels, channels=1, **kw):
-  return VQVAE2(out_channels=channels, channels=16, res_channels=8, num_res_blocks=1,
-                levels=levels, quantizer=QKW, **kw)
+  return VQVAE2(
+    out_channels=channels,
+    channels=16,
+    res_channels=8,
+    num_res_blocks=1,
+    levels=levels,
+    quantizer=QKW,
+    **kw,
+  )
 
 
 def _init(m, x):
@@ -30,8 +37,8 @@ def _images(shape, seed=0):
 
 
 @pytest.mark.parametrize(
-    "levels,size,channels,code_sizes",
-    [(1, 32, 1, [8]), (2, 32, 3, [4, 8]), (3, 64, 3, [4, 8, 16]), (2, 48, 1, [6, 12])],
+  "levels,size,channels,code_sizes",
+  [(1, 32, 1, [8]), (2, 32, 3, [4, 8]), (3, 64, 3, [4, 8, 16]), (2, 48, 1, [6, 12])],
 )
 def test_shapes_per_level(levels, size, channels, code_sizes):
   # Shapes only: jax.eval_shape traces the model without compiling or running it.
@@ -139,8 +146,12 @@ def test_training_step_updates_ema_codebooks_and_eval_does_not(two_level):
     count = 0.01 * onehot.sum(0)
     total = 0.99 * book + 0.01 * onehot.T @ z
     smoothed = (count + 1e-5) / (count.sum() + 32 * 1e-5) * count.sum()
-    np.testing.assert_allclose(np.asarray(upd["vq_state"][f"quantizers_{level}"]["codebook"]),
-                               total / smoothed[:, None], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(upd["vq_state"][f"quantizers_{level}"]["codebook"]),
+      total / smoothed[:, None],
+      rtol=1e-4,
+      atol=1e-5,
+    )
   before = v["vq_state"]["quantizers_1"]["codebook"]
   _, same = _apply(m, v, x, train=False, mutable=["vq_state"])
   np.testing.assert_array_equal(np.asarray(same["vq_state"]["quantizers_1"]["codebook"]), before)

@@ -17,7 +17,7 @@ def _np_conv_transpose(x, w, b, stride=2, padding=1):
   for i in range(h):
     for j in range(wd):
       full[:, i * stride : i * stride + kh, j * stride : j * stride + kw] += np.einsum(
-          "nc,yxco->nyxo", x[:, i, j].astype(np.float64), w.astype(np.float64)
+        "nc,yxco->nyxo", x[:, i, j].astype(np.float64), w.astype(np.float64)
       )
   out_h, out_w = (h - 1) * stride - 2 * padding + kh, (wd - 1) * stride - 2 * padding + kw
   return full[:, padding : padding + out_h, padding : padding + out_w] + b
@@ -30,7 +30,7 @@ def test_upconv_matches_pytorch_semantics_in_float64(impl):
   v = m.init(jax.random.key(1), x)
   y = m.apply(v, x)
   expect = _np_conv_transpose(
-      np.asarray(x), np.asarray(v["params"]["kernel"]), np.asarray(v["params"]["bias"])
+    np.asarray(x), np.asarray(v["params"]["kernel"]), np.asarray(v["params"]["bias"])
   )
   assert y.shape == (2, 10, 6, 6)
   np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)

@@ -25,8 +25,10 @@ def test_grid_layout_and_values(tmp_path):
   assert grid[2 + 36, 2 + 7, 0] == 255  # the blank padding image
   assert grid[2 + 36, 2, 0] == 0
   # Each row's label is ink in the margin level with that row; the names differ in length.
-  ink = [(labelled[2 + r * 18 : 2 + r * 18 + 16, :margin, 0] < 128).sum(0).nonzero()[0].max()
-         for r in range(4)]
+  ink = [
+    (labelled[2 + r * 18 : 2 + r * 18 + 16, :margin, 0] < 128).sum(0).nonzero()[0].max()
+    for r in range(4)
+  ]
   assert ink[0] == ink[2] and ink[1] == ink[3] and ink[1] > ink[0]
   path = os.path.join(tmp_path, "g.png")
   logs.save_png(path, grid)
@@ -42,11 +44,14 @@ def test_writer_and_progress(tmp_path):
   w.close()
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
-  assert rows == [{"step": 3, "split": "train", "loss": 0.5, "level0/usage": 0.25},
-                  {"step": 3, "split": "eval", "mse": 0.1}]
+  assert rows == [
+    {"step": 3, "split": "train", "loss": 0.5, "level0/usage": 0.25},
+    {"step": 3, "split": "eval", "mse": 0.1},
+  ]
   p = logs.Progress(total_steps=100, global_batch=10, start_step=0)
-  text, timing = p.line(10, {"loss": 0.5, "level0/usage": 0.25, "level1/usage": 1.0},
-                        ("loss", "usage"))
+  text, timing = p.line(
+    10, {"loss": 0.5, "level0/usage": 0.25, "level1/usage": 1.0}, ("loss", "usage")
+  )
   assert text.startswith("step  10/100 loss=0.5 level0/usage=0.25 level1/usage=1")
   assert "img/s" in text and "ETA" in text
   # 10 steps of 10 examples over the measured interval.
@@ -77,7 +82,13 @@ def test_resumed_writer_drops_records_after_the_checkpoint(tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert [(r["step"], r["split"]) for r in rows] == [
-      (1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "eval"), (5, "train")]
+    (1, "train"),
+    (2, "train"),
+    (3, "train"),
+    (4, "train"),
+    (4, "eval"),
+    (5, "train"),
+  ]
   assert rows[-1]["loss"] == 50.0
   # TensorBoard: the resumed writer asks for steps after 4 to be purged (a SessionLog START
   # at step 5), so TensorBoard hides the first run's steps 5-6.

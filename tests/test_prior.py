@@ -40,7 +40,9 @@ def stage1(tmp_path_factory):
   config.data.update(train_split="train[:24]", eval_split="test[:10]", eval_batch_size=8)
   model = registry.build_model(config)
   x = jnp.zeros((1, 32, 32, 1))
-  variables = model.init({"params": jax.random.key(0), "vq": jax.random.key(1)}, x)
+  variables = jax.jit(model.init)(
+    {"params": jax.random.key(0, impl="rbg"), "vq": jax.random.key(1)}, x
+  )
   out = tmp_path_factory.mktemp("stage1") / "model"
   convert.save_converted(str(out), config, dict(variables))
   return str(out), config, model, dict(variables)
@@ -189,7 +191,7 @@ def test_bottom_prior_is_conditioned_on_the_top_codes(tmp_path):
   config = _prior_config(codes_dir, model="pixelsnail", level=1)
   task = tasks.make_task(config)
   batch = {k: jnp.asarray(v) for k, v in task.dummy_batch().items()}
-  state = jax.jit(task.init)(jax.random.key(0), batch)
+  state = jax.jit(task.init)(jax.random.key(0, impl="rbg"), batch)
   variables = {"params": state.params, **state.model_state}
   bottom = jnp.zeros((1, 8, 8), jnp.int32)
   a = task.model.apply(variables, bottom, condition=(jnp.zeros((1, 4, 4), jnp.int32),))
@@ -233,7 +235,7 @@ def test_prior_smoke_configs_take_one_real_step(name):
   it = pipeline.make_train_iterator(config.data, config.seed)
   batch = jax.tree.map(jnp.asarray, next(it))
   it.close()
-  state = jax.jit(task.init)(jax.random.key(0), jax.tree.map(lambda x: x[:1], batch))
+  state = jax.jit(task.init)(jax.random.key(0, impl="rbg"), jax.tree.map(lambda x: x[:1], batch))
   new, metrics = jax.jit(task.train_step)(state, batch, jax.random.key(1), None)
   # Uniform random codes over K=32: an untrained prior is near log2(32) = 5 bits per code.
   assert 4.0 < float(metrics["bits_per_code"]) < 7.0

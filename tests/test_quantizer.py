@@ -104,12 +104,19 @@ def _np_ema_reference(batches, codebook, decay, eps, bias_correction):
 
 
 @pytest.mark.parametrize(
-    "bias_correction,stats_impl", [(False, "scatter"), (True, "scatter"), (False, "onehot")]
+  "bias_correction,stats_impl", [(False, "scatter"), (True, "scatter"), (False, "onehot")]
 )
 def test_ema_update_matches_numpy_over_several_steps(bias_correction, stats_impl):
   k, d, decay, eps = 8, 3, 0.9, 1e-5
-  q = VectorQuantizer(num_codes=k, code_dim=d, decay=decay, eps=eps, codebook_init="normal",
-                      bias_correction=bias_correction, stats_impl=stats_impl)
+  q = VectorQuantizer(
+    num_codes=k,
+    code_dim=d,
+    decay=decay,
+    eps=eps,
+    codebook_init="normal",
+    bias_correction=bias_correction,
+    stats_impl=stats_impl,
+  )
   rng = np.random.default_rng(1)
   batches = [rng.normal(size=(64, d)).astype(np.float32) for _ in range(5)]
   v = _init(q, jnp.asarray(batches[0]))
@@ -132,8 +139,9 @@ def test_eval_mode_changes_no_statistics():
   # The same call with train=True does change them: the comparison above can fail.
   _, trained = q.apply(v, z, train=True, rngs={"vq": jax.random.key(1)}, mutable=["vq_state"])
   assert bool(trained["vq_state"]["initialized"]) and not bool(v["vq_state"]["initialized"])
-  assert not np.array_equal(np.asarray(trained["vq_state"]["codebook"]),
-                            np.asarray(v["vq_state"]["codebook"]))
+  assert not np.array_equal(
+    np.asarray(trained["vq_state"]["codebook"]), np.asarray(v["vq_state"]["codebook"])
+  )
 
 
 def _collapsing_data(n=512, d=4, clusters=32, seed=0):
@@ -141,9 +149,7 @@ def _collapsing_data(n=512, d=4, clusters=32, seed=0):
   one or two codewords that happen to point their way."""
   rng = np.random.default_rng(seed)
   centers = 6.0 + rng.normal(size=(clusters, d))
-  return (centers[rng.integers(0, clusters, n)] + 0.05 * rng.normal(size=(n, d))).astype(
-      np.float32
-  )
+  return (centers[rng.integers(0, clusters, n)] + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
 
 
 def _usage_after(q, z, steps, seed=0):
@@ -152,8 +158,11 @@ def _usage_after(q, z, steps, seed=0):
   params = v.get("params", {})
   for step in range(steps):
     (_, aux), upd = q.apply(
-        {"params": params, "vq_state": state}, jnp.asarray(z), train=True,
-        rngs={"vq": jax.random.key(100 * seed + step)}, mutable=["vq_state"],
+      {"params": params, "vq_state": state},
+      jnp.asarray(z),
+      train=True,
+      rngs={"vq": jax.random.key(100 * seed + step)},
+      mutable=["vq_state"],
     )
     state = upd["vq_state"]
   (_, aux) = q.apply({"params": params, "vq_state": state}, jnp.asarray(z), train=False)
@@ -191,8 +200,13 @@ def test_loss_codebook_gets_gradients_on_the_data_init_step():
   v = _init(q, z)
 
   def loss(params):
-    (_, aux), _ = q.apply({"params": params, "vq_state": v["vq_state"]}, z, train=True,
-                          rngs={"vq": jax.random.key(0)}, mutable=["vq_state"])
+    (_, aux), _ = q.apply(
+      {"params": params, "vq_state": v["vq_state"]},
+      z,
+      train=True,
+      rngs={"vq": jax.random.key(0)},
+      mutable=["vq_state"],
+    )
     return aux["codebook_loss"]
 
   g = np.asarray(jax.grad(loss)(v["params"])["codebook"], np.float64)
@@ -200,7 +214,8 @@ def test_loss_codebook_gets_gradients_on_the_data_init_step():
   # seeds reach the loss while the parameter keeps its gradient.
   _, upd = q.apply(v, z, train=True, rngs={"vq": jax.random.key(0)}, mutable=["vq_state"])
   e = np.asarray(v["params"]["codebook"], np.float64) + np.asarray(
-      upd["vq_state"]["offset"], np.float64)
+    upd["vq_state"]["offset"], np.float64
+  )
   zn = np.asarray(z, np.float64)
   idx = _np_nearest(zn, e)
   expect = np.zeros_like(e)
@@ -281,7 +296,8 @@ def test_code_histogram_matches_bincount(impl):
   per_pos = np.broadcast_to(mask[:, None, None], idx.shape)
   got = qlib.code_histogram(jnp.asarray(idx), k, weights=jnp.asarray(mask), impl=impl)
   np.testing.assert_allclose(
-      np.asarray(got), np.bincount(idx.ravel(), per_pos.ravel(), minlength=k), rtol=1e-6)
+    np.asarray(got), np.bincount(idx.ravel(), per_pos.ravel(), minlength=k), rtol=1e-6
+  )
   # [B, h] weights line up with the leading axes too; full-shape weights are used as given.
   rows = rng.uniform(size=(4, 3)).astype(np.float32)
   got = qlib.code_histogram(jnp.asarray(idx), k, weights=jnp.asarray(rows), impl=impl)
@@ -289,7 +305,8 @@ def test_code_histogram_matches_bincount(impl):
   np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-6)
   got = qlib.code_histogram(jnp.asarray(idx), k, weights=jnp.asarray(full), impl=impl)
   np.testing.assert_allclose(
-      np.asarray(got), np.bincount(idx.ravel(), full.ravel().astype(np.float64), k), rtol=1e-6)
+    np.asarray(got), np.bincount(idx.ravel(), full.ravel().astype(np.float64), k), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="more axes"):
     qlib.code_histogram(jnp.asarray(idx[0, 0]), k, weights=jnp.asarray(mask[:, None]), impl=impl)
 
@@ -311,14 +328,20 @@ def test_cluster_sums_match_numpy(impl):
   np.testing.assert_allclose(np.asarray(sums), expect, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("train,ema,impl", [
-    (False, True, "onehot"), (True, True, "onehot"), (True, True, "scatter"),
+@pytest.mark.parametrize(
+  "train,ema,impl",
+  [
+    (False, True, "onehot"),
+    (True, True, "onehot"),
+    (True, True, "scatter"),
     (True, False, "scatter"),
-])
+  ],
+)
 def test_aux_counts_losses_and_metrics_match_numpy(train, ema, impl):
   k, d, beta = 16, 3, 0.3
-  q = VectorQuantizer(num_codes=k, code_dim=d, beta=beta, ema=ema, codebook_init="normal",
-                      stats_impl=impl)
+  q = VectorQuantizer(
+    num_codes=k, code_dim=d, beta=beta, ema=ema, codebook_init="normal", stats_impl=impl
+  )
   z = jax.random.normal(jax.random.key(4), (2, 5, 7, d))
   v = _init(q, z)
   (zq, aux), _ = q.apply(v, z, train=train, mutable=["vq_state"])
@@ -335,7 +358,8 @@ def test_aux_counts_losses_and_metrics_match_numpy(train, ema, impl):
   np.testing.assert_allclose(float(aux["commitment"]), mse, rtol=1e-5)
   np.testing.assert_allclose(float(aux["codebook_loss"]), 0.0 if ema else mse, rtol=1e-5)
   np.testing.assert_allclose(
-      float(aux["latent_loss"]), (0.0 if ema else mse) + beta * mse, rtol=1e-5)
+    float(aux["latent_loss"]), (0.0 if ema else mse) + beta * mse, rtol=1e-5
+  )
   p = counts[counts > 0] / counts.sum()
   np.testing.assert_allclose(float(aux["perplexity"]), np.exp(-(p * np.log(p)).sum()), rtol=1e-5)
   np.testing.assert_allclose(float(aux["usage"]), (counts > 0).mean())
@@ -357,9 +381,14 @@ def _np_ema_steps(batches, codebook, count, total, weight, decay, eps, bias_corr
   return codebook
 
 
-@pytest.mark.parametrize("init,bias_correction,stats_impl", [
-    ("kmeans++", False, "onehot"), ("kmeans++", True, "scatter"), ("kmeans", False, "scatter"),
-])
+@pytest.mark.parametrize(
+  "init,bias_correction,stats_impl",
+  [
+    ("kmeans++", False, "onehot"),
+    ("kmeans++", True, "scatter"),
+    ("kmeans", False, "scatter"),
+  ],
+)
 def test_data_init_then_ema_steps_match_numpy(init, bias_correction, stats_impl):
   """Seeding on step 1, then plain EMA steps (no re-seeding) against a float64 reference.
 
@@ -371,15 +400,29 @@ def test_data_init_then_ema_steps_match_numpy(init, bias_correction, stats_impl)
   rng = np.random.default_rng(2)
   points = (10.0 * rng.normal(size=(k, d))).astype(np.float32)
   first = np.repeat(points, reps, axis=0)
-  later = [(points[rng.integers(0, k, 40)] + 0.5 * rng.normal(size=(40, d))).astype(np.float32)
-           for _ in range(4)]
-  q = VectorQuantizer(num_codes=k, code_dim=d, decay=decay, eps=eps, codebook_init=init,
-                      bias_correction=bias_correction, stats_impl=stats_impl)
+  later = [
+    (points[rng.integers(0, k, 40)] + 0.5 * rng.normal(size=(40, d))).astype(np.float32)
+    for _ in range(4)
+  ]
+  q = VectorQuantizer(
+    num_codes=k,
+    code_dim=d,
+    decay=decay,
+    eps=eps,
+    codebook_init=init,
+    bias_correction=bias_correction,
+    stats_impl=stats_impl,
+  )
   v = _init(q, jnp.asarray(first))
   state, books = v["vq_state"], []
   for step, z in enumerate([first] + later):
-    _, upd = q.apply({"vq_state": state}, jnp.asarray(z), train=True,
-                     rngs={"vq": jax.random.key(7 + step)}, mutable=["vq_state"])
+    _, upd = q.apply(
+      {"vq_state": state},
+      jnp.asarray(z),
+      train=True,
+      rngs={"vq": jax.random.key(7 + step)},
+      mutable=["vq_state"],
+    )
     state = upd["vq_state"]
     books.append(np.asarray(state["codebook"]))
   # Which seed each code got: the point nearest to its codeword after step 1.
@@ -389,8 +432,9 @@ def test_data_init_then_ema_steps_match_numpy(init, bias_correction, stats_impl)
   n0 = first.shape[0] / k
   for step in range(len(books)):
     batches = ([first] + later)[: step + 1]
-    expect = _np_ema_steps(batches, seeds, np.full(k, n0), seeds * n0, 1.0, decay, eps,
-                           bias_correction)
+    expect = _np_ema_steps(
+      batches, seeds, np.full(k, n0), seeds * n0, 1.0, decay, eps, bias_correction
+    )
     np.testing.assert_allclose(books[step], expect, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(float(state["ema_weight"]), 1.0, rtol=1e-6)
   assert bool(state["initialized"])

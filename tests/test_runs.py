@@ -20,7 +20,9 @@ def test_load_run_reads_a_converted_directory(tmp_path):
   config = _tiny_config()
   model = registry.build_model(config)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 1)), jnp.float32)
-  variables = model.init({"params": jax.random.key(3), "vq": jax.random.key(4)}, x)
+  variables = jax.jit(model.init)(
+    {"params": jax.random.key(3, impl="rbg"), "vq": jax.random.key(4)}, x
+  )
   # Perturb the EMA state so a loader that re-initialised it would be caught.
   variables = jax.tree.map(lambda a: a + 0.5 if a.dtype == jnp.float32 else a, dict(variables))
   convert.save_converted(str(tmp_path / "conv"), config, variables)

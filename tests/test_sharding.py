@@ -74,7 +74,8 @@ def reference():
 
   def loss_grads(params, model_state, image, key):
     (loss, (aux, new_ms)), grads = jax.value_and_grad(task._loss, has_aux=True)(
-        params, model_state, image, key)
+      params, model_state, image, key
+    )
     return loss, grads, new_ms, aux["level0/counts"]
 
   one = sharding.make_mesh(_mesh_cfg(1, 1), jax.devices()[:1])
@@ -88,9 +89,11 @@ def _run(fn, state, image, mesh, min_size):
   state = jax.device_put(state, sh)
   batch = sharding.global_batch({"image": image}, mesh)["image"]
   repl = sharding.replicated(mesh)
-  jitted = jax.jit(fn, in_shardings=(sh.params, sh.model_state, sharding.batch_sharding(mesh),
-                                     repl),
-                   out_shardings=(repl, sh.params, sh.model_state, repl))
+  jitted = jax.jit(
+    fn,
+    in_shardings=(sh.params, sh.model_state, sharding.batch_sharding(mesh), repl),
+    out_shardings=(repl, sh.params, sh.model_state, repl),
+  )
   key = jax.device_put(jax.random.key(3), repl)
   return jitted(state.params, state.model_state, batch, key), sh
 
@@ -113,8 +116,8 @@ def test_same_loss_grads_and_ema_on_1_and_8_devices(reference, data, fsdp):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # The EMA statistics moved: they saw the global batch, not a per-device slice.
   assert any(
-      not np.array_equal(a, b)
-      for a, b in zip(jax.tree.leaves(model_state), jax.tree.leaves(state.model_state), strict=True)
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(model_state), jax.tree.leaves(state.model_state), strict=True)
   )
 
 
@@ -122,8 +125,11 @@ def test_create_sharded_state_places_leaves():
   mesh = sharding.make_mesh(_mesh_cfg(2, 4))
 
   def init(key):
-    return {"big": jax.random.normal(key, (64, 32)), "small": jnp.zeros((3,)),
-            "step": jnp.zeros((), jnp.int32)}
+    return {
+      "big": jax.random.normal(key, (64, 32)),
+      "small": jnp.zeros((3,)),
+      "step": jnp.zeros((), jnp.int32),
+    }
 
   state, sh = sharding.create_sharded_state(init, mesh, 256, jax.random.key(0))
   assert state["big"].sharding.spec == P("fsdp", None)

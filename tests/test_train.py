@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("fashion_mnist", "vqvae_cifar10", "vqvae2_imagenet", "vqvae2_ffhq1024")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(
-    not sources.fashion_mnist_files_exist(FMNIST), reason="Fashion-MNIST idx files not installed"
+  not sources.fashion_mnist_files_exist(FMNIST), reason="Fashion-MNIST idx files not installed"
 )
 
 
@@ -44,8 +44,11 @@ def read_jsonl(path: str) -> list[dict]:
 
 def train_losses(workdir: str) -> dict[int, float]:
   """step -> loss; a step logged twice (before a kill and after the resume) keeps the last."""
-  return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if r["split"] == "train"}
+  return {
+    r["step"]: r["loss"]
+    for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if r["split"] == "train"
+  }
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +68,23 @@ def quick(config, cache_dir):
 
 def cli_env(num_devices: int = 8) -> dict:
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-             PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+  env.update(
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+    PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+  )
   return env
 
 
 def cli(workdir, *overrides, config="experiments/fashion_mnist.py:smoke"):
-  return [sys.executable, "-m", "vqjax.train", f"--config={config}", f"--workdir={workdir}",
-          *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "vqjax.train",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
 
 
 # --- one real step for each experiment's smoke variant -----------------------------------------
@@ -96,8 +108,10 @@ def test_smoke_config_takes_one_real_step(name):
   assert np.isfinite(float(metrics["loss"]))
   assert 0 < float(metrics["mse"]) < 4
   after = jax.device_get(new_state.params)
-  changed = [not np.allclose(a, b)
-             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
+  changed = [
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+  ]
   assert sum(changed) > len(changed) // 2
 
 
@@ -115,8 +129,9 @@ def test_bfloat16_train_step_tracks_float32():
     task = tasks.make_task(config)
     state = jax.jit(task.init)(jax.random.key(0, impl="rbg"), {"image": batch["image"][:1]})
     new, metrics = jax.jit(task.train_step)(state, batch, jax.random.key(1), None)
-    delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
-                         new.params, state.params)
+    delta = jax.tree.map(
+      lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), new.params, state.params
+    )
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
     flat = np.concatenate([d.ravel() for d in jax.tree.leaves(delta)])
     out[dtype] = (float(metrics["loss"]), flat)
@@ -126,19 +141,24 @@ def test_bfloat16_train_step_tracks_float32():
   assert cosine > 0.9, cosine
 
 
-@pytest.mark.parametrize("name, shapes", [
+@pytest.mark.parametrize(
+  "name, shapes",
+  [
     ("vqvae_cifar10", [(8, 8)]),  # van den Oord et al. 2017: 32x32 images -> 8x8 latents
     ("vqvae2_imagenet", [(32, 32), (64, 64)]),  # Razavi et al. 2019: 256px -> 32x32, 64x64
     ("vqvae2_ffhq1024", [(32, 32), (64, 64), (128, 128)]),  # FFHQ 1024px, three levels
-])
+  ],
+)
 def test_full_configs_give_the_papers_code_maps(name, shapes):
   config = load_config(name)
   task = tasks.make_task(config)
   batch = task.dummy_batch()
-  variables = jax.eval_shape(lambda k: task.model.init({"params": k, "vq": k}, batch["image"]),
-                             jax.random.key(0))
-  codes = jax.eval_shape(lambda v: task.model.apply(v, batch["image"],
-                                                    method="encode_to_indices"), variables)
+  variables = jax.eval_shape(
+    lambda k: task.model.init({"params": k, "vq": k}, batch["image"]), jax.random.key(0)
+  )
+  codes = jax.eval_shape(
+    lambda v: task.model.apply(v, batch["image"], method="encode_to_indices"), variables
+  )
   assert [c.shape[1:] for c in codes] == shapes
 
 
@@ -187,8 +207,9 @@ def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared
   config.train.steps = 3
   result = trainer.train_and_evaluate(config, workdir)
   assert result["step"] == 3
-  assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if r["split"] == "train"] == [1, 2, 3]
+  assert [
+    r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"
+  ] == [1, 2, 3]
 
 
 class _CodesTask(tasks.Task):
@@ -210,8 +231,9 @@ class _CodesTask(tasks.Task):
   def init(self, rng, batch):
     assert batch["codes"].dtype == jnp.int32
     params = {"emb": jax.random.normal(rng, (self.K, self.CLASSES)) * 0.1}
-    return tasks.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=self.tx.init(params), model_state={})
+    return tasks.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), model_state={}
+    )
 
   def frozen(self):
     return {"table": self.table}
@@ -224,20 +246,27 @@ class _CodesTask(tasks.Task):
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state)
+    state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
     return state, {"loss": loss, "noise": jax.random.uniform(rng)}
 
   def eval_step(self, state, batch, frozen):
     mask = batch["mask"]
     values = frozen["table"][batch["codes"]].sum(axis=(1, 2, 3))
-    return {"table_sum": jnp.sum(values * mask), "count": jnp.sum(mask),
-            "label_sum": jnp.sum(batch["label"] * mask)}
+    return {
+      "table_sum": jnp.sum(values * mask),
+      "count": jnp.sum(mask),
+      "label_sum": jnp.sum(batch["label"] * mask),
+    }
 
   def eval_summary(self, sums):
     n = float(sums["count"])
-    return {"table_mean": float(sums["table_sum"]) / n, "label_mean": float(sums["label_sum"]) / n,
-            "examples": n}
+    return {
+      "table_mean": float(sums["table_sum"]) / n,
+      "label_mean": float(sums["label_sum"]) / n,
+      "examples": n,
+    }
 
   def images(self, state, batch, rng, frozen):
     maps = frozen["table"][batch["codes"]][..., :1] / self.table.max() * 2 - 1
@@ -246,14 +275,17 @@ class _CodesTask(tasks.Task):
 
 def _codes_data(n, seed):
   rng = np.random.default_rng(seed)
-  return {"codes": rng.integers(0, _CodesTask.K, (n, 4, 4)).astype(np.int32),
-          "label": rng.integers(0, _CodesTask.CLASSES, n).astype(np.int32)}
+  return {
+    "codes": rng.integers(0, _CodesTask.K, (n, 4, 4)).astype(np.int32),
+    "label": rng.integers(0, _CodesTask.CLASSES, n).astype(np.int32),
+  }
 
 
 def test_a_task_with_integer_inputs_and_frozen_weights(tmp_path, monkeypatch, caplog):
   data = {"train": _codes_data(48, 0), "test": _codes_data(21, 1)}  # 21: eval pads
-  monkeypatch.setitem(sources.SOURCES, "toy_codes",
-                      lambda data_config, split: sources.ArraySource(data[split]))
+  monkeypatch.setitem(
+    sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
+  )
   config = configs.base_config()
   config.data.update(name="toy_codes", reader="local", batch_size=8, eval_batch_size=16)
   config.train.steps = 3
@@ -287,7 +319,8 @@ def test_a_task_with_integer_inputs_and_frozen_weights(tmp_path, monkeypatch, ca
   train = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
   np.testing.assert_allclose(
-      train[4]["noise"], float(jax.random.uniform(jax.random.fold_in(base, 4))), rtol=1e-6)
+    train[4]["noise"], float(jax.random.uniform(jax.random.fold_in(base, 4))), rtol=1e-6
+  )
 
 
 @needs_fmnist
@@ -339,8 +372,9 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path):
   config.ckpt.every_steps = 100
   config.log.update(every_steps=1, eval_every_steps=0, image_every_steps=0, tensorboard=False)
   with pytest.MonkeyPatch.context() as m:
-    m.setitem(sources.SOURCES, "toy_codes",
-              lambda data_config, split: sources.ArraySource(data[split]))
+    m.setitem(
+      sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
+    )
     with pytest.raises(errors.DivergenceError, match="No checkpoint was saved before it diverged"):
       trainer.train_and_evaluate(config, str(tmp_path / "w"), task=Exploding(config))
 
@@ -360,9 +394,14 @@ def test_load_run_of_an_empty_directory_is_a_clear_error(tmp_path):
 
 # --- processes: kill and resume, SIGTERM, two hosts ---------------------------------------------
 
-_CLI_RUN = ("--config.optim.schedule=constant", "--config.log.every_steps=1",
-            "--config.log.eval_every_steps=0", "--config.log.image_every_steps=0",
-            "--config.log.tensorboard=False", "--config.ckpt.every_steps=2")
+_CLI_RUN = (
+  "--config.optim.schedule=constant",
+  "--config.log.every_steps=1",
+  "--config.log.eval_every_steps=0",
+  "--config.log.image_every_steps=0",
+  "--config.log.tensorboard=False",
+  "--config.ckpt.every_steps=2",
+)
 
 
 @needs_fmnist
@@ -370,14 +409,25 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, shared_ca
   cache = f"--config.log.compilation_cache={shared_cache}"
   total = 12
   ref = tmp_path / "ref"
-  subprocess.run(cli(ref, *_CLI_RUN, cache, f"--config.train.steps={total}"), cwd=ROOT,
-                 env=cli_env(), check=True, capture_output=True, timeout=300)
+  subprocess.run(
+    cli(ref, *_CLI_RUN, cache, f"--config.train.steps={total}"),
+    cwd=ROOT,
+    env=cli_env(),
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
   expected = train_losses(str(ref))
   assert sorted(expected) == list(range(1, total + 1))
 
   run = tmp_path / "run"
-  proc = subprocess.Popen(cli(run, *_CLI_RUN, cache, "--config.train.steps=100000"), cwd=ROOT,
-                          env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    cli(run, *_CLI_RUN, cache, "--config.train.steps=100000"),
+    cwd=ROOT,
+    env=cli_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     deadline = time.time() + 240
     while not (run / "checkpoints" / "2").is_dir():
@@ -389,20 +439,32 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, shared_ca
   saved = checkpoint.Checkpointer(str(run / "checkpoints")).latest_step()
   assert saved is not None and saved < total, f"killed too late (checkpoint {saved})"
 
-  subprocess.run(cli(run, *_CLI_RUN, cache, f"--config.train.steps={total}"), cwd=ROOT,
-                 env=cli_env(), check=True, capture_output=True, timeout=300)
+  subprocess.run(
+    cli(run, *_CLI_RUN, cache, f"--config.train.steps={total}"),
+    cwd=ROOT,
+    env=cli_env(),
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
   got = train_losses(str(run))
-  assert sorted(got)[: total] == list(range(1, total + 1))
+  assert sorted(got)[:total] == list(range(1, total + 1))
   assert [got[s] for s in range(1, total + 1)] == [expected[s] for s in range(1, total + 1)]
 
 
 @needs_fmnist
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path, shared_cache):
   run = tmp_path / "run"
-  args = cli(run, *_CLI_RUN, "--config.ckpt.every_steps=100000", "--config.train.steps=100000",
-             f"--config.log.compilation_cache={shared_cache}")
-  proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  args = cli(
+    run,
+    *_CLI_RUN,
+    "--config.ckpt.every_steps=100000",
+    "--config.train.steps=100000",
+    f"--config.log.compilation_cache={shared_cache}",
+  )
+  proc = subprocess.Popen(
+    args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   metrics = run / "metrics.jsonl"
   deadline = time.time() + 240
   while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -418,8 +480,9 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path, shared_cache):
   # The saved step is complete: its state and the data position come back.
   config = load_config("fashion_mnist", "smoke")
   task = tasks.make_task(config)
-  abstract = jax.eval_shape(lambda k: task.init(k, task.dummy_batch()),
-                            jax.random.key(0, impl="rbg"))
+  abstract = jax.eval_shape(
+    lambda k: task.init(k, task.dummy_batch()), jax.random.key(0, impl="rbg")
+  )
   mesh = sharding.make_mesh(config.mesh)
   target = checkpoint.abstract_with_shardings(abstract, sharding.state_shardings(abstract, mesh, 1))
   state, data_state = ckpt.restore(target)
@@ -449,11 +512,19 @@ def test_two_processes_train_together(tmp_path):
   env["JAX_NUM_CPU_DEVICES"] = "2"
   procs = []
   for i in range(2):
-    args = cli(tmp_path / "run", *_CLI_RUN, "--config.train.steps=2",
-               f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
-    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
+    args = cli(
+      tmp_path / "run",
+      *_CLI_RUN,
+      "--config.train.steps=2",
+      f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={i}",
+    )
+    procs.append(
+      subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+    )
   outs = []
   for p in procs:
     out, err = p.communicate(timeout=300)
@@ -474,8 +545,7 @@ def test_two_processes_train_together(tmp_path):
   assert not ids[0] & ids[1]  # the hosts read disjoint examples
   batch = {k: jnp.concatenate([b[k] for b in local]) for k in local[0]}
   task = tasks.make_task(config)
-  state = jax.jit(task.init)(jax.random.key(config.seed, impl="rbg"),
-                             {"image": batch["image"][:1]})
+  state = jax.jit(task.init)(jax.random.key(config.seed, impl="rbg"), {"image": batch["image"][:1]})
   rng = jax.random.fold_in(jax.random.key(config.seed + 1), 0)
   _, metrics = jax.jit(task.train_step)(state, batch, rng, None)
   assert math.isclose(logged[1], float(metrics["loss"]), rel_tol=1e-5)

@@ -43,11 +43,12 @@ def _merge(config: ml_collections.ConfigDict, record: dict) -> None:
 
 def _is_converted(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-      os.path.join(path, "variables"))
+    os.path.join(path, "variables")
+  )
 
 
 def load_run(
-    workdir: str, step: int | None = None, device: jax.Device | None = None
+  workdir: str, step: int | None = None, device: jax.Device | None = None
 ) -> tuple[ml_collections.ConfigDict, Any, dict]:
   """Loads a trained model: its config, its module and its variables.
 
@@ -78,11 +79,13 @@ def load_run(
     if step is None:
       step = ckpt.latest_step()
       if step is None:
-        raise errors.UserError(f"no checkpoint in {directory}: {workdir} is not a finished or "
-                               "running vqjax run")
+        raise errors.UserError(
+          f"no checkpoint in {directory}: {workdir} is not a finished or running vqjax run"
+        )
     elif step not in ckpt.all_steps():
-      raise errors.UserError(f"no checkpoint of step {step} in {directory}; it has "
-                             f"{ckpt.all_steps()}")
+      raise errors.UserError(
+        f"no checkpoint of step {step} in {directory}; it has {ckpt.all_steps()}"
+      )
     meta = ckpt.read_meta(step)
   finally:
     ckpt.close()
@@ -94,15 +97,16 @@ def load_run(
         record = json.load(f)
     except (OSError, ValueError):
       raise errors.CheckpointError(
-          f"checkpoint {directory}/{step} has no readable config record, nor has "
-          f"{config_json}") from None
+        f"checkpoint {directory}/{step} has no readable config record, nor has {config_json}"
+      ) from None
   config = _config_from_record(record)
   task = tasks.make_task(config)
   batch = jax.tree.map(jax.numpy.asarray, task.dummy_batch())
   abstract = jax.eval_shape(lambda k: task.init(k, batch), jax.random.key(0, impl="rbg"))
   placement = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement),
-                        abstract)
+  target = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement), abstract
+  )
   weights = checkpoint.restore_weights(directory, target, step=step)
   variables = {"params": weights["params"], **weights["model_state"]}
   return config, task.model, variables

@@ -16,8 +16,10 @@ from ml_collections import config_flags
 from vqjax import configs, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config: experiments/X.py, X.py or X, optionally :variant.",
-    lock_config=True,
+  "config",
+  None,
+  "Experiment config: experiments/X.py, X.py or X, optionally :variant.",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too (or -v 1).")
@@ -40,7 +42,8 @@ def initialize_distributed(d) -> None:
 
   if d.initialize not in ("auto", "yes", "no"):
     raise errors.UserError(
-        f"config.distributed.initialize must be auto|yes|no, not {d.initialize!r}")
+      f"config.distributed.initialize must be auto|yes|no, not {d.initialize!r}"
+    )
   kwargs = {}
   if d.coordinator_address:
     kwargs["coordinator_address"] = d.coordinator_address
@@ -56,11 +59,13 @@ def initialize_distributed(d) -> None:
 
 
 def _usage() -> str:
-  return (f"{__doc__}\nExperiments (--config NAME[:smoke]): "
-          f"{', '.join(configs.list_experiments())}\n\n"
-          f"Config fields and defaults (set with --config.GROUP.FIELD=VALUE):\n"
-          f"{configs.summarize_fields()}\n\nFlags:\n{flags.FLAGS.main_module_help()}\n"
-          "(absl's own flags, such as -v: --helpfull)")
+  return (
+    f"{__doc__}\nExperiments (--config NAME[:smoke]): "
+    f"{', '.join(configs.list_experiments())}\n\n"
+    f"Config fields and defaults (set with --config.GROUP.FIELD=VALUE):\n"
+    f"{configs.summarize_fields()}\n\nFlags:\n{flags.FLAGS.main_module_help()}\n"
+    "(absl's own flags, such as -v: --helpfull)"
+  )
 
 
 def _with_resolved_config(argv: list[str]) -> list[str]:
@@ -97,8 +102,10 @@ def parse_flags(argv: list[str]) -> list[str]:
       detail = detail[1:-1].replace("\\n", " ").replace("\\'", "'")
     detail = " ".join(detail.split())
     raise SystemExit(f"vqjax.train: bad config override: {detail}") from None
-  for name, what in (("config", "an experiment, e.g. --config fashion_mnist:smoke"),
-                     ("workdir", "the directory for checkpoints, logs and images")):
+  for name, what in (
+    ("config", "an experiment, e.g. --config fashion_mnist:smoke"),
+    ("workdir", "the directory for checkpoints, logs and images"),
+  ):
     if flags.FLAGS[name].value is None:
       raise SystemExit(f"vqjax.train: --{name} is required ({what}); see --help")
   return rest

@@ -20,9 +20,7 @@ from vqjax.configs import base_config
 from vqjax.convert.rosinality import convert_vqvae2, load_vqvae2
 from vqjax.models import registry
 
-__all__ = [
-    "convert_vqvae2", "load_converted", "load_vqvae2", "read_config", "save_converted"
-]
+__all__ = ["convert_vqvae2", "load_converted", "load_vqvae2", "read_config", "save_converted"]
 
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
@@ -60,7 +58,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
 
 
 def save_converted(
-    out_dir: str, config: ml_collections.ConfigDict, variables: Any, force: bool = False
+  out_dir: str, config: ml_collections.ConfigDict, variables: Any, force: bool = False
 ) -> None:
   """Writes OUT_DIR/config.json and the OUT_DIR/variables Orbax checkpoint.
 
@@ -79,7 +77,7 @@ def save_converted(
     f.write(config.to_json(indent=2) + "\n")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(
-      target, {"params": variables["params"], "vq_state": variables["vq_state"]}, force=force
+    target, {"params": variables["params"], "vq_state": variables["vq_state"]}, force=force
   )
   checkpointer.wait_until_finished()
   checkpointer.close()
@@ -108,7 +106,7 @@ def load_converted(out_dir: str):
   abstract = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
   )
   checkpointer = ocp.StandardCheckpointer()
   try:

@@ -57,15 +57,18 @@ def fit_image(image: np.ndarray, size: int, mode: str, name: str = "") -> np.nda
   what = f"image {name} is" if name else "got"
   if mode == "pad":
     if h > size or w > size:
-      raise UserError(f"resize='pad' needs images no larger than {size}x{size}: {what} {h}x{w}; "
-                      "set --config.data.resize=resize_crop or a larger image_size")
+      raise UserError(
+        f"resize='pad' needs images no larger than {size}x{size}: {what} {h}x{w}; "
+        "set --config.data.resize=resize_crop or a larger image_size"
+      )
     top, left = (size - h) // 2, (size - w) // 2
     # Zero is the background of the datasets padded this way (MNIST-like: black, -1 later).
     return np.pad(image, ((top, size - h - top), (left, size - w - left), (0, 0)))
   if mode == "center_crop":
     if h < size or w < size:
-      raise UserError(f"resize='center_crop' needs images of at least {size}x{size}: {what} "
-                      f"{h}x{w}")
+      raise UserError(
+        f"resize='center_crop' needs images of at least {size}x{size}: {what} {h}x{w}"
+      )
   elif mode == "resize_crop":
     if min(h, w) != size:
       scale = size / min(h, w)
@@ -80,8 +83,9 @@ def fit_image(image: np.ndarray, size: int, mode: str, name: str = "") -> np.nda
   return image[top : top + size, left : left + size]
 
 
-def fit_images(images: Any, data_config: Any,
-               name_of: Callable[[int], str] = lambda j: f"example {j}") -> np.ndarray:
+def fit_images(
+  images: Any, data_config: Any, name_of: Callable[[int], str] = lambda j: f"example {j}"
+) -> np.ndarray:
   """Fits uint8 images to `config.data` (image_size, resize, channels).
 
   Args:
@@ -102,13 +106,16 @@ def fit_images(images: Any, data_config: Any,
     if h == w == size or (mode == "center_crop" and h >= size and w >= size):
       top, left = (h - size) // 2, (w - size) // 2
       return images[:, top : top + size, left : left + size]
-  fitted = [fit_image(sources.convert_channels(np.asarray(im), channels), size, mode, name_of(j))
-            for j, im in enumerate(images)]
+  fitted = [
+    fit_image(sources.convert_channels(np.asarray(im), channels), size, mode, name_of(j))
+    for j, im in enumerate(images)
+  ]
   return np.stack(fitted) if fitted else np.zeros((0, size, size, channels), np.uint8)
 
 
-def transform_batch(batch: dict[str, np.ndarray], data_config: Any,
-                    flip_key: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+def transform_batch(
+  batch: dict[str, np.ndarray], data_config: Any, flip_key: tuple[int, ...] | None = None
+) -> dict[str, np.ndarray]:
   """The per-kind host transform of a fitted batch, the last step before the device.
 
   "image" (uint8 [B, S, S, C]) becomes float32 in [-1, 1] (0 -> -1 and 255 -> 1 exactly) and,
@@ -148,8 +155,9 @@ def preprocess(images: Any, data_config: Any) -> np.ndarray:
   return transform_batch({IMAGE: fit_images(images, data_config)}, data_config)[IMAGE]
 
 
-def _stack(examples: list[dict[str, Any]], data_config: Any,
-           name_of: Callable[[int], str]) -> dict[str, np.ndarray]:
+def _stack(
+  examples: list[dict[str, Any]], data_config: Any, name_of: Callable[[int], str]
+) -> dict[str, np.ndarray]:
   """Stacks examples feature by feature, fitting images to the configured size."""
   keys = list(examples[0])
   out = {}
@@ -157,8 +165,10 @@ def _stack(examples: list[dict[str, Any]], data_config: Any,
     try:
       values = [ex[k] for ex in examples]
     except KeyError:
-      raise UserError(f"Examples of one dataset differ in features: {sorted(examples[0])} vs "
-                      f"{sorted(next(ex for ex in examples if k not in ex))}") from None
+      raise UserError(
+        f"Examples of one dataset differ in features: {sorted(examples[0])} vs "
+        f"{sorted(next(ex for ex in examples if k not in ex))}"
+      ) from None
     if k == IMAGE:
       out[k] = fit_images(values, data_config, name_of)
     else:
@@ -196,8 +206,7 @@ def load_batch(source: Any, indices: Any, data_config: Any) -> dict[str, np.ndar
 
 def _local_batch_size(batch_size: int, process_count: int, what: str) -> int:
   if batch_size <= 0 or batch_size % process_count:
-    raise UserError(f"{what}={batch_size} must be a positive multiple of {process_count} "
-                    "processes")
+    raise UserError(f"{what}={batch_size} must be a positive multiple of {process_count} processes")
   return batch_size // process_count
 
 
@@ -218,13 +227,16 @@ def _check_identity(state: dict[str, Any], identity: dict[str, Any]) -> None:
   """Raises a one-line UserError when `state` was saved under another identity."""
   saved = state.get("reader")
   if saved is not None and saved != identity["reader"]:
-    raise UserError(f"Cannot resume data iterator: saved by reader {saved!r}, this run reads "
-                    f"with {identity['reader']!r}; set --config.data.reader={saved}")
+    raise UserError(
+      f"Cannot resume data iterator: saved by reader {saved!r}, this run reads "
+      f"with {identity['reader']!r}; set --config.data.reader={saved}"
+    )
   for k, v in identity.items():
     if k != "reader" and k in state and int(state[k]) != v:
       hint = _RESUME_HINTS[k].format(saved=state[k])
-      raise UserError(f"Cannot resume data iterator: saved {k}={state[k]}, this run has {v}; "
-                      f"{hint}")
+      raise UserError(
+        f"Cannot resume data iterator: saved {k}={state[k]}, this run has {v}; {hint}"
+      )
 
 
 class TrainIterator:
@@ -241,8 +253,15 @@ class TrainIterator:
     reader: the concrete reader ("local", "folder", "grain").
   """
 
-  def __init__(self, source: Any, data_config: Any, seed: int, process_index: int,
-               process_count: int, reader: str):
+  def __init__(
+    self,
+    source: Any,
+    data_config: Any,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    reader: str,
+  ):
     import grain  # deferred: grain takes a second to import
 
     _check_process(process_index, process_count)
@@ -251,11 +270,17 @@ class TrainIterator:
     self.local_batch_size, self.reader = b, reader
     self.steps_per_epoch = n // process_count // b
     if self.steps_per_epoch == 0:
-      raise UserError(f"{n} examples make no batch of {data_config.batch_size} over "
-                      f"{process_count} processes")
+      raise UserError(
+        f"{n} examples make no batch of {data_config.batch_size} over {process_count} processes"
+      )
     seed = int(seed) % 2**63
-    self._identity = {"seed": seed, "num_examples": n, "process_count": process_count,
-                      "local_batch_size": b, "reader": reader}
+    self._identity = {
+      "seed": seed,
+      "num_examples": n,
+      "process_count": process_count,
+      "local_batch_size": b,
+      "reader": reader,
+    }
     # grain seeds epoch e of a shuffle with shuffle_seed + e (32 bits), so hosts get unrelated
     # permutations from a hash of (seed, process) rather than from seed + process.
     shuffle_seed = int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0])
@@ -265,15 +290,19 @@ class TrainIterator:
     # batch straddle two epochs; the shuffle still sees the epoch through the repeated indices.
     # Reading whole batches lets in-memory and tfds sources read them in one call.
     ds = ds.batch(b, drop_remainder=True).repeat()
-    ds = ds.map_with_index(functools.partial(_train_batch, source=source,
-                                             data_config=data_config, key=(seed, process_index)))
+    ds = ds.map_with_index(
+      functools.partial(
+        _train_batch, source=source, data_config=data_config, key=(seed, process_index)
+      )
+    )
     workers = data_config.num_workers
     if workers < 0:
       raise UserError(f"config.data.num_workers must be >= 0, not {workers}")
     # num_threads=0 reads in the calling thread, as num_workers=0 promises; with threads, two
     # batches per thread in flight keep them all busy without holding many batches in memory.
-    self._ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=workers,
-                                                    prefetch_buffer_size=2 * workers))
+    self._ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
+    )
     self._it = iter(self._ds)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -308,13 +337,18 @@ class TrainIterator:
     if grain_state is None and "reader" not in state and {"epoch", "step"} <= set(state):
       # Saved by the index-arithmetic iterator of earlier versions: same position, but its
       # permutations are not grain's, so the rest of that epoch visits other examples.
-      logging.warning("data state from an earlier vqjax: resuming at epoch %s step %s with "
-                      "a different example order", state["epoch"], state["step"])
-      grain_state = {"next_index": int(state["epoch"]) * self.steps_per_epoch +
-                                   int(state["step"])}
+      logging.warning(
+        "data state from an earlier vqjax: resuming at epoch %s step %s with "
+        "a different example order",
+        state["epoch"],
+        state["step"],
+      )
+      grain_state = {"next_index": int(state["epoch"]) * self.steps_per_epoch + int(state["step"])}
     if not isinstance(grain_state, dict):
-      raise UserError(f"Cannot resume data iterator: no grain state in the saved state "
-                      f"(keys {sorted(state)}); it was saved by another reader")
+      raise UserError(
+        f"Cannot resume data iterator: no grain state in the saved state "
+        f"(keys {sorted(state)}); it was saved by another reader"
+      )
     # A fresh iterator rather than set_state on the live one: it drops the batches the threads
     # prefetched from the old position.
     self._it.close()
@@ -326,8 +360,9 @@ class TrainIterator:
     self._it.close()
 
 
-def _train_batch(index: int, indices: np.ndarray, source: Any, data_config: Any,
-                 key: tuple[int, int]) -> dict[str, np.ndarray]:
+def _train_batch(
+  index: int, indices: np.ndarray, source: Any, data_config: Any, key: tuple[int, int]
+) -> dict[str, np.ndarray]:
   """Batch `index` of the stream: its examples read, fitted, scaled and flipped by its key."""
   return transform_batch(load_batch(source, indices, data_config), data_config, key + (index,))
 
@@ -365,31 +400,44 @@ class TfDataTrainIterator:
     self._encoded = IMAGE in spec and spec[IMAGE].dtype == tf.string
     local = int(self._ds.cardinality())
     if local < 0:
-      raise UserError(f"tfds {c.name!r} split {c.train_split!r} has no known size "
-                      f"(cardinality {local})")
+      raise UserError(
+        f"tfds {c.name!r} split {c.train_split!r} has no known size (cardinality {local})"
+      )
     self.reader, self._local = "tfdata", local
-    self.local_batch_size = b = _local_batch_size(c.batch_size, process_count,
-                                                  "config.data.batch_size")
+    self.local_batch_size = b = _local_batch_size(
+      c.batch_size, process_count, "config.data.batch_size"
+    )
     self.steps_per_epoch = local // b
     if self.steps_per_epoch == 0:
-      raise UserError(f"{local * process_count} examples make no batch of {c.batch_size} over "
-                      f"{process_count} processes")
+      raise UserError(
+        f"{local * process_count} examples make no batch of {c.batch_size} over "
+        f"{process_count} processes"
+      )
     self._seed = int(seed) % 2**63
     # `even_splits` gave every host `local` examples: P * local in all.
-    self._identity = {"seed": self._seed, "num_examples": local * process_count,
-                      "process_count": process_count, "local_batch_size": b, "reader": "tfdata"}
+    self._identity = {
+      "seed": self._seed,
+      "num_examples": local * process_count,
+      "process_count": process_count,
+      "local_batch_size": b,
+      "reader": "tfdata",
+    }
     self._epoch = self._step = 0
     self._live = None  # (epoch, step, numpy iterator positioned at that batch)
 
   def _stream(self, epoch: int, step: int) -> Iterator[dict[str, np.ndarray]]:
     tf, c, b = self._tf, self._config, self.local_batch_size
     shuffle_seed = int(np.random.default_rng((self._seed, epoch, self._pi)).integers(2**31))
-    ds = self._ds.shuffle(min(self._local, 16384), seed=shuffle_seed,
-                          reshuffle_each_iteration=False).skip(step * b)
+    ds = self._ds.shuffle(
+      min(self._local, 16384), seed=shuffle_seed, reshuffle_each_iteration=False
+    ).skip(step * b)
     if self._encoded:
       decode = functools.partial(tf.io.decode_image, expand_animations=False)
-      ds = ds.map(lambda ex: {**ex, IMAGE: decode(ex[IMAGE])},
-                  num_parallel_calls=c.num_workers or None, deterministic=True)
+      ds = ds.map(
+        lambda ex: {**ex, IMAGE: decode(ex[IMAGE])},
+        num_parallel_calls=c.num_workers or None,
+        deterministic=True,
+      )
     return ds.prefetch(2 * b).as_numpy_iterator()
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -417,8 +465,10 @@ class TfDataTrainIterator:
     """Moves to a state from `get_state`; the next batch is the one that followed it."""
     _check_identity(state, self._identity)
     if "epoch" not in state or "step" not in state:
-      raise UserError(f"Cannot resume data iterator: no epoch/step in the saved state "
-                      f"(keys {sorted(state)}); it was saved by another reader")
+      raise UserError(
+        f"Cannot resume data iterator: no epoch/step in the saved state "
+        f"(keys {sorted(state)}); it was saved by another reader"
+      )
     if not 0 <= int(state["step"]) < self.steps_per_epoch:
       raise UserError(f"Cannot resume data iterator: step {state['step']} out of range")
     self._epoch, self._step, self._live = int(state["epoch"]), int(state["step"]), None
@@ -450,12 +500,20 @@ class EvalIterable:
   "image" (black), 0 in every other feature.
   """
 
-  def __init__(self, source: Any, data_config: Any, process_index: int, process_count: int,
-               max_batches: int, num_total: int = -1):
+  def __init__(
+    self,
+    source: Any,
+    data_config: Any,
+    process_index: int,
+    process_count: int,
+    max_batches: int,
+    num_total: int = -1,
+  ):
     _check_process(process_index, process_count)
     self._source, self._config = source, data_config
-    self.local_batch_size = _local_batch_size(data_config.eval_batch_size, process_count,
-                                              "config.data.eval_batch_size")
+    self.local_batch_size = _local_batch_size(
+      data_config.eval_batch_size, process_count, "config.data.eval_batch_size"
+    )
     num_total = len(source) if num_total < 0 else num_total
     self._indices = np.arange(process_index, num_total, process_count)
     self.num_batches = math.ceil(math.ceil(num_total / process_count) / self.local_batch_size)
@@ -492,8 +550,7 @@ class EvalIterable:
 class TfDataEvalIterable(EvalIterable):
   """EvalIterable over TFRecords through `tfds.load` (needs TensorFlow), read in order."""
 
-  def __init__(self, data_config: Any, process_index: int, process_count: int,
-               max_batches: int):
+  def __init__(self, data_config: Any, process_index: int, process_count: int, max_batches: int):
     self._tf = sources.require_tensorflow()
     import tensorflow_datasets as tfds
 
@@ -527,14 +584,21 @@ def _tfds_load(data_config: Any, split: Any, download: bool, skip_image_decoding
     if IMAGE in features.keys():
       decoders = {IMAGE: tfds.decode.SkipDecoding()}
   try:
-    return tfds.load(c.name, split=split, data_dir=c.data_dir or None, download=download,
-                     shuffle_files=False, decoders=decoders)
+    return tfds.load(
+      c.name,
+      split=split,
+      data_dir=c.data_dir or None,
+      download=download,
+      shuffle_files=False,
+      decoders=decoders,
+    )
   except NotImplementedError as e:  # prepared as ArrayRecord: only data_source reads it
     raise UserError(f"tfds {c.name!r} is not TFRecord; use reader='grain' ({e})") from None
 
 
-def make_train_iterator(data_config: Any, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> TrainIterator | TfDataTrainIterator:
+def make_train_iterator(
+  data_config: Any, seed: int, process_index: int = 0, process_count: int = 1
+) -> TrainIterator | TfDataTrainIterator:
   """Builds the endless, resumable training iterator of this process.
 
   Args:
@@ -555,8 +619,9 @@ def make_train_iterator(data_config: Any, seed: int, process_index: int = 0,
   return TrainIterator(source, data_config, seed, process_index, process_count, reader)
 
 
-def make_eval_iterator(data_config: Any, process_index: int = 0, process_count: int = 1,
-                       max_batches: int = 0) -> EvalIterable:
+def make_eval_iterator(
+  data_config: Any, process_index: int = 0, process_count: int = 1, max_batches: int = 0
+) -> EvalIterable:
   """Builds one pass over `config.data.eval_split` in padded, masked batches.
 
   Args:

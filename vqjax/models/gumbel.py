@@ -39,8 +39,10 @@ class GumbelQuantizer(nn.Module):
   def setup(self):
     self.to_logits = nn.Dense(self.num_codes, dtype=jnp.float32, param_dtype=self.param_dtype)
     self.codebook = self.param(
-        "codebook", nn.initializers.normal(1.0), (self.num_codes, self.code_dim),
-        self.param_dtype,
+      "codebook",
+      nn.initializers.normal(1.0),
+      (self.num_codes, self.code_dim),
+      self.param_dtype,
     )
 
   def lookup(self, indices: jax.Array) -> jax.Array:
@@ -64,7 +66,12 @@ class GumbelQuantizer(nn.Module):
     counts = code_histogram(idx, self.num_codes).astype(jnp.int32)  # int32, as VectorQuantizer
     zero = jnp.zeros((), jnp.float32)
     aux = {
-        "indices": idx, "latent_loss": self.kl_weight * kl, "kl": kl, "commitment": zero,
-        "codebook_loss": zero, "counts": counts, **usage_metrics(counts),
+      "indices": idx,
+      "latent_loss": self.kl_weight * kl,
+      "kl": kl,
+      "commitment": zero,
+      "codebook_loss": zero,
+      "counts": counts,
+      **usage_metrics(counts),
     }
     return zq.astype(self.dtype), aux

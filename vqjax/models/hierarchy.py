@@ -69,27 +69,46 @@ class VQVAE2(nn.Module):
     n = self.levels
     bottom = n - 1
     self.encoders = [
-        Encoder(self.channels, self.res_channels, self.num_res_blocks,
-                self.first_stride if i == bottom else self.level_stride, **kw)
-        for i in range(n)
+      Encoder(
+        self.channels,
+        self.res_channels,
+        self.num_res_blocks,
+        self.first_stride if i == bottom else self.level_stride,
+        **kw,
+      )
+      for i in range(n)
     ]
     self.pre_quant = [nn.Conv(self.code_dim, (1, 1), **kw) for _ in range(n)]
     self.quantizers = [QUANTIZERS[kind](**qkw, **kw) for _ in range(n)]
     # cond_decoders[i] maps the codes of level i (i < bottom) to the resolution of level i + 1.
     self.cond_decoders = [
-        Decoder(self.code_dim, self.channels, self.res_channels, self.num_res_blocks,
-                self.level_stride, upconv_impl=self.upconv_impl, **kw)
-        for _ in range(n - 1)
+      Decoder(
+        self.code_dim,
+        self.channels,
+        self.res_channels,
+        self.num_res_blocks,
+        self.level_stride,
+        upconv_impl=self.upconv_impl,
+        **kw,
+      )
+      for _ in range(n - 1)
     ]
     # upsamplers[i] brings the codes of level i (i < bottom) to the bottom code resolution.
     self.upsamplers = [
-        Upsampler(self.code_dim, self.level_stride ** (bottom - i),
-                  upconv_impl=self.upconv_impl, **kw)
-        for i in range(n - 1)
+      Upsampler(
+        self.code_dim, self.level_stride ** (bottom - i), upconv_impl=self.upconv_impl, **kw
+      )
+      for i in range(n - 1)
     ]
-    self.decoder = Decoder(self.out_channels, self.channels, self.res_channels,
-                           self.num_res_blocks, self.first_stride,
-                           upconv_impl=self.upconv_impl, **kw)
+    self.decoder = Decoder(
+      self.out_channels,
+      self.channels,
+      self.res_channels,
+      self.num_res_blocks,
+      self.first_stride,
+      upconv_impl=self.upconv_impl,
+      **kw,
+    )
 
   @property
   def total_stride(self) -> int:
@@ -99,7 +118,7 @@ class VQVAE2(nn.Module):
     s = self.total_stride
     if x.ndim != 4 or x.shape[1] % s or x.shape[2] % s:
       raise ValueError(
-          f"expected NHWC images with H and W divisible by {s}, got shape {tuple(x.shape)}"
+        f"expected NHWC images with H and W divisible by {s}, got shape {tuple(x.shape)}"
       )
 
   def encode(self, x: jax.Array, train: bool = False):

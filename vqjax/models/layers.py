@@ -64,39 +64,39 @@ class UpConv(nn.Module):
     in_features = x.shape[-1]
     fan_in = in_features * 16
     kernel = self.param(
-        "kernel",
-        nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-        (4, 4, in_features, self.features),
-        self.param_dtype,
+      "kernel",
+      nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+      (4, 4, in_features, self.features),
+      self.param_dtype,
     )
     bound = 1.0 / math.sqrt(fan_in)
     bias = self.param(
-        "bias",
-        lambda rng, shape, dtype: jax.random.uniform(rng, shape, dtype, -bound, bound),
-        (self.features,),
-        self.param_dtype,
+      "bias",
+      lambda rng, shape, dtype: jax.random.uniform(rng, shape, dtype, -bound, bound),
+      (self.features,),
+      self.param_dtype,
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if self.impl == "subpixel":
       y = jax.lax.conv_general_dilated(
-          x,
-          _phase_kernel(kernel),
-          window_strides=(1, 1),
-          padding=((1, 1), (1, 1)),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x,
+        _phase_kernel(kernel),
+        window_strides=(1, 1),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
       )
       y = depth_to_space2(y, self.features)
     elif self.impl == "lax":
       # A transposed conv is the gradient of a conv: flip the kernel, dilate the input by 2
       # and pad by k - 1 - p = 2 on each side.
       y = jax.lax.conv_general_dilated(
-          x,
-          kernel[::-1, ::-1],
-          window_strides=(1, 1),
-          padding=((2, 2), (2, 2)),
-          lhs_dilation=(2, 2),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x,
+        kernel[::-1, ::-1],
+        window_strides=(1, 1),
+        padding=((2, 2), (2, 2)),
+        lhs_dilation=(2, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
       )
     else:
       raise ValueError(f"unknown UpConv impl {self.impl!r}; expected 'subpixel' or 'lax'")
@@ -113,11 +113,18 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = nn.relu(x)
-    h = nn.Conv(self.res_channels, (3, 3), padding=1, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv3")(h)
+    h = nn.Conv(
+      self.res_channels,
+      (3, 3),
+      padding=1,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="conv3",
+    )(h)
     h = nn.relu(h)
-    h = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
-                name="conv1")(h)
+    h = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, param_dtype=self.param_dtype, name="conv1")(
+      h
+    )
     return x + h
 
 
@@ -200,6 +207,11 @@ class Upsampler(nn.Module):
     for i in range(_log2_stride(self.factor)):
       if i > 0:
         x = nn.relu(x)
-      x = UpConv(self.features, impl=self.upconv_impl, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name=f"up{i}")(x)
+      x = UpConv(
+        self.features,
+        impl=self.upconv_impl,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"up{i}",
+      )(x)
     return x

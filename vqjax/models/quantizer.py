@@ -36,9 +36,7 @@ def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32)
   codebook = codebook.astype(jnp.float32)
   cross = jnp.einsum("nd,kd->nk", x, codebook, precision=HIGHEST)
-  return (
-      jnp.sum(x * x, axis=1, keepdims=True) - 2.0 * cross + jnp.sum(codebook * codebook, axis=1)
-  )
+  return jnp.sum(x * x, axis=1, keepdims=True) - 2.0 * cross + jnp.sum(codebook * codebook, axis=1)
 
 
 def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -53,7 +51,7 @@ def _weights_like(indices: jax.Array, weights: jax.Array | None) -> jax.Array:
   weights = jnp.asarray(weights, jnp.float32)
   if weights.ndim > indices.ndim:
     raise ValueError(
-        f"weights of shape {weights.shape} have more axes than indices {indices.shape}"
+      f"weights of shape {weights.shape} have more axes than indices {indices.shape}"
     )
   # Leading-axis alignment (not NumPy's trailing rule): a per-example mask [B] must weigh
   # every position of example b, whatever the code map's spatial shape.
@@ -62,10 +60,10 @@ def _weights_like(indices: jax.Array, weights: jax.Array | None) -> jax.Array:
 
 
 def code_histogram(
-    indices: jax.Array,
-    num_codes: int,
-    weights: jax.Array | None = None,
-    impl: str = "onehot",
+  indices: jax.Array,
+  num_codes: int,
+  weights: jax.Array | None = None,
+  impl: str = "onehot",
 ) -> jax.Array:
   """(Weighted) histogram of code indices, the one count of codes used across vqjax.
 
@@ -99,7 +97,7 @@ def code_histogram(
 
 
 def cluster_sums(
-    x: jax.Array, indices: jax.Array, num_codes: int, impl: str = "scatter"
+  x: jax.Array, indices: jax.Array, num_codes: int, impl: str = "scatter"
 ) -> tuple[jax.Array, jax.Array]:
   """Per-code counts and sums of the vectors assigned to each code.
 
@@ -138,9 +136,9 @@ def usage_metrics(counts: jax.Array) -> dict[str, jax.Array]:
   p = counts / total
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   return {
-      "perplexity": jnp.exp(entropy),
-      "usage": jnp.mean((counts > 0).astype(jnp.float32)),
-      "top_share": jnp.max(counts) / total,
+    "perplexity": jnp.exp(entropy),
+    "usage": jnp.mean((counts > 0).astype(jnp.float32)),
+    "top_share": jnp.max(counts) / total,
   }
 
 
@@ -246,24 +244,22 @@ class VectorQuantizer(nn.Module):
 
     from_data = self.codebook_init in ("kmeans++", "kmeans")
     self.initialized = self.variable(
-        "vq_state", "initialized", lambda: jnp.array(not from_data, jnp.bool_)
+      "vq_state", "initialized", lambda: jnp.array(not from_data, jnp.bool_)
     )
     self.unused_steps = self.variable("vq_state", "unused_steps", jnp.zeros, (k,), jnp.int32)
     if self.ema:
       self.codebook_var = self.variable(
-          "vq_state", "codebook", lambda: initial_codebook(self.make_rng("params"))
+        "vq_state", "codebook", lambda: initial_codebook(self.make_rng("params"))
       )
       # The reference starts EMA sums at the codebook with zero counts; with bias correction
       # both start at zero and `ema_weight` (1 - decay^t) undoes the bias.
       start = 0.0 if self.bias_correction else 1.0
       self.ema_count = self.variable("vq_state", "ema_count", jnp.zeros, (k,), jnp.float32)
-      self.ema_sum = self.variable(
-          "vq_state", "ema_sum", lambda: start * self.codebook_var.value
-      )
+      self.ema_sum = self.variable("vq_state", "ema_sum", lambda: start * self.codebook_var.value)
       self.ema_weight = self.variable("vq_state", "ema_weight", lambda: jnp.array(start))
     else:
       self.codebook_param = self.param(
-          "codebook", lambda rng: initial_codebook(rng).astype(self.param_dtype)
+        "codebook", lambda rng: initial_codebook(rng).astype(self.param_dtype)
       )
       # Data init and restarts set codewords through this offset, so the parameter (and its
       # optimizer state) is never overwritten: codebook = param + offset.
@@ -299,8 +295,12 @@ class VectorQuantizer(nn.Module):
     # codewords at the usual rate.
     count = max(flat_z.shape[0] / k, 1.0)
     if self.ema:
-      state = (self.ema_count.value, self.ema_sum.value, self.codebook_var.value,
-               self.ema_weight.value)
+      state = (
+        self.ema_count.value,
+        self.ema_sum.value,
+        self.codebook_var.value,
+        self.ema_weight.value,
+      )
     else:
       state = (self.offset.value,)
     param = None if self.ema else jax.lax.stop_gradient(self.codebook_param.astype(jnp.float32))
@@ -321,8 +321,9 @@ class VectorQuantizer(nn.Module):
     # A cond, not a select: after the first step neither the subsample nor k-means runs.
     state = jax.lax.cond(self.initialized.value, lambda s: s, seed, state)
     if self.ema:
-      (self.ema_count.value, self.ema_sum.value, self.codebook_var.value,
-       self.ema_weight.value) = state
+      (self.ema_count.value, self.ema_sum.value, self.codebook_var.value, self.ema_weight.value) = (
+        state
+      )
     else:
       (self.offset.value,) = state
     self.initialized.value = jnp.array(True)
@@ -335,7 +336,7 @@ class VectorQuantizer(nn.Module):
       self.ema_weight.value = d * self.ema_weight.value + (1 - d)
     # Without bias correction ema_weight stays 1: the sums are used as they are.
     self.codebook_var.value = ema_codebook(
-        self.ema_sum.value, self.ema_count.value, self.ema_weight.value, self.eps
+      self.ema_sum.value, self.ema_count.value, self.ema_weight.value, self.eps
     )
 
   def _restart_dead_codes(self, flat_z, counts, rng):
@@ -371,9 +372,7 @@ class VectorQuantizer(nn.Module):
     idx = nearest_code(flat_sg, codebook)
     e = jnp.take(codebook, idx, axis=0)
     commitment = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(e)))
-    codebook_loss = (
-        jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))
-    )
+    codebook_loss = jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))
     latent_loss = codebook_loss + self.beta * commitment
     if train and self.ema:
       # One pass over the assignments gives the EMA statistics and the histogram.
@@ -387,12 +386,12 @@ class VectorQuantizer(nn.Module):
 
     zq = flat + jax.lax.stop_gradient(e - flat)
     aux = {
-        "indices": idx.reshape(z.shape[:-1]),
-        "latent_loss": latent_loss,
-        "commitment": commitment,
-        "codebook_loss": codebook_loss,
-        "counts": counts,
-        **usage_metrics(counts),
+      "indices": idx.reshape(z.shape[:-1]),
+      "latent_loss": latent_loss,
+      "commitment": commitment,
+      "codebook_loss": codebook_loss,
+      "counts": counts,
+      **usage_metrics(counts),
     }
     return zq.reshape(z.shape).astype(self.dtype), aux
 

@@ -15,15 +15,15 @@ from vqjax.models.hierarchy import VQVAE2
 
 
 def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
-    out_channels: int = 3,
-    channels: int = 256,
-    res_channels: int = 256,
-    num_res_blocks: int = 2,
-    downsample: int = 2,
-    quantizer: dict | None = None,
-    upconv_impl: str = "subpixel",
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
+  out_channels: int = 3,
+  channels: int = 256,
+  res_channels: int = 256,
+  num_res_blocks: int = 2,
+  downsample: int = 2,
+  quantizer: dict | None = None,
+  upconv_impl: str = "subpixel",
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
 ) -> VQVAE2:
   """Builds a single-level VQ-VAE.
 
@@ -42,14 +42,14 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     A VQVAE2 module with one level.
   """
   return VQVAE2(
-      out_channels=out_channels,
-      channels=channels,
-      res_channels=res_channels,
-      num_res_blocks=num_res_blocks,
-      levels=1,
-      first_stride=2**downsample,
-      quantizer=quantizer,
-      upconv_impl=upconv_impl,
-      dtype=dtype,
-      param_dtype=param_dtype,
+    out_channels=out_channels,
+    channels=channels,
+    res_channels=res_channels,
+    num_res_blocks=num_res_blocks,
+    levels=1,
+    first_stride=2**downsample,
+    quantizer=quantizer,
+    upconv_impl=upconv_impl,
+    dtype=dtype,
+    param_dtype=param_dtype,
   )

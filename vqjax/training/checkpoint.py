@@ -28,8 +28,9 @@ CHECKPOINT_SUBDIR = "checkpoints"
 MODEL_FIELDS = ("task", "model", "vq")
 
 
-def config_meta(config: ml_collections.ConfigDict,
-                sections: tuple[str, ...] = MODEL_FIELDS) -> dict:
+def config_meta(
+  config: ml_collections.ConfigDict, sections: tuple[str, ...] = MODEL_FIELDS
+) -> dict:
   """JSON-serialisable record of the config, with a hash of the state-shaping sections.
 
   Args:
@@ -57,7 +58,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict, new: dict, groups: tuple[str, ...] | None = None) -> list[str]:
-  """"group.field: old -> new" for every field that differs between two `config_meta`s.
+  """ "group.field: old -> new" for every field that differs between two `config_meta`s.
 
   Args:
     old: the saved record.
@@ -134,8 +135,13 @@ def resolve_directory(path: str) -> str:
 
 
 # Files every complete step directory holds (Orbax writes them; a step missing one is damaged).
-_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
-                   "data/metadata", "meta/metadata")
+_REQUIRED_FILES = (
+  "_CHECKPOINT_METADATA",
+  "state/_METADATA",
+  "state/manifest.ocdbt",
+  "data/metadata",
+  "meta/metadata",
+)
 
 
 def _short(e: BaseException, limit: int = 240) -> str:
@@ -170,28 +176,28 @@ class Checkpointer:
   HEALTH_FILE = "health.json"
 
   def __init__(
-      self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
+    self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
   ):
     self.directory = os.path.abspath(directory)
     self.keep = int(keep)
     self._read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        # Deletion is ours (`_clean_up`): Orbax's keep-N would rotate out the last good step.
-        max_to_keep=None,
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=async_save,
-        # A save killed half-way leaves a tmp directory; remove it rather than trip over it.
-        cleanup_tmp_directories=not read_only,
+      # Deletion is ours (`_clean_up`): Orbax's keep-N would rotate out the last good step.
+      max_to_keep=None,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+      # A save killed half-way leaves a tmp directory; remove it rather than trip over it.
+      cleanup_tmp_directories=not read_only,
     )
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=options,
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data": ocp.JsonCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(),
-        },
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
     )
     self._health = self._read_health()
 
@@ -202,8 +208,10 @@ class Checkpointer:
     try:
       with open(path) as f:
         data = json.load(f)
-      return {"good": [int(s) for s in data.get("good", [])],
-              "bad": [int(s) for s in data.get("bad", [])]}
+      return {
+        "good": [int(s) for s in data.get("good", [])],
+        "bad": [int(s) for s in data.get("bad", [])],
+      }
     except FileNotFoundError:
       return {"good": [], "bad": []}
     except (OSError, ValueError, TypeError, AttributeError):
@@ -268,7 +276,7 @@ class Checkpointer:
     on_disk = self.all_steps()
     steps = sorted(set(on_disk) | ({saving} if saving is not None else set()))
     usable = [s for s in steps if s not in self._health["bad"]]
-    keep = set(usable[-self.keep:])
+    keep = set(usable[-self.keep :])
     good = self.last_good_step()
     if good is not None:
       keep.add(good)
@@ -302,13 +310,13 @@ class Checkpointer:
       self._manager.delete(int(step))
     self._forget([int(step)])
     self._manager.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data),
+        meta=ocp.args.JsonSave(meta),
+      ),
+      force=True,
     )
     self._clean_up(saving=int(step))
 
@@ -337,13 +345,15 @@ class Checkpointer:
       saved = self._manager.item_metadata(step)["state"]
     except Exception as e:  # noqa: BLE001 - any failure to read the tree's metadata is damage
       raise CheckpointDamagedError(
-          f"checkpoint step {step} is damaged: {self.directory}/{step}/state/_METADATA "
-          f"cannot be read ({_short(e)})") from None
+        f"checkpoint step {step} is damaged: {self.directory}/{step}/state/_METADATA "
+        f"cannot be read ({_short(e)})"
+      ) from None
     saved_tree = getattr(saved, "tree", saved)
     if not saved_tree:
       raise CheckpointDamagedError(
-          f"checkpoint step {step} is damaged: {self.directory}/{step}/state/_METADATA "
-          "describes no arrays")
+        f"checkpoint step {step} is damaged: {self.directory}/{step}/state/_METADATA "
+        "describes no arrays"
+      )
     problem = describe_mismatch(saved_tree, abstract_state)
     if problem is None:
       return
@@ -353,11 +363,11 @@ class Checkpointer:
       if old.get("model_fingerprint") != meta["model_fingerprint"]:
         hint = f"; it was written by a different model config ({_config_diff(old, meta)})"
     raise CheckpointMismatchError(
-        f"checkpoint {self.directory}/{step} does not fit this model: {problem}{hint}"
+      f"checkpoint {self.directory}/{step} does not fit this model: {problem}{hint}"
     )
 
   def restore(
-      self, abstract_state: Any, step: int | None = None, meta: dict | None = None
+    self, abstract_state: Any, step: int | None = None, meta: dict | None = None
   ) -> tuple[Any, Any]:
     """Restores one step onto the shardings of `abstract_state` (ShapeDtypeStructs with
     `sharding`).
@@ -380,11 +390,11 @@ class Checkpointer:
     self.check_compatible(step, abstract_state, meta)
     try:
       out = self._manager.restore(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=ocp.args.JsonRestore(),
-          ),
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(),
+        ),
       )
       data = out["data"]
       if not isinstance(data, dict) or "states" not in data:
@@ -394,20 +404,21 @@ class Checkpointer:
       jax.block_until_ready(state)
     except Exception as e:  # noqa: BLE001 - anything unreadable in a step is damage
       raise CheckpointDamagedError(
-          f"checkpoint step {step} in {self.directory} is damaged: {_short(e)}") from None
+        f"checkpoint step {step} in {self.directory} is damaged: {_short(e)}"
+      ) from None
     data_state = None
     if data.get("process_count") == jax.process_count():
       data_state = data["states"][jax.process_index()]
     else:
       logging.warning(
-          "checkpoint was written by %s processes, this run has %d: data iterators restart",
-          data.get("process_count"),
-          jax.process_count(),
+        "checkpoint was written by %s processes, this run has %d: data iterators restart",
+        data.get("process_count"),
+        jax.process_count(),
       )
     return state, data_state
 
   def restore_newest_intact(
-      self, abstract_state: Any, meta: dict | None = None
+    self, abstract_state: Any, meta: dict | None = None
   ) -> tuple[Any, Any, int]:
     """Restores the newest usable step, skipping (with a warning) damaged ones.
 
@@ -419,8 +430,7 @@ class Checkpointer:
       CheckpointDamagedError: every step is damaged.
     """
     problems = []
-    for step in sorted((s for s in self.all_steps() if s not in self._health["bad"]),
-                       reverse=True):
+    for step in sorted((s for s in self.all_steps() if s not in self._health["bad"]), reverse=True):
       try:
         state, data_state = self.restore(abstract_state, step, meta)
       except CheckpointDamagedError as e:
@@ -428,11 +438,13 @@ class Checkpointer:
         problems.append(str(e))
         continue
       if problems:
-        logging.warning("resumed from step %d after skipping %d damaged checkpoint(s)", step,
-                        len(problems))
+        logging.warning(
+          "resumed from step %d after skipping %d damaged checkpoint(s)", step, len(problems)
+        )
       return state, data_state, step
     raise CheckpointDamagedError(
-        f"no intact checkpoint in {self.directory}: {'; '.join(problems) or 'none saved'}")
+      f"no intact checkpoint in {self.directory}: {'; '.join(problems) or 'none saved'}"
+    )
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
@@ -449,7 +461,7 @@ WEIGHT_FIELDS = ("params", "model_state")
 def _is_converted(path: str) -> bool:
   """A directory written by `python -m vqjax.convert` (config.json + variables/)."""
   return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-      os.path.join(path, "variables")
+    os.path.join(path, "variables")
   )
 
 
@@ -504,9 +516,9 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
     if step is None:
       raise FileNotFoundError(f"no intact checkpoint in {directory}")
   manager = ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
   )
   try:
     item = {k: getattr(abstract_state, k) for k in WEIGHT_FIELDS}
@@ -514,16 +526,13 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
     saved = getattr(saved, "tree", saved)
     problem = describe_mismatch({k: saved.get(k) for k in WEIGHT_FIELDS}, item)
     if problem is not None:
-      raise CheckpointMismatchError(
-          f"{directory}/{step} does not fit this model: {problem}"
-      )
+      raise CheckpointMismatchError(f"{directory}/{step} does not fit this model: {problem}")
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     out = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                         partial_restore=True)
-        ),
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+      ),
     )
     return out["state"]
   finally:
@@ -539,5 +548,5 @@ def _config_diff(old: dict, new: dict) -> str:
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings, the form `restore` expects."""
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
   )

@@ -103,8 +103,9 @@ class MetricWriter:
     if os.path.exists(path):
       kept, dropped = _records_up_to(path, step)
       if dropped:
-        logging.warning("%s: dropped %d unreadable line(s) (a write cut short by a kill)", path,
-                        dropped)
+        logging.warning(
+          "%s: dropped %d unreadable line(s) (a write cut short by a kill)", path, dropped
+        )
       with open(path + ".tmp", "w") as f:
         f.writelines(kept)
       os.replace(path + ".tmp", path)
@@ -117,8 +118,11 @@ class MetricWriter:
       else:
         # A suffix of the pid and the step: a resume within the same second (the default
         # name has one-second resolution) must not reopen, and truncate, the earlier file.
-        self._tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=step + 1,
-                                 filename_suffix=f".{os.getpid()}.{step}")
+        self._tb = SummaryWriter(
+          os.path.join(self.workdir, "tb"),
+          purge_step=step + 1,
+          filename_suffix=f".{os.getpid()}.{step}",
+        )
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
     """Appends one JSON line `{"step", "split", **metrics}` and the TensorBoard scalars."""
@@ -186,8 +190,9 @@ class Progress:
           shown.append(f"{name}={metrics[name]:.4g}")
     width = len(str(self.total))
     text = (
-        f"step {step:>{width}}/{self.total} " + " ".join(shown)
-        + f" | {rate:.1f} {self.unit}/s, ETA {_fmt_duration(eta)}"
+      f"step {step:>{width}}/{self.total} "
+      + " ".join(shown)
+      + f" | {rate:.1f} {self.unit}/s, ETA {_fmt_duration(eta)}"
     )
     return text, timing
 

@@ -27,7 +27,8 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
     after = optax.cosine_decay_schedule(optim.lr, decay_steps=max(total_steps - warmup, 1))
   else:
     raise errors.UserError(
-        f"unknown optim.schedule {optim.schedule!r}; expected 'constant' or 'cosine'")
+      f"unknown optim.schedule {optim.schedule!r}; expected 'constant' or 'cosine'"
+    )
   if warmup == 0:
     return after
   ramp = optax.linear_schedule(0.0, optim.lr, transition_steps=warmup)
@@ -35,7 +36,7 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
 
 
 def make_optimizer(
-    optim: ml_collections.ConfigDict, total_steps: int
+  optim: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimiser from `config.optim`.
 

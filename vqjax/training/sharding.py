@@ -47,14 +47,14 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
     fsdp = num_devices // data
   if data * fsdp != num_devices or data < 1 or fsdp < 1:
     raise errors.UserError(
-        f"config.mesh data={data} x fsdp={fsdp} does not match the {num_devices} devices "
-        "(set one axis to -1 to use all devices)"
+      f"config.mesh data={data} x fsdp={fsdp} does not match the {num_devices} devices "
+      "(set one axis to -1 to use all devices)"
     )
   return data, fsdp
 
 
 def make_mesh(
-    mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+  mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
   """Builds the ("data", "fsdp") mesh over `devices` (default: all devices of all processes).
 
@@ -108,7 +108,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int) -> Any:
   """
   fsdp_size = mesh.shape["fsdp"]
   return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, min_size)), abstract_state
+    lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, min_size)), abstract_state
   )
 
 
@@ -123,7 +123,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def create_sharded_state(
-    init_fn: Callable[..., Any], mesh: Mesh, min_size: int, *args: Any
+  init_fn: Callable[..., Any], mesh: Mesh, min_size: int, *args: Any
 ) -> tuple[Any, Any]:
   """Creates a state directly in its final sharding (never materialised on one device).
 
@@ -164,8 +164,8 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   n = mesh.devices.size
   if global_batch_size % n:
     raise errors.UserError(
-        f"config.data.batch_size={global_batch_size} is not divisible by the {n} devices of "
-        f"the mesh {dict(mesh.shape)}"
+      f"config.data.batch_size={global_batch_size} is not divisible by the {n} devices of "
+      f"the mesh {dict(mesh.shape)}"
     )
 
 
@@ -177,8 +177,6 @@ def to_host(tree: Any) -> Any:
 def all_finite(tree: Any) -> jax.Array:
   """True when every floating leaf of `tree` is finite (reduced on device)."""
   leaves = [
-      jnp.all(jnp.isfinite(x))
-      for x in jax.tree.leaves(tree)
-      if jnp.issubdtype(x.dtype, jnp.inexact)
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
   ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
