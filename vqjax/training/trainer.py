@@ -12,11 +12,13 @@ metrics to the host only on logging, eval and checkpoint steps, and keeps at mos
 flight, so a stop request is served within a step. SIGTERM / SIGINT finish the current step,
 save and return.
 
-Divergence: every step folds its loss into a device-side "worst loss since the last check".
-A check (every log and checkpoint step) that finds it non-finite stops the run with
-`errors.DivergenceError`; one that finds it exploded (far above the recent losses) only warns.
-Either way the checkpoints saved since the previous good check are recorded as bad, so a
-resume starts from the last good one, which the keep-N clean-up never deletes.
+Divergence: every step folds its loss into a device-side watch: the worst loss since the last
+check and the first step whose loss was non-finite. A check (every log and checkpoint step) that
+finds a non-finite loss stops the run with `errors.DivergenceError`, recording as bad the
+checkpoints whose parameters gave it (those from the step before it on); one that finds the
+loss exploded (far above the recent losses) only warns and records the checkpoints since the
+previous check as bad. A resume starts from the newest checkpoint not recorded bad, and the
+keep-N clean-up never deletes the last good one.
 """
 
 import os
@@ -55,6 +57,8 @@ _STOP_SYNC_EVERY = 10
 # A check window whose worst loss exceeds this many times the median of the recent windows'
 # worst losses is "exploded": the checkpoints before it are not trusted as good.
 _EXPLODED_RATIO = 100.0
+# "No non-finite loss yet" in the device-side watch of the losses.
+_NEVER = np.iinfo(np.int32).max
 
 
 class _StopRequest:
@@ -140,16 +144,25 @@ class _Health:
     self.pending = list(pending)  # saved steps no window has judged yet
     self.history: list[float] = []  # worst loss of recent sane windows
 
-  def check(self, worst: float, step: int) -> None:
-    """Judges the window of steps ending at `step` whose worst loss was `worst`.
+  def check(self, worst: float, first_bad: int, step: int) -> None:
+    """Judges the window of steps ending at `step`.
+
+    Args:
+      worst: the window's largest loss (inf if one was non-finite, -inf if no step ran).
+      first_bad: the first step whose loss was non-finite (`_NEVER` if none).
+      step: the current step.
 
     Raises:
       errors.DivergenceError: the window's loss was non-finite.
     """
     if worst == -np.inf:  # no step since the last check: nothing to judge
       return
-    if not np.isfinite(worst):
-      self.ckpt.mark_bad(self.pending)
+    if first_bad != _NEVER:
+      # Step t's loss is computed with the parameters checkpoint t - 1 holds: that checkpoint
+      # and later ones are bad; earlier ones gave finite losses.
+      bad = [s for s in self.pending if s >= first_bad - 1]
+      self.ckpt.mark_bad(bad)
+      self.ckpt.mark_good([s for s in self.pending if s < first_bad - 1])
       self.pending = []
       self.ckpt.wait()
       good = self.ckpt.latest_step()
@@ -158,7 +171,7 @@ class _Health:
       else:
         where = f"A resume continues from the last good checkpoint, {self.ckpt.directory}/{good}."
       raise errors.DivergenceError(
-        f"the loss became non-finite by step {step}; stopped. {where} Lower "
+        f"the loss became non-finite at step {first_bad}; stopped. {where} Lower "
         "config.optim.lr, set config.optim.grad_clip or check the input data."
       )
     recent = self.history[-8:]
@@ -183,10 +196,11 @@ def jit_train_step(
 ):
   """The train step `train_and_evaluate` runs, jitted: benchmarks time exactly this.
 
-  `step(state, batch, rng, frozen, worst) -> (state, metrics, worst)` hands the task the key
+  `step(state, batch, rng, frozen, watch) -> (state, metrics, watch)` hands the task the key
   `fold_in(rng, state.step)` (one key per step, a function of the step only: a resumed run
   draws the same randomness and no task can forget to fold it) and folds the step's loss into
-  `worst` (the largest loss since the last check, inf when non-finite). The state is donated.
+  `watch` (`new_watch()`: the largest loss since the last check, inf when non-finite, and the
+  first step whose loss was non-finite). The state is donated.
 
   Args:
     task: the task.
@@ -195,11 +209,14 @@ def jit_train_step(
     frozen_shardings: shardings of the task's frozen inputs (None when it has none).
   """
 
-  def step(state, batch, rng, frozen, worst):
+  def step(state, batch, rng, frozen, watch):
     new_state, metrics = task.train_step(state, batch, jax.random.fold_in(rng, state.step), frozen)
     loss = jnp.asarray(metrics["loss"], jnp.float32)
-    worst = jnp.maximum(worst, jnp.where(jnp.isfinite(loss), loss, jnp.inf))
-    return new_state, metrics, worst
+    finite = jnp.isfinite(loss)
+    worst = jnp.maximum(watch["worst"], jnp.where(finite, loss, jnp.inf))
+    first = watch["first_bad"]
+    first_bad = jnp.where(finite | (first != _NEVER), first, new_state.step)
+    return new_state, metrics, {"worst": worst, "first_bad": first_bad}
 
   repl = sharding.replicated(mesh)
   return jax.jit(
@@ -208,6 +225,15 @@ def jit_train_step(
     out_shardings=(state_shardings, repl, repl),
     donate_argnums=0,
   )
+
+
+def new_watch(mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """The train step's loss watch with nothing seen yet (see `jit_train_step`)."""
+  repl = sharding.replicated(mesh)
+  return {
+    "worst": jax.device_put(jnp.float32(-jnp.inf), repl),
+    "first_bad": jax.device_put(jnp.int32(_NEVER), repl),
+  }
 
 
 def _finished(workdir: str, step: int, total: int) -> dict[str, float]:
@@ -359,8 +385,7 @@ class _Run:
     self.finite_fn = jax.jit(
       lambda s: sharding.all_finite((s.params, s.model_state)), out_shardings=repl
     )
-    self.no_loss = jax.device_put(jnp.float32(-jnp.inf), repl)
-    self.worst = self.no_loss
+    self.watch = new_watch(mesh)
     unjudged = [] if not self.resumed or self.step in ckpt.bad_steps() else [self.step]
     self.health = _Health(ckpt, unjudged)
     if self.pi == 0:
@@ -378,8 +403,10 @@ class _Run:
 
   def check(self) -> None:
     """Judges the losses since the last check (see `_Health`)."""
-    value, self.worst = float(jax.device_get(self.worst)), self.no_loss
-    self.health.check(value, self.step)
+    watch = jax.device_get(self.watch)
+    if float(watch["worst"]) != -np.inf:  # a step ran since the last check
+      self.watch = new_watch(self.mesh)
+    self.health.check(float(watch["worst"]), int(watch["first_bad"]), self.step)
 
   def evaluate(self) -> dict[str, float]:
     """One pass over the eval split; writes and returns the task's summary."""
@@ -416,7 +443,7 @@ class _Run:
     """Checks the losses so far, then saves (never a non-finite state)."""
     self.check()
     if not bool(self.finite_fn(self.state)):
-      self.health.check(float("nan"), self.step)
+      self.health.check(np.inf, self.step + 1, self.step)
     self.ckpt.save(self.step, self.state, self.train_iter.get_state(), self.meta)
     self.health.pending.append(self.step)
 
@@ -436,8 +463,8 @@ class _Run:
     stopping = False
     while self.step < self.total and not stopping:
       batch = sharding.global_batch(next(self.train_iter), self.mesh)
-      self.state, metrics, self.worst = self.train_step(
-        self.state, batch, self.train_rng, self.frozen, self.worst
+      self.state, metrics, self.watch = self.train_step(
+        self.state, batch, self.train_rng, self.frozen, self.watch
       )
       self.step += 1
       step = self.step
@@ -445,7 +472,7 @@ class _Run:
       # so a stop request or a log line is served within a step, not dozens.
       if previous is not None:
         jax.block_until_ready(previous)
-      previous = self.worst
+      previous = self.watch
       if step == start_step + 1:
         jax.block_until_ready(self.state)
         result["first_step_s"] = time.perf_counter() - t_start
