@@ -43,10 +43,10 @@ _DEFAULT_RES_CHANNELS = 32  # only used when there are no residual blocks to rea
 
 # Keys whose shapes determine the hyperparameters; without them this is not a VQVAE.
 _SHAPE_KEYS = (
-    "enc_b.blocks.0.weight",
-    "enc_b.blocks.2.weight",
-    "quantize_conv_t.weight",
-    "quantize_t.embed",
+  "enc_b.blocks.0.weight",
+  "enc_b.blocks.2.weight",
+  "quantize_conv_t.weight",
+  "quantize_t.embed",
 )
 
 
@@ -83,12 +83,16 @@ _Entry = tuple[str, tuple[int, ...], tuple[str, ...], Callable[[np.ndarray], np.
 
 
 def _layer(
-    key: str, path: tuple[str, ...], shape: tuple[int, ...], transposed: bool = False
+  key: str, path: tuple[str, ...], shape: tuple[int, ...], transposed: bool = False
 ) -> Iterator[_Entry]:
   """The weight and bias entries of one Conv2d ([O, I, kh, kw]) or ConvTranspose2d layer."""
   out = shape[1] if transposed else shape[0]
-  yield (f"{key}.weight", shape, ("params", *path, "kernel"),
-         _upconv_kernel if transposed else _conv_kernel)
+  yield (
+    f"{key}.weight",
+    shape,
+    ("params", *path, "kernel"),
+    _upconv_kernel if transposed else _conv_kernel,
+  )
   yield f"{key}.bias", (out,), ("params", *path, "bias"), _same
 
 
@@ -168,34 +172,34 @@ def infer_shape(state_dict: Mapping[str, Any]) -> VQVAE2Shape:
   missing = [k for k in _SHAPE_KEYS if k not in state_dict]
   if missing:
     # The same repository's PixelSNAIL priors are the likeliest wrong file.
-    hint = (" (it looks like a PixelSNAIL prior)"
-            if any(".causal_attention." in k or k.startswith("horizontal.") for k in state_dict)
-            else "")
+    hint = (
+      " (it looks like a PixelSNAIL prior)"
+      if any(".causal_attention." in k or k.startswith("horizontal.") for k in state_dict)
+      else ""
+    )
     raise ValueError(
-        f"not a rosinality VQVAE state_dict{hint}: missing {_preview(missing)}; "
-        f"it has {len(state_dict)} keys such as {_preview(state_dict, 4) or 'none'}"
+      f"not a rosinality VQVAE state_dict{hint}: missing {_preview(missing)}; "
+      f"it has {len(state_dict)} keys such as {_preview(state_dict, 4) or 'none'}"
     )
   n_res_block = 0
   while f"enc_b.blocks.{5 + n_res_block}.conv.1.weight" in state_dict:
     n_res_block += 1
   res_key = "enc_b.blocks.5.conv.1.weight"
-  n_res_channel = (
-      _shape(state_dict[res_key])[0] if res_key in state_dict else _DEFAULT_RES_CHANNELS
-  )
+  n_res_channel = _shape(state_dict[res_key])[0] if res_key in state_dict else _DEFAULT_RES_CHANNELS
   first = _shape(state_dict["enc_b.blocks.0.weight"])
   embed = _shape(state_dict["quantize_t.embed"])
   if len(first) != 4 or len(embed) != 2:
     raise ValueError(
-        f"not a rosinality VQVAE state_dict: enc_b.blocks.0.weight has shape {first} and "
-        f"quantize_t.embed {embed}; expected 4 and 2 dimensions"
+      f"not a rosinality VQVAE state_dict: enc_b.blocks.0.weight has shape {first} and "
+      f"quantize_t.embed {embed}; expected 4 and 2 dimensions"
     )
   return VQVAE2Shape(
-      in_channel=first[1],
-      channel=_shape(state_dict["enc_b.blocks.2.weight"])[0],
-      n_res_block=n_res_block,
-      n_res_channel=n_res_channel,
-      embed_dim=_shape(state_dict["quantize_conv_t.weight"])[0],
-      n_embed=embed[1],
+    in_channel=first[1],
+    channel=_shape(state_dict["enc_b.blocks.2.weight"])[0],
+    n_res_block=n_res_block,
+    n_res_channel=n_res_channel,
+    embed_dim=_shape(state_dict["quantize_conv_t.weight"])[0],
+    n_embed=embed[1],
   )
 
 
@@ -221,23 +225,26 @@ def _load_error(path: str, e: Exception) -> errors.UserError:
     if "is blocked" in message:  # torch refuses these modules whatever the allow-list
       other = f" (torch blocks the module of {what} even on an allow-list)"
     else:
-      other = (f", or, only if you trust {what}, load the file under "
-               f"torch.serialization.safe_globals([{what}]) and pass the state_dict to "
-               "vqjax.convert.load_vqvae2")
+      other = (
+        f", or, only if you trust {what}, load the file under "
+        f"torch.serialization.safe_globals([{what}]) and pass the state_dict to "
+        "vqjax.convert.load_vqvae2"
+      )
     return errors.UserError(
-        f"{path} holds a pickled {what}, not just tensors; torch.load(weights_only=True) "
-        f"refused it, as unpickling it could run code: re-save the state_dict alone "
-        f"(torch.save(model.state_dict(), path)) where the file is trusted{other}"
+      f"{path} holds a pickled {what}, not just tensors; torch.load(weights_only=True) "
+      f"refused it, as unpickling it could run code: re-save the state_dict alone "
+      f"(torch.save(model.state_dict(), path)) where the file is trusted{other}"
     )
   # Not a refused object (a damaged file, an unsupported pickle opcode, ...): torch's most
   # specific line; its other lines are generic advice about weights_only=False.
   lines = [line.strip() for line in message.splitlines() if line.strip()]
-  reason = next((line for line in lines
-                 if line.startswith(("Unsupported", "Invalid", "PytorchStreamReader"))),
-                lines[0] if lines else type(e).__name__)
+  reason = next(
+    (line for line in lines if line.startswith(("Unsupported", "Invalid", "PytorchStreamReader"))),
+    lines[0] if lines else type(e).__name__,
+  )
   return errors.UserError(
-      f"cannot read {path} with torch.load(weights_only=True): {reason} (expected a file "
-      "written by torch.save(model.state_dict(), path))"
+    f"cannot read {path} with torch.load(weights_only=True): {reason} (expected a file "
+    "written by torch.save(model.state_dict(), path))"
   )
 
 
@@ -259,7 +266,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
       import torch
     except ImportError as e:
       raise ImportError(
-          "reading PyTorch checkpoints needs torch: pip install 'vqjax[torch]'"
+        "reading PyTorch checkpoints needs torch: pip install 'vqjax[torch]'"
       ) from e
     path = os.fspath(path_or_state_dict)
     if not os.path.isfile(path):
@@ -275,7 +282,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
       sd = sd[wrapper]
   keys = list(sd)
   if keys and all(isinstance(k, str) and k.startswith("module.") for k in keys):
-    sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = {k[len("module.") :]: v for k, v in sd.items()}
   return dict(sd)
 
 
@@ -295,9 +302,9 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> tuple[VQVAE2Shape, dict
   missing = sorted(set(expected) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(expected))
   wrong = sorted(
-      f"{k} {_shape(state_dict[k])} (expected {expected[k]})"
-      for k in set(expected) & set(state_dict)
-      if _shape(state_dict[k]) != expected[k]
+    f"{k} {_shape(state_dict[k])} (expected {expected[k]})"
+    for k in set(expected) & set(state_dict)
+    if _shape(state_dict[k]) != expected[k]
   )
   if missing or unexpected or wrong:
     problems = []
@@ -308,7 +315,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> tuple[VQVAE2Shape, dict
     if wrong:
       problems.append(f"wrong shapes: {_preview(wrong, 4)}")
     raise ValueError(
-        f"state_dict does not match a rosinality VQVAE with {s}: " + "; ".join(problems)
+      f"state_dict does not match a rosinality VQVAE with {s}: " + "; ".join(problems)
     )
 
   variables: dict = {}
@@ -361,15 +368,18 @@ def abstract_variables(model, channels: int) -> Any:
 
 def check_against_model(variables: Any, abstract: Any) -> None:
   """Raises RuntimeError if the converted tree does not have the model's structure/shapes."""
-  flat = {jax.tree_util.keystr(p): _shape(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
-  want = {jax.tree_util.keystr(p): _shape(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  flat = {
+    jax.tree_util.keystr(p): _shape(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]
+  }
+  want = {
+    jax.tree_util.keystr(p): _shape(x) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+  }
   if flat != want:
     diff = sorted(set(flat.items()) ^ set(want.items()))
     raise RuntimeError(
-        "the rosinality layout no longer matches vqjax.models.hierarchy.VQVAE2; "
-        f"first differences: {diff[:4]}"
+      "the rosinality layout no longer matches vqjax.models.hierarchy.VQVAE2; "
+      f"first differences: {diff[:4]}"
     )
 
 
@@ -404,3 +414,10 @@ def load_vqvae2(path_or_state_dict: str | os.PathLike | Mapping[str, Any]):
   """
   _, model, variables = convert_vqvae2(path_or_state_dict)
   return model, variables
+
+
+def load_pixelsnail(path_or_state_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any):
+  """The same repository's PixelSNAIL priors: see `vqjax.convert.pixelsnail.load_pixelsnail`."""
+  from vqjax.convert.pixelsnail import load_pixelsnail as load  # it imports this module
+
+  return load(path_or_state_dict, **overrides)
