@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+import vqjax  # noqa: E402
 from vqjax import errors  # noqa: E402
 from vqjax.convert import __main__ as cli  # noqa: E402
 from vqjax.convert.pixelsnail import load_pixelsnail  # noqa: E402
@@ -239,8 +240,20 @@ def test_training_checkpoint_with_args_loads_and_converts(tmp_path):
   assert cli.main(["rosinality-pixelsnail", str(path), str(out)]) == 0
   config = json.loads((out / "config.json").read_text())
   assert config["task"] == "prior" and config["model"]["name"] == "pixelsnail"
-  assert config["model"]["shape"] == [H, W] and config["model"]["num_codes"] == K
+  assert config["prior"]["code_shapes"] == [[H, W]] and config["vq"]["num_codes"] == K
   assert (out / "variables").is_dir()
+  # One path to a trained model on disk: load_run reads the converted prior and computes the
+  # same logits as the direct import.
+  loaded_config, loaded, variables = vqjax.load_run(str(out))
+  assert loaded_config.task == "prior" and loaded.shape == (H, W)
+  codes = jnp.asarray(_codes(5, (2, H, W)).numpy(), jnp.int32)
+  direct_model, direct = load_pixelsnail(path)
+  np.testing.assert_allclose(
+    np.asarray(loaded.apply(variables, codes)),
+    np.asarray(direct_model.apply(direct, codes)),
+    rtol=1e-6,
+    atol=1e-6,
+  )
 
 
 def test_not_a_pixelsnail_is_a_one_line_error(tmp_path):

@@ -72,7 +72,8 @@ def load_run(
       raise errors.UserError(f"{workdir} is a converted model: it has no steps")
     from vqjax import convert
 
-    return convert.load_converted(path)
+    config = convert.read_config(os.path.join(path, "config.json"))
+    return (config,) + _restore(config, path, None, device)
   directory = checkpoint.resolve_directory(path)
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
@@ -100,6 +101,11 @@ def load_run(
         f"checkpoint {directory}/{step} has no readable config record, nor has {config_json}"
       ) from None
   config = _config_from_record(record)
+  return (config,) + _restore(config, directory, step, device)
+
+
+def _restore(config: ml_collections.ConfigDict, path: str, step: int | None, device) -> tuple:
+  """(model, variables) of `config`'s task, read from a checkpoint or converted directory."""
   task = tasks.make_task(config)
   batch = jax.tree.map(jax.numpy.asarray, task.dummy_batch())
   abstract = jax.eval_shape(lambda k: task.init(k, batch), jax.random.key(0, impl="rbg"))
@@ -107,6 +113,5 @@ def load_run(
   target = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement), abstract
   )
-  weights = checkpoint.restore_weights(directory, target, step=step)
-  variables = {"params": weights["params"], **weights["model_state"]}
-  return config, task.model, variables
+  weights = checkpoint.restore_weights(path, target, step=step)
+  return task.model, {"params": weights["params"], **weights["model_state"]}

@@ -32,9 +32,10 @@ def _rosinality_pixelsnail(args: argparse.Namespace) -> str:
   # A prior has no quantizer state; the directory layout stays that of save_converted.
   save_converted(args.out_dir, config, {"params": variables["params"], "vq_state": {}}, args.force)
   m = config.model
+  h, w = config.prior.code_shapes[config.prior.level]
   cond = f", conditioned ({m.num_cond_res_blocks} cond res blocks)" if m.cond_res_channels else ""
   return (
-    f"wrote {args.out_dir}: PixelSNAIL on {m.shape[0]}x{m.shape[1]} maps of {m.num_codes} codes, "
+    f"wrote {args.out_dir}: PixelSNAIL on {h}x{w} maps of {config.vq.num_codes} codes, "
     f"channels {m.channels}, {m.num_blocks} blocks, attention {m.attention}{cond}"
   )
 

@@ -36,11 +36,12 @@ _SHAPE_KEYS = ("background", "horizontal.conv.conv.weight_v", "vertical.conv.con
 _N_HEAD = 8  # rosinality's CausalAttention default; PixelBlock never changes it
 _DROPOUT = 0.1  # train_pixelsnail.py's default, used when the file has no saved args
 
-# Config fields the converter writes under config.model (beyond name/channels/res_channels/
-# num_res_blocks, which base_config already has), in PixelSNAIL constructor order.
+# PixelSNAIL arguments that are config.model fields of the same name (the map shape, the code
+# count and the class count live in config.prior / config.vq: see `make_config`).
 CONFIG_FIELDS = (
-  "shape",
-  "num_codes",
+  "channels",
+  "res_channels",
+  "num_res_blocks",
   "kernel_size",
   "num_blocks",
   "attention",
@@ -50,7 +51,6 @@ CONFIG_FIELDS = (
   "cond_res_channels",
   "cond_res_kernel",
   "num_out_res_blocks",
-  "num_classes",
 )
 
 
@@ -278,18 +278,22 @@ def _abstract_params(model: PixelSNAIL) -> dict[tuple[str, ...], tuple[int, ...]
 
 
 def make_config(kwargs: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """`base_config()` for a prior task with the converted PixelSNAIL's sizes in config.model."""
+  """A full vqjax prior config (`task="prior"`, `model.name="pixelsnail"`) describing the
+  converted PixelSNAIL: a conditioned one models the bottom level (1) of a two-level hierarchy
+  whose top maps are half its size, as rosinality's bottom prior; otherwise the top level."""
   config = base_config()
-  with config.unlocked():
-    config.task = "prior"
-    m = config.model
-    m.name = "pixelsnail"
-    m.channels = kwargs["channels"]
-    m.res_channels = kwargs["res_channels"]
-    m.num_res_blocks = kwargs["num_res_blocks"]
-    for field in CONFIG_FIELDS:
-      value = kwargs[field]
-      m[field] = list(value) if isinstance(value, tuple) else value
+  config.task = "prior"
+  config.model.name = "pixelsnail"
+  for field in CONFIG_FIELDS:
+    config.model[field] = kwargs[field]
+  config.vq.num_codes = kwargs["num_codes"]
+  h, w = (int(x) for x in kwargs["shape"])
+  conditioned = kwargs["cond_res_channels"] > 0
+  config.prior.level = 1 if conditioned else 0
+  config.prior.code_shapes = [[h // 2, w // 2], [h, w]] if conditioned else [[h, w]]
+  if kwargs.get("num_classes"):
+    config.prior.class_conditional = True
+    config.prior.num_classes = kwargs["num_classes"]
   return config
 
 

@@ -475,7 +475,13 @@ def _restore_converted(path: str, abstract_state: Any) -> dict:
   problem = describe_mismatch(saved, target)
   if problem is not None:
     raise CheckpointMismatchError(f"{path} does not fit this model: {problem}")
-  out = checkpointer.restore(os.path.join(os.path.abspath(path), "variables"), target)
+  # Empty collections saved for layout's sake (a prior's "vq_state": {}) are read as such.
+  empty = [k for k in saved if k not in target and not jax.tree.leaves(saved[k])]
+  out = checkpointer.restore(
+    os.path.join(os.path.abspath(path), "variables"), {**target, **{k: {} for k in empty}}
+  )
+  for k in empty:
+    out.pop(k)
   params = out.pop("params")
   return {"params": params, "model_state": out}
 
