@@ -215,6 +215,10 @@ def test_codes_that_do_not_fit_the_config_are_refused(tmp_path):
   config.prior.update(class_conditional=True, num_classes=4)
   with pytest.raises(errors.UserError, match="no labels"):
     tasks.make_task(config)
+  _write_codes(codes_dir, [(4, 4), (8, 8)], 8, n_train=8, n_test=8)
+  config = _prior_config(codes_dir, level=1)  # a PixelCNN without a conditioning stack
+  with pytest.raises(errors.UserError, match="cond_channels > 0"):
+    tasks.make_task(config)
   config = _prior_config(str(tmp_path / "nowhere"))
   with pytest.raises(errors.UserError, match="extract_codes"):
     tasks.make_task(config)

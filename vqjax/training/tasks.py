@@ -283,6 +283,19 @@ class PriorTask(Task):
       )
     if p.class_conditional and p.num_classes <= 0:
       raise errors.UserError("config.prior.class_conditional needs config.prior.num_classes > 0")
+    m = config.model
+    conditioned = m.cond_channels if m.name == "pixelcnn" else m.cond_res_channels
+    if p.level > 0 and not conditioned:
+      field = "cond_channels" if m.name == "pixelcnn" else "cond_res_channels"
+      raise errors.UserError(
+        f"config.prior.level={p.level} is conditioned on the coarser codes: set "
+        f"config.model.{field} > 0"
+      )
+    if p.level == 0 and conditioned:
+      raise errors.UserError(
+        "config.prior.level=0 (the top) has no coarser codes to condition on: leave "
+        "config.model.cond_channels / cond_res_channels at 0"
+      )
     self.level = p.level
     self.shape = tuple(p.code_shapes[p.level])
     image_dims = int(np.prod(p.image_shape)) if p.image_shape else 0
