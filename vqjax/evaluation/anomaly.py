@@ -1,0 +1,325 @@
+"""Anomaly detection by reconstruction error of a stage-1 model (the medical-imaging use).
+
+A VQ-VAE trained only on normal images reconstructs normal structure well and anything it
+never saw (a lesion, an artefact) poorly, because the codebook has no codes for it. So:
+
+  1. per-pixel error map: squared error between image and reconstruction, averaged over
+     channels ([B, H, W]);
+  2. per-image score: the mean of the map, or the maximum of the map after a Gaussian blur
+     (a small bright region, not one noisy pixel, should decide);
+  3. threshold: a quantile of the scores of held-out normal images, so the false-positive
+     rate on normal images is about 1 - quantile by construction;
+  4. evaluation: ROC AUC (threshold-free) plus the TPR / FPR at that threshold on a labelled
+     test set.
+
+Images are float [B, H, W, C] in [-1, 1]; batches may be padded with a "mask" as the eval
+iterators of `vqjax.data.pipeline` yield them.
+"""
+
+import itertools
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqjax.evaluation import metrics
+from vqjax.training import logs
+
+# A few recently used models and their jitted reconstruction (linen modules holding dicts
+# cannot be hashed, so jax.jit cannot key its cache on them; identity can).
+_JITTED: list[tuple[Any, Any]] = []
+_MAX_JITTED = 4
+
+
+def _reconstruct_fn(model: Any):
+  """The jitted `(variables, images) -> (recons, error maps)` of `model`, built once."""
+  for m, fn in _JITTED:
+    if m is model:
+      return fn
+
+  def fn(variables, images):
+    recon, _ = model.apply(variables, images, train=False)
+    recon = recon.astype(jnp.float32)
+    maps = jnp.mean(jnp.square(recon - images.astype(jnp.float32)), axis=-1)
+    return recon, maps
+
+  fn = jax.jit(fn)
+  _JITTED.insert(0, (model, fn))
+  del _JITTED[_MAX_JITTED:]
+  return fn
+
+
+def reconstruct(model: Any, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Reconstructions and per-pixel error maps of a stage-1 model.
+
+  Args:
+    model: a stage-1 module (`model.apply(variables, x, train=False) -> (recon, aux)`).
+    variables: its variables, e.g. from `vqjax.runs.load_run`.
+    images: float [B, H, W, C] in [-1, 1].
+
+  Returns:
+    (recons float32 [B, H, W, C], maps float32 [B, H, W]).
+  """
+  return _reconstruct_fn(model)(variables, jnp.asarray(images))
+
+
+def error_maps(model: Any, variables: Any, images: jax.Array) -> jax.Array:
+  """Per-pixel squared reconstruction error averaged over channels.
+
+  Args:
+    model: a stage-1 module.
+    variables: its variables.
+    images: float [B, H, W, C] in [-1, 1].
+
+  Returns:
+    float32 [B, H, W].
+  """
+  return reconstruct(model, variables, images)[1]
+
+
+def image_scores(maps: jax.Array, sigma: float = 1.0) -> dict[str, jax.Array]:
+  """Per-image anomaly scores of error maps.
+
+  Args:
+    maps: float [B, H, W] error maps.
+    sigma: standard deviation (pixels) of the Gaussian blur before the maximum.
+
+  Returns:
+    {"mean": mean of each map [B], "max": maximum of each blurred map [B]}.
+  """
+  maps = jnp.asarray(maps, jnp.float32)
+  smoothed = metrics.gaussian_blur(maps[..., None], sigma)[..., 0]
+  return {"mean": jnp.mean(maps, axis=(1, 2)), "max": jnp.max(smoothed, axis=(1, 2))}
+
+
+def choose_threshold(normal_scores: np.ndarray, quantile: float = 0.95) -> float:
+  """Score threshold from normal images: their `quantile` (linear interpolation).
+
+  Args:
+    normal_scores: [N] scores of held-out normal images.
+    quantile: in [0, 1]; about 1 - quantile of normal images then score above the threshold.
+
+  Returns:
+    The threshold; an image is flagged anomalous when its score is strictly above it.
+  """
+  if not 0.0 <= quantile <= 1.0:
+    raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+  scores = np.asarray(normal_scores, np.float64).reshape(-1)
+  if scores.size == 0:
+    raise ValueError("choose_threshold needs at least one normal score")
+  return float(np.quantile(scores, quantile))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+  """Ranks 1..N of values, tied values sharing the mean of their ranks."""
+  order = np.argsort(values, kind="mergesort")
+  sorted_values = values[order]
+  # Start of each run of equal values, and the rank every member of a run gets.
+  starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+  ends = np.r_[starts[1:], len(values)]
+  run_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
+  ranks = np.empty(len(values))
+  ranks[order] = np.repeat(run_rank, ends - starts)
+  return ranks
+
+
+def roc_auc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
+  """Area under the ROC curve, exactly, by the Mann-Whitney U statistic.
+
+  AUC = P(score of an anomaly > score of a normal image) + 1/2 P(equal scores), over all
+  (anomaly, normal) pairs.
+
+  Args:
+    scores: [N] anomaly scores (higher = more anomalous).
+    is_anomaly: [N] bool (or 0/1) ground truth.
+
+  Returns:
+    The AUC in [0, 1]; NaN when one of the two classes is empty.
+  """
+  s = np.asarray(scores, np.float64).reshape(-1)
+  y = np.asarray(is_anomaly).reshape(-1).astype(bool)
+  if s.shape != y.shape:
+    raise ValueError(f"roc_auc of {s.shape} scores and {y.shape} labels")
+  n_pos, n_neg = int(y.sum()), int((~y).sum())
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  u = _average_ranks(s)[y].sum() - n_pos * (n_pos + 1) / 2.0
+  return float(u / (n_pos * n_neg))
+
+
+def heat_map(maps: np.ndarray, vmax: float | None = None) -> np.ndarray:
+  """Error maps [B, H, W] as RGB images in [-1, 1] on a black-red-yellow-white scale.
+
+  Args:
+    maps: non-negative error maps.
+    vmax: the error shown white; default the largest error in `maps` (one scale for all).
+
+  Returns:
+    float32 [B, H, W, 3] in [-1, 1].
+  """
+  m = np.asarray(maps, np.float64)
+  vmax = float(m.max()) if vmax is None else float(vmax)
+  t = np.clip(m / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(m)
+  # Red rises first, then green, then blue, so brightness grows with the error.
+  rgb = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], -1)
+  return (2.0 * rgb - 1.0).astype(np.float32)
+
+
+def _rgb(images: np.ndarray) -> np.ndarray:
+  images = np.asarray(images, np.float32)
+  return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def save_anomaly_png(
+  path: str,
+  images: np.ndarray,
+  recons: np.ndarray,
+  maps: np.ndarray,
+  per_row: int = 8,
+  vmax: float | None = None,
+) -> np.ndarray:
+  """Writes a labelled grid: inputs, reconstructions and error heat maps, one row each.
+
+  Args:
+    path: the PNG file to write (its directory is created).
+    images: [N, H, W, C] in [-1, 1].
+    recons: [N, H, W, C] in [-1, 1] (clipped for display).
+    maps: [N, H, W] error maps.
+    per_row: images per row; more wrap onto further groups of three rows.
+    vmax: the error shown white; default the largest error shown.
+
+  Returns:
+    The uint8 RGB grid that was written.
+  """
+  grid = logs.comparison_grid(
+    {
+      "input": _rgb(images),
+      "reconstruction": np.clip(_rgb(recons), -1.0, 1.0),
+      "error": heat_map(maps, vmax),
+    },
+    per_row=per_row,
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  logs.save_png(path, grid)
+  return grid
+
+
+def _unpack(batch: Any, label_key: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """(images, mask, labels) of a batch: an image array, an (images, labels) pair, or a dict
+  with "image", optional "mask" and `label_key`."""
+  if isinstance(batch, dict):
+    images = np.asarray(batch["image"])
+    mask = batch.get("mask")
+    labels = batch.get(label_key) if label_key else None
+    if label_key and labels is None:
+      raise ValueError(f"test batch has no {label_key!r} feature; it has {sorted(batch)}")
+  elif isinstance(batch, tuple | list):
+    images, labels = np.asarray(batch[0]), batch[1]
+    mask = None
+  else:
+    images, mask, labels = np.asarray(batch), None, None
+  mask = np.ones(len(images), bool) if mask is None else np.asarray(mask) > 0
+  return images, mask, None if labels is None else np.asarray(labels)
+
+
+def score_batches(
+  model: Any,
+  variables: Any,
+  batches: Iterable[Any],
+  sigma: float = 1.0,
+  label_key: str | None = None,
+) -> dict[str, np.ndarray]:
+  """Anomaly scores of every real image of some batches.
+
+  Args:
+    model: a stage-1 module.
+    variables: its variables.
+    batches: image arrays [B, H, W, C], (images, labels) pairs, or dicts with "image",
+      optionally "mask" (0 = padding, dropped) and `label_key`.
+    sigma: blur of the maps before their maximum (see `image_scores`).
+    label_key: the feature holding the 0/1 anomaly labels of dict batches; None = unlabelled.
+
+  Returns:
+    {"mean": [N], "max": [N]} float64 and, with labels, "is_anomaly": bool [N].
+  """
+  out = {"mean": [], "max": []}
+  labels = []
+  for batch in batches:
+    images, mask, y = _unpack(batch, label_key)
+    scores = image_scores(error_maps(model, variables, images), sigma)
+    for key in out:
+      out[key].append(np.asarray(scores[key], np.float64)[mask])
+    if y is not None:
+      labels.append(y.reshape(-1)[mask].astype(bool))
+  result = {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+  if labels:
+    result["is_anomaly"] = np.concatenate(labels)
+  return result
+
+
+def evaluate_anomalies(
+  model: Any,
+  variables: Any,
+  normal_batches: Iterable[Any],
+  test_batches_with_labels: Iterable[Any],
+  score: str = "max",
+  quantile: float = 0.95,
+  sigma: float = 1.0,
+  label_key: str = "is_anomaly",
+  png_path: str | None = None,
+) -> dict[str, float]:
+  """Threshold from normal images, then ROC AUC, TPR and FPR on a labelled test set.
+
+  Args:
+    model: a stage-1 module trained on normal images.
+    variables: its variables.
+    normal_batches: held-out normal images (not the test set), as for `score_batches`.
+    test_batches_with_labels: (images, labels) pairs or dicts with "image", `label_key`
+      (1 = anomaly) and optionally "mask".
+    score: the per-image score that is thresholded, "max" or "mean" (see `image_scores`).
+    quantile: quantile of the normal scores used as threshold.
+    sigma: blur of the maps before their maximum.
+    label_key: the label feature of dict test batches.
+    png_path: when set, the first test batch's inputs, reconstructions and error maps are
+      written there (`save_anomaly_png`).
+
+  Returns:
+    {"threshold", "auc" (of `score`), "auc_mean", "auc_max", "tpr" (share of test anomalies
+    above the threshold), "fpr" (share of test normal images above it), "normal_fpr" (share
+    of the threshold's own normal images above it, about 1 - quantile), "num_normal",
+    "num_test", "num_anomalies"}; AUC, TPR or FPR is NaN where its class is empty.
+  """
+  if score not in ("max", "mean"):
+    raise ValueError(f"unknown anomaly score {score!r}; expected 'max' or 'mean'")
+  normal = score_batches(model, variables, normal_batches, sigma)
+  threshold = choose_threshold(normal[score], quantile)
+  test_batches = iter(test_batches_with_labels)
+  if png_path:
+    first = next(test_batches, None)
+    if first is not None:
+      images, mask, _ = _unpack(first, label_key)
+      recons, maps = reconstruct(model, variables, images)
+      save_anomaly_png(png_path, images[mask], np.asarray(recons)[mask], np.asarray(maps)[mask])
+      test_batches = itertools.chain([first], test_batches)
+  test = score_batches(model, variables, test_batches, sigma, label_key=label_key)
+  y = test.get("is_anomaly", np.zeros(0, bool))
+  flagged = test[score] > threshold
+
+  def share(selected):
+    return float(np.mean(flagged[selected])) if np.any(selected) else float("nan")
+
+  return {
+    "threshold": threshold,
+    "auc": roc_auc(test[score], y),
+    "auc_mean": roc_auc(test["mean"], y),
+    "auc_max": roc_auc(test["max"], y),
+    "tpr": share(y),
+    "fpr": share(~y),
+    "normal_fpr": float(np.mean(normal[score] > threshold)),
+    "num_normal": float(len(normal[score])),
+    "num_test": float(len(y)),
+    "num_anomalies": float(np.sum(y)),
+  }
