@@ -70,7 +70,13 @@ class WNConv(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, at: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Convolves x [B, H, W, C]; with `at=(i, j)`, only output pixel (i, j) -> [B, 1, 1, F].
+
+    The single-pixel form is what incremental sampling needs: it gathers the kh x kw window
+    (zeros outside the map, as the padding gives) and costs kh * kw * C * F per example,
+    whatever the map size; (i, j) may be traced and may lie outside the map.
+    """
     kh, kw = self.kernel_size
     shape = (kh, kw, x.shape[-1], self.features)
     mask = None if self.mask is None else jnp.asarray(self.mask, jnp.float32)[:, :, None, None]
@@ -88,13 +94,16 @@ class WNConv(nn.Module):
       (self.features,),
     )
     w = _weight_norm(v, g, (0, 1, 2)).astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-      x.astype(self.dtype),
-      w,
-      window_strides=(1, 1),
-      padding=self.padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    if at is None:
+      y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        w,
+        window_strides=(1, 1),
+        padding=self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+    else:
+      y = _conv_at(x.astype(self.dtype), w, at, self.padding)
     if self.use_bias:
       b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + b.astype(self.dtype)
@@ -122,6 +131,31 @@ class WNDense(nn.Module):
     b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     w = _weight_norm(v, g, (0,)).astype(self.dtype)
     return x.astype(self.dtype) @ w + b.astype(self.dtype)
+
+
+def _conv_at(x: jax.Array, w: jax.Array, at, padding) -> jax.Array:
+  """Output pixel `at` of a stride-1 convolution of x [B, H, W, C] with w [kh, kw, C, F]."""
+  (top, _), (left, _) = padding
+  height, width = x.shape[1:3]
+  rows = at[0] - top + jnp.arange(w.shape[0])
+  cols = at[1] - left + jnp.arange(w.shape[1])
+  window = x[:, jnp.clip(rows, 0, height - 1)][:, :, jnp.clip(cols, 0, width - 1)]
+  inside = ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None]
+  window = jnp.where(inside[None, :, :, None], window, 0)
+  return jnp.einsum("bhwc,hwcf->bf", window, w)[:, None, None]
+
+
+def _cached_input(module: nn.Module, name: str, x: jax.Array, decode) -> jax.Array:
+  """Writes x [B, 1, 1, C] at pixel (i, j) of the map cached as `name`; returns the map.
+
+  `decode` is (i, j, height, width). Pixels not yet written are zeros; the causal
+  convolutions that read the map never look at them.
+  """
+  i, j, height, width = decode
+  shape = (x.shape[0], height, width, x.shape[-1])
+  cache = module.variable("cache", name, jnp.zeros, shape, x.dtype)
+  cache.value = jax.lax.dynamic_update_slice(cache.value, x.astype(cache.value.dtype), (0, i, j, 0))
+  return cache.value
 
 
 def _pad(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
@@ -181,15 +215,29 @@ class GatedResBlock(nn.Module):
     aux: jax.Array | None = None,
     condition: jax.Array | None = None,
     train: bool = False,
+    decode: tuple | None = None,
   ) -> jax.Array:
+    """The block on maps [B, H, W, C]; with `decode=(i, j, height, width)`, on pixel (i, j).
+
+    In decode mode x, aux and condition are that pixel's [B, 1, 1, C] features and a
+    k x k convolution reads its input from a map kept in the "cache" collection, to which
+    this pixel is first written (1 x 1 convolutions need no cache).
+    """
     in_channels = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    out = self._conv(self.channels, "conv1")(nn.elu(x))
+
+    def conv(features, name, inp):
+      if decode is None or self.kernel_size == 1:
+        return self._conv(features, name)(inp)
+      inp = _cached_input(self, f"{name}_input", inp, decode)
+      return self._conv(features, name)(inp, at=decode[:2])
+
+    out = conv(self.channels, "conv1", nn.elu(x))
     if aux is not None:
       out = out + WNConv(self.channels, name="aux_conv", **kw)(nn.elu(aux))
     out = nn.elu(out)
     out = nn.Dropout(self.dropout, deterministic=not train)(out)
-    out = self._conv(2 * in_channels, "conv2")(out)
+    out = conv(2 * in_channels, "conv2", out)
     if condition is not None:
       out = out + WNConv(2 * in_channels, use_bias=False, name="condition", **kw)(condition)
     a, b = jnp.split(out, 2, axis=-1)
@@ -244,7 +292,15 @@ class CausalAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, query: jax.Array, key: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(
+    self, query: jax.Array, key: jax.Array, train: bool = False, decode: tuple | None = None
+  ) -> jax.Array:
+    """Attention over maps [B, H, W, C]; `decode=(i, j, height, width)`: one query pixel.
+
+    In decode mode query and key are pixel (i, j)'s [B, 1, 1, C] features; its keys and
+    values join a cache of every earlier pixel's ("cache" collection, [B, height * width,
+    heads, head_dim] each), over which the query attends with the same strict mask.
+    """
     b, h, w, _ = query.shape
     if self.channels % self.num_heads:
       raise ValueError(
@@ -255,9 +311,30 @@ class CausalAttention(nn.Module):
     q = heads(WNDense(self.channels, name="query", **kw)(query))
     k = heads(WNDense(self.channels, name="key", **kw)(key))
     v = heads(WNDense(self.channels, name="value", **kw)(key))
+    if decode is not None:
+      return _attend_cached(self, q, k, v, decode).reshape(b, h, w, self.channels)
     rng = self.make_rng("dropout") if train and self.dropout > 0.0 else None
     out = strict_causal_attention(q, k, v, self.dropout, rng)
     return out.reshape(b, h, w, self.channels)
+
+
+def _attend_cached(module: nn.Module, q, k, v, decode) -> jax.Array:
+  """One query [B, 1, N, D] at raster position p over the cached keys and values s < p."""
+  i, j, height, width = decode
+  p = i * width + j
+  shape = (q.shape[0], height * width, *q.shape[2:])
+  keys = module.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+  values = module.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+  keys.value = jax.lax.dynamic_update_slice(keys.value, k, (0, p, 0, 0))
+  values.value = jax.lax.dynamic_update_slice(values.value, v, (0, p, 0, 0))
+  logits = jnp.einsum("bqnd,bsnd->bnqs", q, keys.value).astype(jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
+  earlier = jnp.arange(shape[1]) < p
+  logits = jnp.where(earlier, logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(values.value.dtype)
+  out = jnp.einsum("bnqs,bsnd->bqnd", probs, values.value)
+  # Position 0 has nothing to attend to: zeros, as in `strict_causal_attention`.
+  return jnp.where(p > 0, out, jnp.zeros_like(out))
 
 
 class PixelBlock(nn.Module):
@@ -279,7 +356,9 @@ class PixelBlock(nn.Module):
     background: jax.Array,
     condition: jax.Array | None = None,
     train: bool = False,
+    decode: tuple | None = None,
   ) -> jax.Array:
+    """Maps [B, H, W, C]; `decode=(i, j, height, width)`: pixel (i, j)'s [B, 1, 1, C]."""
     c = x.shape[-1]
     kw = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
     out = x
@@ -287,7 +366,7 @@ class PixelBlock(nn.Module):
       block = GatedResBlock(
         self.res_channels, self.kernel_size, conv="causal", name=f"resblocks_{i}", **kw
       )
-      out = block(out, condition=condition, train=train)
+      out = block(out, condition=condition, train=train, decode=decode)
     background = background.astype(out.dtype)
     if not self.attention:
       conv = WNConv(c, dtype=self.dtype, param_dtype=self.param_dtype, name="out")
@@ -299,7 +378,7 @@ class PixelBlock(nn.Module):
       jnp.concatenate([out, background], -1), train=train
     )
     attn = CausalAttention(c // 2, self.num_heads, name="causal_attention", **kw)(
-      query, key, train=train
+      query, key, train=train, decode=decode
     )
     return GatedResBlock(c, 1, name="out_resblock", **kw)(out, aux=attn, train=train)
 
@@ -428,6 +507,62 @@ class PixelSNAIL(nn.Module):
       cond = jnp.broadcast_to(emb, (batch, height, width, dim)) if cond is None else cond + emb
     return cond
 
+  def _decode(self, codes, condition, label, train, position) -> jax.Array:
+    """Logits [B, num_codes] at raster position `position`, one pixel of work per layer.
+
+    Per position each k x k causal convolution computes one output pixel (k^2 C_in C_out),
+    each attention layer attends one query over at most H * W cached keys, and the 1 x 1
+    layers run on one pixel; the caches hold one [B, H, W, C] map per k x k convolution
+    input, the keys and values, the one-hot codes and the conditioning features.
+    """
+    if train:
+      raise ValueError("decode_position is for sampling: train must be False")
+    b, h, w = codes.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    k = self.kernel_size
+    position = jnp.asarray(position, jnp.int32)
+    i, j = position // w, position % w
+    decode = (i, j, h, w)
+    # The code at p - 1 was drawn after the previous call: it joins the one-hot map now (at
+    # p = 0 a zero row is written at 0, which the call at p = 1 overwrites).
+    prev = jnp.maximum(position - 1, 0)
+    code = jax.lax.dynamic_index_in_dim(codes.reshape(b, h * w), prev, 1, keepdims=False)
+    onehot = jax.nn.one_hot(code, self.num_codes, dtype=self.dtype) * (position > 0)
+    x = _cached_input(self, "onehot", onehot[:, None, None], (prev // w, prev % w, h, w))
+    # The full forward shifts the two stems' outputs down one row and right one column.
+    above = causal_conv(self.channels, (k // 2, k), "down", name="horizontal", **kw)(
+      x, at=(i - 1, j)
+    )
+    left = causal_conv(self.channels, ((k + 1) // 2, k // 2), "downright", name="vertical", **kw)(
+      x, at=(i, j - 1)
+    )
+    out = jnp.where(i > 0, above, 0) + jnp.where(j > 0, left, 0)
+    bg = jax.lax.dynamic_slice(jnp.asarray(background(*self.shape)), (i, j, 0), (1, 1, 2))
+    bg = jnp.broadcast_to(bg[None], (b, 1, 1, 2))
+    if self.has_variable("cache", "condition"):
+      cond = self.get_variable("cache", "condition")
+    else:
+      cond = self._conditioning(condition, label, b, h, w)
+      if cond is not None:
+        self.put_variable("cache", "condition", cond)
+    if cond is not None:
+      cond = jax.lax.dynamic_slice(cond, (0, i, j, 0), (b, 1, 1, cond.shape[-1]))
+    for n in range(self.num_blocks):
+      out = PixelBlock(
+        self.res_channels,
+        self.kernel_size,
+        self.num_res_blocks,
+        attention=self.attention,
+        num_heads=self.num_heads,
+        dropout=self.dropout,
+        name=f"blocks_{n}",
+        **kw,
+      )(out, bg, condition=cond, decode=decode)
+    for n in range(self.num_out_res_blocks):
+      out = GatedResBlock(self.res_channels, 1, dropout=self.dropout, name=f"out_{n}", **kw)(out)
+    logits = WNConv(self.num_codes, name=f"out_{self.num_out_res_blocks + 1}", **kw)(nn.elu(out))
+    return logits.reshape(b, self.num_codes).astype(jnp.float32)
+
   @nn.compact
   def __call__(
     self,
@@ -435,6 +570,8 @@ class PixelSNAIL(nn.Module):
     condition: Sequence[jax.Array] | None = None,
     label: jax.Array | None = None,
     train: bool = False,
+    *,
+    decode_position: jax.Array | None = None,
   ) -> jax.Array:
     """Logits of every position given the codes before it.
 
@@ -444,9 +581,14 @@ class PixelSNAIL(nn.Module):
         `shape` (rosinality's bottom prior: one map at half resolution).
       label: None, or int32 [B] class ids (when num_classes > 0).
       train: enables dropout (needs a "dropout" rng).
+      decode_position: incremental decoding (sampling): the int32 raster position p; only
+        its logits are computed, from the features of earlier positions kept in the
+        mutable "cache" collection, which the first such call creates (it reads `condition`
+        and `label` then; later calls ignore them). Calls must go p = 0, 1, 2, ...; codes
+        is the current map, of which only the code at p - 1 is read (it enters the cache).
 
     Returns:
-      float32 [B, H, W, num_codes] logits.
+      float32 [B, H, W, num_codes] logits ([B, num_codes] at decode_position).
     """
     b, h, w = codes.shape
     for name in ("kernel_size", "cond_res_kernel"):
@@ -455,6 +597,8 @@ class PixelSNAIL(nn.Module):
       if getattr(self, name) % 2 == 0:
         raise ValueError(f"PixelSNAIL {name} must be odd, got {getattr(self, name)}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if decode_position is not None:
+      return self._decode(codes, condition, label, train, decode_position)
     k = self.kernel_size
     x = jax.nn.one_hot(codes, self.num_codes, dtype=self.dtype)
     # Rows above (the "down" window sees the current row, so shift one row down) plus the

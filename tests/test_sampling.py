@@ -1,0 +1,170 @@
+"""Tests of vqjax/sampling: the cached decode matches the full forward, both samplers draw
+the same codes, draws follow the (filtered) logits and do not depend on the batch layout."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vqjax.models.pixelcnn import GatedPixelCNN
+from vqjax.models.pixelsnail import PixelSNAIL
+from vqjax.sampling import cached, filter_logits, naive
+
+H = W = 6
+K = 8
+
+
+def _snail(**kw) -> PixelSNAIL:
+  args = dict(
+    shape=(H, W),
+    num_codes=K,
+    channels=16,
+    kernel_size=3,
+    num_blocks=2,
+    num_res_blocks=1,
+    res_channels=16,
+    num_heads=2,
+  )
+  return PixelSNAIL(**{**args, **kw})
+
+
+def _inputs(model, batch: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  codes = jnp.asarray(rng.integers(0, K, (batch, H, W)), jnp.int32)
+  condition = label = None
+  if getattr(model, "cond_res_channels", 0) or getattr(model, "cond_channels", 0):
+    condition = (jnp.asarray(rng.integers(0, K, (batch, H // 2, W // 2)), jnp.int32),)
+  if model.num_classes:
+    label = jnp.asarray(rng.integers(0, model.num_classes, (batch,)), jnp.int32)
+  return codes, condition, label
+
+
+def _init(model, codes, condition=None, label=None, seed: int = 1):
+  """Random variables of the model's shapes, drawn with NumPy (no slow init compile)."""
+  abstract = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), codes, condition=condition, label=label)
+  )
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    name = jax.tree_util.keystr(path[-1:])
+    if "weight_g" in name:
+      return jnp.asarray(rng.uniform(0.5, 1.0, x.shape), x.dtype)
+    scale = 1.0 / np.sqrt(np.prod(x.shape[:-1])) if "kernel" in name else 0.5
+    return jnp.asarray(rng.standard_normal(x.shape) * scale, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+CASES = {
+  "snail_attention": lambda: _snail(),
+  "snail_no_attention_conditioned": lambda: _snail(
+    attention=False, num_cond_res_blocks=1, cond_res_channels=8
+  ),
+  "snail_attention_label_out_blocks": lambda: _snail(
+    kernel_size=5, num_classes=3, num_out_res_blocks=1
+  ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_logits_equal_full_forward(case):
+  model = CASES[case]()
+  codes, condition, label = _inputs(model, 2)
+  variables = _init(model, codes, condition, label)
+  full = model.apply(variables, codes, condition=condition, label=label)
+  incremental = cached.logits_at_every_position(model, variables, codes, condition, label)
+  assert incremental.shape == (2, H, W, K) and incremental.dtype == jnp.float32
+  np.testing.assert_allclose(incremental, full, rtol=1e-5, atol=1e-5)
+
+
+@functools.cache
+def _conditioned():
+  model = _snail(num_cond_res_blocks=1, cond_res_channels=8, num_classes=3)
+  codes, condition, label = _inputs(model, 4)
+  return model, _init(model, codes, condition, label), condition, label
+
+
+def test_naive_and_cached_draw_the_same_samples():
+  model, variables, condition, label = _conditioned()
+  kw = dict(condition=condition, label=label, temperature=0.9, top_p=0.95)
+  rng = jax.random.key(7)
+  slow = naive.sample(model, variables, 4, (H, W), rng, **kw)
+  fast = cached.sample(model, variables, 4, (H, W), rng, **kw)
+  assert fast.shape == (4, H, W) and fast.dtype == jnp.int32
+  np.testing.assert_array_equal(fast, slow)
+  # Different keys and different labels give different maps.
+  assert np.any(cached.sample(model, variables, 4, (H, W), jax.random.key(8), **kw) != fast)
+  assert len({np.asarray(m).tobytes() for m in fast}) == 4
+
+
+def test_samples_follow_the_logits():
+  model, variables, condition, label = _conditioned()
+  kw = dict(condition=condition, label=label)
+  # A large output bias on code 5 makes it overwhelmingly likely everywhere.
+  params = jax.tree.map(lambda x: x, variables["params"])
+  bias = params["out_1"]["bias"]
+  params["out_1"]["bias"] = bias.at[5].add(1e3)
+  biased = cached.sample(model, {"params": params}, 4, (H, W), jax.random.key(0), **kw)
+  np.testing.assert_array_equal(biased, 5)
+  # Greedy decoding (top_k=1, or temperature 0): every code is the argmax of the model's
+  # logits given the codes before it, which the full forward on the result checks.
+  greedy = cached.sample(model, variables, 4, (H, W), jax.random.key(1), top_k=1, **kw)
+  logits = model.apply(variables, greedy, condition=condition, label=label)
+  np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
+  cold = cached.sample(model, variables, 4, (H, W), jax.random.key(2), temperature=0, **kw)
+  np.testing.assert_array_equal(cold, greedy)
+
+
+def test_filter_logits():
+  logits = jnp.log(jnp.asarray([[0.5, 0.1, 0.3, 0.1]]))
+  kept = lambda f: np.isfinite(np.asarray(f))[0].tolist()
+  assert kept(filter_logits(logits)) == [True] * 4
+  assert kept(filter_logits(logits, top_k=2)) == [True, False, True, False]
+  assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False]
+  assert kept(filter_logits(logits, top_p=0.7)) == [True, False, True, False]
+  assert kept(filter_logits(logits, top_p=0.85)) == [True, True, True, True]
+  np.testing.assert_allclose(filter_logits(logits, temperature=0.5), 2 * logits, rtol=1e-6)
+
+
+def test_samples_do_not_depend_on_the_batch_layout():
+  model, variables, condition, label = _conditioned()
+  rng = jax.random.key(3)
+  whole = cached.sample(model, variables, 4, (H, W), rng, condition=condition, label=label)
+  halves = [
+    cached.sample(
+      model,
+      variables,
+      2,
+      (H, W),
+      rng,
+      condition=tuple(c[s : s + 2] for c in condition),
+      label=label[s : s + 2],
+      example_offset=s,
+    )
+    for s in (0, 2)
+  ]
+  np.testing.assert_array_equal(np.concatenate(halves), whole)
+  # The same batch sharded over two devices draws the same maps.
+  auto = (jax.sharding.AxisType.Auto,)
+  mesh = jax.make_mesh((2,), ("data",), axis_types=auto, devices=jax.devices()[:2])
+  batch = NamedSharding(mesh, PartitionSpec("data"))
+  sharded = jax.jit(
+    lambda v, c, lab: cached.sample(model, v, 4, (H, W), rng, condition=c, label=lab),
+    out_shardings=batch,
+  )(variables, jax.device_put(condition, batch), jax.device_put(label, batch))
+  np.testing.assert_array_equal(sharded, whole)
+
+
+def test_naive_samples_pixelcnn_and_cached_refuses_it():
+  model = GatedPixelCNN(num_codes=K, channels=8, num_layers=2, kernel_size=3, num_classes=3)
+  codes, condition, label = _inputs(model, 2)
+  variables = _init(model, codes, condition, label)
+  greedy = naive.sample(model, variables, 2, (H, W), jax.random.key(0), label=label, top_k=1)
+  logits = model.apply(variables, greedy, label=label)
+  np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
+  with pytest.raises(ValueError, match="no decode mode"):
+    cached.sample(model, variables, 2, (H, W), jax.random.key(0), label=label)
