@@ -1,0 +1,135 @@
+"""Generates images with trained priors and a stage-1 decoder.
+
+  python -m vqjax.sample --workdir PRIOR_TOP --workdir PRIOR_BOTTOM --num 64 --out DIR \
+      [--stage1 STAGE1_WORKDIR] [--label 3] [--temperature 1.0 --top_k 0 --top_p 1.0] [--seed 0]
+
+The stage-1 run defaults to the one the priors' code dataset was extracted from. Writes
+DIR/samples.png (a grid), DIR/codes.npz (the code maps, coarsest first, and the labels) and
+DIR/settings.json (everything needed to draw the same samples again).
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+
+from absl import app, flags, logging
+
+from vqjax import errors
+
+_WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A prior's workdir (one per level).")
+_STAGE1 = flags.DEFINE_string("stage1", "", "The autoencoder run (default: from the codes).")
+_NUM = flags.DEFINE_integer("num", 64, "How many images.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same images.")
+_LABEL = flags.DEFINE_integer(
+  "label",
+  None,
+  "Class of every image (class-conditional priors; default: cycle through the classes).",
+)
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely codes (0 = all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the codes of this much mass (1 = all).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
+
+
+def stage1_of(prior_workdir: str) -> str:
+  """The stage-1 run a prior's code dataset came from."""
+  from vqjax import runs
+  from vqjax.data import codes
+
+  config, _, _ = runs.load_run(prior_workdir)
+  if config.data.name != "codes":
+    raise errors.UserError(f"{prior_workdir} was not trained on extracted codes: set --stage1")
+  return codes.read_metadata(config.data.codes_dir)["stage1"]["workdir"]
+
+
+def run(
+  priors: list[str],
+  out: str,
+  num: int,
+  seed: int = 0,
+  stage1: str = "",
+  label: int | None = None,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> dict:
+  """Samples `num` images (see the module docstring); returns the settings written."""
+  import jax
+  import numpy as np
+
+  from vqjax.sampling import hierarchy
+  from vqjax.training import logs
+
+  if not priors:
+    raise errors.UserError("give the priors' workdirs: --workdir TOP --workdir BOTTOM ...")
+  stage1 = stage1 or stage1_of(priors[0])
+  gen = hierarchy.Generator.from_runs(stage1, priors)
+  num_classes = max(
+    (p[0].prior.num_classes for p in gen.priors if p[0].prior.class_conditional), default=0
+  )
+  labels = hierarchy.labels_for(num, label, num_classes)
+  t0 = time.perf_counter()
+  images, maps = gen.generate(
+    num, jax.random.key(seed), labels, temperature=temperature, top_k=top_k, top_p=top_p
+  )
+  images = np.asarray(jax.block_until_ready(images))
+  seconds = time.perf_counter() - t0
+  os.makedirs(out, exist_ok=True)
+  per_row = int(np.ceil(np.sqrt(num)))
+  rows = [images[i : i + per_row] for i in range(0, num, per_row)]
+  if len(rows[-1]) < per_row:
+    blank = np.ones((per_row - len(rows[-1]),) + images.shape[1:], np.float32)
+    rows[-1] = np.concatenate([rows[-1], blank])
+  logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
+  arrays = {f"codes{i}": np.asarray(m) for i, m in enumerate(maps)}
+  if labels is not None:
+    arrays["label"] = labels
+  np.savez(os.path.join(out, "codes.npz"), **arrays)
+  settings = {
+    "stage1": os.path.abspath(stage1),
+    "priors": [os.path.abspath(p) for p in priors],
+    "num": num,
+    "seed": seed,
+    "label": label,
+    "temperature": temperature,
+    "top_k": top_k,
+    "top_p": top_p,
+    "seconds": round(seconds, 3),
+    "device": jax.devices()[0].device_kind,
+  }
+  with open(os.path.join(out, "settings.json"), "w") as f:
+    json.dump(settings, f, indent=2)
+  logging.info("%d images in %.1f s (compilation included) -> %s/samples.png", num, seconds, out)
+  return settings
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _OUT.value:
+    raise SystemExit("vqjax.sample: --out is required")
+  try:
+    run(
+      _WORKDIRS.value,
+      _OUT.value,
+      _NUM.value,
+      _SEED.value,
+      _STAGE1.value,
+      _LABEL.value,
+      _TEMPERATURE.value,
+      _TOP_K.value,
+      _TOP_P.value,
+    )
+  except (errors.UserError, OSError) as e:
+    if _VERBOSE.value:
+      traceback.print_exc()
+    detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+    raise SystemExit(f"vqjax.sample: {type(e).__name__}: {detail}") from None
+  print(f"wrote {_OUT.value}/samples.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
