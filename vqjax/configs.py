@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Returns the default config with every field a run may set."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # What is trained (training/tasks.py): "autoencoder" (stage 1) or "prior" (stage 2).
+  # What is trained (training/tasks.py): "autoencoder" (stage 1), "prior" (stage 2) or
+  # "classifier" (for rejection sampling and evaluation features).
   c.task = "autoencoder"
 
   # --- data -------------------------------------------------------------------------------
@@ -111,6 +112,15 @@ def base_config() -> ml_collections.ConfigDict:
   # coarsest first, and the image shape they encode.
   c.prior.code_shapes = ml_collections.config_dict.placeholder(list)
   c.prior.image_shape = ml_collections.config_dict.placeholder(list)
+
+  # --- classifier (task="classifier") -----------------------------------------------------
+  # A residual CNN (models/classifier.py) sized by config.model: channels (first-stage width,
+  # doubled at every stage), num_blocks (stages), num_res_blocks (residual blocks per stage),
+  # dropout, dtype, param_dtype. For rejection sampling and the evaluation's feature space.
+  c.classifier = ml_collections.ConfigDict()
+  c.classifier.num_classes = 10  # logits; labels in [0, num_classes)
+  c.classifier.label_smoothing = 0.0  # train targets (1 - s) one_hot + s / num_classes
+  c.classifier.stem_stride = 1  # 1: 3x3 stem; k > 1: k x k stride-k patchify stem (4 at 256px)
 
   # --- optimiser --------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()
@@ -342,7 +352,7 @@ def summarize_fields(config: ml_collections.ConfigDict | None = None, width: int
 
 # Fields with a fixed set of values (model.name and the dtypes come from models/registry.py).
 _CHOICES = {
-  "task": ("autoencoder", "prior"),
+  "task": ("autoencoder", "prior", "classifier"),
   "data.reader": ("auto", "grain", "tfdata", "local", "folder"),
   "data.resize": ("pad", "resize_crop", "center_crop"),
   "model.upconv_impl": ("subpixel", "lax"),
@@ -377,6 +387,11 @@ _PRIOR_MODEL_FIELDS = (
   "model.cond_res_kernel",
   "model.num_out_res_blocks",
 )
+_CLASSIFIER_FIELDS = (
+  "classifier.num_classes",
+  "classifier.label_smoothing",
+  "classifier.stem_stride",
+)
 IGNORED_FIELDS = {
   ("vq.kind", "gumbel"): (
     "vq.beta",
@@ -406,7 +421,41 @@ IGNORED_FIELDS = {
     "model.num_out_res_blocks",
   ),
   ("model.name", "pixelsnail"): _STAGE1_MODEL_FIELDS + ("model.num_layers", "model.cond_channels"),
-  ("task", "autoencoder"): ("prior.level", "prior.class_conditional", "prior.num_classes"),
+  ("model.name", "classifier"): _STAGE1_MODEL_FIELDS
+  + (
+    "model.res_channels",
+    "model.kernel_size",
+    "model.num_layers",
+    "model.attention",
+    "model.num_heads",
+    "model.cond_channels",
+    "model.num_cond_res_blocks",
+    "model.cond_res_channels",
+    "model.cond_res_kernel",
+    "model.num_out_res_blocks",
+  ),
+  ("task", "autoencoder"): ("prior.level", "prior.class_conditional", "prior.num_classes")
+  + _CLASSIFIER_FIELDS,
+  ("task", "prior"): _CLASSIFIER_FIELDS,
+  ("task", "classifier"): (
+    "prior.level",
+    "prior.class_conditional",
+    "prior.num_classes",
+    "vq.kind",
+    "vq.num_codes",
+    "vq.code_dim",
+    "vq.beta",
+    "vq.ema",
+    "vq.decay",
+    "vq.eps",
+    "vq.bias_correction",
+    "vq.init",
+    "vq.kmeans_iters",
+    "vq.restart_after",
+    "vq.temperature",
+    "vq.kl_weight",
+    "vq.stats_impl",
+  ),
   ("optim.name", "adam"): ("optim.weight_decay",),  # decoupled decay is adamw's
 }
 

@@ -2,10 +2,15 @@
 
   python -m vqjax.sample --workdir PRIOR_TOP --workdir PRIOR_BOTTOM --num 64 --out DIR \
       [--stage1 STAGE1_WORKDIR] [--label 3] [--temperature 1.0 --top_k 0 --top_p 1.0] [--seed 0]
+      [--classifier CLASSIFIER_RUN --threshold 0.9 --max_attempts 10]
 
 The stage-1 run defaults to the one the priors' code dataset was extracted from. Writes
 DIR/samples.png (a grid), DIR/codes.npz (the code maps, coarsest first, and the labels) and
-DIR/settings.json (everything needed to draw the same samples again).
+DIR/settings.json (everything needed to draw the same samples again). With --classifier,
+classifier-based rejection sampling (Razavi et al. 2019) keeps only the samples the classifier
+gives at least --threshold probability of their label (of its top class for unconditional
+priors), generating batches of --num until --num are kept or --max_attempts batches are spent;
+the acceptance rate goes into settings.json.
 """
 
 import json
@@ -31,6 +36,9 @@ _LABEL = flags.DEFINE_integer(
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely codes (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the codes of this much mass (1 = all).")
+_CLASSIFIER = flags.DEFINE_string("classifier", "", "A classifier run for rejection sampling.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.9, "Rejection: the least probability kept.")
+_MAX_ATTEMPTS = flags.DEFINE_integer("max_attempts", 10, "Rejection: the most batches drawn.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
@@ -55,6 +63,9 @@ def run(
   temperature: float = 1.0,
   top_k: int = 0,
   top_p: float = 1.0,
+  classifier: str = "",
+  threshold: float = 0.9,
+  max_attempts: int = 10,
 ) -> dict:
   """Samples `num` images (see the module docstring); returns the settings written."""
   import jax
@@ -72,10 +83,16 @@ def run(
   )
   labels = hierarchy.labels_for(num, label, num_classes)
   t0 = time.perf_counter()
-  images, maps = gen.generate(
-    num, jax.random.key(seed), labels, temperature=temperature, top_k=top_k, top_p=top_p
-  )
-  images = np.asarray(jax.block_until_ready(images))
+  settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+  rejection = None
+  if classifier:
+    images, maps, rejection = _rejection(
+      gen, classifier, num, seed, labels, threshold, max_attempts, settings
+    )
+  else:
+    images, maps = gen.generate(num, jax.random.key(seed), labels, **settings)
+    images = np.asarray(jax.block_until_ready(images))
+  num = len(images)
   seconds = time.perf_counter() - t0
   os.makedirs(out, exist_ok=True)
   per_row = int(np.ceil(np.sqrt(num)))
@@ -86,7 +103,7 @@ def run(
   logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
   arrays = {f"codes{i}": np.asarray(m) for i, m in enumerate(maps)}
   if labels is not None:
-    arrays["label"] = labels
+    arrays["label"] = np.asarray(labels)[:num]
   np.savez(os.path.join(out, "codes.npz"), **arrays)
   settings = {
     "stage1": os.path.abspath(stage1),
@@ -104,6 +121,49 @@ def run(
     json.dump(settings, f, indent=2)
   logging.info("%d images in %.1f s (compilation included) -> %s/samples.png", num, seconds, out)
   return settings
+
+
+def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, settings):
+  """Rejection sampling with a classifier run; returns (images, code maps, summary)."""
+  import jax
+  import numpy as np
+
+  from vqjax import runs
+  from vqjax.sampling import rejection
+
+  _, clf, clf_vars = runs.load_run(classifier)
+  probs = jax.jit(lambda x: jax.nn.softmax(clf.apply(clf_vars, x).astype(jax.numpy.float32)))
+  drawn = []  # every generated batch with its code maps, to recover the kept samples' codes
+
+  def generate(rng, n, batch_labels):
+    images, maps = gen.generate(n, rng, batch_labels, **settings)
+    drawn.append((np.asarray(images), [np.asarray(m) for m in maps]))
+    return drawn[-1][0]
+
+  samples, info = rejection.rejection_sample(
+    generate,
+    lambda x: np.asarray(probs(x)),
+    num,
+    jax.random.key(seed),
+    threshold=threshold,
+    max_attempts=max_attempts,
+    labels=labels,
+  )
+  # The code maps of the kept samples: find each kept image among the generated batches.
+  maps = None
+  if len(samples):
+    pool = np.concatenate([b[0] for b in drawn])
+    pool_maps = [np.concatenate([b[1][i] for b in drawn]) for i in range(len(drawn[0][1]))]
+    index = [int(np.argmin(np.abs(pool - s).reshape(len(pool), -1).sum(1))) for s in samples]
+    maps = [m[index] for m in pool_maps]
+  summary = {k: info[k] for k in ("acceptance_rate", "attempts", "generated", "accepted", "kept")}
+  logging.info(
+    "rejection sampling: kept %d of %d generated (acceptance %.3f)",
+    info["kept"],
+    info["generated"],
+    info["acceptance_rate"],
+  )
+  return samples, maps or [], summary
 
 
 def main(argv):

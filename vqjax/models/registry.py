@@ -149,12 +149,19 @@ def _build_pixelsnail(config, dtype, param_dtype):
   )
 
 
+def _build_classifier(config, dtype, param_dtype):
+  from vqjax.models import classifier
+
+  return classifier.from_config(config, dtype, param_dtype)
+
+
 # config.model.name -> (config, dtype, param_dtype) -> module.
 MODELS = {
   "vqvae": _build_vqvae,
   "vqvae2": _build_vqvae2,
   "pixelcnn": _build_pixelcnn,
   "pixelsnail": _build_pixelsnail,
+  "classifier": _build_classifier,
 }
 # The stage-1 models (the rest are priors over their codes).
 AUTOENCODERS = ("vqvae", "vqvae2")

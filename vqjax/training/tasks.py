@@ -432,7 +432,14 @@ def _fill_from_codes(config: ml_collections.ConfigDict) -> None:
   p.image_shape = list(meta["image_shape"])
 
 
-TASKS = {"autoencoder": AutoencoderTask, "prior": PriorTask}
+def _classifier_task(config: ml_collections.ConfigDict) -> Task:
+  # Imported here: classifier_task subclasses Task from this module.
+  from vqjax.training import classifier_task
+
+  return classifier_task.ClassifierTask(config)
+
+
+TASKS = {"autoencoder": AutoencoderTask, "prior": PriorTask, "classifier": _classifier_task}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:
