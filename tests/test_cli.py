@@ -178,3 +178,11 @@ def test_only_user_and_os_errors_lose_their_traceback(error, one_line):
     assert result.returncode != 0 and "Traceback" in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"{error.split('(')[0]}: an internal bug"
+
+
+def test_cli_modules_import_together():
+  """Several CLIs share flag names (--workdir): importing them into one process (a notebook, a
+  test) must not define a flag twice."""
+  code = "import vqjax.train, vqjax.sample, vqjax.evaluate, vqjax.extract_codes; print('ok')"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

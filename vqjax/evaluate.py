@@ -17,10 +17,14 @@ from absl import app, flags
 
 from vqjax import errors
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run to evaluate (load_run reads it).")
-_OUT = flags.DEFINE_string("out", "", "JSON output (default WORKDIR/eval.json).")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Eval batches (0 = the whole split).")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program: several CLIs share names
+  like --workdir, and tests import them together)."""
+  flags.DEFINE_string("workdir", None, "The run to evaluate (load_run reads it).")
+  flags.DEFINE_string("out", "", "JSON output (default WORKDIR/eval.json).")
+  flags.DEFINE_integer("max_batches", 0, "Eval batches (0 = the whole split).")
+  flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
 def evaluate(workdir: str, max_batches: int = 0) -> dict[str, float]:
@@ -63,15 +67,15 @@ def evaluate(workdir: str, max_batches: int = 0) -> dict[str, float]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise SystemExit("vqjax.evaluate: --workdir is required")
   try:
-    result = evaluate(_WORKDIR.value, _MAX_BATCHES.value)
-    out = _OUT.value or os.path.join(_WORKDIR.value, "eval.json")
+    result = evaluate(flags.FLAGS.workdir, flags.FLAGS.max_batches)
+    out = flags.FLAGS.out or os.path.join(flags.FLAGS.workdir, "eval.json")
     with open(out, "w") as f:
       json.dump(result, f, indent=2, sort_keys=True)
   except (errors.UserError, OSError) as e:
-    if _VERBOSE.value:
+    if flags.FLAGS.verbose:
       traceback.print_exc()
     detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
     raise SystemExit(f"vqjax.evaluate: {type(e).__name__}: {detail}") from None
@@ -82,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

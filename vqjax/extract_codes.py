@@ -19,13 +19,17 @@ from absl import app, flags, logging
 
 from vqjax import errors
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Stage-1 run (trainer workdir or converted).")
-_OUT = flags.DEFINE_string("out", None, "Directory to write the code dataset to.")
-_SPLITS = flags.DEFINE_list("splits", None, "Splits to encode (default: train and eval splits).")
-_BATCH = flags.DEFINE_integer("batch", 0, "Examples per encoding batch (0 = eval batch size).")
-_SHARD = flags.DEFINE_integer("examples_per_shard", 10_000, "Examples per ArrayRecord shard.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of the stage-1 run (default newest).")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program: several CLIs share names
+  like --workdir, and tests import them together)."""
+  flags.DEFINE_string("workdir", None, "Stage-1 run (trainer workdir or converted).")
+  flags.DEFINE_string("out", None, "Directory to write the code dataset to.")
+  flags.DEFINE_list("splits", None, "Splits to encode (default: train and eval splits).")
+  flags.DEFINE_integer("batch", 0, "Examples per encoding batch (0 = eval batch size).")
+  flags.DEFINE_integer("examples_per_shard", 10_000, "Examples per ArrayRecord shard.")
+  flags.DEFINE_integer("step", None, "Checkpoint step of the stage-1 run (default newest).")
+  flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
 def _stage1_record(workdir: str, config, step) -> dict:
@@ -166,15 +170,20 @@ def extract(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for flag, value in (("--workdir", _WORKDIR.value), ("--out", _OUT.value)):
+  for flag, value in (("--workdir", flags.FLAGS.workdir), ("--out", flags.FLAGS.out)):
     if not value:
       raise SystemExit(f"vqjax.extract_codes: {flag} is required")
   try:
     meta = extract(
-      _WORKDIR.value, _OUT.value, _SPLITS.value, _BATCH.value, _SHARD.value, _STEP.value
+      flags.FLAGS.workdir,
+      flags.FLAGS.out,
+      flags.FLAGS.splits,
+      flags.FLAGS.batch,
+      flags.FLAGS.examples_per_shard,
+      flags.FLAGS.step,
     )
   except (errors.UserError, OSError) as e:
-    if _VERBOSE.value:
+    if flags.FLAGS.verbose:
       traceback.print_exc()
     detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
     raise SystemExit(f"vqjax.extract_codes: {type(e).__name__}: {detail}") from None
@@ -183,4 +192,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

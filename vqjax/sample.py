@@ -23,23 +23,27 @@ from absl import app, flags, logging
 
 from vqjax import errors
 
-_WORKDIRS = flags.DEFINE_multi_string("workdir", [], "A prior's workdir (one per level).")
-_STAGE1 = flags.DEFINE_string("stage1", "", "The autoencoder run (default: from the codes).")
-_NUM = flags.DEFINE_integer("num", 64, "How many images.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same images.")
-_LABEL = flags.DEFINE_integer(
-  "label",
-  None,
-  "Class of every image (class-conditional priors; default: cycle through the classes).",
-)
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely codes (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the codes of this much mass (1 = all).")
-_CLASSIFIER = flags.DEFINE_string("classifier", "", "A classifier run for rejection sampling.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.9, "Rejection: the least probability kept.")
-_MAX_ATTEMPTS = flags.DEFINE_integer("max_attempts", 10, "Rejection: the most batches drawn.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program: several CLIs share names
+  like --workdir, and tests import them together)."""
+  flags.DEFINE_multi_string("workdir", [], "A prior's workdir (one per level).")
+  flags.DEFINE_string("stage1", "", "The autoencoder run (default: from the codes).")
+  flags.DEFINE_integer("num", 64, "How many images.")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same images.")
+  flags.DEFINE_integer(
+    "label",
+    None,
+    "Class of every image (class-conditional priors; default: cycle through the classes).",
+  )
+  flags.DEFINE_float("temperature", 1.0, "Softmax temperature (0 = greedy).")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely codes (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the codes of this much mass (1 = all).")
+  flags.DEFINE_string("classifier", "", "A classifier run for rejection sampling.")
+  flags.DEFINE_float("threshold", 0.9, "Rejection: the least probability kept.")
+  flags.DEFINE_integer("max_attempts", 10, "Rejection: the most batches drawn.")
+  flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
 def stage1_of(prior_workdir: str) -> str:
@@ -169,27 +173,28 @@ def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, sett
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _OUT.value:
+  if not flags.FLAGS.out:
     raise SystemExit("vqjax.sample: --out is required")
   try:
     run(
-      _WORKDIRS.value,
-      _OUT.value,
-      _NUM.value,
-      _SEED.value,
-      _STAGE1.value,
-      _LABEL.value,
-      _TEMPERATURE.value,
-      _TOP_K.value,
-      _TOP_P.value,
+      flags.FLAGS.workdir,
+      flags.FLAGS.out,
+      flags.FLAGS.num,
+      flags.FLAGS.seed,
+      flags.FLAGS.stage1,
+      flags.FLAGS.label,
+      flags.FLAGS.temperature,
+      flags.FLAGS.top_k,
+      flags.FLAGS.top_p,
     )
   except (errors.UserError, OSError) as e:
-    if _VERBOSE.value:
+    if flags.FLAGS.verbose:
       traceback.print_exc()
     detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
     raise SystemExit(f"vqjax.sample: {type(e).__name__}: {detail}") from None
-  print(f"wrote {_OUT.value}/samples.png", file=sys.stderr)
+  print(f"wrote {flags.FLAGS.out}/samples.png", file=sys.stderr)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
