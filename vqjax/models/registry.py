@@ -196,7 +196,7 @@ def total_stride(config: ml_collections.ConfigDict) -> int:
   _check_name(config.model.name)
   if config.model.name not in AUTOENCODERS:
     raise errors.UserError(
-      f"total_stride: {config.model.name!r} is a prior, not an autoencoder "
+      f"total_stride: {config.model.name!r} is not an autoencoder "
       f"({', '.join(AUTOENCODERS)})"
     )
   # The module's own definition (it checks input sizes with it); building one is cheap.
