@@ -196,8 +196,7 @@ def total_stride(config: ml_collections.ConfigDict) -> int:
   _check_name(config.model.name)
   if config.model.name not in AUTOENCODERS:
     raise errors.UserError(
-      f"total_stride: {config.model.name!r} is not an autoencoder "
-      f"({', '.join(AUTOENCODERS)})"
+      f"total_stride: {config.model.name!r} is not an autoencoder ({', '.join(AUTOENCODERS)})"
     )
   # The module's own definition (it checks input sizes with it); building one is cheap.
   return build_model(config).total_stride
