@@ -90,7 +90,7 @@ def run(
   settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
   rejection = None
   if classifier:
-    images, maps, rejection = _rejection(
+    images, maps, rejection, labels = _rejection(
       gen, classifier, num, seed, labels, threshold, max_attempts, settings
     )
   else:
@@ -107,7 +107,7 @@ def run(
   logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
   arrays = {f"codes{i}": np.asarray(m) for i, m in enumerate(maps)}
   if labels is not None:
-    arrays["label"] = np.asarray(labels)[:num]
+    arrays["label"] = np.asarray(labels)
   np.savez(os.path.join(out, "codes.npz"), **arrays)
   settings = {
     "stage1": os.path.abspath(stage1),
@@ -120,6 +120,9 @@ def run(
     "top_p": top_p,
     "seconds": round(seconds, 3),
     "device": jax.devices()[0].device_kind,
+    "classifier": os.path.abspath(classifier) if classifier else None,
+    "threshold": threshold if classifier else None,
+    "rejection": rejection,
   }
   with open(os.path.join(out, "settings.json"), "w") as f:
     json.dump(settings, f, indent=2)
@@ -167,7 +170,7 @@ def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, sett
     info["generated"],
     info["acceptance_rate"],
   )
-  return samples, maps or [], summary
+  return samples, maps or [], summary, info["labels"]
 
 
 def main(argv):
@@ -186,6 +189,9 @@ def main(argv):
       flags.FLAGS.temperature,
       flags.FLAGS.top_k,
       flags.FLAGS.top_p,
+      flags.FLAGS.classifier,
+      flags.FLAGS.threshold,
+      flags.FLAGS.max_attempts,
     )
   except (errors.UserError, OSError) as e:
     if flags.FLAGS.verbose:
