@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from vqjax import configs, convert, errors, extract_codes
 from vqjax.data import codes, pipeline, sources
 from vqjax.models import registry
-from vqjax.training import tasks, trainer
+from vqjax.training import logs, tasks, trainer
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(
@@ -245,3 +246,22 @@ def test_prior_smoke_configs_take_one_real_step(name):
   # Uniform random codes over K=32: an untrained prior is near log2(32) = 5 bits per code.
   assert 4.0 < float(metrics["bits_per_code"]) < 7.0
   assert int(new.step) == 1
+
+
+def test_prior_logs_sample_grids_decoded_by_the_stage1_run(stage1, tmp_path):
+  workdir, s1_config, model, variables = stage1
+  codes_dir = str(tmp_path / "codes")
+  extract_codes.extract(workdir, codes_dir, batch_size=8)
+  config = configs.load_experiment("fashion_mnist_prior_bottom:smoke")
+  config.data.update(name="codes", codes_dir=codes_dir, train_split="train", eval_split="test")
+  config.log.update(image_every_steps=1, num_images=4, tensorboard=False, eval_every_steps=0)
+  trainer.train_and_evaluate(config, str(tmp_path / "prior"))
+  grid = np.asarray(Image.open(tmp_path / "prior" / "images" / "samples_0000001.png"))
+  # Two labelled rows (4 images of 32 px each): the real codes decoded, then the sampled bottom.
+  assert grid.shape[0] == 2 * 34 + 2
+  test = codes.CodesSource(codes_dir, "test")
+  real = tuple(jnp.asarray(np.stack([test[i][f"codes{k}"] for i in range(4)])) for k in (0, 1))
+  decoded = model.apply(variables, real, method="decode_from_indices")
+  want = logs.to_uint8(np.clip(np.asarray(decoded), -1, 1))
+  margin = grid.shape[1] - (8 * 34 + 2)  # rows of 8 cells, blanks after the 4 images
+  np.testing.assert_array_equal(grid[2:34, margin + 2 : margin + 34], want[0, ..., 0])

@@ -206,7 +206,6 @@ def prior_config(codes_dir: str, level: int, model: str) -> ml_collections.Confi
   c.data.reader = "local"
   c.model.name = model
   c.prior.level = level
-  c.log.image_every_steps = 0  # sample grids arrive with the sampler
   return c
 
 

@@ -92,7 +92,7 @@ class Generator:
       raise errors.UserError("the priors are class-conditional: give labels (--label)")
     maps: list[jax.Array] = []
     for level, (pconfig, model, variables) in enumerate(self.priors):
-      sampler = cached if _has_decode_mode(model) else naive
+      sampler = sampler_for(model)
       label = jnp.asarray(labels, jnp.int32) if pconfig.prior.class_conditional else None
       maps.append(
         sampler.sample(
@@ -123,12 +123,13 @@ class Generator:
     return self.decode(maps), maps
 
 
-def _has_decode_mode(model: Any) -> bool:
+def sampler_for(model: Any) -> Any:
+  """The cached sampler module for a prior with a decode mode, else the naive one."""
   try:
     cached._check_model(model)
   except ValueError:
-    return False
-  return True
+    return naive
+  return cached
 
 
 def labels_for(num: int, label: int | None, num_classes: int) -> np.ndarray | None:

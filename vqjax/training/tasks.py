@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from vqjax import errors
 from vqjax.models import quantizer, registry
@@ -404,6 +405,54 @@ class PriorTask(Task):
     if self.dims_per_code:
       out["bits_per_dim"] = out["bits_per_code"] / self.dims_per_code
     return out
+
+  def frozen(self) -> Any:
+    """The stage-1 run the codes came from (its variables), for sample grids in the logs;
+    None when grids are off or that run is not on this machine."""
+    self.decoder = None
+    if not self.config.log.image_every_steps or self.config.data.name != "codes":
+      return None
+    from vqjax import runs
+    from vqjax.data import codes as codes_data
+
+    stage1 = codes_data.read_metadata(self.config.data.codes_dir)["stage1"]["workdir"]
+    try:
+      _, self.decoder, variables = runs.load_run(stage1)
+    except errors.UserError as e:
+      logging.warning("no sample grids in the logs: stage-1 run %s: %s", stage1, e)
+      return None
+    return jax.device_get(variables)
+
+  def images(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None) -> dict:
+    """One grid, "samples": the decoded real codes over the same codes with this level drawn
+    from the prior (given the real coarser codes and label), so the grid shows what the prior
+    has learnt at its level."""
+    if frozen is None or getattr(self, "decoder", None) is None:
+      return {}
+    from vqjax.sampling import hierarchy
+
+    # Sampling costs a network pass per position: only the images the grid shows.
+    batch = jax.tree.map(lambda x: x[: self.config.log.num_images], batch)
+    levels = len(self.config.prior.code_shapes)
+    real = tuple(batch[codes_key(i)] for i in range(levels))
+    _, condition, label = self._inputs(batch)
+    drawn = hierarchy.sampler_for(self.model).sample(
+      self.model,
+      {"params": state.params, **state.model_state},
+      real[0].shape[0],
+      self.shape,
+      rng,
+      condition=condition,
+      label=label,
+    )
+    mixed = real[: self.level] + (drawn,) + real[self.level + 1 :]
+
+    def decode(maps):
+      images = self.decoder.apply(frozen, maps, method="decode_from_indices")
+      return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+    name = level_names(levels)[self.level]
+    return {"samples": {"real codes": decode(real), f"{name} sampled": decode(mixed)}}
 
 
 def _fill_from_codes(config: ml_collections.ConfigDict) -> None:

@@ -377,10 +377,17 @@ class _Run:
       task.eval_step, in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=repl
     )
     n_img = config.log.num_images
+    # Dicts come out of jit with sorted keys: the rows' order as the task gave it is noted
+    # while tracing, so "input" stays above "reconstruction" whatever the names.
+    self.row_order: dict[str, list[str]] = {}
+
+    def images(s, b, r, f):
+      grids = task.images(s, b, r, f)
+      self.row_order.update({name: list(rows) for name, rows in grids.items()})
+      return jax.tree.map(lambda x: x[:n_img], grids)
+
     self.images_fn = jax.jit(
-      lambda s, b, r, f: jax.tree.map(lambda x: x[:n_img], task.images(s, b, r, f)),
-      in_shardings=(shardings, batch_sh, repl, frozen_sh),
-      out_shardings=repl,
+      images, in_shardings=(shardings, batch_sh, repl, frozen_sh), out_shardings=repl
     )
     self.finite_fn = jax.jit(
       lambda s: sharding.all_finite((s.params, s.model_state)), out_shardings=repl
@@ -435,6 +442,7 @@ class _Run:
       return
     os.makedirs(os.path.join(self.workdir, "images"), exist_ok=True)
     for name, rows in grids.items():
+      rows = {row: rows[row] for row in self.row_order.get(name, rows)}
       grid = logs.comparison_grid(rows)
       logs.save_png(os.path.join(self.workdir, "images", f"{name}_{self.step:07d}.png"), grid)
       self.writer.write_images(self.step, name, grid)
