@@ -11,7 +11,6 @@ short table and written as JSON.
 import json
 import os
 import sys
-import traceback
 
 from absl import app, flags
 
@@ -69,16 +68,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.workdir:
     raise SystemExit("vqjax.evaluate: --workdir is required")
-  try:
+  with errors.one_line("vqjax.evaluate", flags.FLAGS.verbose):
     result = evaluate(flags.FLAGS.workdir, flags.FLAGS.max_batches)
     out = flags.FLAGS.out or os.path.join(flags.FLAGS.workdir, "eval.json")
     with open(out, "w") as f:
       json.dump(result, f, indent=2, sort_keys=True)
-  except (errors.UserError, OSError) as e:
-    if flags.FLAGS.verbose:
-      traceback.print_exc()
-    detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
-    raise SystemExit(f"vqjax.evaluate: {type(e).__name__}: {detail}") from None
   width = max(len(k) for k in result)
   for key in sorted(result):
     print(f"{key:<{width}}  {result[key]:.6g}")

@@ -13,7 +13,6 @@ shards. Then: `--config.data.name=codes --config.data.codes_dir=CODES_DIR`.
 import os
 import sys
 import time
-import traceback
 
 from absl import app, flags, logging
 
@@ -173,7 +172,7 @@ def main(argv):
   for flag, value in (("--workdir", flags.FLAGS.workdir), ("--out", flags.FLAGS.out)):
     if not value:
       raise SystemExit(f"vqjax.extract_codes: {flag} is required")
-  try:
+  with errors.one_line("vqjax.extract_codes", flags.FLAGS.verbose):
     meta = extract(
       flags.FLAGS.workdir,
       flags.FLAGS.out,
@@ -182,11 +181,6 @@ def main(argv):
       flags.FLAGS.examples_per_shard,
       flags.FLAGS.step,
     )
-  except (errors.UserError, OSError) as e:
-    if flags.FLAGS.verbose:
-      traceback.print_exc()
-    detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
-    raise SystemExit(f"vqjax.extract_codes: {type(e).__name__}: {detail}") from None
   shown = ", ".join(f"{k}={v['num_examples']}" for k, v in meta["splits"].items())
   print(f"codes written: {shown}", file=sys.stderr)
 

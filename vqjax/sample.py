@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-import traceback
 
 from absl import app, flags, logging
 
@@ -178,7 +177,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.out:
     raise SystemExit("vqjax.sample: --out is required")
-  try:
+  with errors.one_line("vqjax.sample", flags.FLAGS.verbose):
     run(
       flags.FLAGS.workdir,
       flags.FLAGS.out,
@@ -193,11 +192,6 @@ def main(argv):
       flags.FLAGS.threshold,
       flags.FLAGS.max_attempts,
     )
-  except (errors.UserError, OSError) as e:
-    if flags.FLAGS.verbose:
-      traceback.print_exc()
-    detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
-    raise SystemExit(f"vqjax.sample: {type(e).__name__}: {detail}") from None
   print(f"wrote {flags.FLAGS.out}/samples.png", file=sys.stderr)
 
 
