@@ -186,3 +186,21 @@ def test_cli_modules_import_together():
   code = "import vqjax.train, vqjax.sample, vqjax.evaluate, vqjax.extract_codes; print('ok')"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["-m", "vqjax.evaluate", "--workdir", "/nonexistent/run"], "is not a directory"),
+    (["-m", "vqjax.extract_codes", "--workdir", "/nonexistent/run"], "--out is required"),
+    (["-m", "vqjax.sample", "--out", "/tmp/unused"], "give the priors' workdirs"),
+  ],
+)
+def test_other_clis_answer_bad_input_in_one_line(args, message):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, *args], capture_output=True, text=True, timeout=120, env=env
+  )
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert message in last and "Traceback" not in out.stderr
