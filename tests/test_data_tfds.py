@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from data_helpers import data_config, take
 
-from vqjax.data import pipeline
+from vqjax.data import pipeline, tfds_data
 
 
 def _tiny_image(i):
@@ -256,7 +256,7 @@ def test_tfdata_reader_values_epochs_and_seed(tfdata_config):
   assert pipeline.num_examples(c, "train") == 100 and pipeline.num_examples(c, "test") == 9
   assert pipeline.num_examples(c, "train[:64]") == 64
   it = pipeline.make_train_iterator(c, seed=3)
-  assert isinstance(it, pipeline.TfDataTrainIterator)
+  assert isinstance(it, tfds_data.TfDataTrainIterator)
   assert (it.local_batch_size, it.steps_per_epoch, it.reader) == (10, 10, "tfdata")
   batches = take(it, 20)
   for b in batches:

@@ -12,6 +12,8 @@
 
 and `CodesSource` reads one split back as a random-access source (`sources.SOURCES["codes"]`),
 so the usual grain pipeline shuffles, shards per host and resumes it like any other dataset.
+`SyntheticCodesSource` (`name="synthetic_codes"`) gives random maps of given shapes instead,
+for smoke runs and benchmarks without a stage-1 model.
 """
 
 import io
@@ -119,3 +121,50 @@ class CodesSource:
   def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
     rows = [self._rows[int(i)] for i in indices]
     return [decode_example(r) for r in self._records.__getitems__(rows)]
+
+
+class SyntheticCodesSource:
+  """Uniformly random code maps of every level and a label, a pure function of the index.
+
+  Args:
+    shapes: code-map shapes, coarsest first.
+    num_codes: codes per level.
+    num_examples: the split's size.
+    seed: distinguishes splits.
+  """
+
+  def __init__(self, shapes: list, num_codes: int, num_examples: int, seed: int):
+    if not shapes or num_codes <= 0:
+      raise errors.UserError(
+        "name='synthetic_codes' needs config.data.synthetic_shapes (e.g. [[8, 8], [16, 16]]) "
+        "and config.data.synthetic_num_codes > 0"
+      )
+    self.shapes, self.num_codes, self.n, self.seed = shapes, num_codes, num_examples, seed
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    rng = np.random.default_rng((self.seed, int(i)))
+    example = {
+      f"codes{level}": rng.integers(0, self.num_codes, shape).astype(np.int32)
+      for level, shape in enumerate(self.shapes)
+    }
+    example["label"] = np.int32(rng.integers(0, 10))
+    return example
+
+
+def synthetic_source(data_config: Any, split: str) -> SyntheticCodesSource:
+  """The `name="synthetic_codes"` source of one split, from `config.data.synthetic_*`."""
+  from vqjax.data.sources import parse_split, slice_range
+
+  base, spec = parse_split(split)
+  c = data_config
+  source = SyntheticCodesSource(
+    [list(s) for s in (c.synthetic_shapes or [])],
+    c.synthetic_num_codes,
+    c.synthetic_examples,
+    seed=sum(map(ord, base)),
+  )
+  source.n = len(slice_range(spec, source.n, split))
+  return source

@@ -15,8 +15,8 @@ shard in a seeded permutation of its own, and the last partial batch of an epoch
   * Random-access sources ("local", "folder", "grain"): one grain `MapDataset` pipeline, so
     batch k of the endless stream is a pure function of (seed, k, process), whatever the reader
     threads; the resume point is grain's iterator state (the index of the next batch).
-  * "tfdata" (TFRecord through `tfds.load`, needs TensorFlow): a seeded shuffle per epoch of
-    this host's `tfds.even_splits` part, resumed by skipping into it.
+  * "tfdata" (TFRecord through `tfds.load`, needs TensorFlow; in `tfds_data.py`): a seeded
+    shuffle per epoch of this host's `tfds.even_splits` part, resumed by skipping into it.
 
 A state is the same on every process, so saving process 0's state is enough to resume all of
 them. It records what must match on resume (seed, dataset size, process count, per-process
@@ -24,7 +24,6 @@ batch, concrete reader); a mismatch is a one-line error saying what differs.
 """
 
 import functools
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -367,117 +366,6 @@ def _train_batch(
   return transform_batch(load_batch(source, indices, data_config), data_config, key + (index,))
 
 
-class TfDataTrainIterator:
-  """The "tfdata" reader: TFRecords through `tfds.load`, read in order (needs TensorFlow).
-
-  Batch (epoch, step) is a pure function of (seed, epoch, step, process): each epoch is a seeded
-  shuffle of this host's `tfds.even_splits` part, and resuming skips into it. Images stay
-  encoded through the shuffle buffer and are decoded in `config.data.num_workers` tf.data
-  threads (0 = in order, one at a time).
-
-  Attributes:
-    local_batch_size: examples per batch on this process (global batch // process_count).
-    steps_per_epoch: batches per epoch.
-    reader: "tfdata".
-  """
-
-  def __init__(self, data_config: Any, seed: int, process_index: int, process_count: int):
-    tf = sources.require_tensorflow()
-    import tensorflow_datasets as tfds
-
-    c = data_config
-    _check_process(process_index, process_count)
-    if c.num_workers < 0:
-      raise UserError(f"config.data.num_workers must be >= 0, not {c.num_workers}")
-    sources.check_tfds_prepared(c.name, c.data_dir, c.download, "tfdata")
-    split = tfds.even_splits(c.train_split, n=process_count, drop_remainder=True)[process_index]
-    # Images stay encoded until after the shuffle, so the buffer holds bytes, not pixels.
-    self._ds = _tfds_load(c, split, c.download, skip_image_decoding=True)
-    self._tf, self._config, self._pi = tf, c, process_index
-    # An Image feature skips to its encoded bytes (tf.string); a Tensor feature has no encoding
-    # and comes back as pixels, which `decode_image` would reject.
-    spec = self._ds.element_spec
-    self._encoded = IMAGE in spec and spec[IMAGE].dtype == tf.string
-    local = int(self._ds.cardinality())
-    if local < 0:
-      raise UserError(
-        f"tfds {c.name!r} split {c.train_split!r} has no known size (cardinality {local})"
-      )
-    self.reader, self._local = "tfdata", local
-    self.local_batch_size = b = _local_batch_size(
-      c.batch_size, process_count, "config.data.batch_size"
-    )
-    self.steps_per_epoch = local // b
-    if self.steps_per_epoch == 0:
-      raise UserError(
-        f"{local * process_count} examples make no batch of {c.batch_size} over "
-        f"{process_count} processes"
-      )
-    self._seed = int(seed) % 2**63
-    # `even_splits` gave every host `local` examples: P * local in all.
-    self._identity = {
-      "seed": self._seed,
-      "num_examples": local * process_count,
-      "process_count": process_count,
-      "local_batch_size": b,
-      "reader": "tfdata",
-    }
-    self._epoch = self._step = 0
-    self._live = None  # (epoch, step, numpy iterator positioned at that batch)
-
-  def _stream(self, epoch: int, step: int) -> Iterator[dict[str, np.ndarray]]:
-    tf, c, b = self._tf, self._config, self.local_batch_size
-    shuffle_seed = int(np.random.default_rng((self._seed, epoch, self._pi)).integers(2**31))
-    ds = self._ds.shuffle(
-      min(self._local, 16384), seed=shuffle_seed, reshuffle_each_iteration=False
-    ).skip(step * b)
-    if self._encoded:
-      decode = functools.partial(tf.io.decode_image, expand_animations=False)
-      ds = ds.map(
-        lambda ex: {**ex, IMAGE: decode(ex[IMAGE])},
-        num_parallel_calls=c.num_workers or None,
-        deterministic=True,
-      )
-    return ds.prefetch(2 * b).as_numpy_iterator()
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    epoch, step, b = self._epoch, self._step, self.local_batch_size
-    if self._live is None or self._live[:2] != (epoch, step):
-      self._live = (epoch, step, self._stream(epoch, step))
-    it = self._live[2]
-    examples = [sources.tfds_example(next(it)) for _ in range(b)]
-    batch = _stack(examples, self._config, lambda j: f"example {step * b + j} of epoch {epoch}")
-    key = (self._seed, self._pi, epoch * self.steps_per_epoch + step)
-    if step + 1 < self.steps_per_epoch:
-      self._epoch, self._step, self._live = epoch, step + 1, (epoch, step + 1, it)
-    else:
-      self._epoch, self._step, self._live = epoch + 1, 0, None
-    return transform_batch(batch, self._config, key)
-
-  def get_state(self) -> dict[str, Any]:
-    """The position of the next batch, plus what must match on resume (JSON-serialisable)."""
-    return {"epoch": self._epoch, "step": self._step, **self._identity}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Moves to a state from `get_state`; the next batch is the one that followed it."""
-    _check_identity(state, self._identity)
-    if "epoch" not in state or "step" not in state:
-      raise UserError(
-        f"Cannot resume data iterator: no epoch/step in the saved state "
-        f"(keys {sorted(state)}); it was saved by another reader"
-      )
-    if not 0 <= int(state["step"]) < self.steps_per_epoch:
-      raise UserError(f"Cannot resume data iterator: step {state['step']} out of range")
-    self._epoch, self._step, self._live = int(state["epoch"]), int(state["step"]), None
-
-  def close(self) -> None:
-    """Drops the open tf.data iterator."""
-    self._live = None
-
-
 def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
   """Pads every feature to `size` rows (images with -1, the rest with 0) and adds "mask"."""
   n = len(next(iter(batch.values())))
@@ -547,58 +435,9 @@ class EvalIterable:
       yield _pad(batch, self.local_batch_size)
 
 
-class TfDataEvalIterable(EvalIterable):
-  """EvalIterable over TFRecords through `tfds.load` (needs TensorFlow), read in order."""
-
-  def __init__(self, data_config: Any, process_index: int, process_count: int, max_batches: int):
-    self._tf = sources.require_tensorflow()
-    import tensorflow_datasets as tfds
-
-    c = data_config
-    total = num_examples(c, c.eval_split)
-    super().__init__(None, c, process_index, process_count, max_batches, num_total=total)
-    parts = tfds.even_splits(c.eval_split, n=process_count, drop_remainder=False)
-    self._ds = _tfds_load(c, parts[process_index], False, skip_image_decoding=False)
-
-  def _chunks(self) -> Iterator[dict[str, np.ndarray] | None]:
-    it = self._ds.as_numpy_iterator()
-    b = self.local_batch_size
-    for k in range(self.num_batches):
-      exs = [sources.tfds_example(ex) for ex in itertools.islice(it, b)]
-      yield _stack(exs, self._config, lambda j, k=k: f"eval example {k * b + j}") if exs else None
-
-  def _template(self) -> dict[str, np.ndarray]:
-    # Only a process with no eval example at all gets here (its parts are never empty after a
-    # non-empty one); it has nothing to read a shape from.
-    raise UserError(f"eval split {self._config.eval_split!r} has fewer examples than processes")
-
-
-def _tfds_load(data_config: Any, split: Any, download: bool, skip_image_decoding: bool) -> Any:
-  """`tfds.load` of one split in file order, with a one-line error for an ArrayRecord dataset."""
-  import tensorflow_datasets as tfds
-
-  c = data_config
-  decoders = None
-  if skip_image_decoding:
-    features = tfds.builder(c.name, data_dir=c.data_dir or None).info.features
-    if IMAGE in features.keys():
-      decoders = {IMAGE: tfds.decode.SkipDecoding()}
-  try:
-    return tfds.load(
-      c.name,
-      split=split,
-      data_dir=c.data_dir or None,
-      download=download,
-      shuffle_files=False,
-      decoders=decoders,
-    )
-  except NotImplementedError as e:  # prepared as ArrayRecord: only data_source reads it
-    raise UserError(f"tfds {c.name!r} is not TFRecord; use reader='grain' ({e})") from None
-
-
 def make_train_iterator(
   data_config: Any, seed: int, process_index: int = 0, process_count: int = 1
-) -> TrainIterator | TfDataTrainIterator:
+) -> Any:
   """Builds the endless, resumable training iterator of this process.
 
   Args:
@@ -614,7 +453,9 @@ def make_train_iterator(
   """
   reader = sources.resolve_reader(data_config)
   if reader == "tfdata":
-    return TfDataTrainIterator(data_config, seed, process_index, process_count)
+    from vqjax.data import tfds_data  # TensorFlow only when this reader is chosen
+
+    return tfds_data.TfDataTrainIterator(data_config, seed, process_index, process_count)
   source = sources.make_source(data_config, data_config.train_split)
   return TrainIterator(source, data_config, seed, process_index, process_count, reader)
 
@@ -634,7 +475,9 @@ def make_eval_iterator(
     An iterable (re-iterable, with `len`) of the train features plus "mask": float32 [B_local].
   """
   if sources.resolve_reader(data_config) == "tfdata":
-    return TfDataEvalIterable(data_config, process_index, process_count, max_batches)
+    from vqjax.data import tfds_data
+
+    return tfds_data.TfDataEvalIterable(data_config, process_index, process_count, max_batches)
   source = sources.make_source(data_config, data_config.eval_split)
   return EvalIterable(source, data_config, process_index, process_count, max_batches)
 
@@ -652,7 +495,9 @@ def num_examples(data_config: Any, split: str) -> int:
   if sources.resolve_reader(data_config) == "tfdata":
     import tensorflow_datasets as tfds
 
-    sources.check_tfds_prepared(data_config.name, data_config.data_dir, False, "tfdata")
+    from vqjax.data import tfds_data
+
+    tfds_data.check_tfds_prepared(data_config.name, data_config.data_dir, False, "tfdata")
     builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
     return builder.info.splits[split].num_examples
   return len(sources.make_source(data_config, split))

@@ -14,8 +14,8 @@ vqjax reads itself; names not in it come from the tfds catalogue. `resolve_reade
   * "folder": every PNG/JPEG below `config.data.folder`, labelled by parent directory; files
     PIL cannot read are found before training and skipped (see `FolderSource`).
   * "grain": a tfds dataset prepared as ArrayRecord, read through `tfds.data_source`.
-  * "tfdata": TFRecord through `tfds.load` (needs TensorFlow); streaming, not random access, so
-    it lives in `pipeline.py` and only `require_tensorflow` is here.
+  * "tfdata": TFRecord through `tfds.load` (needs TensorFlow); streaming, not random access.
+The tfds readers of both kinds live in `tfds_data.py`.
 """
 
 import concurrent.futures
@@ -454,94 +454,6 @@ def folder_source(
   return source
 
 
-class TfdsSource:
-  """A tfds ArrayRecord dataset read through `tfds.data_source` (no TensorFlow needed).
-
-  Every numeric feature is kept under its tfds name; text and bytes features (e.g. a file name)
-  are dropped, as they cannot go to the devices. 64-bit numbers become 32-bit, JAX's default.
-  Record i is the i-th record of the prepared files: tfds shuffles examples when it writes them,
-  so it is not the i-th example the builder generated.
-  """
-
-  def __init__(self, name: str, split: str, data_dir: str, download: bool):
-    import tensorflow_datasets as tfds  # deferred: tfds takes a second to import
-
-    check_tfds_prepared(name, data_dir, download, "grain")
-    try:
-      self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
-    except NotImplementedError as e:  # prepared as TFRecord: data_source cannot read it
-      raise UserError(f"tfds {name!r} is not ArrayRecord; use reader='tfdata' ({e})") from None
-
-  def __len__(self) -> int:
-    return len(self._ds)
-
-  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    return tfds_example(self._ds[i])
-
-  def __getitems__(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
-    # One ArrayRecord call for the batch is much faster than one per index; the source is safe
-    # to read from the pipeline's threads (checked with 8 threads against serial reads).
-    return [tfds_example(r) for r in self._ds.__getitems__(list(indices))]
-
-
-def tfds_example(record: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Maps a decoded tfds record to a source example (see `TfdsSource`)."""
-  out = {}
-  for k, v in record.items():
-    v = np.asarray(v)
-    if v.dtype.kind not in "biuf":
-      continue
-    if v.dtype == np.int64:
-      v = v.astype(np.int32)
-    elif v.dtype == np.uint64:
-      v = v.astype(np.uint32)
-    elif v.dtype == np.float64:
-      v = v.astype(np.float32)
-    out[k] = v
-  if "image" in out and out["image"].ndim == 2:
-    out["image"] = out["image"][..., None]
-  return out
-
-
-def check_tfds_prepared(name: str, data_dir: str, download: bool, reader: str) -> None:
-  """Fails fast, with one line, when a tfds dataset is not prepared and may not be downloaded.
-
-  Without this check an offline `tfds.load` retries for minutes, and the tfds errors are pages
-  long (a catalogue listing) rather than one actionable line.
-  """
-  import tensorflow_datasets as tfds
-
-  try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(
-      f"Unknown tfds dataset {name!r}: not in the tfds catalogue nor prepared in "
-      f"{data_dir or 'the tfds default data_dir'} (vqjax's own sources: {sorted(SOURCES)})"
-    ) from None
-  if builder.is_prepared() or download:
-    return
-  hint = ""
-  if name == "fashion_mnist":
-    hint = "; or `apt-get install dataset-fashion-mnist` and use reader='local'"
-  raise UserError(
-    f"tfds dataset {name!r} is not prepared in {os.path.dirname(builder.data_dir)} and "
-    f"config.data.download=False (reader={reader!r}): set --config.data.download=True or "
-    f"--config.data.data_dir{hint}"
-  )
-
-
-def require_tensorflow() -> Any:
-  """Imports TensorFlow for the "tfdata" reader, or fails with how to get it."""
-  try:
-    import tensorflow as tf
-  except ImportError:
-    raise UserError(
-      "reader='tfdata' needs TensorFlow: `pip install tensorflow-cpu`, or use reader='grain' "
-      "with an ArrayRecord dataset"
-    ) from None
-  return tf
-
-
 def _fashion_mnist(data_config: Any, split: str) -> ArraySource:
   return load_fashion_mnist(data_config.local_dir, split, default_cache_dir(data_config.data_dir))
 
@@ -560,54 +472,16 @@ def _folder(data_config: Any, split: str) -> FolderSource:
 
 # config.data.name -> factory(data_config, split) -> source, for the data vqjax reads itself
 # (reader "local", or "folder" for "folder"); other names are looked up in the tfds catalogue.
+def _synthetic_codes(data_config: Any, split: str) -> Any:
+  from vqjax.data import codes
+
+  return codes.synthetic_source(data_config, split)
+
+
 def _codes(data_config: Any, split: str) -> Any:
   from vqjax.data import codes  # deferred: grain's ArrayRecord reader loads only when needed
 
   return codes.CodesSource(data_config.codes_dir, split)
-
-
-class SyntheticCodesSource:
-  """Uniformly random code maps of every level and a label, a pure function of the index.
-
-  Args:
-    shapes: code-map shapes, coarsest first.
-    num_codes: codes per level.
-    num_examples: the split's size.
-    seed: distinguishes splits.
-  """
-
-  def __init__(self, shapes: list, num_codes: int, num_examples: int, seed: int):
-    if not shapes or num_codes <= 0:
-      raise UserError(
-        "name='synthetic_codes' needs config.data.synthetic_shapes (e.g. [[8, 8], [16, 16]]) "
-        "and config.data.synthetic_num_codes > 0"
-      )
-    self.shapes, self.num_codes, self.n, self.seed = shapes, num_codes, num_examples, seed
-
-  def __len__(self) -> int:
-    return self.n
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    rng = np.random.default_rng((self.seed, int(i)))
-    example = {
-      f"codes{level}": rng.integers(0, self.num_codes, shape).astype(np.int32)
-      for level, shape in enumerate(self.shapes)
-    }
-    example["label"] = np.int32(rng.integers(0, 10))
-    return example
-
-
-def _synthetic_codes(data_config: Any, split: str) -> SyntheticCodesSource:
-  base, spec = parse_split(split)
-  c = data_config
-  source = SyntheticCodesSource(
-    [list(s) for s in (c.synthetic_shapes or [])],
-    c.synthetic_num_codes,
-    c.synthetic_examples,
-    seed=sum(map(ord, base)),
-  )
-  source.n = len(slice_range(spec, source.n, split))
-  return source
 
 
 SOURCES: dict[str, Callable[[Any, str], Any]] = {
@@ -668,5 +542,7 @@ def make_source(data_config: Any, split: str) -> Any:
   if reader in ("local", "folder"):
     return SOURCES[data_config.name](data_config, split)
   if reader == "grain":
-    return TfdsSource(data_config.name, split, data_config.data_dir, data_config.download)
+    from vqjax.data import tfds_data  # tfds takes a second to import; only this reader needs it
+
+    return tfds_data.TfdsSource(data_config.name, split, data_config.data_dir, data_config.download)
   raise UserError("reader='tfdata' streams TFRecords: it has no random-access source")

@@ -1,0 +1,278 @@
+"""tfds datasets: the ArrayRecord source the grain pipeline reads (`TfdsSource`, through
+`tfds.data_source`, no TensorFlow) and the "tfdata" reader of TFRecord datasets (tf.data).
+
+The tf.data reader keeps the contract of the grain pipeline of `pipeline.py` (per-host shards,
+batches that are a function of (seed, epoch, step, process), a resumable state with its
+identity), but a TFRecord stream has no random access: each epoch is a seeded shuffle of this
+host's `tfds.even_splits` part, and resuming skips into it. Imported only when a tfds dataset is
+read.
+"""
+
+import functools
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from vqjax.data import sources
+from vqjax.data.pipeline import (
+  IMAGE,
+  EvalIterable,
+  _check_identity,
+  _check_process,
+  _local_batch_size,
+  _stack,
+  num_examples,
+  transform_batch,
+)
+from vqjax.errors import UserError
+
+
+class TfDataTrainIterator:
+  """The "tfdata" reader: TFRecords through `tfds.load`, read in order (needs TensorFlow).
+
+  Batch (epoch, step) is a pure function of (seed, epoch, step, process): each epoch is a seeded
+  shuffle of this host's `tfds.even_splits` part, and resuming skips into it. Images stay
+  encoded through the shuffle buffer and are decoded in `config.data.num_workers` tf.data
+  threads (0 = in order, one at a time).
+
+  Attributes:
+    local_batch_size: examples per batch on this process (global batch // process_count).
+    steps_per_epoch: batches per epoch.
+    reader: "tfdata".
+  """
+
+  def __init__(self, data_config: Any, seed: int, process_index: int, process_count: int):
+    tf = require_tensorflow()
+    import tensorflow_datasets as tfds
+
+    c = data_config
+    _check_process(process_index, process_count)
+    if c.num_workers < 0:
+      raise UserError(f"config.data.num_workers must be >= 0, not {c.num_workers}")
+    check_tfds_prepared(c.name, c.data_dir, c.download, "tfdata")
+    split = tfds.even_splits(c.train_split, n=process_count, drop_remainder=True)[process_index]
+    # Images stay encoded until after the shuffle, so the buffer holds bytes, not pixels.
+    self._ds = _tfds_load(c, split, c.download, skip_image_decoding=True)
+    self._tf, self._config, self._pi = tf, c, process_index
+    # An Image feature skips to its encoded bytes (tf.string); a Tensor feature has no encoding
+    # and comes back as pixels, which `decode_image` would reject.
+    spec = self._ds.element_spec
+    self._encoded = IMAGE in spec and spec[IMAGE].dtype == tf.string
+    local = int(self._ds.cardinality())
+    if local < 0:
+      raise UserError(
+        f"tfds {c.name!r} split {c.train_split!r} has no known size (cardinality {local})"
+      )
+    self.reader, self._local = "tfdata", local
+    self.local_batch_size = b = _local_batch_size(
+      c.batch_size, process_count, "config.data.batch_size"
+    )
+    self.steps_per_epoch = local // b
+    if self.steps_per_epoch == 0:
+      raise UserError(
+        f"{local * process_count} examples make no batch of {c.batch_size} over "
+        f"{process_count} processes"
+      )
+    self._seed = int(seed) % 2**63
+    # `even_splits` gave every host `local` examples: P * local in all.
+    self._identity = {
+      "seed": self._seed,
+      "num_examples": local * process_count,
+      "process_count": process_count,
+      "local_batch_size": b,
+      "reader": "tfdata",
+    }
+    self._epoch = self._step = 0
+    self._live = None  # (epoch, step, numpy iterator positioned at that batch)
+
+  def _stream(self, epoch: int, step: int) -> Iterator[dict[str, np.ndarray]]:
+    tf, c, b = self._tf, self._config, self.local_batch_size
+    shuffle_seed = int(np.random.default_rng((self._seed, epoch, self._pi)).integers(2**31))
+    ds = self._ds.shuffle(
+      min(self._local, 16384), seed=shuffle_seed, reshuffle_each_iteration=False
+    ).skip(step * b)
+    if self._encoded:
+      decode = functools.partial(tf.io.decode_image, expand_animations=False)
+      ds = ds.map(
+        lambda ex: {**ex, IMAGE: decode(ex[IMAGE])},
+        num_parallel_calls=c.num_workers or None,
+        deterministic=True,
+      )
+    return ds.prefetch(2 * b).as_numpy_iterator()
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    epoch, step, b = self._epoch, self._step, self.local_batch_size
+    if self._live is None or self._live[:2] != (epoch, step):
+      self._live = (epoch, step, self._stream(epoch, step))
+    it = self._live[2]
+    examples = [tfds_example(next(it)) for _ in range(b)]
+    batch = _stack(examples, self._config, lambda j: f"example {step * b + j} of epoch {epoch}")
+    key = (self._seed, self._pi, epoch * self.steps_per_epoch + step)
+    if step + 1 < self.steps_per_epoch:
+      self._epoch, self._step, self._live = epoch, step + 1, (epoch, step + 1, it)
+    else:
+      self._epoch, self._step, self._live = epoch + 1, 0, None
+    return transform_batch(batch, self._config, key)
+
+  def get_state(self) -> dict[str, Any]:
+    """The position of the next batch, plus what must match on resume (JSON-serialisable)."""
+    return {"epoch": self._epoch, "step": self._step, **self._identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Moves to a state from `get_state`; the next batch is the one that followed it."""
+    _check_identity(state, self._identity)
+    if "epoch" not in state or "step" not in state:
+      raise UserError(
+        f"Cannot resume data iterator: no epoch/step in the saved state "
+        f"(keys {sorted(state)}); it was saved by another reader"
+      )
+    if not 0 <= int(state["step"]) < self.steps_per_epoch:
+      raise UserError(f"Cannot resume data iterator: step {state['step']} out of range")
+    self._epoch, self._step, self._live = int(state["epoch"]), int(state["step"]), None
+
+  def close(self) -> None:
+    """Drops the open tf.data iterator."""
+    self._live = None
+
+
+class TfDataEvalIterable(EvalIterable):
+  """EvalIterable over TFRecords through `tfds.load` (needs TensorFlow), read in order."""
+
+  def __init__(self, data_config: Any, process_index: int, process_count: int, max_batches: int):
+    self._tf = require_tensorflow()
+    import tensorflow_datasets as tfds
+
+    c = data_config
+    total = num_examples(c, c.eval_split)
+    super().__init__(None, c, process_index, process_count, max_batches, num_total=total)
+    parts = tfds.even_splits(c.eval_split, n=process_count, drop_remainder=False)
+    self._ds = _tfds_load(c, parts[process_index], False, skip_image_decoding=False)
+
+  def _chunks(self) -> Iterator[dict[str, np.ndarray] | None]:
+    it = self._ds.as_numpy_iterator()
+    b = self.local_batch_size
+    for k in range(self.num_batches):
+      exs = [tfds_example(ex) for ex in itertools.islice(it, b)]
+      yield _stack(exs, self._config, lambda j, k=k: f"eval example {k * b + j}") if exs else None
+
+  def _template(self) -> dict[str, np.ndarray]:
+    # Only a process with no eval example at all gets here (its parts are never empty after a
+    # non-empty one); it has nothing to read a shape from.
+    raise UserError(f"eval split {self._config.eval_split!r} has fewer examples than processes")
+
+
+def _tfds_load(data_config: Any, split: Any, download: bool, skip_image_decoding: bool) -> Any:
+  """`tfds.load` of one split in file order, with a one-line error for an ArrayRecord dataset."""
+  import tensorflow_datasets as tfds
+
+  c = data_config
+  decoders = None
+  if skip_image_decoding:
+    features = tfds.builder(c.name, data_dir=c.data_dir or None).info.features
+    if IMAGE in features.keys():
+      decoders = {IMAGE: tfds.decode.SkipDecoding()}
+  try:
+    return tfds.load(
+      c.name,
+      split=split,
+      data_dir=c.data_dir or None,
+      download=download,
+      shuffle_files=False,
+      decoders=decoders,
+    )
+  except NotImplementedError as e:  # prepared as ArrayRecord: only data_source reads it
+    raise UserError(f"tfds {c.name!r} is not TFRecord; use reader='grain' ({e})") from None
+
+
+class TfdsSource:
+  """A tfds ArrayRecord dataset read through `tfds.data_source` (no TensorFlow needed).
+
+  Every numeric feature is kept under its tfds name; text and bytes features (e.g. a file name)
+  are dropped, as they cannot go to the devices. 64-bit numbers become 32-bit, JAX's default.
+  Record i is the i-th record of the prepared files: tfds shuffles examples when it writes them,
+  so it is not the i-th example the builder generated.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str, download: bool):
+    import tensorflow_datasets as tfds  # deferred: tfds takes a second to import
+
+    check_tfds_prepared(name, data_dir, download, "grain")
+    try:
+      self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
+    except NotImplementedError as e:  # prepared as TFRecord: data_source cannot read it
+      raise UserError(f"tfds {name!r} is not ArrayRecord; use reader='tfdata' ({e})") from None
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return tfds_example(self._ds[i])
+
+  def __getitems__(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
+    # One ArrayRecord call for the batch is much faster than one per index; the source is safe
+    # to read from the pipeline's threads (checked with 8 threads against serial reads).
+    return [tfds_example(r) for r in self._ds.__getitems__(list(indices))]
+
+
+def tfds_example(record: dict[str, Any]) -> dict[str, np.ndarray]:
+  """Maps a decoded tfds record to a source example (see `TfdsSource`)."""
+  out = {}
+  for k, v in record.items():
+    v = np.asarray(v)
+    if v.dtype.kind not in "biuf":
+      continue
+    if v.dtype == np.int64:
+      v = v.astype(np.int32)
+    elif v.dtype == np.uint64:
+      v = v.astype(np.uint32)
+    elif v.dtype == np.float64:
+      v = v.astype(np.float32)
+    out[k] = v
+  if "image" in out and out["image"].ndim == 2:
+    out["image"] = out["image"][..., None]
+  return out
+
+
+def check_tfds_prepared(name: str, data_dir: str, download: bool, reader: str) -> None:
+  """Fails fast, with one line, when a tfds dataset is not prepared and may not be downloaded.
+
+  Without this check an offline `tfds.load` retries for minutes, and the tfds errors are pages
+  long (a catalogue listing) rather than one actionable line.
+  """
+  import tensorflow_datasets as tfds
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(
+      f"Unknown tfds dataset {name!r}: not in the tfds catalogue nor prepared in "
+      f"{data_dir or 'the tfds default data_dir'} (vqjax's own sources: {sorted(sources.SOURCES)})"
+    ) from None
+  if builder.is_prepared() or download:
+    return
+  hint = ""
+  if name == "fashion_mnist":
+    hint = "; or `apt-get install dataset-fashion-mnist` and use reader='local'"
+  raise UserError(
+    f"tfds dataset {name!r} is not prepared in {os.path.dirname(builder.data_dir)} and "
+    f"config.data.download=False (reader={reader!r}): set --config.data.download=True or "
+    f"--config.data.data_dir{hint}"
+  )
+
+
+def require_tensorflow() -> Any:
+  """Imports TensorFlow for the "tfdata" reader, or fails with how to get it."""
+  try:
+    import tensorflow as tf
+  except ImportError:
+    raise UserError(
+      "reader='tfdata' needs TensorFlow: `pip install tensorflow-cpu`, or use reader='grain' "
+      "with an ArrayRecord dataset"
+    ) from None
+  return tf
