@@ -28,7 +28,13 @@ import numpy as np
 
 from vqjax import errors
 from vqjax.configs import base_config
-from vqjax.convert.rosinality import _load_error, _preview, _shape, _to_numpy
+from vqjax.convert.rosinality import (
+  _preview,
+  _shape,
+  _to_numpy,
+  load_torch_file,
+  unwrap_state_dict,
+)
 from vqjax.models.pixelsnail import PixelSNAIL
 
 # Without these keys a state_dict is not a PixelSNAIL (they carry the map size and widths).
@@ -54,16 +60,6 @@ CONFIG_FIELDS = (
 )
 
 
-def _torch_load(path: str):
-  import torch
-
-  # train_pixelsnail.py saves {'model': state_dict, 'args': argparse.Namespace}. A Namespace
-  # is plain attribute data (unpickling it runs no code), so it joins the allow-list; every
-  # other non-tensor object is still refused.
-  with torch.serialization.safe_globals([argparse.Namespace]):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def read_checkpoint(
   path_or_state_dict: str | os.PathLike | Mapping[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -77,32 +73,13 @@ def read_checkpoint(
   Returns:
     (state_dict, args): args is the saved Namespace as a dict ({} when absent).
   """
-  if isinstance(path_or_state_dict, Mapping):
-    sd = path_or_state_dict
-  else:
-    try:
-      import torch  # noqa: F401
-    except ImportError as e:
-      raise ImportError(
-        "reading PyTorch checkpoints needs torch: pip install 'vqjax[torch]'"
-      ) from e
-    path = os.fspath(path_or_state_dict)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"no such checkpoint file: {path}")
-    try:
-      sd = _torch_load(path)
-    except Exception as e:  # noqa: BLE001 - torch raises many types; all mean the same here
-      raise _load_error(path, e) from e
-    if not isinstance(sd, Mapping):
-      raise errors.UserError(f"{path} holds a {type(sd).__name__}, not a state_dict")
-  args = sd.get("args")
+  # train_pixelsnail.py saves {'model': state_dict, 'args': argparse.Namespace}. A Namespace
+  # is plain attribute data (unpickling it runs no code), so it joins the allow-list; every
+  # other non-tensor object is still refused.
+  raw = load_torch_file(path_or_state_dict, safe_globals=(argparse.Namespace,))
+  args = raw.get("args")
   args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-  for wrapper in ("model", "state_dict"):
-    if "background" not in sd and isinstance(sd.get(wrapper), Mapping):
-      sd = sd[wrapper]
-  keys = list(sd)
-  if keys and all(isinstance(k, str) and k.startswith("module.") for k in keys):
-    sd = {k[len("module.") :]: v for k, v in sd.items()}
+  sd = unwrap_state_dict(raw, "background")
   # torch.nn.utils.parametrizations.weight_norm's names for the same two tensors.
   sd = {
     k.replace(".parametrizations.weight.original0", ".weight_g").replace(

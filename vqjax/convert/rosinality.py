@@ -248,6 +248,50 @@ def _load_error(path: str, e: Exception) -> errors.UserError:
   )
 
 
+def load_torch_file(
+  path_or_mapping: str | os.PathLike | Mapping[str, Any], safe_globals: tuple = ()
+) -> Mapping[str, Any]:
+  """A `torch.save` file read with `weights_only=True`, or a mapping passed through.
+
+  Args:
+    path_or_mapping: the file, or a mapping already in memory.
+    safe_globals: classes also allowed in the pickle (plain data such as argparse.Namespace);
+      any other object is refused with a one-line error naming it.
+
+  Returns:
+    The mapping the file holds.
+  """
+  if isinstance(path_or_mapping, Mapping):
+    return path_or_mapping
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("reading PyTorch checkpoints needs torch: pip install 'vqjax[torch]'") from e
+  path = os.fspath(path_or_mapping)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such checkpoint file: {path}")
+  try:
+    with torch.serialization.safe_globals(list(safe_globals)):
+      sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - torch raises many types; all mean the same here
+    raise _load_error(path, e) from e
+  if not isinstance(sd, Mapping):
+    raise errors.UserError(f"{path} holds a {type(sd).__name__}, not a state_dict")
+  return sd
+
+
+def unwrap_state_dict(sd: Mapping[str, Any], marker: str) -> dict[str, Any]:
+  """The state_dict inside a checkpoint dict ({"model": sd} or {"state_dict": sd}, unless the
+  `marker` key shows it is already the state_dict), without DataParallel's "module." prefix."""
+  for wrapper in ("model", "state_dict"):
+    if marker not in sd and isinstance(sd.get(wrapper), Mapping):
+      sd = sd[wrapper]
+  keys = list(sd)
+  if keys and all(isinstance(k, str) and k.startswith("module.") for k in keys):
+    sd = {k[len("module.") :]: v for k, v in sd.items()}
+  return dict(sd)
+
+
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
   """The state_dict of a rosinality `VQVAE` from a file or a mapping.
 
@@ -259,31 +303,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
   Returns:
     A plain dict key -> tensor (or array).
   """
-  if isinstance(path_or_state_dict, Mapping):
-    sd = path_or_state_dict
-  else:
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(
-        "reading PyTorch checkpoints needs torch: pip install 'vqjax[torch]'"
-      ) from e
-    path = os.fspath(path_or_state_dict)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"no such checkpoint file: {path}")
-    try:
-      sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types; all mean the same here
-      raise _load_error(path, e) from e
-    if not isinstance(sd, Mapping):
-      raise ValueError(f"{path} holds a {type(sd).__name__}, not a state_dict")
-  for wrapper in ("model", "state_dict"):
-    if "enc_b.blocks.0.weight" not in sd and isinstance(sd.get(wrapper), Mapping):
-      sd = sd[wrapper]
-  keys = list(sd)
-  if keys and all(isinstance(k, str) and k.startswith("module.") for k in keys):
-    sd = {k[len("module.") :]: v for k, v in sd.items()}
-  return dict(sd)
+  return unwrap_state_dict(load_torch_file(path_or_state_dict), "enc_b.blocks.0.weight")
 
 
 def convert_state_dict(state_dict: Mapping[str, Any]) -> tuple[VQVAE2Shape, dict]:
