@@ -1,5 +1,7 @@
 """Tests of vqjax/models/pixelcnn.py: causality and the receptive field as properties (exact, in
-float64), conditioning, a short fit below the unigram entropy, and bfloat16 compute."""
+float64), conditioning, a short fit below the unigram entropy, bfloat16 compute, and the shapes
+and bfloat16 arithmetic of the decode mode (its float32 logits against the full forward are
+tested with the samplers, tests/test_sampling.py)."""
 
 import functools
 
@@ -321,3 +323,53 @@ def test_dropout_only_in_training():
   run = lambda train, seed: _apply(model, variables, codes, train=train, dropout_seed=seed)
   np.testing.assert_array_equal(run(False, 0), run(False, 1))
   assert np.abs(np.asarray(run(True, 0) - run(True, 1))).max() > 1e-4
+
+
+def test_decode_mode_has_the_parameters_of_the_full_model_and_a_row_sized_cache():
+  # Shapes only (eval_shape): decode mode may also initialise, with the same parameters.
+  k, layers, c = 5, 3, 8
+  model = GatedPixelCNN(
+    num_codes=K, channels=c, num_layers=layers, kernel_size=k, num_classes=3, cond_channels=4
+  )
+  codes = jnp.zeros((2, 6, 7), jnp.int32)
+  kw = dict(condition=(jnp.zeros((2, 3, 7), jnp.int32),), label=jnp.zeros((2,), jnp.int32))
+  init = lambda **extra: jax.eval_shape(lambda: model.init(jax.random.key(0), codes, **kw, **extra))
+  full, decode = init(), init(decode_position=0)
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  assert shapes(decode["params"]) == shapes(full["params"])
+  cache = shapes(decode["cache"])
+  assert cache["cond_features"] == ((2, 6, 7, 4), jnp.float32)
+  for n in range(layers):
+    assert cache[f"from_v_{n}"] == ((2, 1, 7, 2 * c), jnp.float32)
+  for n in range(1, layers):
+    # A ring of the k//2 + 1 rows the vertical window reads, and the current row.
+    assert cache[f"v_input_{n}"] == ((2, k // 2 + 1, 7, c), jnp.float32)
+    assert cache[f"h_input_{n}"] == ((2, 1, 7, c), jnp.float32)
+  assert len(cache) == 1 + layers + 2 * (layers - 1)
+  out = jax.eval_shape(
+    lambda v: model.apply(v, codes, **kw, decode_position=3, mutable=["cache"]), decode
+  )[0]
+  assert out.shape == (2, K) and out.dtype == jnp.float32
+  with pytest.raises(ValueError, match="train must be False"):
+    jax.eval_shape(
+      lambda v: model.apply(v, codes, **kw, train=True, decode_position=3, mutable=["cache"]),
+      decode,
+    )
+
+
+def test_bfloat16_decode_mode_matches_the_bfloat16_full_forward():
+  from vqjax.sampling import cached
+
+  rng = np.random.default_rng(7)
+  codes = _random_codes(rng, (2, 4, 4))
+  label = jnp.array([0, 2], jnp.int32)
+  kw = dict(num_codes=K, channels=16, num_layers=2, kernel_size=3, num_classes=3)
+  model = GatedPixelCNN(**kw, dtype=jnp.bfloat16)
+  variables = _init(GatedPixelCNN(**kw), codes, label=label)
+  full = np.asarray(_apply(model, variables, codes, label=label))
+  decoded = cached.logits_at_every_position(model, variables, codes, label=label)
+  assert decoded.dtype == jnp.float32
+  # The same bfloat16 arithmetic on windows instead of whole maps: equal up to the rounding
+  # of a few bfloat16 sums in another order.
+  err = np.abs(np.asarray(decoded) - full).max()
+  assert err < 0.02 * np.abs(full).max(), err

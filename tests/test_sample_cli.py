@@ -1,7 +1,11 @@
 """End to end: `vqjax.sample` over prior runs trained by the trainer and a stage-1 model on
-disk: files written, the same seed gives the same samples, and the codes decode to the PNG."""
+disk: files written, the same seed gives the same samples, and the codes decode to the PNG and
+to images.npz; with a classifier run (one trainer step), the rejection scores, and the sample
+quality statistics and trade-offs of vqjax/evaluate.py against the classifier's own outputs
+and NumPy."""
 
 import json
+import math
 import os
 
 import jax
@@ -10,7 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqjax import configs, convert, errors, sample
+import vqjax
+from vqjax import configs, convert, errors, evaluate, sample
+from vqjax.data import pipeline
+from vqjax.evaluation import frechet
 from vqjax.models import registry
 from vqjax.training import logs, trainer
 
@@ -51,6 +58,10 @@ def test_sample_cli_writes_grid_codes_and_settings(runs, tmp_path):
   grid = np.asarray(Image.open(os.path.join(out, "samples.png")))
   expected = logs.to_uint8(np.clip(np.asarray(images), -1, 1))
   np.testing.assert_array_equal(grid[2:34, 2:34], expected[0, ..., 0])
+  saved_images = np.load(os.path.join(out, "images.npz"))
+  np.testing.assert_array_equal(saved_images["image"], expected)
+  np.testing.assert_array_equal(saved_images["label"], [2] * 5)
+  assert "score" not in saved_images
   again = str(tmp_path / "again")
   sample.run(priors, again, num=5, seed=3, stage1=stage1, label=2)
   np.testing.assert_array_equal(
@@ -64,3 +75,189 @@ def test_sample_cli_errors(runs, tmp_path):
     sample.run(priors[:1], str(tmp_path / "x"), num=2, stage1=stage1)
   with pytest.raises(errors.UserError, match="not trained on extracted codes"):
     sample.run(priors, str(tmp_path / "x"), num=2)  # synthetic codes name no stage-1 run
+
+
+# --- With a classifier run: rejection scores, sample quality, trade-offs -------------------
+
+
+@pytest.fixture(scope="module")
+def judge(runs, tmp_path_factory):
+  """A classifier run after one trainer step, a direct (features, probabilities) function of
+  it, and the real eval set of the stage-1 run with its direct features."""
+  path = str(tmp_path_factory.mktemp("clf") / "run")
+  config = configs.load_experiment("classifier_fashion_mnist:smoke")
+  config.log.update(tensorboard=False, eval_every_steps=0)
+  trainer.train_and_evaluate(config, path)
+  _, clf, clf_vars = vqjax.load_run(path)
+  direct = jax.jit(lambda x: (clf.apply(clf_vars, x, method="features"), clf.apply(clf_vars, x)))
+
+  def features_and_probs(x):
+    """float64 features and softmax probabilities of float images in [-1, 1]."""
+    f, logits = direct(jnp.asarray(x, jnp.float32))
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.asarray(f, np.float64), p / p.sum(axis=1, keepdims=True)
+
+  stage1_config = configs.load_experiment("fashion_mnist:smoke")  # eval split test[:16]
+  batches = list(pipeline.make_eval_iterator(stage1_config.data))
+  real = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
+  real_labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+  return path, features_and_probs, features_and_probs(real)[0], real_labels
+
+
+def _in_manifold(reference: np.ndarray, queries: np.ndarray, k: int = 3) -> np.ndarray:
+  """Whether each query lies within some reference sample's distance to its k-th neighbour
+  (float64 full distance matrices: the definition of Kynkaanniemi et al., read directly)."""
+  radii = np.sort(np.linalg.norm(reference[:, None] - reference[None], axis=-1), axis=1)[:, k]
+  d = np.linalg.norm(queries[:, None] - reference[None], axis=-1)
+  return (d <= radii[None]).any(axis=1)
+
+
+def _to_float(images: np.ndarray) -> np.ndarray:
+  return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def _random_samples(directory, stage1: str, shape=(10, 32, 32, 1), labelled=True) -> tuple:
+  """A samples directory of random uint8 images (and labels) naming `stage1`."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, shape, dtype=np.uint8)
+  labels = rng.integers(0, 10, shape[0]).astype(np.int32)
+  directory.mkdir()
+  np.savez(directory / "images.npz", image=images, **({"label": labels} if labelled else {}))
+  (directory / "settings.json").write_text(json.dumps({"stage1": stage1, "classifier": None}))
+  return str(directory), images, labels
+
+
+def test_rejection_sampling_keeps_the_scores(runs, judge, tmp_path):
+  stage1, priors, model, variables = runs
+  clf, features_and_probs, _, _ = judge
+  out = str(tmp_path / "r")
+  # Two batches of 5 (the batch the first test compiled): 3 of the 10 pass, 3 slots filled.
+  with pytest.warns(UserWarning, match="kept 3 of 5"):
+    settings = sample.run(
+      priors, out, num=5, seed=1, stage1=stage1, classifier=clf, threshold=0.1, max_attempts=2
+    )
+  saved = np.load(os.path.join(out, "images.npz"))
+  codes = np.load(os.path.join(out, "codes.npz"))
+  kept = len(saved["image"])
+  assert kept == settings["num"] == settings["rejection"]["kept"] == 3
+  # Each kept score is the classifier's probability of the sample's label, computed here from
+  # the sample's codes decoded again.
+  images = model.apply(
+    variables,
+    (jnp.asarray(codes["codes0"]), jnp.asarray(codes["codes1"])),
+    method="decode_from_indices",
+  )
+  probs = features_and_probs(np.clip(np.asarray(images), -1, 1))[1]
+  expected = probs[np.arange(kept), saved["label"]]
+  np.testing.assert_allclose(saved["score"], expected, rtol=1e-4, atol=1e-6)
+  assert np.all(saved["score"] >= 0.1)
+  everything = saved["generated_score"]
+  assert len(everything) == settings["rejection"]["generated"]
+  assert settings["rejection"]["acceptance_rate"] == pytest.approx(np.mean(everything >= 0.1))
+
+
+def _inception_score(probs: np.ndarray, splits: int) -> float:
+  n = len(probs) // splits
+  scores = []
+  for i in range(splits):
+    p = probs[i * n : (i + 1) * n]
+    kl = np.sum(p * (np.log(p) - np.log(p.mean(axis=0, keepdims=True))), axis=1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores))
+
+
+def test_evaluate_samples_matches_a_direct_computation(runs, judge, tmp_path):
+  stage1 = runs[0]
+  clf, features_and_probs, real_f, real_labels = judge
+  directory, images, labels = _random_samples(tmp_path / "s", stage1, shape=(20, 32, 32, 1))
+  result = evaluate.evaluate_samples(directory, clf)
+  gen_f, gen_p = features_and_probs(_to_float(images))
+  assert result["num_samples"] == 20 and result["num_real"] == 16
+  fd = frechet.frechet_distance_from_features(real_f, gen_f)
+  assert fd > 0 and math.isclose(result["frechet_distance"], fd, rel_tol=1e-4)
+  assert result["precision"] == pytest.approx(np.mean(_in_manifold(real_f, gen_f)))
+  assert result["recall"] == pytest.approx(np.mean(_in_manifold(gen_f, real_f)))
+  # 10 splits of 2 samples each.
+  assert result["inception_score"] == pytest.approx(_inception_score(gen_p, 10), rel=1e-4)
+  assert result["inception_score"] > 1.0
+  cas = frechet.classification_accuracy_score(gen_f, labels, real_f, real_labels, num_classes=10)
+  assert result["classification_accuracy_score"] == pytest.approx(cas, abs=1e-9)
+  # max_real caps the real set (the first images of the split).
+  capped = evaluate.evaluate_samples(directory, clf, max_real=8)
+  assert capped["num_real"] == 8
+  fd8 = frechet.frechet_distance_from_features(real_f[:8], gen_f)
+  assert math.isclose(capped["frechet_distance"], fd8, rel_tol=1e-4)
+
+
+def test_threshold_tradeoff_acceptance_and_kept_statistics(runs, judge, tmp_path):
+  clf, features_and_probs, real_f, _ = judge
+  directory, images, labels = _random_samples(tmp_path / "s", runs[0])
+  gen_f, gen_p = features_and_probs(_to_float(images))
+  scores = gen_p[np.arange(10), labels]
+  s = np.sort(scores)
+  # Midpoints between sorted scores keep 9, 3 and 1 samples (no score sits on a threshold).
+  thresholds = [(s[0] + s[1]) / 2, (s[6] + s[7]) / 2, (s[8] + s[9]) / 2]
+  png = str(tmp_path / "t.png")
+  rows = evaluate.threshold_tradeoff(directory, clf, thresholds, png)
+  assert [r["kept"] for r in rows] == [9, 3, 1]
+  for row, t in zip(rows, thresholds, strict=True):
+    assert row["acceptance_rate"] == pytest.approx(np.mean(scores >= t))
+  keep = scores >= thresholds[0]
+  fd = frechet.frechet_distance_from_features(real_f, gen_f[keep])
+  assert math.isclose(rows[0]["frechet_distance"], fd, rel_tol=1e-4) and "note" not in rows[0]
+  assert rows[0]["precision"] == pytest.approx(np.mean(_in_manifold(real_f, gen_f[keep])))
+  # 3 kept: the Frechet distance only; 1 kept: nothing. The rows say why.
+  fd3 = frechet.frechet_distance_from_features(real_f, gen_f[scores >= thresholds[1]])
+  assert math.isclose(rows[1]["frechet_distance"], fd3, rel_tol=1e-4)
+  assert math.isnan(rows[1]["precision"]) and "precision / recall" in rows[1]["note"]
+  assert math.isnan(rows[2]["frechet_distance"]) and "no statistics" in rows[2]["note"]
+  with Image.open(png) as im:
+    assert im.format == "PNG" and im.size == (800, 300)  # two 400 x 300 panels
+  # Unlabelled samples are scored by their top class.
+  plain, _, _ = _random_samples(tmp_path / "u", runs[0], labelled=False)
+  top = gen_p.max(axis=1)
+  t = float(np.median(top))
+  (row,) = evaluate.threshold_tradeoff(plain, clf, [t], str(tmp_path / "u.png"))
+  assert row["acceptance_rate"] == pytest.approx(np.mean(top >= t))
+
+
+def test_temperature_tradeoff_draws_what_the_generator_draws(runs, judge, tmp_path):
+  from vqjax.sampling import hierarchy
+  from vqjax.training import logs as train_logs
+
+  stage1, priors, _, _ = runs
+  clf, features_and_probs, real_f, _ = judge
+  png = str(tmp_path / "temp.png")
+  rows = evaluate.temperature_tradeoff(priors, clf, [0.5, 1.0], 5, png, seed=2, stage1=stage1)
+  assert [r["temperature"] for r in rows] == [0.5, 1.0]
+  assert all(r["num_samples"] == 5 for r in rows)
+  # The samples at temperature 1 are those of Generator.generate with the same seed and the
+  # cycled labels, as a PNG would hold them.
+  gen = hierarchy.Generator.from_runs(stage1, priors)
+  images, _ = gen.generate(5, jax.random.key(2), np.arange(5) % 10, temperature=1.0)
+  gen_f, _ = features_and_probs(_to_float(train_logs.to_uint8(np.asarray(images))))
+  fd = frechet.frechet_distance_from_features(real_f, gen_f)
+  assert math.isclose(rows[1]["frechet_distance"], fd, rel_tol=1e-4)
+  assert rows[1]["precision"] == pytest.approx(np.mean(_in_manifold(real_f, gen_f)))
+  assert rows[0]["frechet_distance"] != rows[1]["frechet_distance"]
+  with Image.open(png) as im:
+    assert im.format == "PNG" and im.size == (800, 300)
+
+
+def test_sample_quality_errors(runs, judge, tmp_path):
+  stage1, priors, _, _ = runs
+  clf = judge[0]
+  small, _, _ = _random_samples(tmp_path / "small", stage1, shape=(6, 16, 16, 1))
+  with pytest.raises(errors.UserError, match="takes 32x32x1 images, the samples in .* are 16x16x1"):
+    evaluate.evaluate_samples(small, clf)
+  few, _, _ = _random_samples(tmp_path / "few", stage1, shape=(3, 32, 32, 1))
+  with pytest.raises(errors.UserError, match="holds 3 samples"):
+    evaluate.evaluate_samples(few, clf)
+  filtered, _, _ = _random_samples(tmp_path / "r", stage1)
+  with open(os.path.join(filtered, "settings.json"), "w") as f:
+    json.dump({"stage1": stage1, "classifier": clf, "threshold": 0.9}, f)
+  with pytest.raises(errors.UserError, match="already filtered by rejection sampling"):
+    evaluate.threshold_tradeoff(filtered, clf, [0.5], str(tmp_path / "x.png"))
+  with pytest.raises(errors.UserError, match="num must be > 3"):
+    evaluate.temperature_tradeoff(priors, clf, [1.0], 3, str(tmp_path / "y.png"), stage1=stage1)

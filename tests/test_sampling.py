@@ -1,8 +1,10 @@
-"""Tests of vqjax/sampling: the cached decode matches the full forward, both samplers draw
-the same codes, draws follow the (filtered) logits and do not depend on the batch layout."""
+"""Tests of vqjax/sampling: the cached decode of both priors (PixelSNAIL, Gated PixelCNN)
+matches the full forward, both samplers draw the same codes, draws follow the (filtered) logits
+and do not depend on the batch layout or the number of devices."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vqjax.models.pixelcnn import GatedPixelCNN
 from vqjax.models.pixelsnail import PixelSNAIL
-from vqjax.sampling import cached, filter_logits, naive
+from vqjax.sampling import cached, filter_logits, hierarchy, naive
 
 H = W = 6
 K = 8
@@ -31,12 +33,17 @@ def _snail(**kw) -> PixelSNAIL:
   return PixelSNAIL(**{**args, **kw})
 
 
-def _inputs(model, batch: int, seed: int = 0):
+def _pixelcnn(**kw) -> GatedPixelCNN:
+  return GatedPixelCNN(**{**dict(num_codes=K, channels=8, num_layers=2, kernel_size=3), **kw})
+
+
+def _inputs(model, batch: int, seed: int = 0, shape: tuple[int, int] = (H, W)):
   rng = np.random.default_rng(seed)
-  codes = jnp.asarray(rng.integers(0, K, (batch, H, W)), jnp.int32)
+  height, width = shape
+  codes = jnp.asarray(rng.integers(0, K, (batch, height, width)), jnp.int32)
   condition = label = None
   if getattr(model, "cond_res_channels", 0) or getattr(model, "cond_channels", 0):
-    condition = (jnp.asarray(rng.integers(0, K, (batch, H // 2, W // 2)), jnp.int32),)
+    condition = (jnp.asarray(rng.integers(0, K, (batch, height // 2, width // 2)), jnp.int32),)
   if model.num_classes:
     label = jnp.asarray(rng.integers(0, model.num_classes, (batch,)), jnp.int32)
   return codes, condition, label
@@ -67,6 +74,10 @@ CASES = {
   "snail_attention_label_out_blocks": lambda: _snail(
     kernel_size=5, num_classes=3, num_out_res_blocks=1
   ),
+  "pixelcnn_k3": lambda: _pixelcnn(),
+  "pixelcnn_label_k5": lambda: _pixelcnn(kernel_size=5, num_layers=3, num_classes=3),
+  "pixelcnn_condition_k3": lambda: _pixelcnn(num_layers=3, cond_channels=8),
+  "pixelcnn_condition_label_k5": lambda: _pixelcnn(kernel_size=5, cond_channels=8, num_classes=3),
 }
 
 
@@ -81,11 +92,29 @@ def test_cached_logits_equal_full_forward(case):
   np.testing.assert_allclose(incremental, full, rtol=1e-5, atol=1e-5)
 
 
+def test_pixelcnn_cached_logits_on_a_map_that_is_not_square():
+  # 7 rows (more than twice the ring of k//2 + 1 = 3 vertical rows kept per layer) of 3
+  # columns (fewer than the k = 5 window is wide).
+  model = _pixelcnn(kernel_size=5, num_layers=3, num_classes=3)
+  codes, condition, label = _inputs(model, 2, seed=4, shape=(7, 3))
+  variables = _init(model, codes, condition, label)
+  full = model.apply(variables, codes, label=label)
+  incremental = cached.logits_at_every_position(model, variables, codes, label=label)
+  np.testing.assert_allclose(incremental, full, rtol=1e-5, atol=1e-5)
+
+
 @functools.cache
 def _conditioned():
   model = _snail(num_cond_res_blocks=1, cond_res_channels=8, num_classes=3)
   codes, condition, label = _inputs(model, 4)
   return model, _init(model, codes, condition, label), condition, label
+
+
+@functools.cache
+def _conditioned_pixelcnn():
+  model = _pixelcnn(kernel_size=5, num_layers=3, cond_channels=8, num_classes=3)
+  codes, condition, label = _inputs(model, 4, seed=2)
+  return model, _init(model, codes, condition, label, seed=3), condition, label
 
 
 def test_naive_and_cached_draw_the_same_samples():
@@ -99,6 +128,24 @@ def test_naive_and_cached_draw_the_same_samples():
   # Different keys and different labels give different maps.
   assert np.any(cached.sample(model, variables, 4, (H, W), jax.random.key(8), **kw) != fast)
   assert len({np.asarray(m).tobytes() for m in fast}) == 4
+
+
+@pytest.mark.parametrize(
+  "settings",
+  [dict(), dict(temperature=0.8, top_k=5, top_p=0.9)],
+  ids=["temperature_1", "top_k_top_p"],
+)
+def test_naive_and_cached_draw_the_same_samples_from_a_pixelcnn(settings):
+  model, variables, condition, label = _conditioned_pixelcnn()
+  kw = dict(condition=condition, label=label, **settings)
+  rng = jax.random.key(11)
+  slow = naive.sample(model, variables, 4, (H, W), rng, **kw)
+  fast = cached.sample(model, variables, 4, (H, W), rng, **kw)
+  assert fast.shape == (4, H, W) and fast.dtype == jnp.int32
+  np.testing.assert_array_equal(fast, slow)
+  # The maps are draws, not constants: every example differs and uses several codes.
+  assert len({np.asarray(m).tobytes() for m in fast}) == 4
+  assert all(len(np.unique(np.asarray(m))) > 2 for m in fast)
 
 
 def test_samples_follow_the_logits():
@@ -148,23 +195,67 @@ def test_samples_do_not_depend_on_the_batch_layout():
     for s in (0, 2)
   ]
   np.testing.assert_array_equal(np.concatenate(halves), whole)
-  # The same batch sharded over two devices draws the same maps.
+
+
+@pytest.mark.parametrize("prior", ["pixelsnail", "pixelcnn"])
+def test_samples_do_not_depend_on_the_number_of_devices(prior):
+  if prior == "pixelsnail":
+    model = _snail(num_blocks=1, num_classes=3)
+  else:
+    model = _pixelcnn(kernel_size=5, num_layers=3, cond_channels=8, num_classes=3)
+  codes, condition, label = _inputs(model, 8, seed=5)
+  variables = _init(model, codes, condition, label)
+  rng = jax.random.key(3)
+  one = jax.devices()[0]
+  on_one = cached.sample(
+    model,
+    jax.device_put(variables, one),
+    8,
+    (H, W),
+    rng,
+    condition=jax.device_put(condition, one),
+    label=jax.device_put(label, one),
+  )
+  assert on_one.sharding.device_set == {one}
+  # The same batch sharded over a mesh of all 8 simulated devices (data axis) draws the same.
+  assert len(jax.devices()) == 8
   auto = (jax.sharding.AxisType.Auto,)
-  mesh = jax.make_mesh((2,), ("data",), axis_types=auto, devices=jax.devices()[:2])
+  mesh = jax.make_mesh((8,), ("data",), axis_types=auto)
   batch = NamedSharding(mesh, PartitionSpec("data"))
   sharded = jax.jit(
-    lambda v, c, lab: cached.sample(model, v, 4, (H, W), rng, condition=c, label=lab),
+    lambda v, c, lab: cached.sample(model, v, 8, (H, W), rng, condition=c, label=lab),
     out_shardings=batch,
   )(variables, jax.device_put(condition, batch), jax.device_put(label, batch))
-  np.testing.assert_array_equal(sharded, whole)
+  assert len(sharded.sharding.device_set) == 8
+  assert len({np.asarray(m).tobytes() for m in sharded}) == 8
+  np.testing.assert_array_equal(sharded, on_one)
 
 
-def test_naive_samples_pixelcnn_and_cached_refuses_it():
-  model = GatedPixelCNN(num_codes=K, channels=8, num_layers=2, kernel_size=3, num_classes=3)
+class _NoDecodeMode(nn.Module):
+  """A prior without a decode mode: logits from a per-position bias only."""
+
+  @nn.compact
+  def __call__(self, codes, condition=None, label=None, train=False):
+    bias = self.param("bias", nn.initializers.zeros, (codes.shape[1], codes.shape[2], K))
+    return jnp.broadcast_to(bias, (*codes.shape, K))
+
+
+def test_sampler_for_picks_cached_for_both_priors_and_naive_without_a_decode_mode():
+  assert hierarchy.sampler_for(_snail()) is cached
+  assert hierarchy.sampler_for(_pixelcnn()) is cached
+  other = _NoDecodeMode()
+  assert hierarchy.sampler_for(other) is naive
+  with pytest.raises(ValueError, match="no decode mode"):
+    cached.sample(other, {}, 2, (H, W), jax.random.key(0))
+  with pytest.raises(ValueError, match="no decode mode"):
+    cached.logits_at_every_position(other, {}, jnp.zeros((2, H, W), jnp.int32))
+
+
+def test_cached_greedy_pixelcnn_sample_is_the_argmax_of_the_full_forward():
+  model = _pixelcnn(num_classes=3)
   codes, condition, label = _inputs(model, 2)
   variables = _init(model, codes, condition, label)
-  greedy = naive.sample(model, variables, 2, (H, W), jax.random.key(0), label=label, top_k=1)
+  greedy = cached.sample(model, variables, 2, (H, W), jax.random.key(0), label=label, top_k=1)
   logits = model.apply(variables, greedy, label=label)
   np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
-  with pytest.raises(ValueError, match="no decode mode"):
-    cached.sample(model, variables, 2, (H, W), jax.random.key(0), label=label)
+  assert len(np.unique(np.asarray(greedy))) > 1

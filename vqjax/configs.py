@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- data -------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.name = "fashion_mnist"  # tfds catalogue name, "fashion_mnist", or "folder"
+  c.data.name = "fashion_mnist"  # tfds name, or fashion_mnist, folder, codes, prepared
   # "auto" (resolved once per run and recorded) | "grain" (tfds.data_source) | "tfdata"
   # (tfds.load) | "local" (Fashion-MNIST idx files, in-memory sources) | "folder"
   c.data.reader = "auto"
@@ -48,13 +48,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 128  # global batch, split over processes and devices
   c.data.eval_batch_size = 256
   c.data.num_workers = 0  # read/decode threads (grain), tf.data parallel calls; 0 = none
+  # grain readers: read and decode batches in this many worker processes (each with
+  # num_workers threads; batches return through shared memory), free of the trainer's GIL;
+  # 0 = in the trainer's process. Same batches and resume point for every count.
+  c.data.worker_processes = 0
   c.data.download = False  # tfds may download when True (never in tests)
   c.data.codes_dir = ""  # name="codes": the directory written by `python -m vqjax.extract_codes`
+  # name="prepared": images decoded and fitted once by `python -m vqjax.prepare` (data/prepared.py)
+  c.data.prepared_dir = ""
   # name="synthetic_codes": random code maps of these shapes (coarsest first) over
   # `synthetic_num_codes` codes, for smoke runs and benchmarks without a stage-1 model.
   c.data.synthetic_shapes = ml_collections.config_dict.placeholder(list)
   c.data.synthetic_num_codes = 0
   c.data.synthetic_examples = 256
+  # Examples whose "label" is one of these are left out of every split (data/sources.py
+  # make_source): a stage-1 model of the "normal" classes for `python -m vqjax.anomaly`. A
+  # tuple, as config flags cannot override lists: --config.data.exclude_labels=9 (repeatable).
+  c.data.exclude_labels = ()
 
   # --- model ------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -490,6 +500,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.UserError(
         f"config.{field}={value!r} is not one of {', '.join(map(repr, allowed))}"
       )
+  excluded = config.data.exclude_labels
+  if not all(isinstance(v, int) and not isinstance(v, bool) for v in excluded):
+    raise errors.UserError(f"config.data.exclude_labels must be integers, got {excluded!r}")
+  if excluded and config.data.reader == "tfdata":
+    raise errors.UserError(
+      "config.data.exclude_labels needs a random-access reader; reader='tfdata' cannot filter"
+    )
   defaults = base_config()
   for (selector, selected), fields in IGNORED_FIELDS.items():
     if _get(config, selector) != selected:

@@ -5,12 +5,15 @@
       [--classifier CLASSIFIER_RUN --threshold 0.9 --max_attempts 10]
 
 The stage-1 run defaults to the one the priors' code dataset was extracted from. Writes
-DIR/samples.png (a grid), DIR/codes.npz (the code maps, coarsest first, and the labels) and
+DIR/samples.png (a grid), DIR/codes.npz (the code maps, coarsest first, and the labels),
+DIR/images.npz (the images as uint8 [N, H, W, C] under "image", and "label" when the priors
+are class-conditional, so `python -m vqjax.evaluate --samples DIR` needs no decoder) and
 DIR/settings.json (everything needed to draw the same samples again). With --classifier,
 classifier-based rejection sampling (Razavi et al. 2019) keeps only the samples the classifier
 gives at least --threshold probability of their label (of its top class for unconditional
 priors), generating batches of --num until --num are kept or --max_attempts batches are spent;
-the acceptance rate goes into settings.json.
+the acceptance rate goes into settings.json, each kept sample's score into images.npz
+("score") and the score of every generated sample, kept or not, too ("generated_score").
 """
 
 import json
@@ -87,9 +90,9 @@ def run(
   labels = hierarchy.labels_for(num, label, num_classes)
   t0 = time.perf_counter()
   settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-  rejection = None
+  rejection, scores = None, {}
   if classifier:
-    images, maps, rejection, labels = _rejection(
+    images, maps, rejection, labels, scores = _rejection(
       gen, classifier, num, seed, labels, threshold, max_attempts, settings
     )
   else:
@@ -98,16 +101,20 @@ def run(
   num = len(images)
   seconds = time.perf_counter() - t0
   os.makedirs(out, exist_ok=True)
-  per_row = int(np.ceil(np.sqrt(num)))
-  rows = [images[i : i + per_row] for i in range(0, num, per_row)]
-  if len(rows[-1]) < per_row:
-    blank = np.ones((per_row - len(rows[-1]),) + images.shape[1:], np.float32)
-    rows[-1] = np.concatenate([rows[-1], blank])
-  logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
+  if num:
+    per_row = int(np.ceil(np.sqrt(num)))
+    rows = [images[i : i + per_row] for i in range(0, num, per_row)]
+    if len(rows[-1]) < per_row:
+      blank = np.ones((per_row - len(rows[-1]),) + images.shape[1:], np.float32)
+      rows[-1] = np.concatenate([rows[-1], blank])
+    logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
+  else:
+    logging.warning("no sample was kept: no samples.png written")
   arrays = {f"codes{i}": np.asarray(m) for i, m in enumerate(maps)}
-  if labels is not None:
-    arrays["label"] = np.asarray(labels)
-  np.savez(os.path.join(out, "codes.npz"), **arrays)
+  labelled = {} if labels is None else {"label": np.asarray(labels, np.int32)}
+  np.savez(os.path.join(out, "codes.npz"), **arrays, **labelled)
+  # The images as a PNG would hold them (uint8), so evaluation needs no decoder.
+  np.savez(os.path.join(out, "images.npz"), image=logs.to_uint8(images), **labelled, **scores)
   settings = {
     "stage1": os.path.abspath(stage1),
     "priors": [os.path.abspath(p) for p in priors],
@@ -130,7 +137,8 @@ def run(
 
 
 def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, settings):
-  """Rejection sampling with a classifier run; returns (images, code maps, summary)."""
+  """Rejection sampling with a classifier run; returns (images, code maps, summary, labels of
+  the kept samples, {"score": kept samples' scores, "generated_score": every score})."""
   import jax
   import numpy as np
 
@@ -156,12 +164,14 @@ def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, sett
     labels=labels,
   )
   # The code maps of the kept samples: find each kept image among the generated batches.
-  maps = None
+  # info["scores"] follows the generated samples in order, as the pool does.
+  maps, kept_scores = None, np.zeros((0,), np.float64)
   if len(samples):
     pool = np.concatenate([b[0] for b in drawn])
     pool_maps = [np.concatenate([b[1][i] for b in drawn]) for i in range(len(drawn[0][1]))]
     index = [int(np.argmin(np.abs(pool - s).reshape(len(pool), -1).sum(1))) for s in samples]
     maps = [m[index] for m in pool_maps]
+    kept_scores = np.asarray(info["scores"], np.float64)[index]
   summary = {k: info[k] for k in ("acceptance_rate", "attempts", "generated", "accepted", "kept")}
   logging.info(
     "rejection sampling: kept %d of %d generated (acceptance %.3f)",
@@ -169,7 +179,8 @@ def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, sett
     info["generated"],
     info["acceptance_rate"],
   )
-  return samples, maps or [], summary, info["labels"]
+  scores = {"score": kept_scores, "generated_score": np.asarray(info["scores"], np.float64)}
+  return samples, maps or [], summary, info["labels"], scores
 
 
 def main(argv):
@@ -177,6 +188,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.out:
     raise SystemExit("vqjax.sample: --out is required")
+  from vqjax.training import logs
+
+  logs.quiet_library_logs()  # Orbax's INFO lines per restore would bury the results
   with errors.one_line("vqjax.sample", flags.FLAGS.verbose):
     run(
       flags.FLAGS.workdir,

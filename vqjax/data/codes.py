@@ -14,11 +14,16 @@ and `CodesSource` reads one split back as a random-access source (`sources.SOURC
 so the usual grain pipeline shuffles, shards per host and resumes it like any other dataset.
 `SyntheticCodesSource` (`name="synthetic_codes"`) gives random maps of given shapes instead,
 for smoke runs and benchmarks without a stage-1 model.
+
+The shard and metadata helpers (`shard_name`, `encode_example`, `read_dataset_metadata`,
+`write_metadata`, `write_shard`, `open_split`) are shared with the prepared image datasets of
+`data/prepared.py`, which use the same layout.
 """
 
 import io
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -27,6 +32,12 @@ from vqjax import errors
 
 FORMAT = "vqjax-codes/1"
 METADATA = "metadata.json"
+# One record per chunk, so a random read decodes one example, not a group of them.
+WRITER_OPTIONS = "group_size:1"
+_HINT = (
+  "run `python -m vqjax.extract_codes --workdir STAGE1_RUN --out DIR` and set "
+  "--config.data.codes_dir=DIR"
+)
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -41,28 +52,49 @@ def encode_example(example: dict[str, np.ndarray]) -> bytes:
   return buffer.getvalue()
 
 
+def load_record(record: bytes) -> dict[str, np.ndarray]:
+  """The arrays of one `encode_example` record, with the dtypes they were written with."""
+  with np.load(io.BytesIO(record)) as z:
+    return {k: z[k] for k in z.files}
+
+
 def decode_example(record: bytes) -> dict[str, np.ndarray]:
   """The inverse of `encode_example`: code maps as int32, the label as an int32 scalar."""
-  with np.load(io.BytesIO(record)) as z:
-    return {k: np.asarray(z[k], np.int32) for k in z.files}
+  return {k: np.asarray(v, np.int32) for k, v in load_record(record).items()}
 
 
-def read_metadata(codes_dir: str) -> dict:
-  """The metadata of a code dataset, with a one-line error when there is none."""
-  path = os.path.join(os.path.expanduser(codes_dir), METADATA)
-  if not codes_dir or not os.path.isfile(path):
-    raise errors.UserError(
-      f"no code dataset at {codes_dir!r} ({METADATA} not found): run `python -m "
-      "vqjax.extract_codes --workdir STAGE1_RUN --out DIR` and set --config.data.codes_dir=DIR"
-    )
+def read_dataset_metadata(directory: str, fmt: str, what: str, hint: str) -> dict:
+  """The metadata.json of a sharded record dataset, checked to be of format `fmt`.
+
+  Args:
+    directory: the dataset directory.
+    fmt: the expected "format" entry (e.g. `FORMAT`).
+    what: how errors name the dataset ("code dataset").
+    hint: what to do when there is none (one clause).
+
+  Returns:
+    The parsed metadata.
+
+  Raises:
+    errors.UserError: one line when the file is missing, unreadable or of another format.
+  """
+  path = os.path.join(os.path.expanduser(directory), METADATA)
+  if not directory or not os.path.isfile(path):
+    raise errors.UserError(f"no {what} at {directory!r} ({METADATA} not found): {hint}")
   try:
     with open(path) as f:
       meta = json.load(f)
   except (OSError, ValueError) as e:
     raise errors.UserError(f"cannot read {path}: {e}") from None
-  if meta.get("format") != FORMAT:
-    raise errors.UserError(f"{path} is not a vqjax code dataset (format {meta.get('format')!r})")
+  if not isinstance(meta, dict) or meta.get("format") != fmt:
+    found = meta.get("format") if isinstance(meta, dict) else None
+    raise errors.UserError(f"{path} is not a vqjax {what} (format {found!r}, expected {fmt!r})")
   return meta
+
+
+def read_metadata(codes_dir: str) -> dict:
+  """The metadata of a code dataset, with a one-line error when there is none."""
+  return read_dataset_metadata(codes_dir, FORMAT, "code dataset", _HINT)
 
 
 def write_metadata(codes_dir: str, meta: dict) -> None:
@@ -74,6 +106,79 @@ def write_metadata(codes_dir: str, meta: dict) -> None:
   os.replace(tmp, path)
 
 
+def write_shard(path: str, records: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
+  """Writes one ArrayRecord shard under a temporary name and renames it when complete.
+
+  A writer killed half-way leaves only the temporary file, which the next run overwrites, so a
+  shard that exists under its final name is always whole.
+
+  Args:
+    path: the shard's final path.
+    records: the records, in order.
+    options: ArrayRecord writer options.
+
+  Returns:
+    The number of records written.
+  """
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  tmp = f"{path}.tmp"  # one writer per shard: the next run overwrites a killed one's leftover
+  writer = ArrayRecordWriter(tmp, options)
+  count = 0
+  try:
+    for record in records:
+      writer.write(record)
+      count += 1
+  finally:
+    writer.close()
+  os.replace(tmp, path)
+  return count
+
+
+def open_split(directory: str, meta: dict, split: str, what: str, hint: str) -> tuple[Any, range]:
+  """The records of one split of a sharded dataset and the rows a sliced split selects.
+
+  Args:
+    directory: the dataset directory.
+    meta: its metadata ("splits": {name: {"num_examples", "num_shards"}}).
+    split: a split name with an optional slice ("train", "test[:1000]").
+    what: how errors name the dataset.
+    hint: how to finish an incomplete dataset (one clause).
+
+  Returns:
+    (a grain `ArrayRecordDataSource` over the split's shards, the selected record indices).
+
+  Raises:
+    errors.UserError: an unknown split, a missing shard (named), or a record count that
+      differs from the metadata's.
+  """
+  import grain  # deferred: only record datasets need it here
+
+  from vqjax.data import sources
+
+  base, spec = sources.parse_split(split)
+  if base not in meta["splits"]:
+    raise errors.UserError(f"{what} {directory} has splits {sorted(meta['splits'])}, not {base!r}")
+  info = meta["splits"][base]
+  paths = [
+    os.path.join(directory, shard_name(base, k, info["num_shards"]))
+    for k in range(info["num_shards"])
+  ]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise errors.UserError(
+      f"{what} {directory} is incomplete: {len(missing)} shard(s) of {base!r} missing "
+      f"(e.g. {missing[0]}); {hint}"
+    )
+  records = grain.sources.ArrayRecordDataSource(paths)
+  if len(records) != info["num_examples"]:
+    raise errors.UserError(
+      f"{what} {directory} split {base!r} holds {len(records)} records, its metadata says "
+      f"{info['num_examples']}"
+    )
+  return records, sources.slice_range(spec, len(records), split)
+
+
 class CodesSource:
   """One split of a code dataset as a random-access source of {"codes{i}", "label"} examples.
 
@@ -83,34 +188,10 @@ class CodesSource:
   """
 
   def __init__(self, codes_dir: str, split: str):
-    import grain  # deferred: only code datasets need it here
-
-    from vqjax.data import sources
-
-    self.metadata = meta = read_metadata(codes_dir)
-    base, spec = sources.parse_split(split)
-    if base not in meta["splits"]:
-      raise errors.UserError(
-        f"code dataset {codes_dir} has splits {sorted(meta['splits'])}, not {base!r}"
-      )
-    info = meta["splits"][base]
-    paths = [
-      os.path.join(codes_dir, shard_name(base, k, info["num_shards"]))
-      for k in range(info["num_shards"])
-    ]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-      raise errors.UserError(
-        f"code dataset {codes_dir} is incomplete: {len(missing)} shard(s) of {base!r} missing "
-        f"(e.g. {missing[0]}); re-run extract_codes to finish it"
-      )
-    self._records = grain.sources.ArrayRecordDataSource(paths)
-    if len(self._records) != info["num_examples"]:
-      raise errors.UserError(
-        f"code dataset {codes_dir} split {base!r} holds {len(self._records)} records, its "
-        f"metadata says {info['num_examples']}"
-      )
-    self._rows = sources.slice_range(spec, len(self._records), split)
+    self.metadata = read_metadata(codes_dir)
+    self._records, self._rows = open_split(
+      codes_dir, self.metadata, split, "code dataset", "re-run extract_codes to finish it"
+    )
 
   def __len__(self) -> int:
     return len(self._rows)

@@ -263,11 +263,22 @@ def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
   raise UserError(f"Cannot convert {c} image channels to {channels}")
 
 
-def decode_image(path: str, channels: int) -> np.ndarray:
+def decode_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:
   """Decodes an image file to uint8 [H, W, channels].
 
   16-bit grayscale (PIL modes "I;16*" and "I") is scaled to 8 bits as round(value / 257), so
   65535 maps to 255; PIL's own convert("L") would clip everything above 255.
+
+  With `min_size` (the caller then resizes the shorter side to it: `resize="resize_crop"`), a
+  JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale instead (libjpeg's DCT
+  scaling through PIL's `draft`: the largest reduction that keeps the shorter side >=
+  `min_size`), which skips most of the decoding work and most of the resize that follows.
+  It is deterministic; other files, and smaller JPEGs, decode at full size.
+
+  Args:
+    path: the image file.
+    channels: 1 (grayscale) or 3 (RGB).
+    min_size: the size the shorter side will be resized to; 0 = decode at full size.
 
   Raises:
     UserError: one line naming the file, when it cannot be decoded.
@@ -279,6 +290,8 @@ def decode_image(path: str, channels: int) -> np.ndarray:
         # (v + 128) // 257 is v / 257 rounded: v / 257 is never exactly halfway for integer v.
         image = ((wide + 128) // 257).astype(np.uint8)[..., None]
         return np.repeat(image, 3, axis=-1) if channels == 3 else image
+      if min_size and im.format == "JPEG" and min(im.size) >= 2 * min_size:
+        im.draft(None, (min_size, min_size))  # mode unchanged: convert() below does colour
       image = np.asarray(im.convert("L" if channels == 1 else "RGB"))
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     reason = " ".join(str(e).split())  # one line, whatever PIL put in the message
@@ -376,7 +389,11 @@ class FolderSource:
     skipped: [(path, reason)] of the unreadable files left out.
     skipped_list: the file listing `skipped` ("" when nothing was skipped or it could not be
       written).
+    min_size: passed to `decode_image`: the size images will be resized to (shorter side),
+      so large JPEGs are decoded at a reduced scale; 0 (the default) = full size.
   """
+
+  min_size = 0
 
   def __init__(self, folder: str, channels: int, cache_dir: str = "", threads: int = 16):
     if not folder or not os.path.isdir(folder):
@@ -430,7 +447,8 @@ class FolderSource:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    return {"image": decode_image(self.paths[i], self.channels), "label": self.labels[i]}
+    image = decode_image(self.paths[i], self.channels, self.min_size)
+    return {"image": image, "label": self.labels[i]}
 
   def name_of(self, i: int) -> str:
     """How errors name example i: its path."""
@@ -461,13 +479,16 @@ def _fashion_mnist(data_config: Any, split: str) -> ArraySource:
 def _folder(data_config: Any, split: str) -> FolderSource:
   # Checking is file I/O: more threads than cores pay off on network disks.
   threads = max(16, data_config.num_workers)
-  return folder_source(
+  source = folder_source(
     data_config.folder,
     split,
     data_config.channels,
     default_cache_dir(data_config.data_dir),
     threads,
   )
+  if data_config.resize == "resize_crop":  # the only mode that resizes: JPEGs decode small
+    source.min_size = data_config.image_size
+  return source
 
 
 # config.data.name -> factory(data_config, split) -> source, for the data vqjax reads itself
@@ -484,11 +505,18 @@ def _codes(data_config: Any, split: str) -> Any:
   return codes.CodesSource(data_config.codes_dir, split)
 
 
+def _prepared(data_config: Any, split: str) -> Any:
+  from vqjax.data import prepared  # deferred: grain's ArrayRecord reader loads only when needed
+
+  return prepared.prepared_source(data_config, split)
+
+
 SOURCES: dict[str, Callable[[Any, str], Any]] = {
   "synthetic_codes": _synthetic_codes,
   "fashion_mnist": _fashion_mnist,
   "folder": _folder,
   "codes": _codes,  # code maps written by `python -m vqjax.extract_codes` (data/codes.py)
+  "prepared": _prepared,  # images decoded and fitted once by `python -m vqjax.prepare`
 }
 
 
@@ -528,21 +556,130 @@ def resolve_reader(data_config: Any) -> str:
   return reader
 
 
+class SubsetSource:
+  """The examples `rows` of another source, in that order (what `exclude_labels` keeps).
+
+  Attributes:
+    source: the source the examples come from.
+    rows: int64 [N], their indices in `source`.
+  """
+
+  def __init__(self, source: Any, rows: np.ndarray):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.source[int(self.rows[i])]
+
+  def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+    rows = [int(self.rows[i]) for i in indices]
+    if hasattr(self.source, "__getitems__"):
+      return self.source.__getitems__(rows)
+    return [self.source[r] for r in rows]
+
+  def name_of(self, i: int) -> str:
+    """How errors name example i: as the underlying source names it."""
+    row = int(self.rows[i])
+    return self.source.name_of(row) if hasattr(self.source, "name_of") else f"example {row}"
+
+
+def source_labels(source: Any, what: str = "this source") -> np.ndarray:
+  """The "label" of every example of a source, without decoding images where it can.
+
+  In-memory sources and image folders hold their labels; other sources (tfds, code datasets)
+  are read example by example, once, in chunks.
+
+  Args:
+    source: a source of this module.
+    what: how errors name the source.
+
+  Returns:
+    int64 [len(source)].
+
+  Raises:
+    UserError: the source has no "label" feature.
+  """
+  if isinstance(source, ArraySource):
+    labels = source.features.get("label")
+  elif isinstance(source, FolderSource):
+    labels = source.labels
+  else:
+    labels, chunk = [], 1024
+    for start in range(0, len(source), chunk):
+      idx = list(range(start, min(start + chunk, len(source))))
+      items = (
+        source.__getitems__(idx)
+        if hasattr(source, "__getitems__")
+        else map(source.__getitem__, idx)
+      )
+      for item in items:
+        if "label" not in item:
+          raise UserError(f"{what} has no 'label' feature (it has {sorted(item)})")
+        labels.append(int(np.asarray(item["label"]).reshape(-1)[0]))
+    labels = np.asarray(labels, np.int64)
+  if labels is None:
+    features = sorted(source.features)
+    raise UserError(f"{what} has no 'label' feature (it has {features})")
+  return np.asarray(labels).astype(np.int64).reshape(len(source))
+
+
+def exclude_labels(source: Any, labels: Any, what: str = "this source") -> Any:
+  """The examples of `source` whose "label" is not one of `labels`, in their order.
+
+  Args:
+    source: a source of this module.
+    labels: the integer labels to drop; empty = `source` unchanged.
+    what: how errors name the source (e.g. "fashion_mnist split 'train'").
+
+  Returns:
+    An ArraySource for an in-memory source, else a `SubsetSource`.
+
+  Raises:
+    UserError: a label is not an integer, the source has no labels, or nothing is left.
+  """
+  labels = tuple(labels or ())
+  if not labels:
+    return source
+  if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in labels):
+    raise UserError(f"config.data.exclude_labels must be integers, got {labels!r}")
+  keep = np.flatnonzero(~np.isin(source_labels(source, what), np.asarray(labels, np.int64)))
+  if len(keep) == 0:
+    raise UserError(
+      f"config.data.exclude_labels={list(labels)} leaves none of the {len(source)} examples of "
+      f"{what}"
+    )
+  if isinstance(source, ArraySource):
+    return ArraySource({k: v[keep] for k, v in source.features.items()})
+  return SubsetSource(source, keep)
+
+
 def make_source(data_config: Any, split: str) -> Any:
   """Builds the random-access source of one split.
 
+  Examples whose "label" is in `config.data.exclude_labels` are left out (a stage-1 model
+  trained on "normal" classes only, for anomaly detection: `python -m vqjax.anomaly`).
+
   Args:
     data_config: `config.data`.
-    split: split name, optionally sliced ("train[:1000]", "test[50%:]").
+    split: split name, optionally sliced ("train[:1000]", "test[50%:]"); the slice is taken
+      before the label filter.
 
   Returns:
-    A source with `__len__` and `__getitem__` (from `SOURCES`, or a TfdsSource).
+    A source with `__len__` and `__getitem__` (from `SOURCES`, a TfdsSource, or a subset of
+    either).
   """
   reader = resolve_reader(data_config)
   if reader in ("local", "folder"):
-    return SOURCES[data_config.name](data_config, split)
-  if reader == "grain":
+    source = SOURCES[data_config.name](data_config, split)
+  elif reader == "grain":
     from vqjax.data import tfds_data  # tfds takes a second to import; only this reader needs it
 
-    return tfds_data.TfdsSource(data_config.name, split, data_config.data_dir, data_config.download)
-  raise UserError("reader='tfdata' streams TFRecords: it has no random-access source")
+    source = tfds_data.TfdsSource(
+      data_config.name, split, data_config.data_dir, data_config.download
+    )
+  else:
+    raise UserError("reader='tfdata' streams TFRecords: it has no random-access source")
+  excluded = getattr(data_config, "exclude_labels", None) or ()
+  return exclude_labels(source, excluded, f"{data_config.name} split {split!r}")

@@ -189,6 +189,30 @@ class CodebookEvaluator:
 
     return step
 
+  def histograms(
+    self, model: Any, variables: Any, data: Iterable | None = None
+  ) -> tuple[dict[str, np.ndarray], float]:
+    """How often every code of every level is chosen over `data`.
+
+    Args:
+      model: a stage-1 module with `encode_to_indices` (codes coarsest first).
+      variables: its variables.
+      data: batches as for `ReconstructionEvaluator.run`; default the eval split.
+
+    Returns:
+      ({level name: float64 [num_codes] counts}, number of real examples), levels coarsest
+      first, named "top", "bottom" (... see `tasks.level_names`; one level: "codes").
+    """
+    data = _eval_data(self.data_config, self.max_batches) if data is None else data
+    step = self._step(model)
+    total = {}
+    for batch in data:
+      _accumulate(total, step(variables, *_images_and_mask(batch)))
+    examples = float(total.pop("count", 0.0))
+    names = _level_names(len(total))
+    counts = {names[i]: total[f"{i}"] for i in range(len(total))}
+    return counts, examples
+
   def run(self, model: Any, variables: Any, data: Iterable | None = None) -> dict[str, float]:
     """Histograms every level's codes over `data` and summarises them.
 
@@ -199,16 +223,10 @@ class CodebookEvaluator:
 
     Returns:
       {"{level}/usage", "{level}/perplexity", "{level}/top_share", "examples"}, levels named
-      "top", "bottom" (... see `tasks.level_names`; one level: "codes").
+      as in `histograms`.
     """
-    data = _eval_data(self.data_config, self.max_batches) if data is None else data
-    step = self._step(model)
-    total = {}
-    for batch in data:
-      _accumulate(total, step(variables, *_images_and_mask(batch)))
-    examples = float(total.pop("count", 0.0))
-    names = _level_names(len(total))
-    out = metrics.codebook_metrics({names[int(i)]: c for i, c in total.items()})
+    counts, examples = self.histograms(model, variables, data)
+    out = metrics.codebook_metrics(counts)
     out["examples"] = examples
     return out
 
@@ -341,16 +359,51 @@ class SampleQualityEvaluator:
     """
     real_f = _batched(self.features_fn, np.asarray(real), self.batch_size)
     gen_f = _batched(self.features_fn, np.asarray(generated), self.batch_size)
-    out = {"frechet_distance": frechet.frechet_distance_from_features(real_f, gen_f)}
-    out.update(frechet.precision_recall(real_f, gen_f, self.k))
+    probs = None
     if self.probs_fn is not None:
       probs = _batched(self.probs_fn, np.asarray(generated), self.batch_size)
+    return self.compute_from_features(real_f, gen_f, probs, real_labels, generated_labels)
+
+  def compute_from_features(
+    self,
+    real_features: np.ndarray,
+    generated_features: np.ndarray,
+    generated_probs: np.ndarray | None = None,
+    real_labels: np.ndarray | None = None,
+    generated_labels: np.ndarray | None = None,
+    num_classes: int | None = None,
+  ) -> dict[str, float]:
+    """`compute` from features already extracted (e.g. real features reused across subsets).
+
+    Args:
+      real_features: [N, D] features of real images, N > k.
+      generated_features: [M, D] features of generated images, M > k.
+      generated_probs: [M, K] class probabilities of the generated images; None = no
+        Inception-style score.
+      real_labels: [N] labels of the real images (for CAS).
+      generated_labels: [M] the labels the samples were drawn for (for CAS).
+      num_classes: classes of the CAS regression; default one more than the largest label.
+
+    Returns:
+      See `compute`.
+    """
+    real_f = np.asarray(real_features, np.float64)
+    gen_f = np.asarray(generated_features, np.float64)
+    out = {"frechet_distance": frechet.frechet_distance_from_features(real_f, gen_f)}
+    out.update(frechet.precision_recall(real_f, gen_f, self.k))
+    if generated_probs is not None:
+      probs = np.asarray(generated_probs, np.float64)
       out["inception_score"], out["inception_score_std"] = frechet.inception_score(
         probs, min(self.splits, len(probs))
       )
     if real_labels is not None and generated_labels is not None:
       out["classification_accuracy_score"] = frechet.classification_accuracy_score(
-        gen_f, generated_labels, real_f, real_labels, steps=self.cas_steps
+        gen_f,
+        generated_labels,
+        real_f,
+        real_labels,
+        num_classes=num_classes,
+        steps=self.cas_steps,
       )
     return out
 

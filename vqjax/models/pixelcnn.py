@@ -29,6 +29,15 @@ each embedded, processed by a small residual conv block at its own resolution an
 nearest-upsampled to H x W. Horizontal gated outputs feed a residual 1x1 and a skip 1x1; the
 skips are summed, then ReLU -> 1x1 -> ReLU -> 1x1 gives the logits, float32 whatever the
 compute dtype (float64 under float64).
+
+Decode mode (`decode_position=p`, for incremental sampling, `vqjax/sampling/cached.py`) computes
+only the logits at p from features of earlier positions kept in a mutable "cache" collection.
+The vertical stack at row i - 1 needs only rows < i, so when row i starts (j == 0, under a
+`nn.cond`) every layer computes that one whole row: a (k//2 + 1)-row window of its input (kept
+in a ring of the last k//2 + 1 rows) gives the row of vertical features, of which the
+horizontal stack of row i reads the down-shifted 1x1 projection. Each position then runs, per
+layer, one horizontal output pixel from the cached inputs of the current row, its gate, skip and
+residual. The coarser-code features are computed once (first call) and cached.
 """
 
 from collections.abc import Sequence
@@ -50,6 +59,18 @@ def gate(x: jax.Array) -> jax.Array:
   return jnp.tanh(a) * jax.nn.sigmoid(b)
 
 
+def window_indices(end: jax.Array, size: int) -> jax.Array:
+  """The `size` indices end - size + 1 .. end (some may be negative: outside the map)."""
+  return end - size + 1 + jnp.arange(size)
+
+
+def zero_outside(x: jax.Array, indices: jax.Array, axis: int) -> jax.Array:
+  """Zeroes the entries of x along `axis` whose index is negative (the causal zero padding)."""
+  shape = [1] * x.ndim
+  shape[axis] = indices.shape[0]
+  return jnp.where((indices >= 0).reshape(shape), x, jnp.zeros((), x.dtype))
+
+
 class VerticalConv(nn.Module):
   """Convolution whose output at row i sees input rows i - k//2 .. i and columns j +- k//2.
 
@@ -66,11 +87,15 @@ class VerticalConv(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps [B, H, W, C] -> [B, H, W, features]."""
+  def __call__(self, x: jax.Array, one_row: bool = False) -> jax.Array:
+    """Maps [B, H, W, C] -> [B, H, W, features].
+
+    With one_row=True, x holds only the k//2 + 1 input rows i - k//2 .. i (zeros for rows
+    above the map) and the output is row i alone, [B, 1, W, features] (decode mode).
+    """
     r = self.kernel_size // 2
     # Padding only above (and on both sides) makes the VALID window end at the current row.
-    x = jnp.pad(x, ((0, 0), (r, 0), (r, r), (0, 0)))
+    x = jnp.pad(x, ((0, 0), (0 if one_row else r, 0), (r, r), (0, 0)))
     conv = nn.Conv(
       self.features,
       (r + 1, self.kernel_size),
@@ -99,16 +124,24 @@ class HorizontalConv(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def width(self) -> int:
+    """Width of the window: k//2 (type A) or k//2 + 1 (type B) pixels ending at j - 1 or j."""
+    return self.kernel_size // 2 + (self.mask_type != "A")
+
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps [B, H, W, C] -> [B, H, W, features]."""
-    r = self.kernel_size // 2
-    width = r if self.mask_type == "A" else r + 1
+  def __call__(self, x: jax.Array, one_pixel: bool = False) -> jax.Array:
+    """Maps [B, H, W, C] -> [B, H, W, features].
+
+    With one_pixel=True, x is the window of one output pixel, [B, 1, width, C] (zeros left of
+    the map), and the output is that pixel, [B, 1, 1, features] (decode mode).
+    """
+    width = self.width
     w = x.shape[2]
     # Left padding by `width` puts the window for output j on columns j - width .. j - 1 (type
     # A); one column less of padding moves it to j - width + 1 .. j (type B). VALID then yields
     # W + 1 (or W) columns, of which the first W are the causal outputs.
-    pad = width if self.mask_type == "A" else width - 1
+    pad = 0 if one_pixel else width if self.mask_type == "A" else width - 1
     x = jnp.pad(x, ((0, 0), (0, 0), (pad, 0), (0, 0)))
     conv = nn.Conv(
       self.features,
@@ -159,6 +192,10 @@ class ConditionEncoder(nn.Module):
 class GatedLayer(nn.Module):
   """One gated layer of both stacks, with its conditioning terms.
 
+  Besides the whole-map `__call__`, decode mode uses its two halves: `vertical_row` (one row
+  of the vertical stack, run when a row starts) and `horizontal_pixel` (one pixel of the
+  horizontal stack). The three share the same parameters and arithmetic.
+
   Attributes:
     channels: width C of both stacks.
     kernel_size: odd kernel size k.
@@ -177,7 +214,37 @@ class GatedLayer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    c2 = 2 * self.channels
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.v_conv = VerticalConv(c2, self.kernel_size, **kw)
+    self.h_conv = HorizontalConv(c2, self.kernel_size, self.mask_type, **kw)
+    self.v_to_h = nn.Dense(c2, **kw)
+    self.cond_v = nn.Dense(c2, **kw)
+    self.cond_h = nn.Dense(c2, **kw)
+    self.label_bias = nn.Embed(max(self.num_classes, 1), 2 * c2, **kw)
+    self.skip = nn.Dense(self.channels, **kw)
+    self.h_out = nn.Dense(self.channels, **kw)
+    self.drop = nn.Dropout(self.dropout)
+
+  def _conditioned(self, pre, cond, label, stack: int) -> jax.Array:
+    """pre + the conditioning terms of the vertical (stack 0) or horizontal (1) stack."""
+    if cond is not None:
+      pre = pre + (self.cond_v if stack == 0 else self.cond_h)(cond)
+    if label is not None:
+      bias = jnp.split(self.label_bias(label), 2, axis=-1)[stack]
+      pre = pre + bias[:, None, None, :]
+    return pre
+
+  def _horizontal(self, h_pre, h, cond, label, train) -> tuple[jax.Array, jax.Array]:
+    """(horizontal out, skip) from the horizontal pre-activation and the layer input h."""
+    h_gated = self.drop(gate(self._conditioned(h_pre, cond, label, 1)), deterministic=not train)
+    skip = self.skip(h_gated)
+    h_res = self.h_out(h_gated)
+    # Type A: h still holds code (i, j) itself, which a residual would leak into (i, j).
+    h_out = h_res if self.mask_type == "A" else h + h_res
+    return h_out, skip
+
   def __call__(
     self,
     v: jax.Array,
@@ -187,29 +254,60 @@ class GatedLayer(nn.Module):
     train: bool,
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (vertical out, horizontal out, skip), each [B, H, W, C]."""
-    c2 = 2 * self.channels
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    v_pre = VerticalConv(c2, self.kernel_size, name="v_conv", **kw)(v)
-    h_pre = HorizontalConv(c2, self.kernel_size, self.mask_type, name="h_conv", **kw)(h)
+    v_pre = self.v_conv(v)
     # The vertical pre-activation at row i has seen row i; the down-shift keeps the horizontal
     # stack at row i to rows < i.
-    h_pre = h_pre + nn.Dense(c2, name="v_to_h", **kw)(down_shift(v_pre))
-    if cond is not None:
-      v_pre = v_pre + nn.Dense(c2, name="cond_v", **kw)(cond)
-      h_pre = h_pre + nn.Dense(c2, name="cond_h", **kw)(cond)
-    if label is not None:
-      bias = nn.Embed(self.num_classes, 2 * c2, name="label_bias", **kw)(label)
-      bias_v, bias_h = jnp.split(bias[:, None, None, :], 2, axis=-1)
-      v_pre = v_pre + bias_v
-      h_pre = h_pre + bias_h
-    drop = nn.Dropout(self.dropout, deterministic=not train)
-    v_out = drop(gate(v_pre))
-    h_gated = drop(gate(h_pre))
-    skip = nn.Dense(self.channels, name="skip", **kw)(h_gated)
-    h_res = nn.Dense(self.channels, name="h_out", **kw)(h_gated)
-    # Type A: h still holds code (i, j) itself, which a residual would leak into (i, j).
-    h_out = h_res if self.mask_type == "A" else h + h_res
+    h_pre = self.h_conv(h) + self.v_to_h(down_shift(v_pre))
+    v_out = self.drop(gate(self._conditioned(v_pre, cond, label, 0)), deterministic=not train)
+    h_out, skip = self._horizontal(h_pre, h, cond, label, train)
     return v_out, h_out, skip
+
+  def vertical_row(
+    self,
+    window: jax.Array,
+    cond_row: jax.Array | None,
+    label: jax.Array | None,
+    inside: jax.Array,
+  ) -> tuple[jax.Array, jax.Array]:
+    """One row m of the vertical stack (decode mode).
+
+    Args:
+      window: [B, k//2 + 1, W, C] vertical inputs of rows m - k//2 .. m (zeros above the map).
+      cond_row: None or [B, 1, W, cond_channels] conditioning features of row m.
+      label: None or int [B].
+      inside: bool scalar, False when m = -1 (the row above the map, whose down-shifted
+        features are zeros; window and cond_row are then ignored).
+
+    Returns:
+      (the horizontal stack's vertical term for row m + 1, [B, 1, W, 2C]; the vertical output
+      of row m, [B, 1, W, C]).
+    """
+    v_pre = self.v_conv(window, one_row=True)
+    to_h = self.v_to_h(jnp.where(inside, v_pre, jnp.zeros((), v_pre.dtype)))
+    return to_h, gate(self._conditioned(v_pre, cond_row, label, 0))
+
+  def horizontal_pixel(
+    self,
+    window: jax.Array,
+    h: jax.Array | None,
+    from_v: jax.Array,
+    cond: jax.Array | None,
+    label: jax.Array | None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """One pixel (i, j) of the horizontal stack (decode mode).
+
+    Args:
+      window: [B, 1, width, C] horizontal inputs of the row's columns ending at j - 1 (type A)
+        or j (type B), zeros left of the map.
+      h: [B, 1, 1, C] horizontal input at (i, j) (type B; None for type A).
+      from_v: [B, 1, 1, 2C] the vertical term at (i, j) (`vertical_row` of row i - 1).
+      cond: None or [B, 1, 1, cond_channels] conditioning features at (i, j).
+      label: None or int [B].
+
+    Returns:
+      (horizontal out, skip), each [B, 1, 1, C].
+    """
+    return self._horizontal(self.h_conv(window, one_pixel=True) + from_v, h, cond, label, False)
 
 
 class GatedPixelCNN(nn.Module):
@@ -265,6 +363,88 @@ class GatedPixelCNN(nn.Module):
           f"{width} % w == 0, got {c.shape}"
         )
 
+  def _decode(self, codes, cond, label, position, embed, layers) -> jax.Array:
+    """Pre-head skip sum [B, 1, 1, C] at raster position `position` (see the module docstring).
+
+    `cond` is the whole [B, H, W, cond_channels] conditioning map (or None). Per position the
+    horizontal stack runs one pixel per layer ((k//2 + 1) * C * 2C); when a row starts the
+    vertical stack runs that row above, W * (k//2 + 1) * k * C * 2C per layer, the same total
+    as one full forward's vertical stack, spread over the rows.
+    """
+    b, height, width = codes.shape
+    c, r, n = self.channels, self.kernel_size // 2, self.num_layers
+    position = jnp.asarray(position, jnp.int32)
+    i, j = position // width, position % width
+
+    def cache(name, shape):
+      return self.variable("cache", name, jnp.zeros, (b, *shape), self.dtype)
+
+    # Created before the nn.cond, whose branches may only update existing variables. The
+    # vertical inputs of layers >= 1 live in a ring of their last r + 1 rows (row m at m % (r +
+    # 1)); the horizontal inputs in the current row (columns > j still hold the row above,
+    # which no window reads).
+    for layer in range(n):
+      cache(f"from_v_{layer}", (1, width, 2 * c))
+      if layer:
+        cache(f"v_input_{layer}", (r + 1, width, c))
+        cache(f"h_input_{layer}", (1, width, c))
+
+    def embed_codes(index, size, axis):
+      """Embedded codes of the window ending at `index` along axis 1 (rows of all columns)
+      or axis 2 (columns of row i), zeros outside the map."""
+      at = window_indices(index, size)
+      if axis == 1:
+        window = jnp.take(codes, jnp.maximum(at, 0), axis=1, mode="clip")
+      else:
+        window = jnp.take(codes[:, i], jnp.maximum(at, 0), axis=1, mode="clip")[:, None]
+      return zero_outside(embed(window), at, axis)
+
+    def slice_row(x, row):
+      return None if x is None else jax.lax.dynamic_slice_in_dim(x, row, 1, axis=1)
+
+    def vertical_rows(module, label):
+      # Row m = i - 1 of every layer's vertical stack (all its codes are known); at i = 0 the
+      # row above the map, whose down-shifted term is the v_to_h bias alone.
+      m = jnp.maximum(i - 1, 0)
+      at = window_indices(m, r + 1)
+      slot = m % (r + 1)
+      cond_row = slice_row(cond, m)
+      for layer, gated in enumerate(layers):
+        if layer == 0:
+          window = embed_codes(m, r + 1, axis=1)
+        else:
+          ring = module.get_variable("cache", f"v_input_{layer}")
+          window = zero_outside(jnp.take(ring, at % (r + 1), axis=1, mode="clip"), at, 1)
+        from_v, v_out = gated.vertical_row(window, cond_row, label, i > 0)
+        module.put_variable("cache", f"from_v_{layer}", from_v.astype(self.dtype))
+        if layer + 1 < n:
+          name = f"v_input_{layer + 1}"
+          ring = module.get_variable("cache", name)
+          ring = jax.lax.dynamic_update_slice_in_dim(ring, v_out.astype(ring.dtype), slot, axis=1)
+          module.put_variable("cache", name, ring)
+
+    if self.is_initializing():
+      vertical_rows(self, label)  # nn.cond cannot create parameters
+    else:
+      nn.cond(j == 0, vertical_rows, lambda module, label: None, self, label)
+
+    cond_pixel = None if cond is None else jax.lax.dynamic_slice_in_dim(slice_row(cond, i), j, 1, 2)
+    h, skips = None, None
+    for layer, gated in enumerate(layers):
+      if layer == 0:
+        window = embed_codes(j - 1, r, axis=2)
+      else:
+        row = self.get_variable("cache", f"h_input_{layer}")
+        row = jax.lax.dynamic_update_slice_in_dim(row, h.astype(row.dtype), j, axis=2)
+        self.put_variable("cache", f"h_input_{layer}", row)
+        at = window_indices(j, r + 1)
+        window = zero_outside(jnp.take(row, jnp.maximum(at, 0), axis=2, mode="clip"), at, 2)
+      from_v = self.get_variable("cache", f"from_v_{layer}")
+      from_v = jax.lax.dynamic_slice_in_dim(from_v, j, 1, axis=2)
+      h, skip = gated.horizontal_pixel(window, h, from_v, cond_pixel, label)
+      skips = skip if skips is None else skips + skip
+    return skips
+
   @nn.compact
   def __call__(
     self,
@@ -272,6 +452,8 @@ class GatedPixelCNN(nn.Module):
     condition: Sequence[jax.Array] | None = None,
     label: jax.Array | None = None,
     train: bool = False,
+    *,
+    decode_position: jax.Array | None = None,
   ) -> jax.Array:
     """Logits of each code given the codes before it in raster order.
 
@@ -281,23 +463,25 @@ class GatedPixelCNN(nn.Module):
         [B, h_i, w_i] with H % h_i == 0 and W % w_i == 0.
       label: None, or int [B] class labels in [0, num_classes).
       train: enables dropout.
+      decode_position: incremental decoding (sampling): the int32 raster position p; only its
+        logits are computed, from the features of earlier positions kept in the mutable
+        "cache" collection, which the first such call creates (it encodes `condition` then;
+        later calls ignore it, but `label` is read by every call). Calls must go p = 0, 1, 2,
+        ...; of codes (the current map) only the codes before p are read.
 
     Returns:
-      float32 (float64 if dtype is) [B, H, W, num_codes] logits; position (i, j) depends
-      only on codes before it in raster order (and on all of condition and label).
+      float32 (float64 if dtype is) [B, H, W, num_codes] logits ([B, num_codes] at
+      decode_position); position (i, j) depends only on codes before it in raster order (and
+      on all of condition and label).
     """
     self._check(codes, condition, label)
+    if decode_position is not None and train:
+      raise ValueError("decode_position is for sampling: train must be False")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    _, height, width = codes.shape
-    x = nn.Embed(self.num_codes, self.channels, name="embed", **kw)(codes)
-    cond = None
-    if condition:
-      cond = ConditionEncoder(self.num_codes, self.cond_channels, name="condition", **kw)(
-        tuple(condition), height, width
-      )
-    v, h, skips = x, x, None
-    for i in range(self.num_layers):
-      layer = GatedLayer(
+    batch, height, width = codes.shape
+    embed = nn.Embed(self.num_codes, self.channels, name="embed", **kw)
+    layers = [
+      GatedLayer(
         self.channels,
         self.kernel_size,
         "A" if i == 0 else "B",
@@ -306,8 +490,26 @@ class GatedPixelCNN(nn.Module):
         name=f"layer_{i}",
         **kw,
       )
-      v, h, skip = layer(v, h, cond, label, train)
-      skips = skip if skips is None else skips + skip
+      for i in range(self.num_layers)
+    ]
+    if decode_position is not None and self.has_variable("cache", "cond_features"):
+      cond = self.get_variable("cache", "cond_features")
+    else:
+      cond = None
+      if condition:
+        cond = ConditionEncoder(self.num_codes, self.cond_channels, name="condition", **kw)(
+          tuple(condition), height, width
+        )
+      if decode_position is not None and cond is not None:
+        self.put_variable("cache", "cond_features", cond)
+    if decode_position is not None:
+      skips = self._decode(codes, cond, label, decode_position, embed, layers)
+    else:
+      x = embed(codes)
+      v, h, skips = x, x, None
+      for layer in layers:
+        v, h, skip = layer(v, h, cond, label, train)
+        skips = skip if skips is None else skips + skip
     y = nn.Dense(self.channels, name="head_hidden", **kw)(nn.relu(skips))
     # The last projection runs in at least float32 (float64 stays float64): softmax and
     # sampling over K codes want the precision, and it is a small part of the compute.
@@ -315,4 +517,4 @@ class GatedPixelCNN(nn.Module):
     logits = nn.Dense(
       self.num_codes, dtype=out_dtype, param_dtype=self.param_dtype, name="head_logits"
     )(nn.relu(y).astype(out_dtype))
-    return logits
+    return logits if decode_position is None else logits.reshape(batch, self.num_codes)

@@ -8,7 +8,16 @@ For PixelSNAIL the cache holds one [B, H, W, C] map per k x k causal convolution
 convolution then computes one output pixel from its k x k window, k^2 C_in C_out), the keys
 and values of every attention layer (one query over <= H * W keys, O(H W C) per position,
 the only per-position cost that grows with the map) and the conditioning features, computed
-once. The whole loop over the H * W positions is one jitted `lax.fori_loop`.
+once.
+
+For the Gated PixelCNN the vertical stack depends only on the rows above, so the first position
+of each row (j == 0, an `nn.cond` inside the model) computes one whole row of vertical features
+per layer, from a ring of each layer's last k//2 + 1 input rows; every position then runs one
+horizontal pixel per layer from the cached inputs of the current row plus that row's
+down-shifted vertical term. The conditioning features (coarser codes) are computed once. Per
+map this is the work of one full forward, where the full-recompute sampler does H * W of them.
+
+For both priors the whole loop over the H * W positions is one jitted `lax.fori_loop`.
 
 Draws use the keys of `vqjax/sampling/naive.py` (fold_in(fold_in(rng, p), example)), so the
 two samplers give the same samples for the same key, up to logits equal to rounding.

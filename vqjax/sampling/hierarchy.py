@@ -5,8 +5,9 @@ coarser ones, then the stage-1 decoder.
                                                        "workdirs/prior_bottom"])
   images, codes = gen.generate(64, jax.random.key(0), labels=None, temperature=1.0)
 
-A prior with a decode mode (PixelSNAIL) samples incrementally (`cached.py`); the others re-run
-the whole network per position (`naive.py`). Both give the same samples for the same key.
+A prior with a decode mode (PixelSNAIL, Gated PixelCNN) samples incrementally (`cached.py`);
+any other re-runs the whole network per position (`naive.py`). Both give the same samples for
+the same key.
 """
 
 import dataclasses
@@ -124,7 +125,11 @@ class Generator:
 
 
 def sampler_for(model: Any) -> Any:
-  """The cached sampler module for a prior with a decode mode, else the naive one."""
+  """The sampler module for `model`: `cached` for a prior with a decode mode.
+
+  Both priors of vqjax (`PixelSNAIL`, `GatedPixelCNN`) have one; a model without a
+  `decode_position` argument gets the full-recompute `naive` sampler.
+  """
   try:
     cached._check_model(model)
   except ValueError:

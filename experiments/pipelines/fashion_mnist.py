@@ -1,0 +1,71 @@
+"""The quickstart pipeline: Fashion-MNIST from images to evaluated samples in one command.
+
+  python -m vqjax.pipeline --workdir workdirs/quickstart
+  python -m vqjax.pipeline --config experiments/pipelines/fashion_mnist.py:smoke --workdir /tmp/q
+
+Stages (each a run of its own under the workdir, skipped when complete, so the command resumes):
+stage 1 (experiments/fashion_mnist.py, fewer steps), code extraction, the top and bottom
+PixelSNAIL priors (fashion_mnist_prior_top.py / _bottom.py, fewer steps), the rejection
+classifier (classifier_fashion_mnist.py, fewer steps), 64 samples without and with classifier
+rejection, and the evaluation (stage-1 reconstruction and code usage, sample quality with and
+without rejection, the temperature and rejection-threshold trade-offs). Every stage config can
+be changed from the command line: `--config.stage1.train.steps=1200`,
+`--config.sample.threshold=0.95`. The step counts are chosen to fit about 15 minutes on 2 CPU
+cores; the single-stage experiments train longer (see their docstrings).
+
+`:smoke` runs every stage for one step on 64 images (the tests run it end to end).
+"""
+
+import ml_collections
+
+from vqjax import configs, errors
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The pipeline config; `arg="smoke"` shrinks every stage to one CPU step."""
+  variant = ":smoke" if arg == "smoke" else ""
+  if arg not in (None, "", "smoke"):
+    raise errors.UserError(f"unknown variant {arg!r}; known variants: smoke")
+  c = ml_collections.ConfigDict()
+  c.stage1 = configs.load_experiment("fashion_mnist" + variant)
+  c.prior_top = configs.load_experiment("fashion_mnist_prior_top" + variant)
+  c.prior_bottom = configs.load_experiment("fashion_mnist_prior_bottom" + variant)
+  c.classifier = configs.load_experiment("classifier_fashion_mnist" + variant)
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num = 64  # images in each grid (samples.png, and with rejection)
+  c.sample.seed = 0
+  c.sample.temperature = 1.0
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+  c.sample.threshold = 0.9  # classifier rejection: the least probability of the label kept
+  c.sample.max_attempts = 20  # batches of `num` drawn at most to keep `num` images
+
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.num_samples = 1000  # unfiltered samples the quality numbers are computed on
+  c.evaluate.max_real = 10000  # real test images they are compared with
+  c.evaluate.temperatures = [0.7, 0.85, 1.0, 1.15]  # the quality / diversity trade-off
+  c.evaluate.temperature_samples = 500  # samples per temperature
+  c.evaluate.thresholds = [0.5, 0.7, 0.8, 0.9, 0.95]  # the rejection trade-off
+
+  if arg == "smoke":
+    c.sample.update(num=8, max_attempts=2, threshold=0.1)  # untrained: keep some samples
+    c.evaluate.update(
+      num_samples=16,
+      max_real=16,
+      temperatures=[0.8, 1.0],
+      temperature_samples=8,
+      thresholds=[0.1, 0.5],
+    )
+  else:
+    # About 15 minutes on 2 CPU cores for the whole pipeline (measured: benchmarks/RESULTS.md).
+    c.stage1.train.steps = 800
+    c.stage1.log.eval_every_steps = 0
+    c.stage1.log.image_every_steps = 800
+    c.prior_top.train.steps = 400
+    c.prior_top.log.eval_every_steps = 0
+    c.prior_bottom.train.steps = 400
+    c.prior_bottom.log.eval_every_steps = 0
+    c.classifier.train.steps = 1000
+    c.classifier.log.eval_every_steps = 0
+  return c

@@ -1,0 +1,294 @@
+"""Tests of the anomaly path a user runs: `config.data.exclude_labels` (data/sources.py
+make_source) against a NumPy selection of tiny fake idx files, and `python -m vqjax.anomaly`
+(vqjax/anomaly.py) on a one-step run, against scores, threshold and AUC recomputed in NumPy
+from the model's reconstructions."""
+
+import gzip
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from data_helpers import data_config, take
+from PIL import Image
+
+import vqjax
+from vqjax import anomaly, configs, convert, errors
+from vqjax.data import pipeline, sources
+from vqjax.models import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+  """A uint8 array as an idx file, from the format spec (magic 0 0 8 ndim, big-endian dims)."""
+  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+  return header + array.astype(np.uint8).tobytes()
+
+
+def _write_fashion_dir(path, n_train=80, n_test=40):
+  """Debian-like idx .gz files of random images with labels 0..9 repeating; returns
+  {split: (images uint8 [N, 28, 28], labels [N])}."""
+  os.makedirs(path, exist_ok=True)
+  rng = np.random.default_rng(0)
+  out = {}
+  for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    with gzip.open(os.path.join(path, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
+      f.write(_idx_bytes(images))
+    with gzip.open(os.path.join(path, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
+      f.write(_idx_bytes(labels))
+    out[split] = images, labels
+  return out
+
+
+@pytest.fixture
+def fake(tmp_path):
+  return _write_fashion_dir(tmp_path / "fmnist")
+
+
+# --- the label filter ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "split,base,rows", [("train", "train", slice(None)), ("test[5:33]", "test", slice(5, 33))]
+)
+def test_exclude_labels_keeps_what_numpy_keeps(tmp_path, fake, split, base, rows):
+  images, labels = (a[rows] for a in fake[base])
+  keep = ~np.isin(labels, [3, 7])
+  c = data_config(tmp_path, exclude_labels=(3, 7))
+  source = sources.make_source(c, split)
+  got = source.read_batch(np.arange(len(source)))
+  assert len(source) == keep.sum() < len(labels)
+  np.testing.assert_array_equal(got["image"][..., 0], images[keep])
+  np.testing.assert_array_equal(got["label"], labels[keep])
+  assert pipeline.num_examples(c, split) == keep.sum()
+  # Without the field set, nothing is dropped.
+  assert len(sources.make_source(data_config(tmp_path), split)) == len(labels)
+
+
+def test_training_and_eval_batches_never_hold_an_excluded_label(tmp_path, fake):
+  c = data_config(tmp_path, exclude_labels=(0, 9))
+  it = pipeline.make_train_iterator(c, seed=0)
+  seen = np.concatenate([b["label"] for b in take(it, 12)])  # 12 x 10 > one epoch of 64
+  it.close()
+  assert set(seen.tolist()) == set(range(1, 9))
+  test_images, test_labels = fake["test"]
+  keep = ~np.isin(test_labels, [0, 9])
+  batches = list(pipeline.make_eval_iterator(c))
+  mask = np.concatenate([b["mask"] for b in batches]) > 0
+  labels = np.concatenate([b["label"] for b in batches])[mask]
+  np.testing.assert_array_equal(labels, test_labels[keep])
+  x = np.concatenate([b["image"] for b in batches])[mask]
+  np.testing.assert_array_equal(x[:, 2:30, 2:30, 0], test_images[keep] / np.float32(127.5) - 1)
+
+
+def test_exclude_labels_of_a_folder_and_of_a_source_read_one_by_one(tmp_path):
+  for name, value in (("a/1.png", 10), ("a/2.png", 20), ("b/3.png", 30), ("c/4.png", 40)):
+    os.makedirs(tmp_path / "imgs" / os.path.dirname(name), exist_ok=True)
+    Image.fromarray(np.full((4, 4), value, np.uint8)).save(tmp_path / "imgs" / name)
+  c = data_config(tmp_path, name="folder", reader="folder", folder=str(tmp_path / "imgs"))
+  c.exclude_labels = (1,)  # "b"
+  source = sources.make_source(c, "train")
+  assert [int(source[i]["image"][0, 0, 0]) for i in range(len(source))] == [10, 20, 40]
+  assert source.name_of(2).endswith("c/4.png")
+
+  class OneByOne:  # like a tfds source: no labels in memory, examples read by index
+    def __init__(self, labels):
+      self.labels_ = labels
+
+    def __len__(self):
+      return len(self.labels_)
+
+    def __getitem__(self, i):
+      return {"value": np.int32(100 + i), "label": np.int32(self.labels_[i])}
+
+  labels = np.array([4, 2, 4, 1, 0, 4, 2])
+  kept = sources.exclude_labels(OneByOne(labels), [4, 0])
+  expected = 100 + np.flatnonzero(~np.isin(labels, [4, 0]))
+  assert [int(kept[i]["value"]) for i in range(len(kept))] == expected.tolist()
+  assert [int(e["value"]) for e in kept.__getitems__([2, 0])] == [expected[2], expected[0]]
+
+
+def test_exclude_labels_mistakes_are_one_line_user_errors(tmp_path, fake):
+  with pytest.raises(errors.UserError, match="no 'label' feature"):
+    sources.exclude_labels(sources.ArraySource({"image": np.zeros((3, 2, 2), np.uint8)}), [1])
+  c = data_config(tmp_path, exclude_labels=tuple(range(10)))
+  with pytest.raises(errors.UserError, match=r"leaves none of the 40 examples of fashion_mnist"):
+    sources.make_source(c, "test")
+  config = configs.base_config()
+  config.data.exclude_labels = ("bag",)
+  with pytest.raises(errors.UserError, match="must be integers"):
+    configs.validate(config)
+  config.data.update(exclude_labels=(8,), reader="tfdata")
+  with pytest.raises(errors.UserError, match="tfdata"):
+    configs.validate(config)
+  config = configs.load_experiment("fashion_mnist_anomaly")
+  assert tuple(config.data.exclude_labels) == (8,)
+  configs.validate(config)  # accepted: only the new field differs from the quickstart
+  quickstart = configs.load_experiment("fashion_mnist").to_dict()
+  assert {k: v for k, v in config.to_dict()["data"].items() if quickstart["data"][k] != v} == {
+    "exclude_labels": (8,)
+  }
+
+
+# --- the CLI on a tiny trained run --------------------------------------------------------------
+
+
+def _blur_max(maps: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+  """Maximum of each map after a normalised Gaussian blur (window 2 ceil(3 sigma) + 1) that
+  averages only pixels inside the image, in float64 with explicit loops over the window."""
+  r = int(math.ceil(3 * sigma))
+  g = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2))
+  n, h, w = maps.shape
+  num, den = np.zeros_like(maps), np.zeros((h, w))
+  padded = np.pad(maps, ((0, 0), (r, r), (r, r)))
+  ones = np.pad(np.ones((h, w)), r)
+  for dy in range(2 * r + 1):
+    for dx in range(2 * r + 1):
+      num += g[dy] * g[dx] * padded[:, dy : dy + h, dx : dx + w]
+      den += g[dy] * g[dx] * ones[dy : dy + h, dx : dx + w]
+  return (num / den).max(axis=(1, 2))
+
+
+def _pairwise_auc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
+  """P(anomaly scores higher) + P(tie) / 2 over every (anomaly, normal) pair."""
+  a, n = scores[is_anomaly][:, None], scores[~is_anomaly][None, :]
+  return float(np.mean((a > n) + 0.5 * (a == n)))
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """Compiling, not running, dominates these one-step CPU tests: XLA skips most optimisations
+  while they run (the numbers compared stay float32-exact to the tolerances used)."""
+  saved = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", saved)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fast_compile):
+  """A stage-1 model of the anomaly experiment's smoke config (class 8 left out) on fake idx
+  files, saved as a run (config.json + variables, as `vqjax.convert` writes them; a trainer
+  step would add half a minute of compiling and change nothing tested here), its codebook
+  initialised from a batch of normal training images; returns (workdir, test images, labels)."""
+  tmp = tmp_path_factory.mktemp("anomaly")
+  data = _write_fashion_dir(tmp / "fmnist")
+  config = configs.load_experiment("fashion_mnist_anomaly:smoke")
+  config.data.update(local_dir=str(tmp / "fmnist"), data_dir=str(tmp / "cache"), eval_split="test")
+  it = pipeline.make_train_iterator(config.data, seed=0)
+  batch = next(it)
+  it.close()
+  assert 8 not in batch["label"]
+  model = registry.build_model(config)
+  rngs = {"params": jax.random.key(0, impl="rbg"), "vq": jax.random.key(1)}
+  variables = jax.jit(model.init)(rngs, batch["image"])
+  convert.save_converted(str(tmp / "run"), config, dict(variables))
+  return str(tmp / "run"), *data["test"]
+
+
+def test_run_matches_numpy_and_thresholds_on_held_out_normals_only(tiny_run, tmp_path):
+  workdir, images, labels = tiny_run
+  result = anomaly.run(workdir, str(tmp_path / "out"), quantile=0.8)
+  assert result["anomaly_labels"] == [8]  # the run's own data.exclude_labels
+
+  # Independent reference: images padded and scaled by hand, scored in float64.
+  config, model, variables = vqjax.load_run(workdir)
+  x = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None] / 127.5 - 1.0
+  recon, _ = model.apply(variables, x.astype(np.float32), train=False)
+  maps = np.mean((np.asarray(recon, np.float64) - x) ** 2, axis=-1)
+  mean_score, max_score = maps.mean(axis=(1, 2)), _blur_max(maps)
+
+  is_anomaly = labels == 8
+  normal = np.flatnonzero(~is_anomaly)
+  heldout, scored = normal[0::2], normal[1::2]
+  test = np.concatenate([scored, np.flatnonzero(is_anomaly)])
+  assert (result["num_heldout"], result["num_normal"], result["num_anomalous"]) == (18, 18, 4)
+  threshold = np.quantile(max_score[heldout], 0.8)
+  assert math.isclose(result["threshold"], threshold, rel_tol=1e-5)
+  assert result["auc"] == result["auc_max"] == _pairwise_auc(max_score[test], is_anomaly[test])
+  assert result["auc_mean"] == _pairwise_auc(mean_score[test], is_anomaly[test])
+  assert result["tpr"] == np.mean(max_score[is_anomaly] > threshold)
+  assert result["fpr"] == np.mean(max_score[scored] > threshold)
+  assert result["heldout_fpr"] == np.mean(max_score[heldout] > threshold)
+  # Thresholding all normal images instead would be another number (here it is).
+  assert not math.isclose(np.quantile(max_score[normal], 0.8), threshold, rel_tol=1e-5)
+
+  with open(tmp_path / "out" / "anomaly.json") as f:
+    assert json.load(f) == result
+  grid = np.asarray(Image.open(tmp_path / "out" / "anomaly.png"))
+  # 4 normal then 4 anomalous images (min(8, 18, 4)), 3 rows each, 32 px + 2 px padding.
+  assert grid.shape[0] == 6 * 34 + 2 and grid.shape[1] > 4 * 34 + 2
+
+  # --score mean and --max_examples: the first 20 images only, thresholded on their mean.
+  head = anomaly.run(workdir, str(tmp_path / "head"), [8], 0.5, max_examples=20, score="mean")
+  normal20 = np.flatnonzero(~is_anomaly[:20])
+  assert (head["num_heldout"], head["num_normal"], head["num_anomalous"]) == (9, 9, 2)
+  assert math.isclose(head["threshold"], np.median(mean_score[normal20[0::2]]), rel_tol=1e-5)
+
+
+def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
+  workdir = tiny_run[0]
+  out = str(tmp_path / "out")
+  for q in (0.0, 1.0, 1.5):
+    with pytest.raises(errors.UserError, match=r"quantile must be in \(0, 1\)"):
+      anomaly.run(workdir, out, quantile=q)
+  with pytest.raises(errors.UserError, match="no anomaly labels"):
+    anomaly.run(workdir, out, anomaly_labels=[])
+  with pytest.raises(errors.UserError, match=r"no anomalous examples.*labels found: \[0, 1"):
+    anomaly.run(workdir, out, anomaly_labels=[11])
+  with pytest.raises(errors.UserError, match="at least 2 are needed"):
+    anomaly.run(workdir, out, anomaly_labels=list(range(1, 10)), max_examples=10)
+  with pytest.raises(errors.UserError, match="integers"):
+    anomaly.run(workdir, out, anomaly_labels=["bag"])
+
+  real = pipeline.make_eval_iterator
+
+  def unlabelled(data, **kw):
+    return ({k: v for k, v in b.items() if k != "label"} for b in real(data, **kw))
+
+  monkeypatch.setattr(pipeline, "make_eval_iterator", unlabelled)
+  with pytest.raises(errors.UserError, match="no 'label' feature"):
+    anomaly.run(workdir, out)
+
+  prior = configs.prior_config("/nowhere", 0, "pixelcnn")
+  monkeypatch.setattr(vqjax.runs, "load_run", lambda w: (prior, None, None))
+  with pytest.raises(errors.UserError, match="not a stage-1 autoencoder"):
+    anomaly.run(workdir, out)
+  assert not os.path.exists(out)  # nothing written by a failed run
+
+
+def test_cli_prints_a_table_and_mistakes_in_one_line(tiny_run, tmp_path):
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+
+  def cli(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "vqjax.anomaly", *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+
+  bad = cli(f"--workdir={tiny_run[0]}", "--quantile=1.5")
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip() == "vqjax.anomaly: UserError: --quantile must be in (0, 1), got 1.5"
+  ok = cli(f"--workdir={tiny_run[0]}", "--anomaly_labels=8,9", f"--out={tmp_path}")
+  assert ok.returncode == 0, ok.stderr
+  with open(tmp_path / "anomaly.json") as f:
+    result = json.load(f)
+  assert result["anomaly_labels"] == [8, 9] and result["num_anomalous"] == 8
+  assert ["auc", f"{result['auc']:.6g}"] in [line.split() for line in ok.stdout.splitlines()]

@@ -1,0 +1,123 @@
+"""The one-command pipeline (`python -m vqjax.pipeline`) end to end in its `:smoke` setting:
+every stage's output, the report's numbers against what the stage outputs say, and a second run
+that trains and draws nothing again."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqjax import configs, pipeline
+
+SMOKE = os.path.join(os.path.dirname(pipeline.DEFAULT_CONFIG), "fashion_mnist.py")
+
+
+def _load(variant: str = "smoke"):
+  """The pipeline config file, loaded as the CLI's --config does."""
+  spec = importlib.util.spec_from_file_location("pipeline_config", SMOKE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def _snapshot(workdir: str) -> dict[str, float]:
+  """mtime of every checkpoint step and sample file: what a re-run must leave alone."""
+  out = {}
+  for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
+    ckpt = os.path.join(workdir, name, "checkpoints")
+    for step in os.listdir(ckpt):
+      out[f"{name}/{step}"] = os.path.getmtime(os.path.join(ckpt, step))
+  for name in ("samples", "samples_rejection", "samples_eval"):
+    path = os.path.join(workdir, name, "images.npz")
+    out[path] = os.path.getmtime(path)
+  return out
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("pipeline") / "q")
+  config = _load()
+  for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
+    config[name].log.tensorboard = False
+  report = pipeline.Pipeline(config, workdir).run()
+  return config, workdir, report
+
+
+def test_pipeline_runs_every_stage(done):
+  config, workdir, report = done
+  for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
+    assert report[name]["step"] == config[name].train.steps == 1
+  # The priors were trained on the codes extracted here, with the stage-1 codebook.
+  with open(os.path.join(workdir, "codes", "metadata.json")) as f:
+    meta = json.load(f)
+  assert meta["stage1"]["workdir"] == os.path.join(workdir, "stage1")
+  assert meta["num_codes"] == config.stage1.vq.num_codes
+  for name in ("prior_top", "prior_bottom"):
+    with open(os.path.join(workdir, name, "config.json")) as f:
+      saved = json.load(f)
+    assert saved["data"]["codes_dir"] == os.path.join(workdir, "codes")
+  # Grids of the configured size; the rejection grid keeps only confident samples.
+  grid = Image.open(os.path.join(workdir, "samples", "samples.png"))
+  assert grid.size[0] > 32 * 2
+  images = np.load(os.path.join(workdir, "samples", "images.npz"))["image"]
+  assert images.shape == (config.sample.num, 32, 32, 1) and images.dtype == np.uint8
+  rejection = report["samples_rejection"]["rejection"]
+  assert rejection["kept"] <= config.sample.num
+  assert 0.0 <= rejection["acceptance_rate"] <= 1.0
+  # Sample quality of the unfiltered set; a higher threshold never keeps more samples.
+  ev = report["evaluation"]
+  assert ev["samples"]["num_samples"] == config.evaluate.num_samples
+  assert np.isfinite(ev["samples"]["frechet_distance"]) and ev["samples"]["frechet_distance"] > 0
+  rates = [row["acceptance_rate"] for row in ev["thresholds"]]
+  assert [row["threshold"] for row in ev["thresholds"]] == sorted(config.evaluate.thresholds)
+  assert all(1.0 >= a >= b >= 0.0 for a, b in zip(rates, rates[1:]))
+  assert ev["samples_rejection"]["threshold"] == config.sample.threshold
+  assert [row["temperature"] for row in ev["temperatures"]] == list(config.evaluate.temperatures)
+  for path in ev["plots"].values():
+    with Image.open(path) as im:
+      assert im.size[0] > 50 and im.size[1] > 50
+  with open(os.path.join(workdir, "report.json")) as f:
+    assert json.load(f)["evaluation"]["samples"] == pytest.approx(ev["samples"], nan_ok=True)
+  table = open(os.path.join(workdir, "report.md")).read()
+  assert "frechet_distance" in table and "| total |" in table
+
+
+def test_a_second_run_trains_and_draws_nothing_again(done):
+  config, workdir, _ = done
+  before = _snapshot(workdir)
+  report = pipeline.Pipeline(config, workdir).run()
+  assert _snapshot(workdir) == before
+  assert report["stage1"]["step"] == 1
+
+
+def test_prior_config_points_at_the_pipeline_codes(tmp_path):
+  prior = configs.load_experiment("fashion_mnist_prior_bottom:smoke")  # synthetic codes
+  c = pipeline.prior_config(prior, str(tmp_path / "codes"), 128)
+  assert c.data.name == "codes" and c.data.codes_dir == str(tmp_path / "codes")
+  assert c.vq.num_codes == 128 and prior.vq.num_codes == 32  # a copy; the original is kept
+  configs.validate(c)  # the synthetic-code fields are back at their defaults
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for args, want in (
+    ([], "--workdir is required"),
+    (
+      [f"--config={SMOKE}:smoke", f"--workdir={tmp_path}", "--config.sample.nmu=3"],
+      "nmu",
+    ),
+  ):
+    proc = subprocess.run(
+      [sys.executable, "-m", "vqjax.pipeline", *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=120,
+    )
+    assert proc.returncode != 0
+    assert want in proc.stderr, proc.stderr

@@ -1,0 +1,316 @@
+"""The whole VQ-VAE-2 pipeline in one command: stage 1 -> codes -> priors -> samples -> evaluation.
+
+  python -m vqjax.pipeline --workdir workdirs/quickstart \
+      [--config experiments/pipelines/fashion_mnist.py[:smoke]] [--config.stage1.train.steps=1200]
+
+The config (experiments/pipelines/) holds one full run config per trained stage (`stage1`,
+`prior_top`, `prior_bottom`, `classifier`) and the `sample` / `evaluate` settings. Each stage
+writes its own directory under the workdir:
+
+  stage1/  codes/  prior_top/  prior_bottom/  classifier/    runs of `python -m vqjax.train` /
+                                                             `vqjax.extract_codes`
+  samples/  samples_rejection/                               `python -m vqjax.sample` outputs
+  samples_eval/                                              unfiltered samples for the numbers
+  plots/                                                     reconstructions, code usage,
+                                                             temperature and threshold curves
+  report.json  report.md                                     every number, with stage times
+
+A stage whose output is complete is skipped (training runs say they are finished, a finished
+code shard is kept, a sample directory whose settings.json matches is reused), so after an
+interruption the same command goes on where it stopped. The priors are trained on the codes
+extracted here, with the stage-1 run's codebook size; changing a stage's config after it ran
+is caught by that stage (a training run logs the differences from its checkpoint).
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vqjax import errors
+
+DEFAULT_CONFIG = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  "experiments",
+  "pipelines",
+  "fashion_mnist.py",
+)
+STAGES = ("stage1", "codes", "prior_top", "prior_bottom", "classifier", "samples", "evaluate")
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program)."""
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Pipeline config: experiments/pipelines/X.py[:smoke] (default: the Fashion-MNIST one).",
+    lock_config=True,
+  )
+  flags.DEFINE_string("workdir", None, "Directory for every stage's outputs.")
+  flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad config file, variant or override is one line; without
+  --config, the Fashion-MNIST pipeline."""
+  from vqjax import configs
+
+  argv = list(argv)
+  specs = [a.partition("=")[2] for a in argv if a.startswith(("--config=", "-config="))]
+  if not specs and not any(a in ("--config", "-config") for a in argv):
+    argv.insert(1, f"--config={DEFAULT_CONFIG}")
+  try:
+    for spec in specs:
+      configs.load_experiment(spec)  # a missing file or unknown variant: one line here
+    return flags.FLAGS(argv)
+  except errors.UserError as e:
+    raise SystemExit(f"vqjax.pipeline: {e}") from None
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    detail = " ".join(str(e).strip("'\"").split())
+    overrides = " ".join(a for a in argv if a.startswith("--config."))
+    raise SystemExit(
+      f"vqjax.pipeline: bad config or flag: {detail}" + (f" (in {overrides})" if overrides else "")
+    ) from None
+
+
+def prior_config(config: Any, codes_dir: str, num_codes: int) -> Any:
+  """A prior's run config pointed at the pipeline's code dataset.
+
+  Args:
+    config: the prior experiment's config (its data section may name another code dataset or
+      synthetic codes, e.g. in its `:smoke` variant).
+    codes_dir: the code dataset written by the pipeline's extraction.
+    num_codes: the stage-1 codebook size.
+
+  Returns:
+    A copy with `data` reading `codes_dir` (train / test splits) and `vq.num_codes` set.
+  """
+  from vqjax import configs
+
+  c = config.copy_and_resolve_references()
+  defaults = configs.base_config().data
+  c.data.update(
+    name="codes",
+    codes_dir=os.path.abspath(codes_dir),
+    reader="local",
+    train_split="train",
+    eval_split="test",
+    synthetic_shapes=defaults.synthetic_shapes,
+    synthetic_num_codes=defaults.synthetic_num_codes,
+    synthetic_examples=defaults.synthetic_examples,
+  )
+  c.vq.num_codes = num_codes
+  return c
+
+
+def _same_samples(out: str, wanted: dict) -> bool:
+  """Whether `out` holds finished samples drawn with the `wanted` settings."""
+  path = os.path.join(out, "settings.json")
+  if not (os.path.exists(path) and os.path.exists(os.path.join(out, "images.npz"))):
+    return False
+  try:
+    with open(path) as f:
+      done = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return all(done.get(k) == v for k, v in wanted.items())
+
+
+class Pipeline:
+  """The stages of one pipeline workdir; `run()` runs the missing ones in order.
+
+  Attributes:
+    config: the pipeline config.
+    workdir: its absolute output directory.
+    report: the numbers and stage times gathered so far.
+  """
+
+  def __init__(self, config: Any, workdir: str):
+    self.config = config
+    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.report: dict[str, Any] = {"stages": {}}
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def _stage(self, name: str, fn, *args, **kwargs) -> Any:
+    logging.info("pipeline: stage %s", name)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    seconds = time.perf_counter() - t0
+    self.report["stages"][name] = round(seconds, 1)
+    logging.info("pipeline: stage %s done in %.1f s", name, seconds)
+    return out
+
+  def _train(self, name: str, config: Any) -> dict[str, float]:
+    from vqjax.training import trainer
+
+    result = trainer.train_and_evaluate(config, self.path(name))
+    return {k: v for k, v in result.items() if k.startswith("eval/") or k == "step"}
+
+  def _sample(self, name: str, num: int, classifier: str = "", **overrides) -> dict:
+    from vqjax import sample
+
+    s = self.config.sample
+    kwargs = dict(
+      num=num,
+      seed=s.seed,
+      temperature=s.temperature,
+      top_k=s.top_k,
+      top_p=s.top_p,
+      classifier=classifier,
+      threshold=s.threshold,
+      max_attempts=s.max_attempts,
+    )
+    kwargs.update(overrides)
+    out = self.path(name)
+    wanted = {k: kwargs[k] for k in ("seed", "temperature", "top_k", "top_p")}
+    if classifier:
+      wanted.update(classifier=os.path.abspath(classifier), threshold=kwargs["threshold"])
+    else:
+      wanted["num"] = num
+    if _same_samples(out, wanted):
+      logging.info("pipeline: %s already drawn with these settings", out)
+      with open(os.path.join(out, "settings.json")) as f:
+        return json.load(f)
+    priors = [self.path("prior_top"), self.path("prior_bottom")]
+    return sample.run(priors, out, stage1=self.path("stage1"), **kwargs)
+
+  def _evaluate(self) -> dict[str, Any]:
+    from vqjax import evaluate
+
+    e, s = self.config.evaluate, self.config.sample
+    classifier = self.path("classifier")
+    plots = self.path("plots")
+    os.makedirs(plots, exist_ok=True)
+    out: dict[str, Any] = {"stage1": evaluate.evaluate(self.path("stage1"))}
+    out["plots"] = evaluate.stage1_plots(self.path("stage1"), plots)
+    out["samples"] = evaluate.evaluate_samples(
+      self.path("samples_eval"), classifier, max_real=e.max_real
+    )
+    thresholds = sorted(set(list(e.thresholds) + [s.threshold]))
+    out["thresholds"] = evaluate.threshold_tradeoff(
+      self.path("samples_eval"),
+      classifier,
+      thresholds,
+      os.path.join(plots, "threshold_tradeoff.png"),
+      max_real=e.max_real,
+    )
+    out["plots"]["threshold_tradeoff"] = os.path.join(plots, "threshold_tradeoff.png")
+    out["samples_rejection"] = next(
+      (row for row in out["thresholds"] if row.get("threshold") == s.threshold), {}
+    )
+    out["temperatures"] = evaluate.temperature_tradeoff(
+      [self.path("prior_top"), self.path("prior_bottom")],
+      classifier,
+      list(e.temperatures),
+      e.temperature_samples,
+      os.path.join(plots, "temperature_tradeoff.png"),
+      seed=s.seed,
+      stage1=self.path("stage1"),
+      max_real=e.max_real,
+    )
+    out["plots"]["temperature_tradeoff"] = os.path.join(plots, "temperature_tradeoff.png")
+    return out
+
+  def run(self) -> dict[str, Any]:
+    """Runs every stage not yet complete; returns the report (also written to disk)."""
+    from vqjax import configs, extract_codes
+
+    c = self.config
+    os.makedirs(self.workdir, exist_ok=True)
+    for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
+      configs.validate(c[name])
+    t0 = time.perf_counter()
+    r = self.report
+    r["stage1"] = self._stage("stage1", self._train, "stage1", c.stage1)
+    self._stage("codes", extract_codes.extract, self.path("stage1"), self.path("codes"))
+    num_codes = c.stage1.vq.num_codes
+    for name in ("prior_top", "prior_bottom"):
+      config = prior_config(c[name], self.path("codes"), num_codes)
+      r[name] = self._stage(name, self._train, name, config)
+    r["classifier"] = self._stage("classifier", self._train, "classifier", c.classifier)
+    r["samples"] = self._stage("samples", self._sample, "samples", c.sample.num)
+    r["samples_rejection"] = self._stage(
+      "samples_rejection",
+      self._sample,
+      "samples_rejection",
+      c.sample.num,
+      classifier=self.path("classifier"),
+    )
+    r["samples_eval"] = self._stage(
+      "samples_eval", self._sample, "samples_eval", c.evaluate.num_samples
+    )
+    r["evaluation"] = self._stage("evaluate", self._evaluate)
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    self.write()
+    return r
+
+  def write(self) -> None:
+    """Writes report.json and the short report.md table."""
+    with open(self.path("report.json"), "w") as f:
+      json.dump(self.report, f, indent=2, sort_keys=True, default=float)
+    with open(self.path("report.md"), "w") as f:
+      f.write(summary(self.report))
+
+
+def _fmt(value: Any) -> str:
+  return f"{value:.4g}" if isinstance(value, int | float) else str(value)
+
+
+def summary(report: dict[str, Any]) -> str:
+  """The report's headline numbers as a Markdown table."""
+  ev = report.get("evaluation", {})
+  rows = []
+  st1 = ev.get("stage1", {})
+  for key in ("mse", "psnr", "ssim", "top/perplexity", "bottom/perplexity"):
+    if key in st1:
+      rows.append(("stage 1", key, st1[key]))
+  for name in ("prior_top", "prior_bottom"):
+    if "eval/bits_per_code" in report.get(name, {}):
+      rows.append((name, "bits_per_code (test)", report[name]["eval/bits_per_code"]))
+  if "eval/accuracy" in report.get("classifier", {}):
+    rows.append(("classifier", "accuracy (test)", report["classifier"]["eval/accuracy"]))
+  for name, label in (("samples", "samples"), ("samples_rejection", "samples, rejection")):
+    for key in ("frechet_distance", "precision", "recall", "inception_score", "acceptance_rate"):
+      if key in ev.get(name, {}):
+        rows.append((label, key, ev[name][key]))
+  rejection = report.get("samples_rejection", {}).get("rejection") or {}
+  if "acceptance_rate" in rejection:
+    rows.append(("rejection grid", "acceptance_rate", rejection["acceptance_rate"]))
+  lines = ["| stage | metric | value |", "| --- | --- | ---: |"]
+  lines += [f"| {a} | {b} | {_fmt(v)} |" for a, b, v in rows]
+  times = report.get("stages", {})
+  lines += ["", "| stage | seconds |", "| --- | ---: |"]
+  lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]
+  if "seconds" in report:
+    lines.append(f"| total | {report['seconds']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS.workdir:
+    raise SystemExit("vqjax.pipeline: --workdir is required")
+  with errors.one_line("vqjax.pipeline", flags.FLAGS.verbose):
+    from vqjax.training import logs
+
+    logs.quiet_library_logs()
+    pipe = Pipeline(flags.FLAGS.config, flags.FLAGS.workdir)
+    report = pipe.run()
+  print(summary(report))
+  print(
+    f"outputs in {pipe.workdir}: samples/samples.png, samples_rejection/samples.png, plots/, "
+    "report.md",
+    file=sys.stderr,
+  )
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
