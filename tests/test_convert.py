@@ -354,5 +354,5 @@ def test_training_starts_from_converted_weights(tmp_path):
   config.log.update(every_steps=1, eval_batches=1, tensorboard=False)
   result = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   batch = next(pipeline.make_train_iterator(config.data, config.seed))
-  _, aux = model.apply(variables, jnp.asarray(batch["image"]))
+  _, aux = model.apply(variables, jnp.asarray(pipeline.preprocess(batch["image"], config.data)))
   np.testing.assert_allclose(result["mse"], float(aux["mse"]), rtol=1e-4)

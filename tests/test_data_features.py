@@ -1,5 +1,6 @@
 """Tests for vqjax/data's handling of features by kind, through sources registered in SOURCES:
-integer-only sources pass through exactly, images are scaled exactly, eval pads per feature."""
+integer-only sources pass through exactly, training images stay uint8, eval images are scaled
+exactly, eval pads per feature."""
 
 import json
 
@@ -74,13 +75,19 @@ def test_image_is_scaled_exactly_and_other_features_pass_through(monkeypatch, tm
   c, _ = _register(monkeypatch, tmp_path, lambda split: feats, image_size=4, resize="pad")
   for b in take(pipeline.make_train_iterator(c, seed=3), 6):
     index = b["codes"][:, 0, 0] // 64
-    assert b["image"].dtype == np.float32 and b["weight"].dtype == np.float32
-    np.testing.assert_array_equal(b["image"][:, 0, 0], -1.0)  # exactly, not approximately
-    np.testing.assert_array_equal(b["image"][:, 0, 1], 1.0)
-    expected = images[index].astype(np.float64) / 127.5 - 1
-    np.testing.assert_allclose(b["image"], expected, rtol=0, atol=1e-7)
+    # Training images leave the host as they are stored; the devices scale them.
+    assert b["image"].dtype == np.uint8 and b["weight"].dtype == np.float32
+    np.testing.assert_array_equal(b["image"], images[index])
     np.testing.assert_array_equal(b["weight"], feats["weight"][index])
     np.testing.assert_array_equal(b["label"], feats["label"][index])
+  c.eval_batch_size = N
+  (ev,) = list(pipeline.make_eval_iterator(c))  # eval: scaled on the host, in example order
+  assert ev["image"].dtype == np.float32
+  np.testing.assert_array_equal(ev["image"][:, 0, 0], -1.0)  # exactly, not approximately
+  np.testing.assert_array_equal(ev["image"][:, 0, 1], 1.0)
+  expected = images.astype(np.float64) / 127.5 - 1
+  np.testing.assert_allclose(ev["image"], expected, rtol=0, atol=1e-7)
+  np.testing.assert_array_equal(ev["weight"], feats["weight"])
 
 
 def test_eval_pads_each_feature_by_kind(monkeypatch, tmp_path):

@@ -5,6 +5,8 @@ import os
 import struct
 
 import numpy as np
+import pytest
+from absl import logging
 from PIL import Image
 
 from vqjax import configs
@@ -59,11 +61,40 @@ def test_writer_and_progress(tmp_path):
   assert 0 < elapsed < 5 and abs(timing["eta_s"] - 9 * elapsed) < 1e-6 * timing["eta_s"]
   codes = logs.Progress(total_steps=4, global_batch=3, start_step=0, unit="codes")
   text, timing = codes.line(2, {"loss": 1.0}, ("loss",))
-  assert "codes/s" in text and "img/s" not in text and set(timing) == {"codes_per_s", "eta_s"}
+  assert "codes/s" in text and "img/s" not in text
+  assert set(timing) == {"codes_per_s", "eta_s", "data_wait"} and timing["data_wait"] == 0
+  assert "data_wait 0%" in text
   inactive = logs.MetricWriter(str(tmp_path / "other"), active=False)
   inactive.start_at(0)
   inactive.write(1, {"loss": 1.0})
   assert not os.path.exists(tmp_path / "other")
+
+
+def test_progress_reports_data_wait_and_warns_when_input_bound(monkeypatch, caplog):
+  now = [100.0]
+  monkeypatch.setattr(logs.time, "perf_counter", lambda: now[0])
+  p = logs.Progress(total_steps=60, global_batch=10, start_step=0, warn_every=3)
+  # Seconds the devices waited for data in each 10-second interval between log lines.
+  waits = [0.5, 3.0, 4.0, 2.5, 6.0, 0.2]
+  warned = []
+  for i, wait in enumerate(waits):
+    p.add_data_wait(wait / 2)  # collected in pieces, as the loop does step by step
+    p.add_data_wait(wait / 2)
+    now[0] += 10.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      text, timing = p.line(10 * (i + 1), {"loss": 1.0}, ("loss",))
+    assert timing["data_wait"] == pytest.approx(wait / 10)
+    assert f"data_wait {round(100 * wait / 10)}%" in text
+    warned.append(any("input-bound" in r.getMessage() for r in caplog.records))
+  # Above 10% from the second line on: warned then, and again only 3 lines later.
+  assert warned == [False, True, False, False, True, False]
+  # Time left out of the throughput (an eval) is left out of the share too: 1 s of 5.
+  p.add_data_wait(1.0)
+  now[0] += 10.0
+  p.exclude(5.0)
+  _, timing = p.line(70, {"loss": 1.0}, ("loss",))
+  assert timing["data_wait"] == pytest.approx(0.2)
 
 
 def test_resumed_writer_drops_records_after_the_checkpoint(tmp_path):

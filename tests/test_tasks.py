@@ -1,5 +1,7 @@
-"""Tests of vqjax/training/tasks.py: the autoencoder task's eval sums against NumPy."""
+"""Tests of vqjax/training/tasks.py: the autoencoder task's eval sums against NumPy, its
+train step on uint8 images (scaled and flipped on the device) against NumPy-prepared ones."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,45 @@ def test_train_metrics_name_levels_and_batch_statistics():
   _, metrics = jax.jit(task.train_step)(state, {"image": image}, jax.random.key(1), None)
   assert {"top/batch_usage", "bottom/batch_usage", "top/batch_perplexity"} <= set(metrics)
   assert not any(k.startswith("level") or k.endswith("/usage") for k in metrics)
+
+
+class _TinyAutoencoder(nn.Module):
+  """One 3x3 conv (not mirror-symmetric, so flips change the loss) and, like a data-initialised
+  codebook, a state variable set from the first batch: the autoencoder contract, quick to
+  compile."""
+
+  @nn.compact
+  def __call__(self, image, train=False):
+    first_mean = self.variable("vq_state", "first_mean", lambda: jnp.mean(image))
+    recon = nn.Conv(image.shape[-1], (3, 3))(image) + first_mean.value
+    return recon, {"loss": jnp.mean(jnp.square(recon - image)), "mse": jnp.mean(recon)}
+
+
+def test_train_step_scales_and_flips_uint8_images_on_the_device():
+  """A uint8 batch (what the trainer feeds) trains exactly like the same images scaled and
+  flipped in NumPy and fed as float32 with flips off; init scales its batch too."""
+  config = _smoke_config()
+  config.data.random_flip = True
+  task = tasks.AutoencoderTask(config, model=_TinyAutoencoder())
+  images = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8)
+  rng = jax.random.key(5)
+  flip = np.asarray(jax.random.bernoulli(jax.random.fold_in(rng, 0x666C6970), 0.5, (8,)))
+  assert 0 < flip.sum() < 8
+  x = images.astype(np.float32) / np.float32(127.5) - np.float32(1)
+  x[flip] = x[flip][:, :, ::-1]
+  init_rng = jax.random.key(0, impl="rbg")
+  state = jax.jit(task.init)(init_rng, {"image": images[:1]})
+  first_mean = np.asarray(state.model_state["vq_state"]["first_mean"])
+  np.testing.assert_allclose(first_mean, np.mean(images[0] / 127.5 - 1), atol=1e-6)
+  new, metrics = jax.jit(task.train_step)(state, {"image": images}, rng, None)
+  config.data.random_flip = False
+  plain = tasks.AutoencoderTask(config, model=_TinyAutoencoder())
+  ref_new, ref_metrics = jax.jit(plain.train_step)(state, {"image": x}, rng, None)
+  assert float(metrics["loss"]) == float(ref_metrics["loss"])
+  jax.tree.map(np.testing.assert_array_equal, new.params, ref_new.params)
+  # Unflipped, the same images give another loss: the comparison above can see the flips.
+  _, unflipped = jax.jit(plain.train_step)(state, {"image": images}, rng, None)
+  assert float(unflipped["loss"]) != float(metrics["loss"])
 
 
 def test_unknown_task_is_a_user_error():

@@ -197,6 +197,7 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     batch_size=8,
     eval_batch_size=8,
     num_workers=0,
+    worker_processes=0,
   )
   c.model.update(channels=16, res_channels=8, dtype="float32")
   c.vq.update(num_codes=32, code_dim=8)
@@ -232,6 +233,7 @@ def shrink_prior_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.Confi
     batch_size=8,
     eval_batch_size=8,
     num_workers=0,
+    worker_processes=0,
   )
   c.vq.num_codes = 32
   c.model.update(channels=16, dtype="float32")

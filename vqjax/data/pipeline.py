@@ -1,20 +1,30 @@
 """Preprocessing, per-host batching and resumable iteration over the sources of `sources.py`.
 
 Batches are host-local dicts of numpy arrays, one per source feature. Features are handled by
-kind (`transform_batch` is the one place that does it): "image" (uint8 [H, W, C] in the source)
-is fitted to `image_size` x `image_size` x `channels`, scaled to float32 [-1, 1] and randomly
-flipped when `random_flip`; every other feature (a "label", integer code maps, ...) passes
+kind: "image" (uint8 [H, W, C] in the source) is fitted to `image_size` x `image_size` x
+`channels` (`fit_images`); every other feature (a "label", integer code maps, ...) passes
 through with its dtype, stacked. `image_size`, `resize` and `channels` only matter when the
 source has an "image".
+
+Training batches keep their images uint8 and unflipped: the scale to [-1, 1] and the random
+flips run on the devices, inside the jitted step (`device_transform.py`), so the host moves a
+quarter of the bytes and does no per-pixel arithmetic. Eval batches (and `preprocess`) are
+scaled on the host (`transform_batch`): float32 in [-1, 1], never flipped.
 
 Training splits the examples the same way whatever the reader: process p of P owns the strided
 shard `p, p + P, p + 2P, ...` of the first `P * (N // P)` examples (every host owns as many, so
 all hosts take the same number of steps and none waits in a collective), each epoch visits the
 shard in a seeded permutation of its own, and the last partial batch of an epoch is dropped.
 
-  * Random-access sources ("local", "folder", "grain"): one grain `MapDataset` pipeline, so
-    batch k of the endless stream is a pure function of (seed, k, process), whatever the reader
-    threads; the resume point is grain's iterator state (the index of the next batch).
+  * Random-access sources ("local", "folder", "grain"): one grain `MapDataset` of batches, so
+    batch k of the endless stream is a pure function of (seed, k, process). Batches are read
+    in `config.data.num_workers` threads, and with `config.data.worker_processes` > 0 in that
+    many grain worker processes (each with its threads; batches come back through shared
+    memory): worker k reads batches k, k + W, ... and they are taken in turn, so the stream
+    is the same for every number of threads and processes. The resume point is the index of
+    the next batch, counted by the iterator itself; resuming starts the stream at that index.
+    Worker processes are started with "spawn": they import the program's main module again,
+    so a script that trains must keep its work under `if __name__ == "__main__":`.
   * "tfdata" (TFRecord through `tfds.load`, needs TensorFlow; in `tfds_data.py`): a seeded
     shuffle per epoch of this host's `tfds.even_splits` part, resumed by skipping into it.
 
@@ -112,32 +122,25 @@ def fit_images(
   return np.stack(fitted) if fitted else np.zeros((0, size, size, channels), np.uint8)
 
 
-def transform_batch(
-  batch: dict[str, np.ndarray], data_config: Any, flip_key: tuple[int, ...] | None = None
-) -> dict[str, np.ndarray]:
-  """The per-kind host transform of a fitted batch, the last step before the device.
+def transform_batch(batch: dict[str, np.ndarray], data_config: Any) -> dict[str, np.ndarray]:
+  """The host's per-kind transform of a fitted batch for eval: images scaled, never flipped.
 
-  "image" (uint8 [B, S, S, C]) becomes float32 in [-1, 1] (0 -> -1 and 255 -> 1 exactly) and,
-  with `random_flip` and a `flip_key`, about half the images are mirrored left-right, chosen by
-  a generator seeded from the key. Every other feature passes through unchanged.
+  "image" (uint8 [B, S, S, C]) becomes float32 in [-1, 1] (0 -> -1 and 255 -> 1 exactly, the
+  same values `device_transform` gives training batches on the devices). Every other feature
+  passes through unchanged.
 
   Args:
     batch: {name: array [B, ...]} from `load_batch`.
-    data_config: `config.data` (random_flip).
-    flip_key: integers fixing this batch's flips (seed, process, batch index); None = no flips
-      (eval).
+    data_config: `config.data`.
 
   Returns:
     A new dict with the same keys.
   """
+  del data_config  # scaling needs no setting; kept so every transform takes the data config
   out = dict(batch)
   if IMAGE in out:
     # Division by 127.5 (exact in float32) keeps 255 at exactly 1.0; a multiply would overshoot.
-    x = out[IMAGE].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    if flip_key is not None and data_config.random_flip:
-      flip = np.random.default_rng(flip_key + (1,)).random(len(x)) < 0.5
-      x[flip] = x[flip, :, ::-1]
-    out[IMAGE] = x
+    out[IMAGE] = out[IMAGE].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
   return out
 
 
@@ -238,13 +241,35 @@ def _check_identity(state: dict[str, Any], identity: dict[str, Any]) -> None:
       )
 
 
+class DataWorkerError(UserError):
+  """A worker process of the input pipeline died (killed for memory, or a crash in a decoder)."""
+
+
+# Each grain worker process holds this many finished batches, ready for the loop.
+_BATCHES_PER_PROCESS = 2
+# What grain says when a worker process exits without a Python exception (a kill, a crash).
+_WORKER_DIED = "Worker process was terminated unexpectedly"
+
+
+def _allow_grain_processes() -> None:
+  """grain reads its absl flags when it starts worker processes; a program that never parsed
+  flags (a notebook, pytest) gets their defaults. A later `app.run` parses them again."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 class TrainIterator:
   """Endless, resumable training batches of one process over a random-access source.
 
   source indices -> this host's shard -> per-epoch shuffle -> batch (dropping each epoch's
-  partial batch) -> repeat -> read, fit, scale and flip the batch -> prefetch in
-  `config.data.num_workers` threads. Every stage is a random-access grain `MapDataset` before
-  the prefetch, so batch k is a pure function of (seed, k, process) whatever the threads.
+  partial batch) -> repeat -> read and fit the batch (images stay uint8 and unflipped: see
+  `device_transform.py`) -> read ahead in `config.data.num_workers` threads, in each of
+  `config.data.worker_processes` processes when that is > 0. Every stage is a random-access
+  grain `MapDataset` before the read-ahead, so batch k is a pure function of (seed, k,
+  process) whatever the threads and processes; the iterator counts the batches it has handed
+  out, and a resume starts the stream at that count.
 
   Attributes:
     local_batch_size: examples per batch on this process (global batch // process_count).
@@ -272,6 +297,12 @@ class TrainIterator:
       raise UserError(
         f"{n} examples make no batch of {data_config.batch_size} over {process_count} processes"
       )
+    threads = data_config.num_workers
+    if threads < 0:
+      raise UserError(f"config.data.num_workers must be >= 0, not {threads}")
+    processes = data_config.get("worker_processes", 0)
+    if processes < 0:
+      raise UserError(f"config.data.worker_processes must be >= 0, not {processes}")
     seed = int(seed) % 2**63
     self._identity = {
       "seed": seed,
@@ -289,37 +320,77 @@ class TrainIterator:
     # batch straddle two epochs; the shuffle still sees the epoch through the repeated indices.
     # Reading whole batches lets in-memory and tfds sources read them in one call.
     ds = ds.batch(b, drop_remainder=True).repeat()
-    ds = ds.map_with_index(
-      functools.partial(
-        _train_batch, source=source, data_config=data_config, key=(seed, process_index)
+    self._batches = ds.map(functools.partial(_read_batch, source=source, data_config=data_config))
+    # num_threads=0 reads in the calling thread (or worker process), as num_workers=0
+    # promises; with threads, two batches per thread in flight keep them all busy without
+    # holding many batches in memory.
+    self._read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+    self._processes = processes
+    self._next = 0  # index of the next batch handed out: the resume point
+    self._it = None  # grain's iterator from batch `_next` on; started by the first read
+    self._peeked = None  # batch `_next`, read by `peek` and not handed out yet
+
+  def _start(self) -> None:
+    import grain
+
+    ds = self._batches[self._next :] if self._next else self._batches
+    ds = ds.to_iter_dataset(self._read_options)
+    if self._processes:
+      _allow_grain_processes()
+      # Worker k reads batches k, k + W, ... of the slice; grain takes them in turn (the same
+      # stream as one process) and passes their arrays through shared memory.
+      ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+          num_workers=self._processes, per_worker_buffer_size=_BATCHES_PER_PROCESS
+        )
       )
-    )
-    workers = data_config.num_workers
-    if workers < 0:
-      raise UserError(f"config.data.num_workers must be >= 0, not {workers}")
-    # num_threads=0 reads in the calling thread, as num_workers=0 promises; with threads, two
-    # batches per thread in flight keep them all busy without holding many batches in memory.
-    self._ds = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
-    )
-    self._it = iter(self._ds)
+    self._it = iter(ds)
+
+  def _read_next(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      self._start()
+    try:
+      return next(self._it)
+    except Exception as e:
+      self._stop()  # no worker lingers behind an error
+      if isinstance(e, RuntimeError) and _WORKER_DIED in str(e):
+        raise DataWorkerError(
+          f"a data worker process died before batch {self._next} arrived ({e}); if it was "
+          "killed for memory, lower config.data.worker_processes or config.data.num_workers"
+        ) from e
+      raise
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+    batch, self._peeked = self._peeked, None
+    if batch is None:
+      batch = self._read_next()
+    self._next += 1
+    return batch
+
+  def peek(self) -> dict[str, np.ndarray]:
+    """The next batch without consuming it: `next` hands out the same batch after it.
+
+    While nothing is read ahead (before the first `next`, after `set_state`) it is read here,
+    in this process, without starting threads or worker processes: the trainer peeks for
+    shapes, then may move to a checkpoint's position.
+    """
+    if self._peeked is None:
+      # Random access: batch `_next` of the MapDataset is the batch the stream would give.
+      self._peeked = self._batches[self._next] if self._it is None else self._read_next()
+    return self._peeked
 
   def get_state(self) -> dict[str, Any]:
     """The resume point and what must match on resume (JSON-serialisable).
 
     Returns:
-      {"grain": {"next_index": batches consumed}, "epoch", "step" (for people reading it),
+      {"grain": {"next_index": batches handed out}, "epoch", "step" (for people reading it),
       "seed", "num_examples", "process_count", "local_batch_size", "reader"}.
     """
-    grain_state = self._it.get_state()
-    epoch, step = divmod(int(grain_state["next_index"]), self.steps_per_epoch)
-    return {"grain": grain_state, "epoch": epoch, "step": step, **self._identity}
+    epoch, step = divmod(self._next, self.steps_per_epoch)
+    return {"grain": {"next_index": self._next}, "epoch": epoch, "step": step, **self._identity}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Moves to a state from `get_state`; the next batch is the one that followed it.
@@ -343,27 +414,31 @@ class TrainIterator:
         state["step"],
       )
       grain_state = {"next_index": int(state["epoch"]) * self.steps_per_epoch + int(state["step"])}
-    if not isinstance(grain_state, dict):
+    if not isinstance(grain_state, dict) or "next_index" not in grain_state:
       raise UserError(
         f"Cannot resume data iterator: no grain state in the saved state "
         f"(keys {sorted(state)}); it was saved by another reader"
       )
-    # A fresh iterator rather than set_state on the live one: it drops the batches the threads
-    # prefetched from the old position.
-    self._it.close()
-    self._it = iter(self._ds)
-    self._it.set_state(grain_state)
+    # What was read ahead belongs to the old position: it is dropped, and the next read
+    # starts the stream at the new one.
+    self._stop()
+    self._next = int(grain_state["next_index"])
+
+  def _stop(self) -> None:
+    self._peeked = None
+    if self._it is not None:
+      it, self._it = self._it, None
+      it.close()
 
   def close(self) -> None:
-    """Stops the prefetch threads, if any."""
-    self._it.close()
+    """Stops the read-ahead threads and worker processes, if any."""
+    self._stop()
 
 
-def _train_batch(
-  index: int, indices: np.ndarray, source: Any, data_config: Any, key: tuple[int, int]
-) -> dict[str, np.ndarray]:
-  """Batch `index` of the stream: its examples read, fitted, scaled and flipped by its key."""
-  return transform_batch(load_batch(source, indices, data_config), data_config, key + (index,))
+def _read_batch(indices: np.ndarray, source: Any, data_config: Any) -> dict[str, np.ndarray]:
+  """One training batch: its examples read and fitted, images still uint8 (module-level, so
+  grain's worker processes import it rather than pickling it)."""
+  return load_batch(source, indices, data_config)
 
 
 def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -442,14 +517,16 @@ def make_train_iterator(
 
   Args:
     data_config: `config.data`.
-    seed: the run seed; it fixes the example order and the random flips.
+    seed: the run seed; it fixes the example order (the flips come from the step key, on
+      the devices).
     process_index: this process (`jax.process_index()`).
     process_count: number of processes (`jax.process_count()`).
 
   Returns:
-    An iterator with `__next__`, `get_state()`, `set_state(state)`, `close()`,
+    An iterator with `__next__`, `peek()`, `get_state()`, `set_state(state)`, `close()`,
     `local_batch_size`, `steps_per_epoch` and `reader`, yielding {feature: array [B_local, ...]}
-    (see `transform_batch`).
+    with "image" uint8 [B_local, image_size, image_size, channels], unscaled and unflipped
+    (`device_transform.device_transform` finishes it in the train step).
   """
   reader = sources.resolve_reader(data_config)
   if reader == "tfdata":

@@ -12,16 +12,13 @@ vqjax reads itself; names not in it come from the tfds catalogue. `resolve_reade
   * "local": a `SOURCES` entry; for "fashion_mnist", Debian's `dataset-fashion-mnist` idx .gz
     files, parsed once into an .npz cache (under `data_dir`, or ~/.cache/vqjax).
   * "folder": every PNG/JPEG below `config.data.folder`, labelled by parent directory; files
-    PIL cannot read are found before training and skipped (see `FolderSource`).
+    PIL cannot read are found before training and skipped (`folder.py`).
   * "grain": a tfds dataset prepared as ArrayRecord, read through `tfds.data_source`.
   * "tfdata": TFRecord through `tfds.load` (needs TensorFlow); streaming, not random access.
 The tfds readers of both kinds live in `tfds_data.py`.
 """
 
-import concurrent.futures
 import gzip
-import hashlib
-import json
 import os
 import re
 import zlib
@@ -29,8 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from absl import logging
-from PIL import Image
 
 from vqjax.errors import UserError
 
@@ -38,13 +33,10 @@ _FASHION_FILES = {
   "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
   "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # idx type codes (third magic byte) -> numpy dtype, big-endian as the format stores them.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CACHE_VERSION = 1
-_CHECK_VERSION = 1
 READERS = ("auto", "local", "folder", "grain", "tfdata")
-_WARNED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, skipped files) already logged
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -263,220 +255,13 @@ def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
   raise UserError(f"Cannot convert {c} image channels to {channels}")
 
 
-def decode_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:
-  """Decodes an image file to uint8 [H, W, channels].
-
-  16-bit grayscale (PIL modes "I;16*" and "I") is scaled to 8 bits as round(value / 257), so
-  65535 maps to 255; PIL's own convert("L") would clip everything above 255.
-
-  With `min_size` (the caller then resizes the shorter side to it: `resize="resize_crop"`), a
-  JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale instead (libjpeg's DCT
-  scaling through PIL's `draft`: the largest reduction that keeps the shorter side >=
-  `min_size`), which skips most of the decoding work and most of the resize that follows.
-  It is deterministic; other files, and smaller JPEGs, decode at full size.
-
-  Args:
-    path: the image file.
-    channels: 1 (grayscale) or 3 (RGB).
-    min_size: the size the shorter side will be resized to; 0 = decode at full size.
-
-  Raises:
-    UserError: one line naming the file, when it cannot be decoded.
-  """
-  try:
-    with Image.open(path) as im:
-      if im.mode.startswith("I;16") or im.mode == "I":
-        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
-        # (v + 128) // 257 is v / 257 rounded: v / 257 is never exactly halfway for integer v.
-        image = ((wide + 128) // 257).astype(np.uint8)[..., None]
-        return np.repeat(image, 3, axis=-1) if channels == 3 else image
-      if min_size and im.format == "JPEG" and min(im.size) >= 2 * min_size:
-        im.draft(None, (min_size, min_size))  # mode unchanged: convert() below does colour
-      image = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    reason = " ".join(str(e).split())  # one line, whatever PIL put in the message
-    raise UserError(f"Cannot decode image {path}: {reason}") from None
-  return image[..., None] if image.ndim == 2 else image
-
-
-def _check_image(path: str) -> str:
-  """ "" when PIL can open and verify `path`, else why not (one line).
-
-  `verify` walks the file's structure (a PNG's chunk CRCs) without decoding pixels, so it is
-  cheap; a JPEG damaged inside its entropy-coded data still passes and fails at decode time.
-  """
-  try:
-    with Image.open(path) as im:
-      im.verify()
-    return ""
-  except Exception as e:  # noqa: BLE001 -- whatever PIL raises, the file is unusable
-    return " ".join(f"{type(e).__name__}: {e}".split())
-
-
-def _folder_check_path(cache_dir: str, folder: str) -> str:
-  digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
-  return os.path.join(cache_dir, "folder_checks", digest) if cache_dir else ""
-
-
-def check_images(
-  folder: str, relpaths: list[str], cache_dir: str, threads: int = 16
-) -> dict[str, str]:
-  """Checks that PIL can read every image, reusing earlier results for unchanged files.
-
-  A result is keyed by the file's relative path, size and modification time, kept in
-  `<cache_dir>/folder_checks/<hash of folder>/checks.json`, so a relaunch on a big folder only
-  stats its files.
-
-  Args:
-    folder: the root the paths are relative to.
-    relpaths: image paths relative to `folder`.
-    cache_dir: where the results are kept; "" = check every file every time.
-    threads: files checked in parallel.
-
-  Returns:
-    {relative path: why it is unreadable} for the bad files only.
-  """
-  where = _folder_check_path(cache_dir, folder)
-  cache_file = os.path.join(where, "checks.json") if where else ""
-  known = {}
-  if cache_file and os.path.isfile(cache_file):
-    try:
-      with open(cache_file) as f:
-        saved = json.load(f)
-      if saved.get("version") == _CHECK_VERSION:
-        known = saved["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-      pass  # a damaged record only costs checking again
-
-  def one(rel: str) -> tuple[str, list[Any]]:
-    path = os.path.join(folder, rel)
-    try:
-      st = os.stat(path)
-    except OSError as e:
-      return rel, [-1, -1, f"cannot stat: {e}"]
-    entry = known.get(rel)
-    if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
-      return rel, entry
-    return rel, [st.st_size, st.st_mtime_ns, _check_image(path)]
-
-  # Threads, not processes: the work is file reads and zlib, which release the GIL.
-  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-    results = dict(pool.map(one, relpaths, chunksize=64))
-  if cache_file and results != {k: known.get(k) for k in results}:
-    _write_text(
-      cache_file,
-      json.dumps({"version": _CHECK_VERSION, "folder": os.path.abspath(folder), "files": results}),
-    )
-  return {rel: r[2] for rel, r in results.items() if r[2]}
-
-
-class FolderSource:
-  """Every readable PNG/JPEG found recursively below a folder, sorted by path.
-
-  Every file is checked (PIL open + verify, in threads, cached by size and mtime) when the
-  source is built, so an unreadable file is found before training rather than when its batch
-  comes up. Such files are skipped with a warning, listed in `skipped` and in the file
-  `skipped_list`; they are not counted, so deleting one later leaves the dataset, and the
-  resume point, unchanged.
-
-  The label is the index of the file's immediate parent directory name among the sorted parent
-  names, so "cats/1.png, dogs/2.png" gives 0 and 1, and a flat folder gives 0 everywhere.
-
-  Attributes:
-    paths: the good image paths, sorted by path relative to the folder.
-    labels: int32 [len(paths)].
-    class_names: sorted parent directory names.
-    skipped: [(path, reason)] of the unreadable files left out.
-    skipped_list: the file listing `skipped` ("" when nothing was skipped or it could not be
-      written).
-    min_size: passed to `decode_image`: the size images will be resized to (shorter side),
-      so large JPEGs are decoded at a reduced scale; 0 (the default) = full size.
-  """
-
-  min_size = 0
-
-  def __init__(self, folder: str, channels: int, cache_dir: str = "", threads: int = 16):
-    if not folder or not os.path.isdir(folder):
-      raise UserError(f"Image folder {folder!r} not found: set --config.data.folder")
-    rel = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-      dirs.sort()
-      rel += [
-        os.path.relpath(os.path.join(root, f), folder)
-        for f in files
-        if f.lower().endswith(_IMAGE_EXTENSIONS)
-      ]
-    if not rel:
-      raise UserError(f"No .png/.jpg/.jpeg images found below {folder}")
-    rel.sort()
-    bad = check_images(folder, rel, cache_dir, threads)
-    self.skipped = [(os.path.join(folder, r), bad[r]) for r in rel if r in bad]
-    self.skipped_list = ""
-    if self.skipped:
-      where = _folder_check_path(cache_dir, folder)
-      text = "".join(f"{p}\t{why}\n" for p, why in self.skipped)
-      if where and _write_text(os.path.join(where, "bad_images.txt"), text):
-        self.skipped_list = os.path.join(where, "bad_images.txt")
-      shown = self.skipped_list or "; ".join(p for p, _ in self.skipped[:5])
-      # The train and eval splits of one folder check it twice (the second time from the
-      # cache); one warning is enough.
-      key = (os.path.abspath(folder), tuple(p for p, _ in self.skipped))
-      if key not in _WARNED:
-        _WARNED.add(key)
-        logging.warning(
-          "skipping %d of %d images below %s that cannot be read: %s",
-          len(self.skipped),
-          len(rel),
-          folder,
-          shown,
-        )
-    rel = [r for r in rel if r not in bad]
-    if not rel:
-      raise UserError(
-        f"None of the images below {folder} can be read (first: "
-        f"{self.skipped[0][0]}: {self.skipped[0][1]})"
-      )
-    self.paths = [os.path.join(folder, r) for r in rel]
-    parents = [os.path.basename(os.path.dirname(r)) for r in rel]
-    self.class_names = sorted(set(parents))
-    index = {name: i for i, name in enumerate(self.class_names)}
-    self.labels = np.array([index[p] for p in parents], np.int32)
-    self.channels = channels
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    image = decode_image(self.paths[i], self.channels, self.min_size)
-    return {"image": image, "label": self.labels[i]}
-
-  def name_of(self, i: int) -> str:
-    """How errors name example i: its path."""
-    return self.paths[i]
-
-
-def folder_source(
-  folder: str, split: str, channels: int, cache_dir: str = "", threads: int = 16
-) -> FolderSource:
-  """A FolderSource over `folder/<split>` when that directory exists, else over all of `folder`.
-
-  The split's slice ("train[:-1000]") applies to the readable files only, so skipping or
-  deleting a bad file never moves another file between slices.
-  """
-  base, spec = parse_split(split)
-  sub = os.path.join(folder, base) if folder else ""
-  source = FolderSource(sub if sub and os.path.isdir(sub) else folder, channels, cache_dir, threads)
-  rows = slice_range(spec, len(source), split)
-  source.paths = [source.paths[i] for i in rows]
-  source.labels = source.labels[rows.start : rows.stop : rows.step]
-  return source
-
-
 def _fashion_mnist(data_config: Any, split: str) -> ArraySource:
   return load_fashion_mnist(data_config.local_dir, split, default_cache_dir(data_config.data_dir))
 
 
-def _folder(data_config: Any, split: str) -> FolderSource:
+def _folder(data_config: Any, split: str) -> Any:
+  from vqjax.data.folder import folder_source
+
   # Checking is file I/O: more threads than cores pay off on network disks.
   threads = max(16, data_config.num_workers)
   source = folder_source(
@@ -601,9 +386,11 @@ def source_labels(source: Any, what: str = "this source") -> np.ndarray:
   Raises:
     UserError: the source has no "label" feature.
   """
+  from vqjax.data.folder import FolderSource
+
   if isinstance(source, ArraySource):
     labels = source.features.get("label")
-  elif isinstance(source, FolderSource):
+  elif isinstance(source, FolderSource):  # labels known from the paths: no decoding
     labels = source.labels
   else:
     labels, chunk = [], 1024

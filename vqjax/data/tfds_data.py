@@ -3,7 +3,8 @@
 
 The tf.data reader keeps the contract of the grain pipeline of `pipeline.py` (per-host shards,
 batches that are a function of (seed, epoch, step, process), a resumable state with its
-identity), but a TFRecord stream has no random access: each epoch is a seeded shuffle of this
+identity, training images uint8 and unflipped for `device_transform` to scale and flip on the
+devices), but a TFRecord stream has no random access: each epoch is a seeded shuffle of this
 host's `tfds.even_splits` part, and resuming skips into it. Imported only when a tfds dataset is
 read.
 """
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from vqjax.data import sources
 from vqjax.data.pipeline import (
@@ -25,7 +27,6 @@ from vqjax.data.pipeline import (
   _local_batch_size,
   _stack,
   num_examples,
-  transform_batch,
 )
 from vqjax.errors import UserError
 
@@ -36,7 +37,9 @@ class TfDataTrainIterator:
   Batch (epoch, step) is a pure function of (seed, epoch, step, process): each epoch is a seeded
   shuffle of this host's `tfds.even_splits` part, and resuming skips into it. Images stay
   encoded through the shuffle buffer and are decoded in `config.data.num_workers` tf.data
-  threads (0 = in order, one at a time).
+  threads (0 = in order, one at a time); they come out fitted but uint8 and unflipped, as the
+  grain reader's do. `config.data.worker_processes` is a grain setting: tf.data decodes in its
+  own threads, outside the GIL.
 
   Attributes:
     local_batch_size: examples per batch on this process (global batch // process_count).
@@ -52,6 +55,12 @@ class TfDataTrainIterator:
     _check_process(process_index, process_count)
     if c.num_workers < 0:
       raise UserError(f"config.data.num_workers must be >= 0, not {c.num_workers}")
+    if c.get("worker_processes", 0):
+      logging.warning(
+        "config.data.worker_processes=%d is ignored by reader='tfdata': tf.data decodes in "
+        "config.data.num_workers threads",
+        c.worker_processes,
+      )
     check_tfds_prepared(c.name, c.data_dir, c.download, "tfdata")
     split = tfds.even_splits(c.train_split, n=process_count, drop_remainder=True)[process_index]
     # Images stay encoded until after the shuffle, so the buffer holds bytes, not pixels.
@@ -87,6 +96,7 @@ class TfDataTrainIterator:
     }
     self._epoch = self._step = 0
     self._live = None  # (epoch, step, numpy iterator positioned at that batch)
+    self._peeked = None  # the batch at (epoch, step), read by `peek` and not handed out yet
 
   def _stream(self, epoch: int, step: int) -> Iterator[dict[str, np.ndarray]]:
     tf, c, b = self._tf, self._config, self.local_batch_size
@@ -107,18 +117,29 @@ class TfDataTrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.peek()
+    self._peeked = None
+    if self._step + 1 < self.steps_per_epoch:
+      self._step += 1
+    else:
+      self._epoch, self._step, self._live = self._epoch + 1, 0, None
+    return batch
+
+  def peek(self) -> dict[str, np.ndarray]:
+    """The next batch without consuming it: `next` hands out the same batch after it."""
+    if self._peeked is None:
+      self._peeked = self._read()
+    return self._peeked
+
+  def _read(self) -> dict[str, np.ndarray]:
+    """Batch (epoch, step), leaving the live stream positioned at the batch after it."""
     epoch, step, b = self._epoch, self._step, self.local_batch_size
     if self._live is None or self._live[:2] != (epoch, step):
       self._live = (epoch, step, self._stream(epoch, step))
     it = self._live[2]
     examples = [tfds_example(next(it)) for _ in range(b)]
-    batch = _stack(examples, self._config, lambda j: f"example {step * b + j} of epoch {epoch}")
-    key = (self._seed, self._pi, epoch * self.steps_per_epoch + step)
-    if step + 1 < self.steps_per_epoch:
-      self._epoch, self._step, self._live = epoch, step + 1, (epoch, step + 1, it)
-    else:
-      self._epoch, self._step, self._live = epoch + 1, 0, None
-    return transform_batch(batch, self._config, key)
+    self._live = (epoch, step + 1, it)
+    return _stack(examples, self._config, lambda j: f"example {step * b + j} of epoch {epoch}")
 
   def get_state(self) -> dict[str, Any]:
     """The position of the next batch, plus what must match on resume (JSON-serialisable)."""
@@ -134,11 +155,12 @@ class TfDataTrainIterator:
       )
     if not 0 <= int(state["step"]) < self.steps_per_epoch:
       raise UserError(f"Cannot resume data iterator: step {state['step']} out of range")
-    self._epoch, self._step, self._live = int(state["epoch"]), int(state["step"]), None
+    self._epoch, self._step = int(state["epoch"]), int(state["step"])
+    self._live = self._peeked = None
 
   def close(self) -> None:
     """Drops the open tf.data iterator."""
-    self._live = None
+    self._live = self._peeked = None
 
 
 class TfDataEvalIterable(EvalIterable):

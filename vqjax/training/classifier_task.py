@@ -3,10 +3,11 @@
 It judges samples for classifier-based rejection sampling (sampling/rejection.py) and gives
 evaluation its feature space (`Classifier.features`). The loss is the softmax cross-entropy
 against the data's "label", optionally against labels smoothed toward uniform
-(`config.classifier.label_smoothing`); random flips, if any, come from the data layer
-(`config.data.random_flip`). Eval reports accuracy, the mean negative log-likelihood of the
-true label (never smoothed, so runs with different smoothing compare) and, with more than 5
-classes, top-5 accuracy, all over the real examples of the split.
+(`config.classifier.label_smoothing`). Training images arrive uint8 and are scaled, and flipped
+with `config.data.random_flip`, on the devices (`data/device_transform.py`). Eval reports
+accuracy, the mean negative log-likelihood of the true label (never smoothed, so runs with
+different smoothing compare) and, with more than 5 classes, top-5 accuracy, all over the real
+examples of the split.
 """
 
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import optax
 
 from vqjax import errors
+from vqjax.data.device_transform import device_transform
 from vqjax.models import registry
 from vqjax.training import optim
 from vqjax.training.tasks import Batch, Metrics, Task, TrainState
@@ -61,12 +63,14 @@ class ClassifierTask(Task):
       "label": np.zeros((1,), np.int32),
     }
 
-  def _inputs(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  def _inputs(self, batch: Batch, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Images scaled (flipped with a train step's `rng`) and int32 labels."""
     missing = [k for k in ("image", "label") if k not in batch]
     if missing:
       raise errors.UserError(
         f"the classifier task needs features 'image' and 'label'; the data has {sorted(batch)}"
       )
+    batch = device_transform(batch, rng, self.config.data)
     return batch["image"], batch["label"].astype(jnp.int32)
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
@@ -92,7 +96,7 @@ class ClassifierTask(Task):
   def train_step(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None):
     """One optimiser update on the mean (smoothed) cross-entropy. Returns (state, metrics)."""
     del frozen
-    image, label = self._inputs(batch)
+    image, label = self._inputs(batch, rng)
 
     def loss_fn(params):
       logits = self.model.apply(

@@ -154,47 +154,86 @@ class MetricWriter:
 
 
 class Progress:
-  """Throughput and ETA between logging steps, measured on the host.
+  """Throughput, ETA and input-boundness between logging steps, measured on the host.
+
+  `add_data_wait` collects the time the devices sat idle waiting for the next batch (the
+  trainer measures it); `line` reports it as a share of the interval's wall time, "data_wait"
+  in the timing metrics and on the line, and logs a warning when it is above `warn_above`:
+  on the first such line, then at most once every `warn_every` lines.
 
   Args:
     total_steps: the step the run stops at.
     global_batch: examples per step, for the throughput.
     start_step: the step the run starts (or resumes) at.
     unit: what an example is, as the task names it ("img" -> "img/s", "codes" -> "codes/s").
+    warn_above: the data-wait share above which the run is called input-bound.
+    warn_every: lines between two input-bound warnings.
   """
 
-  def __init__(self, total_steps: int, global_batch: int, start_step: int, unit: str = "img"):
+  def __init__(
+    self,
+    total_steps: int,
+    global_batch: int,
+    start_step: int,
+    unit: str = "img",
+    warn_above: float = 0.1,
+    warn_every: int = 10,
+  ):
     self.total = total_steps
     self.batch = global_batch
     self.unit = unit
+    self.warn_above, self.warn_every = warn_above, warn_every
     self._t = time.perf_counter()
     self._step = start_step
+    self._wait = 0.0
+    self._lines_since_warning = None  # None: no warning yet
 
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` (an eval, an image grid) out of the training throughput."""
     self._t += seconds
 
+  def add_data_wait(self, seconds: float) -> None:
+    """Counts `seconds` the devices spent waiting for input since the last line."""
+    self._wait += max(0.0, seconds)
+
   def line(self, step: int, metrics: Mapping[str, float], keys: Sequence[str]) -> tuple[str, dict]:
-    """The progress line and the timing metrics (`{unit}_per_s`, `eta_s`; empty when no step
-    ran since the last call) since the last call."""
+    """The progress line and the timing metrics (`{unit}_per_s`, `eta_s`, `data_wait`; empty
+    when no step ran since the last call) since the last call."""
     now = time.perf_counter()
     dt, ds = now - self._t, step - self._step
+    wait, self._wait = self._wait, 0.0
     self._t, self._step = now, step
     rate = ds * self.batch / dt if dt > 0 and ds > 0 else float("nan")
     eta = (self.total - step) * dt / ds if ds > 0 else float("nan")
-    timing = {f"{self.unit}_per_s": rate, "eta_s": eta} if ds > 0 else {}
+    data_wait = min(wait / dt, 1.0) if dt > 0 and ds > 0 else float("nan")
+    timing = {f"{self.unit}_per_s": rate, "eta_s": eta, "data_wait": data_wait} if ds > 0 else {}
     shown = []
     for key in keys:
       for name in sorted(metrics):
         if name == key or name.endswith("/" + key):
           shown.append(f"{name}={metrics[name]:.4g}")
     width = len(str(self.total))
+    wait_text = f"{data_wait:.0%}" if math.isfinite(data_wait) else "?"
     text = (
       f"step {step:>{width}}/{self.total} "
       + " ".join(shown)
-      + f" | {rate:.1f} {self.unit}/s, ETA {_fmt_duration(eta)}"
+      + f" | {rate:.1f} {self.unit}/s, data_wait {wait_text}, ETA {_fmt_duration(eta)}"
     )
+    self._maybe_warn(data_wait)
     return text, timing
+
+  def _maybe_warn(self, data_wait: float) -> None:
+    if self._lines_since_warning is not None:
+      self._lines_since_warning += 1
+    due = self._lines_since_warning is None or self._lines_since_warning >= self.warn_every
+    if math.isfinite(data_wait) and data_wait > self.warn_above and due:
+      self._lines_since_warning = 0
+      logging.warning(
+        "input-bound: the devices waited for data %.0f%% of the time since the last log line; "
+        "read in more threads or processes (config.data.num_workers, "
+        "config.data.worker_processes) or store the data decoded and smaller",
+        100 * data_wait,
+      )
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -22,9 +22,14 @@ and a few attributes: `progress_keys` (metrics on the progress line), `unit` (wh
 throughput counts: "img" -> img/s, "codes" -> codes/s) and `config_sections` (the config groups
 that decide the state's shapes, for the checkpoint fingerprint).
 
-Batches are dicts of global arrays whose features depend on the data source (images float32
-[B, H, W, C] in [-1, 1], integer code maps, "label"); eval batches add "mask" float32 [B], 0 on
-padding. A prior or a classifier is one more `Task` subclass and one line in `TASKS`.
+Batches are dicts of global arrays whose features depend on the data source (images, integer
+code maps, "label"); eval batches add "mask" float32 [B], 0 on padding. Training images arrive
+uint8 [B, H, W, C] (the host neither scales nor flips them): a task that reads images passes
+the batch through `device_transform(batch, rng, config.data)` first, which scales them to
+float32 [-1, 1] and applies `config.data.random_flip` from the step key; its init, eval and
+image steps pass it with rng=None (scale only: eval batches come scaled from the host and go
+through unchanged). A prior or a classifier is one more `Task` subclass and one line in
+`TASKS`.
 """
 
 from typing import Any
@@ -39,6 +44,7 @@ import optax
 from absl import logging
 
 from vqjax import errors
+from vqjax.data.device_transform import device_transform
 from vqjax.models import quantizer, registry
 from vqjax.training import optim
 
@@ -144,6 +150,7 @@ class AutoencoderTask(Task):
       raise errors.UserError(
         f"the autoencoder task needs an 'image' feature; the data has {sorted(batch)}"
       )
+    batch = device_transform(batch, None, self.config.data)
     params_rng, vq_rng = jax.random.split(rng)
     variables = self.model.init({"params": params_rng, "vq": vq_rng}, batch["image"], train=False)
     variables = dict(variables)
@@ -170,6 +177,7 @@ class AutoencoderTask(Task):
   def train_step(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None):
     """One optimiser update. Returns (new state, scalar metrics)."""
     del frozen
+    batch = device_transform(batch, rng, self.config.data)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     (loss, (aux, model_state)), grads = grad_fn(
       state.params, state.model_state, batch["image"], rng
@@ -203,6 +211,7 @@ class AutoencoderTask(Task):
   def eval_step(self, state: TrainState, batch: Batch, frozen: Any = None) -> Metrics:
     """Masked sums over one eval batch: squared error, example count, code histograms."""
     del frozen
+    batch = device_transform(batch, None, self.config.data)
     image, mask = batch["image"], batch["mask"].astype(jnp.float32)
     recon, aux = self.model.apply(self._variables(state), image, train=False)
     err = jnp.mean(jnp.square(recon.astype(jnp.float32) - image), axis=(1, 2, 3))
@@ -237,6 +246,7 @@ class AutoencoderTask(Task):
   def images(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None) -> dict:
     """One grid, "recon": inputs over their reconstructions, both in [-1, 1]."""
     del rng, frozen
+    batch = device_transform(batch, None, self.config.data)
     recon, _ = self.model.apply(self._variables(state), batch["image"], train=False)
     recon = jnp.clip(recon.astype(jnp.float32), -1, 1)
     return {"recon": {"input": batch["image"], "reconstruction": recon}}

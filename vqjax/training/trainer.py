@@ -12,6 +12,15 @@ metrics to the host only on logging, eval and checkpoint steps, and keeps at mos
 flight, so a stop request is served within a step. SIGTERM / SIGINT finish the current step,
 save and return.
 
+Input: the loop double-buffers. Right after dispatching step t it reads batch t + 1 and starts
+its transfer to the devices (`sharding.global_batch`), before waiting on any step, so reading
+and copying overlap the device's work; the data order is unchanged. A checkpoint records the
+iterator state after the last batch a step consumed, not after the one read ahead, so a resume
+feeds exactly the batch the interrupted run would have fed next. The progress line and
+metrics.jsonl report "data_wait": the share of wall time the devices sat idle because the
+loop was still reading (the step in flight had finished before its successor's batch was
+there), with a warning when it passes 10% (`logs.Progress`).
+
 Divergence: every step folds its loss into a device-side watch: the worst loss since the last
 check and the first step whose loss was non-finite. A check (every log and checkpoint step) that
 finds a non-finite loss stops the run with `errors.DivergenceError`, recording as bad the
@@ -35,7 +44,7 @@ from absl import logging
 
 from vqjax import configs, errors
 from vqjax.data import pipeline, sources
-from vqjax.training import checkpoint, logs, sharding, tasks
+from vqjax.training import checkpoint, host, logs, sharding, tasks
 
 
 def setup_compilation_cache(directory: str) -> None:
@@ -59,44 +68,6 @@ _STOP_SYNC_EVERY = 10
 _EXPLODED_RATIO = 100.0
 # "No non-finite loss yet" in the device-side watch of the losses.
 _NEVER = np.iinfo(np.int32).max
-
-
-class _StopRequest:
-  """Records SIGTERM / SIGINT so the loop can finish its step and save; a second signal of
-  the same kind gets the previous handler (a second Ctrl-C interrupts at once)."""
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
-        pass
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-    logging.warning(
-      "received %s: finishing this step, saving, stopping", signal.Signals(signum).name
-    )
-
-  def requested(self, sync: bool) -> bool:
-    """Whether to stop. With several processes all must stop at the same step, so the answer
-    is True only on `sync` steps, where every process learns whether any was signalled."""
-    local = self.signum is not None
-    if jax.process_count() == 1:
-      return local
-    if not sync:
-      return False
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
@@ -286,7 +257,7 @@ class _Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: tasks.Task | None):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.pi, pc = jax.process_index(), jax.process_count()
-    self.writer = self.train_iter = self.stop = None
+    self.writer = self.train_iter = self.stop = self.clock = None
     self.ckpt = checkpoint.Checkpointer(
       os.path.join(self.workdir, checkpoint.CHECKPOINT_SUBDIR),
       config.ckpt.keep,
@@ -313,10 +284,8 @@ class _Run:
     self.train_iter = pipeline.make_train_iterator(config.data, config.seed, self.pi, pc)
     self.eval_data = pipeline.make_eval_iterator(config.data, self.pi, pc, config.log.eval_batches)
     # The task initialises from a one-example batch shaped like the real ones (images for the
-    # autoencoder, code maps for a prior); peek at one and rewind the iterator.
-    position = self.train_iter.get_state()
-    example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in next(self.train_iter).items()}
-    self.train_iter.set_state(position)
+    # autoencoder, code maps for a prior): the first batch, peeked at (it stays the first).
+    example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in self.train_iter.peek().items()}
 
     def init_fn(rng):
       return task.init(rng, jax.tree.map(jnp.asarray, example))
@@ -452,16 +421,24 @@ class _Run:
     self.check()
     if not bool(self.finite_fn(self.state)):
       self.health.check(np.inf, self.step + 1, self.step)
-    self.ckpt.save(self.step, self.state, self.train_iter.get_state(), self.meta)
+    # The position after the last batch a step consumed: a batch read ahead is read again.
+    self.ckpt.save(self.step, self.state, self.data_state, self.meta)
     self.health.pending.append(self.step)
 
   # --- the loop ---------------------------------------------------------------------------
+
+  def _read_batch(self) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """The next training batch, its transfer to the devices started, and the data position
+    after it (what a checkpoint saved once a step has consumed it records)."""
+    batch = next(self.train_iter)
+    return sharding.global_batch(batch, self.mesh), self.train_iter.get_state()
 
   def train(self, t_start: float) -> dict[str, float]:
     """Steps to `config.train.steps` (or a stop request), then evaluates; see the module
     docstring. Returns what `train_and_evaluate` returns."""
     c, task = self.config, self.task
-    self.stop = _StopRequest()
+    self.stop = host.StopRequest()
+    self.clock = host.DeviceClock()
     start_step = self.step
     progress = None  # started after the first step, so compilation is not in the throughput
     result: dict[str, float] = {}
@@ -469,13 +446,27 @@ class _Run:
     last_eval = -1
     previous = None
     stopping = False
+    self.data_state = self.train_iter.get_state()
+    upcoming = self._read_batch() if self.step < self.total else None
     while self.step < self.total and not stopping:
-      batch = sharding.global_batch(next(self.train_iter), self.mesh)
+      batch, data_state = upcoming
       self.state, metrics, self.watch = self.train_step(
         self.state, batch, self.train_rng, self.frozen, self.watch
       )
+      del batch  # the step holds it now; dropping ours lets its buffers go when it is done
+      self.data_state = data_state
       self.step += 1
       step = self.step
+      self.clock.dispatched(step, self.watch)
+      upcoming = None
+      if step < self.total:
+        # Batch t + 1 is read and sent while the devices run step t; only the part of the
+        # read after step t finished kept them idle.
+        t_read = time.perf_counter()
+        upcoming = self._read_batch()
+        waited = self.clock.idle_during(step, t_read, time.perf_counter())
+        if progress is not None:
+          progress.add_data_wait(waited)
       # At most one step queued behind this one: the host never runs far ahead of the device,
       # so a stop request or a log line is served within a step, not dozens.
       if previous is not None:
@@ -491,13 +482,13 @@ class _Run:
         progress = logs.Progress(self.total, c.data.batch_size, step, unit=task.unit)
       log_now = step % c.log.every_steps == 0 or step == self.total
       if log_now:
-        host = _host_metrics(metrics)
+        values = _host_metrics(metrics)
         self.check()
-        text, timing = progress.line(step, host, task.progress_keys)
-        self.writer.write(step, {**host, **timing})
+        text, timing = progress.line(step, values, task.progress_keys)
+        self.writer.write(step, {**values, **timing})
         if self.pi == 0:
           logging.info("%s", text)
-        result.update(host)
+        result.update(values)
       stopping = self.stop.requested(sync=log_now or step % _STOP_SYNC_EVERY == 0)
       t_aside = time.perf_counter()
       if c.log.eval_every_steps and step % c.log.eval_every_steps == 0 and not stopping:
@@ -507,6 +498,7 @@ class _Run:
       progress.exclude(time.perf_counter() - t_aside)
       if stopping or step == self.total or (c.ckpt.every_steps and step % c.ckpt.every_steps == 0):
         self.save()
+    del upcoming  # read ahead past a stop: never consumed, and not in the saved position
 
     if stopping:
       signum = self.stop.signum
@@ -538,6 +530,8 @@ class _Run:
   def close(self) -> None:
     if self.stop is not None:
       self.stop.restore()
+    if self.clock is not None:
+      self.clock.close()
     self.ckpt.close()
     if self.writer is not None:
       self.writer.close()
