@@ -32,7 +32,7 @@ from vqjax.sampling import cached, naive
 NUM_CLASSES = 10
 
 
-def _sizes(a) -> dict:
+def network_sizes(a) -> dict:
   """Map sides and networks of the top and bottom priors."""
   if a.rosinality:
     sides = {"top": 32, "bottom": 64}
@@ -52,7 +52,7 @@ def _sizes(a) -> dict:
 
 def build(prior: str, level: str, a) -> tuple:
   """(model, shape, condition or None, label or None) of one prior at one level."""
-  sizes = _sizes(a)
+  sizes = network_sizes(a)
   sides = {"top": a.top_side, "bottom": a.bottom_side}
   sides = {name: given or sizes["sides"][name] for name, given in sides.items()}
   side, top_side = sides[level], sides["top"]
@@ -148,7 +148,8 @@ def run(prior: str, level: str, sampler: str, a) -> dict:
   )
 
 
-def main():
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+  """The options `run` reads, from command-line words (`benchmarks/suite.py` passes its own)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--prior", choices=["pixelsnail", "pixelcnn", "both"], default="both")
   p.add_argument("--level", choices=["top", "bottom", "both"], default="both")
@@ -163,8 +164,13 @@ def main():
   p.add_argument("--pixelcnn-layers", type=int, default=15)
   p.add_argument("--pixelcnn-channels", type=int, default=128)
   p.add_argument("--naive-max-positions", type=int, default=256)
-  a = p.parse_args()
+  a = p.parse_args(argv)
   a.num_codes = a.num_codes or (512 if a.rosinality else 128)
+  return a
+
+
+def main():
+  a = parse()
   both = lambda x, pair: list(pair) if x == "both" else [x]
   columns = ["prior", "level", "sampler", "batch", "map", "seconds", "first_call", "device"]
   print(" ".join(f"{c:>10}" for c in columns), "note", flush=True)

@@ -1,9 +1,10 @@
 """Times the trainer's own jitted train step (and the reconstruction forward pass) on synthetic
-images, for any experiment config.
+data, for any experiment config.
 
 The step is `trainer.jit_train_step`, the function `python -m vqjax.train` runs (the task's pure
 `train_step` with the per-step key, sharded state, donated state, on the config's mesh); only
-the data are random images instead of the dataset, so no tfds or grain is needed:
+the data are random instead of the dataset (uint8 images, as the input pipeline sends them, or
+random code maps for a prior), so no tfds or grain is needed:
 
   python benchmarks/train_step.py --config experiments/vqvae2_imagenet.py --dtype bfloat16 \
       --cache /tmp/jax_cache
@@ -12,16 +13,21 @@ the data are random images instead of the dataset, so no tfds or grain is needed
 
 Prints one JSON line: train img/s and ms/step, reconstruction img/s, compile time of the step
 (with the persistent compilation cache when --cache is given: run twice to see a warm launch),
-time from launch to the first step, peak device memory.
+time from launch to the first step, peak device memory. `benchmarks/suite.py` builds its
+workloads from the functions here (`load_config`, `setup`, `compile_step`, `time_steps`, ...).
 """
 
 import argparse
 import ast
+import dataclasses
 import json
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from vqjax import configs
@@ -49,26 +55,74 @@ def _time(fn, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--config", default="experiments/vqvae2_imagenet.py")
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--batch", type=int, default=0, help="global batch (0 = the config's)")
-  p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--cache", default="", help="persistent compilation cache directory")
-  p.add_argument("--set", action="append", default=[], help="config override group.field=value")
-  a = p.parse_args()
-  t_launch = time.perf_counter()
-  trainer.setup_compilation_cache(a.cache)
-
-  config = configs.load_experiment(a.config)
-  config.model.dtype = a.dtype
-  for assignment in a.set:
+def load_config(name: str, dtype: str = "", overrides: Sequence[str] = ()):
+  """An experiment config ("vqvae2_imagenet", "experiments/x.py:smoke") with the compute dtype
+  and "group.field=value" overrides applied, validated."""
+  config = configs.load_experiment(name)
+  if dtype:
+    config.model.dtype = dtype
+  for assignment in overrides:
     _set(config, assignment)
   configs.validate(config)
-  batch_size = a.batch or config.data.batch_size
+  return config
+
+
+def synthetic_batch(
+  task: tasks.Task, config: ml_collections.ConfigDict, batch_size: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+  """A random host batch shaped like the task's real ones: uint8 images, code maps in
+  [0, vq.num_codes), labels 0 (any class costs the same)."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for key, example in task.dummy_batch().items():
+    shape = (batch_size, *example.shape[1:])
+    if key == "image":
+      batch[key] = rng.integers(0, 256, shape, dtype=np.uint8)
+    elif key == "label":
+      batch[key] = np.zeros(shape, example.dtype)
+    elif np.issubdtype(example.dtype, np.integer):
+      batch[key] = rng.integers(0, config.vq.num_codes, shape).astype(example.dtype)
+    else:
+      batch[key] = rng.uniform(-1, 1, shape).astype(example.dtype)
+  return batch
+
+
+@dataclasses.dataclass
+class Bench:
+  """One task's jitted train step with its sharded state and a synthetic batch on the mesh."""
+
+  config: ml_collections.ConfigDict
+  task: tasks.Task
+  mesh: jax.sharding.Mesh
+  state: Any
+  step: Any
+  batch: dict[str, jax.Array]
+  rng: jax.Array
+  watch: dict[str, jax.Array]
+  batch_size: int
+  compiled: Any = None
+  metrics: Any = None
+
+
+def setup(
+  config: ml_collections.ConfigDict,
+  batch_size: int = 0,
+  devices: Sequence[jax.Device] | None = None,
+) -> Bench:
+  """Builds what `python -m vqjax.train` would run for `config`, with synthetic data.
+
+  Args:
+    config: a validated config (`load_config`).
+    batch_size: global batch; 0 = `config.data.batch_size`.
+    devices: the mesh's devices; None = all (as the trainer).
+
+  Returns:
+    A `Bench` whose step is not compiled yet.
+  """
+  batch_size = batch_size or config.data.batch_size
   task = tasks.make_task(config)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch_size(batch_size, mesh)
   example = jax.tree.map(jnp.asarray, task.dummy_batch())
   state, shardings = sharding.create_sharded_state(
     lambda rng: task.init(rng, example),
@@ -77,54 +131,118 @@ def main():
     jax.random.key(config.seed, impl="rbg"),  # as the trainer: faster init compile
   )
   step = trainer.jit_train_step(task, mesh, shardings)
-  shape = (batch_size,) + example["image"].shape[1:]
-  images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-  batch = sharding.global_batch({"image": images}, mesh)
+  batch = sharding.global_batch(synthetic_batch(task, config, batch_size), mesh)
   rng = jax.random.key(config.seed + 1)
-  watch = trainer.new_watch(mesh)
+  return Bench(config, task, mesh, state, step, batch, rng, trainer.new_watch(mesh), batch_size)
 
+
+def compile_step(b: Bench) -> float:
+  """Compiles the step for `b`'s arguments (kept in `b.compiled`); returns the seconds taken."""
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, rng, None, watch).compile()
-  compile_s = time.perf_counter() - t0
-  state, metrics, watch = compiled(state, batch, rng, None, watch)  # codebook init runs here
-  jax.block_until_ready(metrics)
+  b.compiled = b.step.lower(b.state, b.batch, b.rng, None, b.watch).compile()
+  return time.perf_counter() - t0
+
+
+def run_step(b: Bench) -> Any:
+  """Dispatches one compiled step on `b` (state donated and replaced); returns its metrics."""
+  b.state, b.metrics, b.watch = b.compiled(b.state, b.batch, b.rng, None, b.watch)
+  return b.metrics
+
+
+def time_steps(b: Bench, steps: int) -> float:
+  """Seconds per step over `steps` steps, after one untimed step (the codebook init runs in
+  the first step of a stage-1 run)."""
+  jax.block_until_ready(run_step(b))
+  return _time(lambda: run_step(b), steps)
+
+
+def time_recon(b: Bench, steps: int) -> float:
+  """Seconds per reconstruction forward pass of `b`'s images (stage-1 tasks)."""
+  variables = {"params": b.state.params, **b.state.model_state}
+  images = b.batch["image"].astype(jnp.float32) / 127.5 - 1.0
+  recon = jax.jit(lambda v, x: b.task.model.apply(v, x)[0])
+  jax.block_until_ready(recon(variables, images))
+  return _time(lambda: recon(variables, images), steps)
+
+
+def _first(analysis: Any) -> Any:
+  """Older JAX returns cost/memory analyses as a list with one entry per program."""
+  return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+
+
+def flops(compiled: Any) -> float | None:
+  """FLOPs of one call of a compiled function on one device (XLA's cost analysis of the
+  partitioned program), or None where the backend does not count them."""
+  try:
+    value = float((_first(compiled.cost_analysis()) or {}).get("flops", -1.0))
+  except Exception:  # noqa: BLE001 -- a backend without a cost model: no figure
+    return None
+  return value if value > 0 else None
+
+
+def memory_gib(compiled: Any) -> float | None:
+  """Device memory one call of a compiled function needs (arguments + outputs + temporaries,
+  minus donated buffers reused as outputs), in GiB, from XLA's memory analysis."""
+  try:
+    m = _first(compiled.memory_analysis())
+    used = (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+    )
+  except Exception:  # noqa: BLE001 -- not reported by this backend
+    return None
+  return used / 2**30
+
+
+def device_peak_gib() -> float:
+  """The device allocator's peak since the process started, in GiB (0 where not reported)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", 0) / 2**30
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="experiments/vqvae2_imagenet.py")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--batch", type=int, default=0, help="global batch (0 = the config's)")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--cache", default="", help="persistent compilation cache directory")
+  p.add_argument("--set", action="append", default=[], help="config override group.field=value")
+  a = p.parse_args(argv)
+  t_launch = time.perf_counter()
+  trainer.setup_compilation_cache(a.cache)
+
+  config = load_config(a.config, a.dtype, a.set)
+  b = setup(config, a.batch)
+  compile_s = compile_step(b)
+  jax.block_until_ready(run_step(b))  # codebook init runs here
   first_step_s = time.perf_counter() - t_launch
-
-  def train():
-    nonlocal state, metrics, watch
-    state, metrics, watch = compiled(state, batch, rng, None, watch)
-    return metrics
-
-  train_s = _time(train, a.steps)
-  loss = float(metrics["loss"])
-  variables = {"params": state.params, **state.model_state}
-  recon = jax.jit(lambda v, x: task.model.apply(v, x)[0])
-  jax.block_until_ready(recon(variables, batch["image"]))
-  recon_s = _time(lambda: recon(variables, batch["image"]), a.steps)
-  mem = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
-  print(
-    json.dumps(
-      {
-        "config": a.config,
-        "dtype": a.dtype,
-        "batch": batch_size,
-        "image_size": shape[1],
-        "overrides": a.set,
-        "mesh": dict(mesh.shape),
-        "train_img_s": round(batch_size / train_s, 1),
-        "train_ms": round(1000 * train_s, 2),
-        "recon_img_s": round(batch_size / recon_s, 1),
-        "compile_s": round(compile_s, 2),
-        "launch_to_first_step_s": round(first_step_s, 2),
-        "peak_mem_gib": round(mem / 2**30, 2),
-        "loss": round(loss, 5),
-        "cache": bool(a.cache),
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-      }
-    ),
-    flush=True,
-  )
+  train_s = _time(lambda: run_step(b), a.steps)
+  loss = float(b.metrics["loss"])
+  recon_s = time_recon(b, a.steps) if "image" in b.batch else None  # a prior: no images
+  shape = b.batch["image"].shape if "image" in b.batch else (0, 0)
+  row = {
+    "config": a.config,
+    "dtype": a.dtype,
+    "batch": b.batch_size,
+    "image_size": shape[1],
+    "overrides": a.set,
+    "mesh": dict(b.mesh.shape),
+    "train_img_s": round(b.batch_size / train_s, 1),
+    "train_ms": round(1000 * train_s, 2),
+    "recon_img_s": round(b.batch_size / recon_s, 1) if recon_s else None,
+    "compile_s": round(compile_s, 2),
+    "launch_to_first_step_s": round(first_step_s, 2),
+    "peak_mem_gib": round(device_peak_gib(), 2),
+    "loss": round(loss, 5),
+    "cache": bool(a.cache),
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+  }
+  print(json.dumps(row), flush=True)
+  return row
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log.num_images = 16
   c.log.tensorboard = True
   c.log.compilation_cache = ""  # directory for JAX's persistent compilation cache; "" = off
+  # (start, stop): a JAX profiler trace of steps start + 1 ... stop in workdir/profile; () = off
+  c.log.profile_steps = ()
   return c
 
 

@@ -275,8 +275,9 @@ def summary(report: dict[str, Any]) -> str:
       rows.append((name, "bits_per_code (test)", report[name]["eval/bits_per_code"]))
   if "eval/accuracy" in report.get("classifier", {}):
     rows.append(("classifier", "accuracy (test)", report["classifier"]["eval/accuracy"]))
+  keys = ("frechet_distance", "precision", "recall", "inception_score", "acceptance_rate", "kept")
   for name, label in (("samples", "samples"), ("samples_rejection", "samples, rejection")):
-    for key in ("frechet_distance", "precision", "recall", "inception_score", "acceptance_rate"):
+    for key in keys + tuple(f"unfiltered_{k}" for k in keys[:3]):
       if key in ev.get(name, {}):
         rows.append((label, key, ev[name][key]))
   rejection = report.get("samples_rejection", {}).get("rejection") or {}

@@ -35,18 +35,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict()
   c.sample.num = 64  # images in each grid (samples.png, and with rejection)
   c.sample.seed = 0
-  c.sample.temperature = 1.0
+  c.sample.temperature = 0.85  # the best Frechet distance of the trade-off (benchmarks/RESULTS.md)
   c.sample.top_k = 0
   c.sample.top_p = 1.0
-  c.sample.threshold = 0.9  # classifier rejection: the least probability of the label kept
+  c.sample.threshold = 0.8  # classifier rejection: the least probability of the label kept
   c.sample.max_attempts = 20  # batches of `num` drawn at most to keep `num` images
 
   c.evaluate = ml_collections.ConfigDict()
-  c.evaluate.num_samples = 1000  # unfiltered samples the quality numbers are computed on
+  c.evaluate.num_samples = 500  # unfiltered samples the quality numbers are computed on
   c.evaluate.max_real = 10000  # real test images they are compared with
-  c.evaluate.temperatures = [0.7, 0.85, 1.0, 1.15]  # the quality / diversity trade-off
-  c.evaluate.temperature_samples = 500  # samples per temperature
-  c.evaluate.thresholds = [0.5, 0.7, 0.8, 0.9, 0.95]  # the rejection trade-off
+  c.evaluate.temperatures = [0.7, 0.85, 1.0]  # the quality / diversity trade-off
+  c.evaluate.temperature_samples = 250  # samples per temperature
+  c.evaluate.thresholds = [0.5, 0.7, 0.8, 0.9]  # the rejection trade-off
 
   if arg == "smoke":
     c.sample.update(num=8, max_attempts=2, threshold=0.1)  # untrained: keep some samples
@@ -59,13 +59,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   else:
     # About 15 minutes on 2 CPU cores for the whole pipeline (measured: benchmarks/RESULTS.md).
-    c.stage1.train.steps = 800
+    c.stage1.train.steps = 600
     c.stage1.log.eval_every_steps = 0
-    c.stage1.log.image_every_steps = 800
-    c.prior_top.train.steps = 400
+    c.stage1.log.image_every_steps = 600
+    c.prior_top.train.steps = 300
     c.prior_top.log.eval_every_steps = 0
-    c.prior_bottom.train.steps = 400
+    c.prior_bottom.train.steps = 250
     c.prior_bottom.log.eval_every_steps = 0
-    c.classifier.train.steps = 1000
+    c.classifier.train.steps = 500
     c.classifier.log.eval_every_steps = 0
   return c

@@ -391,7 +391,9 @@ def threshold_tradeoff(
   Returns:
     One dict per threshold: "threshold", "acceptance_rate" (share kept), "kept",
     "num_samples", and "frechet_distance", "precision", "recall" of the kept samples (NaN,
-    with a "note", when too few are kept).
+    with a "note", when too few are kept), and the same three of a random subset of the
+    unfiltered samples of the same size ("unfiltered_frechet_distance", ...): FD and recall
+    grow as a set shrinks, so the kept samples are compared with a set of their own size.
   """
   from vqjax.evaluation import plots
   from vqjax.sampling import rejection
@@ -409,6 +411,7 @@ def threshold_tradeoff(
   scores = _scores(probs, labels)
   real_f, _ = _real_features(_stage1_data(settings["stage1"]), max_real, judge)
   acceptance = rejection.acceptance_curve(scores, thresholds)
+  order = np.random.default_rng(0).permutation(len(images))  # the same-size random subsets
   rows = []
   for t, rate in zip(thresholds, acceptance, strict=True):
     keep = scores >= t
@@ -419,6 +422,10 @@ def threshold_tradeoff(
       "num_samples": len(images),
     }
     row.update(_quality(judge, real_f, gen_f[keep]))
+    same_size = _quality(judge, real_f, gen_f[order[: int(keep.sum())]])
+    row.update(
+      {f"unfiltered_{k}": same_size[k] for k in ("frechet_distance", "precision", "recall")}
+    )
     rows.append(row)
   column = lambda key: [r[key] for r in rows]  # noqa: E731
   plots.line_panels(
@@ -426,7 +433,13 @@ def threshold_tradeoff(
     thresholds,
     "classifier threshold",
     [
-      ("Frechet distance (lower is better)", {"FD": column("frechet_distance")}),
+      (
+        "Frechet distance (lower is better)",
+        {
+          "kept samples": column("frechet_distance"),
+          "random unfiltered, same size": column("unfiltered_frechet_distance"),
+        },
+      ),
       (
         "share",
         {

@@ -137,10 +137,12 @@ class VQVAE2(nn.Module):
       features[i] = h
     quantized, aux = [], []
     for i in range(n):  # top level first: each lower level is conditioned on the one above
-      h = features[i]
-      if i > 0:
-        h = jnp.concatenate([self.cond_decoders[i - 1](quantized[-1]), h], axis=-1)
-      q, a = self.quantizers[i](self.pre_quant[i](h), train=train)
+      # One scope per level (0 = top), so a profile reads by level: conditioning, quantizer.
+      with jax.named_scope(f"level{i}"):
+        h = features[i]
+        if i > 0:
+          h = jnp.concatenate([self.cond_decoders[i - 1](quantized[-1]), h], axis=-1)
+        q, a = self.quantizers[i](self.pre_quant[i](h), train=train)
       quantized.append(q)
       aux.append(a)
     return quantized, aux

@@ -86,7 +86,8 @@ class UpConv(nn.Module):
         padding=((1, 1), (1, 1)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
       )
-      y = depth_to_space2(y, self.features)
+      with jax.named_scope("depth_to_space"):  # the interleave, apart from the conv in a profile
+        y = depth_to_space2(y, self.features)
     elif self.impl == "lax":
       # A transposed conv is the gradient of a conv: flip the kernel, dilate the input by 2
       # and pad by k - 1 - p = 2 on each side.

@@ -423,10 +423,12 @@ class GatedPixelCNN(nn.Module):
           ring = jax.lax.dynamic_update_slice_in_dim(ring, v_out.astype(ring.dtype), slot, axis=1)
           module.put_variable("cache", name, ring)
 
-    if self.is_initializing():
-      vertical_rows(self, label)  # nn.cond cannot create parameters
-    else:
-      nn.cond(j == 0, vertical_rows, lambda module, label: None, self, label)
+    # The once-per-row vertical stack, apart from the per-pixel horizontal one in a profile.
+    with jax.named_scope("vertical_rows"):
+      if self.is_initializing():
+        vertical_rows(self, label)  # nn.cond cannot create parameters
+      else:
+        nn.cond(j == 0, vertical_rows, lambda module, label: None, self, label)
 
     cond_pixel = None if cond is None else jax.lax.dynamic_slice_in_dim(slice_row(cond, i), j, 1, 2)
     h, skips = None, None

@@ -607,7 +607,8 @@ class PixelSNAIL(nn.Module):
     left = causal_conv(self.channels, ((k + 1) // 2, k // 2), "downright", name="vertical", **kw)(x)
     out = _pad(above, 1, 0, 0, 0)[:, :h] + _pad(left, 0, 0, 1, 0)[:, :, :w]
     bg = jnp.broadcast_to(jnp.asarray(background(*self.shape))[:h, :w], (b, h, w, 2))
-    cond = self._conditioning(condition, label, b, h, w)
+    with jax.named_scope("conditioning"):  # conditioning ResNets, upsampling, label: one scope
+      cond = self._conditioning(condition, label, b, h, w)
     for i in range(self.num_blocks):
       out = PixelBlock(
         self.res_channels,

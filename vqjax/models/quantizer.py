@@ -365,24 +365,29 @@ class VectorQuantizer(nn.Module):
     flat_sg = jax.lax.stop_gradient(flat)
     rng = self.make_rng("vq") if train and self._needs_rng else None
 
+    # Named scopes: a profile (config.log.profile_steps) shows each phase's device time.
     if train and self.codebook_init in ("kmeans++", "kmeans"):
-      self._init_from_data(flat_sg, jax.random.fold_in(rng, 0))
+      with jax.named_scope("vq_data_init"):
+        self._init_from_data(flat_sg, jax.random.fold_in(rng, 0))
 
     codebook = self.codebook
-    idx = nearest_code(flat_sg, codebook)
+    with jax.named_scope("vq_distances_argmin"):
+      idx = nearest_code(flat_sg, codebook)
     e = jnp.take(codebook, idx, axis=0)
     commitment = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(e)))
     codebook_loss = jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))
     latent_loss = codebook_loss + self.beta * commitment
-    if train and self.ema:
-      # One pass over the assignments gives the EMA statistics and the histogram.
-      counts, sums = cluster_sums(flat_sg, idx, self.num_codes, self.stats_impl)
-      self._ema_update(counts, sums)
-    else:
-      counts = code_histogram(idx, self.num_codes, impl=self.stats_impl)
-    counts = counts.astype(jnp.int32)  # exact: float32 holds integer counts below 2**24
+    with jax.named_scope("vq_statistics"):
+      if train and self.ema:
+        # One pass over the assignments gives the EMA statistics and the histogram.
+        counts, sums = cluster_sums(flat_sg, idx, self.num_codes, self.stats_impl)
+        self._ema_update(counts, sums)
+      else:
+        counts = code_histogram(idx, self.num_codes, impl=self.stats_impl)
+      counts = counts.astype(jnp.int32)  # exact: float32 holds integer counts below 2**24
     if train and self.restart_after > 0:
-      self._restart_dead_codes(flat_sg, counts, jax.random.fold_in(rng, 1))
+      with jax.named_scope("vq_restarts"):
+        self._restart_dead_codes(flat_sg, counts, jax.random.fold_in(rng, 1))
 
     zq = flat + jax.lax.stop_gradient(e - flat)
     aux = {

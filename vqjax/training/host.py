@@ -1,15 +1,21 @@
-"""Host-side helpers of the training loop: stop requests from signals, and a clock of when each
-dispatched step finished on the devices (for the loop's data-wait share)."""
+"""Host-side helpers of the training loop: stop requests from signals, a clock of when each
+dispatched step finished on the devices (for the loop's data-wait share), and a profiler trace
+of the steps `config.log.profile_steps` asks for."""
 
+import contextlib
+import os
 import queue
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+
+from vqjax import errors
 
 
 class StopRequest:
@@ -90,3 +96,99 @@ class DeviceClock:
   def close(self) -> None:
     self._queue.put(None)
     self._thread.join(timeout=60)
+
+
+def profile_window(steps: Sequence[int] | None, total: int) -> tuple[int, int] | None:
+  """Checks `config.log.profile_steps`: () = off, else (start, stop) within the run.
+
+  Args:
+    steps: the field's value.
+    total: `config.train.steps`.
+
+  Returns:
+    None (off) or (start, stop) as ints.
+
+  Raises:
+    errors.UserError: one line, when the value is not two integers with
+      0 <= start < stop <= total.
+  """
+  if steps is None or (isinstance(steps, (tuple, list)) and len(steps) == 0):
+    return None
+  ok = (
+    isinstance(steps, (tuple, list))
+    and len(steps) == 2
+    and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in steps)
+  )
+  if ok:
+    start, stop = int(steps[0]), int(steps[1])
+    if 0 <= start < stop <= total:
+      return start, stop
+  raise errors.UserError(
+    f"config.log.profile_steps={steps!r} must be () (off) or (start, stop) with "
+    f"0 <= start < stop <= config.train.steps={total}; e.g. (10, 15) traces steps 11 to 15"
+  )
+
+
+class Profiler:
+  """A JAX profiler trace of the train steps `config.log.profile_steps` selects.
+
+  With `steps=(start, stop)` the trace starts before the step that takes the state from step
+  `start` and stops once step `stop` has been computed, so it holds steps start + 1 ... stop as
+  the progress line numbers them: `(1, 2)` leaves out the first step (compilation) and traces
+  the second. The trace goes to `directory` (`plugins/profile/<time>/<host>.xplane.pb`, read by
+  TensorBoard's profile plugin, XProf or Perfetto); each traced step is marked with a
+  `StepTraceAnnotation`. A resumed run traces what is left of the window. Leaving the `with`
+  block stops a trace still running (a stop request, an error).
+
+  Args:
+    steps: `config.log.profile_steps`.
+    total: `config.train.steps`.
+    directory: where the trace is written.
+    active: whether this process traces (process 0 in a multi-host run).
+
+  Raises:
+    errors.UserError: `steps` malformed or outside the run (see `profile_window`).
+  """
+
+  def __init__(self, steps: Sequence[int] | None, total: int, directory: str, active: bool = True):
+    self.window = profile_window(steps, total)
+    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self.active = active and self.window is not None
+    self.tracing = False
+
+  def before_step(self, step: int) -> None:
+    """Starts the trace if the step about to run from state step `step` is in the window."""
+    if not self.active or self.tracing:
+      return
+    start, stop = self.window
+    if step >= stop:
+      self.active = False
+      logging.info("no profile: the run is at step %d, past config.log.profile_steps", step)
+    elif step >= start:
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+      logging.info("profiling steps %d to %d into %s", step + 1, stop, self.directory)
+
+  def annotate(self, step: int) -> contextlib.AbstractContextManager:
+    """Marks the dispatch of the step from state step `step` in the trace (when tracing)."""
+    if not self.tracing:
+      return contextlib.nullcontext()
+    return jax.profiler.StepTraceAnnotation("train", step_num=step + 1)
+
+  def after_step(self, step: int, state: Any) -> None:
+    """Stops the trace once state step `step` ends the window, after `state` is computed."""
+    if self.tracing and step >= self.window[1]:
+      jax.block_until_ready(state)  # the last step's device work belongs in the trace
+      self._stop()
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self.tracing = self.active = False
+    logging.info("profile written to %s", self.directory)
+
+  def __enter__(self) -> "Profiler":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.tracing:
+      self._stop()

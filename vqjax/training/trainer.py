@@ -241,10 +241,14 @@ def train_and_evaluate(
   configs.validate(config)
   logs.quiet_library_logs()
   setup_compilation_cache(config.log.compilation_cache)
-  with _Run(config, workdir, task) as run:
+  profile_dir = os.path.join(os.path.expanduser(workdir), "profile")
+  profiler = host.Profiler(
+    config.log.profile_steps, config.train.steps, profile_dir, jax.process_index() == 0
+  )
+  with _Run(config, workdir, task) as run, profiler:
     if run.step >= run.total and run.resumed:
       return _finished(run.workdir, run.step, run.total)
-    return run.train(t_start)
+    return run.train(t_start, profiler)
 
 
 class _Run:
@@ -433,9 +437,10 @@ class _Run:
     batch = next(self.train_iter)
     return sharding.global_batch(batch, self.mesh), self.train_iter.get_state()
 
-  def train(self, t_start: float) -> dict[str, float]:
+  def train(self, t_start: float, profiler: host.Profiler) -> dict[str, float]:
     """Steps to `config.train.steps` (or a stop request), then evaluates; see the module
-    docstring. Returns what `train_and_evaluate` returns."""
+    docstring. `profiler` traces the steps `config.log.profile_steps` selects. Returns what
+    `train_and_evaluate` returns."""
     c, task = self.config, self.task
     self.stop = host.StopRequest()
     self.clock = host.DeviceClock()
@@ -450,13 +455,16 @@ class _Run:
     upcoming = self._read_batch() if self.step < self.total else None
     while self.step < self.total and not stopping:
       batch, data_state = upcoming
-      self.state, metrics, self.watch = self.train_step(
-        self.state, batch, self.train_rng, self.frozen, self.watch
-      )
+      profiler.before_step(self.step)
+      with profiler.annotate(self.step):
+        self.state, metrics, self.watch = self.train_step(
+          self.state, batch, self.train_rng, self.frozen, self.watch
+        )
       del batch  # the step holds it now; dropping ours lets its buffers go when it is done
       self.data_state = data_state
       self.step += 1
       step = self.step
+      profiler.after_step(step, self.state)
       self.clock.dispatched(step, self.watch)
       upcoming = None
       if step < self.total:

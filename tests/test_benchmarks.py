@@ -1,0 +1,198 @@
+"""Tests of the benchmark suite (benchmarks/suite.py, train_step.py, baseline_torch.py, plot.py):
+the rows' structure (never their speed), the FLOPs counter against a hand count, the reference
+driver on stand-in modules, and the chart."""
+
+import json
+import os
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import baseline_torch  # noqa: E402
+import plot  # noqa: E402
+import suite  # noqa: E402
+import train_step  # noqa: E402
+
+
+@pytest.fixture
+def fast_compile():
+  """Compiles without most XLA optimisations: the programs here run a couple of times."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
+def table_rows(text: str) -> list[dict]:
+  """The printed markdown table's data rows as {column: cell}."""
+  lines = [line for line in text.splitlines() if line.startswith("| ")]
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert tuple(header) == suite.COLUMNS
+  assert set(lines[1].replace("|", "").split()) == {"---"}
+  return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_quick_cifar_prints_parseable_rows_and_appends_them(tmp_path, capsys, fast_compile):
+  jsonl = tmp_path / "rows.jsonl"
+  not_a_clone = tmp_path / "empty"
+  not_a_clone.mkdir()
+  argv = ["--quick", "--only", "cifar", "--steps", "1", "--jsonl", str(jsonl)]
+  returned = suite.main(argv + ["--baseline-dir", str(not_a_clone)])
+  captured = capsys.readouterr()
+  out = captured.out
+  # No reference there: one line on stderr says why, and only vqjax rows follow.
+  assert len([line for line in captured.err.splitlines() if "no rosinality rows" in line]) == 1
+  assert "suite:" not in out  # stdout is the table alone
+  rows = table_rows(out)
+  assert len(rows) == len(returned) >= 4
+  metrics = {r["metric"]: r for r in rows}
+  assert {"train", "compile", "recon", "flops"} <= metrics.keys()
+  for row in rows:
+    assert row["impl"] == "vqjax" and row["workload"] == "cifar"
+    assert float(row["value"].replace(",", "")) > 0
+    assert row["dtype"] == "float32"
+    assert row["shape"] == "32x32x3"
+    assert int(row["batch"]) == 8
+    assert int(row["devices"]) == jax.device_count()
+    assert row["device"] == jax.devices()[0].device_kind
+  assert metrics["train"]["unit"] == "img/s" and metrics["recon"]["unit"] == "img/s"
+  assert metrics["flops"]["unit"] == "GFLOP/img"
+  with open(jsonl) as f:
+    written = [json.loads(line) for line in f]
+  assert [r["metric"] for r in written] == [r["metric"] for r in rows]
+  assert all(r["jax"] == jax.__version__ for r in written)
+
+
+def test_an_unknown_workload_is_refused():
+  with pytest.raises(SystemExit):
+    suite.parse(["--only", "cifar,mnist"])
+
+
+def test_flops_counter_agrees_with_a_hand_count_of_one_conv():
+  b, h, w, cin, cout, k = 2, 32, 32, 8, 16, 3
+  conv = jax.jit(
+    lambda x, kernel: jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )
+  x = jax.ShapeDtypeStruct((b, h, w, cin), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((k, k, cin, cout), jnp.float32)
+  counted = train_step.flops(conv.lower(x, kernel).compile())
+  by_hand = 2 * h * w * cin * cout * k * k * b
+  assert counted is not None
+  assert abs(counted - by_hand) / by_hand < 0.10  # XLA skips the padded taps at the border
+
+
+def test_peak_flops_table():
+  assert suite.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4e12)
+  assert suite.peak_flops("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756e12)
+  assert suite.peak_flops("NVIDIA A100-SXM4-80GB", "float32") == pytest.approx(156e12)
+  assert suite.peak_flops("TPU v5 lite", "bfloat16") == pytest.approx(197e12)
+  assert suite.peak_flops("TPU v5p", "bfloat16") == pytest.approx(459e12)
+  assert suite.peak_flops("TPU v4", "float32") is None
+  assert suite.peak_flops("cpu", "float32") is None
+
+
+STAND_INS = {
+  # Stand-ins with the reference's interfaces (not its code): enough to run the driver.
+  "vqvae.py": """
+    import torch
+    from torch import nn
+
+    class VQVAE(nn.Module):
+      def __init__(self, in_channel=3, channel=8, n_res_block=1, n_res_channel=4,
+                   embed_dim=4, n_embed=8, decay=0.99):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channel, in_channel, 3, padding=1)
+
+      def forward(self, x):
+        out = self.conv(x)
+        return out, (out - x).pow(2).mean().reshape(1)
+  """,
+  "pixelsnail.py": """
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class PixelSNAIL(nn.Module):
+      def __init__(self, shape, n_class, channel, kernel_size, n_block, n_res_block,
+                   res_channel, attention=True, dropout=0.1, n_cond_res_block=0,
+                   cond_res_channel=0, cond_res_kernel=3, n_out_res_block=0):
+        super().__init__()
+        self.n_class = n_class
+        self.out = nn.Conv2d(n_class, n_class, 1)
+
+      def forward(self, input, condition=None, cache=None):
+        x = F.one_hot(input, self.n_class).permute(0, 3, 1, 2).float()
+        return self.out(x), cache or {}
+  """,
+}
+
+
+def test_reference_driver_runs_modules_found_at_the_given_path(tmp_path):
+  pytest.importorskip("torch")
+  for name, text in STAND_INS.items():
+    (tmp_path / name).write_text(textwrap.dedent(text))
+  ref = baseline_torch.Baseline(str(tmp_path), "cpu", threads=1)
+  assert str(tmp_path) not in sys.path  # nothing of it stays importable afterwards
+  stage1 = ref.stage1(dict(in_channel=3, channel=8), batch=2, size=8, steps=1)
+  assert stage1["train_s"] > 0 and stage1["recon_s"] > 0
+  kwargs = dict(channels=8, kernel_size=3, num_blocks=1, num_res_blocks=1, res_channels=8)
+  top = baseline_torch.pixelsnail_kwargs(kwargs, 4, (4, 4))
+  assert ref.prior(top, batch=2, cond_shape=None, steps=1)["train_s"] > 0
+  bottom = baseline_torch.pixelsnail_kwargs(kwargs, 4, (8, 8))
+  assert ref.prior(bottom, batch=2, cond_shape=(4, 4), steps=1)["train_s"] > 0
+  drawn = ref.sample(top, batch=2, condition_shape=None, max_positions=16)
+  assert drawn["seconds"] > 0 and not drawn["estimated"]
+  assert ref.sample(bottom, 2, (4, 4), max_positions=16)["estimated"]  # 64 > 16 positions
+
+
+def test_reference_absent_is_one_line(tmp_path):
+  pytest.importorskip("torch")
+  with pytest.raises(baseline_torch.Unavailable, match="not a clone") as e:
+    baseline_torch.Baseline(str(tmp_path), "cpu")
+  assert "\n" not in str(e.value)
+
+
+def test_plot_sets_vqjax_cached_sampling_beside_the_reference_naive_one():
+  common = dict(workload="sampling", batch=8, shape="32x32+64x64", unit="s")
+  rows = [
+    dict(impl="vqjax", metric="sample_cached", value=2.0, **common),
+    dict(impl="vqjax", metric="sample_naive", value=60.0, **common),
+    dict(impl="rosinality", metric="sample_naive", value=93.0, **common),
+  ]
+  groups = plot.panels(rows)
+  cached = groups[("sampling", "sample_cached", 8, "32x32+64x64")]
+  assert {k: r["value"] for k, r in cached.items()} == {"vqjax": 2.0, "rosinality (naive)": 93.0}
+  naive = groups[("sampling", "sample_naive", 8, "32x32+64x64")]
+  assert {k: r["value"] for k, r in naive.items()} == {"vqjax": 60.0, "rosinality": 93.0}
+
+
+def test_plot_writes_a_png_of_two_rows(tmp_path):
+  rows = [
+    dict(impl="vqjax", workload="imagenet", metric="train", value=6500.0, unit="img/s"),
+    dict(impl="rosinality", workload="imagenet", metric="train", value=1977.0, unit="img/s"),
+    dict(impl="vqjax/rosinality", workload="imagenet", metric="train", value=3.3, unit="x"),
+  ]
+  jsonl = tmp_path / "rows.jsonl"
+  jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"config": "other"}\n')
+  assert len(plot.read_rows([str(jsonl)])) == 3  # the line of another schema is skipped
+  groups = plot.panels(plot.read_rows([str(jsonl)]))
+  assert list(groups) == [("imagenet", "train", "", "")]
+  assert sorted(next(iter(groups.values()))) == ["rosinality", "vqjax"]  # no ratio bar
+  out = plot.main(["--jsonl", str(jsonl), "--out", str(tmp_path / "chart.png")])
+  with open(out, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  from PIL import Image
+
+  image = np.asarray(Image.open(out).convert("RGB"))
+  # Both bars are drawn in their colours.
+  for color in (plot.COLORS["vqjax"], plot.OTHER_COLOR):
+    rgb = np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)])
+    assert np.any(np.all(image == rgb, axis=-1)), color
