@@ -28,7 +28,6 @@ Prints one row per figure (reader, mode, workers, img/s, image size, cores, mach
 """
 
 import argparse
-import ast
 import concurrent.futures
 import contextlib
 import functools
@@ -210,27 +209,17 @@ def _readers(args, base, folder: str, rows: list) -> dict:
   return out
 
 
-def _set(config, assignment: str) -> None:
-  """Applies "group.field=value" (value parsed as a Python literal, else a string)."""
-  key, _, text = assignment.partition("=")
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
-  group, field = key.split(".", 1)
-  setattr(config[group], field, value)
-
-
 def time_trainer(args, readers: dict, rows: list) -> None:
   """Train-step img/s over each reader (largest worker count, threads) and a synthetic batch."""
   import jax
   import jax.numpy as jnp
+  import train_step  # the sibling script: its directory is on sys.path when run as a script
 
   from vqjax.training import sharding, tasks, trainer
 
   config = configs.load_experiment(args.config)
   for assignment in args.set:
-    _set(config, assignment)
+    train_step.apply_override(config, assignment)
   config.data.update(image_size=args.image_size, channels=3, batch_size=args.batch)
   task = tasks.make_task(config)
   mesh = sharding.make_mesh(config.mesh)

@@ -34,7 +34,7 @@ from vqjax import configs
 from vqjax.training import sharding, tasks, trainer
 
 
-def _set(config, assignment: str) -> None:
+def apply_override(config, assignment: str) -> None:
   """Applies "group.field=value" (value parsed as a Python literal, else a string)."""
   key, _, text = assignment.partition("=")
   try:
@@ -62,7 +62,7 @@ def load_config(name: str, dtype: str = "", overrides: Sequence[str] = ()):
   if dtype:
     config.model.dtype = dtype
   for assignment in overrides:
-    _set(config, assignment)
+    apply_override(config, assignment)
   configs.validate(config)
   return config
 

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests run tiny models for a step or two, so XLA's optimisation passes cost far more than they
+# save (about half the suite's time is compilation). Subprocesses inherit the setting; set the
+# variable to 0 to test the optimised programs.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 

@@ -311,6 +311,25 @@ def load_experiment(path_or_name: str) -> ml_collections.ConfigDict:
   return config
 
 
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """Command-line arguments with the --config value replaced by the experiment file's path (a
+  bare name is looked up in experiments/), after loading it once so that a bad file or variant
+  is one `errors.UserError` line rather than a traceback from the flag parser."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg in ("--config", "-config") and i + 1 < len(out):
+      i, spec = i + 1, out[i + 1]
+    elif arg.startswith(("--config=", "-config=")):
+      spec = arg.partition("=")[2]
+    else:
+      continue
+    load_experiment(spec)
+    path, variant = resolve_experiment(spec)
+    resolved = path + (f":{variant}" if variant else "")
+    out[i] = resolved if out[i] == spec else f"--config={resolved}"
+  return out
+
+
 def apply_variant(
   config: ml_collections.ConfigDict,
   variant: str | None,

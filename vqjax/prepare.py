@@ -296,29 +296,12 @@ def prepare(
   return meta
 
 
-def _resolve_config_argv(argv: list[str]) -> list[str]:
-  """argv with a bare experiment name after --config replaced by its file's path."""
-  from vqjax import configs
-
-  out = list(argv)
-  for i, arg in enumerate(out):
-    if arg in ("--config", "-config") and i + 1 < len(out):
-      i, spec = i + 1, out[i + 1]
-    elif arg.startswith(("--config=", "-config=")):
-      spec = arg.partition("=")[2]
-    else:
-      continue
-    configs.load_experiment(spec)  # a bad file or variant is one line here, not a traceback
-    path, variant = configs.resolve_experiment(spec)
-    resolved = path + (f":{variant}" if variant else "")
-    out[i] = resolved if out[i] == spec else f"--config={resolved}"
-  return out
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing where a bad experiment or override is one line, not a traceback."""
+  from vqjax import configs
+
   try:
-    return flags.FLAGS(_resolve_config_argv(argv))
+    return flags.FLAGS(configs.resolve_config_argv(argv))
   except errors.UserError as e:
     raise SystemExit(f"vqjax.prepare: {e}") from None
   except (AttributeError, KeyError, TypeError, flags.Error) as e:

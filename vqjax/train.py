@@ -68,24 +68,6 @@ def _usage() -> str:
   )
 
 
-def _with_resolved_config(argv: list[str]) -> list[str]:
-  """argv with the --config value replaced by the experiment file's path (a bare name is
-  looked up in experiments/), after loading it once so that a bad file or variant is one line."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    if arg in ("--config", "-config") and i + 1 < len(out):
-      i, spec = i + 1, out[i + 1]
-    elif arg.startswith(("--config=", "-config=")):
-      spec = arg.partition("=")[2]
-    else:
-      continue
-    configs.load_experiment(spec)
-    path, variant = configs.resolve_experiment(spec)
-    resolved = path + (f":{variant}" if variant else "")
-    out[i] = resolved if out[i] == spec else f"--config={resolved}"
-  return out
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing where every mistake (a missing flag, an unknown experiment or variant,
   a misspelled `--config.a.b`) is reported as one line, not a traceback."""
@@ -93,7 +75,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(_usage())
     sys.exit(0)
   try:
-    rest = flags.FLAGS(_with_resolved_config(argv))
+    rest = flags.FLAGS(configs.resolve_config_argv(argv))
   except errors.UserError as e:
     raise SystemExit(f"vqjax.train: {e}") from None
   except (AttributeError, KeyError, TypeError, flags.Error) as e:
