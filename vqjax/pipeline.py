@@ -70,7 +70,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   except errors.UserError as e:
     raise SystemExit(f"vqjax.pipeline: {e}") from None
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-    detail = " ".join(str(e).strip("'\"").split())
+    detail = str(e)
+    if len(detail) > 1 and detail[0] in "'\"" and detail[-1] == detail[0]:  # a repr'd message
+      detail = detail[1:-1]
+    detail = " ".join(detail.split())
     overrides = " ".join(a for a in argv if a.startswith("--config."))
     raise SystemExit(
       f"vqjax.pipeline: bad config or flag: {detail}" + (f" (in {overrides})" if overrides else "")

@@ -101,6 +101,11 @@ def run(
   num = len(images)
   seconds = time.perf_counter() - t0
   os.makedirs(out, exist_ok=True)
+  # settings.json is written last and marks the directory complete: an older one goes first, so
+  # a write killed half-way never leaves old settings beside new (or half-written) arrays.
+  settings_path = os.path.join(out, "settings.json")
+  if os.path.exists(settings_path):
+    os.remove(settings_path)
   if num:
     per_row = int(np.ceil(np.sqrt(num)))
     rows = [images[i : i + per_row] for i in range(0, num, per_row)]
@@ -130,7 +135,7 @@ def run(
     "threshold": threshold if classifier else None,
     "rejection": rejection,
   }
-  with open(os.path.join(out, "settings.json"), "w") as f:
+  with open(settings_path, "w") as f:
     json.dump(settings, f, indent=2)
   logging.info("%d images in %.1f s (compilation included) -> %s/samples.png", num, seconds, out)
   return settings
