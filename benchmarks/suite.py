@@ -6,6 +6,8 @@ benchmarks/train_step.py does, whose functions build it):
   cifar, imagenet, ffhq  stage-1 training and reconstruction throughput, compile time, memory,
                          FLOPs and model FLOPs utilisation of experiments/vqvae_cifar10.py,
                          vqvae2_imagenet.py (ImageNet-256) and vqvae2_ffhq1024.py (3 levels);
+  fashion                the same for experiments/fashion_mnist.py:reference (the PyTorch
+                         reference's default sizes, 32x32, batch 128: the CPU comparison);
   prior_top, prior_bottom  PixelSNAIL training throughput of experiments/pixelsnail_top_imagenet.py
                          and pixelsnail_bottom_imagenet.py on random codes;
   sampling               hierarchical (top then bottom) PixelSNAIL sampling, full recompute
@@ -55,7 +57,12 @@ import train_step  # noqa: E402
 from vqjax import errors  # noqa: E402
 from vqjax.training import trainer  # noqa: E402
 
-STAGE1 = {"cifar": "vqvae_cifar10", "imagenet": "vqvae2_imagenet", "ffhq": "vqvae2_ffhq1024"}
+STAGE1 = {
+  "cifar": "vqvae_cifar10",
+  "imagenet": "vqvae2_imagenet",
+  "ffhq": "vqvae2_ffhq1024",
+  "fashion": "fashion_mnist:reference",  # CPU-sized already: the same with --quick
+}
 PRIORS = {"prior_top": "pixelsnail_top_imagenet", "prior_bottom": "pixelsnail_bottom_imagenet"}
 WORKLOADS = (*STAGE1, *PRIORS, "sampling", "scaling")
 COLUMNS = (
@@ -188,7 +195,7 @@ class Suite:
         _say(f"no {baseline_torch.REFERENCE} rows: {e}")
 
   def _config(self, name: str, overrides: Sequence[str] = ()):
-    name = f"{name}:smoke" if self.a.quick else name
+    name = f"{name}:smoke" if self.a.quick and ":" not in name else name
     return train_step.load_config(name, self.a.dtype, overrides)
 
   def _common(self, b: train_step.Bench) -> dict:

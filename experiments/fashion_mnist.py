@@ -10,7 +10,7 @@ steps of batch 64 plus two evals of the 10k test images (160-285 img/s, first st
 s of compilation, 6 s with `--config.log.compilation_cache=DIR` warm); eval MSE 0.0071, PSNR
 27.5 dB on [-1, 1] images, all 128 codes of both levels used (perplexity 101 top, 75 bottom);
 `workdir/images/recon_0001200.png` shows inputs (odd rows) over reconstructions.
-`:smoke` runs one step in seconds.
+`:smoke` runs one step in seconds; `:reference` has the PyTorch reference's default sizes.
 """
 
 import ml_collections
@@ -50,4 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log.image_every_steps = 600
   c.log.num_images = 16
 
-  return configs.apply_variant(c, arg, {"smoke": configs.shrink_for_smoke})
+  return configs.apply_variant(
+    c, arg, {"smoke": configs.shrink_for_smoke, "reference": _reference_sizes}
+  )
+
+
+def _reference_sizes(c: ml_collections.ConfigDict) -> None:
+  """The PyTorch reference's default VQVAE() (rosinality/vq-vae-2-pytorch vqvae.py: channel 128,
+  2 residual blocks of 32, 64-dim codes, 512 per level, strides 4 and 2) at batch 128: the CPU
+  speed comparison of benchmarks/RESULTS.md (`benchmarks/suite.py --only fashion`)."""
+  c.model.update(channels=128, res_channels=32, num_res_blocks=2, first_stride=4, level_stride=2)
+  c.vq.update(num_codes=512, code_dim=64)
+  c.data.batch_size = 128

@@ -140,7 +140,8 @@ def _other_value(field: str, value):
     return not value
   if isinstance(value, (int, float)):
     return value + 1
-  return {"vq.init": "normal", "vq.stats_impl": "scatter", "model.upconv_impl": "lax"}[field]
+  other = {"vq.init": "normal", "vq.stats_impl": "scatter", "vq.distance_impl": "pallas"}
+  return other.get(field, "lax")  # model.upconv_impl, model.downconv_impl
 
 
 def _set(config, field, value):
@@ -152,7 +153,7 @@ def test_the_ignored_fields_found_match_the_brief():
   # A guard on the recorder itself: the Gumbel quantizer reads none of the EMA/commitment
   # settings, and each model reads the stride fields of the other not at all.
   ignored = {(s, v): f for s, v, f in IGNORED}
-  assert len(ignored[("vq.kind", "gumbel")]) == 9 and "vq.beta" in ignored[("vq.kind", "gumbel")]
+  assert len(ignored[("vq.kind", "gumbel")]) == 10 and "vq.beta" in ignored[("vq.kind", "gumbel")]
   assert ignored[("vq.kind", "vq")] == {"vq.temperature", "vq.kl_weight"}
   assert {"model.levels", "model.first_stride", "model.level_stride"} <= ignored[
     ("model.name", "vqvae")

@@ -1,11 +1,13 @@
-"""Tests of vqjax/models/layers.py: the transposed conv against a NumPy float64 reference."""
+"""Tests of vqjax/models/layers.py and models/strided.py: the stride-2 convolutions (every form)
+and the blocks built on them against NumPy float64 references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqjax.models.layers import Decoder, Encoder, ResBlock, UpConv
+from vqjax.models import strided
+from vqjax.models.layers import Decoder, DownConv, Encoder, ResBlock, UpConv
 
 
 def _np_conv_transpose(x, w, b, stride=2, padding=1):
@@ -23,7 +25,7 @@ def _np_conv_transpose(x, w, b, stride=2, padding=1):
   return full[:, padding : padding + out_h, padding : padding + out_w] + b
 
 
-@pytest.mark.parametrize("impl", ["subpixel", "lax"])
+@pytest.mark.parametrize("impl", ["subpixel", "lax", "adjoint", "auto"])
 def test_upconv_matches_pytorch_semantics_in_float64(impl):
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
   m = UpConv(6, impl=impl)
@@ -36,7 +38,7 @@ def test_upconv_matches_pytorch_semantics_in_float64(impl):
   np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["subpixel", "lax"])
+@pytest.mark.parametrize("impl", ["subpixel", "lax", "adjoint", "auto"])
 def test_upconv_gradients_match_numpy_in_float64(impl):
   x = jax.random.normal(jax.random.key(0), (2, 4, 3, 3))
   m = UpConv(5, impl=impl)
@@ -137,3 +139,61 @@ def test_encoder_decoder_strides(stride):
 def test_bad_stride_is_a_clear_error():
   with pytest.raises(ValueError, match="power of two"):
     Encoder(8, 4, 1, 3).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize("impl", ["lax", "adjoint", "auto"])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2)])  # odd: "adjoint" uses XLA's rules
+def test_downconv_and_its_gradients_match_numpy_in_float64(impl, shape):
+  """DownConv = nn.Conv(4, stride 2, padding 1) with the same parameters; the gradients of
+  L = sum(y * w) against float64 NumPy: dL/dx scatters w back through every tap."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  m = DownConv(4, impl=impl)
+  v = m.init(jax.random.key(1), x)
+  kernel = np.asarray(v["params"]["kernel"], np.float64)
+  bias = np.asarray(v["params"]["bias"], np.float64)
+  assert kernel.shape == (4, 4, shape[-1], 4)
+  xn = np.asarray(x, np.float64)
+  y = m.apply(v, x)
+  expect = _np_conv(xn, kernel, bias, stride=2, pad=1)
+  np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)
+  w = np.asarray(jax.random.normal(jax.random.key(2), y.shape), np.float64)
+  gv, gx = jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * w), argnums=(0, 1))(v, x)
+  n, oh, ow, _ = w.shape
+  xp = np.pad(xn, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  gxp, expect_k = np.zeros_like(xp), np.zeros_like(kernel)
+  for ky in range(4):
+    for kx in range(4):
+      rows, cols = slice(ky, ky + 2 * oh, 2), slice(kx, kx + 2 * ow, 2)
+      gxp[:, rows, cols] += np.einsum("nijo,co->nijc", w, kernel[ky, kx])
+      expect_k[ky, kx] = np.einsum("nijc,nijo->co", xp[:, rows, cols], w)
+  np.testing.assert_allclose(np.asarray(gx), gxp[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gv["params"]["kernel"]), expect_k, rtol=1e-5, atol=1e-5)
+
+
+def test_adjoint_forms_give_xla_gradients_in_bfloat16():
+  """The custom rules keep the input's and kernel's dtypes and agree with XLA's derivatives."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16), jnp.bfloat16)
+  kd = jax.random.normal(jax.random.key(1), (4, 4, 16, 8), jnp.bfloat16) * 0.1
+  ku = jax.random.normal(jax.random.key(2), (4, 4, 16, 8), jnp.bfloat16) * 0.1
+
+  def grads(fn, kernel, impl):
+    loss = lambda x, k: jnp.sum(fn(x, k, impl).astype(jnp.float32) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(x, kernel)
+
+  for fn, k in ((strided.down, kd), (strided.up, ku)):
+    ours, xla = grads(fn, k, "adjoint"), grads(fn, k, "lax")
+    for a, b in zip(ours, xla, strict=True):
+      assert a.dtype == jnp.bfloat16
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.abs(a - b).max() <= 0.02 * np.abs(b).max()
+
+
+def test_auto_picks_the_adjoint_forms_on_the_cpu_and_bad_impls_are_clear():
+  assert jax.default_backend() == "cpu"
+  assert strided.resolve("auto", strided.UP_IMPLS, cpu="adjoint", accelerator="subpixel") == (
+    "adjoint"
+  )
+  with pytest.raises(ValueError, match="unknown stride-2 conv impl 'fast'"):
+    DownConv(4, impl="fast").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  with pytest.raises(ValueError, match="unknown stride-2 conv impl 'phase'"):
+    UpConv(4, impl="phase").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))

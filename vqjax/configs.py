@@ -76,7 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.first_stride = 4  # vqvae2: stride of the first (bottom) encoder, 2 or 4
   c.model.level_stride = 2  # vqvae2: stride between consecutive levels
   c.model.downsample = 2  # vqvae: number of stride-2 convs (2 -> /4)
-  c.model.upconv_impl = "subpixel"  # transposed convs: "subpixel" or "lax" (same function)
+  # Stride-2 convs and transposed convs: exact alternative forms (models/strided.py); "auto"
+  # picks the fastest measured on the platform.
+  c.model.upconv_impl = "auto"  # "auto" | "subpixel" | "lax" | "adjoint"
+  c.model.downconv_impl = "auto"  # "auto" | "lax" | "adjoint"
   c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
   c.model.param_dtype = "float32"
 
@@ -110,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.temperature = 1.0  # gumbel only: relaxation temperature
   c.vq.kl_weight = 5e-4  # gumbel only: weight of KL(q || uniform)
   c.vq.stats_impl = "onehot"  # per-code counts/sums: "onehot" (faster on GPU) or "scatter"
+  c.vq.distance_impl = "xla"  # nearest code: "xla" or "pallas" (models/vq_kernel.py)
 
   # --- prior (task="prior") ---------------------------------------------------------------
   c.prior = ml_collections.ConfigDict()
@@ -387,10 +391,12 @@ _CHOICES = {
   "task": ("autoencoder", "prior", "classifier"),
   "data.reader": ("auto", "grain", "tfdata", "local", "folder"),
   "data.resize": ("pad", "resize_crop", "center_crop"),
-  "model.upconv_impl": ("subpixel", "lax"),
+  "model.upconv_impl": ("auto", "subpixel", "lax", "adjoint"),  # models/strided.py
+  "model.downconv_impl": ("auto", "lax", "adjoint"),
   "vq.kind": ("vq", "gumbel"),
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
   "vq.stats_impl": ("onehot", "scatter"),
+  "vq.distance_impl": ("xla", "pallas"),
   "optim.name": ("adam", "adamw"),
   "optim.schedule": ("constant", "cosine"),
   "distributed.initialize": ("auto", "yes", "no"),
@@ -405,6 +411,7 @@ _STAGE1_MODEL_FIELDS = (
   "model.level_stride",
   "model.downsample",
   "model.upconv_impl",
+  "model.downconv_impl",
 )
 _PRIOR_MODEL_FIELDS = (
   "model.kernel_size",
@@ -435,6 +442,7 @@ IGNORED_FIELDS = {
     "vq.kmeans_iters",
     "vq.restart_after",
     "vq.stats_impl",
+    "vq.distance_impl",
   ),
   ("vq.kind", "vq"): ("vq.temperature", "vq.kl_weight"),
   ("model.name", "vqvae"): ("model.levels", "model.first_stride", "model.level_stride")
@@ -487,6 +495,7 @@ IGNORED_FIELDS = {
     "vq.temperature",
     "vq.kl_weight",
     "vq.stats_impl",
+    "vq.distance_impl",
   ),
   ("optim.name", "adam"): ("optim.weight_decay",),  # decoupled decay is adamw's
 }

@@ -40,7 +40,9 @@ class VQVAE2(nn.Module):
     level_stride: downsampling between consecutive levels (power of two).
     quantizer: keyword arguments of every level's quantizer (num_codes, code_dim, ...);
       "kind" picks VectorQuantizer ("vq", the default) or GumbelQuantizer ("gumbel").
-    upconv_impl: "subpixel" or "lax" transposed convolutions (same function, same weights).
+    upconv_impl: form of the transposed convolutions, models/strided.py (same function, same
+      weights; "auto": the fastest measured on the platform).
+    downconv_impl: form of the stride-2 convolutions, likewise.
     dtype: compute dtype; quantizer distances and statistics stay float32.
     param_dtype: parameter dtype.
   """
@@ -53,7 +55,8 @@ class VQVAE2(nn.Module):
   first_stride: int = 4
   level_stride: int = 2
   quantizer: dict | None = None
-  upconv_impl: str = "subpixel"
+  upconv_impl: str = "auto"
+  downconv_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -74,6 +77,7 @@ class VQVAE2(nn.Module):
         self.res_channels,
         self.num_res_blocks,
         self.first_stride if i == bottom else self.level_stride,
+        downconv_impl=self.downconv_impl,
         **kw,
       )
       for i in range(n)

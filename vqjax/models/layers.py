@@ -1,5 +1,5 @@
 """Building blocks shared by the autoencoders: residual blocks, strided encoders and decoders,
-and an exact, fast stride-2 transposed convolution.
+and the stride-2 convolution and transposed convolution (computed by models/strided.py).
 
 All modules are NHWC. Kernels are stored as (kh, kw, in, out); the transposed convolution keeps
 PyTorch's ConvTranspose2d orientation (weight[ky, kx] multiplies input pixel i into output pixel
@@ -13,49 +13,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Output phase r (even/odd) of a k=4, s=2, p=1 transposed conv, as a 3-tap window over the
-# input padded by one: tap t of the window multiplies kernel row _PHASE_TAPS[r][t] (-1 = none).
-# Derived from o = 2*i - 1 + k: even o = 2m uses x[m-1]*w[3] + x[m]*w[1], odd o = 2m+1 uses
-# x[m]*w[2] + x[m+1]*w[0].
-_PHASE_TAPS = ((3, 1, -1), (-1, 2, 0))
-
-
-def _phase_kernel(kernel: jax.Array) -> jax.Array:
-  """(4, 4, I, O) transposed-conv kernel -> (3, 3, I, 4*O) kernel of the equivalent conv whose
-  output channels are the four (row phase, column phase) outputs, phase-major."""
-  zero = jnp.zeros_like(kernel[0, 0])
-  phases = []
-  for ry in range(2):
-    for rx in range(2):
-      rows = []
-      for ty in range(3):
-        row = []
-        for tx in range(3):
-          ky, kx = _PHASE_TAPS[ry][ty], _PHASE_TAPS[rx][tx]
-          row.append(zero if ky < 0 or kx < 0 else kernel[ky, kx])
-        rows.append(jnp.stack(row))
-      phases.append(jnp.stack(rows))  # (3, 3, I, O)
-  return jnp.concatenate(phases, axis=-1)
-
-
-def depth_to_space2(y: jax.Array, out_channels: int) -> jax.Array:
-  """[B, H, W, 4*C] with channels ordered (ry, rx, c) -> [B, 2H, 2W, C]."""
-  b, h, w, _ = y.shape
-  y = y.reshape(b, h, w, 2, 2, out_channels)
-  y = y.transpose(0, 1, 3, 2, 4, 5)
-  return y.reshape(b, 2 * h, 2 * w, out_channels)
+from vqjax.models import strided
 
 
 class UpConv(nn.Module):
   """ConvTranspose2d(kernel 4, stride 2, padding 1) as in PyTorch: doubles H and W.
 
-  impl="subpixel" computes it as one 3x3 convolution to 4x the channels followed by
-  depth-to-space (much faster to differentiate on CPUs than XLA's transposed conv); impl="lax"
-  uses `jax.lax.conv_transpose`. Both compute the same function of the same parameters.
+  `impl` picks one of the exact forms of models/strided.py ("auto": the fastest measured on
+  the platform); every form computes the same function of the same parameters.
   """
 
   features: int
-  impl: str = "subpixel"
+  impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -76,31 +45,30 @@ class UpConv(nn.Module):
       (self.features,),
       self.param_dtype,
     )
-    x = x.astype(self.dtype)
-    kernel = kernel.astype(self.dtype)
-    if self.impl == "subpixel":
-      y = jax.lax.conv_general_dilated(
-        x,
-        _phase_kernel(kernel),
-        window_strides=(1, 1),
-        padding=((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      )
-      with jax.named_scope("depth_to_space"):  # the interleave, apart from the conv in a profile
-        y = depth_to_space2(y, self.features)
-    elif self.impl == "lax":
-      # A transposed conv is the gradient of a conv: flip the kernel, dilate the input by 2
-      # and pad by k - 1 - p = 2 on each side.
-      y = jax.lax.conv_general_dilated(
-        x,
-        kernel[::-1, ::-1],
-        window_strides=(1, 1),
-        padding=((2, 2), (2, 2)),
-        lhs_dilation=(2, 2),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      )
-    else:
-      raise ValueError(f"unknown UpConv impl {self.impl!r}; expected 'subpixel' or 'lax'")
+    y = strided.up(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+    return y + bias.astype(self.dtype)
+
+
+class DownConv(nn.Module):
+  """Conv2d(kernel 4, stride 2, padding 1): halves H and W. The parameters are those of
+  `nn.Conv(features, (4, 4), strides=2, padding=1)` (names, shapes, initialisers), so
+  checkpoints and imported PyTorch weights are unchanged; `impl` picks a form of
+  models/strided.py ("auto": the fastest measured on the platform).
+  """
+
+  features: int
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (4, 4, c, self.features), self.param_dtype
+    )
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    y = strided.down(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
     return y + bias.astype(self.dtype)
 
 
@@ -144,6 +112,7 @@ class Encoder(nn.Module):
   res_channels: int
   num_res_blocks: int
   stride: int
+  downconv_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -155,7 +124,7 @@ class Encoder(nn.Module):
       features = self.channels // 2 if i == 0 else self.channels
       if i > 0:
         x = nn.relu(x)
-      x = nn.Conv(features, (4, 4), strides=2, padding=1, name=f"down{i}", **kw)(x)
+      x = DownConv(features, impl=self.downconv_impl, name=f"down{i}", **kw)(x)
     x = nn.relu(x)
     x = nn.Conv(self.channels, (3, 3), padding=1, name="conv_out", **kw)(x)
     for i in range(self.num_res_blocks):
@@ -172,7 +141,7 @@ class Decoder(nn.Module):
   res_channels: int
   num_res_blocks: int
   stride: int
-  upconv_impl: str = "subpixel"
+  upconv_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -199,7 +168,7 @@ class Upsampler(nn.Module):
 
   features: int
   factor: int
-  upconv_impl: str = "subpixel"
+  upconv_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

@@ -214,6 +214,9 @@ class VectorQuantizer(nn.Module):
     kmeans_iters: Lloyd iterations for codebook_init="kmeans".
     restart_after: re-seed codes unused for this many training steps (0 = never).
     stats_impl: "scatter" or "onehot" computation of per-code counts and sums (same values).
+    distance_impl: nearest-codeword search: "xla" (the [N, K] distances, then argmin; the
+      reference) or "pallas" (models/vq_kernel.py: a fused kernel that never writes the
+      distances; interpreted, slowly, on the CPU).
     dtype: dtype of the quantized output (distances and statistics stay float32).
     param_dtype: dtype of the codebook parameter (loss-trained codebook).
   """
@@ -229,6 +232,7 @@ class VectorQuantizer(nn.Module):
   kmeans_iters: int = 10
   restart_after: int = 0
   stats_impl: str = "onehot"
+  distance_impl: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -372,7 +376,12 @@ class VectorQuantizer(nn.Module):
 
     codebook = self.codebook
     with jax.named_scope("vq_distances_argmin"):
-      idx = nearest_code(flat_sg, codebook)
+      if self.distance_impl == "xla":
+        idx = nearest_code(flat_sg, codebook)
+      else:
+        from vqjax.models import vq_kernel  # Pallas only when asked for
+
+        idx = vq_kernel.nearest_code_impl(flat_sg, codebook, self.distance_impl)
     e = jnp.take(codebook, idx, axis=0)
     commitment = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(e)))
     codebook_loss = jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))

@@ -58,6 +58,7 @@ def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
     kmeans_iters=vq.kmeans_iters,
     restart_after=vq.restart_after,
     stats_impl=vq.stats_impl,
+    distance_impl=vq.distance_impl,
   )
 
 
@@ -73,6 +74,7 @@ def _build_vqvae(config, dtype, param_dtype):
     downsample=m.downsample,
     quantizer=quantizer_kwargs(config.vq),
     upconv_impl=m.upconv_impl,
+    downconv_impl=m.downconv_impl,
     dtype=dtype,
     param_dtype=param_dtype,
   )
@@ -92,6 +94,7 @@ def _build_vqvae2(config, dtype, param_dtype):
     level_stride=m.level_stride,
     quantizer=quantizer_kwargs(config.vq),
     upconv_impl=m.upconv_impl,
+    downconv_impl=m.downconv_impl,
     dtype=dtype,
     param_dtype=param_dtype,
   )

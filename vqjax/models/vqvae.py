@@ -21,7 +21,8 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
   num_res_blocks: int = 2,
   downsample: int = 2,
   quantizer: dict | None = None,
-  upconv_impl: str = "subpixel",
+  upconv_impl: str = "auto",
+  downconv_impl: str = "auto",
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
 ) -> VQVAE2:
@@ -34,7 +35,8 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     num_res_blocks: residual blocks in encoder and decoder (2 in the paper).
     downsample: number of stride-2 convs; codes are 2**downsample times smaller than images.
     quantizer: VectorQuantizer keyword arguments (num_codes, code_dim, beta, ema, ...).
-    upconv_impl: "subpixel" or "lax" transposed convolutions.
+    upconv_impl: form of the transposed convolutions (models/strided.py; "auto").
+    downconv_impl: form of the stride-2 convolutions (models/strided.py; "auto").
     dtype: compute dtype.
     param_dtype: parameter dtype.
 
@@ -50,6 +52,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     first_stride=2**downsample,
     quantizer=quantizer,
     upconv_impl=upconv_impl,
+    downconv_impl=downconv_impl,
     dtype=dtype,
     param_dtype=param_dtype,
   )

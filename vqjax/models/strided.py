@@ -1,0 +1,191 @@
+"""The autoencoders' stride-2 convolutions (kernel 4, padding 1) in exact alternative forms.
+
+`down(x, w)` is Conv2d(kernel 4, stride 2, padding 1): y[m] = sum_k xpad[2m + k] w[k] per axis.
+`up(x, w)` is ConvTranspose2d(kernel 4, stride 2, padding 1) in PyTorch's orientation: input
+pixel i adds x[i] w[k] to output pixel 2i - 1 + k. Kernels are (4, 4, in, out). The two are
+adjoint: the input gradient of `down` is `up` of the output gradient with the kernel's channel
+axes swapped, and the other way round.
+
+Forms (each computes the same function; tests check them against NumPy):
+  down: "lax" (XLA's strided convolution and its derivatives), "adjoint" (the same forward;
+        input gradient through `up`'s phase form instead of XLA's zero-dilated convolution);
+  up:   "subpixel" (one 3x3 convolution to 4x the channels, then depth-to-space), "lax" (XLA's
+        transposed convolution), "adjoint" (forward in the phase form: one 2x2 convolution of
+        the padded input, 4/9 of the sub-pixel multiplies; input gradient through `down`).
+The adjoint forms' gradients are `jax.custom_vjp` rules; kernel gradients stay XLA's own.
+On the CPU (XLA:CPU, jaxlib 0.10, 2 cores) they make the Fashion-MNIST step at the PyTorch
+reference's sizes 1.2x faster; XLA's own derivatives of these forms run through convolutions
+XLA:CPU handles slowly (benchmarks/RESULTS.md). "auto" picks "adjoint" on the CPU and, on
+accelerators, the forms measured there ("lax" down, "subpixel" up, on an H100).
+"""
+
+import jax
+import jax.numpy as jnp
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+DOWN_IMPLS = ("auto", "lax", "adjoint")
+UP_IMPLS = ("auto", "subpixel", "lax", "adjoint")
+
+# Output phase r (even/odd) of the transposed conv as a 3-tap window over the input padded by
+# one: tap t multiplies kernel row _PHASE_TAPS[r][t] (-1 = none). Derived from o = 2i - 1 + k:
+# even o = 2m uses x[m-1] w[3] + x[m] w[1], odd o = 2m+1 uses x[m] w[2] + x[m+1] w[0].
+_PHASE_TAPS = ((3, 1, -1), (-1, 2, 0))
+
+
+def _conv(x: jax.Array, w: jax.Array, stride: int = 1, pad: int = 0) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DIMS
+  )
+
+
+def _pad1(x: jax.Array) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _swap(w: jax.Array) -> jax.Array:
+  return jnp.swapaxes(w, 2, 3)
+
+
+def depth_to_space2(y: jax.Array, out_channels: int) -> jax.Array:
+  """[B, H, W, 4*C] with channels ordered (ry, rx, c) -> [B, 2H, 2W, C]."""
+  b, h, w, _ = y.shape
+  y = y.reshape(b, h, w, 2, 2, out_channels).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(b, 2 * h, 2 * w, out_channels)
+
+
+# ---- down: Conv2d(4, stride 2, padding 1) -------------------------------------------------------
+
+
+def down_lax(x: jax.Array, w: jax.Array) -> jax.Array:
+  return _conv(x, w, stride=2, pad=1)
+
+
+def _kernel_grad(big: jax.Array, w_shape: tuple, small: jax.Array) -> jax.Array:
+  """The kernel gradient of `down_lax(big, .)` for the output gradient `small` (XLA's own:
+  measured as fast as any other form on the CPU)."""
+  k = jnp.zeros(w_shape, small.dtype)
+  (g,) = jax.vjp(lambda k: down_lax(big, k), k)[1](small)
+  return g
+
+
+@jax.custom_vjp
+def down_adjoint(x: jax.Array, w: jax.Array) -> jax.Array:
+  return down_lax(x, w)
+
+
+def _down_fwd(x, w):
+  return down_lax(x, w), (x, w)
+
+
+def _down_bwd(res, g):
+  x, w = res
+  dx = up_phase(g, _swap(w))  # 2x the output's size: the input's (`down` checks it is even)
+  return dx.astype(x.dtype), _kernel_grad(x, w.shape, g).astype(w.dtype)
+
+
+down_adjoint.defvjp(_down_fwd, _down_bwd)
+
+
+def down(x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
+  """Conv2d(kernel 4, stride 2, padding 1) of NHWC `x` with a (4, 4, in, out) kernel."""
+  impl = resolve(impl, DOWN_IMPLS, cpu="adjoint", accelerator="lax")
+  if impl == "adjoint" and (x.shape[1] % 2 or x.shape[2] % 2):
+    impl = "lax"  # the adjoint of an odd-sized input's conv crops differently: XLA's rules
+  return {"lax": down_lax, "adjoint": down_adjoint}[impl](x, w)
+
+
+# ---- up: ConvTranspose2d(4, stride 2, padding 1) -------------------------------------------------
+
+
+def _subpixel_kernel(w: jax.Array) -> jax.Array:
+  """(4, 4, I, O) -> (3, 3, I, 4*O): the equivalent conv whose output channels are the four
+  (row phase, column phase) outputs, phase-major."""
+  zero = jnp.zeros_like(w[0, 0])
+  phases = []
+  for ry in range(2):
+    for rx in range(2):
+      rows = []
+      for ty in range(3):
+        row = []
+        for tx in range(3):
+          ky, kx = _PHASE_TAPS[ry][ty], _PHASE_TAPS[rx][tx]
+          row.append(zero if ky < 0 or kx < 0 else w[ky, kx])
+        rows.append(jnp.stack(row))
+      phases.append(jnp.stack(rows))  # (3, 3, I, O)
+  return jnp.concatenate(phases, axis=-1)
+
+
+def _phase_kernel(w: jax.Array) -> jax.Array:
+  """(4, 4, I, O) -> (2, 2, I, 4*O): phase r of an axis is a 2-tap window starting r pixels
+  into the input padded by one, taps (3, 1) for r = 0 and (2, 0) for r = 1 (the non-zero
+  taps of _PHASE_TAPS); phases ordered (ry, rx), phase-major."""
+  taps = ((3, 1), (2, 0))
+  phases = []
+  for ry in range(2):
+    for rx in range(2):
+      phases.append(jnp.stack([jnp.stack([w[ky, kx] for kx in taps[rx]]) for ky in taps[ry]]))
+  return jnp.concatenate(phases, axis=-1)
+
+
+def up_subpixel(x: jax.Array, w: jax.Array) -> jax.Array:
+  y = _conv(x, _subpixel_kernel(w), pad=1)
+  with jax.named_scope("depth_to_space"):  # the interleave, apart from the conv in a profile
+    return depth_to_space2(y, w.shape[-1])
+
+
+def up_phase(x: jax.Array, w: jax.Array) -> jax.Array:
+  # One 2x2 conv of the padded input gives, at window (i, j), every phase's sum; phase (ry, rx)
+  # of output pixel (m, n) is the one at (m + ry, n + rx). Padded outside the convolution:
+  # XLA:CPU differentiates a padded 2x2 convolution by its kernel ~70x slower.
+  h, wd, o = x.shape[1], x.shape[2], w.shape[-1]
+  z = _conv(_pad1(x), _phase_kernel(w))
+  with jax.named_scope("depth_to_space"):
+    parts = [
+      z[:, ry : ry + h, rx : rx + wd, (2 * ry + rx) * o : (2 * ry + rx + 1) * o]
+      for ry in range(2)
+      for rx in range(2)
+    ]
+    return depth_to_space2(jnp.concatenate(parts, axis=-1), o)
+
+
+def up_lax(x: jax.Array, w: jax.Array) -> jax.Array:
+  # A transposed conv is the gradient of a conv: flip the kernel, dilate the input by 2 and
+  # pad by k - 1 - p = 2 on each side.
+  return jax.lax.conv_general_dilated(
+    x, w[::-1, ::-1], (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2), dimension_numbers=_DIMS
+  )
+
+
+@jax.custom_vjp
+def up_adjoint(x: jax.Array, w: jax.Array) -> jax.Array:
+  return up_phase(x, w)
+
+
+def _up_fwd(x, w):
+  return up_phase(x, w), (x, w)
+
+
+def _up_bwd(res, g):
+  x, w = res
+  dx = down_lax(g, _swap(w))
+  return dx.astype(x.dtype), _swap(_kernel_grad(g, _swap(w).shape, x)).astype(w.dtype)
+
+
+up_adjoint.defvjp(_up_fwd, _up_bwd)
+
+
+def up(x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
+  """ConvTranspose2d(kernel 4, stride 2, padding 1) of NHWC `x` (PyTorch orientation)."""
+  impl = resolve(impl, UP_IMPLS, cpu="adjoint", accelerator="subpixel")
+  fns = {"subpixel": up_subpixel, "lax": up_lax, "adjoint": up_adjoint}
+  return fns[impl](x, w)
+
+
+def resolve(impl: str, choices: tuple[str, ...], cpu: str, accelerator: str) -> str:
+  """`impl`, with "auto" replaced by the form measured fastest on this platform: `cpu` on the
+  CPU, `accelerator` elsewhere (benchmarks/RESULTS.md)."""
+  if impl not in choices:
+    raise ValueError(f"unknown stride-2 conv impl {impl!r}; expected one of {', '.join(choices)}")
+  if impl == "auto":
+    return cpu if jax.default_backend() == "cpu" else accelerator
+  return impl
