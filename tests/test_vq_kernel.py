@@ -178,8 +178,9 @@ def test_quantizer_with_the_pallas_search_equals_the_xla_one():
     outs[impl] = (value, idx, state, grad)
   xla, pallas = outs["xla"], outs["pallas"]
   codebook = np.asarray(
-    quantizer.VectorQuantizer(num_codes=24, code_dim=8, codebook_init="normal")
-    .init(jax.random.key(1), z, train=False)["vq_state"]["codebook"],
+    quantizer.VectorQuantizer(num_codes=24, code_dim=8, codebook_init="normal").init(
+      jax.random.key(1), z, train=False
+    )["vq_state"]["codebook"],
     np.float64,
   )
   flat = np.asarray(z, np.float64).reshape(-1, 8)
