@@ -8,6 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # save (about half the suite's time is compilation). Subprocesses inherit the setting; set the
 # variable to 0 to test the optimised programs.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# XLA's default CPU kernels, not the faster-at-scale ones `import vqjax` picks (vqjax/__init__.py):
+# they compile the tests' tiny programs 10-25% sooner. tests/test_layers.py checks the
+# stride-2 forms with vqjax's choice in a subprocess.
+os.environ.setdefault("VQJAX_XLA_CPU_DEFAULTS", "1")
 
 import jax  # noqa: E402
 

@@ -1,5 +1,10 @@
-"""Tests of vqjax/models/layers.py and models/strided.py: the stride-2 convolutions (every form)
-and the blocks built on them against NumPy float64 references."""
+"""Tests of vqjax/models/layers.py and models/strided.py (the stride-2 convolutions in every
+form, and the blocks built on them, against NumPy float64 references) and of the XLA:CPU flag
+that vqjax/__init__.py sets."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +202,45 @@ def test_auto_picks_the_adjoint_forms_on_the_cpu_and_bad_impls_are_clear():
     DownConv(4, impl="fast").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   with pytest.raises(ValueError, match="unknown stride-2 conv impl 'phase'"):
     UpConv(4, impl="phase").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+_FLAG_CHECK = """
+import os
+import numpy as np
+import vqjax
+import jax, jax.numpy as jnp
+from vqjax.models import strided
+print("flags:" + os.environ.get("XLA_FLAGS", ""))
+x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+k = jax.random.normal(jax.random.key(1), (4, 4, 16, 8)) * 0.1
+errors = []
+for fn in (strided.down, strided.up):
+  def grads(impl):
+    return jax.grad(lambda x, k: jnp.sum(fn(x, k, impl) ** 2), argnums=(0, 1))(x, k)
+  for a, b in zip(grads("adjoint"), grads("lax")):
+    errors.append(float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max()))
+print(max(errors))
+"""
+
+
+def _run_flag_check(env_changes):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VQJAX_XLA_CPU_DEFAULTS")}
+  env.update(env_changes)
+  out = subprocess.run(
+    [sys.executable, "-c", _FLAG_CHECK], env=env, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  flags, error = out.stdout.splitlines()[-2:]
+  return flags.removeprefix("flags:"), float(error)
+
+
+def test_the_cpu_xla_flag_is_set_unless_the_user_chose_and_gradients_hold_under_it():
+  import vqjax
+
+  flags, error = _run_flag_check({})
+  assert vqjax.CPU_XLA_FLAG in flags.split()
+  assert error < 1e-5  # the adjoint forms' gradients equal XLA's under vqjax's flag
+  flags, _ = _run_flag_check({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="})
+  assert flags == "--xla_cpu_experimental_ynn_fusion_type="  # the user's own setting wins
+  flags, _ = _run_flag_check({"VQJAX_XLA_CPU_DEFAULTS": "1"})
+  assert "ynn_fusion_type" not in flags

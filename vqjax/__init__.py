@@ -13,8 +13,10 @@ __version__ = "0.1.0"
 # the Fashion-MNIST train step at the PyTorch reference's sizes, 205 -> 320 img/s with the
 # adjoint transposed convolutions; benchmarks/RESULTS.md). YNNPACK keeps the matmuls and reductions.
 # Read once, when JAX creates its CPU backend (so only if vqjax is imported before that); a
-# user's own setting of the flag in XLA_FLAGS wins. Other jaxlib versions are left alone: an
-# XLA flag a build does not know aborts the process.
+# user's own setting of the flag in XLA_FLAGS wins, and VQJAX_XLA_CPU_DEFAULTS=1 leaves XLA's
+# defaults. Only jaxlib 0.10 (measured) and 0.11 (the flag exists there: other projects turn
+# YNNPACK fusions off in 0.11.2 over wrong results) are touched: an XLA flag a build does not
+# know aborts the process.
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
 
 
@@ -26,7 +28,9 @@ def _set_cpu_xla_flag() -> None:
   except (metadata.PackageNotFoundError, ValueError):
     return
   flags = _os.environ.get("XLA_FLAGS", "")
-  if version == (0, 10) and "xla_cpu_experimental_ynn_fusion_type" not in flags:
+  if _os.environ.get("VQJAX_XLA_CPU_DEFAULTS") == "1" or not (0, 10) <= version <= (0, 11):
+    return
+  if "xla_cpu_experimental_ynn_fusion_type" not in flags:
     _os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
 
 
