@@ -196,3 +196,36 @@ def test_plot_writes_a_png_of_two_rows(tmp_path):
   for color in (plot.COLORS["vqjax"], plot.OTHER_COLOR):
     rgb = np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)])
     assert np.any(np.all(image == rgb, axis=-1)), color
+
+
+def test_variants_times_each_override_set_and_checks_their_losses_agree(capsys, fast_compile):
+  """Two exact forms of the stride-2 convolutions: one JSON row each, equal losses."""
+  import variants
+
+  rows = variants.main(
+    [
+      "--config",
+      "experiments/fashion_mnist.py:smoke",
+      "--dtype",
+      "float32",
+      "--batch",
+      "8",
+      "--steps",
+      "1",
+      "--rounds",
+      "2",
+      "--variant",
+      "model.upconv_impl=lax model.downconv_impl=lax",
+      "--variant",
+      "model.upconv_impl=adjoint model.downconv_impl=adjoint",
+    ]
+  )
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert printed == rows and len(rows) == 2
+  assert [r["variant"] for r in rows] == [
+    "model.upconv_impl=lax model.downconv_impl=lax",
+    "model.upconv_impl=adjoint model.downconv_impl=adjoint",
+  ]
+  assert rows[0]["vs_first"] == 1.0 and rows[1]["img/s"] > 0
+  assert all(r["loss_matches_first"] for r in rows)
+  np.testing.assert_allclose(rows[1]["loss"], rows[0]["loss"], rtol=1e-4)

@@ -1,0 +1,94 @@
+"""A/B timing of one experiment's train step under several config overrides, in one process.
+
+Each variant is a space-separated list of "group.field=value" overrides ("" = the config as
+is). Every variant's step (the exact `trainer.jit_train_step` of `benchmarks/train_step.py`) is
+built and compiled first; then the variants are timed in turn, `--rounds` times over, and the
+best round of each is kept. Interleaving makes the comparison fair on a machine whose speed
+drifts (a shared CPU, a GPU warming up), which separate processes are not:
+
+  python benchmarks/variants.py --config experiments/fashion_mnist.py:reference \\
+      --dtype float32 --variant "" --variant "model.upconv_impl=subpixel model.downconv_impl=lax"
+  python benchmarks/variants.py --config vqvae2_imagenet --dtype bfloat16 --variant "" \\
+      --variant "model.upconv_impl=adjoint" --variant "vq.distance_impl=pallas"
+
+Prints one JSON line per variant (img/s or sample/s, ms/step, the ratio to the first variant,
+compile time) and checks that every variant's loss after the same warm-up steps matches the
+first one's to 1e-3 relative (the forms are the same function; a larger gap is reported).
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import train_step
+
+from vqjax import errors
+from vqjax.training import trainer
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="experiments/vqvae2_imagenet.py")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--batch", type=int, default=0, help="global batch (0 = the config's)")
+  p.add_argument("--variant", action="append", default=[], help="overrides; repeat per variant")
+  p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--cache", default="", help="persistent compilation cache directory")
+  a = p.parse_args(argv)
+  if len(a.variant) < 1:
+    p.error("give at least one --variant (\"\" for the config as it is)")
+  trainer.setup_compilation_cache(a.cache)
+
+  benches, compile_s, losses = [], [], []
+  for variant in a.variant:
+    config = train_step.load_config(a.config, a.dtype, variant.split())
+    b = train_step.setup(config, a.batch)
+    compile_s.append(train_step.compile_step(b))
+    for _ in range(2):  # the codebook init runs in the first step
+      jax.block_until_ready(train_step.run_step(b))
+    losses.append(float(b.metrics["loss"]))
+    benches.append(b)
+
+  best = [float("inf")] * len(benches)
+  for _ in range(a.rounds):
+    for i, b in enumerate(benches):
+      t0 = time.perf_counter()
+      for _ in range(a.steps):
+        train_step.run_step(b)
+      jax.block_until_ready(b.metrics)
+      best[i] = min(best[i], (time.perf_counter() - t0) / a.steps)
+
+  item = "img/s" if "image" in benches[0].batch else "sample/s"
+  rows = []
+  for i, (variant, b) in enumerate(zip(a.variant, benches, strict=True)):
+    gap = abs(losses[i] - losses[0]) / max(abs(losses[0]), 1e-12)
+    row = {
+      "config": a.config,
+      "variant": variant,
+      "dtype": a.dtype,
+      "batch": b.batch_size,
+      item: round(b.batch_size / best[i], 1),
+      "ms_per_step": round(1000 * best[i], 2),
+      "vs_first": round(best[0] / best[i], 3),
+      "compile_s": round(compile_s[i], 2),
+      "loss": losses[i],
+      "loss_matches_first": gap <= 1e-3,
+      "device": jax.devices()[0].device_kind,
+      "devices": jax.device_count(),
+      "jax": jax.__version__,
+    }
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  mismatched = [r["variant"] for r in rows if not r["loss_matches_first"]]
+  if mismatched:
+    print(f"variants: loss differs from the first variant's for {mismatched}", file=sys.stderr)
+  return rows
+
+
+if __name__ == "__main__":
+  with errors.one_line("variants"):
+    main()
