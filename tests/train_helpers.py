@@ -1,0 +1,96 @@
+"""Toy tasks and log readers shared by the trainer tests (imported by test_train.py and
+test_train_input.py): a task over integer code maps with a frozen table, its random data, and
+the readers of a run's metrics.jsonl."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vqjax.training import tasks
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+  """step -> loss; a step logged twice (before a kill and after the resume) keeps the last."""
+  return {
+    r["step"]: r["loss"]
+    for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if r["split"] == "train"
+  }
+
+
+class _CodesTask(tasks.Task):
+  """A task over integer code maps: a linear classifier of the label from code embeddings,
+  with dropout drawn from the step key, and a frozen table read by its eval and image steps."""
+
+  unit = "codes"
+  progress_keys = ("loss", "noise")
+  config_sections = ("task",)
+  K, CLASSES = 6, 3
+
+  def __init__(self, config):
+    self.tx = optax.sgd(0.1)
+    self.table = np.arange(self.K * 2, dtype=np.float32).reshape(self.K, 2) / 7.0
+
+  def dummy_batch(self):
+    return {"codes": np.zeros((1, 4, 4), np.int32), "label": np.zeros((1,), np.int32)}
+
+  def init(self, rng, batch):
+    assert batch["codes"].dtype == jnp.int32
+    params = {"emb": jax.random.normal(rng, (self.K, self.CLASSES)) * 0.1}
+    return tasks.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), model_state={}
+    )
+
+  def frozen(self):
+    return {"table": self.table}
+
+  def train_step(self, state, batch, rng, frozen):
+    def loss_fn(params):
+      keep = jax.random.bernoulli(rng, 0.9, batch["codes"].shape)
+      feats = jnp.mean(params["emb"][batch["codes"]] * keep[..., None], axis=(1, 2))
+      return optax.softmax_cross_entropy_with_integer_labels(feats, batch["label"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state)
+    state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+    return state, {"loss": loss, "noise": jax.random.uniform(rng)}
+
+  def eval_step(self, state, batch, frozen):
+    mask = batch["mask"]
+    values = frozen["table"][batch["codes"]].sum(axis=(1, 2, 3))
+    return {
+      "table_sum": jnp.sum(values * mask),
+      "count": jnp.sum(mask),
+      "label_sum": jnp.sum(batch["label"] * mask),
+    }
+
+  def eval_summary(self, sums):
+    n = float(sums["count"])
+    return {
+      "table_mean": float(sums["table_sum"]) / n,
+      "label_mean": float(sums["label_sum"]) / n,
+      "examples": n,
+    }
+
+  def images(self, state, batch, rng, frozen):
+    maps = frozen["table"][batch["codes"]][..., :1] / self.table.max() * 2 - 1
+    return {"samples": {"codes": maps}}
+
+
+def _codes_data(n, seed):
+  rng = np.random.default_rng(seed)
+  return {
+    "codes": rng.integers(0, _CodesTask.K, (n, 4, 4)).astype(np.int32),
+    "label": rng.integers(0, _CodesTask.CLASSES, n).astype(np.int32),
+  }

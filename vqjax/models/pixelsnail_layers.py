@@ -1,0 +1,319 @@
+"""The layers of PixelSNAIL (vqjax/models/pixelsnail.py) and their one-pixel decode mode.
+
+Weight-normalised convolution and linear layers (w = g * v / ||v||, g per output channel,
+parameters `weight_g` [out] and `weight_v`, kernels (kh, kw, in, out), NHWC, as the PyTorch
+reference's weight_norm), the shifted causal convolutions built from them, the gated residual
+block and strictly causal multi-head attention over the raster order.
+
+For incremental sampling the convolutions, the residual block and the attention also compute
+a single output pixel (i, j): a k x k convolution reads its input from a map kept in the "cache"
+collection (`cached_input`) and attention attends one query over the cached keys and values of
+the earlier pixels.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def _fan_in_uniform():
+  # PyTorch's default Conv2d/Linear initialisation (kaiming_uniform with a=sqrt(5)), which
+  # the reference trains from: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _weight_norm(v: jax.Array, g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  # The norm in float32 whatever the parameter dtype: it sums the squares of a whole filter.
+  v32 = v.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(v32 * v32, axis=axes, keepdims=True))
+  return g.astype(jnp.float32) * v32 / norm
+
+
+class WNConv(nn.Module):
+  """Weight-normalised 2D convolution on NHWC maps (stride 1, explicit zero padding).
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw).
+    padding: ((top, bottom), (left, right)) zero padding.
+    use_bias: whether to add a bias.
+    mask: optional (kh, kw) 0/1 array multiplied into `weight_v` before the norm (the
+      reference zeroes those taps of v in place, so its norm never counts them).
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (1, 1)
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+  use_bias: bool = True
+  mask: Any = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, at: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Convolves x [B, H, W, C]; with `at=(i, j)`, only output pixel (i, j) -> [B, 1, 1, F].
+
+    The single-pixel form is what incremental sampling needs: it gathers the kh x kw window
+    (zeros outside the map, as the padding gives) and costs kh * kw * C * F per example,
+    whatever the map size; (i, j) may be traced and may lie outside the map.
+    """
+    kh, kw = self.kernel_size
+    shape = (kh, kw, x.shape[-1], self.features)
+    mask = None if self.mask is None else jnp.asarray(self.mask, jnp.float32)[:, :, None, None]
+
+    def masked(v):
+      return v if mask is None else v * mask.astype(v.dtype)
+
+    v = masked(self.param("weight_v", _fan_in_uniform(), shape, self.param_dtype))
+    # g starts at ||v|| so that the initial weight is v itself, as torch's weight_norm does.
+    g = self.param(
+      "weight_g",
+      lambda _, s: jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=(0, 1, 2))).astype(
+        self.param_dtype
+      ),
+      (self.features,),
+    )
+    w = _weight_norm(v, g, (0, 1, 2)).astype(self.dtype)
+    if at is None:
+      y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        w,
+        window_strides=(1, 1),
+        padding=self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+    else:
+      y = _conv_at(x.astype(self.dtype), w, at, self.padding)
+    if self.use_bias:
+      b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + b.astype(self.dtype)
+    return y
+
+
+class WNDense(nn.Module):
+  """Weight-normalised linear layer; `weight_v` is (in, out), `weight_g` is [out]."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (x.shape[-1], self.features)
+    v = self.param("weight_v", _fan_in_uniform(), shape, self.param_dtype)
+    g = self.param(
+      "weight_g",
+      lambda _, s: jnp.sqrt(jnp.sum(jnp.square(v.astype(jnp.float32)), axis=0)).astype(
+        self.param_dtype
+      ),
+      (self.features,),
+    )
+    b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    w = _weight_norm(v, g, (0,)).astype(self.dtype)
+    return x.astype(self.dtype) @ w + b.astype(self.dtype)
+
+
+def _conv_at(x: jax.Array, w: jax.Array, at, padding) -> jax.Array:
+  """Output pixel `at` of a stride-1 convolution of x [B, H, W, C] with w [kh, kw, C, F]."""
+  (top, _), (left, _) = padding
+  height, width = x.shape[1:3]
+  rows = at[0] - top + jnp.arange(w.shape[0])
+  cols = at[1] - left + jnp.arange(w.shape[1])
+  window = x[:, jnp.clip(rows, 0, height - 1)][:, :, jnp.clip(cols, 0, width - 1)]
+  inside = ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None]
+  window = jnp.where(inside[None, :, :, None], window, 0)
+  return jnp.einsum("bhwc,hwcf->bf", window, w)[:, None, None]
+
+
+def cached_input(module: nn.Module, name: str, x: jax.Array, decode) -> jax.Array:
+  """Writes x [B, 1, 1, C] at pixel (i, j) of the map cached as `name`; returns the map.
+
+  `decode` is (i, j, height, width). Pixels not yet written are zeros; the causal
+  convolutions that read the map never look at them.
+  """
+  i, j, height, width = decode
+  shape = (x.shape[0], height, width, x.shape[-1])
+  cache = module.variable("cache", name, jnp.zeros, shape, x.dtype)
+  cache.value = jax.lax.dynamic_update_slice(cache.value, x.astype(cache.value.dtype), (0, i, j, 0))
+  return cache.value
+
+
+def causal_conv(features: int, kernel_size: tuple[int, int], padding: str, **kw) -> "WNConv":
+  """A `WNConv` whose output at (i, j) never sees pixels after (i, j) in raster order.
+
+  padding="downright": the window covers rows i-kh+1..i and columns j-kw+1..j.
+  padding="down": rows i-kh+1..i and columns j-kw//2..j+kw//2.
+  padding="causal": as "down", with the taps at (i, j) and right of it removed, so the output
+  at (i, j) depends only on strictly earlier pixels of the input.
+  """
+  kh, kw_ = kernel_size
+  mask = None
+  if padding == "downright":
+    pads = ((kh - 1, 0), (kw_ - 1, 0))
+  elif padding in ("down", "causal"):
+    pads = ((kh - 1, 0), (kw_ // 2, kw_ // 2))
+    if padding == "causal":
+      mask = np.ones((kh, kw_), np.float32)
+      mask[-1, kw_ // 2 :] = 0.0
+      mask = tuple(map(tuple, mask.tolist()))
+  else:
+    raise ValueError(f"unknown causal padding {padding!r}")
+  return WNConv(features, (kh, kw_), padding=pads, mask=mask, **kw)
+
+
+class GatedResBlock(nn.Module):
+  """x + GLU(conv2(dropout(ELU(conv1(ELU(x)) + aux_conv(ELU(aux))))) + condition(cond)).
+
+  conv="same": centred convolutions (zero padding kernel//2); conv="causal": `causal_conv`
+  with padding "causal" (strictly earlier pixels only).
+  """
+
+  channels: int
+  kernel_size: int
+  conv: str = "same"
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _conv(self, features: int, name: str):
+    k = self.kernel_size
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    if self.conv == "causal":
+      return causal_conv(features, (k, k), "causal", **kw)
+    if self.conv != "same":
+      raise ValueError(f"unknown conv {self.conv!r}")
+    return WNConv(features, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)), **kw)
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    aux: jax.Array | None = None,
+    condition: jax.Array | None = None,
+    train: bool = False,
+    decode: tuple | None = None,
+  ) -> jax.Array:
+    """The block on maps [B, H, W, C]; with `decode=(i, j, height, width)`, on pixel (i, j).
+
+    In decode mode x, aux and condition are that pixel's [B, 1, 1, C] features and a
+    k x k convolution reads its input from a map kept in the "cache" collection, to which
+    this pixel is first written (1 x 1 convolutions need no cache).
+    """
+    in_channels = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def conv(features, name, inp):
+      if decode is None or self.kernel_size == 1:
+        return self._conv(features, name)(inp)
+      inp = cached_input(self, f"{name}_input", inp, decode)
+      return self._conv(features, name)(inp, at=decode[:2])
+
+    out = conv(self.channels, "conv1", nn.elu(x))
+    if aux is not None:
+      out = out + WNConv(self.channels, name="aux_conv", **kw)(nn.elu(aux))
+    out = nn.elu(out)
+    out = nn.Dropout(self.dropout, deterministic=not train)(out)
+    out = conv(2 * in_channels, "conv2", out)
+    if condition is not None:
+      out = out + WNConv(2 * in_channels, use_bias=False, name="condition", **kw)(condition)
+    a, b = jnp.split(out, 2, axis=-1)
+    return x.astype(self.dtype) + a * nn.sigmoid(b)
+
+
+def strict_causal_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+  """Attention in which position t sees only positions s < t; position 0 outputs zeros.
+
+  This is the reference's mask (strictly lower triangular, then the first row zeroed).
+  Without dropout it runs as `jax.nn.dot_product_attention(is_causal=True)` on the queries
+  moved one position earlier: query t+1 over keys 0..t is exactly the strict mask, and the
+  causal case lets the backend pick a fused kernel. Attention dropout (on the probabilities,
+  as the reference does) needs the probabilities, so that path computes them explicitly.
+
+  Args:
+    q, k, v: [B, T, N, D] queries, keys and values.
+    dropout_rate: dropout on the attention probabilities.
+    dropout_rng: its key; no dropout when None.
+
+  Returns:
+    [B, T, N, D].
+  """
+  t = q.shape[1]
+  if dropout_rng is not None and dropout_rate > 0.0:
+    logits = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    allowed = jnp.tril(jnp.ones((t, t), bool), k=-1)
+    logits = jnp.where(allowed, logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1) * allowed.any(-1)[:, None].astype(jnp.float32)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bnts,bsnd->btnd", probs, v)
+  if t == 1:
+    return jnp.zeros_like(q)
+  out = jax.nn.dot_product_attention(q[:, 1:], k[:, :-1], v[:, :-1], is_causal=True)
+  return jnp.concatenate([jnp.zeros_like(out[:, :1]), out], axis=1)
+
+
+class CausalAttention(nn.Module):
+  """Multi-head attention over the raster order of a map, strictly causal."""
+
+  channels: int
+  num_heads: int = 8
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, query: jax.Array, key: jax.Array, train: bool = False, decode: tuple | None = None
+  ) -> jax.Array:
+    """Attention over maps [B, H, W, C]; `decode=(i, j, height, width)`: one query pixel.
+
+    In decode mode query and key are pixel (i, j)'s [B, 1, 1, C] features; its keys and
+    values join a cache of every earlier pixel's ("cache" collection, [B, height * width,
+    heads, head_dim] each), over which the query attends with the same strict mask.
+    """
+    b, h, w, _ = query.shape
+    if self.channels % self.num_heads:
+      raise ValueError(
+        f"attention channels {self.channels} are not divisible by num_heads {self.num_heads}"
+      )
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    heads = lambda x: x.reshape(b, h * w, self.num_heads, self.channels // self.num_heads)
+    q = heads(WNDense(self.channels, name="query", **kw)(query))
+    k = heads(WNDense(self.channels, name="key", **kw)(key))
+    v = heads(WNDense(self.channels, name="value", **kw)(key))
+    if decode is not None:
+      return _attend_cached(self, q, k, v, decode).reshape(b, h, w, self.channels)
+    rng = self.make_rng("dropout") if train and self.dropout > 0.0 else None
+    out = strict_causal_attention(q, k, v, self.dropout, rng)
+    return out.reshape(b, h, w, self.channels)
+
+
+def _attend_cached(module: nn.Module, q, k, v, decode) -> jax.Array:
+  """One query [B, 1, N, D] at raster position p over the cached keys and values s < p."""
+  i, j, height, width = decode
+  p = i * width + j
+  shape = (q.shape[0], height * width, *q.shape[2:])
+  keys = module.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+  values = module.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+  keys.value = jax.lax.dynamic_update_slice(keys.value, k, (0, p, 0, 0))
+  values.value = jax.lax.dynamic_update_slice(values.value, v, (0, p, 0, 0))
+  logits = jnp.einsum("bqnd,bsnd->bnqs", q, keys.value).astype(jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
+  earlier = jnp.arange(shape[1]) < p
+  logits = jnp.where(earlier, logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(values.value.dtype)
+  out = jnp.einsum("bnqs,bsnd->bqnd", probs, values.value)
+  # Position 0 has nothing to attend to: zeros, as in `strict_causal_attention`.
+  return jnp.where(p > 0, out, jnp.zeros_like(out))
