@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--cache", default="", help="persistent compilation cache directory")
   a = p.parse_args(argv)
   if len(a.variant) < 1:
-    p.error("give at least one --variant (\"\" for the config as it is)")
+    p.error('give at least one --variant ("" for the config as it is)')
   trainer.setup_compilation_cache(a.cache)
 
   benches, compile_s, losses = [], [], []
