@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqjax import configs
+from vqjax import configs, errors
 from vqjax.training import sharding, tasks, trainer
 
 
@@ -41,7 +41,9 @@ def apply_override(config, assignment: str) -> None:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
-  group, field = key.split(".", 1)
+  group, _, field = key.partition(".")
+  if group not in config or not field or field not in config[group]:
+    raise errors.UserError(f"--set {assignment!r}: config has no field {key!r}")
   setattr(config[group], field, value)
 
 
@@ -246,4 +248,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  with errors.one_line("train_step"):
+    main()

@@ -20,6 +20,8 @@ import plot  # noqa: E402
 import suite  # noqa: E402
 import train_step  # noqa: E402
 
+from vqjax import errors  # noqa: E402
+
 
 @pytest.fixture
 def fast_compile():
@@ -229,3 +231,9 @@ def test_variants_times_each_override_set_and_checks_their_losses_agree(capsys, 
   assert rows[0]["vs_first"] == 1.0 and rows[1]["img/s"] > 0
   assert all(r["loss_matches_first"] for r in rows)
   np.testing.assert_allclose(rows[1]["loss"], rows[0]["loss"], rtol=1e-4)
+
+
+def test_an_unknown_override_field_is_one_clear_error():
+  config = train_step.load_config("experiments/fashion_mnist.py:smoke")
+  with pytest.raises(errors.UserError, match="config has no field 'model.nope'"):
+    train_step.apply_override(config, "model.nope=1")
