@@ -117,9 +117,9 @@ def _subpixel_kernel(w: jax.Array) -> jax.Array:
 
 def _phase_kernel(w: jax.Array) -> jax.Array:
   """(4, 4, I, O) -> (2, 2, I, 4*O): phase r of an axis is a 2-tap window starting r pixels
-  into the input padded by one, taps (3, 1) for r = 0 and (2, 0) for r = 1 (the non-zero
-  taps of _PHASE_TAPS); phases ordered (ry, rx), phase-major."""
-  taps = ((3, 1), (2, 0))
+  into the input padded by one, with the non-zero taps of _PHASE_TAPS ((3, 1) for r = 0, (2, 0)
+  for r = 1); phases ordered (ry, rx), phase-major."""
+  taps = [[k for k in row if k >= 0] for row in _PHASE_TAPS]
   phases = []
   for ry in range(2):
     for rx in range(2):
