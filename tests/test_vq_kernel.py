@@ -134,17 +134,21 @@ def test_bad_arguments():
     vk.nearest_code_pallas(x, codebook[:, :3], interpret=True)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize(
   "platform,backend,target",
   [("cuda", "gpu", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")],
 )
-def test_lowers_for_gpu_and_tpu(platform, backend, target):
+def test_lowers_for_gpu_and_tpu(platform, backend, target, bf16):
   # Lowering only (Pallas -> Triton IR / Mosaic MLIR inside a custom call), no device needed.
   # The device compilers (Triton -> PTX, Mosaic layout passes) never run here.
   fn = functools.partial(
-    vk._nearest_code_pallas, block_n=64, block_k=128, interpret=False, backend=backend
+    vk._nearest_code_pallas, block_n=64, block_k=128, bf16=bf16, interpret=False, backend=backend
   )
-  args = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((300, 48), (600, 48))]
+  args = [
+    jax.ShapeDtypeStruct((300, 48), jnp.bfloat16 if bf16 else jnp.float32),
+    jax.ShapeDtypeStruct((600, 48), jnp.float32),
+  ]
   try:
     exported = jax.export.export(
       jax.jit(fn),

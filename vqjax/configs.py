@@ -114,6 +114,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.kl_weight = 5e-4  # gumbel only: weight of KL(q || uniform)
   c.vq.stats_impl = "onehot"  # per-code counts/sums: "onehot" (faster on GPU) or "scatter"
   c.vq.distance_impl = "xla"  # nearest code: "xla" or "pallas" (models/vq_kernel.py)
+  # The distance and EMA-sum matmuls: "float32" (HIGHEST), "bf16" (bfloat16 models only:
+  # bfloat16 matmuls whose products are exact in float32, models/quantizer.py split_bf16) or
+  # "auto" (bf16 for a bfloat16 model on a GPU/TPU, float32 otherwise). Same values either way
+  # up to float32 summation order.
+  c.vq.matmul_impl = "auto"
 
   # --- prior (task="prior") ---------------------------------------------------------------
   c.prior = ml_collections.ConfigDict()
@@ -397,6 +402,7 @@ _CHOICES = {
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
   "vq.stats_impl": ("onehot", "scatter"),
   "vq.distance_impl": ("xla", "pallas"),
+  "vq.matmul_impl": ("auto", "float32", "bf16"),
   "optim.name": ("adam", "adamw"),
   "optim.schedule": ("constant", "cosine"),
   "distributed.initialize": ("auto", "yes", "no"),
@@ -443,6 +449,7 @@ IGNORED_FIELDS = {
     "vq.restart_after",
     "vq.stats_impl",
     "vq.distance_impl",
+    "vq.matmul_impl",
   ),
   ("vq.kind", "vq"): ("vq.temperature", "vq.kl_weight"),
   ("model.name", "vqvae"): ("model.levels", "model.first_stride", "model.level_stride")
@@ -496,6 +503,7 @@ IGNORED_FIELDS = {
     "vq.kl_weight",
     "vq.stats_impl",
     "vq.distance_impl",
+    "vq.matmul_impl",
   ),
   ("optim.name", "adam"): ("optim.weight_decay",),  # decoupled decay is adamw's
 }
@@ -532,6 +540,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.UserError(
         f"config.{field}={value!r} is not one of {', '.join(map(repr, allowed))}"
       )
+  if config.vq.matmul_impl == "bf16" and config.model.dtype != "bfloat16":
+    raise errors.UserError(
+      "config.vq.matmul_impl='bf16' needs config.model.dtype='bfloat16' (its products are "
+      f"exact only for bfloat16 inputs), got {config.model.dtype!r}; use 'auto' or 'float32'"
+    )
   excluded = config.data.exclude_labels
   if not all(isinstance(v, int) and not isinstance(v, bool) for v in excluded):
     raise errors.UserError(f"config.data.exclude_labels must be integers, got {excluded!r}")

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
+MATMUL_IMPLS = ("auto", "float32", "bf16")
 _KMEANS_MAX_POINTS = 16384  # k-means on a random subset: the cost stays flat at any batch size
 _INITS = ("normal", "uniform", "kmeans++", "kmeans")
 
@@ -42,6 +43,73 @@ def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
 def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
   """Index of the nearest codeword for each row of x ([N, D] -> int32 [N])."""
   return jnp.argmin(squared_distances(x, codebook), axis=1).astype(jnp.int32)
+
+
+# --- bfloat16 matmuls with float32 products -----------------------------------------------------
+# In a bfloat16 model the quantizer's input z is bfloat16, so each of its two matmuls has one
+# operand that bfloat16 holds exactly: z itself in z . e (the distances) and the one-hot in
+# onehot^T . z (the EMA sums). A float32 codebook is split into three bfloat16 parts whose sum
+# is the codeword exactly. A bfloat16 x bfloat16 product is exact in float32, so bfloat16
+# tensor-core matmuls with float32 accumulation give the float32 (HIGHEST) results up to
+# summation order, at the bfloat16 rate instead of float32's (which has no tensor cores on GPUs).
+
+
+def split_bf16(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Three bfloat16 arrays (hi, mid, lo) whose float32 sum is float32 `a` exactly.
+
+  Each part takes the next 8 significant bits (bfloat16's precision, round to nearest) of
+  what is left: 8 + 8 + 8 covers float32's 24. Exact for values in bfloat16's normal range
+  (|a| above about 1e-36, where the lowest part would be subnormal). `lax.reduce_precision`,
+  not a float32 -> bfloat16 -> float32 round trip, does the rounding: XLA may fold such a round
+  trip away (xla_allow_excess_precision), which would silently leave mid = lo = 0.
+  """
+  a = a.astype(jnp.float32)
+  hi = jax.lax.reduce_precision(a, exponent_bits=8, mantissa_bits=7)
+  rest = a - hi
+  mid = jax.lax.reduce_precision(rest, exponent_bits=8, mantissa_bits=7)
+  lo = rest - mid
+  return hi.astype(jnp.bfloat16), mid.astype(jnp.bfloat16), lo.astype(jnp.bfloat16)
+
+
+def _require_bf16(x: jax.Array) -> None:
+  if x.dtype != jnp.bfloat16:
+    raise ValueError(
+      f"matmul_impl='bf16' needs bfloat16 inputs (a bfloat16 model), got {x.dtype}: only then "
+      "are its products exact"
+    )
+
+
+def squared_distances_bf16(x: jax.Array, codebook: jax.Array) -> jax.Array:
+  """`squared_distances` for bfloat16 x [N, D] in one bfloat16 matmul: x . (hi + mid + lo).
+
+  The three codebook parts are laid side by side along the contracted axis ([K, 3D]) and x is
+  repeated to match ([N, 3D]), so one matmul with float32 accumulation sums all 3D exact
+  products. The norms are float32, as in `squared_distances`.
+  """
+  _require_bf16(x)
+  codebook = codebook.astype(jnp.float32)
+  parts = jnp.concatenate(split_bf16(codebook), axis=1)
+  cross = jnp.einsum(
+    "nd,kd->nk", jnp.concatenate([x, x, x], axis=1), parts, preferred_element_type=jnp.float32
+  )
+  x32 = x.astype(jnp.float32)
+  return jnp.sum(x32 * x32, axis=1, keepdims=True) - 2.0 * cross + jnp.sum(codebook**2, axis=1)
+
+
+def nearest_code_bf16(x: jax.Array, codebook: jax.Array) -> jax.Array:
+  """`nearest_code` for bfloat16 x through `squared_distances_bf16`."""
+  return jnp.argmin(squared_distances_bf16(x, codebook), axis=1).astype(jnp.int32)
+
+
+def resolve_matmul_impl(impl: str, dtype: Any) -> str:
+  """ "auto" -> "bf16" for bfloat16 inputs on an accelerator, "float32" otherwise (a CPU runs
+  float32 matmuls faster than bfloat16 ones); any other choice is returned as it is."""
+  if impl not in MATMUL_IMPLS:
+    raise ValueError(f"unknown matmul impl {impl!r}; expected one of {MATMUL_IMPLS}")
+  if impl != "auto":
+    return impl
+  bf16 = jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() != "cpu"
+  return "bf16" if bf16 else "float32"
 
 
 def _weights_like(indices: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -97,7 +165,11 @@ def code_histogram(
 
 
 def cluster_sums(
-  x: jax.Array, indices: jax.Array, num_codes: int, impl: str = "scatter"
+  x: jax.Array,
+  indices: jax.Array,
+  num_codes: int,
+  impl: str = "scatter",
+  matmul_impl: str = "float32",
 ) -> tuple[jax.Array, jax.Array]:
   """Per-code counts and sums of the vectors assigned to each code.
 
@@ -107,16 +179,25 @@ def cluster_sums(
     num_codes: number of codes K.
     impl: "scatter" (segment sums) or "onehot" (one [N, K] one-hot, shared by the counts and
       the sums; avoids atomic contention on accelerators when many vectors share a few codes).
+    matmul_impl: for impl="onehot": "float32" (the sums as a float32 HIGHEST matmul) or "bf16"
+      (x must be bfloat16: a bfloat16 one-hot, exact, times x with float32 accumulation).
 
   Returns:
     (counts float32 [K], sums float32 [K, D]); counts equal `code_histogram(indices, K)`.
   """
   if impl == "scatter":
     counts = code_histogram(indices, num_codes, impl="scatter")
+    x = x.astype(jnp.float32)  # a bfloat16 x would be summed in bfloat16
     return counts, jax.ops.segment_sum(x, indices, num_segments=num_codes)
   if impl == "onehot":
     # The same reduction as code_histogram's, on a one-hot built once for both statistics.
+    if matmul_impl == "bf16":
+      _require_bf16(x)
+      onehot = jax.nn.one_hot(indices, num_codes, dtype=jnp.bfloat16)
+      sums = jnp.einsum("nk,nd->kd", onehot, x, preferred_element_type=jnp.float32)
+      return jnp.sum(onehot, axis=0, dtype=jnp.float32), sums
     onehot = jax.nn.one_hot(indices, num_codes, dtype=jnp.float32)
+    x = x.astype(jnp.float32)
     return jnp.sum(onehot, axis=0), jnp.einsum("nk,nd->kd", onehot, x, precision=HIGHEST)
   raise ValueError(f"unknown cluster statistics impl {impl!r}; expected 'scatter' or 'onehot'")
 
@@ -217,6 +298,10 @@ class VectorQuantizer(nn.Module):
     distance_impl: nearest-codeword search: "xla" (the [N, K] distances, then argmin; the
       reference) or "pallas" (models/vq_kernel.py: a fused kernel that never writes the
       distances; interpreted, slowly, on the CPU).
+    matmul_impl: the distance and EMA-sum matmuls: "float32" (HIGHEST precision), "bf16"
+      (bfloat16 inputs only: bfloat16 matmuls with float32 products and accumulation, the
+      same values up to summation order; see `split_bf16`) or "auto" ("bf16" for a bfloat16
+      input on an accelerator, else "float32").
     dtype: dtype of the quantized output (distances and statistics stay float32).
     param_dtype: dtype of the codebook parameter (loss-trained codebook).
   """
@@ -233,6 +318,7 @@ class VectorQuantizer(nn.Module):
   restart_after: int = 0
   stats_impl: str = "onehot"
   distance_impl: str = "xla"
+  matmul_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -375,13 +461,19 @@ class VectorQuantizer(nn.Module):
         self._init_from_data(flat_sg, jax.random.fold_in(rng, 0))
 
     codebook = self.codebook
+    matmul = resolve_matmul_impl(self.matmul_impl, z.dtype)
+    # bf16 matmuls take z as it came (bfloat16, exact); the float32 path its float32 copy.
+    search_x = jax.lax.stop_gradient(z.reshape(-1, self.code_dim)) if matmul == "bf16" else flat_sg
     with jax.named_scope("vq_distances_argmin"):
       if self.distance_impl == "xla":
-        idx = nearest_code(flat_sg, codebook)
+        search = nearest_code_bf16 if matmul == "bf16" else nearest_code
+        idx = search(search_x, codebook)
       else:
         from vqjax.models import vq_kernel  # Pallas only when asked for
 
-        idx = vq_kernel.nearest_code_impl(flat_sg, codebook, self.distance_impl)
+        idx = vq_kernel.nearest_code_impl(
+          search_x, codebook, self.distance_impl, bf16=matmul == "bf16"
+        )
     e = jnp.take(codebook, idx, axis=0)
     commitment = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(e)))
     codebook_loss = jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))
@@ -389,7 +481,7 @@ class VectorQuantizer(nn.Module):
     with jax.named_scope("vq_statistics"):
       if train and self.ema:
         # One pass over the assignments gives the EMA statistics and the histogram.
-        counts, sums = cluster_sums(flat_sg, idx, self.num_codes, self.stats_impl)
+        counts, sums = cluster_sums(search_x, idx, self.num_codes, self.stats_impl, matmul)
         self._ema_update(counts, sums)
       else:
         counts = code_histogram(idx, self.num_codes, impl=self.stats_impl)

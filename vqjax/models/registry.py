@@ -59,6 +59,7 @@ def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
     restart_after=vq.restart_after,
     stats_impl=vq.stats_impl,
     distance_impl=vq.distance_impl,
+    matmul_impl=vq.matmul_impl,
   )
 
 

@@ -69,29 +69,39 @@ def _compiler_params(backend: str, interpret: bool):
   return None
 
 
-def _nearest_kernel(x_ref, cb_ref, norm_ref, idx_ref, *, block_k: int, num_k_blocks: int):
+def _nearest_kernel(x_ref, *refs, block_k: int, num_k_blocks: int):
   """One block of rows: running (min score, argmin) over the codebook, block_k at a time.
 
-  Refs: x [block_n, D], codebook [K_pad, D] (whole), norms [1, K_pad] (whole, +inf on padded
-  codewords), out indices [block_n, 1] int32. Per-row values stay 2-D ([block_n, 1]): keepdims
-  row reductions spare Mosaic a 1-D relayout, and Triton accepts size-1 dimensions.
+  Refs: x [block_n, D], then the codebook as one float32 [K_pad, D] ref or as its three
+  bfloat16 parts (`quantizer.split_bf16`, for a bfloat16 x) (whole), norms [1, K_pad] (whole,
+  +inf on padded codewords), out indices [block_n, 1] int32. Per-row values stay 2-D
+  ([block_n, 1]): keepdims row reductions spare Mosaic a 1-D relayout, and Triton accepts
+  size-1 dimensions.
   """
+  *cb_refs, norm_ref, idx_ref = refs
   x = x_ref[...]
   block_n = x.shape[0]
 
   def scan_block(kb, best_val, best_idx, start):
-    e = cb_ref[pl.ds(start, block_k), :]
-    # x @ e^T with float32 accumulation. In JAX 0.10's lowerings HIGHEST becomes Triton's
-    # input_precision=ieee (full float32, not TF32 tensor cores, which DEFAULT/HIGH select) and
-    # Mosaic's #tpu.contract_precision<fp32> (instead of Mosaic's default, which may use bf16
-    # passes). The interpreter computes the dot in float32 either way.
-    cross = jax.lax.dot_general(
-      x,
-      e,
-      (((1,), (1,)), ((), ())),
-      precision=jax.lax.Precision.HIGHEST,
-      preferred_element_type=jnp.float32,
-    )
+    if len(cb_refs) == 1:
+      # x @ e^T with float32 accumulation. In JAX 0.10's lowerings HIGHEST becomes Triton's
+      # input_precision=ieee (full float32, not TF32 tensor cores, which DEFAULT/HIGH select)
+      # and Mosaic's #tpu.contract_precision<fp32> (instead of Mosaic's default, which may use
+      # bf16 passes). The interpreter computes the dot in float32 either way.
+      precision = jax.lax.Precision.HIGHEST
+    else:
+      # bfloat16 operands: every product is exact in float32 at any precision setting.
+      precision = None
+    cross = None
+    for ref in cb_refs:
+      part = jax.lax.dot_general(
+        x,
+        ref[pl.ds(start, block_k), :],
+        (((1,), (1,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+      )
+      cross = part if cross is None else cross + part
     # Padded codewords have norm +inf, so their score is +inf and they never win.
     scores = norm_ref[:, pl.ds(start, block_k)] - 2.0 * cross
     block_min = jnp.min(scores, axis=1, keepdims=True)
@@ -126,6 +136,7 @@ def nearest_code_pallas(
   *,
   block_n: int = 128,
   block_k: int = 128,
+  bf16: bool = False,
   interpret: bool = False,
 ) -> jax.Array:
   """Index of the nearest codeword for each row of x, without an [N, K] distance matrix.
@@ -151,6 +162,9 @@ def nearest_code_pallas(
     codebook: [K, D] codewords.
     block_n: rows of x per program, a power of two >= 16.
     block_k: codewords per inner step, a power of two >= 16.
+    bf16: x is bfloat16 (a bfloat16 model's encoder output): the scores are bfloat16 dots of
+      x with the codebook's three bfloat16 parts (`quantizer.split_bf16`), whose products are
+      exact in float32, instead of float32 dots (no tensor cores for those on GPUs).
     interpret: run the kernel in the Pallas interpreter (needed on the CPU).
 
   Returns:
@@ -163,6 +177,8 @@ def nearest_code_pallas(
       raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK}, got {block}")
   if codebook.shape[0] == 0:
     raise ValueError("codebook is empty")
+  if bf16 and x.dtype != jnp.bfloat16:
+    raise ValueError(f"bf16=True needs bfloat16 x, got {x.dtype}")
   if x.shape[0] == 0:
     return jnp.zeros((0,), jnp.int32)
   return _nearest_code_pallas(
@@ -170,13 +186,14 @@ def nearest_code_pallas(
     codebook,
     block_n=block_n,
     block_k=block_k,
+    bf16=bf16,
     interpret=interpret,
     backend=jax.default_backend(),
   )
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "interpret", "backend"))
-def _nearest_code_pallas(x, codebook, *, block_n, block_k, interpret, backend):
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "bf16", "interpret", "backend"))
+def _nearest_code_pallas(x, codebook, *, block_n, block_k, bf16, interpret, backend):
   """`nearest_code_pallas` for validated inputs, laid out for `backend` ("cpu", "gpu", "tpu").
 
   `backend` is an argument (not read inside) so a test can lower the GPU and TPU variants on
@@ -190,7 +207,7 @@ def _nearest_code_pallas(x, codebook, *, block_n, block_k, interpret, backend):
   k_pad = _round_up(k, block_k)
   d_pad = _padded_code_dim(d, backend)
 
-  x = jnp.pad(x.astype(jnp.float32), ((0, n_pad - n), (0, d_pad - d)))
+  x = jnp.pad(x.astype(jnp.bfloat16 if bf16 else jnp.float32), ((0, n_pad - n), (0, d_pad - d)))
   codebook = jnp.pad(codebook.astype(jnp.float32), ((0, k_pad - k), (0, d_pad - d)))
   # The norms are O(K D), negligible next to the O(N K D) search; computing them once here
   # keeps 1-D lane/sublane relayouts out of the kernel.
@@ -199,27 +216,31 @@ def _nearest_code_pallas(x, codebook, *, block_n, block_k, interpret, backend):
 
   num_k_blocks = k_pad // block_k
   kernel = functools.partial(_nearest_kernel, block_k=block_k, num_k_blocks=num_k_blocks)
+  codebooks = quantizer.split_bf16(codebook) if bf16 else (codebook,)
+  # The whole codebook (or its parts) and the norms, the same block for every program: on TPU
+  # copied to VMEM once (the block index never changes); on GPU each program reads them from
+  # global memory (L2-cached) block_k rows at a time.
+  whole = pl.BlockSpec((k_pad, d_pad), lambda i: (0, 0))
   out = pl.pallas_call(
     kernel,
     out_shape=jax.ShapeDtypeStruct((n_pad, 1), jnp.int32),
     grid=(n_pad // block_n,),
     in_specs=[
       pl.BlockSpec((block_n, d_pad), lambda i: (i, 0)),
-      # The whole codebook and its norms, the same block for every program: on TPU it is
-      # copied to VMEM once (the block index never changes); on GPU each program reads it
-      # from global memory (L2-cached) block_k rows at a time.
-      pl.BlockSpec((k_pad, d_pad), lambda i: (0, 0)),
+      *[whole] * len(codebooks),
       pl.BlockSpec((1, k_pad), lambda i: (0, 0)),
     ],
     out_specs=pl.BlockSpec((block_n, 1), lambda i: (i, 0)),
     compiler_params=_compiler_params(backend, interpret),
     interpret=interpret,
     name="vq_nearest_code",
-  )(x, codebook, norms)
+  )(x, *codebooks, norms)
   return out[:n, 0]
 
 
-def nearest_code_impl(x: jax.Array, codebook: jax.Array, impl: str) -> jax.Array:
+def nearest_code_impl(
+  x: jax.Array, codebook: jax.Array, impl: str, bf16: bool = False
+) -> jax.Array:
   """Nearest codeword indices by the chosen implementation.
 
   Args:
@@ -228,12 +249,15 @@ def nearest_code_impl(x: jax.Array, codebook: jax.Array, impl: str) -> jax.Array
     impl: "xla" (`quantizer.nearest_code`, the reference: full [N, K] distances then argmin)
       or "pallas" (`nearest_code_pallas`; in interpret mode on the CPU, so CPU runs get a
       correct if slow result).
+    bf16: x is bfloat16; the dots use bfloat16 operands with exact float32 products
+      (`quantizer.nearest_code_bf16`, or the kernel's `bf16` mode).
 
   Returns:
     int32 [N] indices into the codebook.
   """
   if impl == "xla":
-    return quantizer.nearest_code(x, codebook)
+    return (quantizer.nearest_code_bf16 if bf16 else quantizer.nearest_code)(x, codebook)
   if impl == "pallas":
-    return nearest_code_pallas(x, codebook, interpret=jax.default_backend() == "cpu")
+    interpret = jax.default_backend() == "cpu"
+    return nearest_code_pallas(x, codebook, bf16=bf16, interpret=interpret)
   raise ValueError(f"unknown nearest-code impl {impl!r}; expected one of {IMPLS}")

@@ -1,0 +1,128 @@
+"""Where one train step's device time goes: a profiler trace of the trainer's exact jitted step,
+summarised by kernel and by named scope (the model's modules, the quantizer's phases).
+
+  python benchmarks/profile_step.py --config vqvae2_imagenet --dtype bfloat16 --out /tmp/prof
+  python benchmarks/profile_step.py --config vqvae2_imagenet --set vq.matmul_impl=float32
+
+Traces `--steps` steps after two untimed ones (the codebook init runs in the first) with
+`jax.profiler.trace(..., create_perfetto_trace=True)`, then reads the Perfetto JSON it writes
+(`OUT/plugins/profile/<time>/perfetto_trace.json.gz`, also openable in ui.perfetto.dev) and
+prints JSON lines: the device time per step, the `--top` kernels by time per step, and the time
+per named scope at depth 1 to 3 below the step function. Device events are those of the
+trace's "/device:..." processes; a CPU backend traces no per-kernel events (one line says so).
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import train_step
+
+from vqjax import errors
+from vqjax.training import trainer
+
+
+def device_events(trace: dict | list) -> list[dict]:
+  """The complete ("X") events of the trace's device processes (pid named "/device:...")."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {
+    e["pid"]: e.get("args", {}).get("name", "")
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "process_name"
+  }
+  devices = {pid for pid, name in names.items() if name.startswith("/device:")}
+  return [e for e in events if e.get("ph") == "X" and e.get("pid") in devices]
+
+
+def _scope(event: dict) -> str:
+  """The op's name-scope path (e.g. "jit(step)/.../level1/vq_distances_argmin/dot_general"), or
+  "" where the event carries none."""
+  args = event.get("args") or {}
+  for key in ("tf_op", "name_scope", "long_name", "hlo_op"):
+    value = args.get(key)
+    if isinstance(value, str) and "/" in value:
+      return value
+  return ""
+
+
+_JITS = ("jit(", "pjit(")
+_WRAPPERS = ("jvp(", "transpose(", "vmap(", "remat(", "checkpoint(")
+
+
+def _unwrap(part: str) -> str:
+  while part.startswith(_WRAPPERS) and part.endswith(")"):
+    part = part[part.index("(") + 1 : -1]
+  return part
+
+
+def summarise(events: list[dict], steps: int, top: int) -> list[dict]:
+  """Rows: total device ms per step, the `top` kernels, and per-scope totals (depths 1-3)."""
+  per_kernel = collections.Counter()
+  per_scope = collections.Counter()
+  for e in events:
+    ms = float(e.get("dur", 0.0)) / 1000.0 / steps  # trace times are microseconds
+    per_kernel[e.get("name", "?")] += ms
+    # Drop the jit(...) levels (depth 1 is the first scope inside the step function) and
+    # unwrap transformation wrappers: "transpose(jvp(Decoder_0))" counts as "Decoder_0".
+    parts = [_unwrap(p) for p in _scope(e).split("/") if p and not p.startswith(_JITS)]
+    for depth in (1, 2, 3):
+      if len(parts) > depth:  # the last part is the op itself
+        per_scope["/".join(parts[:depth])] += ms
+  rows = [{"what": "device_ms_per_step", "ms": round(sum(per_kernel.values()), 3)}]
+  rows += [
+    {"what": "kernel", "name": name[:160], "ms": round(ms, 3)}
+    for name, ms in per_kernel.most_common(top)
+  ]
+  rows += [
+    {"what": "scope", "name": name, "ms": round(ms, 3)}
+    for name, ms in sorted(per_scope.items(), key=lambda kv: -kv[1])
+    if ms >= 0.01
+  ]
+  return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="experiments/vqvae2_imagenet.py")
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--batch", type=int, default=0, help="global batch (0 = the config's)")
+  p.add_argument("--set", action="append", default=[], help="config override group.field=value")
+  p.add_argument("--steps", type=int, default=3, help="traced steps")
+  p.add_argument("--top", type=int, default=30, help="kernels listed")
+  p.add_argument("--out", default="/tmp/vqjax_profile", help="trace directory")
+  p.add_argument("--cache", default="", help="persistent compilation cache directory")
+  a = p.parse_args(argv)
+  trainer.setup_compilation_cache(a.cache)
+  b = train_step.setup(train_step.load_config(a.config, a.dtype, a.set), a.batch)
+  train_step.compile_step(b)
+  for _ in range(2):
+    jax.block_until_ready(train_step.run_step(b))
+  with jax.profiler.trace(a.out, create_perfetto_trace=True):
+    for _ in range(a.steps):
+      train_step.run_step(b)
+    jax.block_until_ready(b.metrics)
+  paths = sorted(glob.glob(os.path.join(a.out, "**", "perfetto_trace.json.gz"), recursive=True))
+  if not paths:
+    raise errors.UserError(f"no perfetto_trace.json.gz under {a.out}")
+  with gzip.open(paths[-1], "rt") as f:
+    events = device_events(json.load(f))
+  if not events:
+    print(f"profile_step: no device events in {paths[-1]} (a CPU backend)", file=sys.stderr)
+    return []
+  keys = sorted({k for e in events[:200] for k in (e.get("args") or {})})
+  print(json.dumps({"what": "trace", "path": paths[-1], "events": len(events), "arg_keys": keys}))
+  rows = summarise(events, a.steps, a.top)
+  for row in rows:
+    print(json.dumps(row), flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  with errors.one_line("profile_step"):
+    main()
