@@ -31,10 +31,11 @@ from waiting on each other.
 
 Prints one markdown table row per figure: implementation, workload, metric, value, unit, dtype,
 global batch, shape, device count, mesh, device kind, note. MFU is the step's FLOPs (XLA's cost
-analysis of the compiled step) over its time and the device's peak (`PEAK_TFLOPS`), for the
+analysis of the step before optimisation: the compiled GPU program hides its convolutions in cuDNN
+calls that the cost model counts as 0) over its time and the device's peak (`PEAK_TFLOPS`), for the
 devices listed there. Memory is XLA's analysis of the compiled step (arguments, outputs and
-temporaries), comparable across workloads of one process; the reference's is torch's allocator
-peak. `--jsonl FILE` appends every row as JSON (with the JAX version, date and commit), which
+temporaries), comparable across workloads of one process; the reference's is torch's allocator peak.
+`--jsonl FILE` appends every row as JSON (with the JAX version, date and commit), which
 `benchmarks/plot.py` draws. Notes (what was skipped and why, the total time) go to stderr.
 """
 
@@ -232,13 +233,15 @@ class Suite:
     memory = train_step.memory_gib(b.compiled)
     if memory is not None:
       add("memory", memory, "GiB", "XLA memory analysis of the train step")
-    flops = train_step.flops(b.compiled)  # per device
+    flops = train_step.flops(b.lowered)  # the whole step, all devices
     if flops:
       n = b.mesh.devices.size
-      add("flops", flops * n / b.batch_size / 1e9, f"GFLOP/{item}", "XLA cost analysis")
+      note = "XLA cost analysis of the unoptimised step"
+      add("flops", flops / b.batch_size / 1e9, f"GFLOP/{item}", note)
       peak = peak_flops(jax.devices()[0].device_kind, self.a.dtype)
       if peak:
-        add("mfu", 100 * flops / step_s / peak, "%", f"of {peak / 1e12:.0f} TFLOP/s per device")
+        mfu = 100 * flops / n / step_s / peak
+        add("mfu", mfu, "%", f"of {peak / 1e12:.0f} TFLOP/s per device")
     return throughput, common
 
   # --- workloads --------------------------------------------------------------------------

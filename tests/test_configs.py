@@ -140,7 +140,7 @@ def _other_value(field: str, value):
     return not value
   if isinstance(value, (int, float)):
     return value + 1
-  other = {"vq.init": "normal", "vq.stats_impl": "scatter", "vq.distance_impl": "pallas"}
+  other = {"vq.init": "normal", "vq.stats_impl": "scatter", "vq.distance_impl": "xla"}
   other["vq.matmul_impl"] = "float32"
   return other.get(field, "lax")  # model.upconv_impl, model.downconv_impl
 

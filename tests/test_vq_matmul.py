@@ -192,3 +192,19 @@ def test_config_rejects_bf16_matmuls_for_a_float32_model():
   config.vq.matmul_impl = "tf32"
   with pytest.raises(errors.UserError, match="vq.matmul_impl"):
     configs.validate(config)
+
+
+def test_auto_distance_search_is_pallas_only_where_it_was_measured(monkeypatch):
+  assert q.resolve_distance_impl("auto", "bf16", capability=9.0) == (
+    "pallas" if jax.default_backend() == "gpu" else "xla"
+  )
+  monkeypatch.setattr(q.jax, "default_backend", lambda: "gpu")
+  assert q.resolve_distance_impl("auto", "bf16", capability=9.0) == "pallas"  # Hopper
+  assert q.resolve_distance_impl("auto", "bf16", capability=8.0) == "xla"  # not measured there
+  assert q.resolve_distance_impl("auto", "float32", capability=9.0) == "xla"
+  monkeypatch.setattr(q.jax, "default_backend", lambda: "tpu")
+  assert q.resolve_distance_impl("auto", "bf16", capability=0.0) == "xla"
+  assert q.resolve_distance_impl("pallas", "float32") == "pallas"  # asked for: kept
+  assert q.resolve_distance_impl("xla", "bf16") == "xla"
+  with pytest.raises(ValueError, match="unknown distance impl"):
+    q.resolve_distance_impl("cuda", "bf16")

@@ -113,7 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.temperature = 1.0  # gumbel only: relaxation temperature
   c.vq.kl_weight = 5e-4  # gumbel only: weight of KL(q || uniform)
   c.vq.stats_impl = "onehot"  # per-code counts/sums: "onehot" (faster on GPU) or "scatter"
-  c.vq.distance_impl = "xla"  # nearest code: "xla" or "pallas" (models/vq_kernel.py)
+  # Nearest code: "xla", "pallas" (models/vq_kernel.py) or "auto" (pallas on Hopper-class GPUs
+  # with bf16 matmuls, where it was measured faster; xla elsewhere).
+  c.vq.distance_impl = "auto"
   # The distance and EMA-sum matmuls: "float32" (HIGHEST), "bf16" (bfloat16 models only:
   # bfloat16 matmuls whose products are exact in float32, models/quantizer.py split_bf16) or
   # "auto" (bf16 for a bfloat16 model on a GPU/TPU, float32 otherwise). Same values either way
@@ -401,7 +403,7 @@ _CHOICES = {
   "vq.kind": ("vq", "gumbel"),
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
   "vq.stats_impl": ("onehot", "scatter"),
-  "vq.distance_impl": ("xla", "pallas"),
+  "vq.distance_impl": ("auto", "xla", "pallas"),
   "vq.matmul_impl": ("auto", "float32", "bf16"),
   "optim.name": ("adam", "adamw"),
   "optim.schedule": ("constant", "cosine"),

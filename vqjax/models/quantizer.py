@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
 MATMUL_IMPLS = ("auto", "float32", "bf16")
+DISTANCE_IMPLS = ("auto", "xla", "pallas")
 _KMEANS_MAX_POINTS = 16384  # k-means on a random subset: the cost stays flat at any batch size
 _INITS = ("normal", "uniform", "kmeans++", "kmeans")
 
@@ -110,6 +111,30 @@ def resolve_matmul_impl(impl: str, dtype: Any) -> str:
     return impl
   bf16 = jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() != "cpu"
   return "bf16" if bf16 else "float32"
+
+
+def _cuda_compute_capability() -> float:
+  """The first device's CUDA compute capability (9.0 for Hopper), 0 elsewhere."""
+  device = jax.devices()[0]
+  try:
+    return float(getattr(device, "compute_capability", 0) or 0)
+  except (TypeError, ValueError):
+    return 0.0
+
+
+def resolve_distance_impl(impl: str, matmul: str, capability: float | None = None) -> str:
+  """ "auto" -> "pallas" (models/vq_kernel.py, in its bf16 mode) with bf16 matmuls on a CUDA GPU
+  of compute capability 9.0 or newer, where it was measured faster (an H200: 15.87 against
+  16.24 ms per ImageNet-256 stage-1 step, benchmarks/RESULTS.md); "xla" everywhere else (the
+  kernel was never compiled for a TPU or an older GPU). `capability` defaults to the device's."""
+  if impl not in DISTANCE_IMPLS:
+    raise ValueError(f"unknown distance impl {impl!r}; expected one of {DISTANCE_IMPLS}")
+  if impl != "auto":
+    return impl
+  if matmul != "bf16" or jax.default_backend() != "gpu":
+    return "xla"
+  capability = _cuda_compute_capability() if capability is None else capability
+  return "pallas" if capability >= 9.0 else "xla"
 
 
 def _weights_like(indices: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -296,8 +321,9 @@ class VectorQuantizer(nn.Module):
     restart_after: re-seed codes unused for this many training steps (0 = never).
     stats_impl: "scatter" or "onehot" computation of per-code counts and sums (same values).
     distance_impl: nearest-codeword search: "xla" (the [N, K] distances, then argmin; the
-      reference) or "pallas" (models/vq_kernel.py: a fused kernel that never writes the
-      distances; interpreted, slowly, on the CPU).
+      reference), "pallas" (models/vq_kernel.py: a fused kernel that never writes the
+      distances; interpreted, slowly, on the CPU) or "auto" (`resolve_distance_impl`: pallas
+      on Hopper-class GPUs with bf16 matmuls, else xla).
     matmul_impl: the distance and EMA-sum matmuls: "float32" (HIGHEST precision), "bf16"
       (bfloat16 inputs only: bfloat16 matmuls with float32 products and accumulation, the
       same values up to summation order; see `split_bf16`) or "auto" ("bf16" for a bfloat16
@@ -317,7 +343,7 @@ class VectorQuantizer(nn.Module):
   kmeans_iters: int = 10
   restart_after: int = 0
   stats_impl: str = "onehot"
-  distance_impl: str = "xla"
+  distance_impl: str = "auto"
   matmul_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -464,16 +490,15 @@ class VectorQuantizer(nn.Module):
     matmul = resolve_matmul_impl(self.matmul_impl, z.dtype)
     # bf16 matmuls take z as it came (bfloat16, exact); the float32 path its float32 copy.
     search_x = jax.lax.stop_gradient(z.reshape(-1, self.code_dim)) if matmul == "bf16" else flat_sg
+    distance_impl = resolve_distance_impl(self.distance_impl, matmul)
     with jax.named_scope("vq_distances_argmin"):
-      if self.distance_impl == "xla":
+      if distance_impl == "xla":
         search = nearest_code_bf16 if matmul == "bf16" else nearest_code
         idx = search(search_x, codebook)
       else:
         from vqjax.models import vq_kernel  # Pallas only when asked for
 
-        idx = vq_kernel.nearest_code_impl(
-          search_x, codebook, self.distance_impl, bf16=matmul == "bf16"
-        )
+        idx = vq_kernel.nearest_code_impl(search_x, codebook, distance_impl, bf16=matmul == "bf16")
     e = jnp.take(codebook, idx, axis=0)
     commitment = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(e)))
     codebook_loss = jnp.zeros((), jnp.float32) if self.ema else jnp.mean(jnp.square(flat_sg - e))
