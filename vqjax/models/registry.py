@@ -148,6 +148,7 @@ def _build_pixelsnail(config, dtype, param_dtype):
     cond_res_kernel=m.cond_res_kernel,
     num_out_res_blocks=m.num_out_res_blocks,
     num_classes=_prior_classes(config),
+    remat=m.remat,
     dtype=dtype,
     param_dtype=param_dtype,
   )
