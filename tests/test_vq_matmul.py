@@ -208,3 +208,10 @@ def test_auto_distance_search_is_pallas_only_where_it_was_measured(monkeypatch):
   assert q.resolve_distance_impl("xla", "bf16") == "xla"
   with pytest.raises(ValueError, match="unknown distance impl"):
     q.resolve_distance_impl("cuda", "bf16")
+
+
+def test_auto_distance_search_falls_back_without_pallas_triton(monkeypatch):
+  # A future JAX without Pallas's Triton backend (deprecated in 0.11): "auto" keeps working.
+  monkeypatch.setattr(q.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # import fails
+  assert q.resolve_distance_impl("auto", "bf16", capability=9.0) == "xla"

@@ -20,6 +20,7 @@ EMA codebook, lives in the "vq_state" collection and changes only when `train=Tr
 Under jit with globally sharded arrays, every batch statistic here is global over all devices.
 """
 
+import importlib
 from typing import Any
 
 import flax.linen as nn
@@ -131,10 +132,20 @@ def resolve_distance_impl(impl: str, matmul: str, capability: float | None = Non
     raise ValueError(f"unknown distance impl {impl!r}; expected one of {DISTANCE_IMPLS}")
   if impl != "auto":
     return impl
-  if matmul != "bf16" or jax.default_backend() != "gpu":
+  if matmul != "bf16" or jax.default_backend() != "gpu" or not _pallas_triton_available():
     return "xla"
   capability = _cuda_compute_capability() if capability is None else capability
   return "pallas" if capability >= 9.0 else "xla"
+
+
+def _pallas_triton_available() -> bool:
+  """Whether this JAX still has Pallas's Triton backend (deprecated in JAX 0.11: "will be
+  removed in a future JAX version"); without it "auto" falls back to the XLA search."""
+  try:
+    importlib.import_module("jax.experimental.pallas.triton")
+  except ImportError:
+    return False
+  return True
 
 
 def _weights_like(indices: jax.Array, weights: jax.Array | None) -> jax.Array:

@@ -19,7 +19,10 @@ GPUs: the kernel asks for the Triton lowering explicitly (JAX's default for pall
 is now Mosaic GPU). On one NVIDIA H200 (jax 0.11.2) tests/test_vq_kernel.py and
 tests/test_vq_matmul.py passed with the kernel compiled by Triton, in float32 and bf16 modes,
 and the bf16 mode made the ImageNet-256 stage-1 step 2.3% faster than the XLA search
-(benchmarks/RESULTS.md), so `vq.distance_impl="auto"` picks it on such GPUs. On TPU it lowers
+(benchmarks/RESULTS.md), so `vq.distance_impl="auto"` picks it on such GPUs. JAX 0.11 warns
+that Pallas's Triton backend is deprecated and will be removed in favour of Mosaic GPU; "auto"
+then falls back to the XLA search (`quantizer.resolve_distance_impl`), and a Mosaic GPU form
+of this kernel is still to be written. On TPU it lowers
 through Mosaic (tested on the CPU via jax.export) but has never been compiled by Mosaic or run
 on a TPU, so layout rejections there are still possible.
 """
