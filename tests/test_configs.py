@@ -142,6 +142,7 @@ def _other_value(field: str, value):
     return value + 1
   other = {"vq.init": "normal", "vq.stats_impl": "scatter", "vq.distance_impl": "xla"}
   other["vq.matmul_impl"] = "float32"
+  other["model.relu_impl"] = "output"
   return other.get(field, "lax")  # model.upconv_impl, model.downconv_impl
 
 

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   # picks the fastest measured on the platform.
   c.model.upconv_impl = "auto"  # "auto" | "subpixel" | "lax" | "adjoint"
   c.model.downconv_impl = "auto"  # "auto" | "lax" | "adjoint"
+  # "jax" | "output": the ReLUs' derivative from their input or output (models/layers.py relu;
+  # same function). "output" lets XLA fuse bias + ReLU into cuDNN convolutions (unmeasured).
+  c.model.relu_impl = "jax"
   c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
   c.model.param_dtype = "float32"
 
@@ -403,6 +406,7 @@ _CHOICES = {
   "data.resize": ("pad", "resize_crop", "center_crop"),
   "model.upconv_impl": ("auto", "subpixel", "lax", "adjoint"),  # models/strided.py
   "model.downconv_impl": ("auto", "lax", "adjoint"),
+  "model.relu_impl": ("jax", "output"),
   "vq.kind": ("vq", "gumbel"),
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
   "vq.stats_impl": ("onehot", "scatter"),
@@ -423,6 +427,7 @@ _STAGE1_MODEL_FIELDS = (
   "model.downsample",
   "model.upconv_impl",
   "model.downconv_impl",
+  "model.relu_impl",
 )
 _PRIOR_MODEL_FIELDS = (
   "model.kernel_size",

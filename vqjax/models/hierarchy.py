@@ -43,6 +43,8 @@ class VQVAE2(nn.Module):
     upconv_impl: form of the transposed convolutions, models/strided.py (same function, same
       weights; "auto": the fastest measured on the platform).
     downconv_impl: form of the stride-2 convolutions, likewise.
+    relu_impl: "jax" or "output": where the ReLUs' derivative is read from (layers.relu; the
+      same function and gradients).
     dtype: compute dtype; quantizer distances and statistics stay float32.
     param_dtype: parameter dtype.
   """
@@ -57,6 +59,7 @@ class VQVAE2(nn.Module):
   quantizer: dict | None = None
   upconv_impl: str = "auto"
   downconv_impl: str = "auto"
+  relu_impl: str = "jax"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -78,6 +81,7 @@ class VQVAE2(nn.Module):
         self.num_res_blocks,
         self.first_stride if i == bottom else self.level_stride,
         downconv_impl=self.downconv_impl,
+        relu_impl=self.relu_impl,
         **kw,
       )
       for i in range(n)
@@ -93,6 +97,7 @@ class VQVAE2(nn.Module):
         self.num_res_blocks,
         self.level_stride,
         upconv_impl=self.upconv_impl,
+        relu_impl=self.relu_impl,
         **kw,
       )
       for _ in range(n - 1)
@@ -100,7 +105,11 @@ class VQVAE2(nn.Module):
     # upsamplers[i] brings the codes of level i (i < bottom) to the bottom code resolution.
     self.upsamplers = [
       Upsampler(
-        self.code_dim, self.level_stride ** (bottom - i), upconv_impl=self.upconv_impl, **kw
+        self.code_dim,
+        self.level_stride ** (bottom - i),
+        upconv_impl=self.upconv_impl,
+        relu_impl=self.relu_impl,
+        **kw,
       )
       for i in range(n - 1)
     ]
@@ -111,6 +120,7 @@ class VQVAE2(nn.Module):
       self.num_res_blocks,
       self.first_stride,
       upconv_impl=self.upconv_impl,
+      relu_impl=self.relu_impl,
       **kw,
     )
 

@@ -15,6 +15,42 @@ import jax.numpy as jnp
 
 from vqjax.models import strided
 
+RELU_IMPLS = ("jax", "output")
+
+
+@jax.custom_vjp
+def _relu_from_output(x: jax.Array) -> jax.Array:
+  return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+  y = jnp.maximum(x, 0)
+  return y, y
+
+
+def _relu_bwd(y, g):
+  # y > 0 exactly where x > 0: the same derivative as jax.nn.relu's (0 at x = 0).
+  return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
+
+
+_relu_from_output.defvjp(_relu_fwd, _relu_bwd)
+
+
+def relu(x: jax.Array, impl: str = "jax") -> jax.Array:
+  """max(x, 0) with the derivative of `jax.nn.relu`, taken from the input ("jax") or from the
+  output ("output").
+
+  The two are the same function with the same gradients. "output" keeps only the activation
+  for the backward pass, so the pre-activation (a convolution's output plus its bias) has one
+  user, which is what lets XLA fuse bias and ReLU into a cuDNN convolution on GPUs; with
+  "jax" the backward pass's mask x > 0 is a second user of the pre-activation.
+  """
+  if impl == "jax":
+    return nn.relu(x)
+  if impl == "output":
+    return _relu_from_output(x)
+  raise ValueError(f"unknown relu impl {impl!r}; expected one of {RELU_IMPLS}")
+
 
 class UpConv(nn.Module):
   """ConvTranspose2d(kernel 4, stride 2, padding 1) as in PyTorch: doubles H and W.
@@ -76,12 +112,13 @@ class ResBlock(nn.Module):
   """x + conv1x1(relu(conv3x3(relu(x)))), the residual block of VQ-VAE and VQ-VAE-2."""
 
   res_channels: int
+  relu_impl: str = "jax"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.relu(x)
+    h = relu(x, self.relu_impl)
     h = nn.Conv(
       self.res_channels,
       (3, 3),
@@ -90,7 +127,7 @@ class ResBlock(nn.Module):
       param_dtype=self.param_dtype,
       name="conv3",
     )(h)
-    h = nn.relu(h)
+    h = relu(h, self.relu_impl)
     h = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, param_dtype=self.param_dtype, name="conv1")(
       h
     )
@@ -113,6 +150,7 @@ class Encoder(nn.Module):
   num_res_blocks: int
   stride: int
   downconv_impl: str = "auto"
+  relu_impl: str = "jax"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -123,13 +161,13 @@ class Encoder(nn.Module):
     for i in range(_log2_stride(self.stride)):
       features = self.channels // 2 if i == 0 else self.channels
       if i > 0:
-        x = nn.relu(x)
+        x = relu(x, self.relu_impl)
       x = DownConv(features, impl=self.downconv_impl, name=f"down{i}", **kw)(x)
-    x = nn.relu(x)
+    x = relu(x, self.relu_impl)
     x = nn.Conv(self.channels, (3, 3), padding=1, name="conv_out", **kw)(x)
     for i in range(self.num_res_blocks):
-      x = ResBlock(self.res_channels, name=f"res{i}", **kw)(x)
-    return nn.relu(x)
+      x = ResBlock(self.res_channels, self.relu_impl, name=f"res{i}", **kw)(x)
+    return relu(x, self.relu_impl)
 
 
 class Decoder(nn.Module):
@@ -142,6 +180,7 @@ class Decoder(nn.Module):
   num_res_blocks: int
   stride: int
   upconv_impl: str = "auto"
+  relu_impl: str = "jax"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -151,15 +190,15 @@ class Decoder(nn.Module):
     x = x.astype(self.dtype)
     x = nn.Conv(self.channels, (3, 3), padding=1, name="conv_in", **kw)(x)
     for i in range(self.num_res_blocks):
-      x = ResBlock(self.res_channels, name=f"res{i}", **kw)(x)
-    x = nn.relu(x)
+      x = ResBlock(self.res_channels, self.relu_impl, name=f"res{i}", **kw)(x)
+    x = relu(x, self.relu_impl)
     n = _log2_stride(self.stride)
     for i in range(n):
       last = i == n - 1
       features = self.out_channels if last else self.channels // 2
       x = UpConv(features, impl=self.upconv_impl, name=f"up{i}", **kw)(x)
       if not last:
-        x = nn.relu(x)
+        x = relu(x, self.relu_impl)
     return x
 
 
@@ -169,6 +208,7 @@ class Upsampler(nn.Module):
   features: int
   factor: int
   upconv_impl: str = "auto"
+  relu_impl: str = "jax"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -176,7 +216,7 @@ class Upsampler(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(_log2_stride(self.factor)):
       if i > 0:
-        x = nn.relu(x)
+        x = relu(x, self.relu_impl)
       x = UpConv(
         self.features,
         impl=self.upconv_impl,

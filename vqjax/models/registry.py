@@ -76,6 +76,7 @@ def _build_vqvae(config, dtype, param_dtype):
     quantizer=quantizer_kwargs(config.vq),
     upconv_impl=m.upconv_impl,
     downconv_impl=m.downconv_impl,
+    relu_impl=m.relu_impl,
     dtype=dtype,
     param_dtype=param_dtype,
   )
@@ -96,6 +97,7 @@ def _build_vqvae2(config, dtype, param_dtype):
     quantizer=quantizer_kwargs(config.vq),
     upconv_impl=m.upconv_impl,
     downconv_impl=m.downconv_impl,
+    relu_impl=m.relu_impl,
     dtype=dtype,
     param_dtype=param_dtype,
   )

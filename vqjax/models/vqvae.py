@@ -23,6 +23,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
   quantizer: dict | None = None,
   upconv_impl: str = "auto",
   downconv_impl: str = "auto",
+  relu_impl: str = "jax",
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
 ) -> VQVAE2:
@@ -37,6 +38,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     quantizer: VectorQuantizer keyword arguments (num_codes, code_dim, beta, ema, ...).
     upconv_impl: form of the transposed convolutions (models/strided.py; "auto").
     downconv_impl: form of the stride-2 convolutions (models/strided.py; "auto").
+    relu_impl: "jax" or "output" (layers.relu; the same function and gradients).
     dtype: compute dtype.
     param_dtype: parameter dtype.
 
@@ -53,6 +55,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     quantizer=quantizer,
     upconv_impl=upconv_impl,
     downconv_impl=downconv_impl,
+    relu_impl=relu_impl,
     dtype=dtype,
     param_dtype=param_dtype,
   )
