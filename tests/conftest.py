@@ -12,7 +12,36 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # they compile the tests' tiny programs 10-25% sooner. tests/test_layers.py checks the
 # stride-2 forms with vqjax's choice in a subprocess.
 os.environ.setdefault("VQJAX_XLA_CPU_DEFAULTS", "1")
+# One persistent compilation cache for the session, new and empty each time (so every program
+# is still compiled once per run): the trainer runs of the same config in several tests, their
+# resumes and the CLI subprocesses (which inherit the variables) compile each program once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  _cache = tempfile.mkdtemp(prefix="vqjax_test_jax_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+# The settings above hold for every test: a test (or fixture) that changes one must not leave
+# it changed for the tests after it. A fixture that "restores" jax_disable_most_optimizations
+# to False would otherwise compile the rest of the session with every XLA pass (3-8x slower).
+_SESSION_CONFIG = ("jax_disable_most_optimizations",)
+
+
+@pytest.fixture(autouse=True)
+def _restore_jax_settings():
+  saved = {name: jax.config.values[name] for name in _SESSION_CONFIG}
+  yield
+  for name, value in saved.items():
+    if jax.config.values[name] != value:
+      jax.config.update(name, value)

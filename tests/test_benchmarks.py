@@ -26,9 +26,10 @@ from vqjax import errors  # noqa: E402
 @pytest.fixture
 def fast_compile():
   """Compiles without most XLA optimisations: the programs here run a couple of times."""
+  saved = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)
   yield
-  jax.config.update("jax_disable_most_optimizations", False)
+  jax.config.update("jax_disable_most_optimizations", saved)
 
 
 def table_rows(text: str) -> list[dict]:

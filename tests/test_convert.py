@@ -171,6 +171,16 @@ def _rel_err(ours, theirs):
   return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
 
 
+def _encode_forward_decode(model, variables, x, codes):
+  """(codes of x, reconstruction of x, decoding of `codes`) from one compiled program: applied
+  op by op, every layer's ops would compile on their own (seconds of the test's time)."""
+
+  def run(mdl, x, codes):
+    return mdl.encode_to_indices(x), mdl(x)[0], mdl.decode_from_indices(codes)
+
+  return jax.jit(lambda v, x, c: model.apply(v, x, c, method=run))(variables, x, codes)
+
+
 # ---- tests -----------------------------------------------------------------------------------
 
 
@@ -180,12 +190,12 @@ def test_matches_reference_forward(sizes):
   model, variables = load_vqvae2(sd)
   # The test is only meaningful if the codes vary.
   assert len(np.unique(id_b.numpy())) > sizes["n_embed"] // 4
-  codes = model.apply(variables, _nhwc(x), method="encode_to_indices")
+  codes, ours, from_codes = _encode_forward_decode(
+    model, variables, _nhwc(x), (id_t.numpy(), id_b.numpy())
+  )
   np.testing.assert_array_equal(np.asarray(codes[0]), id_t.numpy())
   np.testing.assert_array_equal(np.asarray(codes[1]), id_b.numpy())
-  ours, _ = model.apply(variables, _nhwc(x))
   assert _rel_err(np.asarray(ours).transpose(0, 3, 1, 2), recon.numpy()) < 1e-5
-  from_codes = model.apply(variables, (id_t.numpy(), id_b.numpy()), method="decode_from_indices")
   assert _rel_err(np.asarray(from_codes).transpose(0, 3, 1, 2), recon.numpy()) < 1e-5
 
 
@@ -204,7 +214,8 @@ def test_inferred_sizes_and_ema_state():
     assert not np.any(np.asarray(state["unused_steps"]))
   # One training step of ours must apply the reference's EMA rule (decay 0.99, Laplace eps
   # 1e-5, no bias correction) to the imported statistics.
-  _, updates = model.apply(variables, _nhwc(x), train=True, mutable=["vq_state"])
+  step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["vq_state"]))
+  _, updates = step(variables, _nhwc(x))
   for i, (level, idx, z) in enumerate((("t", id_t, z_t), ("b", id_b, z_b))):
     size = sd[f"quantize_{level}.cluster_size"].double()
     avg = sd[f"quantize_{level}.embed_avg"].double()
@@ -233,10 +244,12 @@ def test_cli_round_trip(tmp_path):
   _, direct = load_vqvae2(str(path))
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(direct), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  codes = model.apply(variables, _nhwc(x), method="encode_to_indices")
+  codes, ours, from_codes = _encode_forward_decode(
+    model, variables, _nhwc(x), (id_t.numpy(), id_b.numpy())
+  )
   np.testing.assert_array_equal(np.asarray(codes[1]), id_b.numpy())
-  ours, _ = model.apply(variables, _nhwc(x))
   assert _rel_err(np.asarray(ours).transpose(0, 3, 1, 2), recon.numpy()) < 1e-5
+  assert _rel_err(np.asarray(from_codes).transpose(0, 3, 1, 2), recon.numpy()) < 1e-5
   # An existing output is not overwritten silently.
   assert main(["rosinality-vqvae2", str(path), str(out)]) == 1
   assert main(["rosinality-vqvae2", str(path), str(out), "--force"]) == 0

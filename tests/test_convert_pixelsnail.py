@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -205,7 +206,9 @@ def _compare(sd, condition=None, heads=2):
   codes = _codes(1, (2, H, W))
   model, variables = load_pixelsnail(sd, num_heads=heads)
   cond = None if condition is None else (jnp.asarray(condition.numpy(), jnp.int32),)
-  got = np.asarray(model.apply(variables, jnp.asarray(codes.numpy(), jnp.int32), condition=cond))
+  # One compiled program: applied op by op, each layer's ops would compile on their own.
+  apply = jax.jit(lambda v, c, cond: model.apply(v, c, condition=cond))
+  got = np.asarray(apply(variables, jnp.asarray(codes.numpy(), jnp.int32), cond))
   want = reference(sd, codes, condition, heads)
   assert got.shape == want.shape == (2, H, W, K)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -249,8 +252,8 @@ def test_training_checkpoint_with_args_loads_and_converts(tmp_path):
   codes = jnp.asarray(_codes(5, (2, H, W)).numpy(), jnp.int32)
   direct_model, direct = load_pixelsnail(path)
   np.testing.assert_allclose(
-    np.asarray(loaded.apply(variables, codes)),
-    np.asarray(direct_model.apply(direct, codes)),
+    np.asarray(jax.jit(loaded.apply)(variables, codes)),
+    np.asarray(jax.jit(direct_model.apply)(direct, codes)),
     rtol=1e-6,
     atol=1e-6,
   )

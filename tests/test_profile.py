@@ -32,9 +32,10 @@ class TinyPrior(nn.Module):
 @pytest.fixture
 def fast_compile():
   """Compiles without most XLA optimisations: these programs run once or twice."""
+  saved = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)
   yield
-  jax.config.update("jax_disable_most_optimizations", False)
+  jax.config.update("jax_disable_most_optimizations", saved)
 
 
 def run(config, workdir: str) -> dict:

@@ -24,7 +24,9 @@ def test_load_run_reads_a_converted_directory(tmp_path):
     {"params": jax.random.key(3, impl="rbg"), "vq": jax.random.key(4)}, x
   )
   # Perturb the EMA state so a loader that re-initialised it would be caught.
-  variables = jax.tree.map(lambda a: a + 0.5 if a.dtype == jnp.float32 else a, dict(variables))
+  # (Jitted, here and below: applied op by op, each shape's ops would compile on their own.)
+  perturb = jax.jit(lambda v: jax.tree.map(lambda a: a + 0.5 if a.dtype == jnp.float32 else a, v))
+  variables = perturb(dict(variables))
   convert.save_converted(str(tmp_path / "conv"), config, variables)
   loaded_config, loaded_model, loaded = vqjax.load_run(str(tmp_path / "conv"))
   assert loaded_config.vq.num_codes == config.vq.num_codes
@@ -33,8 +35,8 @@ def test_load_run_reads_a_converted_directory(tmp_path):
   assert len(flat_a) == len(flat_b)
   for path, a in flat_a:
     np.testing.assert_array_equal(np.asarray(a), np.asarray(flat_b[path]))
-  recon_a, _ = model.apply(variables, x)
-  recon_b, _ = loaded_model.apply(loaded, x)
+  recon_a, _ = jax.jit(model.apply)(variables, x)
+  recon_b, _ = jax.jit(loaded_model.apply)(loaded, x)
   np.testing.assert_array_equal(np.asarray(recon_a), np.asarray(recon_b))
   with pytest.raises(errors.UserError, match="converted model"):
     vqjax.load_run(str(tmp_path / "conv"), step=3)
