@@ -146,6 +146,7 @@ def test_quantizer_bf16_matmuls_equal_the_float32_ones(distance_impl):
       restart_after=2,
       distance_impl=distance_impl,
       matmul_impl=impl,
+      stats_impl="onehot",  # as on accelerators (the CPU's "auto" is scatter)
       dtype=jnp.bfloat16,
     )
     rngs = {"params": jax.random.key(0), "vq": jax.random.key(1)}
@@ -215,3 +216,13 @@ def test_auto_distance_search_falls_back_without_pallas_triton(monkeypatch):
   monkeypatch.setattr(q.jax, "default_backend", lambda: "gpu")
   monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # import fails
   assert q.resolve_distance_impl("auto", "bf16", capability=9.0) == "xla"
+
+
+def test_auto_statistics_are_scatter_on_the_cpu_and_onehot_elsewhere(monkeypatch):
+  assert q.resolve_stats_impl("onehot") == "onehot" and q.resolve_stats_impl("scatter") == "scatter"
+  monkeypatch.setattr(q.jax, "default_backend", lambda: "cpu")
+  assert q.resolve_stats_impl("auto") == "scatter"
+  monkeypatch.setattr(q.jax, "default_backend", lambda: "gpu")
+  assert q.resolve_stats_impl("auto") == "onehot"
+  with pytest.raises(ValueError, match="unknown statistics impl"):
+    q.resolve_stats_impl("atomic")

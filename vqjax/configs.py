@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.restart_after = 100  # re-seed codes unused for this many steps; 0 = never
   c.vq.temperature = 1.0  # gumbel only: relaxation temperature
   c.vq.kl_weight = 5e-4  # gumbel only: weight of KL(q || uniform)
-  c.vq.stats_impl = "onehot"  # per-code counts/sums: "onehot" (faster on GPU) or "scatter"
+  # Per-code counts/sums: "onehot" (faster on GPUs), "scatter" (faster on the CPU) or "auto".
+  c.vq.stats_impl = "auto"
   # Nearest code: "xla", "pallas" (models/vq_kernel.py) or "auto" (pallas on Hopper-class GPUs
   # with bf16 matmuls, where it was measured faster; xla elsewhere).
   c.vq.distance_impl = "auto"
@@ -409,7 +410,7 @@ _CHOICES = {
   "model.relu_impl": ("jax", "output"),
   "vq.kind": ("vq", "gumbel"),
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
-  "vq.stats_impl": ("onehot", "scatter"),
+  "vq.stats_impl": ("auto", "onehot", "scatter"),
   "vq.distance_impl": ("auto", "xla", "pallas"),
   "vq.matmul_impl": ("auto", "float32", "bf16"),
   "optim.name": ("adam", "adamw"),
