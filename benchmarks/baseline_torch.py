@@ -144,49 +144,54 @@ class Baseline:
 
   # --- workloads --------------------------------------------------------------------------
 
-  def stage1(self, kwargs: dict, batch: int, size: int, steps: int) -> dict:
-    """The reference VQ-VAE-2's train step and reconstruction on random images.
-
-    Returns:
-      {"train_s", "recon_s": seconds per call, "peak_gib": allocator peak (None on the CPU)}.
-    """
+  def stage1_fns(self, kwargs: dict, batch: int, size: int):
+    """(train, recon): closures running one train step / one reconstruction of the reference
+    VQ-VAE-2 on a fixed batch of random images (train mode / eval mode set by each)."""
     torch = self.torch
-    self._reset_peak()
     model = self.vqvae.VQVAE(**kwargs).to(self.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     criterion = torch.nn.MSELoss()
     image = torch.rand(batch, kwargs["in_channel"], size, size, device=self.device) * 2 - 1
 
     def train():
+      model.train()
       model.zero_grad()
       out, latent_loss = model(image)
       loss = criterion(out, image) + 0.25 * latent_loss.mean()
       loss.backward()
       optimizer.step()
 
-    model.train()
-    train_s = self._timed(train, steps)
-    peak = self._peak_gib()
-    model.eval()
-
     @torch.no_grad()
     def recon():
+      model.eval()
       model(image)
 
+    return train, recon
+
+  def stage1(self, kwargs: dict, batch: int, size: int, steps: int) -> dict:
+    """The reference VQ-VAE-2's train step and reconstruction on random images.
+
+    Returns:
+      {"train_s", "recon_s": seconds per call, "peak_gib": allocator peak (None on the CPU)}.
+    """
+    self._reset_peak()
+    train, recon = self.stage1_fns(kwargs, batch, size)
+    train_s = self._timed(train, steps)
+    peak = self._peak_gib()
     recon_s = self._timed(recon, steps)
     return {"train_s": train_s, "recon_s": recon_s, "peak_gib": peak}
 
-  def prior(self, kwargs: dict, batch: int, cond_shape: tuple[int, int] | None, steps: int) -> dict:
-    """The reference PixelSNAIL's train step on random codes (conditioned on random codes of
-    `cond_shape` when given). Returns {"train_s", "peak_gib"}."""
+  def prior_fn(self, kwargs: dict, batch: int, cond_shape: tuple[int, int] | None):
+    """A closure running one train step of the reference PixelSNAIL on random codes
+    (conditioned on random codes of `cond_shape` when given)."""
     torch = self.torch
-    self._reset_peak()
     model = self.pixelsnail.PixelSNAIL(**kwargs).to(self.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     criterion = torch.nn.CrossEntropyLoss()
     k = kwargs["n_class"]
     codes = self._codes(batch, tuple(kwargs["shape"]), k)
     condition = self._codes(batch, cond_shape, k) if cond_shape else None
+    model.train()
 
     def train():
       model.zero_grad()
@@ -194,10 +199,14 @@ class Baseline:
       criterion(out, codes).backward()
       optimizer.step()
 
-    model.train()
+    return train
+
+  def prior(self, kwargs: dict, batch: int, cond_shape: tuple[int, int] | None, steps: int) -> dict:
+    """The reference PixelSNAIL's train step on random codes. Returns {"train_s", "peak_gib"}."""
+    self._reset_peak()
+    train = self.prior_fn(kwargs, batch, cond_shape)
     train_s = self._timed(train, steps)
-    peak = self._peak_gib()
-    return {"train_s": train_s, "peak_gib": peak}
+    return {"train_s": train_s, "peak_gib": self._peak_gib()}
 
   def sample(self, kwargs: dict, batch: int, condition_shape, max_positions: int) -> dict:
     """The reference's sampling of one level (its sample.py loop) on random weights.

@@ -135,7 +135,7 @@ def setup(
   )
   step = trainer.jit_train_step(task, mesh, shardings)
   batch = sharding.global_batch(synthetic_batch(task, config, batch_size), mesh)
-  rng = jax.random.key(config.seed + 1)
+  rng = trainer.train_key(config)
   return Bench(config, task, mesh, state, step, batch, rng, trainer.new_watch(mesh), batch_size)
 
 

@@ -11,6 +11,10 @@ drifts (a shared CPU, a GPU warming up), which separate processes are not:
   python benchmarks/variants.py --config vqvae2_imagenet --dtype bfloat16 --variant "" \\
       --variant "model.upconv_impl=adjoint" --variant "vq.distance_impl=pallas"
 
+With `--baseline-dir CLONE` (a clone of rosinality/vq-vae-2-pytorch, as `suite.py` takes) the
+reference's train step of the same workload (its VQ-VAE-2 or PixelSNAIL at the config's sizes)
+is timed in the same rounds, interleaved with the variants, and every row gets its ratio to it.
+
 Prints one JSON line per variant (img/s or sample/s, ms/step, the ratio to the first variant,
 compile time; a variant that fails to build or compile gets a "failed" line and the rest
 go on) and checks that every variant's loss after the same warm-up steps matches the
@@ -23,6 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import baseline_torch
 import jax
 import train_step
 
@@ -39,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--steps", type=int, default=3, help="steps per timed round")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--cache", default="", help="persistent compilation cache directory")
+  p.add_argument("--baseline-dir", default="", help="a clone of rosinality/vq-vae-2-pytorch")
+  p.add_argument("--set", action="append", default=[], help="override applied to every variant")
   a = p.parse_args(argv)
   if len(a.variant) < 1:
     p.error('give at least one --variant ("" for the config as it is)')
@@ -46,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
   benches, compile_s, losses, variants = [], [], [], []
   for variant in a.variant:
-    config = train_step.load_config(a.config, a.dtype, variant.split())  # UserError: raised
+    overrides = [*a.set, *variant.split()]
+    config = train_step.load_config(a.config, a.dtype, overrides)  # UserError: raised
     try:
       b = train_step.setup(config, a.batch)
       seconds = train_step.compile_step(b)
@@ -63,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   if not benches:
     raise errors.UserError("every variant failed to build or compile")
 
+  reference = _reference(a, benches[0]) if a.baseline_dir else None
   best = [float("inf")] * len(benches)
+  ref_best = float("inf")
   for _ in range(a.rounds):
     for i, b in enumerate(benches):
       t0 = time.perf_counter()
@@ -71,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         train_step.run_step(b)
       jax.block_until_ready(b.metrics)
       best[i] = min(best[i], (time.perf_counter() - t0) / a.steps)
+    if reference is not None:
+      ref_best = min(ref_best, reference[0]._timed(reference[1], a.steps, warmup=0))
 
   item = "img/s" if "image" in benches[0].batch else "sample/s"
   rows = []
@@ -87,16 +99,54 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       "compile_s": round(compile_s[i], 2),
       "loss": losses[i],
       "loss_matches_first": gap <= 1e-3,
+      **({"vs_reference": round(ref_best / best[i], 3)} if reference else {}),
       "device": jax.devices()[0].device_kind,
       "devices": jax.device_count(),
       "jax": jax.__version__,
     }
     print(json.dumps(row), flush=True)
     rows.append(row)
-  mismatched = [r["variant"] for r in rows if not r["loss_matches_first"]]
+  if reference is not None:
+    ref_row = {
+      "config": a.config,
+      "variant": baseline_torch.REFERENCE,
+      "dtype": "float32",
+      "precision": reference[0].precision,
+      "batch": benches[0].batch_size,
+      item: round(benches[0].batch_size / ref_best, 1),
+      "ms_per_step": round(1000 * ref_best, 2),
+      "device": reference[0].device_kind,
+      "torch": reference[0].version,
+    }
+    print(json.dumps(ref_row), flush=True)
+    rows.append(ref_row)
+  mismatched = [r["variant"] for r in rows if not r.get("loss_matches_first", True)]
   if mismatched:
     print(f"variants: loss differs from the first variant's for {mismatched}", file=sys.stderr)
   return rows
+
+
+def _reference(a: argparse.Namespace, b: train_step.Bench):
+  """(Baseline, its train closure) for the workload of `b`, warmed up; None (said on stderr)
+  when the reference cannot run it."""
+  try:
+    base = baseline_torch.Baseline(a.baseline_dir, jax.default_backend())
+  except baseline_torch.Unavailable as e:
+    print(f"variants: no {baseline_torch.REFERENCE} row: {e}", file=sys.stderr)
+    return None
+  config = b.config
+  if "image" in b.batch:
+    kwargs = baseline_torch.vqvae_kwargs(config)
+    if kwargs is None:
+      print("variants: the reference has no model of this architecture", file=sys.stderr)
+      return None
+    fn = base.stage1_fns(kwargs, b.batch_size, b.batch["image"].shape[1])[0]
+  else:
+    shapes, level = config.prior.code_shapes, config.prior.level
+    kwargs = baseline_torch.pixelsnail_kwargs(config.model, config.vq.num_codes, shapes[level])
+    fn = base.prior_fn(kwargs, b.batch_size, tuple(shapes[level - 1]) if level else None)
+  base._timed(fn, 1, warmup=2)  # cuDNN's algorithm search and the allocator, untimed
+  return base, fn
 
 
 if __name__ == "__main__":

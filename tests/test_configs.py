@@ -143,6 +143,7 @@ def _other_value(field: str, value):
   other = {"vq.init": "normal", "vq.stats_impl": "scatter", "vq.distance_impl": "xla"}
   other["vq.matmul_impl"] = "float32"
   other["model.relu_impl"] = "output"
+  other["model.causal_conv_impl"] = "split"
   return other.get(field, "lax")  # model.upconv_impl, model.downconv_impl
 
 

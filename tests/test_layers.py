@@ -30,10 +30,12 @@ def _np_conv_transpose(x, w, b, stride=2, padding=1):
   return full[:, padding : padding + out_h, padding : padding + out_w] + b
 
 
+# channel_multiple=8: the convolution runs on zero-padded channels; same function, parameters.
+@pytest.mark.parametrize("multiple", [0, 8])
 @pytest.mark.parametrize("impl", ["subpixel", "lax", "adjoint", "auto"])
-def test_upconv_matches_pytorch_semantics_in_float64(impl):
+def test_upconv_matches_pytorch_semantics_in_float64(impl, multiple):
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
-  m = UpConv(6, impl=impl)
+  m = UpConv(6, impl=impl, channel_multiple=multiple)
   v = m.init(jax.random.key(1), x)
   y = m.apply(v, x)
   expect = _np_conv_transpose(
@@ -43,10 +45,11 @@ def test_upconv_matches_pytorch_semantics_in_float64(impl):
   np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("multiple", [0, 8])
 @pytest.mark.parametrize("impl", ["subpixel", "lax", "adjoint", "auto"])
-def test_upconv_gradients_match_numpy_in_float64(impl):
+def test_upconv_gradients_match_numpy_in_float64(impl, multiple):
   x = jax.random.normal(jax.random.key(0), (2, 4, 3, 3))
-  m = UpConv(5, impl=impl)
+  m = UpConv(5, impl=impl, channel_multiple=multiple)
   v = m.init(jax.random.key(1), x)
   w = np.asarray(jax.random.normal(jax.random.key(2), (2, 8, 6, 5)), np.float64)
   gv, gx = jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * w), argnums=(0, 1))(v, x)
@@ -102,11 +105,13 @@ def _np_resblock(x, p):
   return x + _np_conv(h, p["conv1"]["kernel"], p["conv1"]["bias"])
 
 
-def test_encoder_and_decoder_match_numpy_in_float64():
-  """Stride 4: both down convs (channels // 2, then channels) and both up convs, in order."""
+@pytest.mark.parametrize("multiple", [0, 8])
+def test_encoder_and_decoder_match_numpy_in_float64(multiple):
+  """Stride 4: both down convs (channels // 2, then channels) and both up convs, in order
+  (with channel_multiple=8, the image-side convolutions on zero-padded channels)."""
   relu = lambda a: np.maximum(a, 0)
   x = jax.random.normal(jax.random.key(0), (1, 8, 12, 3))
-  enc = Encoder(6, 4, 1, 4)
+  enc = Encoder(6, 4, 1, 4, channel_multiple=multiple)
   ve = enc.init(jax.random.key(1), x)
   h = enc.apply(ve, x)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), ve["params"])
@@ -117,7 +122,7 @@ def test_encoder_and_decoder_match_numpy_in_float64():
   e = relu(_np_resblock(e, p["res0"]))
   np.testing.assert_allclose(np.asarray(h), e, rtol=1e-4, atol=1e-5)
 
-  dec = Decoder(2, 6, 4, 1, 4)
+  dec = Decoder(2, 6, 4, 1, 4, channel_multiple=multiple)
   vd = dec.init(jax.random.key(2), h)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), vd["params"])
   assert p["up0"]["kernel"].shape == (4, 4, 6, 3) and "up2" not in p
@@ -146,13 +151,14 @@ def test_bad_stride_is_a_clear_error():
     Encoder(8, 4, 1, 3).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 
 
+@pytest.mark.parametrize("multiple", [0, 8])
 @pytest.mark.parametrize("impl", ["lax", "adjoint", "auto"])
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2)])  # odd: "adjoint" uses XLA's rules
-def test_downconv_and_its_gradients_match_numpy_in_float64(impl, shape):
+def test_downconv_and_its_gradients_match_numpy_in_float64(impl, shape, multiple):
   """DownConv = nn.Conv(4, stride 2, padding 1) with the same parameters; the gradients of
   L = sum(y * w) against float64 NumPy: dL/dx scatters w back through every tap."""
   x = jax.random.normal(jax.random.key(0), shape)
-  m = DownConv(4, impl=impl)
+  m = DownConv(4, impl=impl, channel_multiple=multiple)
   v = m.init(jax.random.key(1), x)
   kernel = np.asarray(v["params"]["kernel"], np.float64)
   bias = np.asarray(v["params"]["bias"], np.float64)

@@ -83,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   # "jax" | "output": the ReLUs' derivative from their input or output (models/layers.py relu;
   # same function). "output" lets XLA fuse bias + ReLU into cuDNN convolutions (unmeasured).
   c.model.relu_impl = "jax"
+  # Pad the image-side convolutions' channels (RGB in, RGB out) to a multiple of this with
+  # zeros (0 = as they are): tensor cores take multiples of 8, which cuDNN otherwise pads to on
+  # every call. The same function and parameters.
+  c.model.channel_multiple = 0
   c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
   c.model.param_dtype = "float32"
 
@@ -102,6 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
   # pixelsnail: recompute each block's activations in the backward pass instead of keeping
   # them (jax.checkpoint): much less memory for about a third more compute. Same function.
   c.model.remat = False
+  # pixelsnail: form of the k x k causal convolutions (models/pixelsnail_layers.py): "masked"
+  # (one convolution whose masked taps multiply zeros, as the reference) or "split" (two
+  # convolutions that skip them: 22 of 25 taps at k = 5). The same function.
+  c.model.causal_conv_impl = "masked"
 
   # --- vector quantizer -------------------------------------------------------------------
   c.vq = ml_collections.ConfigDict()
@@ -164,6 +172,12 @@ def base_config() -> ml_collections.ConfigDict:
   # --- training loop ----------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
+  # Generator of the training randomness (dropout, flips, codebook restarts): "threefry"
+  # (JAX's default; the same streams on any mesh) | "rbg" | "unsafe_rbg" (XLA's RngBitGenerator
+  # for the bits: fewer integer operations per random number, so cheaper dropout on GPUs;
+  # its streams may depend on how the arrays are sharded). A resumed run draws the same
+  # randomness either way: the keys are a function of the seed and the step.
+  c.train.rng_impl = "threefry"
 
   # --- device mesh ------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -408,6 +422,8 @@ _CHOICES = {
   "model.upconv_impl": ("auto", "subpixel", "lax", "adjoint"),  # models/strided.py
   "model.downconv_impl": ("auto", "lax", "adjoint"),
   "model.relu_impl": ("jax", "output"),
+  "model.causal_conv_impl": ("masked", "split"),
+  "train.rng_impl": ("threefry", "rbg", "unsafe_rbg"),
   "vq.kind": ("vq", "gumbel"),
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
   "vq.stats_impl": ("auto", "onehot", "scatter"),
@@ -429,6 +445,7 @@ _STAGE1_MODEL_FIELDS = (
   "model.upconv_impl",
   "model.downconv_impl",
   "model.relu_impl",
+  "model.channel_multiple",
 )
 _PRIOR_MODEL_FIELDS = (
   "model.kernel_size",
@@ -443,6 +460,7 @@ _PRIOR_MODEL_FIELDS = (
   "model.cond_res_kernel",
   "model.num_out_res_blocks",
   "model.remat",
+  "model.causal_conv_impl",
 )
 _CLASSIFIER_FIELDS = (
   "classifier.num_classes",
@@ -479,6 +497,7 @@ IGNORED_FIELDS = {
     "model.cond_res_kernel",
     "model.num_out_res_blocks",
     "model.remat",
+    "model.causal_conv_impl",
   ),
   ("model.name", "pixelsnail"): _STAGE1_MODEL_FIELDS + ("model.num_layers", "model.cond_channels"),
   ("model.name", "classifier"): _STAGE1_MODEL_FIELDS
@@ -494,6 +513,7 @@ IGNORED_FIELDS = {
     "model.cond_res_kernel",
     "model.num_out_res_blocks",
     "model.remat",
+    "model.causal_conv_impl",
   ),
   ("task", "autoencoder"): ("prior.level", "prior.class_conditional", "prior.num_classes")
   + _CLASSIFIER_FIELDS,
@@ -558,6 +578,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
       "config.vq.matmul_impl='bf16' needs config.model.dtype='bfloat16' (its products are "
       f"exact only for bfloat16 inputs), got {config.model.dtype!r}; use 'auto' or 'float32'"
+    )
+  multiple = config.model.channel_multiple
+  if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 0:
+    raise errors.UserError(
+      f"config.model.channel_multiple must be an integer >= 0 (0 = no padding), got {multiple!r}"
     )
   excluded = config.data.exclude_labels
   if not all(isinstance(v, int) and not isinstance(v, bool) for v in excluded):

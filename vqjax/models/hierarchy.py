@@ -45,6 +45,8 @@ class VQVAE2(nn.Module):
     downconv_impl: form of the stride-2 convolutions, likewise.
     relu_impl: "jax" or "output": where the ReLUs' derivative is read from (layers.relu; the
       same function and gradients).
+    channel_multiple: > 1 pads the image-side convolutions' channels (the encoder's input,
+      the decoder's output) to a multiple of it: the same function.
     dtype: compute dtype; quantizer distances and statistics stay float32.
     param_dtype: parameter dtype.
   """
@@ -60,6 +62,7 @@ class VQVAE2(nn.Module):
   upconv_impl: str = "auto"
   downconv_impl: str = "auto"
   relu_impl: str = "jax"
+  channel_multiple: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -82,6 +85,7 @@ class VQVAE2(nn.Module):
         self.first_stride if i == bottom else self.level_stride,
         downconv_impl=self.downconv_impl,
         relu_impl=self.relu_impl,
+        channel_multiple=self.channel_multiple,
         **kw,
       )
       for i in range(n)
@@ -121,6 +125,7 @@ class VQVAE2(nn.Module):
       self.first_stride,
       upconv_impl=self.upconv_impl,
       relu_impl=self.relu_impl,
+      channel_multiple=self.channel_multiple,
       **kw,
     )
 

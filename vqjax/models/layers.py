@@ -57,10 +57,13 @@ class UpConv(nn.Module):
 
   `impl` picks one of the exact forms of models/strided.py ("auto": the fastest measured on
   the platform); every form computes the same function of the same parameters.
+  `channel_multiple` > 1 pads the convolution's output channels to a multiple of it (cropped
+  after; strided.up).
   """
 
   features: int
   impl: str = "auto"
+  channel_multiple: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -81,7 +84,9 @@ class UpConv(nn.Module):
       (self.features,),
       self.param_dtype,
     )
-    y = strided.up(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+    y = strided.up(
+      x.astype(self.dtype), kernel.astype(self.dtype), self.impl, self.channel_multiple
+    )
     return y + bias.astype(self.dtype)
 
 
@@ -89,11 +94,13 @@ class DownConv(nn.Module):
   """Conv2d(kernel 4, stride 2, padding 1): halves H and W. The parameters are those of
   `nn.Conv(features, (4, 4), strides=2, padding=1)` (names, shapes, initialisers), so
   checkpoints and imported PyTorch weights are unchanged; `impl` picks a form of
-  models/strided.py ("auto": the fastest measured on the platform).
+  models/strided.py ("auto": the fastest measured on the platform); `channel_multiple` > 1
+  pads the input channels to a multiple of it (strided.down).
   """
 
   features: int
   impl: str = "auto"
+  channel_multiple: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -104,7 +111,9 @@ class DownConv(nn.Module):
       "kernel", nn.initializers.lecun_normal(), (4, 4, c, self.features), self.param_dtype
     )
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    y = strided.down(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+    y = strided.down(
+      x.astype(self.dtype), kernel.astype(self.dtype), self.impl, self.channel_multiple
+    )
     return y + bias.astype(self.dtype)
 
 
@@ -151,6 +160,7 @@ class Encoder(nn.Module):
   stride: int
   downconv_impl: str = "auto"
   relu_impl: str = "jax"
+  channel_multiple: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -162,7 +172,9 @@ class Encoder(nn.Module):
       features = self.channels // 2 if i == 0 else self.channels
       if i > 0:
         x = relu(x, self.relu_impl)
-      x = DownConv(features, impl=self.downconv_impl, name=f"down{i}", **kw)(x)
+      # Only the image side's channel count (e.g. RGB) is ever not a multiple of 8.
+      multiple = self.channel_multiple if i == 0 else 0
+      x = DownConv(features, self.downconv_impl, multiple, name=f"down{i}", **kw)(x)
     x = relu(x, self.relu_impl)
     x = nn.Conv(self.channels, (3, 3), padding=1, name="conv_out", **kw)(x)
     for i in range(self.num_res_blocks):
@@ -181,6 +193,7 @@ class Decoder(nn.Module):
   stride: int
   upconv_impl: str = "auto"
   relu_impl: str = "jax"
+  channel_multiple: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -196,7 +209,8 @@ class Decoder(nn.Module):
     for i in range(n):
       last = i == n - 1
       features = self.out_channels if last else self.channels // 2
-      x = UpConv(features, impl=self.upconv_impl, name=f"up{i}", **kw)(x)
+      multiple = self.channel_multiple if last else 0
+      x = UpConv(features, self.upconv_impl, multiple, name=f"up{i}", **kw)(x)
       if not last:
         x = relu(x, self.relu_impl)
     return x

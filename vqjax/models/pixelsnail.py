@@ -73,6 +73,7 @@ class PixelBlock(nn.Module):
   attention: bool = True
   num_heads: int = 8
   dropout: float = 0.1
+  causal_impl: str = "masked"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -91,7 +92,12 @@ class PixelBlock(nn.Module):
     out = x
     for i in range(self.num_res_blocks):
       block = GatedResBlock(
-        self.res_channels, self.kernel_size, conv="causal", name=f"resblocks_{i}", **kw
+        self.res_channels,
+        self.kernel_size,
+        conv="causal",
+        causal_impl=self.causal_impl,
+        name=f"resblocks_{i}",
+        **kw,
       )
       out = block(out, condition=condition, train=train, decode=decode)
     background = background.astype(out.dtype)
@@ -169,6 +175,8 @@ class PixelSNAIL(nn.Module):
     remat: in training, recompute each PixelBlock's activations in the backward pass
       (`nn.remat`) instead of keeping them: the same function and parameters, much less memory
       (the blocks' inputs are kept, not their insides), about a third more compute.
+    causal_impl: form of the k x k causal convolutions in training ("masked" | "split",
+      pixelsnail_layers.WNConv): the same function; "split" skips the masked taps.
   """
 
   shape: tuple[int, int] = (32, 32)
@@ -187,6 +195,7 @@ class PixelSNAIL(nn.Module):
   num_out_res_blocks: int = 0
   num_classes: int = 0
   remat: bool = False
+  causal_impl: str = "masked"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -350,6 +359,7 @@ class PixelSNAIL(nn.Module):
         attention=self.attention,
         num_heads=self.num_heads,
         dropout=self.dropout,
+        causal_impl=self.causal_impl,
         name=f"blocks_{i}",
         **kw,
       )(out, bg, cond, train)

@@ -45,6 +45,10 @@ class WNConv(nn.Module):
     use_bias: whether to add a bias.
     mask: optional (kh, kw) 0/1 array multiplied into `weight_v` before the norm (the
       reference zeroes those taps of v in place, so its norm never counts them).
+    impl: "masked" (one kh x kw convolution, the masked taps multiplied as zeros) or "split"
+      (only for `causal_conv`'s "causal" mask: the same sum as two convolutions, the kh - 1
+      rows above the output pixel and the kw // 2 taps left of it, so the masked taps cost
+      nothing: 22 of 25 multiplies for a 5 x 5 kernel).
   """
 
   features: int
@@ -52,6 +56,7 @@ class WNConv(nn.Module):
   padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
   use_bias: bool = True
   mask: Any = None
+  impl: str = "masked"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -80,7 +85,13 @@ class WNConv(nn.Module):
       (self.features,),
     )
     w = _weight_norm(v, g, (0, 1, 2)).astype(self.dtype)
-    if at is None:
+    if self.impl not in CAUSAL_IMPLS:
+      raise ValueError(f"unknown conv impl {self.impl!r}; expected one of {CAUSAL_IMPLS}")
+    if at is None and self.impl == "split" and kh > 1:
+      if self.mask is None or self.padding != _causal_pads(kh, kw):
+        raise ValueError('impl="split" is the form of causal_conv(padding="causal") only')
+      y = _causal_split(x.astype(self.dtype), w)
+    elif at is None:
       y = jax.lax.conv_general_dilated(
         x.astype(self.dtype),
         w,
@@ -119,6 +130,35 @@ class WNDense(nn.Module):
     return x.astype(self.dtype) @ w + b.astype(self.dtype)
 
 
+CAUSAL_IMPLS = ("masked", "split")
+
+
+def _causal_pads(kh: int, kw: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  return ((kh - 1, 0), (kw // 2, kw // 2))
+
+
+def _causal_split(x: jax.Array, w: jax.Array) -> jax.Array:
+  """The "causal" convolution of x [B, H, W, C] as two unmasked convolutions.
+
+  Output (i, j) = sum over rows i-kh+1..i-1 (all kw columns centred on j) of w[:kh-1], plus
+  row i's columns j-kw//2..j-1 times w[kh-1, :kw//2]: every tap the mask keeps, none it
+  zeroes. Each part is padded on the leading side only and its one extra output row (column)
+  cropped, which XLA can fold into the sum's fusion.
+  """
+  kh, kw = w.shape[:2]
+  h, width = x.shape[1:3]
+  dims = ("NHWC", "HWIO", "NHWC")
+  above = jax.lax.conv_general_dilated(
+    x, w[: kh - 1], (1, 1), ((kh - 1, 0), (kw // 2, kw // 2)), dimension_numbers=dims
+  )[:, :h]
+  if kw // 2 == 0:
+    return above
+  left = jax.lax.conv_general_dilated(
+    x, w[kh - 1 :, : kw // 2], (1, 1), ((0, 0), (kw // 2, 0)), dimension_numbers=dims
+  )[:, :, :width]
+  return above + left
+
+
 def _conv_at(x: jax.Array, w: jax.Array, at, padding) -> jax.Array:
   """Output pixel `at` of a stride-1 convolution of x [B, H, W, C] with w [kh, kw, C, F]."""
   (top, _), (left, _) = padding
@@ -144,40 +184,45 @@ def cached_input(module: nn.Module, name: str, x: jax.Array, decode) -> jax.Arra
   return cache.value
 
 
-def causal_conv(features: int, kernel_size: tuple[int, int], padding: str, **kw) -> "WNConv":
+def causal_conv(
+  features: int, kernel_size: tuple[int, int], padding: str, impl: str = "masked", **kw
+) -> "WNConv":
   """A `WNConv` whose output at (i, j) never sees pixels after (i, j) in raster order.
 
   padding="downright": the window covers rows i-kh+1..i and columns j-kw+1..j.
   padding="down": rows i-kh+1..i and columns j-kw//2..j+kw//2.
   padding="causal": as "down", with the taps at (i, j) and right of it removed, so the output
-  at (i, j) depends only on strictly earlier pixels of the input.
+  at (i, j) depends only on strictly earlier pixels of the input; `impl` ("masked" |
+  "split", see `WNConv`) picks its form.
   """
   kh, kw_ = kernel_size
   mask = None
   if padding == "downright":
     pads = ((kh - 1, 0), (kw_ - 1, 0))
   elif padding in ("down", "causal"):
-    pads = ((kh - 1, 0), (kw_ // 2, kw_ // 2))
+    pads = _causal_pads(kh, kw_)
     if padding == "causal":
       mask = np.ones((kh, kw_), np.float32)
       mask[-1, kw_ // 2 :] = 0.0
       mask = tuple(map(tuple, mask.tolist()))
   else:
     raise ValueError(f"unknown causal padding {padding!r}")
-  return WNConv(features, (kh, kw_), padding=pads, mask=mask, **kw)
+  impl = impl if padding == "causal" else "masked"
+  return WNConv(features, (kh, kw_), padding=pads, mask=mask, impl=impl, **kw)
 
 
 class GatedResBlock(nn.Module):
   """x + GLU(conv2(dropout(ELU(conv1(ELU(x)) + aux_conv(ELU(aux))))) + condition(cond)).
 
   conv="same": centred convolutions (zero padding kernel//2); conv="causal": `causal_conv`
-  with padding "causal" (strictly earlier pixels only).
+  with padding "causal" (strictly earlier pixels only), in the form `causal_impl` names.
   """
 
   channels: int
   kernel_size: int
   conv: str = "same"
   dropout: float = 0.1
+  causal_impl: str = "masked"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -185,7 +230,7 @@ class GatedResBlock(nn.Module):
     k = self.kernel_size
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     if self.conv == "causal":
-      return causal_conv(features, (k, k), "causal", **kw)
+      return causal_conv(features, (k, k), "causal", impl=self.causal_impl, **kw)
     if self.conv != "same":
       raise ValueError(f"unknown conv {self.conv!r}")
     return WNConv(features, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)), **kw)

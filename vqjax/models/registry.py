@@ -77,6 +77,7 @@ def _build_vqvae(config, dtype, param_dtype):
     upconv_impl=m.upconv_impl,
     downconv_impl=m.downconv_impl,
     relu_impl=m.relu_impl,
+    channel_multiple=m.channel_multiple,
     dtype=dtype,
     param_dtype=param_dtype,
   )
@@ -98,6 +99,7 @@ def _build_vqvae2(config, dtype, param_dtype):
     upconv_impl=m.upconv_impl,
     downconv_impl=m.downconv_impl,
     relu_impl=m.relu_impl,
+    channel_multiple=m.channel_multiple,
     dtype=dtype,
     param_dtype=param_dtype,
   )
@@ -151,6 +153,7 @@ def _build_pixelsnail(config, dtype, param_dtype):
     num_out_res_blocks=m.num_out_res_blocks,
     num_classes=_prior_classes(config),
     remat=m.remat,
+    causal_impl=m.causal_conv_impl,
     dtype=dtype,
     param_dtype=param_dtype,
   )

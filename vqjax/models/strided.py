@@ -86,8 +86,26 @@ def _down_bwd(res, g):
 down_adjoint.defvjp(_down_fwd, _down_bwd)
 
 
-def down(x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
-  """Conv2d(kernel 4, stride 2, padding 1) of NHWC `x` with a (4, 4, in, out) kernel."""
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
+  if a.shape[axis] == size:
+    return a
+  widths = [(0, 0)] * a.ndim
+  widths[axis] = (0, size - a.shape[axis])
+  return jnp.pad(a, widths)
+
+
+def down(x: jax.Array, w: jax.Array, impl: str = "auto", multiple: int = 0) -> jax.Array:
+  """Conv2d(kernel 4, stride 2, padding 1) of NHWC `x` with a (4, 4, in, out) kernel.
+
+  `multiple` > 1 zero-pads the input channels (of x and w) to a multiple of it first: the same
+  sums, in the channel counts tensor cores take (e.g. an RGB image's 3 -> 8).
+  """
+  c = _round_up(x.shape[-1], multiple)
+  x, w = _pad_axis(x, 3, c), _pad_axis(w, 2, c)
   impl = resolve(impl, DOWN_IMPLS, cpu="adjoint", accelerator="lax")
   if impl == "adjoint" and (x.shape[1] % 2 or x.shape[2] % 2):
     impl = "lax"  # the adjoint of an odd-sized input's conv crops differently: XLA's rules
@@ -174,11 +192,21 @@ def _up_bwd(res, g):
 up_adjoint.defvjp(_up_fwd, _up_bwd)
 
 
-def up(x: jax.Array, w: jax.Array, impl: str = "auto") -> jax.Array:
-  """ConvTranspose2d(kernel 4, stride 2, padding 1) of NHWC `x` (PyTorch orientation)."""
+def up(x: jax.Array, w: jax.Array, impl: str = "auto", multiple: int = 0) -> jax.Array:
+  """ConvTranspose2d(kernel 4, stride 2, padding 1) of NHWC `x` (PyTorch orientation).
+
+  `multiple` > 1 zero-pads the output channels of the convolution the form runs (4 x out for
+  the sub-pixel and phase forms) to a multiple of it and crops them after: e.g. a decoder's
+  RGB output, 12 -> 16 sub-pixel channels.
+  """
   impl = resolve(impl, UP_IMPLS, cpu="adjoint", accelerator="subpixel")
   fns = {"subpixel": up_subpixel, "lax": up_lax, "adjoint": up_adjoint}
-  return fns[impl](x, w)
+  o = padded = w.shape[-1]
+  phases = 1 if impl == "lax" else 4  # output channels of the convolution each form runs
+  while multiple > 1 and phases * padded % multiple:
+    padded += 1
+  y = fns[impl](x, _pad_axis(w, 3, padded))
+  return y if padded == o else y[..., :o]
 
 
 def resolve(impl: str, choices: tuple[str, ...], cpu: str, accelerator: str) -> str:

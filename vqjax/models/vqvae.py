@@ -24,6 +24,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
   upconv_impl: str = "auto",
   downconv_impl: str = "auto",
   relu_impl: str = "jax",
+  channel_multiple: int = 0,
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
 ) -> VQVAE2:
@@ -39,6 +40,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     upconv_impl: form of the transposed convolutions (models/strided.py; "auto").
     downconv_impl: form of the stride-2 convolutions (models/strided.py; "auto").
     relu_impl: "jax" or "output" (layers.relu; the same function and gradients).
+    channel_multiple: > 1 pads the image-side convolutions' channels to a multiple of it.
     dtype: compute dtype.
     param_dtype: parameter dtype.
 
@@ -56,6 +58,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     upconv_impl=upconv_impl,
     downconv_impl=downconv_impl,
     relu_impl=relu_impl,
+    channel_multiple=channel_multiple,
     dtype=dtype,
     param_dtype=param_dtype,
   )

@@ -1,0 +1,114 @@
+"""The "split" form of PixelSNAIL's causal convolution (config.model.causal_conv_impl): the
+reference's masked k x k convolution computed as two convolutions that skip the masked taps.
+Checked against a float64 NumPy convolution with the mask applied, and as the whole model
+against the masked form (same parameters, outputs and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqjax import configs, errors
+from vqjax.models.pixelsnail import PixelSNAIL
+from vqjax.models.pixelsnail_layers import WNConv, causal_conv
+
+
+def _numpy_causal_conv(x, w):
+  """Output (i, j) = sum over taps (a, b) kept by the mask of x[i-kh+1+a, j-kw//2+b] w[a, b]
+  (zeros outside the map); the mask drops row kh-1's taps b >= kw // 2."""
+  kh, kw = w.shape[:2]
+  b, h, wd, _ = x.shape
+  out = np.zeros((b, h, wd, w.shape[-1]))
+  for a in range(kh):
+    for c in range(kw):
+      if a == kh - 1 and c >= kw // 2:
+        continue
+      for i in range(h):
+        for j in range(wd):
+          r, s = i - kh + 1 + a, j - kw // 2 + c
+          if 0 <= r < h and 0 <= s < wd:
+            out[:, i, j] += x[:, r, s] @ w[a, c]
+  return out
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_split_equals_numpy_masked_convolution(k):
+  rng = np.random.default_rng(k)
+  x = rng.normal(size=(2, 6, 7, 4))
+  conv = causal_conv(5, (k, k), "causal", impl="split")
+  params = conv.init(jax.random.key(0), jnp.asarray(x, jnp.float32))["params"]
+  # Random g and bias too, so the check covers the whole layer, not just the convolution.
+  params = dict(params, weight_g=jnp.asarray(rng.uniform(0.5, 2.0, 5), jnp.float32))
+  params["bias"] = jnp.asarray(rng.normal(size=5), jnp.float32)
+  y = np.asarray(conv.apply({"params": params}, jnp.asarray(x, jnp.float32)), np.float64)
+  v = np.asarray(params["weight_v"], np.float64).copy()
+  v[-1, k // 2 :] = 0.0  # the mask, applied before the norm as the reference does
+  w = np.asarray(params["weight_g"], np.float64) * v / np.sqrt((v * v).sum(axis=(0, 1, 2)))
+  want = _numpy_causal_conv(x, w) + np.asarray(params["bias"], np.float64)
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+  # The masked form gives the same, and pixel (i, j) of the output never sees (i, j) itself.
+  masked = causal_conv(5, (k, k), "causal", impl="masked")
+  y_masked = np.asarray(masked.apply({"params": params}, jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(y, y_masked, rtol=1e-4, atol=1e-4)
+  x2 = x.copy()
+  x2[:, 3, 4] += 10.0
+  y2 = np.asarray(conv.apply({"params": params}, jnp.asarray(x2, jnp.float32)))
+  changed = np.abs(y2 - y).max(axis=(0, 3)) > 1e-3
+  assert not changed[:3].any() and not changed[3, :5].any()  # raster order up to (3, 4)
+  assert changed[3, 5] and changed[4, 4]  # the next pixel and the one below do see it
+
+
+def _model(impl: str) -> PixelSNAIL:
+  return PixelSNAIL(
+    shape=(8, 8),
+    num_codes=16,
+    channels=16,
+    kernel_size=5,
+    num_blocks=2,
+    num_res_blocks=1,
+    res_channels=16,
+    num_heads=2,
+    dropout=0.1,
+    num_cond_res_blocks=1,
+    cond_res_channels=8,
+    causal_impl=impl,
+  )
+
+
+def test_split_model_same_parameters_outputs_and_gradients():
+  rng = np.random.default_rng(0)
+  codes = jnp.asarray(rng.integers(0, 16, (3, 8, 8)), jnp.int32)
+  cond = (jnp.asarray(rng.integers(0, 16, (3, 4, 4)), jnp.int32),)
+  masked, split = _model("masked"), _model("split")
+  params = jax.jit(masked.init)(jax.random.key(0), codes, cond)["params"]
+  shapes = jax.eval_shape(split.init, jax.random.key(0), codes, cond)["params"]
+  assert jax.tree.structure(params) == jax.tree.structure(shapes)
+
+  def loss(model):
+    def f(p):
+      logits = model.apply(
+        {"params": p}, codes, cond, train=True, rngs={"dropout": jax.random.key(3)}
+      )
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), codes[..., None], -1))
+
+    return jax.jit(jax.value_and_grad(f))
+
+  (l_m, g_m), (l_s, g_s) = loss(masked)(params), loss(split)(params)
+  np.testing.assert_allclose(float(l_s), float(l_m), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_m), jax.tree.leaves(g_s), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
+  # The masked taps get no gradient in either form (they are zero in every weight).
+  v_grad = np.asarray(g_s["blocks_0"]["resblocks_0"]["conv1"]["weight_v"])
+  assert np.all(v_grad[-1, 2:] == 0.0) and np.abs(v_grad[-1, :2]).max() > 0
+
+
+def test_split_rejects_other_paddings_and_unknown_forms():
+  x = jnp.zeros((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="causal"):
+    WNConv(3, (3, 3), padding=((1, 1), (1, 1)), impl="split").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="unknown conv impl"):
+    causal_conv(3, (3, 3), "causal", impl="fused").init(jax.random.key(0), x)
+  c = configs.prior_config("", level=0, model="pixelsnail")
+  c.model.causal_conv_impl = "fast"
+  with pytest.raises(errors.UserError, match="causal_conv_impl"):
+    configs.validate(c)
