@@ -23,6 +23,7 @@ first one's to 1e-3 relative (the forms are the same function; a larger gap is r
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -49,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   a = p.parse_args(argv)
   if len(a.variant) < 1:
     p.error('give at least one --variant ("" for the config as it is)')
+  if a.baseline_dir:
+    # Torch shares the accelerator: JAX must not take most of its memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   trainer.setup_compilation_cache(a.cache)
 
   benches, compile_s, losses, variants = [], [], [], []
@@ -64,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       first = (str(e).strip().splitlines() or [""])[0][:300]
       print(json.dumps({"variant": variant, "failed": f"{type(e).__name__}: {first}"}))
       continue
+    print(f"variants: {variant!r} compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
     compile_s.append(seconds)
     losses.append(float(b.metrics["loss"]))
     benches.append(b)

@@ -201,14 +201,26 @@ def test_plot_writes_a_png_of_two_rows(tmp_path):
     assert np.any(np.all(image == rgb, axis=-1)), color
 
 
-def test_variants_times_each_override_set_and_checks_their_losses_agree(capsys, fast_compile):
-  """Two exact forms of the stride-2 convolutions: one JSON row each, equal losses."""
+def test_variants_times_each_override_set_and_checks_their_losses_agree(
+  capsys, fast_compile, tmp_path
+):
+  """Two exact forms of the stride-2 convolutions: one JSON row each, equal losses; with
+  --baseline-dir a reference row timed in the same rounds and each row's ratio to it."""
+  pytest.importorskip("torch")
   import variants
 
+  for name, text in STAND_INS.items():
+    (tmp_path / name).write_text(textwrap.dedent(text))
   rows = variants.main(
     [
+      "--baseline-dir",
+      str(tmp_path),
+      "--set",
+      "vq.restart_after=0",
+      "--set",
+      "train.rng_impl=rbg",
       "--config",
-      "experiments/fashion_mnist.py:smoke",
+      "experiments/vqvae2_imagenet.py:smoke",
       "--dtype",
       "float32",
       "--batch",
@@ -224,12 +236,16 @@ def test_variants_times_each_override_set_and_checks_their_losses_agree(capsys, 
     ]
   )
   printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert printed == rows and len(rows) == 2
+  assert printed == rows and len(rows) == 3
+  ref = rows.pop()
   assert [r["variant"] for r in rows] == [
     "model.upconv_impl=lax model.downconv_impl=lax",
     "model.upconv_impl=adjoint model.downconv_impl=adjoint",
   ]
   assert rows[0]["vs_first"] == 1.0 and rows[1]["img/s"] > 0
+  assert ref["variant"] == baseline_torch.REFERENCE and ref["batch"] == 8
+  for r in rows:  # the ratio is the two rows' own throughputs
+    np.testing.assert_allclose(r["vs_reference"], r["img/s"] / ref["img/s"], rtol=0.02)
   assert all(r["loss_matches_first"] for r in rows)
   np.testing.assert_allclose(rows[1]["loss"], rows[0]["loss"], rtol=1e-4)
 

@@ -254,3 +254,18 @@ def test_the_cpu_xla_flag_is_set_unless_the_user_chose_and_gradients_hold_under_
   assert flags == "--xla_cpu_experimental_ynn_fusion_type="  # the user's own setting wins
   flags, _ = _run_flag_check({"VQJAX_XLA_CPU_DEFAULTS": "1"})
   assert "ynn_fusion_type" not in flags
+
+
+def test_channel_multiple_auto_pads_on_gpus_only_and_bad_values_are_clear(monkeypatch):
+  from vqjax import configs, errors
+  from vqjax.models import registry
+
+  assert registry.channel_multiple(-1) == 0  # this CPU
+  assert registry.channel_multiple(16) == 16 and registry.channel_multiple(0) == 0
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert registry.channel_multiple(-1) == 8
+  for bad in (-2, -8):  # (ConfigDict itself refuses a float or a bool for an int field)
+    c = configs.base_config()
+    c.model.channel_multiple = bad
+    with pytest.raises(errors.UserError, match="channel_multiple"):
+      configs.validate(c)
