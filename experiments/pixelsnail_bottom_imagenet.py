@@ -7,7 +7,9 @@ batch 32, Adam 3e-4.
 Run after code extraction (see experiments/pixelsnail_top_imagenet.py):
   python -m vqjax.train --config experiments/pixelsnail_bottom_imagenet.py --workdir RUN \
       --config.data.codes_dir=CODES
-About 90M parameters. `:smoke` runs one CPU step on synthetic codes.
+About 90M parameters. `:smoke` runs one CPU step on synthetic codes. For batch 256 on one 80 GB
+card add `--config.model.remat=True --config.data.batch_size=256` (24.9 GiB peak on an H100,
+benchmarks/RESULTS.md run 5; without remat XLA's estimate was 84.5 GiB).
 """
 
 import ml_collections

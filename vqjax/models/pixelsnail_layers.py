@@ -142,21 +142,31 @@ def _causal_split(x: jax.Array, w: jax.Array) -> jax.Array:
 
   Output (i, j) = sum over rows i-kh+1..i-1 (all kw columns centred on j) of w[:kh-1], plus
   row i's columns j-kw//2..j-1 times w[kh-1, :kw//2]: every tap the mask keeps, none it
-  zeroes. Each part is padded on the leading side only and its one extra output row (column)
-  cropped, which XLA can fold into the sum's fusion.
+  zeroes. Output row 0 has no rows above and column 0 nothing to its left, so each part is
+  computed for the other rows (columns) only, from the input without its last row (column),
+  and shifted into place by a zero row (column): no convolution has a window that lies wholly
+  in its padding, which keeps every padding of the gradient convolutions non-negative (XLA's
+  GPU backend cannot run a negatively padded one as a cuDNN backward convolution).
   """
   kh, kw = w.shape[:2]
   h, width = x.shape[1:3]
   dims = ("NHWC", "HWIO", "NHWC")
-  above = jax.lax.conv_general_dilated(
-    x, w[: kh - 1], (1, 1), ((kh - 1, 0), (kw // 2, kw // 2)), dimension_numbers=dims
-  )[:, :h]
-  if kw // 2 == 0:
-    return above
-  left = jax.lax.conv_general_dilated(
-    x, w[kh - 1 :, : kw // 2], (1, 1), ((0, 0), (kw // 2, 0)), dimension_numbers=dims
-  )[:, :, :width]
-  return above + left
+  out = jnp.zeros((*x.shape[:3], w.shape[-1]), x.dtype)
+  if h > 1:
+    above = jax.lax.conv_general_dilated(
+      x[:, : h - 1], w[: kh - 1], (1, 1), ((kh - 2, 0), (kw // 2, kw // 2)), dimension_numbers=dims
+    )
+    out = jnp.pad(above, ((0, 0), (1, 0), (0, 0), (0, 0)))
+  if kw // 2 and width > 1:
+    left = jax.lax.conv_general_dilated(
+      x[:, :, : width - 1],
+      w[kh - 1 :, : kw // 2],
+      (1, 1),
+      ((0, 0), (kw // 2 - 1, 0)),
+      dimension_numbers=dims,
+    )
+    out = out + jnp.pad(left, ((0, 0), (0, 0), (1, 0), (0, 0)))
+  return out
 
 
 def _conv_at(x: jax.Array, w: jax.Array, at, padding) -> jax.Array:
