@@ -259,3 +259,48 @@ def test_cached_greedy_pixelcnn_sample_is_the_argmax_of_the_full_forward():
   logits = model.apply(variables, greedy, label=label)
   np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
   assert len(np.unique(np.asarray(greedy))) > 1
+
+
+def test_coarse_conditioning_equals_full_resolution_on_short_multi_level_maps():
+  """The blocks project the conditioning features at the finest condition map's resolution and
+  upsample after (PixelSNAIL._conditioning); decoding caches them upsampled to full resolution
+  first. Two maps (a quarter and a half of the 8x8 map), a label, and a map 6 rows high (not a
+  multiple of the scale of the coarsest map): both paths give the same logits."""
+  model = _snail(shape=(8, 8), num_cond_res_blocks=1, cond_res_channels=8, num_classes=3)
+  rng = np.random.default_rng(5)
+  codes = jnp.asarray(rng.integers(0, K, (2, 6, 8)), jnp.int32)
+  condition = tuple(jnp.asarray(rng.integers(0, K, (2, 8 // f, 8 // f)), jnp.int32) for f in (4, 2))
+  label = jnp.asarray([0, 2], jnp.int32)
+  variables = _init(model, codes, condition, label, seed=6)
+  full = model.apply(variables, codes, condition=condition, label=label)
+  incremental = cached.logits_at_every_position(model, variables, codes, condition, label)
+  assert full.shape == (2, 6, 8, K)
+  np.testing.assert_allclose(incremental, full, rtol=1e-5, atol=1e-5)
+
+
+def test_coarse_conditioning_projects_the_upsampled_features():
+  """Against a hand computation in NumPy: each conditioning ResNet's output repeated to the full
+  map (x4, x2), cropped to 6 rows, summed with the label's embedding, then projected by a block's
+  weight-normalised 1 x 1 "condition" conv; the model projects at half resolution and repeats."""
+  model = _snail(shape=(8, 8), num_cond_res_blocks=1, cond_res_channels=8, num_classes=3)
+  rng = np.random.default_rng(5)
+  codes = jnp.asarray(rng.integers(0, K, (2, 6, 8)), jnp.int32)
+  condition = tuple(jnp.asarray(rng.integers(0, K, (2, 8 // f, 8 // f)), jnp.int32) for f in (4, 2))
+  label = jnp.asarray([0, 2], jnp.int32)
+  variables = _init(model, codes, condition, label, seed=6)
+  _, state = model.apply(
+    variables, codes, condition=condition, label=label, capture_intermediates=True
+  )
+  got = state["intermediates"]
+  up = lambda a, f: np.repeat(np.repeat(np.asarray(a, np.float64), f, 1), f, 2)[:, :6]
+  feats = up(got["cond_resnet"]["__call__"][0], 4) + up(got["cond_resnet_1"]["__call__"][0], 2)
+  feats += np.asarray(variables["params"]["label_embed"]["embedding"], np.float64)[
+    np.asarray(label)
+  ][:, None, None]
+  p = variables["params"]["blocks_1"]["resblocks_0"]["condition"]
+  v = np.asarray(p["weight_v"], np.float64)[0, 0]
+  w = np.asarray(p["weight_g"], np.float64) * v / np.sqrt((v * v).sum(0))
+  want = feats @ w
+  proj = got["blocks_1"]["resblocks_0"]["condition"]["__call__"][0]
+  assert proj.shape[1:3] == (3, 4)  # projected at half resolution: 3 = ceil(6 / 2) rows
+  np.testing.assert_allclose(up(proj, 2), want, rtol=1e-4, atol=1e-5)

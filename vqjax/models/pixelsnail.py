@@ -64,6 +64,13 @@ def _pad(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Arra
   return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
 
 
+def upsample(x: jax.Array, scale: tuple[int, int], height: int, width: int) -> jax.Array:
+  """Nearest upsampling of [B, h, w, C] by `scale` = (rows, columns), cropped to height x width."""
+  if tuple(scale) != (1, 1):
+    x = jnp.repeat(jnp.repeat(x, scale[0], axis=1), scale[1], axis=2)
+  return x[:, :height, :width]
+
+
 class PixelBlock(nn.Module):
   """Causal gated residual blocks, then attention (or a 1x1 conv) with coordinates."""
 
@@ -74,6 +81,7 @@ class PixelBlock(nn.Module):
   num_heads: int = 8
   dropout: float = 0.1
   causal_impl: str = "masked"
+  cond_scale: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -96,6 +104,7 @@ class PixelBlock(nn.Module):
         self.kernel_size,
         conv="causal",
         causal_impl=self.causal_impl,
+        cond_scale=self.cond_scale,
         name=f"resblocks_{i}",
         **kw,
       )
@@ -200,7 +209,15 @@ class PixelSNAIL(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def _conditioning(self, condition, label, batch: int, height: int, width: int):
-    """The conditioning features [B, H, W, C] (or None) fed to every causal residual block."""
+    """The conditioning features fed to every causal residual block, and their scale.
+
+    Returns (None, (1, 1)) without conditioning, else (features, (sh, sw)): features
+    [B, ceil(height / sh), ceil(width / sw), C] at the finest condition map's resolution (the
+    coarser maps' features repeated to it, a label's embedding added: it is the same at every
+    pixel), `upsample(features, (sh, sw), height, width)` being the conditioning at every pixel
+    of the map. The blocks project the features (1 x 1 convolutions) before upsampling them:
+    the same sums as projecting the upsampled map, sh * sw times fewer of them.
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if isinstance(condition, jax.Array | np.ndarray):  # one map given bare
       condition = (condition,)
@@ -218,16 +235,23 @@ class PixelSNAIL(nn.Module):
       )
     if self.num_classes == 0 and label is not None:
       raise ValueError("this PixelSNAIL has num_classes=0: it takes no label")
-    cond = None
+    cond, scale = None, (1, 1)
+    full_h, full_w = self.shape
     if condition:
       for i, c in enumerate(condition):
         h, w = c.shape[1:]
         # The reference upsamples with scale 2 and crops; integer ratios cover every level.
-        full_h, full_w = self.shape
         if full_h % h or full_w % w:
           raise ValueError(
             f"condition map {i} is {h}x{w}, which does not divide the {full_h}x{full_w} map"
           )
+      scales = [(full_h // c.shape[1], full_w // c.shape[2]) for c in condition]
+      scale = (min(s[0] for s in scales), min(s[1] for s in scales))
+      if any(s[0] % scale[0] or s[1] % scale[1] for s in scales):
+        scale = (1, 1)  # maps whose ratios do not nest: everything at full resolution
+      rows, cols = -(-height // scale[0]), -(-width // scale[1])
+      for i, c in enumerate(condition):
+        h, w = c.shape[1:]
         name = "cond_resnet" if i == 0 else f"cond_resnet_{i}"
         feats = CondResNet(
           self.cond_res_channels,
@@ -237,15 +261,18 @@ class PixelSNAIL(nn.Module):
           name=name,
           **kw,
         )(jax.nn.one_hot(c, self.num_codes, dtype=self.dtype))
-        feats = jnp.repeat(jnp.repeat(feats, full_h // h, axis=1), full_w // w, axis=2)
-        feats = feats[:, :height, :width]
+        ratio = (full_h // h // scale[0], full_w // w // scale[1])
+        feats = upsample(feats, ratio, rows, cols)
         cond = feats if cond is None else cond + feats
     if self.num_classes > 0:
       dim = self.cond_res_channels or self.res_channels
       emb = nn.Embed(self.num_classes, dim, name="label_embed", **kw)(label)
       emb = emb[:, None, None, :].astype(self.dtype)
-      cond = jnp.broadcast_to(emb, (batch, height, width, dim)) if cond is None else cond + emb
-    return cond
+      if cond is None:  # the label alone: one pixel of features, the same everywhere
+        cond, scale = emb, (height, width)
+      else:
+        cond = cond + emb
+    return cond, scale
 
   def _decode(self, codes, condition, label, train, position) -> jax.Array:
     """Logits [B, num_codes] at raster position `position`, one pixel of work per layer.
@@ -282,8 +309,9 @@ class PixelSNAIL(nn.Module):
     if self.has_variable("cache", "condition"):
       cond = self.get_variable("cache", "condition")
     else:
-      cond = self._conditioning(condition, label, b, h, w)
+      cond, scale = self._conditioning(condition, label, b, h, w)
       if cond is not None:
+        cond = upsample(cond, scale, h, w)  # one pixel at a time: the full map, once
         self.put_variable("cache", "condition", cond)
     if cond is not None:
       cond = jax.lax.dynamic_slice(cond, (0, i, j, 0), (b, 1, 1, cond.shape[-1]))
@@ -348,7 +376,7 @@ class PixelSNAIL(nn.Module):
     out = _pad(above, 1, 0, 0, 0)[:, :h] + _pad(left, 0, 0, 1, 0)[:, :, :w]
     bg = jnp.broadcast_to(jnp.asarray(background(*self.shape))[:h, :w], (b, h, w, 2))
     with jax.named_scope("conditioning"):  # conditioning ResNets, upsampling, label: one scope
-      cond = self._conditioning(condition, label, b, h, w)
+      cond, scale = self._conditioning(condition, label, b, h, w)
     # `train` is a Python bool: static for nn.remat (argument 4, counting the module as 0).
     block_class = nn.remat(PixelBlock, static_argnums=(4,)) if self.remat else PixelBlock
     for i in range(self.num_blocks):
@@ -360,6 +388,7 @@ class PixelSNAIL(nn.Module):
         num_heads=self.num_heads,
         dropout=self.dropout,
         causal_impl=self.causal_impl,
+        cond_scale=scale,
         name=f"blocks_{i}",
         **kw,
       )(out, bg, cond, train)

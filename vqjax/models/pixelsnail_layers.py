@@ -226,6 +226,7 @@ class GatedResBlock(nn.Module):
 
   conv="same": centred convolutions (zero padding kernel//2); conv="causal": `causal_conv`
   with padding "causal" (strictly earlier pixels only), in the form `causal_impl` names.
+  `condition` is at the resolution of x, or `cond_scale` = (rows, columns) times coarser.
   """
 
   channels: int
@@ -233,6 +234,7 @@ class GatedResBlock(nn.Module):
   conv: str = "same"
   dropout: float = 0.1
   causal_impl: str = "masked"
+  cond_scale: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -276,7 +278,12 @@ class GatedResBlock(nn.Module):
     out = nn.Dropout(self.dropout, deterministic=not train)(out)
     out = conv(2 * in_channels, "conv2", out)
     if condition is not None:
-      out = out + WNConv(2 * in_channels, use_bias=False, name="condition", **kw)(condition)
+      proj = WNConv(2 * in_channels, use_bias=False, name="condition", **kw)(condition)
+      # `condition` may come at a coarser resolution (cond_scale, see PixelSNAIL): a 1 x 1
+      # projection commutes with nearest upsampling, so it is projected first.
+      if tuple(self.cond_scale) != (1, 1):
+        proj = jnp.repeat(jnp.repeat(proj, self.cond_scale[0], 1), self.cond_scale[1], 2)
+      out = out + proj[:, : out.shape[1], : out.shape[2]]
     a, b = jnp.split(out, 2, axis=-1)
     return x.astype(self.dtype) + a * nn.sigmoid(b)
 
