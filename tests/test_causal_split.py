@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_pixelsnail_remat import _model as remat_model
 
 from vqjax import configs, errors
 from vqjax.models.pixelsnail import PixelSNAIL
@@ -59,20 +60,8 @@ def test_split_equals_numpy_masked_convolution(k):
 
 
 def _model(impl: str) -> PixelSNAIL:
-  return PixelSNAIL(
-    shape=(8, 8),
-    num_codes=16,
-    channels=16,
-    kernel_size=5,
-    num_blocks=2,
-    num_res_blocks=1,
-    res_channels=16,
-    num_heads=2,
-    dropout=0.1,
-    num_cond_res_blocks=1,
-    cond_res_channels=8,
-    causal_impl=impl,
-  )
+  # The remat test's small conditioned model, with 5x5 causal convolutions.
+  return remat_model(False, kernel_size=5, causal_impl=impl)
 
 
 def test_split_model_same_parameters_outputs_and_gradients():

@@ -261,17 +261,22 @@ def test_cached_greedy_pixelcnn_sample_is_the_argmax_of_the_full_forward():
   assert len(np.unique(np.asarray(greedy))) > 1
 
 
-def test_coarse_conditioning_equals_full_resolution_on_short_multi_level_maps():
-  """The blocks project the conditioning features at the finest condition map's resolution and
-  upsample after (PixelSNAIL._conditioning); decoding caches them upsampled to full resolution
-  first. Two maps (a quarter and a half of the 8x8 map), a label, and a map 6 rows high (not a
-  multiple of the scale of the coarsest map): both paths give the same logits."""
+def _short_multi_level():
+  """An 8x8 PixelSNAIL conditioned on two maps (2x2 and 4x4) and a label, on a 6-row map."""
   model = _snail(shape=(8, 8), num_cond_res_blocks=1, cond_res_channels=8, num_classes=3)
   rng = np.random.default_rng(5)
   codes = jnp.asarray(rng.integers(0, K, (2, 6, 8)), jnp.int32)
   condition = tuple(jnp.asarray(rng.integers(0, K, (2, 8 // f, 8 // f)), jnp.int32) for f in (4, 2))
   label = jnp.asarray([0, 2], jnp.int32)
-  variables = _init(model, codes, condition, label, seed=6)
+  return model, codes, condition, label, _init(model, codes, condition, label, seed=6)
+
+
+def test_coarse_conditioning_equals_full_resolution_on_short_multi_level_maps():
+  """The blocks project the conditioning features at the finest condition map's resolution and
+  upsample after (PixelSNAIL._conditioning); decoding caches them upsampled to full resolution
+  first. Two maps (a quarter and a half of the 8x8 map), a label, and a map 6 rows high (not a
+  multiple of the scale of the coarsest map): both paths give the same logits."""
+  model, codes, condition, label, variables = _short_multi_level()
   full = model.apply(variables, codes, condition=condition, label=label)
   incremental = cached.logits_at_every_position(model, variables, codes, condition, label)
   assert full.shape == (2, 6, 8, K)
@@ -282,12 +287,7 @@ def test_coarse_conditioning_projects_the_upsampled_features():
   """Against a hand computation in NumPy: each conditioning ResNet's output repeated to the full
   map (x4, x2), cropped to 6 rows, summed with the label's embedding, then projected by a block's
   weight-normalised 1 x 1 "condition" conv; the model projects at half resolution and repeats."""
-  model = _snail(shape=(8, 8), num_cond_res_blocks=1, cond_res_channels=8, num_classes=3)
-  rng = np.random.default_rng(5)
-  codes = jnp.asarray(rng.integers(0, K, (2, 6, 8)), jnp.int32)
-  condition = tuple(jnp.asarray(rng.integers(0, K, (2, 8 // f, 8 // f)), jnp.int32) for f in (4, 2))
-  label = jnp.asarray([0, 2], jnp.int32)
-  variables = _init(model, codes, condition, label, seed=6)
+  model, codes, condition, label, variables = _short_multi_level()
   _, state = model.apply(
     variables, codes, condition=condition, label=label, capture_intermediates=True
   )
