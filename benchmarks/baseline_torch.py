@@ -118,7 +118,7 @@ class Baseline:
     if self.device.type == "cuda":
       self.torch.cuda.synchronize()
 
-  def _timed(self, fn, steps: int, warmup: int = 2) -> float:
+  def timed(self, fn, steps: int, warmup: int = 2) -> float:
     """Seconds per call of `fn()` over `steps` calls after `warmup` untimed ones."""
     for _ in range(warmup):
       fn()
@@ -176,9 +176,9 @@ class Baseline:
     """
     self._reset_peak()
     train, recon = self.stage1_fns(kwargs, batch, size)
-    train_s = self._timed(train, steps)
+    train_s = self.timed(train, steps)
     peak = self._peak_gib()
-    recon_s = self._timed(recon, steps)
+    recon_s = self.timed(recon, steps)
     return {"train_s": train_s, "recon_s": recon_s, "peak_gib": peak}
 
   def prior_fn(self, kwargs: dict, batch: int, cond_shape: tuple[int, int] | None):
@@ -205,7 +205,7 @@ class Baseline:
     """The reference PixelSNAIL's train step on random codes. Returns {"train_s", "peak_gib"}."""
     self._reset_peak()
     train = self.prior_fn(kwargs, batch, cond_shape)
-    train_s = self._timed(train, steps)
+    train_s = self.timed(train, steps)
     return {"train_s": train_s, "peak_gib": self._peak_gib()}
 
   def sample(self, kwargs: dict, batch: int, condition_shape, max_positions: int) -> dict:

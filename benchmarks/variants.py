@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
       jax.block_until_ready(b.metrics)
       best[i] = min(best[i], (time.perf_counter() - t0) / a.steps)
     if reference is not None:
-      ref_best = min(ref_best, reference[0]._timed(reference[1], a.steps, warmup=0))
+      ref_best = min(ref_best, reference[0].timed(reference[1], a.steps, warmup=0))
 
   item = "img/s" if "image" in benches[0].batch else "sample/s"
   rows = []
@@ -150,7 +150,7 @@ def _reference(a: argparse.Namespace, b: train_step.Bench):
     shapes, level = config.prior.code_shapes, config.prior.level
     kwargs = baseline_torch.pixelsnail_kwargs(config.model, config.vq.num_codes, shapes[level])
     fn = base.prior_fn(kwargs, b.batch_size, tuple(shapes[level - 1]) if level else None)
-  base._timed(fn, 1, warmup=2)  # cuDNN's algorithm search and the allocator, untimed
+  base.timed(fn, 1, warmup=2)  # cuDNN's algorithm search and the allocator, untimed
   return base, fn
 
 

@@ -463,6 +463,17 @@ _PRIOR_MODEL_FIELDS = (
   "model.remat",
   "model.causal_conv_impl",
 )
+# Read by PixelSNAIL alone among the non-autoencoders (PixelCNN and the classifier ignore them).
+_PIXELSNAIL_ONLY_FIELDS = (
+  "model.attention",
+  "model.num_heads",
+  "model.num_cond_res_blocks",
+  "model.cond_res_channels",
+  "model.cond_res_kernel",
+  "model.num_out_res_blocks",
+  "model.remat",
+  "model.causal_conv_impl",
+)
 _CLASSIFIER_FIELDS = (
   "classifier.num_classes",
   "classifier.label_smoothing",
@@ -487,35 +498,12 @@ IGNORED_FIELDS = {
   + _PRIOR_MODEL_FIELDS,
   ("model.name", "vqvae2"): ("model.downsample",) + _PRIOR_MODEL_FIELDS,
   ("model.name", "pixelcnn"): _STAGE1_MODEL_FIELDS
-  + (
-    "model.res_channels",
-    "model.num_res_blocks",
-    "model.num_blocks",
-    "model.attention",
-    "model.num_heads",
-    "model.num_cond_res_blocks",
-    "model.cond_res_channels",
-    "model.cond_res_kernel",
-    "model.num_out_res_blocks",
-    "model.remat",
-    "model.causal_conv_impl",
-  ),
+  + _PIXELSNAIL_ONLY_FIELDS
+  + ("model.res_channels", "model.num_res_blocks", "model.num_blocks"),
   ("model.name", "pixelsnail"): _STAGE1_MODEL_FIELDS + ("model.num_layers", "model.cond_channels"),
   ("model.name", "classifier"): _STAGE1_MODEL_FIELDS
-  + (
-    "model.res_channels",
-    "model.kernel_size",
-    "model.num_layers",
-    "model.attention",
-    "model.num_heads",
-    "model.cond_channels",
-    "model.num_cond_res_blocks",
-    "model.cond_res_channels",
-    "model.cond_res_kernel",
-    "model.num_out_res_blocks",
-    "model.remat",
-    "model.causal_conv_impl",
-  ),
+  + _PIXELSNAIL_ONLY_FIELDS
+  + ("model.res_channels", "model.kernel_size", "model.num_layers", "model.cond_channels"),
   ("task", "autoencoder"): ("prior.level", "prior.class_conditional", "prior.num_classes")
   + _CLASSIFIER_FIELDS,
   ("task", "prior"): _CLASSIFIER_FIELDS,
@@ -580,11 +568,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "config.vq.matmul_impl='bf16' needs config.model.dtype='bfloat16' (its products are "
       f"exact only for bfloat16 inputs), got {config.model.dtype!r}; use 'auto' or 'float32'"
     )
-  multiple = config.model.channel_multiple
-  if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < -1:
+  if config.model.channel_multiple < -1:  # (an int: ConfigDict refuses other types)
     raise errors.UserError(
       "config.model.channel_multiple must be an integer >= -1 (-1 = auto, 0 = no padding), "
-      f"got {multiple!r}"
+      f"got {config.model.channel_multiple!r}"
     )
   excluded = config.data.exclude_labels
   if not all(isinstance(v, int) and not isinstance(v, bool) for v in excluded):

@@ -42,6 +42,7 @@ from vqjax.models.pixelsnail_layers import (
   cached_input,
   causal_conv,
   strict_causal_attention,
+  upsample,
 )
 
 __all__ = [
@@ -62,13 +63,6 @@ Dtype = Any
 
 def _pad(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-
-
-def upsample(x: jax.Array, scale: tuple[int, int], height: int, width: int) -> jax.Array:
-  """Nearest upsampling of [B, h, w, C] by `scale` = (rows, columns), cropped to height x width."""
-  if tuple(scale) != (1, 1):
-    x = jnp.repeat(jnp.repeat(x, scale[0], axis=1), scale[1], axis=2)
-  return x[:, :height, :width]
 
 
 class PixelBlock(nn.Module):

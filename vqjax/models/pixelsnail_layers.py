@@ -130,6 +130,13 @@ class WNDense(nn.Module):
     return x.astype(self.dtype) @ w + b.astype(self.dtype)
 
 
+def upsample(x: jax.Array, scale: tuple[int, int], height: int, width: int) -> jax.Array:
+  """Nearest upsampling of [B, h, w, C] by `scale` = (rows, columns), cropped to height x width."""
+  if tuple(scale) != (1, 1):
+    x = jnp.repeat(jnp.repeat(x, scale[0], axis=1), scale[1], axis=2)
+  return x[:, :height, :width]
+
+
 CAUSAL_IMPLS = ("masked", "split")
 
 
@@ -281,9 +288,7 @@ class GatedResBlock(nn.Module):
       proj = WNConv(2 * in_channels, use_bias=False, name="condition", **kw)(condition)
       # `condition` may come at a coarser resolution (cond_scale, see PixelSNAIL): a 1 x 1
       # projection commutes with nearest upsampling, so it is projected first.
-      if tuple(self.cond_scale) != (1, 1):
-        proj = jnp.repeat(jnp.repeat(proj, self.cond_scale[0], 1), self.cond_scale[1], 2)
-      out = out + proj[:, : out.shape[1], : out.shape[2]]
+      out = out + upsample(proj, self.cond_scale, out.shape[1], out.shape[2])
     a, b = jnp.split(out, 2, axis=-1)
     return x.astype(self.dtype) + a * nn.sigmoid(b)
 
