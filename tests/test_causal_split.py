@@ -101,3 +101,17 @@ def test_split_rejects_other_paddings_and_unknown_forms():
   c.model.causal_conv_impl = "fast"
   with pytest.raises(errors.UserError, match="causal_conv_impl"):
     configs.validate(c)
+
+
+def test_auto_resolves_to_split_on_gpus_only(monkeypatch):
+  from vqjax.models import registry
+
+  c = configs.prior_config("", level=0, model="pixelsnail")
+  assert c.model.causal_conv_impl == "auto"
+  assert registry.causal_conv_impl("auto") == "masked"  # this CPU
+  assert registry.causal_conv_impl("split") == "split"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert registry.causal_conv_impl("auto") == "split"
+  assert registry.causal_conv_impl("masked") == "masked"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert registry.causal_conv_impl("auto") == "masked"

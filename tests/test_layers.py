@@ -199,11 +199,19 @@ def test_adjoint_forms_give_xla_gradients_in_bfloat16():
       assert np.abs(a - b).max() <= 0.02 * np.abs(b).max()
 
 
-def test_auto_picks_the_adjoint_forms_on_the_cpu_and_bad_impls_are_clear():
+def test_auto_picks_the_form_measured_on_each_platform_and_bad_impls_are_clear(monkeypatch):
   assert jax.default_backend() == "cpu"
+  picks = dict(cpu="adjoint", accelerator="subpixel", gpu="lax")
+  assert strided.resolve("auto", strided.UP_IMPLS, **picks) == "adjoint"
+  assert strided.resolve("subpixel", strided.UP_IMPLS, **picks) == "subpixel"  # as named
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert strided.resolve("auto", strided.UP_IMPLS, **picks) == "lax"
   assert strided.resolve("auto", strided.UP_IMPLS, cpu="adjoint", accelerator="subpixel") == (
-    "adjoint"
+    "subpixel"  # no GPU-specific pick: the accelerators' one
   )
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert strided.resolve("auto", strided.UP_IMPLS, **picks) == "subpixel"
+  monkeypatch.undo()
   with pytest.raises(ValueError, match="unknown stride-2 conv impl 'fast'"):
     DownConv(4, impl="fast").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   with pytest.raises(ValueError, match="unknown stride-2 conv impl 'phase'"):

@@ -109,8 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   # pixelsnail: form of the k x k causal convolutions (models/pixelsnail_layers.py): "masked"
   # (one convolution whose masked taps multiply zeros, as the reference) or "split" (two
-  # convolutions that skip them: 22 of 25 taps at k = 5). The same function.
-  c.model.causal_conv_impl = "masked"
+  # convolutions that skip them: 22 of 25 taps at k = 5), or "auto" (split on GPUs: +8.8% on
+  # an H200; masked elsewhere). The same function.
+  c.model.causal_conv_impl = "auto"
 
   # --- vector quantizer -------------------------------------------------------------------
   c.vq = ml_collections.ConfigDict()
@@ -423,7 +424,7 @@ _CHOICES = {
   "model.upconv_impl": ("auto", "subpixel", "lax", "adjoint"),  # models/strided.py
   "model.downconv_impl": ("auto", "lax", "adjoint"),
   "model.relu_impl": ("jax", "output"),
-  "model.causal_conv_impl": ("masked", "split"),
+  "model.causal_conv_impl": ("auto", "masked", "split"),
   "train.rng_impl": ("threefry", "rbg", "unsafe_rbg"),
   "vq.kind": ("vq", "gumbel"),
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),

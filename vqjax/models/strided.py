@@ -15,8 +15,9 @@ Forms (each computes the same function; tests check them against NumPy):
 The adjoint forms' gradients are `jax.custom_vjp` rules; kernel gradients stay XLA's own.
 On the CPU (XLA:CPU, jaxlib 0.10, 2 cores) they make the Fashion-MNIST step at the PyTorch
 reference's sizes 1.2x faster; XLA's own derivatives of these forms run through convolutions
-XLA:CPU handles slowly (benchmarks/RESULTS.md). "auto" picks "adjoint" on the CPU and, on
-accelerators, the forms measured there ("lax" down, "subpixel" up, on an H100).
+XLA:CPU handles slowly (benchmarks/RESULTS.md). "auto" picks "adjoint" on the CPU and on GPUs
+(both adjoint forms: +2.9% on the ImageNet-256 step on an H200, identical loss) and elsewhere
+the forms XLA differentiates itself ("lax" down, "subpixel" up; unmeasured on TPUs).
 """
 
 import jax
@@ -106,7 +107,7 @@ def down(x: jax.Array, w: jax.Array, impl: str = "auto", multiple: int = 0) -> j
   """
   c = _round_up(x.shape[-1], multiple)
   x, w = _pad_axis(x, 3, c), _pad_axis(w, 2, c)
-  impl = resolve(impl, DOWN_IMPLS, cpu="adjoint", accelerator="lax")
+  impl = resolve(impl, DOWN_IMPLS, cpu="adjoint", accelerator="lax", gpu="adjoint")
   if impl == "adjoint" and (x.shape[1] % 2 or x.shape[2] % 2):
     impl = "lax"  # the adjoint of an odd-sized input's conv crops differently: XLA's rules
   return {"lax": down_lax, "adjoint": down_adjoint}[impl](x, w)
@@ -199,7 +200,7 @@ def up(x: jax.Array, w: jax.Array, impl: str = "auto", multiple: int = 0) -> jax
   the sub-pixel and phase forms) to a multiple of it and crops them after: e.g. a decoder's
   RGB output, 12 -> 16 sub-pixel channels.
   """
-  impl = resolve(impl, UP_IMPLS, cpu="adjoint", accelerator="subpixel")
+  impl = resolve(impl, UP_IMPLS, cpu="adjoint", accelerator="subpixel", gpu="adjoint")
   fns = {"subpixel": up_subpixel, "lax": up_lax, "adjoint": up_adjoint}
   o = padded = w.shape[-1]
   phases = 1 if impl == "lax" else 4  # output channels of the convolution each form runs
@@ -209,11 +210,16 @@ def up(x: jax.Array, w: jax.Array, impl: str = "auto", multiple: int = 0) -> jax
   return y if padded == o else y[..., :o]
 
 
-def resolve(impl: str, choices: tuple[str, ...], cpu: str, accelerator: str) -> str:
+def resolve(
+  impl: str, choices: tuple[str, ...], cpu: str, accelerator: str, gpu: str | None = None
+) -> str:
   """`impl`, with "auto" replaced by the form measured fastest on this platform: `cpu` on the
-  CPU, `accelerator` elsewhere (benchmarks/RESULTS.md)."""
+  CPU, `gpu` (if given) on GPUs, `accelerator` elsewhere (benchmarks/RESULTS.md)."""
   if impl not in choices:
     raise ValueError(f"unknown stride-2 conv impl {impl!r}; expected one of {', '.join(choices)}")
   if impl == "auto":
-    return cpu if jax.default_backend() == "cpu" else accelerator
+    backend = jax.default_backend()
+    if backend == "cpu":
+      return cpu
+    return gpu if backend == "gpu" and gpu is not None else accelerator
   return impl
