@@ -26,6 +26,21 @@ def test_nearest_code_matches_numpy_brute_force():
   np.testing.assert_array_equal(got, _np_nearest(z, codebook))
 
 
+@pytest.mark.parametrize("k", [512, 96, 24, 8, 100])
+@pytest.mark.parametrize("blocked", [True, False])
+def test_argmin_rows_is_numpys_argmin_with_ties_and_nans(k, blocked):
+  rng = np.random.default_rng(k)
+  # Small integers: many rows have their minimum several times, in different blocks.
+  d = rng.integers(0, 6, size=(64, k)).astype(np.float32)
+  d[3] = 7.0  # a constant row: index 0
+  d[5, k - 1] = -1.0  # the minimum in the last column
+  d[7, [k // 2, k - 1]] = np.nan  # NaNs: the first NaN, as NumPy
+  got = np.asarray(qlib.argmin_rows(jnp.asarray(d), blocked=blocked))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, d.argmin(1))
+  assert got[3] == 0 and got[5] == k - 1 and got[7] == k // 2
+
+
 def test_nearest_code_in_float32_for_bfloat16_inputs():
   q = VectorQuantizer(num_codes=64, code_dim=8, codebook_init="normal", dtype=jnp.bfloat16)
   z = jax.random.normal(jax.random.key(3), (4, 5, 8)).astype(jnp.bfloat16)
