@@ -150,7 +150,10 @@ def _reference(a: argparse.Namespace, b: train_step.Bench):
     shapes, level = config.prior.code_shapes, config.prior.level
     kwargs = baseline_torch.pixelsnail_kwargs(config.model, config.vq.num_codes, shapes[level])
     fn = base.prior_fn(kwargs, b.batch_size, tuple(shapes[level - 1]) if level else None)
+  t0 = time.perf_counter()
   base.timed(fn, 1, warmup=2)  # cuDNN's algorithm search and the allocator, untimed
+  seconds = time.perf_counter() - t0
+  print(f"variants: {baseline_torch.REFERENCE} warmed up in {seconds:.1f} s", file=sys.stderr)
   return base, fn
 
 
