@@ -5,6 +5,7 @@ against the masked form (same parameters, outputs and gradients)."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from test_pixelsnail_remat import _model as remat_model
@@ -115,3 +116,42 @@ def test_auto_resolves_to_split_on_gpus_only(monkeypatch):
   assert registry.causal_conv_impl("masked") == "masked"
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert registry.causal_conv_impl("auto") == "masked"
+
+
+def test_split_model_on_an_8_device_mesh_matches_one_device():
+  """The GPU default ("split") under the trainer's sharding: batch over the data axis, kernels
+  over fsdp. Loss and gradients as on one device (the 8 simulated CPU devices of conftest)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from vqjax.training import sharding
+
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(1)
+  codes = jnp.asarray(rng.integers(0, 16, (8, 8, 8)), jnp.int32)
+  cond = (jnp.asarray(rng.integers(0, 16, (8, 4, 4)), jnp.int32),)
+  model = _model("split")
+  params = jax.jit(model.init)(jax.random.key(0), codes, cond)["params"]
+
+  def f(p, codes, cond):
+    logits = model.apply({"params": p}, codes, cond, train=False)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), codes[..., None], -1))
+
+  step = jax.jit(jax.value_and_grad(f))
+  loss_1, grads_1 = step(params, codes, cond)
+  for data, fsdp in ((8, 1), (2, 4)):
+    mesh = sharding.make_mesh(
+      ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "fsdp_min_size": 64})
+    )
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    specs = [sharding.fsdp_spec(a.shape, fsdp, 64) for a in jax.tree.leaves(params)]
+    assert (fsdp > 1) == any(tuple(s) for s in specs)  # fsdp=4 shards some kernels
+    placed = [
+      jax.device_put(a, NamedSharding(mesh, s))
+      for a, s in zip(jax.tree.leaves(params), specs, strict=True)
+    ]
+    sharded = jax.tree.unflatten(jax.tree.structure(params), placed)
+    loss_n, grads_n = step(sharded, jax.device_put(codes, batch), (jax.device_put(cond[0], batch),))
+    np.testing.assert_allclose(float(loss_n), float(loss_1), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_n), strict=True):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
