@@ -49,8 +49,8 @@ def argmin_rows(d: jax.Array, blocked: bool | None = None) -> jax.Array:
 
   `blocked` (default: on the CPU) takes the minimum of each block of 32 columns (a plain
   reduction XLA:CPU vectorises), the argmin over the N x K/32 block minima, then the argmin
-  within the block that won. XLA:CPU's argmin is a serial pair reduction: 12.6 ms for the
-  search over 8192 x 512 distances on 2 cores, 4.3 ms blocked (benchmarks/RESULTS.md). The
+  within the block that won. XLA:CPU's argmin is a serial pair reduction: 12.5-13.2 ms for
+  the search over 8192 x 512 distances on 2 cores, 4.1-4.8 ms blocked (benchmarks/RESULTS.md). The
   first block holding the row's minimum holds its first minimal index, so ties resolve the same.
   """
   if blocked is None:

@@ -16,8 +16,9 @@ The adjoint forms' gradients are `jax.custom_vjp` rules; kernel gradients stay X
 On the CPU (XLA:CPU, jaxlib 0.10, 2 cores) they make the Fashion-MNIST step at the PyTorch
 reference's sizes 1.2x faster; XLA's own derivatives of these forms run through convolutions
 XLA:CPU handles slowly (benchmarks/RESULTS.md). "auto" picks "adjoint" on the CPU and on GPUs
-(both adjoint forms: +2.9% on the ImageNet-256 step on an H200, identical loss) and elsewhere
-the forms XLA differentiates itself ("lax" down, "subpixel" up; unmeasured on TPUs).
+(both adjoint forms: +2.9% on the ImageNet-256 step on an H200, the same loss to float32
+rounding) and elsewhere the forms XLA differentiates itself ("lax" down, "subpixel" up;
+unmeasured on TPUs).
 """
 
 import jax
