@@ -449,21 +449,6 @@ _STAGE1_MODEL_FIELDS = (
   "model.relu_impl",
   "model.channel_multiple",
 )
-_PRIOR_MODEL_FIELDS = (
-  "model.kernel_size",
-  "model.num_layers",
-  "model.num_blocks",
-  "model.attention",
-  "model.num_heads",
-  "model.dropout",
-  "model.cond_channels",
-  "model.num_cond_res_blocks",
-  "model.cond_res_channels",
-  "model.cond_res_kernel",
-  "model.num_out_res_blocks",
-  "model.remat",
-  "model.causal_conv_impl",
-)
 # Read by PixelSNAIL alone among the non-autoencoders (PixelCNN and the classifier ignore them).
 _PIXELSNAIL_ONLY_FIELDS = (
   "model.attention",
@@ -475,6 +460,13 @@ _PIXELSNAIL_ONLY_FIELDS = (
   "model.remat",
   "model.causal_conv_impl",
 )
+_PRIOR_MODEL_FIELDS = (
+  "model.kernel_size",
+  "model.num_layers",
+  "model.num_blocks",
+  "model.dropout",
+  "model.cond_channels",
+) + _PIXELSNAIL_ONLY_FIELDS
 _CLASSIFIER_FIELDS = (
   "classifier.num_classes",
   "classifier.label_smoothing",
