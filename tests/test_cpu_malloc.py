@@ -1,0 +1,56 @@
+"""`import vqjax` keeps XLA:CPU's large per-call buffers mapped (vqjax/__init__.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Page faults per call of a jitted op whose 128 MiB output is allocated and freed each call.
+_FAULTS = """
+import resource
+import vqjax
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: x * 2.0 + 1.0)
+x = jnp.ones((2**25,))
+faults = []
+for _ in range(16):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  y = f(x)
+  y.block_until_ready()
+  del y
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(vqjax.CPU_MALLOC_TUNED, max(faults[-4:]))
+"""
+
+
+def _faults(**env_changes):
+  env = {k: v for k, v in os.environ.items() if k != "VQJAX_MALLOC_DEFAULTS"}
+  env.update(env_changes, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  tuned, faults = out.stdout.split()
+  return tuned == "True", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_cpu_backend_reuses_large_buffers_instead_of_faulting_them_in_each_call():
+  pages = 2**27 // os.sysconf("SC_PAGE_SIZE")  # the output buffer's pages
+  tuned, faults = _faults()
+  assert tuned and faults < pages // 20, faults
+  # glibc's defaults map a buffer this large afresh on each call: every page faults again.
+  tuned, faults = _faults(VQJAX_MALLOC_DEFAULTS="1")
+  assert not tuned and faults >= pages * 0.9, faults
+
+
+def test_the_allocator_is_left_alone_where_an_accelerator_may_run(monkeypatch):
+  import vqjax
+
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert not vqjax._cpu_only()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert vqjax._cpu_only()
+  monkeypatch.setenv("VQJAX_MALLOC_DEFAULTS", "1")
+  assert not vqjax._tune_cpu_malloc()
