@@ -139,11 +139,15 @@ def setup(
   return Bench(config, task, mesh, state, step, batch, rng, trainer.new_watch(mesh), batch_size)
 
 
-def compile_step(b: Bench) -> float:
-  """Compiles the step for `b`'s arguments (kept in `b.compiled`); returns the seconds taken."""
+def compile_step(b: Bench, compiler_options: dict[str, Any] | None = None) -> float:
+  """Compiles the step for `b`'s arguments (kept in `b.compiled`); returns the seconds taken.
+
+  `compiler_options`: XLA debug options for this executable alone (e.g.
+  {"xla_cpu_use_fusion_emitters": False}), so forms can be compared in one process.
+  """
   t0 = time.perf_counter()
   b.lowered = b.step.lower(b.state, b.batch, b.rng, None, b.watch)
-  b.compiled = b.lowered.compile()
+  b.compiled = b.lowered.compile(compiler_options) if compiler_options else b.lowered.compile()
   return time.perf_counter() - t0
 
 

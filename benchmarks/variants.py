@@ -1,7 +1,10 @@
 """A/B timing of one experiment's train step under several config overrides, in one process.
 
 Each variant is a space-separated list of "group.field=value" overrides ("" = the config as
-is). Every variant's step (the exact `trainer.jit_train_step` of `benchmarks/train_step.py`) is
+is) and "xla.OPTION=value" XLA options for that variant's executable alone (XLA's debug
+options, as in XLA_FLAGS without the dashes: `xla.xla_cpu_use_fusion_emitters=false`; values
+true/false, integers and other text), which a process-wide XLA_FLAGS cannot compare in one
+run. Every variant's step (the exact `trainer.jit_train_step` of `benchmarks/train_step.py`) is
 built and compiled first; then the variants are timed in turn, `--rounds` times over, and the
 best round of each is kept. Interleaving makes the comparison fair on a machine whose speed
 drifts (a shared CPU, a GPU warming up), which separate processes are not:
@@ -57,11 +60,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
   benches, compile_s, losses, variants = [], [], [], []
   for variant in a.variant:
-    overrides = [*a.set, *variant.split()]
+    tokens = [*a.set, *variant.split()]
+    options = compiler_options([t for t in tokens if t.startswith("xla.")])
+    overrides = [t for t in tokens if not t.startswith("xla.")]
     config = train_step.load_config(a.config, a.dtype, overrides)  # UserError: raised
     try:
       b = train_step.setup(config, a.batch)
-      seconds = train_step.compile_step(b)
+      seconds = train_step.compile_step(b, options)
       for _ in range(2):  # the codebook init runs in the first step
         jax.block_until_ready(train_step.run_step(b))
     except Exception as e:  # noqa: BLE001 -- a form this backend rejects: report, go on
@@ -129,6 +134,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   if mismatched:
     print(f"variants: loss differs from the first variant's for {mismatched}", file=sys.stderr)
   return rows
+
+
+def compiler_options(tokens: Sequence[str]) -> dict[str, bool | int | str]:
+  """{"xla_...": value} from "xla.OPTION=value" tokens; UserError for a malformed one."""
+  options = {}
+  for token in tokens:
+    name, sep, value = token.removeprefix("xla.").partition("=")
+    if not sep or not name.startswith("xla_"):
+      raise errors.UserError(f"{token!r}: an XLA option is given as xla.xla_OPTION=value")
+    if value.lower() in ("true", "false"):
+      options[name] = value.lower() == "true"
+    else:
+      try:
+        options[name] = int(value)
+      except ValueError:
+        options[name] = value
+  return options
 
 
 def _reference(a: argparse.Namespace, b: train_step.Bench):

@@ -254,3 +254,31 @@ def test_an_unknown_override_field_is_one_clear_error():
   config = train_step.load_config("experiments/fashion_mnist.py:smoke")
   with pytest.raises(errors.UserError, match="config has no field 'model.nope'"):
     train_step.apply_override(config, "model.nope=1")
+
+
+def test_xla_options_of_a_variant_reach_its_executable_alone(tmp_path, fast_compile):
+  """`xla.NAME=value` tokens are parsed by type and passed to that executable's compile: a
+  dump directory named there fills, and one compiled without them stays empty."""
+  import variants
+
+  assert variants.compiler_options(
+    [
+      "xla.xla_cpu_use_fusion_emitters=False",
+      "xla.xla_cpu_prefer_vector_width=512",
+      f"xla.xla_dump_to={tmp_path}",
+    ]
+  ) == {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_cpu_prefer_vector_width": 512,
+    "xla_dump_to": str(tmp_path),
+  }
+  for bad in ("xla.xla_cpu_use_fusion_emitters", "xla.fusion=1"):
+    with pytest.raises(errors.UserError, match="xla.xla_OPTION=value"):
+      variants.compiler_options([bad])
+  config = train_step.load_config("experiments/fashion_mnist.py:smoke", "float32")
+  b = train_step.setup(config, 8)
+  train_step.compile_step(b)
+  assert not os.listdir(tmp_path)
+  b = train_step.setup(config, 8)
+  train_step.compile_step(b, {"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
+  assert any(name.endswith(".txt") for name in os.listdir(tmp_path))
