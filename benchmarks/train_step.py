@@ -30,8 +30,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import vqjax
 from vqjax import configs, errors
 from vqjax.training import sharding, tasks, trainer
+
+# As `python -m vqjax.train` does, so the step is timed in the trainer's process setting.
+vqjax.tune_cpu_malloc()
 
 
 def apply_override(config, assignment: str) -> None:

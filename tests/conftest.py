@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # they compile the tests' tiny programs 10-25% sooner. tests/test_layers.py checks the
 # stride-2 forms with vqjax's choice in a subprocess.
 os.environ.setdefault("VQJAX_XLA_CPU_DEFAULTS", "1")
+# The same for glibc's allocator: the training CLIs' setting (vqjax.tune_cpu_malloc) makes steps
+# faster and compilations slower, and the tests compile far more than they step.
+# tests/test_cpu_malloc.py checks the setting in subprocesses.
+os.environ.setdefault("VQJAX_MALLOC_DEFAULTS", "1")
 # One persistent compilation cache for the session, new and empty each time (so every program
 # is still compiled once per run): the trainer runs of the same config in several tests, their
 # resumes and the CLI subprocesses (which inherit the variables) compile each program once.

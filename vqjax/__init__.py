@@ -42,10 +42,10 @@ _set_cpu_xla_flag()
 # its mmap threshold, at most 32 MiB; above 64 MiB in a worker thread's arena, whatever the
 # settings) and unmaps them on free, so every step faulted in 37,000 fresh pages: 70-80 ms of
 # system time in a 330 ms step on 2 cores. One arena, no mmap and trimming only above 2 GiB keep
-# the pages mapped: about 5% faster steps for about 290 MB more resident memory (measured;
-# benchmarks/RESULTS.md). Set at import, before JAX starts its threads (a thread's first malloc
-# picks its arena), and only where the backend will be the CPU (JAX_PLATFORMS starts with cpu,
-# or no accelerator plugin is installed); VQJAX_MALLOC_DEFAULTS=1 leaves glibc's defaults.
+# the pages mapped: about 5% faster steps, for about 290 MB more resident memory and about 2 s
+# more per compilation of that step (one arena for XLA's compiler threads too; measured,
+# benchmarks/RESULTS.md). So the training CLIs, whose runs are long, set it and a plain
+# `import vqjax` does not.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's <malloc.h>
 
 
@@ -58,8 +58,14 @@ def _cpu_only() -> bool:
   return util.find_spec("jax_plugins") is None and util.find_spec("libtpu") is None
 
 
-def _tune_cpu_malloc() -> bool:
-  """Sets the allocator as above; True if glibc took the settings."""
+def tune_cpu_malloc() -> bool:
+  """Sets glibc's allocator as above where the backend will be the CPU (JAX_PLATFORMS starts
+  with cpu, or no accelerator plugin is installed); VQJAX_MALLOC_DEFAULTS=1 leaves glibc's
+  defaults. Call it before JAX starts its threads (a thread's first malloc picks its arena).
+
+  Returns:
+    True if glibc took the settings.
+  """
   import sys
 
   if _os.environ.get("VQJAX_MALLOC_DEFAULTS") == "1" or not sys.platform.startswith("linux"):
@@ -75,9 +81,6 @@ def _tune_cpu_malloc() -> bool:
     return False
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
   return all([mallopt(param, value) == 1 for param, value in settings])
-
-
-CPU_MALLOC_TUNED = _tune_cpu_malloc()
 
 
 def __getattr__(name):

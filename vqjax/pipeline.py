@@ -31,6 +31,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import vqjax
 from vqjax import errors
 
 DEFAULT_CONFIG = os.path.join(
@@ -301,6 +302,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.workdir:
     raise SystemExit("vqjax.pipeline: --workdir is required")
+  vqjax.tune_cpu_malloc()  # before JAX starts its threads
   with errors.one_line("vqjax.pipeline", flags.FLAGS.verbose):
     from vqjax.training import logs
 

@@ -13,6 +13,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import vqjax
 from vqjax import configs, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -102,6 +103,7 @@ def _user_error(message: str) -> SystemExit:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  vqjax.tune_cpu_malloc()  # before JAX starts its threads
   import jax
 
   from vqjax.training import trainer
