@@ -1,5 +1,6 @@
-"""layers.relu's two derivative forms ("jax": from the input, "output": from the output) against
-NumPy, and a VQ-VAE-2 built with each: the same function, parameters and gradients."""
+"""layers.relu's forms ("jax": the mask from the input, "output": from the output, "stored": the
+activation behind a fusion barrier, "auto") against NumPy, and a VQ-VAE-2 built with each: the
+same function, parameters and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from vqjax.models import layers
 from vqjax.models.hierarchy import VQVAE2
 
 
-@pytest.mark.parametrize("impl", ["jax", "output"])
+@pytest.mark.parametrize("impl", ["jax", "output", "stored", "auto"])
 def test_relu_value_and_derivative_match_numpy(impl):
   x = np.array([-2.0, -1e-30, 0.0, 1e-30, 0.5, 3.0], np.float32)
   g = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], np.float32)
@@ -29,6 +30,24 @@ def test_relu_rejects_an_unknown_form():
     layers.relu(jnp.ones(3), "fast")
 
 
+def test_auto_picks_stored_on_the_cpu():
+  assert jax.default_backend() == "cpu"
+  assert layers.resolve_relu("auto") == "stored"
+  assert layers.resolve_relu("output") == "output"
+
+
+def test_stored_puts_the_activation_behind_a_conditional_only_when_differentiated():
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(2, 6)
+  fwd_jaxpr = str(jax.make_jaxpr(lambda v: jax.vjp(lambda u: layers.relu(u, "stored"), v)[0])(x))
+  assert "cond" in fwd_jaxpr
+  plain = str(jax.make_jaxpr(lambda v: layers.relu(v, "stored"))(x))
+  assert "cond" not in plain
+  # A zero-size input has no element to branch on: plain max, empty gradient.
+  empty = jnp.zeros((0, 3))
+  y, vjp = jax.vjp(lambda v: layers.relu(v, "stored"), empty)
+  assert y.shape == (0, 3) and vjp(y)[0].shape == (0, 3)
+
+
 def test_vqvae2_is_the_same_function_with_either_form():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 1)), jnp.float32)
@@ -39,10 +58,13 @@ def test_vqvae2_is_the_same_function_with_either_form():
     num_res_blocks=1,
     quantizer=dict(num_codes=16, code_dim=8, codebook_init="normal"),
   )
-  models = {impl: VQVAE2(relu_impl=impl, **kw) for impl in ("jax", "output")}
+  impls = ("jax", "output", "stored")
+  models = {impl: VQVAE2(relu_impl=impl, **kw) for impl in impls}
   variables = jax.jit(models["jax"].init)(jax.random.key(0), x)
-  variables_out = jax.jit(models["output"].init)(jax.random.key(0), x)
-  jax.tree.map(np.testing.assert_array_equal, variables, variables_out)
+  for impl in impls[1:]:
+    jax.tree.map(
+      np.testing.assert_array_equal, variables, jax.jit(models[impl].init)(jax.random.key(0), x)
+    )
 
   def loss(params, impl):
     _, aux = models[impl].apply({**variables, "params": params}, x)
@@ -50,9 +72,10 @@ def test_vqvae2_is_the_same_function_with_either_form():
 
   grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   value, grads = grad_fn(variables["params"], "jax")
-  value_out, grads_out = grad_fn(variables["params"], "output")
-  np.testing.assert_allclose(float(value_out), float(value), rtol=1e-6)
-  leaves, leaves_out = jax.tree.leaves(grads), jax.tree.leaves(grads_out)
+  leaves = jax.tree.leaves(grads)
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
-  for g, g_out in zip(leaves, leaves_out, strict=True):
-    np.testing.assert_allclose(np.asarray(g_out), np.asarray(g), rtol=1e-5, atol=1e-7)
+  for impl in impls[1:]:
+    value_i, grads_i = grad_fn(variables["params"], impl)
+    np.testing.assert_allclose(float(value_i), float(value), rtol=1e-6)
+    for g, g_i in zip(leaves, jax.tree.leaves(grads_i), strict=True):
+      np.testing.assert_allclose(np.asarray(g_i), np.asarray(g), rtol=1e-5, atol=1e-7)

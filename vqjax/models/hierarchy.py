@@ -43,8 +43,8 @@ class VQVAE2(nn.Module):
     upconv_impl: form of the transposed convolutions, models/strided.py (same function, same
       weights; "auto": the fastest measured on the platform).
     downconv_impl: form of the stride-2 convolutions, likewise.
-    relu_impl: "jax" or "output": where the ReLUs' derivative is read from (layers.relu; the
-      same function and gradients).
+    relu_impl: what the ReLUs keep for the backward pass (layers.relu: "jax", "output",
+      "stored"; the same function and gradients; "auto": the fastest measured on the platform).
     channel_multiple: > 1 pads the image-side convolutions' channels (the encoder's input,
       the decoder's output) to a multiple of it: the same function.
     dtype: compute dtype; quantizer distances and statistics stay float32.
@@ -61,7 +61,7 @@ class VQVAE2(nn.Module):
   quantizer: dict | None = None
   upconv_impl: str = "auto"
   downconv_impl: str = "auto"
-  relu_impl: str = "jax"
+  relu_impl: str = "auto"
   channel_multiple: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32

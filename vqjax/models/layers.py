@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from vqjax.models import strided
 
-RELU_IMPLS = ("jax", "output")
+RELU_IMPLS = ("auto", "jax", "output", "stored")
 
 
 @jax.custom_vjp
@@ -36,20 +36,55 @@ def _relu_bwd(y, g):
 _relu_from_output.defvjp(_relu_fwd, _relu_bwd)
 
 
-def relu(x: jax.Array, impl: str = "jax") -> jax.Array:
-  """max(x, 0) with the derivative of `jax.nn.relu`, taken from the input ("jax") or from the
-  output ("output").
+def _relu_branch(x: jax.Array) -> jax.Array:
+  return jnp.maximum(x, 0)
 
-  The two are the same function with the same gradients. "output" keeps only the activation
-  for the backward pass, so the pre-activation (a convolution's output plus its bias) has one
-  user, which is what lets XLA fuse bias and ReLU into a cuDNN convolution on GPUs; with
-  "jax" the backward pass's mask x > 0 is a second user of the pre-activation.
+
+@jax.custom_vjp
+def _relu_stored(x: jax.Array) -> jax.Array:
+  return jnp.maximum(x, 0)
+
+
+def _relu_stored_fwd(x):
+  # Both branches are the same function: the data-dependent predicate only makes the
+  # conditional opaque to XLA's fusion, so the activation is computed once, into its own buffer.
+  y = jax.lax.cond(x.reshape(-1)[0] > 0, _relu_branch, _relu_branch, x)
+  return y, y
+
+
+_relu_stored.defvjp(_relu_stored_fwd, _relu_bwd)
+
+
+def resolve_relu(impl: str) -> str:
+  """`impl`, with "auto" replaced by the form measured fastest on this platform: "stored" on the
+  CPU, "jax" elsewhere (benchmarks/RESULTS.md)."""
+  if impl not in RELU_IMPLS:
+    raise ValueError(f"unknown relu impl {impl!r}; expected one of {', '.join(RELU_IMPLS)}")
+  if impl == "auto":
+    return "stored" if jax.default_backend() == "cpu" else "jax"
+  return impl
+
+
+def relu(x: jax.Array, impl: str = "jax") -> jax.Array:
+  """max(x, 0) with the derivative of `jax.nn.relu` (0 at x = 0), in one of three forms that
+  compute the same values and gradients and differ only in what XLA keeps for the backward pass:
+
+  - "jax": `jax.nn.relu`; the backward pass reads the mask x > 0 from the pre-activation.
+  - "output": the mask is read from the output, so the pre-activation (a convolution's output
+    plus its bias) has one user, which lets XLA fuse bias and ReLU into a cuDNN convolution.
+  - "stored": as "output", and under differentiation the activation is computed inside a
+    `lax.cond` whose branches are both max(x, 0). XLA:CPU otherwise recomputes bias + ReLU
+    inside each transpose that feeds a kernel-gradient convolution, and a transpose with an
+    elementwise op fused in runs 3-6x slower than a plain transposing copy (jaxlib 0.10). Made
+    for the CPU; undifferentiated calls (inference) get plain max(x, 0).
+  - "auto": "stored" on the CPU, "jax" elsewhere.
   """
+  impl = resolve_relu(impl)
   if impl == "jax":
     return nn.relu(x)
   if impl == "output":
     return _relu_from_output(x)
-  raise ValueError(f"unknown relu impl {impl!r}; expected one of {RELU_IMPLS}")
+  return _relu_stored(x) if x.size else jnp.maximum(x, 0)
 
 
 class UpConv(nn.Module):
@@ -121,7 +156,7 @@ class ResBlock(nn.Module):
   """x + conv1x1(relu(conv3x3(relu(x)))), the residual block of VQ-VAE and VQ-VAE-2."""
 
   res_channels: int
-  relu_impl: str = "jax"
+  relu_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -159,7 +194,7 @@ class Encoder(nn.Module):
   num_res_blocks: int
   stride: int
   downconv_impl: str = "auto"
-  relu_impl: str = "jax"
+  relu_impl: str = "auto"
   channel_multiple: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -192,7 +227,7 @@ class Decoder(nn.Module):
   num_res_blocks: int
   stride: int
   upconv_impl: str = "auto"
-  relu_impl: str = "jax"
+  relu_impl: str = "auto"
   channel_multiple: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -222,7 +257,7 @@ class Upsampler(nn.Module):
   features: int
   factor: int
   upconv_impl: str = "auto"
-  relu_impl: str = "jax"
+  relu_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

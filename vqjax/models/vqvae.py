@@ -23,7 +23,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
   quantizer: dict | None = None,
   upconv_impl: str = "auto",
   downconv_impl: str = "auto",
-  relu_impl: str = "jax",
+  relu_impl: str = "auto",
   channel_multiple: int = 0,
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
@@ -39,7 +39,8 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     quantizer: VectorQuantizer keyword arguments (num_codes, code_dim, beta, ema, ...).
     upconv_impl: form of the transposed convolutions (models/strided.py; "auto").
     downconv_impl: form of the stride-2 convolutions (models/strided.py; "auto").
-    relu_impl: "jax" or "output" (layers.relu; the same function and gradients).
+    relu_impl: "auto", "jax", "output" or "stored" (layers.relu; the same function and
+      gradients).
     channel_multiple: > 1 pads the image-side convolutions' channels to a multiple of it.
     dtype: compute dtype.
     param_dtype: parameter dtype.
