@@ -153,7 +153,8 @@ def test_bad_stride_is_a_clear_error():
 
 @pytest.mark.parametrize("multiple", [0, 8])
 @pytest.mark.parametrize("impl", ["lax", "adjoint", "auto"])
-@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2)])  # odd: "adjoint" uses XLA's rules
+# odd: "adjoint" uses XLA's rules; 8 channels: its input gradient in up_phase's per-phase form
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2), (1, 6, 4, 8)])
 def test_downconv_and_its_gradients_match_numpy_in_float64(impl, shape, multiple):
   """DownConv = nn.Conv(4, stride 2, padding 1) with the same parameters; the gradients of
   L = sum(y * w) against float64 NumPy: dL/dx scatters w back through every tap."""
@@ -179,6 +180,29 @@ def test_downconv_and_its_gradients_match_numpy_in_float64(impl, shape, multiple
       expect_k[ky, kx] = np.einsum("nijc,nijo->co", xp[:, rows, cols], w)
   np.testing.assert_allclose(np.asarray(gx), gxp[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(gv["params"]["kernel"]), expect_k, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [False, True, None])
+@pytest.mark.parametrize("out_channels", [3, 8])
+def test_phase_forms_of_the_transposed_conv_match_numpy_in_float64(split, out_channels):
+  """up_phase in one convolution and in one per output phase (None: picked by platform and
+  width) is PyTorch's ConvTranspose2d, also on a non-square, odd-sized input."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+  w = jax.random.normal(jax.random.key(1), (4, 4, 4, out_channels)) * 0.3
+  y = strided.up_phase(x, w, split)
+  expect = _np_conv_transpose(np.asarray(x), np.asarray(w), 0.0)
+  assert y.shape == (2, 10, 6, out_channels)
+  np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_the_per_phase_form_is_picked_on_the_cpu_for_wide_outputs():
+  x = jnp.zeros((1, 4, 4, 2))
+  count = lambda o: str(jax.make_jaxpr(strided.up_phase)(x, jnp.zeros((4, 4, 2, o)))).count(
+    "conv_general_dilated"
+  )
+  assert jax.default_backend() == "cpu"
+  assert count(strided._SPLIT_MIN_CHANNELS) == 4
+  assert count(strided._SPLIT_MIN_CHANNELS - 1) == 1
 
 
 def test_adjoint_forms_give_xla_gradients_in_bfloat16():
