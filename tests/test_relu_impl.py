@@ -42,6 +42,11 @@ def test_stored_puts_the_activation_behind_a_conditional_only_when_differentiate
   assert "cond" in fwd_jaxpr
   plain = str(jax.make_jaxpr(lambda v: layers.relu(v, "stored"))(x))
   assert "cond" not in plain
+  # Forward mode too (a JVP rule), with the derivative of jax.nn.relu.
+  t = jnp.arange(12.0).reshape(2, 6)
+  y, dy = jax.jvp(lambda u: layers.relu(u, "stored"), (x,), (t,))
+  np.testing.assert_array_equal(np.asarray(y), np.maximum(np.asarray(x), 0))
+  np.testing.assert_array_equal(np.asarray(dy), np.where(np.asarray(x) > 0, np.asarray(t), 0))
   # A zero-size input has no element to branch on: plain max, empty gradient.
   empty = jnp.zeros((0, 3))
   y, vjp = jax.vjp(lambda v: layers.relu(v, "stored"), empty)

@@ -40,19 +40,20 @@ def _relu_branch(x: jax.Array) -> jax.Array:
   return jnp.maximum(x, 0)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _relu_stored(x: jax.Array) -> jax.Array:
   return jnp.maximum(x, 0)
 
 
-def _relu_stored_fwd(x):
+@_relu_stored.defjvp
+def _relu_stored_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
   # Both branches are the same function: the data-dependent predicate only makes the
   # conditional opaque to XLA's fusion, so the activation is computed once, into its own buffer.
+  # A JVP rule (not a VJP one), so forward-mode differentiation works too; reverse mode keeps
+  # the mask y > 0 (the same derivative as jax.nn.relu's, 0 at x = 0).
   y = jax.lax.cond(x.reshape(-1)[0] > 0, _relu_branch, _relu_branch, x)
-  return y, y
-
-
-_relu_stored.defvjp(_relu_stored_fwd, _relu_bwd)
+  return y, jnp.where(y > 0, t, jnp.zeros_like(t))
 
 
 def resolve_relu(impl: str) -> str:
@@ -72,11 +73,12 @@ def relu(x: jax.Array, impl: str = "jax") -> jax.Array:
   - "jax": `jax.nn.relu`; the backward pass reads the mask x > 0 from the pre-activation.
   - "output": the mask is read from the output, so the pre-activation (a convolution's output
     plus its bias) has one user, which lets XLA fuse bias and ReLU into a cuDNN convolution.
-  - "stored": as "output", and under differentiation the activation is computed inside a
-    `lax.cond` whose branches are both max(x, 0). XLA:CPU otherwise recomputes bias + ReLU
-    inside each transpose that feeds a kernel-gradient convolution, and a transpose with an
-    elementwise op fused in runs 3-6x slower than a plain transposing copy (jaxlib 0.10). Made
-    for the CPU; undifferentiated calls (inference) get plain max(x, 0).
+  - "stored": the mask from the output too, and under differentiation (forward or reverse
+    mode) the activation is computed inside a `lax.cond` whose branches are both max(x, 0).
+    XLA:CPU otherwise recomputes bias + ReLU inside each transpose that feeds a kernel-gradient
+    convolution, and a transpose with an elementwise op fused in runs 3-6x slower than a plain
+    transposing copy (jaxlib 0.10). Made for the CPU; undifferentiated calls (inference) get
+    plain max(x, 0).
   - "auto": "stored" on the CPU, "jax" elsewhere.
   """
   impl = resolve_relu(impl)
