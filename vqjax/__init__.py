@@ -39,14 +39,17 @@ _set_cpu_xla_flag()
 
 # XLA:CPU mallocs each call's temporary buffer (147 MB in the Fashion-MNIST step at the PyTorch
 # reference's sizes) and its outputs. glibc maps allocations this large afresh with mmap (above
-# its mmap threshold, at most 32 MiB; above 64 MiB in a worker thread's arena, whatever the
-# settings) and unmaps them on free, so every step faulted in 37,000 fresh pages: 70-80 ms of
-# system time in a 330 ms step on 2 cores. One arena, no mmap and trimming only above 2 GiB keep
-# the pages mapped: about 5% faster steps, for about 290 MB more resident memory and about 2 s
-# more per compilation of that step (one arena for XLA's compiler threads too; measured,
-# benchmarks/RESULTS.md). So the training CLIs, whose runs are long, set it and a plain
-# `import vqjax` does not.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's <malloc.h>
+# its mmap threshold, at most 32 MiB, and always above 64 MiB in a worker thread's arena) and
+# unmaps them on free, so every step faulted in 37,000 fresh pages: 70-80 ms of system time in a
+# 300-330 ms step on 2 cores. `tune_cpu_malloc` turns mmap off and trims only above 2 GiB, and
+# makes JAX's CPU dispatch synchronous: each call then runs on the calling (main) thread, whose
+# arena is the one that can grow in place, so the pages stay mapped. Measured (benchmarks/
+# RESULTS.md): that step 298 -> 265 ms; a tiny step (smoke sizes, batch 8) 2.5 -> 3.1 ms, which
+# loses the overlap of dispatch and compute. The first version kept one arena for every thread
+# instead: 278 ms, but the tiny step took 5.2 ms (the threads contend for its lock) and each
+# compilation about 2 s more. Resident memory grows by the freed buffers the heap keeps. So the
+# training CLIs, whose runs are long, set it and a plain `import vqjax` does not.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
 
 
 def _cpu_only() -> bool:
@@ -59,12 +62,12 @@ def _cpu_only() -> bool:
 
 
 def tune_cpu_malloc() -> bool:
-  """Sets glibc's allocator as above where the backend will be the CPU (JAX_PLATFORMS starts
-  with cpu, or no accelerator plugin is installed); VQJAX_MALLOC_DEFAULTS=1 leaves glibc's
-  defaults. Call it before JAX starts its threads (a thread's first malloc picks its arena).
+  """Sets glibc's allocator and JAX's CPU dispatch as above where the backend will be the CPU
+  (JAX_PLATFORMS starts with cpu, or no accelerator plugin is installed); VQJAX_MALLOC_DEFAULTS=1
+  leaves both at their defaults. Call it before JAX creates its CPU backend.
 
   Returns:
-    True if glibc took the settings.
+    True if glibc took the settings (and dispatch was made synchronous).
   """
   import sys
 
@@ -79,8 +82,16 @@ def tune_cpu_malloc() -> bool:
     mallopt, _ = libc.mallopt, libc.gnu_get_libc_version  # glibc only (not musl)
   except (OSError, AttributeError):
     return False
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-  return all([mallopt(param, value) == 1 for param, value in settings])
+  settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+  if not all([mallopt(param, value) == 1 for param, value in settings]):
+    return False
+  import jax
+
+  try:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  except AttributeError:  # a JAX without the option: its dispatch is synchronous anyway
+    pass
+  return True
 
 
 def __getattr__(name):

@@ -302,7 +302,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.workdir:
     raise SystemExit("vqjax.pipeline: --workdir is required")
-  vqjax.tune_cpu_malloc()  # before JAX starts its threads
+  vqjax.tune_cpu_malloc()  # before JAX creates its CPU backend
   with errors.one_line("vqjax.pipeline", flags.FLAGS.verbose):
     from vqjax.training import logs
 

@@ -103,7 +103,7 @@ def _user_error(message: str) -> SystemExit:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  vqjax.tune_cpu_malloc()  # before JAX starts its threads
+  vqjax.tune_cpu_malloc()  # before JAX creates its CPU backend
   import jax
 
   from vqjax.training import trainer

@@ -14,7 +14,9 @@ save and return.
 
 Input: the loop double-buffers. Right after dispatching step t it reads batch t + 1 and starts
 its transfer to the devices (`sharding.global_batch`), before waiting on any step, so reading
-and copying overlap the device's work; the data order is unchanged. A checkpoint records the
+and copying overlap the device's work; the data order is unchanged. (Where dispatch is
+synchronous, as the training CLIs make it on the CPU, vqjax.tune_cpu_malloc, the read follows
+the step instead.) A checkpoint records the
 iterator state after the last batch a step consumed, not after the one read ahead, so a resume
 feeds exactly the batch the interrupted run would have fed next. The progress line and
 metrics.jsonl report "data_wait": the share of wall time the devices sat idle because the
