@@ -25,7 +25,7 @@ for _ in range(40):
   y.delete()  # freed now, not whenever the runtime gets to it
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # The median of the last 16 calls, and whether calls ran on the calling thread.
-print(tuned, sorted(faults[-16:])[8], jax.config.jax_cpu_enable_async_dispatch)
+print(tuned, sorted(faults[-16:])[8], jax.config.read("jax_cpu_enable_async_dispatch"))
 """
 
 
