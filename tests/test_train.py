@@ -199,6 +199,39 @@ def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared
   ] == [1, 2, 3]
 
 
+def test_reading_ahead_on_a_helper_thread_feeds_the_same_batches(
+  tmp_path, shared_cache, monkeypatch
+):
+  """Where dispatch is synchronous (the CLIs on the CPU), batch t + 1 is read on a helper thread
+  during step t: the same batches in the same order, so the same losses as reading on the loop's
+  thread, and the same resume position."""
+  import threading
+
+  readers = []
+  read = trainer._Run._read_batch
+
+  def recording_read(self):
+    readers.append(threading.current_thread().name)
+    return read(self)
+
+  monkeypatch.setattr(trainer._Run, "_read_batch", recording_read)
+  losses = {}
+  for helper in (False, True):
+    monkeypatch.setattr(trainer, "_synchronous_dispatch", lambda helper=helper: helper)
+    config = quick(load_config("fashion_mnist", "smoke"), shared_cache)
+    config.train.steps, config.ckpt.every_steps, config.log.every_steps = 4, 2, 1
+    config.log.image_every_steps = config.log.eval_every_steps = 0
+    workdir = str(tmp_path / f"helper_{helper}")
+    readers.clear()
+    trainer.train_and_evaluate(config, workdir)
+    losses[helper] = train_losses(workdir)
+    # The first batch is read before the loop; the other three during the steps before them.
+    expected = ["MainThread"] + (["vqjax-read"] if helper else ["MainThread"]) * 3
+    assert [name.split("_")[0] for name in readers] == expected
+  assert list(losses[True]) == [1, 2, 3, 4]
+  assert losses[True] == losses[False]
+
+
 def test_a_task_with_integer_inputs_and_frozen_weights(tmp_path, monkeypatch, caplog):
   data = {"train": _codes_data(48, 0), "test": _codes_data(21, 1)}  # 21: eval pads
   monkeypatch.setitem(

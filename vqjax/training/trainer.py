@@ -14,14 +14,14 @@ save and return.
 
 Input: the loop double-buffers. Right after dispatching step t it reads batch t + 1 and starts
 its transfer to the devices (`sharding.global_batch`), before waiting on any step, so reading
-and copying overlap the device's work; the data order is unchanged. (Where dispatch is
-synchronous, as the training CLIs make it on the CPU, vqjax.tune_cpu_malloc, the read follows
-the step instead.) A checkpoint records the
-iterator state after the last batch a step consumed, not after the one read ahead, so a resume
-feeds exactly the batch the interrupted run would have fed next. The progress line and
-metrics.jsonl report "data_wait": the share of wall time the devices sat idle because the
-loop was still reading (the step in flight had finished before its successor's batch was
-there), with a warning when it passes 10% (`logs.Progress`).
+and copying overlap the device's work; the data order is unchanged. Where dispatch is
+synchronous (the CPU as the training CLIs set it, vqjax.tune_cpu_malloc), a step call returns
+when the step has run, so batch t + 1 is read on a helper thread, started just before the call.
+A checkpoint records the iterator state after the last batch a step consumed, not after the one
+read ahead, so a resume feeds exactly the batch the interrupted run would have fed next. The
+progress line and metrics.jsonl report "data_wait": the share of wall time the devices sat idle
+because the loop was still reading (the step in flight had finished before its successor's
+batch was there), with a warning when it passes 10% (`logs.Progress`).
 
 Divergence: every step folds its loss into a device-side watch: the worst loss since the last
 check and the first step whose loss was non-finite. A check (every log and checkpoint step) that
@@ -32,6 +32,7 @@ previous check as bad. A resume starts from the newest checkpoint not recorded b
 keep-N clean-up never deletes the last good one.
 """
 
+import concurrent.futures
 import os
 import signal
 import statistics
@@ -262,6 +263,16 @@ def train_and_evaluate(
     return run.train(t_start, profiler)
 
 
+def _synchronous_dispatch() -> bool:
+  """Whether step calls return only after the step has run: the CPU backend with asynchronous
+  dispatch off (as the training CLIs set it, vqjax.tune_cpu_malloc)."""
+  try:
+    asynchronous = jax.config.read("jax_cpu_enable_async_dispatch")
+  except (AttributeError, KeyError):  # a JAX without the option
+    return False
+  return not asynchronous and jax.default_backend() == "cpu"
+
+
 class _Run:
   """One launch of a run: its state and step, data, jitted steps, logs and checkpoints.
 
@@ -272,7 +283,7 @@ class _Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: tasks.Task | None):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.pi, pc = jax.process_index(), jax.process_count()
-    self.writer = self.train_iter = self.stop = self.clock = None
+    self.writer = self.train_iter = self.stop = self.clock = self.reader = None
     self.ckpt = checkpoint.Checkpointer(
       os.path.join(self.workdir, checkpoint.CHECKPOINT_SUBDIR),
       config.ckpt.keep,
@@ -464,8 +475,16 @@ class _Run:
     stopping = False
     self.data_state = self.train_iter.get_state()
     upcoming = self._read_batch() if self.step < self.total else None
+    if _synchronous_dispatch():
+      # Each step call returns only when the step has run: batch t + 1 is read on a helper
+      # thread meanwhile (one read at a time, in order), as the read after an asynchronous
+      # dispatch would overlap it.
+      self.reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vqjax-read")
     while self.step < self.total and not stopping:
       batch, data_state = upcoming
+      ahead = None
+      if self.reader is not None and self.step + 1 < self.total:
+        ahead = self.reader.submit(self._read_batch)
       profiler.before_step(self.step)
       with profiler.annotate(self.step):
         self.state, metrics, self.watch = self.train_step(
@@ -482,7 +501,7 @@ class _Run:
         # Batch t + 1 is read and sent while the devices run step t; only the part of the
         # read after step t finished kept them idle.
         t_read = time.perf_counter()
-        upcoming = self._read_batch()
+        upcoming = ahead.result() if ahead is not None else self._read_batch()
         waited = self.clock.idle_during(step, t_read, time.perf_counter())
         if progress is not None:
           progress.add_data_wait(waited)
@@ -551,6 +570,8 @@ class _Run:
       self.stop.restore()
     if self.clock is not None:
       self.clock.close()
+    if self.reader is not None:
+      self.reader.shutdown(wait=True, cancel_futures=True)
     self.ckpt.close()
     if self.writer is not None:
       self.writer.close()
