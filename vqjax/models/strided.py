@@ -27,9 +27,8 @@ import jax.numpy as jnp
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 DOWN_IMPLS = ("auto", "lax", "adjoint")
-# up_phase's per-phase form on the CPU (False: the one-convolution form everywhere), for output
-# widths from this many channels (a 1-channel image's phases ran faster as one convolution).
-_SPLIT_ON_CPU = True
+# up_phase runs one convolution per phase on the CPU for outputs of at least this many channels
+# (a 1-channel image's phases ran faster as one convolution).
 _SPLIT_MIN_CHANNELS = 8
 UP_IMPLS = ("auto", "subpixel", "lax", "adjoint")
 
@@ -169,12 +168,12 @@ def up_phase(x: jax.Array, w: jax.Array, split: bool | None = None) -> jax.Array
   """
   h, wd, o = x.shape[1], x.shape[2], w.shape[-1]
   if split is None:
-    split = _SPLIT_ON_CPU and jax.default_backend() == "cpu" and o >= _SPLIT_MIN_CHANNELS
+    split = jax.default_backend() == "cpu" and o >= _SPLIT_MIN_CHANNELS
   if split:
-    phases = []
+    kernel, phases = _phase_kernel(w), []
     for ry in range(2):
       for rx in range(2):
-        k = _phase_kernel(w)[..., (2 * ry + rx) * o : (2 * ry + rx + 1) * o]
+        k = kernel[..., (2 * ry + rx) * o : (2 * ry + rx + 1) * o]
         # Phase r reads input rows m - 1 + r and m + r: padded by 1 - r before and r after.
         pads = ((1 - ry, ry), (1 - rx, rx))
         phases.append(jax.lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_DIMS))
