@@ -282,3 +282,63 @@ def test_xla_options_of_a_variant_reach_its_executable_alone(tmp_path, fast_comp
   b = train_step.setup(config, 8)
   train_step.compile_step(b, {"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
   assert any(name.endswith(".txt") for name in os.listdir(tmp_path))
+
+
+def test_the_prepared_gpu_run_names_only_valid_configs_overrides_and_options(tmp_path):
+  """benchmarks/gpu_candidates.sh is run on a short GPU lease: a misspelled override would cost
+  its section. With PYTHON pointing at a recorder, every command it would run is checked here
+  against the scripts' own argument parsers and the configs' validation."""
+  import subprocess
+
+  import sampling
+  import variants
+
+  calls = tmp_path / "calls.jsonl"
+  shim = tmp_path / "python"
+  shim.write_text(
+    f"#!{sys.executable}\nimport json, sys\n"
+    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+  )
+  shim.chmod(0o755)
+  env = {**os.environ, "PYTHON": str(shim), "BUDGET": "3000"}
+  out = subprocess.run(
+    ["bash", os.path.join(ROOT, "benchmarks", "gpu_candidates.sh"), "/ref", str(tmp_path / "o")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  ).stdout
+  assert "skipped" not in out and "== done" in out
+  runs = [json.loads(line) for line in calls.read_text().splitlines()]
+  runs = [r for r in runs if r and r[0].startswith("benchmarks/")]
+  assert [r[0] for r in runs] == [
+    "benchmarks/variants.py",
+    "benchmarks/variants.py",
+    "benchmarks/sampling.py",
+    "benchmarks/sampling.py",
+    "benchmarks/profile_step.py",
+    "benchmarks/variants.py",
+  ]
+  for script, *args in runs:
+    if script == "benchmarks/sampling.py":
+      sampling.parse(args)
+      continue
+    parsed = dict(config=None, dtype="", sets=[], variants=[None])
+    it = iter(args)
+    for flag in it:
+      if flag in ("--config", "--dtype"):
+        parsed[flag[2:]] = next(it)
+      elif flag == "--set":
+        parsed["sets"].append(next(it))
+      elif flag == "--variant":
+        parsed["variants"] = [v for v in parsed["variants"] if v is not None] + [next(it)]
+      elif flag in ("--baseline-dir", "--rounds", "--steps", "--top", "--out"):
+        next(it)
+      else:
+        raise AssertionError(f"{script}: unexpected argument {flag!r}")
+    for variant in parsed["variants"]:
+      tokens = [*parsed["sets"], *(variant or "").split()]
+      variants.compiler_options([t for t in tokens if t.startswith("xla.")])
+      overrides = [t for t in tokens if not t.startswith("xla.")]
+      train_step.load_config(parsed["config"], parsed["dtype"], overrides)

@@ -172,3 +172,18 @@ def test_save_config_round_trips(tmp_path):
   scope = {}
   exec((tmp_path / "config.py").read_text(), scope)
   assert scope["get_config"]().optim.lr == 1e-4
+
+
+def test_library_filter_drops_orbax_chatter_and_keeps_its_real_warnings():
+  def record(path, level, msg):
+    return logging.logging.LogRecord("absl", level, path, 1, msg, (), None)
+
+  orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  keep = logs._DropLibraryInfo().filter
+  info, warning = logging.logging.INFO, logging.logging.WARNING
+  assert not keep(record(orbax, info, "Saving checkpoint at step 10"))
+  # A directory opened read-only on purpose (stage 1 restored under a prior) is not a problem.
+  assert not keep(record(orbax, warning, "Given directory is read only=%s"))
+  assert keep(record(orbax, warning, "Checkpoint directory is not empty"))
+  assert keep(record("/work/vqjax/training/trainer.py", info, "first step done"))
+  assert keep(record("/work/vqjax/training/trainer.py", warning, "Given directory is read only"))

@@ -27,10 +27,16 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class _DropLibraryInfo(logging.logging.Filter):
-  """Drops INFO records from Orbax (dozens of lines per save would bury the progress lines)."""
+  """Drops INFO records from Orbax (dozens of lines per save would bury the progress lines),
+  and its warning that a directory opened read-only on purpose (a run restored from, e.g.
+  stage 1 under a prior) "is read only", which reads like a permission problem."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno < logging.logging.WARNING:
+      return False
+    return not str(record.msg).startswith("Given directory is read only")
 
 
 def quiet_library_logs() -> None:
