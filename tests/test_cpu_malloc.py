@@ -60,3 +60,37 @@ def test_the_allocator_is_left_alone_where_an_accelerator_may_run(monkeypatch):
   assert vqjax._cpu_only()
   monkeypatch.setenv("VQJAX_MALLOC_DEFAULTS", "1")
   assert not vqjax.tune_cpu_malloc()
+
+
+def test_called_after_jax_started_it_changes_nothing_and_says_so():
+  # JAX reads the dispatch option when it creates the CPU backend: too late to take effect.
+  code = (
+    "import jax, vqjax; jax.devices(); "
+    "print(vqjax.tune_cpu_malloc(), jax.config.read('jax_cpu_enable_async_dispatch'))"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "VQJAX_MALLOC_DEFAULTS"}
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    env={**env, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["False", "True"]
+  assert "backends already exist" in out.stderr
+
+
+def test_the_trainer_reads_ahead_itself_only_where_one_cpu_device_runs_synchronously():
+  import jax
+
+  from vqjax.training import trainer
+
+  saved = jax.config.read("jax_cpu_enable_async_dispatch")
+  try:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    # This process has 8 CPU devices (conftest): JAX dispatches their computations
+    # asynchronously whatever the option says.
+    assert jax.device_count() == 8 and not trainer._synchronous_dispatch()
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", saved)

@@ -23,6 +23,9 @@ def test_relu_value_and_derivative_match_numpy(impl):
   xb = jnp.asarray(x, jnp.bfloat16)
   grad = jax.jit(jax.grad(lambda v: jnp.sum(layers.relu(v, impl).astype(jnp.float32) * 2)))
   np.testing.assert_array_equal(np.asarray(grad(xb), np.float32), np.where(x > 0, 2.0, 0.0))
+  # Python numbers, as jax.nn.relu takes them; the derivative at a scalar too.
+  assert float(layers.relu(-1.5, impl)) == 0.0 and float(layers.relu(2.0, impl)) == 2.0
+  assert float(jax.grad(lambda v: layers.relu(v, impl))(2.0)) == 1.0
 
 
 def test_relu_rejects_an_unknown_form():

@@ -61,19 +61,42 @@ def _cpu_only() -> bool:
   return util.find_spec("jax_plugins") is None and util.find_spec("libtpu") is None
 
 
+def _backends_started() -> bool:
+  """Whether JAX has created its backends (False where JAX is not imported yet)."""
+  import sys
+
+  if "jax" not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge
+
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # another JAX: assume not, as before
+    return False
+
+
 def tune_cpu_malloc() -> bool:
   """Sets glibc's allocator and JAX's CPU dispatch as above where the backend will be the CPU
   (JAX_PLATFORMS starts with cpu, or no accelerator plugin is installed); VQJAX_MALLOC_DEFAULTS=1
-  leaves both at their defaults. Call it before JAX creates its CPU backend.
+  leaves both at their defaults. Call it before JAX creates its CPU backend: JAX reads the
+  dispatch option only then, so afterwards it changes nothing (and says so in the log). Calls
+  of a computation spread over several CPU devices stay asynchronous either way.
 
   Returns:
-    True if glibc took the settings (and dispatch was made synchronous).
+    True if glibc took the settings and dispatch was made synchronous.
   """
   import sys
 
   if _os.environ.get("VQJAX_MALLOC_DEFAULTS") == "1" or not sys.platform.startswith("linux"):
     return False
   if not _cpu_only():
+    return False
+  if _backends_started():
+    import logging
+
+    logging.getLogger(__name__).warning(
+      "tune_cpu_malloc: JAX's backends already exist; allocator and dispatch left as they are"
+    )
     return False
   import ctypes
 

@@ -73,6 +73,7 @@ def relu(x: jax.Array, impl: str = "jax") -> jax.Array:
   - "jax": `jax.nn.relu`; the backward pass reads the mask x > 0 from the pre-activation.
   - "output": the mask is read from the output, so the pre-activation (a convolution's output
     plus its bias) has one user, which lets XLA fuse bias and ReLU into a cuDNN convolution.
+    A `jax.custom_vjp` rule: reverse mode only (`jax.jvp` through it raises).
   - "stored": the mask from the output too, and under differentiation (forward or reverse
     mode) the activation is computed inside a `lax.cond` whose branches are both max(x, 0).
     XLA:CPU otherwise recomputes bias + ReLU inside each transpose that feeds a kernel-gradient
@@ -84,6 +85,7 @@ def relu(x: jax.Array, impl: str = "jax") -> jax.Array:
   impl = resolve_relu(impl)
   if impl == "jax":
     return nn.relu(x)
+  x = jnp.asarray(x)
   if impl == "output":
     return _relu_from_output(x)
   return _relu_stored(x) if x.size else jnp.maximum(x, 0)

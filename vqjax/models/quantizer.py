@@ -45,7 +45,8 @@ def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
 
 def argmin_rows(d: jax.Array, blocked: bool | None = None) -> jax.Array:
   """Index of each row's smallest entry, [N, K] -> int32 [N]: jnp.argmin's result (the first
-  index on ties, the first NaN where there is one).
+  index on ties, the first NaN where there is one), except, blocked, in a row holding both -inf
+  and NaN in different blocks (then the first of them; squared distances are never -inf).
 
   `blocked` (default: on the CPU) takes the minimum of each block of 32 columns (a plain
   reduction XLA:CPU vectorises), the argmin over the N x K/32 block minima, then the argmin

@@ -12,7 +12,9 @@ Forms (each computes the same function; tests check them against NumPy):
   up:   "subpixel" (one 3x3 convolution to 4x the channels, then depth-to-space), "lax" (XLA's
         transposed convolution), "adjoint" (forward in the phase form: one 2x2 convolution of
         the padded input, 4/9 of the sub-pixel multiplies; input gradient through `down`).
-The adjoint forms' gradients are `jax.custom_vjp` rules; kernel gradients stay XLA's own.
+The adjoint forms' gradients are `jax.custom_vjp` rules (reverse mode only: `jax.jvp` through
+them raises; pick "lax" / "subpixel" for forward-mode derivatives); kernel gradients stay
+XLA's own.
 On the CPU (XLA:CPU, jaxlib 0.10, 2 cores) they make the Fashion-MNIST step at the PyTorch
 reference's sizes 1.2x faster; XLA's own derivatives of these forms run through convolutions
 XLA:CPU handles slowly (benchmarks/RESULTS.md). "auto" picks "adjoint" on the CPU and on GPUs

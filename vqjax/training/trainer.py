@@ -264,13 +264,14 @@ def train_and_evaluate(
 
 
 def _synchronous_dispatch() -> bool:
-  """Whether step calls return only after the step has run: the CPU backend with asynchronous
-  dispatch off (as the training CLIs set it, vqjax.tune_cpu_malloc)."""
+  """Whether step calls return only after the step has run: one CPU device with asynchronous
+  dispatch off (as the training CLIs set it, vqjax.tune_cpu_malloc; JAX dispatches a
+  computation over several CPU devices asynchronously whatever the option says)."""
   try:
     asynchronous = jax.config.read("jax_cpu_enable_async_dispatch")
   except (AttributeError, KeyError):  # a JAX without the option
     return False
-  return not asynchronous and jax.default_backend() == "cpu"
+  return not asynchronous and jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 class _Run:
