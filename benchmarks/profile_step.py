@@ -87,17 +87,25 @@ def summarise(events: list[dict], steps: int, top: int) -> list[dict]:
   return rows
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  at_least = train_step.at_least
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="experiments/vqvae2_imagenet.py")
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--batch", type=int, default=0, help="global batch (0 = the config's)")
+  p.add_argument("--batch", type=at_least(0), default=0, help="global batch (0 = the config's)")
   p.add_argument("--set", action="append", default=[], help="config override group.field=value")
-  p.add_argument("--steps", type=int, default=3, help="traced steps")
-  p.add_argument("--top", type=int, default=30, help="kernels listed")
+  p.add_argument("--steps", type=at_least(1), default=3, help="traced steps")
+  p.add_argument("--top", type=at_least(0), default=30, help="kernels listed")
   p.add_argument("--out", default="/tmp/vqjax_profile", help="trace directory")
   p.add_argument("--cache", default="", help="persistent compilation cache directory")
   a = p.parse_args(argv)
+  if os.path.exists(a.out) and not os.path.isdir(a.out):  # found before compiling, not after
+    p.error(f"--out {a.out!r} is a file, not a directory")
+  return a
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  a = parse(argv)
   trainer.setup_compilation_cache(a.cache)
   b = train_step.setup(train_step.load_config(a.config, a.dtype, a.set), a.batch)
   train_step.compile_step(b)

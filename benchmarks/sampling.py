@@ -148,29 +148,45 @@ def run(prior: str, level: str, sampler: str, a) -> dict:
   )
 
 
+def at_least(minimum: int):
+  """An argparse `type`: an integer >= `minimum`, else argparse's own usage error (as
+  train_step.at_least; not imported from there, which tunes the process's allocator)."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+    return value
+
+  return parse
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
   """The options `run` reads, from command-line words (`benchmarks/suite.py` passes its own)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--prior", choices=["pixelsnail", "pixelcnn", "both"], default="both")
   p.add_argument("--level", choices=["top", "bottom", "both"], default="both")
   p.add_argument("--sampler", choices=["naive", "cached", "both"], default="both")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--repeats", type=int, default=2, help="timed calls after the compiling one")
+  p.add_argument("--batch", type=at_least(1), default=8)
+  p.add_argument("--repeats", type=at_least(1), default=2, help="timed calls after the first")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   p.add_argument("--rosinality", action="store_true", help="rosinality's ImageNet sizes (GPU)")
-  p.add_argument("--num-codes", type=int, default=0, help="K (0: 128, or 512 with --rosinality)")
-  p.add_argument("--top-side", type=int, default=0, help="side of the top map (0: default)")
-  p.add_argument("--bottom-side", type=int, default=0, help="side of the bottom map (0: default)")
-  p.add_argument("--pixelcnn-layers", type=int, default=15)
-  p.add_argument("--pixelcnn-channels", type=int, default=128)
-  p.add_argument("--naive-max-positions", type=int, default=256)
+  p.add_argument("--num-codes", type=at_least(0), default=0, help="K (0: 128, 512 rosinality)")
+  p.add_argument("--top-side", type=at_least(0), default=0, help="side of the top map (0: default)")
+  p.add_argument("--bottom-side", type=at_least(0), default=0, help="bottom map side (0: default)")
+  p.add_argument("--pixelcnn-layers", type=at_least(1), default=15)
+  p.add_argument("--pixelcnn-channels", type=at_least(1), default=128)
+  p.add_argument("--naive-max-positions", type=at_least(0), default=256)
   a = p.parse_args(argv)
   a.num_codes = a.num_codes or (512 if a.rosinality else 128)
   return a
 
 
-def main():
-  a = parse()
+def main(argv: list[str] | None = None) -> None:
+  a = parse(argv)
   both = lambda x, pair: list(pair) if x == "both" else [x]
   columns = ["prior", "level", "sampler", "batch", "map", "seconds", "first_call", "device"]
   print(" ".join(f"{c:>10}" for c in columns), "note", flush=True)

@@ -413,6 +413,7 @@ class Suite:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  at_least = train_step.at_least
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="CPU-sized models, batches and steps")
   p.add_argument(
@@ -421,11 +422,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--jsonl", default="", help="append every row to this JSON-lines file")
   p.add_argument("--baseline-dir", default="", help="a clone of rosinality/vq-vae-2-pytorch")
   p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
-  p.add_argument("--batch", type=int, default=0, help="global batch of the steps (0: configs')")
-  p.add_argument("--steps", type=int, default=0, help="timed steps (0: 20, 3 with --quick)")
+  p.add_argument("--batch", type=at_least(0), default=0, help="global batch (0: configs')")
+  p.add_argument("--steps", type=at_least(0), default=0, help="timed steps (0: 20, 3 quick)")
   p.add_argument("--sample-batches", default="", help="comma-separated (default 8,64; 2,8 quick)")
-  p.add_argument("--naive-max-positions", type=int, default=0, help="(default 256, 64 quick)")
-  p.add_argument("--torch-threads", type=int, default=0, help="the reference's CPU threads")
+  p.add_argument("--naive-max-positions", type=at_least(0), default=0, help="(0: 256, 64 quick)")
+  p.add_argument("--torch-threads", type=at_least(0), default=0, help="the reference's CPU threads")
   p.add_argument("--cache", default="", help="persistent compilation cache directory")
   a = p.parse_args(argv)
   a.only = [w for words in a.only for w in words.split(",") if w] or list(WORKLOADS)
@@ -435,14 +436,40 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
   # bfloat16 is what an accelerator trains in; a CPU runs float32 far faster.
   a.dtype = a.dtype or ("float32" if a.quick else "bfloat16")
   default_batches = "2,8" if a.quick else "8,64"
-  a.sample_batches = [int(x) for x in (a.sample_batches or default_batches).split(",")]
+  try:
+    a.sample_batches = [int(x) for x in (a.sample_batches or default_batches).split(",")]
+  except ValueError:
+    p.error(f"--sample-batches {a.sample_batches!r}: give comma-separated integers, e.g. 8,64")
+  if min(a.sample_batches) < 1:
+    p.error(f"--sample-batches: every batch must be >= 1, got {a.sample_batches}")
   a.naive_max_positions = a.naive_max_positions or (64 if a.quick else 256)
   return a
+
+
+def check_writable(path: str) -> None:
+  """UserError (one line) unless rows can be appended to `path` ("" = no file): the file or its
+  directory must exist and be writable."""
+  if not path:
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    problem = "is a directory"
+  elif os.path.exists(path):
+    problem = "" if os.access(path, os.W_OK) else "is not writable"
+  elif not os.path.isdir(parent):
+    problem = f"cannot be created: no directory {parent!r}"
+  elif not os.access(parent, os.W_OK | os.X_OK):
+    problem = f"cannot be created: {parent!r} is not writable"
+  else:
+    problem = ""
+  if problem:
+    raise errors.UserError(f"--jsonl {path!r} {problem}")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   """Runs the suite; returns its rows (also printed, and appended to --jsonl)."""
   a = parse(argv)
+  check_writable(a.jsonl)  # before the benchmark, not after it
   if a.baseline_dir:
     # Torch shares the accelerator: JAX must not take most of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

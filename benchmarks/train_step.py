@@ -38,17 +38,50 @@ from vqjax.training import sharding, tasks, trainer
 vqjax.tune_cpu_malloc()
 
 
-def apply_override(config, assignment: str) -> None:
-  """Applies "group.field=value" (value parsed as a Python literal, else a string)."""
-  key, _, text = assignment.partition("=")
+def apply_override(config, assignment: str, flag: str = "--set") -> None:
+  """Applies "group.field=value" (value parsed as a Python literal, else a string; any depth
+  of dotted path, "seed=1" too).
+
+  Raises `errors.UserError`, naming `flag` (the command-line flag the assignment came from),
+  for an assignment without "=", a field the config does not have, or a value of another type
+  than the field's.
+  """
+  key, sep, text = assignment.partition("=")
+  if not sep:
+    raise errors.UserError(f"{flag} {assignment!r}: an override is given as group.field=value")
   try:
     value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+  except (ValueError, TypeError, SyntaxError, RecursionError):  # not a literal: the text
     value = text
-  group, _, field = key.partition(".")
-  if group not in config or not field or field not in config[group]:
-    raise errors.UserError(f"--set {assignment!r}: config has no field {key!r}")
-  setattr(config[group], field, value)
+  *groups, field = key.split(".")
+  node = config
+  for name in groups:
+    node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+  if not isinstance(node, ml_collections.ConfigDict) or field not in node:
+    raise errors.UserError(f"{flag} {assignment!r}: config has no field {key!r}")
+  old = node[field]
+  try:
+    setattr(node, field, value)
+  except (TypeError, ValueError):
+    raise errors.UserError(
+      f"{flag} {assignment!r}: config.{key} takes a value of type {type(old).__name__}, "
+      f"got {value!r} of type {type(value).__name__}"
+    ) from None
+
+
+def at_least(minimum: int):
+  """An argparse `type`: an integer >= `minimum`, else argparse's own usage error."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+    return value
+
+  return parse
 
 
 def _time(fn, steps: int) -> float:
@@ -61,14 +94,16 @@ def _time(fn, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def load_config(name: str, dtype: str = "", overrides: Sequence[str] = ()):
+def load_config(name: str, dtype: str = "", overrides: Sequence[str | tuple[str, str]] = ()):
   """An experiment config ("vqvae2_imagenet", "experiments/x.py:smoke") with the compute dtype
-  and "group.field=value" overrides applied, validated."""
+  and "group.field=value" overrides applied, validated. An override may be given as (flag,
+  assignment), the flag its errors name (default "--set")."""
   config = configs.load_experiment(name)
   if dtype:
     config.model.dtype = dtype
-  for assignment in overrides:
-    apply_override(config, assignment)
+  for item in overrides:
+    flag, assignment = ("--set", item) if isinstance(item, str) else item
+    apply_override(config, assignment, flag)
   configs.validate(config)
   return config
 
@@ -219,15 +254,19 @@ def device_peak_gib() -> float:
   return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="experiments/vqvae2_imagenet.py")
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--batch", type=int, default=0, help="global batch (0 = the config's)")
-  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--batch", type=at_least(0), default=0, help="global batch (0 = the config's)")
+  p.add_argument("--steps", type=at_least(1), default=20)
   p.add_argument("--cache", default="", help="persistent compilation cache directory")
   p.add_argument("--set", action="append", default=[], help="config override group.field=value")
-  a = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  a = parse(argv)
   t_launch = time.perf_counter()
   trainer.setup_compilation_cache(a.cache)
 

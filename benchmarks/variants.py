@@ -39,31 +39,42 @@ from vqjax import errors
 from vqjax.training import trainer
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  at_least = train_step.at_least
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="experiments/vqvae2_imagenet.py")
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--batch", type=int, default=0, help="global batch (0 = the config's)")
+  p.add_argument("--batch", type=at_least(0), default=0, help="global batch (0 = the config's)")
   p.add_argument("--variant", action="append", default=[], help="overrides; repeat per variant")
-  p.add_argument("--steps", type=int, default=3, help="steps per timed round")
-  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--steps", type=at_least(1), default=3, help="steps per timed round")
+  p.add_argument("--rounds", type=at_least(1), default=5)
   p.add_argument("--cache", default="", help="persistent compilation cache directory")
   p.add_argument("--baseline-dir", default="", help="a clone of rosinality/vq-vae-2-pytorch")
   p.add_argument("--set", action="append", default=[], help="override applied to every variant")
   a = p.parse_args(argv)
   if len(a.variant) < 1:
     p.error('give at least one --variant ("" for the config as it is)')
+  return a
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  a = parse(argv)
   if a.baseline_dir:
     # Torch shares the accelerator: JAX must not take most of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   trainer.setup_compilation_cache(a.cache)
 
-  benches, compile_s, losses, variants = [], [], [], []
+  # Every variant's overrides are checked before the first compiles (UserError: raised).
+  built = []
   for variant in a.variant:
-    tokens = [*a.set, *variant.split()]
-    options = compiler_options([t for t in tokens if t.startswith("xla.")])
-    overrides = [t for t in tokens if not t.startswith("xla.")]
-    config = train_step.load_config(a.config, a.dtype, overrides)  # UserError: raised
+    # (flag, token): an error names the flag its token came from.
+    tokens = [*(("--set", t) for t in a.set), *(("--variant", t) for t in variant.split())]
+    options = compiler_options([t for t in tokens if t[1].startswith("xla.")])
+    overrides = [t for t in tokens if not t[1].startswith("xla.")]
+    built.append((variant, train_step.load_config(a.config, a.dtype, overrides), options))
+
+  benches, compile_s, losses, variants = [], [], [], []
+  for variant, config, options in built:
     try:
       b = train_step.setup(config, a.batch)
       seconds = train_step.compile_step(b, options)
@@ -136,13 +147,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   return rows
 
 
-def compiler_options(tokens: Sequence[str]) -> dict[str, bool | int | str]:
-  """{"xla_...": value} from "xla.OPTION=value" tokens; UserError for a malformed one."""
+def compiler_options(tokens: Sequence[str | tuple[str, str]]) -> dict[str, bool | int | str]:
+  """{"xla_...": value} from "xla.OPTION=value" tokens, each alone or as (flag, token) with the
+  command-line flag it came from; UserError (naming the flag) for a malformed one."""
   options = {}
-  for token in tokens:
+  for item in tokens:
+    flag, token = ("", item) if isinstance(item, str) else (f"{item[0]} ", item[1])
     name, sep, value = token.removeprefix("xla.").partition("=")
     if not sep or not name.startswith("xla_"):
-      raise errors.UserError(f"{token!r}: an XLA option is given as xla.xla_OPTION=value")
+      raise errors.UserError(f"{flag}{token!r}: an XLA option is given as xla.xla_OPTION=value")
     if value.lower() in ("true", "false"):
       options[name] = value.lower() == "true"
     else:

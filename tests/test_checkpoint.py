@@ -192,6 +192,18 @@ def test_damaged_latest_step_is_named_and_the_previous_one_restored(tmp_path, da
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   ckpt.close()
+  # Weights only (ckpt.init_from, load_run): the same fallback, and one line for the step itself.
+  weights = checkpoint.restore_weights(str(tmp_path / "c"), target)
+  for a, b in zip(
+    jax.tree.leaves(weights),
+    jax.tree.leaves({"params": expected.params, "model_state": expected.model_state}),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if damage != "commit":
+    with pytest.raises(checkpoint.CheckpointDamagedError, match="step 2") as e:
+      checkpoint.restore_weights(str(tmp_path / "c"), target, step=2)
+    assert "\n" not in str(e.value)
 
 
 def test_every_step_damaged_is_one_clear_error(tmp_path):

@@ -8,6 +8,7 @@ local Fashion-MNIST idx files, in-memory arrays or a temporary folder."""
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from PIL import Image
 from train_helpers import _codes_data, _CodesTask, read_jsonl, train_losses
 
 import vqjax
-from vqjax import configs, errors
+from vqjax import configs, errors, runs
 from vqjax.data import pipeline, sources
 from vqjax.training import checkpoint, sharding, tasks, trainer
 
@@ -184,6 +185,23 @@ def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared
   recon, _ = model.apply(variables, jnp.asarray(batch["image"]))
   mse = float(np.mean((np.asarray(recon, np.float64) - batch["image"]) ** 2))
   assert math.isclose(mse, ev["mse"], rel_tol=1e-4)
+
+  # The newest step's arrays cut short (a copy interrupted): load_run skips it, as a resume
+  # would, and reads step 1; asked for step 2 itself, it names the damage in one line.
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(workdir, damaged)
+  for root, _, files in os.walk(os.path.join(damaged, "checkpoints", "2", "state")):
+    for name in files if os.path.basename(root) == "d" else ():
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+  *_, step1_vars = vqjax.load_run(workdir, step=1)
+  *_, fallback, step = runs.load_run_with_step(damaged)
+  assert step == 1
+  for a, b in zip(jax.tree.leaves(fallback), jax.tree.leaves(step1_vars), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(checkpoint.CheckpointDamagedError, match="step 2") as e:
+    vqjax.load_run(damaged, step=2)
+  assert "\n" not in str(e.value)
 
   # A finished run is not trained or evaluated again.
   again = trainer.train_and_evaluate(config, workdir)

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from vqjax import errors
 from vqjax.training import checkpoint, tasks
@@ -54,7 +55,8 @@ def load_run(
 
   Args:
     workdir: a trainer workdir, its checkpoints/ directory, or a `vqjax.convert` output.
-    step: the checkpoint step; None = the newest intact step not recorded as bad.
+    step: the checkpoint step; None = the newest intact step not recorded as bad (a damaged
+      one is skipped with a warning, as a resume skips it).
     device: where the variables go; default the first device.
 
   Returns:
@@ -64,6 +66,13 @@ def load_run(
   Raises:
     errors.UserError: the directory holds no trained model, or the model does not fit.
   """
+  return load_run_with_step(workdir, step, device)[:3]
+
+
+def load_run_with_step(
+  workdir: str, step: int | None = None, device: jax.Device | None = None
+) -> tuple[ml_collections.ConfigDict, Any, dict, int | None]:
+  """`load_run`, and the checkpoint step it read (None for a converted model)."""
   path = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(path):
     raise errors.UserError(f"{workdir} is not a directory")
@@ -73,13 +82,13 @@ def load_run(
     from vqjax import convert
 
     config = convert.read_config(os.path.join(path, "config.json"))
-    return (config,) + _restore(config, path, None, device)
+    return (config, *_restore(config, path, None, device), None)
   directory = checkpoint.resolve_directory(path)
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
     if step is None:
-      step = ckpt.latest_step()
-      if step is None:
+      candidates = sorted(set(ckpt.all_steps()) - set(ckpt.bad_steps()), reverse=True)
+      if not candidates:
         raise errors.UserError(
           f"no checkpoint in {directory}: {workdir} is not a finished or running vqjax run"
         )
@@ -87,21 +96,39 @@ def load_run(
       raise errors.UserError(
         f"no checkpoint of step {step} in {directory}; it has {ckpt.all_steps()}"
       )
-    meta = ckpt.read_meta(step)
+    else:
+      candidates = [step]
+    metas = {s: ckpt.read_meta(s) for s in candidates}
   finally:
     ckpt.close()
-  record = meta.get("config")
-  if record is None:  # the step's record is damaged: fall back to the run's config.json
-    config_json = os.path.join(os.path.dirname(directory), "config.json")
+  problems = []
+  for candidate in candidates:
+    config = _config_from_record(_config_record(metas[candidate], directory, candidate))
     try:
-      with open(config_json) as f:
-        record = json.load(f)
-    except (OSError, ValueError):
-      raise errors.CheckpointError(
-        f"checkpoint {directory}/{step} has no readable config record, nor has {config_json}"
-      ) from None
-  config = _config_from_record(record)
-  return (config,) + _restore(config, directory, step, device)
+      return (config, *_restore(config, directory, candidate, device), candidate)
+    except checkpoint.CheckpointDamagedError as e:
+      if step is not None:
+        raise
+      logging.warning("%s; trying an earlier step", e)
+      problems.append(str(e))
+  raise checkpoint.CheckpointDamagedError(
+    f"no intact checkpoint in {directory}: {'; '.join(problems)}"
+  )
+
+
+def _config_record(meta: dict, directory: str, step: int) -> dict:
+  """The config a step was saved with; the run's config.json if the step's record is damaged."""
+  record = meta.get("config")
+  if record is not None:
+    return record
+  config_json = os.path.join(os.path.dirname(directory), "config.json")
+  try:
+    with open(config_json) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    raise errors.CheckpointError(
+      f"checkpoint {directory}/{step} has no readable config record, nor has {config_json}"
+    ) from None
 
 
 def _restore(config: ml_collections.ConfigDict, path: str, step: int | None, device) -> tuple:

@@ -322,13 +322,7 @@ class Checkpointer:
 
   def check_intact(self, step: int) -> None:
     """Raises CheckpointDamagedError naming the first missing or empty file of `step`."""
-    root = os.path.join(self.directory, str(step))
-    for rel in _REQUIRED_FILES:
-      path = os.path.join(root, rel)
-      if not os.path.isfile(path):
-        raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
-      if os.path.getsize(path) == 0:
-        raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is empty")
+    _check_intact(self.directory, step)
 
   def read_meta(self, step: int) -> dict:
     """The config record (`config_meta`) saved with `step`; {} when it cannot be read."""
@@ -486,6 +480,17 @@ def _restore_converted(path: str, abstract_state: Any) -> dict:
   return {"params": params, "model_state": out}
 
 
+def _check_intact(directory: str, step: int) -> None:
+  """Checkpointer.check_intact of a directory."""
+  root = os.path.join(directory, str(step))
+  for rel in _REQUIRED_FILES:
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+      raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
+    if os.path.getsize(path) == 0:
+      raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is empty")
+
+
 def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> dict:
   """Reads only the weights (params and model_state) of a checkpoint, for `ckpt.init_from`.
 
@@ -495,7 +500,8 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
   Args:
     path: a workdir, its checkpoints/ directory, or any directory of step directories.
     abstract_state: the current run's abstract TrainState (ShapeDtypeStructs with shardings).
-    step: which step; None = the latest.
+    step: which step; None = the newest one not recorded as bad (a damaged one is skipped
+      with a warning).
 
   Returns:
     {"params": ..., "model_state": ...} placed on the target shardings.
@@ -505,22 +511,29 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
   directory = resolve_directory(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{path} is neither a run's workdir nor a checkpoint directory")
-  if step is None:
-    # The newest intact step not recorded as bad, as a resume would pick.
-    probe = Checkpointer(directory, read_only=True)
+  if step is not None:
+    return _restore_weights_of(directory, abstract_state, step)
+  # The newest intact step not recorded as bad, as a resume would pick; a damaged one is
+  # skipped with a warning, as a resume skips it.
+  probe = Checkpointer(directory, read_only=True)
+  try:
+    candidates = sorted(set(probe.all_steps()) - set(probe.bad_steps()), reverse=True)
+  finally:
+    probe.close()
+  problems = []
+  for candidate in candidates:
     try:
-      for candidate in sorted(set(probe.all_steps()) - set(probe.bad_steps()), reverse=True):
-        try:
-          probe.check_intact(candidate)
-        except CheckpointDamagedError as e:
-          logging.warning("%s; trying an earlier step", e)
-          continue
-        step = candidate
-        break
-    finally:
-      probe.close()
-    if step is None:
-      raise FileNotFoundError(f"no intact checkpoint in {directory}")
+      return _restore_weights_of(directory, abstract_state, candidate)
+    except CheckpointDamagedError as e:
+      logging.warning("%s; trying an earlier step", e)
+      problems.append(str(e))
+  if not problems:
+    raise FileNotFoundError(f"no intact checkpoint in {directory}")
+  raise CheckpointDamagedError(f"no intact checkpoint in {directory}: {'; '.join(problems)}")
+
+
+def _restore_weights_of(directory: str, abstract_state: Any, step: int) -> dict:
+  """restore_weights of one step; CheckpointDamagedError (one line) if it cannot be read."""
   manager = ocp.CheckpointManager(
     directory,
     options=ocp.CheckpointManagerOptions(read_only=True, create=False),
@@ -528,18 +541,33 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
   )
   try:
     item = {k: getattr(abstract_state, k) for k in WEIGHT_FIELDS}
-    saved = manager.item_metadata(step)["state"]
-    saved = getattr(saved, "tree", saved)
+    _check_intact(directory, step)
+    try:
+      saved = manager.item_metadata(step)["state"]
+      saved = getattr(saved, "tree", saved)
+      if not saved:
+        raise ValueError("state/_METADATA describes no arrays")
+    except Exception as e:  # noqa: BLE001 - an unreadable tree description is damage
+      raise CheckpointDamagedError(
+        f"checkpoint step {step} in {directory} is damaged: {_short(e)}"
+      ) from None
     problem = describe_mismatch({k: saved.get(k) for k in WEIGHT_FIELDS}, item)
     if problem is not None:
       raise CheckpointMismatchError(f"{directory}/{step} does not fit this model: {problem}")
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    out = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-      ),
-    )
+    try:
+      out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        ),
+      )
+      # Reading is lazy in places: force every array so truncated files fail here.
+      jax.block_until_ready(out["state"])
+    except Exception as e:  # noqa: BLE001 - anything unreadable in the step is damage
+      raise CheckpointDamagedError(
+        f"checkpoint step {step} in {directory} is damaged: {_short(e)}"
+      ) from None
     return out["state"]
   finally:
     manager.close()
