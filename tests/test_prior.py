@@ -95,6 +95,27 @@ def test_codes_of_another_model_are_refused(stage1, tmp_path):
     extract_codes.extract(workdir, out, splits=["test"], batch_size=8)
 
 
+def test_shards_of_another_checkpoint_step_or_slice_are_refused(stage1, tmp_path):
+  """Existing shards count as done only for the same stage-1 step and split slices: a model
+  trained on, or another slice, is a one-line error instead of stale codes kept silently."""
+  workdir, _, _, _ = stage1
+  out = str(tmp_path / "codes")
+  extract_codes.extract(workdir, out, splits=["test[:5]"], batch_size=8)
+  with pytest.raises(errors.UserError, match=r"split 'test\[:5\]' \(now 'test\[5:10\]'\)"):
+    extract_codes.extract(workdir, out, splits=["test[5:10]"], batch_size=8)
+  # The same request again, and a new split beside it, are fine.
+  extract_codes.extract(workdir, out, splits=["test[:5]", "train[:4]"], batch_size=8)
+  record = os.path.join(out, "extraction.json")
+  with open(record) as f:
+    done = json.load(f)
+  assert done["splits"] == {"test": "test[:5]", "train": "train[:4]"}
+  done["stage1_step"] = 7  # as if the shards came from step 7 of a run trained on since
+  with open(record, "w") as f:
+    json.dump(done, f)
+  with pytest.raises(errors.UserError, match="stage1_step 7 \\(now None\\)"):
+    extract_codes.extract(workdir, out, splits=["test[:5]"], batch_size=8)
+
+
 def test_extraction_from_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(errors.UserError, match="no checkpoint"):

@@ -10,6 +10,7 @@ renamed when complete, so a killed extraction restarts where it stopped and keep
 shards. Then: `--config.data.name=codes --config.data.codes_dir=CODES_DIR`.
 """
 
+import json
 import os
 import sys
 import time
@@ -40,6 +41,56 @@ def _stage1_record(workdir: str, config, step) -> dict:
     "step": step,
     "fingerprint": meta["model_fingerprint"],
   }
+
+
+_EXTRACTION = "extraction.json"
+
+
+def _check_extraction(out, stage1, splits, examples_per_shard, process_index) -> None:
+  """Shards already in `out` count as done only if they were written from the same checkpoint
+  step and the same split slices: `out/extraction.json`, written before the first shard,
+  records them; a different request is a one-line error rather than codes mixed silently."""
+  from vqjax.data import sources
+
+  wanted = {
+    "stage1_workdir": stage1["workdir"],
+    "stage1_step": stage1["step"],
+    "splits": {sources.parse_split(s)[0]: s for s in splits},
+    "examples_per_shard": int(examples_per_shard),
+  }
+  path = os.path.join(out, _EXTRACTION)
+  try:
+    with open(path) as f:
+      done = json.load(f)
+  except FileNotFoundError:
+    done = None
+  except (OSError, ValueError):
+    raise errors.UserError(f"cannot read {path}: delete {out} and extract again") from None
+  if done is None:
+    if process_index == 0:
+      tmp = f"{path}.tmp"
+      with open(tmp, "w") as f:
+        json.dump(wanted, f, indent=2, sort_keys=True)
+      os.replace(tmp, path)
+    return
+  problems = [
+    f"{k} {done.get(k)!r} (now {v!r})"
+    for k, v in wanted.items()
+    if k != "splits" and done.get(k) != v
+  ]
+  for base, spec in wanted["splits"].items():
+    before = (done.get("splits") or {}).get(base)
+    if before is not None and before != spec:
+      problems.append(f"split {before!r} (now {spec!r})")
+  if problems:
+    raise errors.UserError(
+      f"{out} holds codes extracted with another {'; '.join(problems)}: delete it (and what was "
+      "trained on it) or choose another --out"
+    )
+  if process_index == 0 and set(wanted["splits"]) - set(done.get("splits") or {}):
+    done["splits"] = {**(done.get("splits") or {}), **wanted["splits"]}
+    with open(path, "w") as f:
+      json.dump(done, f, indent=2, sort_keys=True)
 
 
 def extract(
@@ -76,7 +127,7 @@ def extract(
   from vqjax.models import registry
   from vqjax.training import tasks
 
-  config, model, variables = runs.load_run(workdir, step=step)
+  config, model, variables, step = runs.load_run_with_step(workdir, step=step)
   if config.model.name not in registry.AUTOENCODERS:
     raise errors.UserError(f"{workdir} is a {config.model.name} run, not a stage-1 autoencoder")
   data = config.data
@@ -93,6 +144,7 @@ def extract(
         f"{out} holds codes of another stage-1 model ({old['stage1']['workdir']}); choose "
         "another --out or delete it"
       )
+  _check_extraction(out, stage1, splits, examples_per_shard, pi)
 
   encode = jax.jit(lambda v, x: model.apply(v, x, method="encode_to_indices"))
   image = np.zeros((1, data.image_size, data.image_size, data.channels), np.float32)
