@@ -121,3 +121,31 @@ def test_cli_bad_input_is_one_line(tmp_path):
     )
     assert proc.returncode != 0
     assert want in proc.stderr, proc.stderr
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_pipeline_unfinished(tmp_path, monkeypatch, capsys):
+  """A training stage that a SIGTERM stopped is not done: no later stage runs on its
+  half-trained model, and the CLI exits 128 + 15 with one line saying how to resume."""
+  import signal
+
+  from vqjax import errors, extract_codes
+  from vqjax.training import trainer
+
+  calls = []
+  monkeypatch.setattr(
+    trainer,
+    "train_and_evaluate",
+    lambda config, workdir: calls.append(workdir) or {"step": 22.0, "stopped": signal.SIGTERM},
+  )
+  monkeypatch.setattr(extract_codes, "extract", lambda *a, **k: pytest.fail("codes extracted"))
+  pipe = pipeline.Pipeline(_load(), str(tmp_path / "p"))
+  with pytest.raises(SystemExit) as e, errors.one_line("vqjax.pipeline"):
+    pipe.run()
+  assert e.value.code == 128 + signal.SIGTERM
+  assert calls == [str(tmp_path / "p" / "stage1")]
+  err = capsys.readouterr().err.strip()
+  steps = _load().stage1.train.steps
+  assert err == (
+    f"vqjax.pipeline: stage stage1 stopped at step 22 of {steps} (SIGTERM), checkpoint saved; "
+    "run the same command to resume"
+  )

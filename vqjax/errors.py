@@ -5,6 +5,7 @@ exception keeps its traceback, because it is a bug to report rather than an inpu
 """
 
 import contextlib
+import sys
 import traceback
 
 
@@ -14,6 +15,9 @@ def one_line(prog: str, verbose: bool = False):
   with `verbose` the traceback is printed first. Other exceptions (bugs) pass unchanged."""
   try:
     yield
+  except Stopped as e:
+    print(f"{prog}: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code) from None
   except (UserError, OSError) as e:
     if verbose:
       traceback.print_exc()
@@ -31,3 +35,13 @@ class CheckpointError(UserError):
 
 class DivergenceError(UserError, FloatingPointError):
   """Training produced a non-finite or exploded loss; the message names the last good step."""
+
+
+class Stopped(UserError):
+  """A run stopped by a signal (or by another process's stop request) before its last step,
+  with a checkpoint saved: not finished; the same command resumes it. `exit_code` is 128 + the
+  signal's number (1 without one), the shell's convention, so a scheduler sees it unfinished."""
+
+  def __init__(self, message: str, signum: int = 0):
+    super().__init__(message)
+    self.exit_code = 128 + signum if signum else 1

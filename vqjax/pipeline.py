@@ -24,6 +24,7 @@ is caught by that stage (a training run logs the differences from its checkpoint
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -154,6 +155,14 @@ class Pipeline:
     from vqjax.training import trainer
 
     result = trainer.train_and_evaluate(config, self.path(name))
+    if "stopped" in result:
+      signum = int(result["stopped"])
+      raise errors.Stopped(
+        f"stage {name} stopped at step {int(result['step'])} of {config.train.steps} "
+        f"({signal.Signals(signum).name if signum else 'stop request'}), checkpoint saved; "
+        "run the same command to resume",
+        signum,
+      )
     return {k: v for k, v in result.items() if k.startswith("eval/") or k == "step"}
 
   def _sample(self, name: str, num: int, classifier: str = "", **overrides) -> dict:

@@ -120,8 +120,19 @@ def main(argv):
   except OSError as e:  # a read-only or full disk, a workdir that is a file, ...
     where = f"{e.filename}: " if e.filename else ""
     raise _user_error(f"{type(e).__name__}: {where}{e.strerror or e}") from None
+  who = f"process {jax.process_index()}/{jax.process_count()}"
+  if "stopped" in result:
+    signum = int(result.pop("stopped"))
+    print(
+      f"{who} stopped at step {result['step']} of {config.train.steps}, checkpoint saved; the "
+      "same command resumes",
+      file=sys.stderr,
+      flush=True,
+    )
+    # Not finished: a script or scheduler must be able to tell (128 + signal, as a shell does).
+    raise SystemExit(128 + signum if signum else 1)
   shown = " ".join(f"{k}={v:.5g}" for k, v in sorted(result.items()))
-  print(f"process {jax.process_index()}/{jax.process_count()} done: {shown}", flush=True)
+  print(f"{who} done: {shown}", flush=True)
 
 
 if __name__ == "__main__":

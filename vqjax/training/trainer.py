@@ -247,7 +247,9 @@ def train_and_evaluate(
 
   Returns:
     Host floats: the last eval metrics (prefixed "eval/"), the last train metrics, "step",
-    and "first_step_s" (setup + compile time of this launch) when a step ran.
+    and "first_step_s" (setup + compile time of this launch) when a step ran; "stopped" (the
+    signal's number, 0 for another process's request) when a stop request ended the launch
+    before `train.steps`.
   """
   t_start = time.perf_counter()
   configs.validate(config)
@@ -546,6 +548,7 @@ class _Run:
         self.step,
         signal.Signals(signum).name if signum else "another process",
       )
+      result["stopped"] = int(signum or 0)  # not finished: the CLIs exit non-zero
     else:
       if self.step == start_step and self.ckpt.latest_step() != self.step:
         self.save()  # nothing ran (train.steps reached by init_from or 0): keep a checkpoint
