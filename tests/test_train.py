@@ -348,6 +348,43 @@ def test_divergence_before_any_checkpoint_says_so(tmp_path):
       trainer.train_and_evaluate(config, str(tmp_path / "w"), task=Exploding(config))
 
 
+@pytest.mark.parametrize("spike_steps", [(4,), (4, 5, 6, 7, 8)])
+def test_a_finite_loss_that_stays_exploded_stops_the_run(tmp_path, spike_steps):
+  """A loss 1e6 times its usual size at one step is survived (the checkpoints before it are
+  not trusted); staying there for three checks stops the run as a non-finite loss does, with
+  the last good checkpoint kept and named."""
+  data = {"train": _codes_data(48, 0), "test": _codes_data(8, 1)}
+
+  class Spiking(_CodesTask):
+    def train_step(self, state, batch, rng, frozen):
+      state, metrics = super().train_step(state, batch, rng, frozen)
+      spike = jnp.isin(state.step, jnp.asarray(spike_steps))
+      metrics["loss"] = jnp.where(spike, metrics["loss"] * 1e6 + 1e6, metrics["loss"])
+      return state, metrics
+
+  config = configs.base_config()
+  config.data.update(name="toy_codes", reader="local", batch_size=8, eval_batch_size=8)
+  config.train.steps = 10
+  config.ckpt.update(every_steps=1, keep=2)
+  config.log.update(every_steps=1, eval_every_steps=0, image_every_steps=0, tensorboard=False)
+  workdir = str(tmp_path / "w")
+  with pytest.MonkeyPatch.context() as m:
+    m.setitem(
+      sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
+    )
+    if len(spike_steps) == 1:
+      assert trainer.train_and_evaluate(config, workdir, task=Spiking(config))["step"] == 10
+      return
+    with pytest.raises(errors.DivergenceError, match="exploded by step 4 .*by step 6") as e:
+      trainer.train_and_evaluate(config, workdir, task=Spiking(config))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
+  # Checkpoint 3's parameters gave step 4's loss: 2 is the last good one, kept although keep=2.
+  assert ckpt.latest_step() == 2 and ckpt.last_good_step() == 2
+  assert f"{workdir}/checkpoints/2" in str(e.value) and "\n" not in str(e.value)
+  assert all(s in ckpt.bad_steps() for s in ckpt.all_steps() if s > 2)
+  ckpt.close()
+
+
 @needs_fmnist
 def test_missing_data_is_a_clear_error(tmp_path):
   config = load_config("fashion_mnist", "smoke")

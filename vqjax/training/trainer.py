@@ -69,6 +69,9 @@ _STOP_SYNC_EVERY = 10
 # A check window whose worst loss exceeds this many times the median of the recent windows'
 # worst losses is "exploded": the checkpoints before it are not trusted as good.
 _EXPLODED_RATIO = 100.0
+# This many exploded windows in a row stop the run, as a non-finite loss does: a spike the
+# run recovers from is survived, parameters blown up to finite garbage are not trained on.
+_EXPLODED_PATIENCE = 3
 # "No non-finite loss yet" in the device-side watch of the losses.
 _NEVER = np.iinfo(np.int32).max
 
@@ -117,6 +120,14 @@ class _Health:
     self.ckpt = ckpt
     self.pending = list(pending)  # saved steps no window has judged yet
     self.history: list[float] = []  # worst loss of recent sane windows
+    self.exploded: list[int] = []  # the steps ending the current run of exploded windows
+
+  def _resume_hint(self) -> str:
+    self.ckpt.wait()
+    good = self.ckpt.latest_step()
+    if good is None:
+      return "No checkpoint was saved before it diverged: there is nothing to resume from."
+    return f"A resume continues from the last good checkpoint, {self.ckpt.directory}/{good}."
 
   def check(self, worst: float, first_bad: int, step: int) -> None:
     """Judges the window of steps ending at `step`.
@@ -138,14 +149,8 @@ class _Health:
       self.ckpt.mark_bad(bad)
       self.ckpt.mark_good([s for s in self.pending if s < first_bad - 1])
       self.pending = []
-      self.ckpt.wait()
-      good = self.ckpt.latest_step()
-      if good is None:
-        where = "No checkpoint was saved before it diverged: there is nothing to resume from."
-      else:
-        where = f"A resume continues from the last good checkpoint, {self.ckpt.directory}/{good}."
       raise errors.DivergenceError(
-        f"the loss became non-finite at step {first_bad}; stopped. {where} Lower "
+        f"the loss became non-finite at step {first_bad}; stopped. {self._resume_hint()} Lower "
         "config.optim.lr, set config.optim.grad_clip or check the input data."
       )
     recent = self.history[-8:]
@@ -159,7 +164,15 @@ class _Health:
       )
       self.ckpt.mark_bad(self.pending)
       self.pending = []
+      self.exploded.append(step)
+      if len(self.exploded) >= _EXPLODED_PATIENCE:
+        raise errors.DivergenceError(
+          f"the loss exploded by step {self.exploded[0]} and stayed there ({worst:.4g} by step "
+          f"{step}, against {statistics.median(recent):.4g} before); stopped. "
+          f"{self._resume_hint()} Lower config.optim.lr or set config.optim.grad_clip."
+        )
       return
+    self.exploded = []
     self.history.append(worst)
     self.ckpt.mark_good([s for s in self.pending if s < step])
     self.pending = [s for s in self.pending if s >= step]
