@@ -342,3 +342,203 @@ def test_the_prepared_gpu_run_names_only_valid_configs_overrides_and_options(tmp
       variants.compiler_options([t for t in tokens if t.startswith("xla.")])
       overrides = [t for t in tokens if not t.startswith("xla.")]
       train_step.load_config(parsed["config"], parsed["dtype"], overrides)
+
+
+# --- bad input: one clear line (or argparse's usage error) before anything compiles ----------
+
+SMOKE = "experiments/fashion_mnist.py:smoke"
+
+
+@pytest.fixture
+def no_setup(monkeypatch):
+  """Records every `train_step.setup` call (the step's build and compile) and fails it, so a
+  test of input checking stays fast, and can assert that nothing was built."""
+  calls = []
+
+  def refuse(*args, **kwargs):
+    calls.append(args)
+    raise AssertionError("train_step.setup reached: the input was not checked first")
+
+  monkeypatch.setattr(train_step, "setup", refuse)
+  return calls
+
+
+@pytest.mark.parametrize(
+  "assignment, shown",
+  [("model.channels=abc", "'abc' of type str"), ("model.channels=1.5", "1.5 of type float")],
+)
+def test_a_wrongly_typed_override_value_names_field_value_and_type(assignment, shown):
+  config = train_step.load_config(SMOKE)
+  message = f"--set '{assignment}': config.model.channels takes a value of type int, got {shown}"
+  with pytest.raises(errors.UserError) as e:
+    train_step.apply_override(config, assignment)
+  assert str(e.value) == message
+  # Values of the field's type still apply, at any depth of path.
+  train_step.apply_override(config, "model.channels=24")
+  train_step.apply_override(config, "seed=7")
+  assert config.model.channels == 24 and config.seed == 7
+  with pytest.raises(errors.UserError, match=r"^--set 'seed.x=1': config has no field 'seed.x'$"):
+    train_step.apply_override(config, "seed.x=1")
+
+
+def test_the_clis_report_a_wrongly_typed_override_on_one_line(no_setup):
+  with pytest.raises(SystemExit) as e, errors.one_line("train_step"):
+    train_step.main(["--config", SMOKE, "--set", "model.channels=abc"])
+  assert str(e.value) == (
+    "train_step: UserError: --set 'model.channels=abc': config.model.channels takes a value "
+    "of type int, got 'abc' of type str"
+  )
+  import variants
+
+  # A bad token of any variant stops the run before the first variant is built.
+  argv = ["--config", SMOKE, "--variant", "", "--variant", "model.channels=abc"]
+  with pytest.raises(errors.UserError, match=r"^--variant 'model.channels=abc': config\.model"):
+    variants.main(argv)
+  with pytest.raises(errors.UserError, match=r"^--set 'model.channels=1.5': .* got 1.5 of type"):
+    variants.main(["--config", SMOKE, "--variant", "", "--set", "model.channels=1.5"])
+  assert no_setup == []
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--variant", "noequals"], "--variant 'noequals': an override is given as group.field=value"),
+    (["--variant", "", "--set", "noequals"], "--set 'noequals': an override is given as"),
+    (["--variant", "model.nope=1"], "--variant 'model.nope=1': config has no field 'model.nope'"),
+    (["--variant", "xla.fusion=1"], "--variant 'xla.fusion=1': an XLA option is given as"),
+    (["--variant", "", "--set", "xla.fusion=1"], "--set 'xla.fusion=1': an XLA option is given"),
+  ],
+)
+def test_a_variants_error_names_the_flag_its_token_came_from(argv, message, no_setup):
+  import variants
+
+  with pytest.raises(errors.UserError) as e:
+    variants.main(["--config", SMOKE, *argv])
+  assert str(e.value).startswith(message)
+  assert no_setup == []
+
+
+def _script(name):
+  import profile_step
+  import sampling
+  import variants
+
+  return {
+    "train_step": train_step,
+    "variants": variants,
+    "profile_step": profile_step,
+    "suite": suite,
+    "sampling": sampling,
+  }[name]
+
+
+@pytest.mark.parametrize(
+  "script, argv, message",
+  [
+    ("train_step", ["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    ("train_step", ["--steps", "-1"], "argument --steps: must be an integer >= 1, got -1"),
+    ("train_step", ["--batch", "-8"], "argument --batch: must be an integer >= 0, got -8"),
+    ("variants", ["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    ("variants", ["--steps", "-1"], "argument --steps: must be an integer >= 1, got -1"),
+    ("variants", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("variants", ["--batch", "-1"], "argument --batch: must be an integer >= 0, got -1"),
+    ("variants", ["--steps", "x"], "argument --steps: not an integer: 'x'"),
+    ("profile_step", ["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    ("profile_step", ["--top", "-1"], "argument --top: must be an integer >= 0, got -1"),
+    ("profile_step", ["--batch", "-1"], "argument --batch: must be an integer >= 0, got -1"),
+    ("suite", ["--steps", "-1"], "argument --steps: must be an integer >= 0, got -1"),
+    ("suite", ["--batch", "-1"], "argument --batch: must be an integer >= 0, got -1"),
+    ("suite", ["--naive-max-positions", "-1"], "argument --naive-max-positions: must be"),
+    ("suite", ["--torch-threads", "-1"], "argument --torch-threads: must be an integer >= 0"),
+    ("suite", ["--sample-batches", "2,x"], "--sample-batches '2,x': give comma-separated"),
+    ("suite", ["--sample-batches", "8,0"], "--sample-batches: every batch must be >= 1"),
+    ("sampling", ["--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
+    ("sampling", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+    ("sampling", ["--num-codes", "-1"], "argument --num-codes: must be an integer >= 0"),
+    ("sampling", ["--top-side", "-1"], "argument --top-side: must be an integer >= 0"),
+    ("sampling", ["--pixelcnn-layers", "0"], "argument --pixelcnn-layers: must be an integer"),
+    ("sampling", ["--pixelcnn-channels", "0"], "argument --pixelcnn-channels: must be an int"),
+  ],
+)
+def test_a_count_out_of_range_is_a_usage_error(script, argv, message, capsys):
+  module = _script(script)
+  if script == "variants":
+    argv = ["--variant", "", *argv]
+  with pytest.raises(SystemExit) as e:
+    module.parse(argv)
+  assert e.value.code == 2
+  last = capsys.readouterr().err.splitlines()[-1]  # "PROG: error: ..." after the usage
+  assert last.split(": error: ", 1)[1].startswith(message), last
+
+
+def test_counts_at_their_least_are_accepted():
+  import profile_step
+  import sampling
+  import variants
+
+  a = variants.parse(["--variant", "", "--steps", "1", "--rounds", "1", "--batch", "0"])
+  assert (a.steps, a.rounds, a.batch) == (1, 1, 0)
+  assert train_step.parse(["--steps", "1", "--batch", "0"]).steps == 1
+  assert profile_step.parse(["--steps", "1", "--top", "0"]).top == 0
+  a = suite.parse(["--steps", "0", "--batch", "0", "--sample-batches", "1,4", "--quick"])
+  assert (a.steps, a.sample_batches, a.naive_max_positions) == (0, [1, 4], 64)
+  a = sampling.parse(["--batch", "1", "--repeats", "1", "--naive-max-positions", "0"])
+  assert (a.batch, a.repeats, a.naive_max_positions, a.num_codes) == (1, 1, 0, 128)
+
+
+def test_a_bad_count_stops_variants_and_train_step_before_any_compile(no_setup):
+  import variants
+
+  with pytest.raises(SystemExit):
+    variants.main(["--config", SMOKE, "--variant", "", "--steps", "0"])
+  with pytest.raises(SystemExit):
+    train_step.main(["--config", SMOKE, "--steps", "-1"])
+  assert no_setup == []
+
+
+def test_profile_step_refuses_an_out_that_is_a_file(tmp_path, capsys):
+  import profile_step
+
+  (tmp_path / "trace").write_text("")
+  with pytest.raises(SystemExit):
+    profile_step.parse(["--out", str(tmp_path / "trace")])
+  assert "is a file, not a directory" in capsys.readouterr().err
+  assert profile_step.parse(["--out", str(tmp_path / "new")]).out == str(tmp_path / "new")
+
+
+def test_suite_checks_its_jsonl_path_before_running(tmp_path, monkeypatch, capsys):
+  def refuse(*args):
+    raise AssertionError("the suite ran before --jsonl was checked")
+
+  monkeypatch.setattr(suite, "Suite", refuse)
+  missing = tmp_path / "nonexistent" / "r.jsonl"
+  with pytest.raises(SystemExit) as e, errors.one_line("suite"):
+    suite.main(["--quick", "--only", "fashion", "--jsonl", str(missing)])
+  assert str(e.value) == (
+    f"suite: UserError: --jsonl '{missing}' cannot be created: no directory '{missing.parent}'"
+  )
+  assert capsys.readouterr().out == ""  # not even the table's header
+  (tmp_path / "file").write_text("")
+  with pytest.raises(errors.UserError, match="cannot be created: no directory"):
+    suite.check_writable(str(tmp_path / "file" / "r.jsonl"))
+  with pytest.raises(errors.UserError, match=r"is a directory$"):
+    suite.check_writable(str(tmp_path))
+  suite.check_writable(str(tmp_path / "r.jsonl"))  # a new file in an existing directory
+  suite.check_writable("")  # no file asked for
+  assert sorted(os.listdir(tmp_path)) == ["file"]  # the check creates nothing
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only directory")
+def test_suite_refuses_a_jsonl_in_a_read_only_directory(tmp_path):
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  (locked / "old.jsonl").write_text("")
+  locked.chmod(0o500)
+  (locked / "old.jsonl").chmod(0o400)
+  try:
+    with pytest.raises(errors.UserError, match="is not writable"):
+      suite.check_writable(str(locked / "r.jsonl"))
+    with pytest.raises(errors.UserError, match="is not writable"):
+      suite.check_writable(str(locked / "old.jsonl"))
+  finally:
+    locked.chmod(0o700)
