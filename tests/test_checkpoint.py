@@ -303,3 +303,36 @@ def test_restore_weights_reads_params_and_model_state_only(tmp_path):
   abstract8 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small)
   with pytest.raises(checkpoint.CheckpointMismatchError, match="does not fit this model: .*shape"):
     checkpoint.restore_weights(str(tmp_path), checkpoint.abstract_with_shardings(abstract8, sh8))
+
+
+def test_a_failed_background_save_is_one_line_naming_its_step(tmp_path, monkeypatch):
+  """A save that fails in Orbax's background thread (here: the disk full when it commits)
+  surfaces at the next save or wait as one CheckpointSaveError naming that step and the step a
+  resume would use; the failed step is not recorded as good."""
+  import errno
+  import shutil
+
+  state, _, meta = _saved_run(tmp_path, steps=(1,))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5)
+  ckpt.save(2, state, {"step": 2}, meta)
+  ckpt.wait()
+  ckpt.mark_good([1, 2])
+  ckpt.save(3, state, {"step": 3}, meta)
+  ckpt.mark_good([3])  # judged good by its window before the failure shows
+  real_wait = ckpt._manager.wait_until_finished
+
+  def full_disk():
+    real_wait()
+    shutil.rmtree(tmp_path / "c" / "3")  # as if its commit had never happened
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ckpt._manager, "wait_until_finished", full_disk)
+  with pytest.raises(checkpoint.CheckpointSaveError) as e:
+    ckpt.save(4, state, {"step": 4}, meta)
+  assert str(e.value) == (
+    f"could not write checkpoint step 3 in {tmp_path / 'c'}: [Errno 28] No space left on "
+    "device; a resume continues from step 2"
+  )
+  assert 3 not in ckpt._health["good"]
+  monkeypatch.setattr(ckpt._manager, "wait_until_finished", real_wait)
+  ckpt.close()

@@ -185,5 +185,17 @@ def test_library_filter_drops_orbax_chatter_and_keeps_its_real_warnings():
   # A directory opened read-only on purpose (stage 1 restored under a prior) is not a problem.
   assert not keep(record(orbax, warning, "Given directory is read only=%s"))
   assert keep(record(orbax, warning, "Checkpoint directory is not empty"))
+  # Restoring some items of a step on purpose (weights without the data position).
+  assert not keep(record(orbax, warning, 'Item "%s" was found in the checkpoint, but could not'))
+  # A background save's error keeps its line; vqjax reports it once (CheckpointSaveError).
+  try:
+    raise OSError(28, "No space left on device")
+  except OSError:
+    import sys
+
+    failed = logging.logging.LogRecord(
+      "absl", logging.logging.ERROR, orbax, 1, "save failed", (), sys.exc_info()
+    )
+  assert keep(failed) and failed.exc_info is None
   assert keep(record("/work/vqjax/training/trainer.py", info, "first step done"))
   assert keep(record("/work/vqjax/training/trainer.py", warning, "Given directory is read only"))

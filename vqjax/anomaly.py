@@ -240,6 +240,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.workdir:
     raise SystemExit("vqjax.anomaly: --workdir is required")
+  from vqjax.training import logs
+
+  logs.quiet_library_logs()  # Orbax's INFO lines per restore would bury the results
   with errors.one_line("vqjax.anomaly", flags.FLAGS.verbose):
     result = run(
       flags.FLAGS.workdir,

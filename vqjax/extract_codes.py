@@ -224,6 +224,9 @@ def main(argv):
   for flag, value in (("--workdir", flags.FLAGS.workdir), ("--out", flags.FLAGS.out)):
     if not value:
       raise SystemExit(f"vqjax.extract_codes: {flag} is required")
+  from vqjax.training import logs
+
+  logs.quiet_library_logs()  # Orbax's INFO lines per restore would bury the results
   with errors.one_line("vqjax.extract_codes", flags.FLAGS.verbose):
     meta = extract(
       flags.FLAGS.workdir,

@@ -9,6 +9,7 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 killed mid-save leaves the previous step intact.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -110,6 +111,10 @@ class CheckpointMismatchError(errors.CheckpointError):
   """The checkpoint was written by a different model or config."""
 
 
+class CheckpointSaveError(errors.CheckpointError):
+  """A checkpoint could not be written (e.g. no space left); the earlier ones are intact."""
+
+
 class CheckpointDamagedError(errors.CheckpointError):
   """A step directory is incomplete or unreadable (a missing or truncated file)."""
 
@@ -181,6 +186,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.keep = int(keep)
     self._read_only = read_only
+    self._saving: int | None = None  # the step of the save in flight
     options = ocp.CheckpointManagerOptions(
       # Deletion is ours (`_clean_up`): Orbax's keep-N would rotate out the last good step.
       max_to_keep=None,
@@ -306,19 +312,45 @@ class Checkpointer:
       meta: `config_meta(config)`.
     """
     data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
-    if int(step) in self.all_steps():  # left by a run that diverged after this step's
-      self._manager.delete(int(step))
-    self._forget([int(step)])
-    self._manager.save(
-      int(step),
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data),
-        meta=ocp.args.JsonSave(meta),
-      ),
-      force=True,
-    )
+    self.wait()  # the previous async save finished, or its failure reported for its step
+    with self._save_errors():
+      if int(step) in self.all_steps():  # left by a run that diverged after this step's
+        self._manager.delete(int(step))
+      self._forget([int(step)])
+      self._saving = int(step)
+      self._manager.save(
+        int(step),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+      )
     self._clean_up(saving=int(step))
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """A failed save (a full disk, a quota, a lost mount) as one CheckpointSaveError naming the
+    step, the directory and the step a resume would use, instead of Orbax's traceback."""
+    try:
+      yield
+    except (OSError, ValueError) as e:
+      step, self._saving = self._saving, None
+      if step is None:
+        raise
+      try:
+        self._forget([step])  # never recorded as good: it is not on disk
+      except OSError:  # the same full disk: the record is only a hint (steps are checked)
+        pass
+      try:
+        newest = self.latest_step()
+      except Exception:  # noqa: BLE001 - the message matters more than this detail
+        newest = None
+      raise CheckpointSaveError(
+        f"could not write checkpoint step {step} in {self.directory}: {_short(e)}; "
+        + (f"a resume continues from step {newest}" if newest is not None else "none is saved")
+      ) from None
 
   def check_intact(self, step: int) -> None:
     """Raises CheckpointDamagedError naming the first missing or empty file of `step`."""
@@ -441,12 +473,16 @@ class Checkpointer:
     )
 
   def wait(self) -> None:
-    """Blocks until pending async saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending async saves are on disk (CheckpointSaveError if one failed)."""
+    with self._save_errors():
+      self._manager.wait_until_finished()
+    self._saving = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 WEIGHT_FIELDS = ("params", "model_state")

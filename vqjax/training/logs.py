@@ -26,17 +26,32 @@ def _fmt_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# Orbax warnings about what vqjax does on purpose: opening a finished run read-only (stage 1
+# under a prior), and restoring only some items of a step (the weights without the data position).
+_ORBAX_NOISE = (
+  "Given directory is read only",
+  "CheckpointManagerOptions.read_only=True",
+  'Item "',
+)
+
+
 class _DropLibraryInfo(logging.logging.Filter):
-  """Drops INFO records from Orbax (dozens of lines per save would bury the progress lines),
-  and its warning that a directory opened read-only on purpose (a run restored from, e.g.
-  stage 1 under a prior) "is read only", which reads like a permission problem."""
+  """Drops INFO records from Orbax (dozens of lines per save would bury the progress lines) and
+  its warnings about what vqjax does on purpose (`_ORBAX_NOISE`; "is read only" reads like a
+  permission problem), and keeps its errors to one line each."""
 
   def filter(self, record) -> bool:
     if "/orbax/" not in record.pathname:
       return True
     if record.levelno < logging.logging.WARNING:
       return False
-    return not str(record.msg).startswith("Given directory is read only")
+    msg = str(record.msg)
+    if any(msg.startswith(noise) for noise in _ORBAX_NOISE):
+      return False
+    # An error in a background save (a full disk) reaches the user as one line from vqjax
+    # (checkpoint.CheckpointSaveError); Orbax's record of it keeps its line, not a traceback.
+    record.exc_info = record.exc_text = None
+    return True
 
 
 def quiet_library_logs() -> None:
