@@ -204,3 +204,17 @@ def test_other_clis_answer_bad_input_in_one_line(args, message):
   assert out.returncode != 0
   last = out.stderr.strip().splitlines()[-1]
   assert message in last and "Traceback" not in out.stderr
+
+
+def test_ctrl_c_outside_the_trainer_is_one_line_and_status_130():
+  """Ctrl-C during setup or compilation (before the trainer handles SIGINT itself) ends a CLI
+  with one line and 130, not a traceback and, while XLA compiles on other threads, a crash."""
+  code = (
+    "from vqjax import errors\n"
+    "print('partial output', end='')\n"
+    "with errors.one_line('vqjax.x'):\n"
+    "  raise KeyboardInterrupt\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 130 and out.stdout == "partial output"
+  assert out.stderr == "vqjax.x: interrupted (Ctrl-C); run the same command to go on\n"

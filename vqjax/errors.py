@@ -5,6 +5,7 @@ exception keeps its traceback, because it is a bug to report rather than an inpu
 """
 
 import contextlib
+import os
 import sys
 import traceback
 
@@ -12,9 +13,12 @@ import traceback
 @contextlib.contextmanager
 def one_line(prog: str, verbose: bool = False):
   """Turns a UserError or an OSError raised inside into `SystemExit("prog: Type: message")`;
-  with `verbose` the traceback is printed first. Other exceptions (bugs) pass unchanged."""
+  with `verbose` the traceback is printed first. A run stopped by a signal (`Stopped`) exits
+  128 + the signal, Ctrl-C `interrupted`. Other exceptions (bugs) pass unchanged."""
   try:
     yield
+  except KeyboardInterrupt:
+    interrupted(prog)
   except Stopped as e:
     print(f"{prog}: {e}", file=sys.stderr, flush=True)
     raise SystemExit(e.exit_code) from None
@@ -23,6 +27,17 @@ def one_line(prog: str, verbose: bool = False):
       traceback.print_exc()
     detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
     raise SystemExit(f"{prog}: {type(e).__name__}: {detail}") from None
+
+
+def interrupted(prog: str) -> None:
+  """Ends a CLI that Ctrl-C interrupted outside the trainer's own handling (during setup,
+  compilation, extraction, or a second Ctrl-C during a save): one line, exit status 130.
+  `os._exit`, because a normal exit can crash (SIGSEGV) while XLA is compiling on other threads;
+  what is on disk is complete already (shards and checkpoints are written under temporary names
+  and renamed when whole)."""
+  sys.stdout.flush()
+  print(f"{prog}: interrupted (Ctrl-C); run the same command to go on", file=sys.stderr, flush=True)
+  os._exit(130)
 
 
 class UserError(ValueError):

@@ -120,6 +120,8 @@ def main(argv):
   except OSError as e:  # a read-only or full disk, a workdir that is a file, ...
     where = f"{e.filename}: " if e.filename else ""
     raise _user_error(f"{type(e).__name__}: {where}{e.strerror or e}") from None
+  except KeyboardInterrupt:  # before the trainer handles SIGINT itself, or a second Ctrl-C
+    errors.interrupted("vqjax.train")
   who = f"process {jax.process_index()}/{jax.process_count()}"
   if "stopped" in result:
     signum = int(result.pop("stopped"))
