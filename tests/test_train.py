@@ -385,6 +385,29 @@ def test_a_finite_loss_that_stays_exploded_stops_the_run(tmp_path, spike_steps):
   ckpt.close()
 
 
+def test_an_unreadable_config_record_is_named_not_diffed_against_nothing(tmp_path, caplog):
+  data = {"train": _codes_data(48, 0), "test": _codes_data(8, 1)}
+  config = configs.base_config()
+  config.data.update(name="toy_codes", reader="local", batch_size=8, eval_batch_size=8)
+  config.train.steps = 2
+  config.ckpt.every_steps = 1
+  config.log.update(every_steps=1, eval_every_steps=0, image_every_steps=0, tensorboard=False)
+  workdir = str(tmp_path / "w")
+  with pytest.MonkeyPatch.context() as m:
+    m.setitem(
+      sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
+    )
+    trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))
+    with open(os.path.join(workdir, "checkpoints", "2", "meta", "metadata"), "w") as f:
+      f.write("{bad")
+    config.train.steps = 3
+    with caplog.at_level("WARNING"):
+      assert trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))["step"] == 3
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("checkpoint 2's config record" in m and "cannot be read" in m for m in messages)
+  assert not any("config differs" in m for m in messages)
+
+
 @needs_fmnist
 def test_missing_data_is_a_clear_error(tmp_path):
   config = load_config("fashion_mnist", "smoke")

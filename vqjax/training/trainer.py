@@ -349,7 +349,15 @@ class _Run:
       ckpt.discard_after(step)
       if data_state is not None:
         self.train_iter.set_state(data_state)
-      changes = checkpoint.config_changes(ckpt.read_meta(step) or saved_meta, self.meta)
+      saved = ckpt.read_meta(step) or saved_meta
+      if not saved.get("config") and self.pi == 0:
+        # The arrays restored (and were checked); only the record to compare against is lost.
+        logging.warning(
+          "checkpoint %d's config record (%s) cannot be read: the config is not compared",
+          step,
+          os.path.join(ckpt.directory, str(step), "meta"),
+        )
+      changes = checkpoint.config_changes(saved, self.meta) if saved.get("config") else []
       if changes and self.pi == 0:
         logging.warning(
           "the config differs from the one checkpoint %d was saved with: %s",
