@@ -66,12 +66,16 @@ def _check_extraction(out, stage1, splits, examples_per_shard, process_index) ->
     done = None
   except (OSError, ValueError):
     raise errors.UserError(f"cannot read {path}: delete {out} and extract again") from None
-  if done is None:
-    if process_index == 0:
+
+  def write(record):
+    if process_index == 0:  # atomically: other processes may be reading it
       tmp = f"{path}.tmp"
       with open(tmp, "w") as f:
-        json.dump(wanted, f, indent=2, sort_keys=True)
+        json.dump(record, f, indent=2, sort_keys=True)
       os.replace(tmp, path)
+
+  if done is None:
+    write(wanted)
     return
   problems = [
     f"{k} {done.get(k)!r} (now {v!r})"
@@ -87,10 +91,8 @@ def _check_extraction(out, stage1, splits, examples_per_shard, process_index) ->
       f"{out} holds codes extracted with another {'; '.join(problems)}: delete it (and what was "
       "trained on it) or choose another --out"
     )
-  if process_index == 0 and set(wanted["splits"]) - set(done.get("splits") or {}):
-    done["splits"] = {**(done.get("splits") or {}), **wanted["splits"]}
-    with open(path, "w") as f:
-      json.dump(done, f, indent=2, sort_keys=True)
+  if set(wanted["splits"]) - set(done.get("splits") or {}):
+    write({**done, "splits": {**(done.get("splits") or {}), **wanted["splits"]}})
 
 
 def extract(
