@@ -7,6 +7,9 @@ and NumPy."""
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +22,10 @@ from vqjax import configs, convert, errors, evaluate, sample
 from vqjax.data import pipeline
 from vqjax.evaluation import frechet
 from vqjax.models import registry
+from vqjax.sampling import hierarchy
 from vqjax.training import logs, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +267,90 @@ def test_sample_quality_errors(runs, judge, tmp_path):
     evaluate.threshold_tradeoff(filtered, clf, [0.5], str(tmp_path / "x.png"))
   with pytest.raises(errors.UserError, match="num must be > 3"):
     evaluate.temperature_tradeoff(priors, clf, [1.0], 3, str(tmp_path / "y.png"), stage1=stage1)
+
+
+# --- Runs of the wrong kind -----------------------------------------------------------------
+
+
+def test_sample_names_a_run_of_the_wrong_kind_before_loading_any(
+  runs, judge, tmp_path, monkeypatch
+):
+  stage1, priors, _, _ = runs
+  clf, out = judge[0], str(tmp_path / "x")
+
+  def no_loading(*args, **kwargs):
+    raise AssertionError("weights were loaded before the runs' kinds were checked")
+
+  # The kinds come from the runs' configs: no weights are read, no sample is drawn.
+  monkeypatch.setattr("vqjax.runs.load_run", no_loading)
+
+  def error(stage1_run, classifier="", workdirs=None):
+    with pytest.raises(errors.UserError) as caught:
+      sample.run(workdirs or priors, out, num=2, stage1=stage1_run, classifier=classifier)
+    return str(caught.value)
+
+  not_clf = "--classifier: {} is not a classifier run (its task is {!r})"
+  assert error(stage1, classifier=stage1) == not_clf.format(stage1, "autoencoder")
+  assert error(stage1, classifier=priors[0]) == not_clf.format(priors[0], "prior")
+  not_ae = "--stage1: {} is not a stage-1 autoencoder run (its task is {!r})"
+  assert error(priors[0]) == not_ae.format(priors[0], "prior")
+  assert error(clf) == not_ae.format(clf, "classifier")
+  assert error(stage1, workdirs=[stage1, priors[1]]) == (
+    f"--workdir: {stage1} is not a prior run (its task is 'autoencoder')"
+  )
+  assert not os.path.exists(out)
+
+
+def test_generator_from_runs_names_a_stage1_run_of_the_wrong_kind(runs, judge, tmp_path):
+  stage1, priors, _, _ = runs
+  clf = judge[0]
+  for wrong, task in ((clf, "classifier"), (priors[1], "prior")):
+    with pytest.raises(errors.UserError) as caught:
+      hierarchy.Generator.from_runs(wrong, priors)
+    assert (
+      str(caught.value)
+      == f"stage1: {wrong} is not a stage-1 autoencoder run (its task is {task!r})"
+    )
+  with pytest.raises(errors.UserError, match=f"priors: {stage1} is not a prior run"):
+    hierarchy.Generator.from_runs(stage1, [stage1, priors[1]])
+  # A checkpoints/ directory without the run's config.json: the kind is that of the config the
+  # checkpoint records, checked once loaded and still before any sample is drawn.
+  bare = tmp_path / "bare" / "checkpoints"
+  shutil.copytree(os.path.join(clf, "checkpoints"), bare)
+  assert hierarchy.run_task(str(bare)) is None and hierarchy.run_task(clf) == "classifier"
+  with pytest.raises(errors.UserError) as caught:
+    hierarchy.Generator.from_runs(str(bare), priors)
+  assert str(caught.value) == (
+    f"stage1: {bare} is not a stage-1 autoencoder run (its task is 'classifier')"
+  )
+  # The same for the classifier of rejection sampling (a prior's checkpoints/ here).
+  bare_prior = tmp_path / "prior" / "checkpoints"
+  shutil.copytree(os.path.join(priors[0], "checkpoints"), bare_prior)
+  out = str(tmp_path / "y")
+  with pytest.raises(errors.UserError) as caught:
+    sample.run(priors, out, num=2, stage1=stage1, classifier=str(bare_prior))
+  assert str(caught.value) == (
+    f"--classifier: {bare_prior} is not a classifier run (its task is 'prior')"
+  )
+  assert not os.path.exists(out)
+
+
+def test_sample_cli_prints_one_line_for_a_run_of_the_wrong_kind(runs, tmp_path):
+  stage1, priors, _, _ = runs
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+  )
+  args = [f"--workdir={p}" for p in priors] + [f"--stage1={stage1}", f"--classifier={priors[0]}"]
+  result = subprocess.run(
+    [sys.executable, "-m", "vqjax.sample", *args, "--num=2", f"--out={tmp_path / 'x'}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip() == (
+    f"vqjax.sample: UserError: --classifier: {priors[0]} is not a classifier run "
+    "(its task is 'prior')"
+  )

@@ -82,6 +82,13 @@ def run(
 
   if not priors:
     raise errors.UserError("give the priors' workdirs: --workdir TOP --workdir BOTTOM ...")
+  # Each run's kind from its config alone, before any weights are read or samples drawn.
+  for prior in priors:
+    hierarchy.check_run(prior, "prior", "--workdir")
+  if stage1:
+    hierarchy.check_run(stage1, "autoencoder", "--stage1")
+  if classifier:
+    hierarchy.check_run(classifier, "classifier", "--classifier")
   stage1 = stage1 or stage1_of(priors[0])
   gen = hierarchy.Generator.from_runs(stage1, priors)
   num_classes = max(
@@ -148,9 +155,10 @@ def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, sett
   import numpy as np
 
   from vqjax import runs
-  from vqjax.sampling import rejection
+  from vqjax.sampling import hierarchy, rejection
 
-  _, clf, clf_vars = runs.load_run(classifier)
+  clf_config, clf, clf_vars = runs.load_run(classifier)
+  hierarchy.check_run(classifier, "classifier", "--classifier", clf_config.task)
   probs = jax.jit(lambda x: jax.nn.softmax(clf.apply(clf_vars, x).astype(jax.numpy.float32)))
   drawn = []  # every generated batch with its code maps, to recover the kept samples' codes
 

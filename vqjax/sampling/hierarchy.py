@@ -11,6 +11,8 @@ the same key.
 """
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import jax
@@ -40,11 +42,20 @@ class Generator:
     Args:
       stage1: the autoencoder's workdir (or converted directory).
       priors: the priors' workdirs, in any order (each knows its level).
+
+    Raises:
+      errors.UserError: a run of another kind (`check_run`; told from its config.json before
+        any weights are read), or runs that do not belong together.
     """
     from vqjax import runs
 
-    loaded = [runs.load_run(p) for p in priors]
-    return cls(runs.load_run(stage1), sorted(loaded, key=lambda r: r[0].prior.level))
+    named = [(stage1, "autoencoder", "stage1")] + [(p, "prior", "priors") for p in priors]
+    for path, task, option in named:
+      check_run(path, task, option)  # from config.json: before any weights are read
+    loaded = [runs.load_run(path) for path, _, _ in named]
+    for (path, task, option), (config, _, _) in zip(named, loaded, strict=True):
+      check_run(path, task, option, config.task)  # a run without config.json
+    return cls(loaded[0], sorted(loaded[1:], key=lambda r: r[0].prior.level))
 
   def __post_init__(self):
     config, model, variables = self.stage1
@@ -122,6 +133,56 @@ class Generator:
     """(images [num, H, W, C] in [-1, 1], code maps coarsest first)."""
     maps = self.sample_codes(num, rng, labels, **settings)
     return self.decode(maps), maps
+
+
+# The kinds of run (config.task) as messages name them.
+_KINDS = {"autoencoder": "a stage-1 autoencoder", "prior": "a prior", "classifier": "a classifier"}
+
+
+def run_task(workdir: str) -> str | None:
+  """The task of the run in `workdir` (its config.task: "autoencoder", "prior", "classifier"),
+  read from its config.json alone, without loading any weights.
+
+  Args:
+    workdir: a trainer workdir, its checkpoints/ directory, or a `vqjax.convert` output.
+
+  Returns:
+    The task, or None when there is no readable config.json (`vqjax.load_run` then says what
+    is wrong, or reads the config from the checkpoint).
+  """
+  from vqjax.training import checkpoint
+
+  path = os.path.abspath(os.path.expanduser(workdir))
+  places = [path]
+  if os.path.basename(path) == checkpoint.CHECKPOINT_SUBDIR:
+    places.append(os.path.dirname(path))  # a trainer workdir's checkpoints/ directory
+  for place in places:
+    try:
+      with open(os.path.join(place, "config.json")) as f:
+        task = json.load(f).get("task")
+    except (OSError, ValueError, AttributeError):
+      continue
+    if isinstance(task, str):
+      return task
+  return None
+
+
+def check_run(workdir: str, expected: str, option: str, task: str | None = None) -> None:
+  """UserError unless `workdir` is a run of the task `expected`, as `vqjax.evaluate` checks
+  a classifier run (config.task).
+
+  Args:
+    workdir: the run's directory.
+    expected: "autoencoder", "prior" or "classifier".
+    option: what names the run in the message (the CLI option or the argument).
+    task: the run's config.task when it is loaded; None = read its config.json (`run_task`;
+      a run without one passes).
+  """
+  task = run_task(workdir) if task is None else task
+  if task is not None and task != expected:
+    raise errors.UserError(
+      f"{option}: {workdir} is not {_KINDS[expected]} run (its task is {task!r})"
+    )
 
 
 def sampler_for(model: Any) -> Any:
