@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vqjax import configs
-from vqjax.training import checkpoint, sharding, tasks
+from vqjax.training import checkpoint, sharding, tasks, weights
 
 
 class TinyAE(nn.Module):
@@ -193,16 +193,16 @@ def test_damaged_latest_step_is_named_and_the_previous_one_restored(tmp_path, da
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   ckpt.close()
   # Weights only (ckpt.init_from, load_run): the same fallback, and one line for the step itself.
-  weights = checkpoint.restore_weights(str(tmp_path / "c"), target)
+  loaded = weights.restore_weights(str(tmp_path / "c"), target)
   for a, b in zip(
-    jax.tree.leaves(weights),
+    jax.tree.leaves(loaded),
     jax.tree.leaves({"params": expected.params, "model_state": expected.model_state}),
     strict=True,
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   if damage != "commit":
     with pytest.raises(checkpoint.CheckpointDamagedError, match="step 2") as e:
-      checkpoint.restore_weights(str(tmp_path / "c"), target, step=2)
+      weights.restore_weights(str(tmp_path / "c"), target, step=2)
     assert "\n" not in str(e.value)
 
 
@@ -294,15 +294,15 @@ def test_restore_weights_reads_params_and_model_state_only(tmp_path):
   )
   sh = sharding.state_shardings(abstract, mesh, 64)
   target = checkpoint.abstract_with_shardings(abstract, sh)
-  weights = checkpoint.restore_weights(str(tmp_path), target)
-  assert set(weights) == {"params", "model_state"}
+  loaded = weights.restore_weights(str(tmp_path), target)
+  assert set(loaded) == {"params", "model_state"}
   expected = {"params": state.params, "model_state": state.model_state}
-  for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(expected), strict=True):
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   _, small, sh8 = _state(mesh, features=8)
   abstract8 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small)
   with pytest.raises(checkpoint.CheckpointMismatchError, match="does not fit this model: .*shape"):
-    checkpoint.restore_weights(str(tmp_path), checkpoint.abstract_with_shardings(abstract8, sh8))
+    weights.restore_weights(str(tmp_path), checkpoint.abstract_with_shardings(abstract8, sh8))
 
 
 def test_a_failed_background_save_is_one_line_naming_its_step(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 
 from vqjax import errors
-from vqjax.training import checkpoint, tasks
+from vqjax.training import checkpoint, tasks, weights
 
 
 def _config_from_record(record: dict) -> ml_collections.ConfigDict:
@@ -140,5 +140,5 @@ def _restore(config: ml_collections.ConfigDict, path: str, step: int | None, dev
   target = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement), abstract
   )
-  weights = checkpoint.restore_weights(path, target, step=step)
-  return task.model, {"params": weights["params"], **weights["model_state"]}
+  loaded = weights.restore_weights(path, target, step=step)
+  return task.model, {"params": loaded["params"], **loaded["model_state"]}

@@ -35,7 +35,6 @@ keep-N clean-up never deletes the last good one.
 import concurrent.futures
 import os
 import signal
-import statistics
 import time
 from typing import Any
 
@@ -47,7 +46,7 @@ from absl import logging
 
 from vqjax import configs, errors
 from vqjax.data import pipeline, sources
-from vqjax.training import checkpoint, host, logs, sharding, tasks
+from vqjax.training import checkpoint, health, host, logs, sharding, tasks, weights
 
 
 def setup_compilation_cache(directory: str) -> None:
@@ -66,14 +65,8 @@ def setup_compilation_cache(directory: str) -> None:
 # many steps: each agreement waits for the device, so not every step, but often enough that the
 # save starts well inside a preemption notice whatever log.every_steps is.
 _STOP_SYNC_EVERY = 10
-# A check window whose worst loss exceeds this many times the median of the recent windows'
-# worst losses is "exploded": the checkpoints before it are not trusted as good.
-_EXPLODED_RATIO = 100.0
-# This many exploded windows in a row stop the run, as a non-finite loss does: a spike the
-# run recovers from is survived, parameters blown up to finite garbage are not trained on.
-_EXPLODED_PATIENCE = 3
 # "No non-finite loss yet" in the device-side watch of the losses.
-_NEVER = np.iinfo(np.int32).max
+_NEVER = health.NEVER
 
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
@@ -106,76 +99,6 @@ def _place(tree: Any, mesh: jax.sharding.Mesh, min_size: int) -> tuple[Any, Any]
     return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
   return jax.tree.map(put, tree, shardings), shardings
-
-
-class _Health:
-  """Decides which saved checkpoints are good from the losses that followed them.
-
-  The train step folds each loss into `worst` on the device (non-finite -> inf); `check`
-  pulls it on log and checkpoint steps. Checkpoints saved before a sane window are good; those
-  saved before a non-finite or exploded window are bad.
-  """
-
-  def __init__(self, ckpt: checkpoint.Checkpointer, pending: list[int]):
-    self.ckpt = ckpt
-    self.pending = list(pending)  # saved steps no window has judged yet
-    self.history: list[float] = []  # worst loss of recent sane windows
-    self.exploded: list[int] = []  # the steps ending the current run of exploded windows
-
-  def _resume_hint(self) -> str:
-    self.ckpt.wait()
-    good = self.ckpt.latest_step()
-    if good is None:
-      return "No checkpoint was saved before it diverged: there is nothing to resume from."
-    return f"A resume continues from the last good checkpoint, {self.ckpt.directory}/{good}."
-
-  def check(self, worst: float, first_bad: int, step: int) -> None:
-    """Judges the window of steps ending at `step`.
-
-    Args:
-      worst: the window's largest loss (inf if one was non-finite, -inf if no step ran).
-      first_bad: the first step whose loss was non-finite (`_NEVER` if none).
-      step: the current step.
-
-    Raises:
-      errors.DivergenceError: the window's loss was non-finite.
-    """
-    if worst == -np.inf:  # no step since the last check: nothing to judge
-      return
-    if first_bad != _NEVER:
-      # Step t's loss is computed with the parameters checkpoint t - 1 holds: that checkpoint
-      # and later ones are bad; earlier ones gave finite losses.
-      bad = [s for s in self.pending if s >= first_bad - 1]
-      self.ckpt.mark_bad(bad)
-      self.ckpt.mark_good([s for s in self.pending if s < first_bad - 1])
-      self.pending = []
-      raise errors.DivergenceError(
-        f"the loss became non-finite at step {first_bad}; stopped. {self._resume_hint()} Lower "
-        "config.optim.lr, set config.optim.grad_clip or check the input data."
-      )
-    recent = self.history[-8:]
-    if recent and worst > _EXPLODED_RATIO * statistics.median(recent):
-      logging.warning(
-        "loss exploded to %.4g by step %d (recent worst %.4g); checkpoints %s are not trusted",
-        worst,
-        step,
-        statistics.median(recent),
-        self.pending or "(none)",
-      )
-      self.ckpt.mark_bad(self.pending)
-      self.pending = []
-      self.exploded.append(step)
-      if len(self.exploded) >= _EXPLODED_PATIENCE:
-        raise errors.DivergenceError(
-          f"the loss exploded by step {self.exploded[0]} and stayed there ({worst:.4g} by step "
-          f"{step}, against {statistics.median(recent):.4g} before); stopped. "
-          f"{self._resume_hint()} Lower config.optim.lr or set config.optim.grad_clip."
-        )
-      return
-    self.exploded = []
-    self.history.append(worst)
-    self.ckpt.mark_good([s for s in self.pending if s < step])
-    self.pending = [s for s in self.pending if s >= step]
 
 
 # config.train.rng_impl -> JAX's PRNG implementation name.
@@ -368,8 +291,8 @@ class _Run:
     elif config.ckpt.init_from:
       # Weights (params + EMA codebooks) only: the optimiser, step and data order start fresh.
       target = checkpoint.abstract_with_shardings(abstract, shardings)
-      weights = checkpoint.restore_weights(config.ckpt.init_from, target)
-      self.state = sharding.init_sharded(init_fn, shardings, init_rng).replace(**weights)
+      loaded = weights.restore_weights(config.ckpt.init_from, target)
+      self.state = sharding.init_sharded(init_fn, shardings, init_rng).replace(**loaded)
       logging.info("initialised weights from %s", config.ckpt.init_from)
     else:
       self.state = sharding.init_sharded(init_fn, shardings, init_rng)
@@ -413,7 +336,7 @@ class _Run:
     )
     self.watch = new_watch(mesh)
     unjudged = [] if not self.resumed or self.step in ckpt.bad_steps() else [self.step]
-    self.health = _Health(ckpt, unjudged)
+    self.health = health.Health(ckpt, unjudged)
     if self.pi == 0:
       logging.info(
         "mesh %s over %d processes; %s parameters; global batch %d; steps %d -> %d",
