@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from arguments import at_least
 
 from vqjax.models.pixelcnn import GatedPixelCNN
 from vqjax.models.pixelsnail import PixelSNAIL
@@ -146,22 +147,6 @@ def run(prior: str, level: str, sampler: str, a) -> dict:
     device=jax.devices()[0].device_kind,
     note=note,
   )
-
-
-def at_least(minimum: int):
-  """An argparse `type`: an integer >= `minimum`, else argparse's own usage error (as
-  train_step.at_least; not imported from there, which tunes the process's allocator)."""
-
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-    return value
-
-  return parse
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from arguments import at_least
 
 import vqjax
 from vqjax import configs, errors
@@ -67,21 +68,6 @@ def apply_override(config, assignment: str, flag: str = "--set") -> None:
       f"{flag} {assignment!r}: config.{key} takes a value of type {type(old).__name__}, "
       f"got {value!r} of type {type(value).__name__}"
     ) from None
-
-
-def at_least(minimum: int):
-  """An argparse `type`: an integer >= `minimum`, else argparse's own usage error."""
-
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-    return value
-
-  return parse
 
 
 def _time(fn, steps: int) -> float:
