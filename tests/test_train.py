@@ -326,34 +326,38 @@ def test_divergence_keeps_the_last_good_checkpoint_and_resumes_from_it(tmp_path,
   assert [losses[s] for s in (1, 2, 3, 4)] == [good[s] for s in (1, 2, 3, 4)]
 
 
-def test_divergence_before_any_checkpoint_says_so(tmp_path):
+def _toy_codes_config(monkeypatch, steps: int, **ckpt):
+  """A base config over in-memory code maps (the "toy_codes" source, registered for the test),
+  batch 8, a check every step, no eval or images; `ckpt` sets config.ckpt fields."""
   data = {"train": _codes_data(48, 0), "test": _codes_data(8, 1)}
+  monkeypatch.setitem(
+    sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
+  )
+  config = configs.base_config()
+  config.data.update(name="toy_codes", reader="local", batch_size=8, eval_batch_size=8)
+  config.train.steps = steps
+  config.ckpt.update(**ckpt)
+  config.log.update(every_steps=1, eval_every_steps=0, image_every_steps=0, tensorboard=False)
+  return config
 
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path, monkeypatch):
   class Exploding(_CodesTask):
     def train_step(self, state, batch, rng, frozen):
       state, metrics = super().train_step(state, batch, rng, frozen)
       metrics["loss"] = jnp.where(state.step >= 2, jnp.nan, metrics["loss"])
       return state, metrics
 
-  config = configs.base_config()
-  config.data.update(name="toy_codes", reader="local", batch_size=8, eval_batch_size=8)
-  config.train.steps = 5
-  config.ckpt.every_steps = 100
-  config.log.update(every_steps=1, eval_every_steps=0, image_every_steps=0, tensorboard=False)
-  with pytest.MonkeyPatch.context() as m:
-    m.setitem(
-      sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
-    )
-    with pytest.raises(errors.DivergenceError, match="No checkpoint was saved before it diverged"):
-      trainer.train_and_evaluate(config, str(tmp_path / "w"), task=Exploding(config))
+  config = _toy_codes_config(monkeypatch, 5, every_steps=100)
+  with pytest.raises(errors.DivergenceError, match="No checkpoint was saved before it diverged"):
+    trainer.train_and_evaluate(config, str(tmp_path / "w"), task=Exploding(config))
 
 
 @pytest.mark.parametrize("spike_steps", [(4,), (4, 5, 6, 7, 8)])
-def test_a_finite_loss_that_stays_exploded_stops_the_run(tmp_path, spike_steps):
+def test_a_finite_loss_that_stays_exploded_stops_the_run(tmp_path, monkeypatch, spike_steps):
   """A loss 1e6 times its usual size at one step is survived (the checkpoints before it are
   not trusted); staying there for three checks stops the run as a non-finite loss does, with
   the last good checkpoint kept and named."""
-  data = {"train": _codes_data(48, 0), "test": _codes_data(8, 1)}
 
   class Spiking(_CodesTask):
     def train_step(self, state, batch, rng, frozen):
@@ -362,21 +366,13 @@ def test_a_finite_loss_that_stays_exploded_stops_the_run(tmp_path, spike_steps):
       metrics["loss"] = jnp.where(spike, metrics["loss"] * 1e6 + 1e6, metrics["loss"])
       return state, metrics
 
-  config = configs.base_config()
-  config.data.update(name="toy_codes", reader="local", batch_size=8, eval_batch_size=8)
-  config.train.steps = 10
-  config.ckpt.update(every_steps=1, keep=2)
-  config.log.update(every_steps=1, eval_every_steps=0, image_every_steps=0, tensorboard=False)
+  config = _toy_codes_config(monkeypatch, 10, every_steps=1, keep=2)
   workdir = str(tmp_path / "w")
-  with pytest.MonkeyPatch.context() as m:
-    m.setitem(
-      sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
-    )
-    if len(spike_steps) == 1:
-      assert trainer.train_and_evaluate(config, workdir, task=Spiking(config))["step"] == 10
-      return
-    with pytest.raises(errors.DivergenceError, match="exploded by step 4 .*by step 6") as e:
-      trainer.train_and_evaluate(config, workdir, task=Spiking(config))
+  if len(spike_steps) == 1:
+    assert trainer.train_and_evaluate(config, workdir, task=Spiking(config))["step"] == 10
+    return
+  with pytest.raises(errors.DivergenceError, match="exploded by step 4 .*by step 6") as e:
+    trainer.train_and_evaluate(config, workdir, task=Spiking(config))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
   # Checkpoint 3's parameters gave step 4's loss: 2 is the last good one, kept although keep=2.
   assert ckpt.latest_step() == 2 and ckpt.last_good_step() == 2
@@ -385,24 +381,17 @@ def test_a_finite_loss_that_stays_exploded_stops_the_run(tmp_path, spike_steps):
   ckpt.close()
 
 
-def test_an_unreadable_config_record_is_named_not_diffed_against_nothing(tmp_path, caplog):
-  data = {"train": _codes_data(48, 0), "test": _codes_data(8, 1)}
-  config = configs.base_config()
-  config.data.update(name="toy_codes", reader="local", batch_size=8, eval_batch_size=8)
-  config.train.steps = 2
-  config.ckpt.every_steps = 1
-  config.log.update(every_steps=1, eval_every_steps=0, image_every_steps=0, tensorboard=False)
+def test_an_unreadable_config_record_is_named_not_diffed_against_nothing(
+  tmp_path, monkeypatch, caplog
+):
+  config = _toy_codes_config(monkeypatch, 2, every_steps=1)
   workdir = str(tmp_path / "w")
-  with pytest.MonkeyPatch.context() as m:
-    m.setitem(
-      sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
-    )
-    trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))
-    with open(os.path.join(workdir, "checkpoints", "2", "meta", "metadata"), "w") as f:
-      f.write("{bad")
-    config.train.steps = 3
-    with caplog.at_level("WARNING"):
-      assert trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))["step"] == 3
+  trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))
+  with open(os.path.join(workdir, "checkpoints", "2", "meta", "metadata"), "w") as f:
+    f.write("{bad")
+  config.train.steps = 3
+  with caplog.at_level("WARNING"):
+    assert trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))["step"] == 3
   messages = [r.getMessage() for r in caplog.records]
   assert any("checkpoint 2's config record" in m and "cannot be read" in m for m in messages)
   assert not any("config differs" in m for m in messages)
