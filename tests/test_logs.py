@@ -73,7 +73,7 @@ def test_writer_and_progress(tmp_path):
 def test_progress_reports_data_wait_and_warns_when_input_bound(monkeypatch, caplog):
   now = [100.0]
   monkeypatch.setattr(logs.time, "perf_counter", lambda: now[0])
-  p = logs.Progress(total_steps=60, global_batch=10, start_step=0, warn_every=3)
+  p = logs.Progress(total_steps=60, global_batch=10, start_step=0, warn_every=3, warn_interval_s=0)
   # Seconds the devices waited for data in each 10-second interval between log lines.
   waits = [0.5, 3.0, 4.0, 2.5, 6.0, 0.2]
   warned = []
@@ -89,6 +89,18 @@ def test_progress_reports_data_wait_and_warns_when_input_bound(monkeypatch, capl
     warned.append(any("input-bound" in r.getMessage() for r in caplog.records))
   # Above 10% from the second line on: warned then, and again only 3 lines later.
   assert warned == [False, True, False, False, True, False]
+  # Lines 10 s apart but warnings at most once a minute: the third line after the last warning
+  # is due by count, not yet by time (30 s); the sixth is.
+  q = logs.Progress(total_steps=60, global_batch=10, start_step=0, warn_every=3)
+  warned = []
+  for i in range(7):
+    q.add_data_wait(5.0)
+    now[0] += 10.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      q.line(10 * (i + 1), {"loss": 1.0}, ("loss",))
+    warned.append(any("input-bound" in r.getMessage() for r in caplog.records))
+  assert warned == [True, False, False, False, False, False, True]
   # Time left out of the throughput (an eval) is left out of the share too: 1 s of 5.
   p.add_data_wait(1.0)
   now[0] += 10.0

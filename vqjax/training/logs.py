@@ -180,7 +180,8 @@ class Progress:
   `add_data_wait` collects the time the devices sat idle waiting for the next batch (the
   trainer measures it); `line` reports it as a share of the interval's wall time, "data_wait"
   in the timing metrics and on the line, and logs a warning when it is above `warn_above`:
-  on the first such line, then at most once every `warn_every` lines.
+  on the first such line, then at most once every `warn_every` lines and `warn_interval_s`
+  seconds (a tiny model logging every step would otherwise warn several times a second).
 
   Args:
     total_steps: the step the run stops at.
@@ -189,6 +190,7 @@ class Progress:
     unit: what an example is, as the task names it ("img" -> "img/s", "codes" -> "codes/s").
     warn_above: the data-wait share above which the run is called input-bound.
     warn_every: lines between two input-bound warnings.
+    warn_interval_s: seconds between two input-bound warnings.
   """
 
   def __init__(
@@ -199,11 +201,14 @@ class Progress:
     unit: str = "img",
     warn_above: float = 0.1,
     warn_every: int = 10,
+    warn_interval_s: float = 60.0,
   ):
     self.total = total_steps
     self.batch = global_batch
     self.unit = unit
     self.warn_above, self.warn_every = warn_above, warn_every
+    self.warn_interval_s = warn_interval_s
+    self._last_warning_t = -math.inf
     self._t = time.perf_counter()
     self._step = start_step
     self._wait = 0.0
@@ -247,8 +252,10 @@ class Progress:
     if self._lines_since_warning is not None:
       self._lines_since_warning += 1
     due = self._lines_since_warning is None or self._lines_since_warning >= self.warn_every
+    due = due and self._t - self._last_warning_t >= self.warn_interval_s
     if math.isfinite(data_wait) and data_wait > self.warn_above and due:
       self._lines_since_warning = 0
+      self._last_warning_t = self._t
       logging.warning(
         "input-bound: the devices waited for data %.0f%% of the time since the last log line; "
         "read in more threads or processes (config.data.num_workers, "
