@@ -89,6 +89,12 @@ def test_progress_reports_data_wait_and_warns_when_input_bound(monkeypatch, capl
     warned.append(any("input-bound" in r.getMessage() for r in caplog.records))
   # Above 10% from the second line on: warned then, and again only 3 lines later.
   assert warned == [False, True, False, False, True, False]
+  # Time left out of the throughput (an eval) is left out of the share too: 1 s of 5.
+  p.add_data_wait(1.0)
+  now[0] += 10.0
+  p.exclude(5.0)
+  _, timing = p.line(70, {"loss": 1.0}, ("loss",))
+  assert timing["data_wait"] == pytest.approx(0.2)
   # Lines 10 s apart but warnings at most once a minute: the third line after the last warning
   # is due by count, not yet by time (30 s); the sixth is.
   q = logs.Progress(total_steps=60, global_batch=10, start_step=0, warn_every=3)
@@ -101,12 +107,6 @@ def test_progress_reports_data_wait_and_warns_when_input_bound(monkeypatch, capl
       q.line(10 * (i + 1), {"loss": 1.0}, ("loss",))
     warned.append(any("input-bound" in r.getMessage() for r in caplog.records))
   assert warned == [True, False, False, False, False, False, True]
-  # Time left out of the throughput (an eval) is left out of the share too: 1 s of 5.
-  p.add_data_wait(1.0)
-  now[0] += 10.0
-  p.exclude(5.0)
-  _, timing = p.line(70, {"loss": 1.0}, ("loss",))
-  assert timing["data_wait"] == pytest.approx(0.2)
 
 
 def test_resumed_writer_drops_records_after_the_checkpoint(tmp_path):
