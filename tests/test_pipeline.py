@@ -95,6 +95,23 @@ def test_a_second_run_trains_and_draws_nothing_again(done):
   assert report["stage1"]["step"] == 1
 
 
+def test_a_prior_trained_on_redraws_the_samples_from_it(done):
+  """Samples are stale once a run they came from trains on: a rerun with one more top-prior
+  step redraws every sample set from the new checkpoint (settings.json records the steps)."""
+  config, workdir, _ = done
+  config = config.copy_and_resolve_references()  # the fixture's stays as it was
+  config.prior_top.train.steps += 1
+  before = _snapshot(workdir)
+  pipeline.Pipeline(config, workdir).run()
+  after = _snapshot(workdir)
+  for name in ("samples", "samples_rejection", "samples_eval"):
+    path = os.path.join(workdir, name, "images.npz")
+    assert after[path] != before[path], name
+    with open(os.path.join(workdir, name, "settings.json")) as f:
+      assert json.load(f)["steps"]["priors"] == [2, 1]
+  assert after["stage1/1"] == before["stage1/1"]  # nothing upstream trained again
+
+
 def test_prior_config_points_at_the_pipeline_codes(tmp_path):
   prior = configs.load_experiment("fashion_mnist_prior_bottom:smoke")  # synthetic codes
   c = pipeline.prior_config(prior, str(tmp_path / "codes"), 128)

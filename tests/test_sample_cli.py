@@ -55,6 +55,14 @@ def test_sample_cli_writes_grid_codes_and_settings(runs, tmp_path):
   saved = np.load(os.path.join(out, "codes.npz"))
   assert saved["codes0"].shape == (5, 8, 8) and saved["codes1"].shape == (5, 16, 16)
   np.testing.assert_array_equal(saved["label"], [2] * 5)  # the top prior is class-conditional
+  # The checkpoint steps sampled from (none for the converted stage-1 model): what makes samples
+  # stale when a prior trains on.
+  trained = [
+    configs.load_experiment(f"{n}:smoke").train.steps
+    for n in ("fashion_mnist_prior_top", "fashion_mnist_prior_bottom")
+  ]
+  assert settings["steps"] == {"stage1": None, "priors": trained}
+  assert settings["requested"] == 5 and settings["max_attempts"] is None
   # The grid shows the decoded codes: 3 x 3 cells of 32 px, the last 4 blank.
   images = model.apply(
     variables,
@@ -75,8 +83,28 @@ def test_sample_cli_writes_grid_codes_and_settings(runs, tmp_path):
   )
 
 
-def test_sample_cli_errors(runs, tmp_path):
+def test_sample_cli_errors(runs, tmp_path, monkeypatch):
   stage1, priors, _, _ = runs
+  # Settings no sampler can use, all named in one line before any run is read.
+  monkeypatch.setattr("vqjax.runs.load_run_with_step", lambda *a, **k: pytest.fail("loaded"))
+  with pytest.raises(errors.UserError) as e:
+    sample.run(
+      priors,
+      str(tmp_path / "x"),
+      num=0,
+      stage1=stage1,
+      temperature=-1.0,
+      top_k=-2,
+      top_p=0.0,
+      classifier=stage1,
+      threshold=1.5,
+      max_attempts=0,
+    )
+  assert str(e.value) == (
+    "--num 0: at least 1; --temperature -1.0: above 0; --top_k -2: 0 (off) or more; "
+    "--top_p 0.0: in (0, 1]; --threshold 1.5: in (0, 1]; --max_attempts 0: at least 1"
+  )
+  monkeypatch.undo()
   with pytest.raises(errors.UserError, match="one prior per level"):
     sample.run(priors[:1], str(tmp_path / "x"), num=2, stage1=stage1)
   with pytest.raises(errors.UserError, match="not trained on extracted codes"):
@@ -147,6 +175,9 @@ def test_rejection_sampling_keeps_the_scores(runs, judge, tmp_path):
   codes = np.load(os.path.join(out, "codes.npz"))
   kept = len(saved["image"])
   assert kept == settings["num"] == settings["rejection"]["kept"] == 3
+  assert settings["requested"] == 5 and settings["max_attempts"] == 2
+  trained = configs.load_experiment("classifier_fashion_mnist:smoke").train.steps
+  assert settings["steps"]["classifier"] == trained
   # Each kept score is the classifier's probability of the sample's label, computed here from
   # the sample's codes decoded again.
   images = model.apply(
@@ -283,6 +314,7 @@ def test_sample_names_a_run_of_the_wrong_kind_before_loading_any(
 
   # The kinds come from the runs' configs: no weights are read, no sample is drawn.
   monkeypatch.setattr("vqjax.runs.load_run", no_loading)
+  monkeypatch.setattr("vqjax.runs.load_run_with_step", no_loading)
 
   def error(stage1_run, classifier="", workdirs=None):
     with pytest.raises(errors.UserError) as caught:

@@ -182,16 +182,41 @@ class Pipeline:
     kwargs.update(overrides)
     out = self.path(name)
     wanted = {k: kwargs[k] for k in ("seed", "temperature", "top_k", "top_p")}
+    # Drawn from the same checkpoints: a prior (or the classifier) trained on since makes them
+    # stale, as does another count or attempt budget.
+    wanted.update(requested=num, steps=self._latest_steps(classifier))
     if classifier:
-      wanted.update(classifier=os.path.abspath(classifier), threshold=kwargs["threshold"])
-    else:
-      wanted["num"] = num
+      wanted.update(
+        classifier=os.path.abspath(classifier),
+        threshold=kwargs["threshold"],
+        max_attempts=kwargs["max_attempts"],
+      )
     if _same_samples(out, wanted):
       logging.info("pipeline: %s already drawn with these settings", out)
       with open(os.path.join(out, "settings.json")) as f:
         return json.load(f)
     priors = [self.path("prior_top"), self.path("prior_bottom")]
     return sample.run(priors, out, stage1=self.path("stage1"), **kwargs)
+
+  def _latest_steps(self, classifier: str) -> dict[str, Any]:
+    """The newest usable checkpoint step of each run the samples come from (as settings.json
+    records the steps sampled from)."""
+    from vqjax.training import checkpoint
+
+    def latest(run: str) -> int | None:
+      ckpt = checkpoint.Checkpointer(checkpoint.resolve_directory(run), read_only=True)
+      try:
+        return ckpt.latest_step()
+      finally:
+        ckpt.close()
+
+    steps = {
+      "stage1": latest(self.path("stage1")),
+      "priors": [latest(self.path("prior_top")), latest(self.path("prior_bottom"))],
+    }
+    if classifier:
+      steps["classifier"] = latest(classifier)
+    return steps
 
   def _evaluate(self) -> dict[str, Any]:
     from vqjax import evaluate

@@ -73,6 +73,9 @@ def load_run_with_step(
   workdir: str, step: int | None = None, device: jax.Device | None = None
 ) -> tuple[ml_collections.ConfigDict, Any, dict, int | None]:
   """`load_run`, and the checkpoint step it read (None for a converted model)."""
+  from vqjax.training import logs
+
+  logs.quiet_library_logs()  # Orbax's notes on read-only and partial restores, done on purpose
   path = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(path):
     raise errors.UserError(f"{workdir} is not a directory")

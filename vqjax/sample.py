@@ -82,6 +82,7 @@ def run(
 
   if not priors:
     raise errors.UserError("give the priors' workdirs: --workdir TOP --workdir BOTTOM ...")
+  _check_settings(num, temperature, top_k, top_p, threshold if classifier else None, max_attempts)
   # Each run's kind from its config alone, before any weights are read or samples drawn.
   for prior in priors:
     hierarchy.check_run(prior, "prior", "--workdir")
@@ -94,18 +95,20 @@ def run(
   num_classes = max(
     (p[0].prior.num_classes for p in gen.priors if p[0].prior.class_conditional), default=0
   )
+  if label is not None and not num_classes:
+    raise errors.UserError(f"--label {label}: the priors are not class-conditional")
   labels = hierarchy.labels_for(num, label, num_classes)
   t0 = time.perf_counter()
   settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-  rejection, scores = None, {}
+  rejection, scores, steps = None, {}, dict(gen.steps)
   if classifier:
-    images, maps, rejection, labels, scores = _rejection(
+    images, maps, rejection, labels, scores, steps["classifier"] = _rejection(
       gen, classifier, num, seed, labels, threshold, max_attempts, settings
     )
   else:
     images, maps = gen.generate(num, jax.random.key(seed), labels, **settings)
     images = np.asarray(jax.block_until_ready(images))
-  num = len(images)
+  requested, num = num, len(images)
   seconds = time.perf_counter() - t0
   os.makedirs(out, exist_ok=True)
   # settings.json is written last and marks the directory complete: an older one goes first, so
@@ -122,6 +125,8 @@ def run(
     logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
   else:
     logging.warning("no sample was kept: no samples.png written")
+    if os.path.exists(os.path.join(out, "samples.png")):  # an earlier run's, not these
+      os.remove(os.path.join(out, "samples.png"))
   arrays = {f"codes{i}": np.asarray(m) for i, m in enumerate(maps)}
   labelled = {} if labels is None else {"label": np.asarray(labels, np.int32)}
   np.savez(os.path.join(out, "codes.npz"), **arrays, **labelled)
@@ -131,6 +136,7 @@ def run(
     "stage1": os.path.abspath(stage1),
     "priors": [os.path.abspath(p) for p in priors],
     "num": num,
+    "requested": requested,
     "seed": seed,
     "label": label,
     "temperature": temperature,
@@ -140,7 +146,9 @@ def run(
     "device": jax.devices()[0].device_kind,
     "classifier": os.path.abspath(classifier) if classifier else None,
     "threshold": threshold if classifier else None,
+    "max_attempts": max_attempts if classifier else None,
     "rejection": rejection,
+    "steps": steps,
   }
   with open(settings_path, "w") as f:
     json.dump(settings, f, indent=2)
@@ -157,7 +165,7 @@ def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, sett
   from vqjax import runs
   from vqjax.sampling import hierarchy, rejection
 
-  clf_config, clf, clf_vars = runs.load_run(classifier)
+  clf_config, clf, clf_vars, clf_step = runs.load_run_with_step(classifier)
   hierarchy.check_run(classifier, "classifier", "--classifier", clf_config.task)
   probs = jax.jit(lambda x: jax.nn.softmax(clf.apply(clf_vars, x).astype(jax.numpy.float32)))
   drawn = []  # every generated batch with its code maps, to recover the kept samples' codes
@@ -193,7 +201,26 @@ def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, sett
     info["acceptance_rate"],
   )
   scores = {"score": kept_scores, "generated_score": np.asarray(info["scores"], np.float64)}
-  return samples, maps or [], summary, info["labels"], scores
+  return samples, maps or [], summary, info["labels"], scores, clf_step
+
+
+def _check_settings(num, temperature, top_k, top_p, threshold, max_attempts) -> None:
+  """One-line errors for settings no sampler can use, before any run is read."""
+  problems = []
+  if num < 1:
+    problems.append(f"--num {num}: at least 1")
+  if not temperature > 0:
+    problems.append(f"--temperature {temperature}: above 0")
+  if top_k < 0:
+    problems.append(f"--top_k {top_k}: 0 (off) or more")
+  if not 0 < top_p <= 1:
+    problems.append(f"--top_p {top_p}: in (0, 1]")
+  if threshold is not None and not 0 < threshold <= 1:
+    problems.append(f"--threshold {threshold}: in (0, 1]")
+  if max_attempts < 1:
+    problems.append(f"--max_attempts {max_attempts}: at least 1")
+  if problems:
+    raise errors.UserError("; ".join(problems))
 
 
 def main(argv):
@@ -205,7 +232,7 @@ def main(argv):
 
   logs.quiet_library_logs()  # Orbax's INFO lines per restore would bury the results
   with errors.one_line("vqjax.sample", flags.FLAGS.verbose):
-    run(
+    settings = run(
       flags.FLAGS.workdir,
       flags.FLAGS.out,
       flags.FLAGS.num,
@@ -219,7 +246,11 @@ def main(argv):
       flags.FLAGS.threshold,
       flags.FLAGS.max_attempts,
     )
-  print(f"wrote {flags.FLAGS.out}/samples.png", file=sys.stderr)
+  out = flags.FLAGS.out
+  if settings["num"]:
+    print(f"wrote {settings['num']} samples to {out} (samples.png, images.npz)", file=sys.stderr)
+  else:
+    print(f"no sample kept: {out} holds the empty images.npz and settings.json", file=sys.stderr)
 
 
 if __name__ == "__main__":

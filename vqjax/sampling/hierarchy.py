@@ -34,6 +34,9 @@ class Generator:
 
   stage1: tuple
   priors: list
+  # The checkpoint step each run was read at ({"stage1": s, "priors": [top, ...]}; None for a
+  # converted model), recorded with samples so they can be told stale when a run trains on.
+  steps: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_runs(cls, stage1: str, priors: list[str]) -> "Generator":
@@ -52,10 +55,12 @@ class Generator:
     named = [(stage1, "autoencoder", "stage1")] + [(p, "prior", "priors") for p in priors]
     for path, task, option in named:
       check_run(path, task, option)  # from config.json: before any weights are read
-    loaded = [runs.load_run(path) for path, _, _ in named]
-    for (path, task, option), (config, _, _) in zip(named, loaded, strict=True):
+    loaded = [runs.load_run_with_step(path) for path, _, _ in named]
+    for (path, task, option), (config, *_) in zip(named, loaded, strict=True):
       check_run(path, task, option, config.task)  # a run without config.json
-    return cls(loaded[0], sorted(loaded[1:], key=lambda r: r[0].prior.level))
+    priors = sorted(loaded[1:], key=lambda r: r[0].prior.level)
+    steps = {"stage1": loaded[0][3], "priors": [r[3] for r in priors]}
+    return cls(loaded[0][:3], [r[:3] for r in priors], steps)
 
   def __post_init__(self):
     config, model, variables = self.stage1
