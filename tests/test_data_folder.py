@@ -175,3 +175,19 @@ def test_pad_error_names_the_file(tmp_path):
   )
   with pytest.raises(errors.UserError, match=r"image .*imgs/wide\.png is 8x40"):
     list(pipeline.make_eval_iterator(c))
+
+
+def test_a_jpeg_cut_short_is_found_by_the_check(tmp_path):
+  """PIL's verify reads only a JPEG's header: a file cut short (an interrupted copy) must still
+  be found before training, while a whole one, or one padded with zeros after its end marker,
+  passes."""
+  pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+  whole = tmp_path / "whole.jpg"
+  Image.fromarray(pixels).save(whole, quality=90)
+  data = whole.read_bytes()
+  cut = tmp_path / "cut.jpg"
+  cut.write_bytes(data[: len(data) // 2])
+  padded = tmp_path / "padded.jpg"
+  padded.write_bytes(data + b"\x00" * 100)
+  assert folder._check_image(str(whole)) == "" and folder._check_image(str(padded)) == ""
+  assert "truncated" in folder._check_image(str(cut))

@@ -24,7 +24,7 @@ from vqjax.data.sources import (
 from vqjax.errors import UserError
 
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_CHECK_VERSION = 1
+_CHECK_VERSION = 2  # 2: JPEGs without an end marker decoded
 _WARNED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, skipped files) already logged
 
 
@@ -64,15 +64,27 @@ def decode_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:
   return image[..., None] if image.ndim == 2 else image
 
 
+def _ends_with_jpeg_end_marker(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(max(0, os.path.getsize(path) - 64))
+    return f.read().rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
 def _check_image(path: str) -> str:
   """ "" when PIL can open and verify `path`, else why not (one line).
 
   `verify` walks the file's structure (a PNG's chunk CRCs) without decoding pixels, so it is
-  cheap; a JPEG damaged inside its entropy-coded data still passes and fails at decode time.
+  cheap, but it reads only a JPEG's header: a JPEG is also checked for its end marker, and one
+  without (a file cut short, e.g. by an interrupted copy) is decoded to decide. A JPEG damaged
+  inside its entropy-coded data still passes and fails at decode time.
   """
   try:
     with Image.open(path) as im:
+      fmt = im.format
       im.verify()
+    if fmt == "JPEG" and not _ends_with_jpeg_end_marker(path):
+      with Image.open(path) as im:
+        im.load()
     return ""
   except Exception as e:  # noqa: BLE001 -- whatever PIL raises, the file is unusable
     return " ".join(f"{type(e).__name__}: {e}".split())
