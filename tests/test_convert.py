@@ -332,6 +332,7 @@ def test_refusal_names_the_object_and_the_allow_list(tmp_path):
   message = str(refused.value)
   assert "argparse.Namespace" in message and "\n" not in message
   assert "safe_globals([argparse.Namespace])" in message
+  assert message.endswith("convert it with `rosinality-pixelsnail`")  # the likeliest mix-up
   # The advice works: under that allow-list the weights load.
   with torch.serialization.safe_globals([argparse.Namespace]):
     sd = torch.load(path, weights_only=True)

@@ -230,10 +230,18 @@ def _load_error(path: str, e: Exception) -> errors.UserError:
         f"torch.serialization.safe_globals([{what}]) and pass the state_dict to "
         "vqjax.convert.load_vqvae2"
       )
+    # rosinality's train_pixelsnail.py saves {"model": ..., "args": argparse.Namespace}, which
+    # `rosinality-pixelsnail` reads (allowing Namespace): the likeliest mix-up.
+    prior = (
+      "; a file with an argparse.Namespace is most likely a PixelSNAIL prior saved by "
+      "rosinality's train_pixelsnail.py: convert it with `rosinality-pixelsnail`"
+      if what == "argparse.Namespace"
+      else ""
+    )
     return errors.UserError(
       f"{path} holds a pickled {what}, not just tensors; torch.load(weights_only=True) "
       f"refused it, as unpickling it could run code: re-save the state_dict alone "
-      f"(torch.save(model.state_dict(), path)) where the file is trusted{other}"
+      f"(torch.save(model.state_dict(), path)) where the file is trusted{other}{prior}"
     )
   # Not a refused object (a damaged file, an unsupported pickle opcode, ...): torch's most
   # specific line; its other lines are generic advice about weights_only=False.
