@@ -132,6 +132,26 @@ def test_bad_command_lines_are_one_line_errors(stage1, tmp_path):
   assert "is not a classifier run" in _one_line(samples=str(samples), classifier=path)
 
 
+def test_mode_mismatches_are_named_before_any_evaluation(tmp_path, monkeypatch):
+  """--plots on a run that is no autoencoder, and --thresholds on samples already filtered by
+  rejection, fail before the (long) evaluation runs, not after it."""
+  monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+  monkeypatch.setattr(evaluate, "evaluate_samples", lambda *a, **k: pytest.fail("evaluated"))
+  prior = tmp_path / "prior"
+  prior.mkdir()
+  (prior / "config.json").write_text(json.dumps({"task": "prior"}))
+  assert _one_line(workdir=[str(prior)], plots=True) == (
+    f"vqjax.evaluate: UserError: --workdir (with --plots): {prior} is not a stage-1 "
+    "autoencoder run (its task is 'prior')"
+  )
+  filtered = tmp_path / "filtered"
+  filtered.mkdir()
+  (filtered / "settings.json").write_text(json.dumps({"classifier": "c", "threshold": 0.9}))
+  assert "already filtered by rejection sampling (threshold 0.9)" in _one_line(
+    samples=str(filtered), classifier="c", thresholds="0.5"
+  )
+
+
 def test_the_command_line_defines_what_run_reads(tmp_path):
   """The real flags (a fresh process: flags are global) have the names and defaults of
   `_flags`, and a bad value through them is one line on stderr."""

@@ -43,6 +43,7 @@ from vqjax import errors
 from vqjax.evaluation.reports import (  # noqa: F401  (the public API of this module too)
   check_temperatures,
   check_thresholds,
+  check_unfiltered,
   evaluate,
   evaluate_samples,
   stage1_plots,
@@ -128,6 +129,8 @@ def _run(f: Any) -> None:
     if f.workdir or f.temperatures or f.plots:
       raise errors.UserError("--samples takes no --workdir, --temperatures or --plots")
     thresholds = check_thresholds(_parse_floats(f.thresholds, "thresholds")) if f.thresholds else []
+    if thresholds:  # before the evaluation, not after it
+      check_unfiltered(f.samples)
     result = evaluate_samples(f.samples, f.classifier, f.max_real)
     _write_json(f.out or os.path.join(f.samples, "eval.json"), result)
     _print_table(result)
@@ -161,6 +164,10 @@ def _run(f: Any) -> None:
   if len(f.workdir) > 1:
     raise errors.UserError("give one --workdir (several only with --temperatures)")
   workdir = f.workdir[0]
+  if f.plots:  # reconstructions and code usage: a stage-1 run, told before the evaluation
+    from vqjax.sampling import hierarchy
+
+    hierarchy.check_run(workdir, "autoencoder", "--workdir (with --plots)")
   result = evaluate(workdir, f.max_batches)
   _write_json(f.out or os.path.join(workdir, "eval.json"), result)
   _print_table(result)

@@ -240,6 +240,21 @@ def _real_features(
   return np.concatenate(features), real_labels
 
 
+def check_unfiltered(samples_dir: str, settings: dict | None = None) -> None:
+  """A threshold trade-off replays rejection sampling: its samples must be drawn without it."""
+  if settings is None:
+    try:
+      with open(os.path.join(samples_dir, "settings.json")) as f:
+        settings = json.load(f)
+    except (OSError, ValueError):
+      return  # _read_samples names what is missing or damaged
+  if settings.get("classifier"):
+    raise errors.UserError(
+      f"{samples_dir} holds samples already filtered by rejection sampling (threshold "
+      f"{settings.get('threshold')}): draw samples without --classifier for a trade-off"
+    )
+
+
 def _read_samples(samples_dir: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
   """(uint8 images [N, H, W, C], labels [N] or None, settings) of a vqjax.sample directory."""
   path = os.path.join(samples_dir, "images.npz")
@@ -400,11 +415,7 @@ def threshold_tradeoff(
 
   thresholds = check_thresholds(thresholds)
   images, labels, settings = _read_samples(samples_dir)
-  if settings.get("classifier"):
-    raise errors.UserError(
-      f"{samples_dir} holds samples already filtered by rejection sampling (threshold "
-      f"{settings.get('threshold')}): draw samples without --classifier for a trade-off"
-    )
+  check_unfiltered(samples_dir, settings)
   judge = _Judge(classifier)
   judge.check(images.shape[1:], f"the samples in {samples_dir}")
   gen_f, probs = judge(images)
