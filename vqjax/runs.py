@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import logging
 
 from vqjax import errors
 from vqjax.training import checkpoint, tasks, weights
@@ -89,34 +88,29 @@ def load_run_with_step(
   directory = checkpoint.resolve_directory(path)
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
-    if step is None:
-      candidates = sorted(set(ckpt.all_steps()) - set(ckpt.bad_steps()), reverse=True)
-      if not candidates:
-        raise errors.UserError(
-          f"no checkpoint in {directory}: {workdir} is not a finished or running vqjax run"
-        )
-    elif step not in ckpt.all_steps():
+    candidates = ckpt.usable_steps() if step is None else [step]
+    if step is None and not candidates:
+      raise errors.UserError(
+        f"no checkpoint in {directory}: {workdir} is not a finished or running vqjax run"
+      )
+    if step is not None and step not in ckpt.all_steps():
       raise errors.UserError(
         f"no checkpoint of step {step} in {directory}; it has {ckpt.all_steps()}"
       )
-    else:
-      candidates = [step]
+    # Every candidate's record up front, with one manager closed before any restore: an Orbax
+    # read after a damaged step's failed restore floods stderr with its pending reads' errors.
     metas = {s: ckpt.read_meta(s) for s in candidates}
   finally:
     ckpt.close()
-  problems = []
-  for candidate in candidates:
+
+  def attempt(candidate: int) -> tuple:
     config = _config_from_record(_config_record(metas[candidate], directory, candidate))
-    try:
-      return (config, *_restore(config, directory, candidate, device), candidate)
-    except checkpoint.CheckpointDamagedError as e:
-      if step is not None:
-        raise
-      logging.warning("%s; trying an earlier step", e)
-      problems.append(str(e))
-  raise checkpoint.CheckpointDamagedError(
-    f"no intact checkpoint in {directory}: {'; '.join(problems)}"
-  )
+    return (config, *_restore(config, directory, candidate, device))
+
+  if step is not None:  # asked for by number: its damage is the error, no fallback
+    return (*attempt(step), step)
+  loaded, read = checkpoint.first_intact(directory, candidates, attempt)
+  return (*loaded, read)
 
 
 def _config_record(meta: dict, directory: str, step: int) -> dict:

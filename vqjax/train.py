@@ -124,15 +124,14 @@ def main(argv):
     errors.interrupted("vqjax.train")
   who = f"process {jax.process_index()}/{jax.process_count()}"
   if "stopped" in result:
-    signum = int(result.pop("stopped"))
-    print(
+    # Not finished: a script or scheduler must be able to tell (128 + signal, as a shell does).
+    stopped = errors.Stopped(
       f"{who} stopped at step {result['step']} of {config.train.steps}, checkpoint saved; the "
       "same command resumes",
-      file=sys.stderr,
-      flush=True,
+      int(result["stopped"]),
     )
-    # Not finished: a script or scheduler must be able to tell (128 + signal, as a shell does).
-    raise SystemExit(128 + signum if signum else 1)
+    print(stopped, file=sys.stderr, flush=True)
+    raise SystemExit(stopped.exit_code)
   shown = " ".join(f"{k}={v:.5g}" for k, v in sorted(result.items()))
   print(f"{who} done: {shown}", flush=True)
 

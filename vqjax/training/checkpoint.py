@@ -13,7 +13,9 @@ import contextlib
 import hashlib
 import json
 import os
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
@@ -25,6 +27,7 @@ from jax.experimental import multihost_utils
 from vqjax import errors
 
 CHECKPOINT_SUBDIR = "checkpoints"
+T = TypeVar("T")
 # Config groups that decide the state's tree structure and shapes, when the task names none.
 MODEL_FIELDS = ("task", "model", "vq")
 
@@ -429,9 +432,7 @@ class Checkpointer:
       # Reading is lazy in places: force every array so truncated files fail here, not later.
       jax.block_until_ready(state)
     except Exception as e:  # noqa: BLE001 - anything unreadable in a step is damage
-      raise CheckpointDamagedError(
-        f"checkpoint step {step} in {self.directory} is damaged: {_short(e)}"
-      ) from None
+      raise unreadable(self.directory, step, e) from None
     data_state = None
     if data.get("process_count") == jax.process_count():
       data_state = data["states"][jax.process_index()]
@@ -442,6 +443,10 @@ class Checkpointer:
         jax.process_count(),
       )
     return state, data_state
+
+  def usable_steps(self) -> list[int]:
+    """The steps on disk not recorded as bad, newest first: what a resume tries in order."""
+    return sorted(set(self.all_steps()) - set(self._health["bad"]), reverse=True)
 
   def restore_newest_intact(
     self, abstract_state: Any, meta: dict | None = None
@@ -455,22 +460,14 @@ class Checkpointer:
       CheckpointMismatchError: the newest intact step was written by another model.
       CheckpointDamagedError: every step is damaged.
     """
-    problems = []
-    for step in sorted((s for s in self.all_steps() if s not in self._health["bad"]), reverse=True):
-      try:
-        state, data_state = self.restore(abstract_state, step, meta)
-      except CheckpointDamagedError as e:
-        logging.warning("%s; skipping it and trying an earlier step", e)
-        problems.append(str(e))
-        continue
-      if problems:
-        logging.warning(
-          "resumed from step %d after skipping %d damaged checkpoint(s)", step, len(problems)
-        )
-      return state, data_state, step
-    raise CheckpointDamagedError(
-      f"no intact checkpoint in {self.directory}: {'; '.join(problems) or 'none saved'}"
+    steps = self.usable_steps()
+    (state, data_state), step = first_intact(
+      self.directory, steps, lambda s: self.restore(abstract_state, s, meta)
     )
+    if step != steps[0]:
+      skipped = steps.index(step)
+      logging.warning("resumed from step %d after skipping %d damaged checkpoint(s)", step, skipped)
+    return state, data_state, step
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk (CheckpointSaveError if one failed)."""
@@ -483,6 +480,54 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
+
+
+def first_intact(directory: str, steps: list[int], attempt: Callable[[int], T]) -> tuple[T, int]:
+  """(attempt(step), step) for the first of `steps` whose attempt raises no
+  CheckpointDamagedError; each damaged step is skipped with a warning, as a resume skips it.
+
+  Raises:
+    CheckpointDamagedError: every step is damaged (or there is none), naming each problem.
+  """
+  problems = []
+  for step in steps:
+    try:
+      return attempt(step), step
+    except CheckpointDamagedError as e:
+      logging.warning("%s; skipping it and trying an earlier step", e)
+      problems.append(str(e))
+  raise CheckpointDamagedError(
+    f"no intact checkpoint in {directory}: {'; '.join(problems) or 'none saved'}"
+  )
+
+
+def unreadable(directory: str, step: int, e: BaseException) -> CheckpointDamagedError:
+  """The one-line error for a step whose arrays failed to read.
+
+  Orbax reads a step's arrays concurrently; when one read fails, the others are left pending
+  and fail later, when their event loop is gone: thousands of lines of "RuntimeError: Event loop
+  is closed" and "Exception ignored in <coroutine ... _read_array_index_and_device_put>" for a
+  damage already reported here. From then on this process drops exactly those leftovers
+  (`_drop_failed_read_leftovers`); any other unraisable exception is still shown.
+  """
+  _drop_failed_read_leftovers()
+  return CheckpointDamagedError(f"checkpoint step {step} in {directory} is damaged: {_short(e)}")
+
+
+def _drop_failed_read_leftovers() -> None:
+  previous = sys.unraisablehook
+  if getattr(previous, "vqjax_leftovers", False):
+    return
+
+  def hook(unraisable) -> None:
+    leftover = (
+      unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+    ) or "_read_array_index_and_device_put" in repr(unraisable.object)
+    if not leftover:
+      previous(unraisable)
+
+  hook.vqjax_leftovers = True
+  sys.unraisablehook = hook
 
 
 def _check_intact(directory: str, step: int) -> None:

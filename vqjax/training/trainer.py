@@ -65,8 +65,6 @@ def setup_compilation_cache(directory: str) -> None:
 # many steps: each agreement waits for the device, so not every step, but often enough that the
 # save starts well inside a preemption notice whatever log.every_steps is.
 _STOP_SYNC_EVERY = 10
-# "No non-finite loss yet" in the device-side watch of the losses.
-_NEVER = health.NEVER
 
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
@@ -134,7 +132,7 @@ def jit_train_step(
     finite = jnp.isfinite(loss)
     worst = jnp.maximum(watch["worst"], jnp.where(finite, loss, jnp.inf))
     first = watch["first_bad"]
-    first_bad = jnp.where(finite | (first != _NEVER), first, new_state.step)
+    first_bad = jnp.where(finite | (first != health.NEVER), first, new_state.step)
     return new_state, metrics, {"worst": worst, "first_bad": first_bad}
 
   repl = sharding.replicated(mesh)
@@ -151,7 +149,7 @@ def new_watch(mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   repl = sharding.replicated(mesh)
   return {
     "worst": jax.device_put(jnp.float32(-jnp.inf), repl),
-    "first_bad": jax.device_put(jnp.int32(_NEVER), repl),
+    "first_bad": jax.device_put(jnp.int32(health.NEVER), repl),
   }
 
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 from vqjax.training.checkpoint import (
   CheckpointDamagedError,
@@ -15,7 +14,9 @@ from vqjax.training.checkpoint import (
   _check_intact,
   _short,
   describe_mismatch,
+  first_intact,
   resolve_directory,
+  unreadable,
 )
 
 WEIGHT_FIELDS = ("params", "model_state")
@@ -71,23 +72,18 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
     raise FileNotFoundError(f"{path} is neither a run's workdir nor a checkpoint directory")
   if step is not None:
     return _restore_weights_of(directory, abstract_state, step)
-  # The newest intact step not recorded as bad, as a resume would pick; a damaged one is
-  # skipped with a warning, as a resume skips it.
+  # The newest intact step not recorded as bad, as a resume would pick.
   probe = Checkpointer(directory, read_only=True)
   try:
-    candidates = sorted(set(probe.all_steps()) - set(probe.bad_steps()), reverse=True)
+    candidates = probe.usable_steps()
   finally:
     probe.close()
-  problems = []
-  for candidate in candidates:
-    try:
-      return _restore_weights_of(directory, abstract_state, candidate)
-    except CheckpointDamagedError as e:
-      logging.warning("%s; trying an earlier step", e)
-      problems.append(str(e))
-  if not problems:
+  if not candidates:
     raise FileNotFoundError(f"no intact checkpoint in {directory}")
-  raise CheckpointDamagedError(f"no intact checkpoint in {directory}: {'; '.join(problems)}")
+  loaded, _ = first_intact(
+    directory, candidates, lambda s: _restore_weights_of(directory, abstract_state, s)
+  )
+  return loaded
 
 
 def _restore_weights_of(directory: str, abstract_state: Any, step: int) -> dict:
@@ -123,9 +119,7 @@ def _restore_weights_of(directory: str, abstract_state: Any, step: int) -> dict:
       # Reading is lazy in places: force every array so truncated files fail here.
       jax.block_until_ready(out["state"])
     except Exception as e:  # noqa: BLE001 - anything unreadable in the step is damage
-      raise CheckpointDamagedError(
-        f"checkpoint step {step} in {directory} is damaged: {_short(e)}"
-      ) from None
+      raise unreadable(directory, step, e) from None
     return out["state"]
   finally:
     manager.close()
