@@ -17,6 +17,7 @@ the acceptance rate goes into settings.json, each kept sample's score into image
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -209,7 +210,7 @@ def _check_settings(num, temperature, top_k, top_p, threshold, max_attempts) -> 
   problems = []
   if num < 1:
     problems.append(f"--num {num}: at least 1")
-  if not temperature > 0:
+  if not (math.isfinite(temperature) and temperature > 0):  # as evaluate's check_temperatures
     problems.append(f"--temperature {temperature}: above 0")
   if top_k < 0:
     problems.append(f"--top_k {top_k}: 0 (off) or more")
