@@ -5,10 +5,10 @@
   # ... plus a reconstruction grid and code-usage histograms of a stage-1 run
   python -m vqjax.evaluate --workdir STAGE1 --plots [--out_dir STAGE1/plots]
   # samples (a `python -m vqjax.sample` directory) against the real eval split
-  python -m vqjax.evaluate --samples DIR --classifier CLASSIFIER_RUN [--max_real 10000]
-      [--thresholds 0.5,0.7,0.9 --out_dir DIR]
+  python -m vqjax.evaluate --samples DIR [--features RUN] [--max_real 10000]
+      [--classifier REJECTION_CLASSIFIER --thresholds 0.5,0.7,0.9 --out_dir DIR]
   # quality vs diversity of fresh samples at several temperatures
-  python -m vqjax.evaluate --workdir PRIOR_TOP --workdir PRIOR_BOTTOM --classifier CLASSIFIER_RUN
+  python -m vqjax.evaluate --workdir PRIOR_TOP --workdir PRIOR_BOTTOM [--features RUN]
       --temperatures 0.7,0.85,1.0 --num 1000 [--stage1 STAGE1] [--seed 0]
       [--out_dir PRIOR_TOP/plots]
 
@@ -18,17 +18,22 @@ bits per code and bits per image dimension (its task's own eval). --plots also w
 reconstructions.png (eval images over their reconstructions) and code_usage.png (how often each
 code is used, most used first, one panel per level, perplexity in the title).
 
-Sample quality is measured in the feature space of a classifier run (`Classifier.features`,
-and its softmax for the Inception-style score), against at most --max_real images of the eval
-split of the stage-1 run named in DIR/settings.json: Frechet distance, precision and recall
-(k = 3 nearest neighbours), Inception-style score, and the classification accuracy score when
-the samples are labelled. The numbers go to DIR/eval.json. With --thresholds, the samples
-(drawn without --classifier) are filtered as rejection sampling would at each threshold:
-the acceptance rate and the statistics of the kept samples go to threshold_tradeoff.json and
-threshold_tradeoff.png. --temperatures draws --num samples per temperature with one compiled
-sampler (the temperature is traced) and writes temperature_tradeoff.json / .png. Every table
-is also printed. Statistics of fewer samples than they need (2 for FD, 4 for precision /
-recall) are NaN in the results (null in the JSON), with a "note" saying so.
+Sample quality is measured in the feature space of an evaluation network: by default the
+dataset's cached one (`python -m vqjax.features --data fashion_mnist` trains it once), or any
+classifier run given by --features. It is never the rejection classifier unless you say so.
+Against at most --max_real images of the eval split of the stage-1 run named in
+DIR/settings.json: Frechet distance, precision and recall (k = 3 nearest neighbours),
+Inception-style score, the judge's class shares, and the classification accuracy score when
+the samples are labelled. Beside them stand the same statistics of as many held-out real
+images (train split) and of those images blurred (2x2 average, upsampled), and the samples' FD
+over the blurred images' FD. eval.json also names the network (run, step, test accuracy).
+With --thresholds, the samples (drawn without --classifier) are filtered as rejection sampling
+would at each threshold by --classifier: the acceptance rate and the statistics of the kept
+samples go to threshold_tradeoff.json and threshold_tradeoff.png. --temperatures draws --num
+samples per temperature with one compiled sampler (the temperature is traced) and writes
+temperature_tradeoff.json / .png. Every table is also printed. Statistics of too few samples
+(2 for FD, 100 for precision / recall, the Inception-style score and CAS) are NaN in the
+results (null in the JSON), with a "note" saying so.
 """
 
 import json
@@ -40,13 +45,12 @@ from typing import Any
 from absl import app, flags
 
 from vqjax import errors
-from vqjax.evaluation.reports import (  # noqa: F401  (the public API of this module too)
+from vqjax.evaluation.reports import evaluate, stage1_plots  # noqa: F401  (public API too)
+from vqjax.evaluation.samples import (  # noqa: F401  (the public API of this module too)
   check_temperatures,
   check_thresholds,
   check_unfiltered,
-  evaluate,
   evaluate_samples,
-  stage1_plots,
   temperature_tradeoff,
   threshold_tradeoff,
 )
@@ -63,7 +67,13 @@ def define_flags() -> None:
   flags.DEFINE_bool("plots", False, "Also draw stage-1 plots (reconstructions, code usage).")
   flags.DEFINE_string("out_dir", "", "Where plots go (default WORKDIR/plots or DIR).")
   flags.DEFINE_string("samples", "", "A vqjax.sample output directory to evaluate.")
-  flags.DEFINE_string("classifier", "", "The classifier run whose features judge samples.")
+  flags.DEFINE_string(
+    "features",
+    "",
+    "The classifier run whose features judge samples (default: the dataset's cached "
+    "evaluation network, python -m vqjax.features).",
+  )
+  flags.DEFINE_string("classifier", "", "The rejection classifier that scores --thresholds.")
   flags.DEFINE_string("thresholds", "", "Rejection thresholds in (0, 1), e.g. 0.5,0.7,0.9.")
   flags.DEFINE_string("temperatures", "", "Sampling temperatures > 0, e.g. 0.7,0.85,1.0.")
   flags.DEFINE_integer("num", 256, "Samples per temperature.")
@@ -124,20 +134,22 @@ def _print_rows(rows: list[dict]) -> None:
 def _run(f: Any) -> None:
   """The mode the flags ask for (see the module docstring)."""
   if f.samples:
-    if not f.classifier:
-      raise errors.UserError("--samples needs --classifier RUN (its features judge the samples)")
     if f.workdir or f.temperatures or f.plots:
       raise errors.UserError("--samples takes no --workdir, --temperatures or --plots")
     thresholds = check_thresholds(_parse_floats(f.thresholds, "thresholds")) if f.thresholds else []
+    if thresholds and not f.classifier:
+      raise errors.UserError("--thresholds needs --classifier RUN (the rejection classifier)")
     if thresholds:  # before the evaluation, not after it
       check_unfiltered(f.samples)
-    result = evaluate_samples(f.samples, f.classifier, f.max_real)
+    result = evaluate_samples(f.samples, f.features, f.max_real)
     _write_json(f.out or os.path.join(f.samples, "eval.json"), result)
     _print_table(result)
     if thresholds:
       out_dir = f.out_dir or f.samples
       png = os.path.join(out_dir, "threshold_tradeoff.png")
-      rows = threshold_tradeoff(f.samples, f.classifier, thresholds, png, f.max_real)
+      rows = threshold_tradeoff(
+        f.samples, f.classifier, thresholds, png, f.max_real, features=f.features
+      )
       _write_json(os.path.join(out_dir, "threshold_tradeoff.json"), rows)
       _print_rows(rows)
       print(f"plot: {png}", file=sys.stderr)
@@ -145,22 +157,20 @@ def _run(f: Any) -> None:
   if f.thresholds:
     raise errors.UserError("--thresholds needs --samples DIR (samples drawn without --classifier)")
   if f.temperatures:
-    if not f.workdir or not f.classifier:
-      raise errors.UserError(
-        "--temperatures needs the priors (--workdir TOP --workdir BOTTOM ...) and --classifier"
-      )
+    if not f.workdir:
+      raise errors.UserError("--temperatures needs the priors (--workdir TOP --workdir BOTTOM ...)")
     temperatures = check_temperatures(_parse_floats(f.temperatures, "temperatures"))
     out_dir = f.out_dir or os.path.join(f.workdir[0], "plots")
     png = os.path.join(out_dir, "temperature_tradeoff.png")
     rows = temperature_tradeoff(
-      f.workdir, f.classifier, temperatures, f.num, png, f.seed, f.stage1, f.max_real
+      f.workdir, f.features, temperatures, f.num, png, f.seed, f.stage1, f.max_real
     )
     _write_json(os.path.join(out_dir, "temperature_tradeoff.json"), rows)
     _print_rows(rows)
     print(f"plot: {png}", file=sys.stderr)
     return
   if not f.workdir:
-    raise errors.UserError("give --workdir RUN, or --samples DIR --classifier RUN")
+    raise errors.UserError("give --workdir RUN, or --samples DIR [--features RUN]")
   if len(f.workdir) > 1:
     raise errors.UserError("give one --workdir (several only with --temperatures)")
   workdir = f.workdir[0]

@@ -249,3 +249,23 @@ def synthetic_source(data_config: Any, split: str) -> SyntheticCodesSource:
   )
   source.n = len(slice_range(spec, source.n, split))
   return source
+
+
+def level_counts(codes_dir: str, split: str, level: int, num_codes: int) -> np.ndarray:
+  """How often each code occurs in one level's maps of a split of a code dataset.
+
+  Args:
+    codes_dir: the directory `extract_codes` wrote.
+    split: a split name with an optional slice.
+    level: the level (0 = top).
+    num_codes: the codebook size K.
+
+  Returns:
+    int64 [K] counts.
+  """
+  source = CodesSource(codes_dir, split)
+  counts = np.zeros(num_codes, np.int64)
+  for start in range(0, len(source), 1024):
+    for example in source.__getitems__(list(range(start, min(start + 1024, len(source))))):
+      counts += np.bincount(example[f"codes{level}"].ravel(), minlength=num_codes)[:num_codes]
+  return counts

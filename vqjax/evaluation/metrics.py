@@ -244,3 +244,26 @@ def bits_per_dim(nll_nats_total: float | jax.Array, num_dims: int | float) -> ja
     float32 nll / (num_dims * ln 2).
   """
   return jnp.asarray(nll_nats_total, jnp.float32) / (float(num_dims) * float(np.log(2.0)))
+
+
+def unigram_bits_per_code(
+  train_counts: np.ndarray, test_counts: np.ndarray, smoothing: float = 1.0
+) -> float:
+  """Held-out bits per code of the unigram baseline: every position drawn independently from
+  the training split's code frequencies (add-`smoothing` counts, so an unseen code costs a
+  finite number of bits). A prior that does not beat it has learnt nothing about context.
+
+  Args:
+    train_counts: [K] how often each code occurs in the training code maps.
+    test_counts: [K] how often each occurs in the held-out code maps.
+    smoothing: pseudo-count added to every code (Laplace's rule for 1).
+
+  Returns:
+    The cross-entropy -sum_k test_k log2 p_k / sum_k test_k, in bits, float64.
+  """
+  train = np.asarray(train_counts, np.float64) + smoothing
+  test = np.asarray(test_counts, np.float64)
+  if train.shape != test.shape or train.ndim != 1 or test.sum() <= 0:
+    raise ValueError(f"need [K] counts with held-out codes, got {train.shape} and {test.shape}")
+  log_p = np.log2(train) - np.log2(train.sum())
+  return float(-(test * log_p).sum() / test.sum())

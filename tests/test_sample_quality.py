@@ -1,0 +1,108 @@
+"""Sample-quality references (vqjax/evaluation/samples.py), the unigram baseline
+(evaluation/metrics.py) and the cached evaluation network (evaluation/feature_network.py),
+against hand-derived values and NumPy."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from vqjax import configs, errors
+from vqjax.evaluation import feature_network, frechet, metrics, samples
+
+
+def test_blur_averages_each_2x2_block():
+  x = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1) / 32.0 - 1.0
+  out = samples.blur(x)
+  assert out.shape == x.shape and out.dtype == np.float32
+  # Hand-derived: the top-left block of image 0 holds x[0,0:2,0:2] = {0, 1, 4, 5} / 32 - 1.
+  expected = (0 + 1 + 4 + 5) / 4 / 32.0 - 1.0
+  assert np.allclose(out[0, :2, :2, 0], expected)
+  for i in range(2):
+    for r in range(0, 4, 2):
+      for c in range(0, 4, 2):
+        assert np.allclose(out[i, r : r + 2, c : c + 2, 0], x[i, r : r + 2, c : c + 2, 0].mean())
+  # uint8 images are scaled to [-1, 1] first; a flat image stays flat.
+  flat = np.full((1, 2, 2, 1), 255, np.uint8)
+  assert np.allclose(samples.blur(flat), 1.0)
+  with pytest.raises(ValueError, match="even"):
+    samples.blur(np.zeros((1, 3, 4, 1), np.float32))
+
+
+def test_unigram_bits_match_a_hand_computation():
+  # Add-one counts [4, 2, 1] / 7; each test code once.
+  bits = metrics.unigram_bits_per_code([3, 1, 0], [1, 1, 1])
+  expected = -(math.log2(4 / 7) + math.log2(2 / 7) + math.log2(1 / 7)) / 3
+  assert bits == pytest.approx(expected, rel=1e-12)
+  # Codes that match the training frequencies cost their entropy; uniform codes log2(K).
+  assert metrics.unigram_bits_per_code([10**6] * 8, [5] * 8) == pytest.approx(3.0, abs=1e-5)
+  with pytest.raises(ValueError):
+    metrics.unigram_bits_per_code([1, 2], [0, 0])
+
+
+def test_too_few_samples_give_nan_with_a_note():
+  rng = np.random.default_rng(0)
+  real = rng.normal(size=(300, 5))
+  gen = rng.normal(size=(16, 5))
+  probs = np.full((16, 10), 0.1)
+  out = samples._quality(real, gen, probs)
+  assert math.isnan(out["precision"]) and math.isnan(out["inception_score"])
+  assert "16 samples" in out["note"] and "100" in out["note"]
+  fd = frechet.frechet_distance_from_features(real, gen)
+  assert out["frechet_distance"] == pytest.approx(fd)
+  # The judge's class shares are counted whatever the size: all argmax ties go to class 0.
+  assert out["class_shares"][0] == 1.0 and out["class_share_min"] == 0.0
+  big = samples._quality(real, rng.normal(size=(120, 5)))
+  assert np.isfinite(big["precision"]) and "note" not in big
+
+
+def test_references_stand_where_they_should(monkeypatch):
+  """Real held-out features near the real set score a smaller FD than shifted ("blurred")
+  ones, and the rows carry both names."""
+  rng = np.random.default_rng(1)
+  refs = samples.References.__new__(samples.References)
+  refs.count = 200
+  refs.real = rng.normal(size=(200, 4))
+  refs.blurred = rng.normal(size=(200, 4)) + 1.5
+  real_f = rng.normal(size=(500, 4))
+  rows = refs.rows(real_f, 150)
+  assert rows["reference_count"] == 150
+  assert rows["real_images/frechet_distance"] < rows["blurred_images/frechet_distance"]
+  expected = frechet.frechet_distance_from_features(real_f, refs.blurred[:150])
+  assert rows["blurred_images/frechet_distance"] == pytest.approx(expected)
+  ratio = samples._with_ratio({"frechet_distance": 2.0, **rows})["fd_ratio_to_blurred"]
+  assert ratio == pytest.approx(2.0 / expected)
+
+
+def test_no_cached_network_is_one_line(tmp_path, monkeypatch):
+  monkeypatch.setenv("VQJAX_CACHE", str(tmp_path))
+  data = configs.load_experiment("fashion_mnist:smoke").data
+  with pytest.raises(errors.UserError, match="python -m vqjax.features --data fashion_mnist"):
+    samples.judge_for("", data)
+  data.name = "mnist"
+  with pytest.raises(errors.UserError, match="no evaluation network is defined"):
+    samples.judge_for("", data)
+
+
+def test_a_finished_network_is_read_not_trained(tmp_path, monkeypatch):
+  config = configs.load_experiment("features_fashion_mnist:smoke")
+  config.log.tensorboard = False
+  workdir = str(tmp_path / "net")
+  record = feature_network.ensure("fashion_mnist", workdir, config)
+  assert record["run"] == workdir and record["step"] == 1 and 0.0 <= record["accuracy"] <= 1.0
+  with open(os.path.join(workdir, "features.json")) as f:
+    assert json.load(f) == record
+  monkeypatch.setattr(
+    feature_network.trainer, "train_and_evaluate", lambda *a, **k: pytest.fail("trained")
+  )
+  assert feature_network.ensure("fashion_mnist", workdir, config) == record
+  described = feature_network.describe(workdir, 1)
+  assert described == {
+    "features_run": workdir,
+    "features_step": 1,
+    "features_test_accuracy": record["accuracy"],
+  }
+  # Another step than the record's: the accuracy is not claimed for it.
+  assert "features_test_accuracy" not in feature_network.describe(workdir, 7)
