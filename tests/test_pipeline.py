@@ -61,20 +61,25 @@ def test_pipeline_runs_every_stage(done):
     with open(os.path.join(workdir, name, "config.json")) as f:
       saved = json.load(f)
     assert saved["data"]["codes_dir"] == os.path.join(workdir, "codes")
-  # Grids of the configured size; the rejection grid keeps only confident samples.
+  # Grids of the configured size, the rejection grid full too, of confident samples only.
   grid = Image.open(os.path.join(workdir, "samples", "samples.png"))
   assert grid.size[0] > 32 * 2
   images = np.load(os.path.join(workdir, "samples", "images.npz"))["image"]
   assert images.shape == (config.sample.num, 32, 32, 1) and images.dtype == np.uint8
   rejection = report["samples_rejection"]["rejection"]
-  assert rejection["kept"] <= config.sample.num
-  assert 0.0 <= rejection["acceptance_rate"] <= 1.0
+  assert rejection["kept"] == config.sample.num <= rejection["accepted"]
+  assert rejection["acceptance_rate"] == rejection["accepted"] / rejection["generated"]
+  assert rejection["generated"] == rejection["batches"] * config.sample.num
+  with np.load(os.path.join(workdir, "samples_rejection", "images.npz")) as saved:
+    assert saved["image"].shape == (config.sample.num, 32, 32, 1)
+    assert np.all(saved["score"] >= config.sample.threshold)
   # Sample quality of the unfiltered set; a higher threshold never keeps more samples.
   ev = report["evaluation"]
   assert ev["samples"]["num_samples"] == config.evaluate.num_samples
   assert np.isfinite(ev["samples"]["frechet_distance"]) and ev["samples"]["frechet_distance"] > 0
   rates = [row["acceptance_rate"] for row in ev["thresholds"]]
-  assert [row["threshold"] for row in ev["thresholds"]] == sorted(config.evaluate.thresholds)
+  thresholds = sorted({*config.evaluate.thresholds, config.sample.threshold})
+  assert [row["threshold"] for row in ev["thresholds"]] == thresholds
   assert all(1.0 >= a >= b >= 0.0 for a, b in zip(rates, rates[1:]))
   assert ev["samples_rejection"]["threshold"] == config.sample.threshold
   assert [row["temperature"] for row in ev["temperatures"]] == list(config.evaluate.temperatures)

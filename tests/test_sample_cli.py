@@ -62,7 +62,7 @@ def test_sample_cli_writes_grid_codes_and_settings(runs, tmp_path):
     for n in ("fashion_mnist_prior_top", "fashion_mnist_prior_bottom")
   ]
   assert settings["steps"] == {"stage1": None, "priors": trained}
-  assert settings["requested"] == 5 and settings["max_attempts"] is None
+  assert settings["requested"] == 5 and settings["min_acceptance"] is None
   # The grid shows the decoded codes: 3 x 3 cells of 32 px, the last 4 blank.
   images = model.apply(
     variables,
@@ -98,12 +98,19 @@ def test_sample_cli_errors(runs, tmp_path, monkeypatch):
       top_p=0.0,
       classifier=stage1,
       threshold=1.5,
-      max_attempts=0,
+      min_acceptance=0.0,
     )
   assert str(e.value) == (
     "--num 0: at least 1; --temperature -1.0: above 0; --top_k -2: 0 (off) or more; "
-    "--top_p 0.0: in (0, 1]; --threshold 1.5: in (0, 1]; --max_attempts 0: at least 1"
+    "--top_p 0.0: in (0, 1]; --threshold 1.5: in (0, 1]; --min_acceptance 0.0: in (0, 1]"
   )
+  # A minimum acceptance rate is a share of the samples generated: in (0, 1], NaN refused.
+  for bad in (-0.1, 1.5, float("nan"), float("inf")):
+    with pytest.raises(errors.UserError) as e:
+      sample.run(
+        priors, str(tmp_path / "x"), num=2, stage1=stage1, classifier=stage1, min_acceptance=bad
+      )
+    assert str(e.value) == f"--min_acceptance {bad}: in (0, 1]"
   monkeypatch.undo()
   with pytest.raises(errors.UserError, match="one prior per level"):
     sample.run(priors[:1], str(tmp_path / "x"), num=2, stage1=stage1)
@@ -162,20 +169,20 @@ def _random_samples(directory, stage1: str, shape=(10, 32, 32, 1), labelled=True
   return str(directory), images, labels
 
 
-def test_rejection_sampling_keeps_the_scores(runs, judge, tmp_path):
+def test_rejection_sampling_fills_the_grid_and_keeps_the_scores(runs, judge, tmp_path):
   stage1, priors, model, variables = runs
   clf, features_and_probs, _, _ = judge
   out = str(tmp_path / "r")
-  # Two batches of 5 (the batch the first test compiled): 3 of the 10 pass, 3 slots filled.
-  with pytest.warns(UserWarning, match="kept 3 of 5"):
-    settings = sample.run(
-      priors, out, num=5, seed=1, stage1=stage1, classifier=clf, threshold=0.1, max_attempts=2
-    )
+  # The classifier after one step gives every class (labels 0-4 here) more than 0.05.
+  settings = sample.run(
+    priors, out, num=5, seed=1, stage1=stage1, classifier=clf, threshold=0.05, min_acceptance=0.5
+  )
   saved = np.load(os.path.join(out, "images.npz"))
   codes = np.load(os.path.join(out, "codes.npz"))
-  kept = len(saved["image"])
-  assert kept == settings["num"] == settings["rejection"]["kept"] == 3
-  assert settings["requested"] == 5 and settings["max_attempts"] == 2
+  rejection = settings["rejection"]
+  assert len(saved["image"]) == settings["num"] == settings["requested"] == rejection["kept"] == 5
+  np.testing.assert_array_equal(saved["label"], np.arange(5))  # each slot holds its class
+  assert settings["min_acceptance"] == 0.5 and rejection["max_batches"] == 2  # 10 samples
   trained = configs.load_experiment("classifier_fashion_mnist:smoke").train.steps
   assert settings["steps"]["classifier"] == trained
   # Each kept score is the classifier's probability of the sample's label, computed here from
@@ -186,12 +193,35 @@ def test_rejection_sampling_keeps_the_scores(runs, judge, tmp_path):
     method="decode_from_indices",
   )
   probs = features_and_probs(np.clip(np.asarray(images), -1, 1))[1]
-  expected = probs[np.arange(kept), saved["label"]]
+  expected = probs[np.arange(5), saved["label"]]
   np.testing.assert_allclose(saved["score"], expected, rtol=1e-4, atol=1e-6)
-  assert np.all(saved["score"] >= 0.1)
+  assert np.all(saved["score"] >= 0.05)
+  # One acceptance rate: the share of every generated sample (batches of 5) that passed.
   everything = saved["generated_score"]
-  assert len(everything) == settings["rejection"]["generated"]
-  assert settings["rejection"]["acceptance_rate"] == pytest.approx(np.mean(everything >= 0.1))
+  assert len(everything) == rejection["generated"] == 5 * rejection["batches"]
+  assert rejection["accepted"] == np.sum(everything >= 0.05)
+  assert rejection["acceptance_rate"] == pytest.approx(np.mean(everything >= 0.05))
+  with open(os.path.join(out, "settings.json")) as f:
+    assert json.load(f)["rejection"] == rejection
+
+
+def test_a_spent_rejection_budget_is_one_line_and_writes_nothing(runs, judge, tmp_path):
+  stage1, priors, _, _ = runs
+  clf = judge[0]
+  out = str(tmp_path / "r")
+  # At threshold 0.1 the one-step classifier accepts labels 0, 2 and 4, never 1 or 3: the first
+  # batch of 5 fills 3 slots, the second (ceil(5 / 0.5) = 10 samples) asks for 1 and 3 in vain.
+  with pytest.raises(SystemExit) as caught, errors.one_line("vqjax.sample"):
+    sample.run(
+      priors, out, num=5, seed=1, stage1=stage1, classifier=clf, threshold=0.1, min_acceptance=0.5
+    )
+  assert str(caught.value.code) == (
+    "vqjax.sample: RejectionBudgetError: rejection sampling kept 3 of 5 wanted samples: 3 of 10 "
+    "generated passed threshold 0.1 (acceptance rate 0.3), and the minimum acceptance rate 0.5 "
+    "allows at most 10 generated (2 batches of 5); the empty slots want label(s) 1, 3; lower "
+    "--threshold or --min_acceptance"
+  )
+  assert not os.path.exists(out)  # no partial grid
 
 
 def _inception_score(probs: np.ndarray, splits: int) -> float:
@@ -386,3 +416,22 @@ def test_sample_cli_prints_one_line_for_a_run_of_the_wrong_kind(runs, tmp_path):
     f"vqjax.sample: UserError: --classifier: {priors[0]} is not a classifier run "
     "(its task is 'prior')"
   )
+
+
+def test_sample_cli_prints_one_line_for_a_bad_min_acceptance(tmp_path):
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+  )
+  # Refused before any run is read: the paths need not exist.
+  args = ["--workdir=top", "--workdir=bottom", "--classifier=clf", "--min_acceptance=nan"]
+  result = subprocess.run(
+    [sys.executable, "-m", "vqjax.sample", *args, f"--out={tmp_path / 'x'}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip() == "vqjax.sample: UserError: --min_acceptance nan: in (0, 1]"
+  assert not os.path.exists(tmp_path / "x")

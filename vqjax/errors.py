@@ -48,6 +48,16 @@ class CheckpointError(UserError):
   """A checkpoint cannot be used: damaged, or written by another model or config."""
 
 
+class RejectionBudgetError(UserError):
+  """Rejection sampling spent its budget (a minimum acceptance rate) before every wanted sample
+  passed the classifier; the message says how far it got and which setting to change. `info`
+  holds the counts (`rejection_sample`'s info: acceptance_rate, generated, accepted, kept, ...)."""
+
+  def __init__(self, message: str, info: dict | None = None):
+    super().__init__(message)
+    self.info = info or {}
+
+
 class DivergenceError(UserError, FloatingPointError):
   """Training produced a non-finite or exploded loss; the message names the last good step."""
 

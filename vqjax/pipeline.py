@@ -177,19 +177,19 @@ class Pipeline:
       top_p=s.top_p,
       classifier=classifier,
       threshold=s.threshold,
-      max_attempts=s.max_attempts,
+      min_acceptance=s.min_acceptance,
     )
     kwargs.update(overrides)
     out = self.path(name)
     wanted = {k: kwargs[k] for k in ("seed", "temperature", "top_k", "top_p")}
     # Drawn from the same checkpoints: a prior (or the classifier) trained on since makes them
-    # stale, as does another count or attempt budget.
+    # stale, as does another count or rejection budget (minimum acceptance rate).
     wanted.update(requested=num, steps=self._latest_steps(classifier))
     if classifier:
       wanted.update(
         classifier=os.path.abspath(classifier),
         threshold=kwargs["threshold"],
-        max_attempts=kwargs["max_attempts"],
+        min_acceptance=kwargs["min_acceptance"],
       )
     if _same_samples(out, wanted):
       logging.info("pipeline: %s already drawn with these settings", out)

@@ -2,7 +2,7 @@
 
   python -m vqjax.sample --workdir PRIOR_TOP --workdir PRIOR_BOTTOM --num 64 --out DIR \
       [--stage1 STAGE1_WORKDIR] [--label 3] [--temperature 1.0 --top_k 0 --top_p 1.0] [--seed 0]
-      [--classifier CLASSIFIER_RUN --threshold 0.9 --max_attempts 10]
+      [--classifier CLASSIFIER_RUN --threshold 0.9 --min_acceptance 0.05]
 
 The stage-1 run defaults to the one the priors' code dataset was extracted from. Writes
 DIR/samples.png (a grid), DIR/codes.npz (the code maps, coarsest first, and the labels),
@@ -11,9 +11,16 @@ are class-conditional, so `python -m vqjax.evaluate --samples DIR` needs no deco
 DIR/settings.json (everything needed to draw the same samples again). With --classifier,
 classifier-based rejection sampling (Razavi et al. 2019) keeps only the samples the classifier
 gives at least --threshold probability of their label (of its top class for unconditional
-priors), generating batches of --num until --num are kept or --max_attempts batches are spent;
-the acceptance rate goes into settings.json, each kept sample's score into images.npz
-("score") and the score of every generated sample, kept or not, too ("generated_score").
+priors), generating batches of --num until --num are kept: the grid is always full. The budget
+is --min_acceptance, the least acceptance rate worth waiting for: at most
+ceil(num / min_acceptance) samples are generated (in whole batches of --num), and when they
+are spent before --num pass, the command stops with one line (RejectionBudgetError: how many
+were kept, the acceptance rate reached, what to lower) and writes nothing. settings.json's
+"rejection" holds "acceptance_rate", the share of all generated samples that passed the
+threshold (accepted / generated, passing samples beyond what the grid needed included), with
+"generated", "accepted", "kept", "batches" and "max_batches" (the budget); images.npz holds each
+kept sample's score ("score") and the score of every generated sample, kept or not, too
+("generated_score").
 """
 
 import json
@@ -45,7 +52,12 @@ def define_flags() -> None:
   flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the codes of this much mass (1 = all).")
   flags.DEFINE_string("classifier", "", "A classifier run for rejection sampling.")
   flags.DEFINE_float("threshold", 0.9, "Rejection: the least probability kept.")
-  flags.DEFINE_integer("max_attempts", 10, "Rejection: the most batches drawn.")
+  flags.DEFINE_float(
+    "min_acceptance",
+    0.05,
+    "Rejection: the budget, as the least acceptance rate in (0, 1] worth waiting for: at most "
+    "ceil(num / min_acceptance) samples are generated, else an error (no partial grid).",
+  )
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
@@ -72,7 +84,7 @@ def run(
   top_p: float = 1.0,
   classifier: str = "",
   threshold: float = 0.9,
-  max_attempts: int = 10,
+  min_acceptance: float = 0.05,
 ) -> dict:
   """Samples `num` images (see the module docstring); returns the settings written."""
   import jax
@@ -83,7 +95,14 @@ def run(
 
   if not priors:
     raise errors.UserError("give the priors' workdirs: --workdir TOP --workdir BOTTOM ...")
-  _check_settings(num, temperature, top_k, top_p, threshold if classifier else None, max_attempts)
+  _check_settings(
+    num,
+    temperature,
+    top_k,
+    top_p,
+    threshold if classifier else None,
+    min_acceptance if classifier else None,
+  )
   # Each run's kind from its config alone, before any weights are read or samples drawn.
   for prior in priors:
     hierarchy.check_run(prior, "prior", "--workdir")
@@ -104,7 +123,7 @@ def run(
   rejection, scores, steps = None, {}, dict(gen.steps)
   if classifier:
     images, maps, rejection, labels, scores, steps["classifier"] = _rejection(
-      gen, classifier, num, seed, labels, threshold, max_attempts, settings
+      gen, classifier, num, seed, labels, threshold, min_acceptance, settings
     )
   else:
     images, maps = gen.generate(num, jax.random.key(seed), labels, **settings)
@@ -117,17 +136,12 @@ def run(
   settings_path = os.path.join(out, "settings.json")
   if os.path.exists(settings_path):
     os.remove(settings_path)
-  if num:
-    per_row = int(np.ceil(np.sqrt(num)))
-    rows = [images[i : i + per_row] for i in range(0, num, per_row)]
-    if len(rows[-1]) < per_row:
-      blank = np.ones((per_row - len(rows[-1]),) + images.shape[1:], np.float32)
-      rows[-1] = np.concatenate([rows[-1], blank])
-    logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
-  else:
-    logging.warning("no sample was kept: no samples.png written")
-    if os.path.exists(os.path.join(out, "samples.png")):  # an earlier run's, not these
-      os.remove(os.path.join(out, "samples.png"))
+  per_row = int(np.ceil(np.sqrt(num)))
+  rows = [images[i : i + per_row] for i in range(0, num, per_row)]
+  if len(rows[-1]) < per_row:
+    blank = np.ones((per_row - len(rows[-1]),) + images.shape[1:], np.float32)
+    rows[-1] = np.concatenate([rows[-1], blank])
+  logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
   arrays = {f"codes{i}": np.asarray(m) for i, m in enumerate(maps)}
   labelled = {} if labels is None else {"label": np.asarray(labels, np.int32)}
   np.savez(os.path.join(out, "codes.npz"), **arrays, **labelled)
@@ -147,7 +161,7 @@ def run(
     "device": jax.devices()[0].device_kind,
     "classifier": os.path.abspath(classifier) if classifier else None,
     "threshold": threshold if classifier else None,
-    "max_attempts": max_attempts if classifier else None,
+    "min_acceptance": min_acceptance if classifier else None,
     "rejection": rejection,
     "steps": steps,
   }
@@ -157,9 +171,10 @@ def run(
   return settings
 
 
-def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, settings):
+def _rejection(gen, classifier, num, seed, labels, threshold, min_acceptance, settings):
   """Rejection sampling with a classifier run; returns (images, code maps, summary, labels of
-  the kept samples, {"score": kept samples' scores, "generated_score": every score})."""
+  the kept samples, {"score": kept samples' scores, "generated_score": every score}). Raises
+  errors.RejectionBudgetError (one line) when the budget is spent before `num` pass."""
   import jax
   import numpy as np
 
@@ -182,31 +197,33 @@ def _rejection(gen, classifier, num, seed, labels, threshold, max_attempts, sett
     num,
     jax.random.key(seed),
     threshold=threshold,
-    max_attempts=max_attempts,
+    min_acceptance=min_acceptance,
     labels=labels,
   )
   # The code maps of the kept samples: find each kept image among the generated batches.
   # info["scores"] follows the generated samples in order, as the pool does.
-  maps, kept_scores = None, np.zeros((0,), np.float64)
-  if len(samples):
-    pool = np.concatenate([b[0] for b in drawn])
-    pool_maps = [np.concatenate([b[1][i] for b in drawn]) for i in range(len(drawn[0][1]))]
-    index = [int(np.argmin(np.abs(pool - s).reshape(len(pool), -1).sum(1))) for s in samples]
-    maps = [m[index] for m in pool_maps]
-    kept_scores = np.asarray(info["scores"], np.float64)[index]
-  summary = {k: info[k] for k in ("acceptance_rate", "attempts", "generated", "accepted", "kept")}
+  pool = np.concatenate([b[0] for b in drawn])
+  pool_maps = [np.concatenate([b[1][i] for b in drawn]) for i in range(len(drawn[0][1]))]
+  index = [int(np.argmin(np.abs(pool - s).reshape(len(pool), -1).sum(1))) for s in samples]
+  maps = [m[index] for m in pool_maps]
+  kept_scores = np.asarray(info["scores"], np.float64)[index]
+  keys = ("acceptance_rate", "generated", "accepted", "kept", "batches", "max_batches")
+  summary = {k: info[k] for k in keys}
   logging.info(
-    "rejection sampling: kept %d of %d generated (acceptance %.3f)",
+    "rejection sampling: kept %d; %d of %d generated passed (acceptance rate %.3f, %d batches)",
     info["kept"],
+    info["accepted"],
     info["generated"],
     info["acceptance_rate"],
+    info["batches"],
   )
   scores = {"score": kept_scores, "generated_score": np.asarray(info["scores"], np.float64)}
-  return samples, maps or [], summary, info["labels"], scores, clf_step
+  return samples, maps, summary, info["labels"], scores, clf_step
 
 
-def _check_settings(num, temperature, top_k, top_p, threshold, max_attempts) -> None:
-  """One-line errors for settings no sampler can use, before any run is read."""
+def _check_settings(num, temperature, top_k, top_p, threshold, min_acceptance) -> None:
+  """One-line errors for settings no sampler can use, before any run is read (threshold and
+  min_acceptance are None without a classifier)."""
   problems = []
   if num < 1:
     problems.append(f"--num {num}: at least 1")
@@ -218,8 +235,8 @@ def _check_settings(num, temperature, top_k, top_p, threshold, max_attempts) -> 
     problems.append(f"--top_p {top_p}: in (0, 1]")
   if threshold is not None and not 0 < threshold <= 1:
     problems.append(f"--threshold {threshold}: in (0, 1]")
-  if max_attempts < 1:
-    problems.append(f"--max_attempts {max_attempts}: at least 1")
+  if min_acceptance is not None and not 0 < min_acceptance <= 1:  # NaN too
+    problems.append(f"--min_acceptance {min_acceptance}: in (0, 1]")
   if problems:
     raise errors.UserError("; ".join(problems))
 
@@ -245,13 +262,10 @@ def main(argv):
       flags.FLAGS.top_p,
       flags.FLAGS.classifier,
       flags.FLAGS.threshold,
-      flags.FLAGS.max_attempts,
+      flags.FLAGS.min_acceptance,
     )
   out = flags.FLAGS.out
-  if settings["num"]:
-    print(f"wrote {settings['num']} samples to {out} (samples.png, images.npz)", file=sys.stderr)
-  else:
-    print(f"no sample kept: {out} holds the empty images.npz and settings.json", file=sys.stderr)
+  print(f"wrote {settings['num']} samples to {out} (samples.png, images.npz)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.top_k = 0
   c.sample.top_p = 1.0
   c.sample.threshold = 0.8  # classifier rejection: the least probability of the label kept
-  c.sample.max_attempts = 20  # batches of `num` drawn at most to keep `num` images
+  # The rejection budget: at most ceil(num / min_acceptance) samples (here 20 batches of `num`)
+  # are generated to fill the grid; below this acceptance rate the stage stops with an error.
+  c.sample.min_acceptance = 0.05
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_samples = 500  # unfiltered samples the quality numbers are computed on
@@ -49,7 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluate.thresholds = [0.5, 0.7, 0.8, 0.9]  # the rejection trade-off
 
   if arg == "smoke":
-    c.sample.update(num=8, max_attempts=2, threshold=0.1)  # untrained: keep some samples
+    # Untrained, the classifier gives every class about 0.1 (some always less), and every slot
+    # of the grid must pass: a threshold each class reaches, 2 batches of 8 at most.
+    c.sample.update(num=8, min_acceptance=0.5, threshold=0.01)
     c.evaluate.update(
       num_samples=16,
       max_real=16,
