@@ -98,7 +98,7 @@ def _flags(**kw):
   """The flag values `evaluate._run` reads, with the command line's defaults."""
   values = dict(
     workdir=[], out="", max_batches=0, plots=False, out_dir="", samples="", classifier="",
-    thresholds="", temperatures="", num=256, stage1="", seed=0, max_real=10000,
+    features="", thresholds="", temperatures="", num=256, stage1="", seed=0, max_real=10000,
   )  # fmt: skip
   return types.SimpleNamespace(**{**values, **kw})
 
@@ -119,17 +119,17 @@ def test_bad_command_lines_are_one_line_errors(stage1, tmp_path):
   bad_threshold = _one_line(samples=str(samples), classifier="c", thresholds="0.5,1")
   assert "threshold 1 is not in (0, 1)" in bad_threshold
   assert "'x' is not a number" in _one_line(samples=str(samples), classifier="c", thresholds="x")
-  assert "no images.npz in" in _one_line(samples=str(samples), classifier="c")
-  assert "--samples needs --classifier" in _one_line(samples=str(samples))
+  assert "no images.npz in" in _one_line(samples=str(samples), features="c")
+  assert "--thresholds needs --classifier" in _one_line(samples=str(samples), thresholds="0.5")
   assert "--thresholds needs --samples" in _one_line(workdir=[path], thresholds="0.5")
   assert "must be > 0" in _one_line(workdir=[path], classifier="c", temperatures="1,-0.5")
-  assert "--temperatures needs the priors" in _one_line(workdir=[path], temperatures="1")
+  assert "--temperatures needs the priors" in _one_line(temperatures="1")
   assert "give one --workdir" in _one_line(workdir=[path, path])
   assert "give --workdir RUN" in _one_line()
   # A stage-1 run is no classifier: caught when the samples are judged.
   np.savez(samples / "images.npz", image=np.zeros((5, 32, 32, 1), np.uint8))
   (samples / "settings.json").write_text(json.dumps({"stage1": path}))
-  assert "is not a classifier run" in _one_line(samples=str(samples), classifier=path)
+  assert "is not a classifier run" in _one_line(samples=str(samples), features=path)
 
 
 def test_mode_mismatches_are_named_before_any_evaluation(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ def _snapshot(workdir: str) -> dict[str, float]:
 def done(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pipeline") / "q")
   config = _load()
-  for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
+  for name in ("stage1", "prior_top", "prior_bottom", "classifier", "features"):
     config[name].log.tensorboard = False
   report = pipeline.Pipeline(config, workdir).run()
   return config, workdir, report
@@ -81,15 +81,31 @@ def test_pipeline_runs_every_stage(done):
   thresholds = sorted({*config.evaluate.thresholds, config.sample.threshold})
   assert [row["threshold"] for row in ev["thresholds"]] == thresholds
   assert all(1.0 >= a >= b >= 0.0 for a, b in zip(rates, rates[1:]))
-  assert ev["samples_rejection"]["threshold"] == config.sample.threshold
+  # As many samples kept by rejection as unfiltered ones, judged by the evaluation network
+  # (trained inside the workdir here), beside held-out real and blurred images of that count.
+  assert ev["samples_rejection"]["num_samples"] == config.evaluate.num_samples
+  features = os.path.join(workdir, "features")
+  assert report["features"]["run"] == features and report["features"]["step"] == 1
+  for name in ("samples", "samples_rejection"):
+    assert ev[name]["features_run"] == features and ev[name]["features_step"] == 1
+    for ref in ("real_images", "blurred_images"):
+      assert np.isfinite(ev[name][f"{ref}/frechet_distance"])
+    assert ev[name]["reference_count"] == config.evaluate.num_samples
+  # The unigram baseline of each prior's level, from the extracted codes.
+  for name in ("prior_top", "prior_bottom"):
+    assert 0 < report[name]["unigram_bits_per_code"] <= report[name]["uniform_bits_per_code"] + 1
   assert [row["temperature"] for row in ev["temperatures"]] == list(config.evaluate.temperatures)
   for path in ev["plots"].values():
     with Image.open(path) as im:
       assert im.size[0] > 50 and im.size[1] > 50
   with open(os.path.join(workdir, "report.json")) as f:
-    assert json.load(f)["evaluation"]["samples"] == pytest.approx(ev["samples"], nan_ok=True)
+    saved = json.load(f)["evaluation"]["samples"]
+  assert saved.pop("class_shares") == ev["samples"]["class_shares"]
+  numbers = {k: v for k, v in ev["samples"].items() if k != "class_shares"}
+  assert saved == pytest.approx(numbers, nan_ok=True)
   table = open(os.path.join(workdir, "report.md")).read()
   assert "frechet_distance" in table and "| total |" in table
+  assert "held-out real images" in table and "blurred" in table and "unigram" in table
 
 
 def test_a_second_run_trains_and_draws_nothing_again(done):

@@ -238,9 +238,20 @@ def test_evaluate_samples_matches_a_direct_computation(runs, judge, tmp_path):
   stage1 = runs[0]
   clf, features_and_probs, real_f, real_labels = judge
   directory, images, labels = _random_samples(tmp_path / "s", stage1, shape=(20, 32, 32, 1))
-  result = evaluate.evaluate_samples(directory, clf)
+  # Precision / recall, IS and CAS on 20 samples (the default asks for 100).
+  result = evaluate.evaluate_samples(directory, clf, min_samples=4)
   gen_f, gen_p = features_and_probs(_to_float(images))
   assert result["num_samples"] == 20 and result["num_real"] == 16
+  # The judge is named, and held-out real and blurred images of the same count stand beside.
+  assert result["features_run"] == os.path.abspath(clf) and result["features_step"] is not None
+  assert result["reference_count"] == 20
+  assert result["fd_ratio_to_blurred"] == pytest.approx(
+    result["frechet_distance"] / result["blurred_images/frechet_distance"]
+  )
+  # At the default minimum, 20 samples are too few for precision / recall: NaN and a note.
+  default = evaluate.evaluate_samples(directory, clf)
+  assert math.isnan(default["precision"]) and "100" in default["note"]
+  assert default["frechet_distance"] == pytest.approx(result["frechet_distance"])
   fd = frechet.frechet_distance_from_features(real_f, gen_f)
   assert fd > 0 and math.isclose(result["frechet_distance"], fd, rel_tol=1e-4)
   assert result["precision"] == pytest.approx(np.mean(_in_manifold(real_f, gen_f)))
@@ -251,7 +262,7 @@ def test_evaluate_samples_matches_a_direct_computation(runs, judge, tmp_path):
   cas = frechet.classification_accuracy_score(gen_f, labels, real_f, real_labels, num_classes=10)
   assert result["classification_accuracy_score"] == pytest.approx(cas, abs=1e-9)
   # max_real caps the real set (the first images of the split).
-  capped = evaluate.evaluate_samples(directory, clf, max_real=8)
+  capped = evaluate.evaluate_samples(directory, clf, max_real=8, min_samples=4)
   assert capped["num_real"] == 8
   fd8 = frechet.frechet_distance_from_features(real_f[:8], gen_f)
   assert math.isclose(capped["frechet_distance"], fd8, rel_tol=1e-4)
@@ -266,7 +277,7 @@ def test_threshold_tradeoff_acceptance_and_kept_statistics(runs, judge, tmp_path
   # Midpoints between sorted scores keep 9, 3 and 1 samples (no score sits on a threshold).
   thresholds = [(s[0] + s[1]) / 2, (s[6] + s[7]) / 2, (s[8] + s[9]) / 2]
   png = str(tmp_path / "t.png")
-  rows = evaluate.threshold_tradeoff(directory, clf, thresholds, png)
+  rows = evaluate.threshold_tradeoff(directory, clf, thresholds, png, features=clf, min_samples=4)
   assert [r["kept"] for r in rows] == [9, 3, 1]
   for row, t in zip(rows, thresholds, strict=True):
     assert row["acceptance_rate"] == pytest.approx(np.mean(scores >= t))
@@ -285,7 +296,7 @@ def test_threshold_tradeoff_acceptance_and_kept_statistics(runs, judge, tmp_path
   plain, _, _ = _random_samples(tmp_path / "u", runs[0], labelled=False)
   top = gen_p.max(axis=1)
   t = float(np.median(top))
-  (row,) = evaluate.threshold_tradeoff(plain, clf, [t], str(tmp_path / "u.png"))
+  (row,) = evaluate.threshold_tradeoff(plain, clf, [t], str(tmp_path / "u.png"), features=clf)
   assert row["acceptance_rate"] == pytest.approx(np.mean(top >= t))
 
 
@@ -296,7 +307,9 @@ def test_temperature_tradeoff_draws_what_the_generator_draws(runs, judge, tmp_pa
   stage1, priors, _, _ = runs
   clf, features_and_probs, real_f, _ = judge
   png = str(tmp_path / "temp.png")
-  rows = evaluate.temperature_tradeoff(priors, clf, [0.5, 1.0], 5, png, seed=2, stage1=stage1)
+  rows = evaluate.temperature_tradeoff(
+    priors, clf, [0.5, 1.0], 5, png, seed=2, stage1=stage1, min_samples=4
+  )
   assert [r["temperature"] for r in rows] == [0.5, 1.0]
   assert all(r["num_samples"] == 5 for r in rows)
   # The samples at temperature 1 are those of Generator.generate with the same seed and the
@@ -325,7 +338,7 @@ def test_sample_quality_errors(runs, judge, tmp_path):
   with open(os.path.join(filtered, "settings.json"), "w") as f:
     json.dump({"stage1": stage1, "classifier": clf, "threshold": 0.9}, f)
   with pytest.raises(errors.UserError, match="already filtered by rejection sampling"):
-    evaluate.threshold_tradeoff(filtered, clf, [0.5], str(tmp_path / "x.png"))
+    evaluate.threshold_tradeoff(filtered, clf, [0.5], str(tmp_path / "x.png"), features=clf)
   with pytest.raises(errors.UserError, match="num must be > 3"):
     evaluate.temperature_tradeoff(priors, clf, [1.0], 3, str(tmp_path / "y.png"), stage1=stage1)
 

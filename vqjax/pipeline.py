@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -41,7 +42,16 @@ DEFAULT_CONFIG = os.path.join(
   "pipelines",
   "fashion_mnist.py",
 )
-STAGES = ("stage1", "codes", "prior_top", "prior_bottom", "classifier", "samples", "evaluate")
+STAGES = (
+  "stage1",
+  "codes",
+  "prior_top",
+  "prior_bottom",
+  "classifier",
+  "features",
+  "samples",
+  "evaluate",
+)
 
 
 def define_flags() -> None:
@@ -138,6 +148,7 @@ class Pipeline:
     self.config = config
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.report: dict[str, Any] = {"stages": {}}
+    self.features = ""  # the evaluation network's run, once the features stage has run
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -218,17 +229,32 @@ class Pipeline:
       steps["classifier"] = latest(classifier)
     return steps
 
+  def _features(self) -> dict[str, Any]:
+    """The evaluation network (cached across pipelines unless the config names a directory)."""
+    from vqjax.evaluation import feature_network
+
+    c = self.config
+    workdir = c.evaluate.features_dir
+    if workdir and not os.path.isabs(workdir):
+      workdir = self.path(workdir)
+    record = feature_network.ensure(c.stage1.data.name, workdir, c.features)
+    self.features = record["run"]
+    return record
+
   def _evaluate(self) -> dict[str, Any]:
     from vqjax import evaluate
 
     e, s = self.config.evaluate, self.config.sample
-    classifier = self.path("classifier")
+    classifier, features = self.path("classifier"), self.features
     plots = self.path("plots")
     os.makedirs(plots, exist_ok=True)
     out: dict[str, Any] = {"stage1": evaluate.evaluate(self.path("stage1"))}
     out["plots"] = evaluate.stage1_plots(self.path("stage1"), plots)
     out["samples"] = evaluate.evaluate_samples(
-      self.path("samples_eval"), classifier, max_real=e.max_real
+      self.path("samples_eval"), features, max_real=e.max_real
+    )
+    out["samples_rejection"] = evaluate.evaluate_samples(
+      self.path("samples_rejection_eval"), features, max_real=e.max_real
     )
     thresholds = sorted(set(list(e.thresholds) + [s.threshold]))
     out["thresholds"] = evaluate.threshold_tradeoff(
@@ -237,14 +263,12 @@ class Pipeline:
       thresholds,
       os.path.join(plots, "threshold_tradeoff.png"),
       max_real=e.max_real,
+      features=features,
     )
     out["plots"]["threshold_tradeoff"] = os.path.join(plots, "threshold_tradeoff.png")
-    out["samples_rejection"] = next(
-      (row for row in out["thresholds"] if row.get("threshold") == s.threshold), {}
-    )
     out["temperatures"] = evaluate.temperature_tradeoff(
       [self.path("prior_top"), self.path("prior_bottom")],
-      classifier,
+      features,
       list(e.temperatures),
       e.temperature_samples,
       os.path.join(plots, "temperature_tradeoff.png"),
@@ -254,6 +278,19 @@ class Pipeline:
     )
     out["plots"]["temperature_tradeoff"] = os.path.join(plots, "temperature_tradeoff.png")
     return out
+
+  def _unigram(self, level: int) -> dict[str, float]:
+    """Held-out bits per code of the unigram baseline of one level, and of the uniform one."""
+    from vqjax.data import codes
+    from vqjax.evaluation import metrics
+
+    k = int(self.config.stage1.vq.num_codes)
+    train, test = (codes.level_counts(self.path("codes"), s, level, k) for s in ("train", "test"))
+    return {
+      "unigram_bits_per_code": metrics.unigram_bits_per_code(train, test),
+      "uniform_bits_per_code": float(np.log2(k)),
+      "codes_used": int((train > 0).sum()),
+    }
 
   def run(self) -> dict[str, Any]:
     """Runs every stage not yet complete; returns the report (also written to disk)."""
@@ -268,10 +305,12 @@ class Pipeline:
     r["stage1"] = self._stage("stage1", self._train, "stage1", c.stage1)
     self._stage("codes", extract_codes.extract, self.path("stage1"), self.path("codes"))
     num_codes = c.stage1.vq.num_codes
-    for name in ("prior_top", "prior_bottom"):
+    for level, name in enumerate(("prior_top", "prior_bottom")):
       config = prior_config(c[name], self.path("codes"), num_codes)
       r[name] = self._stage(name, self._train, name, config)
+      r[name].update(self._unigram(level))
     r["classifier"] = self._stage("classifier", self._train, "classifier", c.classifier)
+    r["features"] = self._stage("features", self._features)
     r["samples"] = self._stage("samples", self._sample, "samples", c.sample.num)
     r["samples_rejection"] = self._stage(
       "samples_rejection",
@@ -282,6 +321,14 @@ class Pipeline:
     )
     r["samples_eval"] = self._stage(
       "samples_eval", self._sample, "samples_eval", c.evaluate.num_samples
+    )
+    # As many kept samples as unfiltered ones, so the two sets compare at the same size.
+    r["samples_rejection_eval"] = self._stage(
+      "samples_rejection_eval",
+      self._sample,
+      "samples_rejection_eval",
+      c.evaluate.num_samples,
+      classifier=self.path("classifier"),
     )
     r["evaluation"] = self._stage("evaluate", self._evaluate)
     r["seconds"] = round(time.perf_counter() - t0, 1)
@@ -300,6 +347,37 @@ def _fmt(value: Any) -> str:
   return f"{value:.4g}" if isinstance(value, int | float) else str(value)
 
 
+# The sample-quality statistics of report.md, each with its held-out references.
+_QUALITY = ("frechet_distance", "precision", "recall")
+
+
+def _quality_rows(label: str, ev: dict[str, Any]) -> list[tuple[str, str, Any]]:
+  """One sample set's rows: each statistic, then the same of as many held-out real images and
+  of those images blurred, so a reader sees where the samples stand."""
+  n = ev.get("num_samples")
+  rows = []
+  for key in _QUALITY:
+    if key not in ev:
+      continue
+    rows.append((f"{label} ({n:.0f})" if n else label, key, ev[key]))
+    for ref in ("real_images", "blurred_images"):
+      if f"{ref}/{key}" in ev:
+        what = "held-out real images" if ref == "real_images" else "the same images blurred"
+        rows.append((f"  {what} ({ev.get('reference_count', n):.0f})", key, ev[f"{ref}/{key}"]))
+  for key in ("fd_ratio_to_blurred", "classification_accuracy_score", "inception_score"):
+    if key in ev:
+      rows.append((label, key, ev[key]))
+  if "class_share_min" in ev:
+    rows.append(
+      (
+        label,
+        "class shares (min / max)",
+        f"{ev['class_share_min']:.3f} / {ev['class_share_max']:.3f}",
+      )
+    )
+  return rows
+
+
 def summary(report: dict[str, Any]) -> str:
   """The report's headline numbers as a Markdown table."""
   ev = report.get("evaluation", {})
@@ -309,20 +387,38 @@ def summary(report: dict[str, Any]) -> str:
     if key in st1:
       rows.append(("stage 1", key, st1[key]))
   for name in ("prior_top", "prior_bottom"):
-    if "eval/bits_per_code" in report.get(name, {}):
-      rows.append((name, "bits_per_code (test)", report[name]["eval/bits_per_code"]))
+    prior = report.get(name, {})
+    if "eval/bits_per_code" in prior:
+      rows.append((name, "bits per code (test)", prior["eval/bits_per_code"]))
+    for key, what in (("unigram_bits_per_code", "unigram"), ("uniform_bits_per_code", "uniform")):
+      if key in prior:
+        rows.append((name, f"  bits per code of the {what} baseline", prior[key]))
   if "eval/accuracy" in report.get("classifier", {}):
-    rows.append(("classifier", "accuracy (test)", report["classifier"]["eval/accuracy"]))
-  keys = ("frechet_distance", "precision", "recall", "inception_score", "acceptance_rate", "kept")
-  for name, label in (("samples", "samples"), ("samples_rejection", "samples, rejection")):
-    for key in keys + tuple(f"unfiltered_{k}" for k in keys[:3]):
-      if key in ev.get(name, {}):
-        rows.append((label, key, ev[name][key]))
-  rejection = report.get("samples_rejection", {}).get("rejection") or {}
-  if "acceptance_rate" in rejection:
-    rows.append(("rejection grid", "acceptance_rate", rejection["acceptance_rate"]))
+    rows.append(("rejection classifier", "accuracy (test)", report["classifier"]["eval/accuracy"]))
+  features = report.get("features", {})
+  if "accuracy" in features:
+    rows.append(("evaluation network", "accuracy (test)", features["accuracy"]))
+  rows += _quality_rows("samples", ev.get("samples", {}))
+  rejection = ev.get("samples_rejection", {})
+  rows += _quality_rows("samples kept by rejection", rejection)
+  drawn = (report.get("samples_rejection_eval") or {}).get("rejection") or {}
+  if "acceptance_rate" in drawn:
+    rows.append(
+      (
+        "samples kept by rejection",
+        "acceptance rate (kept / generated)",
+        f"{drawn['acceptance_rate']:.3f} ({drawn.get('accepted', '?')} of "
+        f"{drawn.get('generated', '?')} generated passed)",
+      )
+    )
   lines = ["| stage | metric | value |", "| --- | --- | ---: |"]
   lines += [f"| {a} | {b} | {_fmt(v)} |" for a, b, v in rows]
+  if features:
+    lines += [
+      "",
+      f"Sample statistics are in the feature space of the evaluation network "
+      f"{features.get('run')} (step {features.get('step')}), against the real test images.",
+    ]
   times = report.get("stages", {})
   lines += ["", "| stage | seconds |", "| --- | ---: |"]
   lines += [f"| {k} | {v:.0f} |" for k, v in times.items()]

@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prior_top = configs.load_experiment("fashion_mnist_prior_top" + variant)
   c.prior_bottom = configs.load_experiment("fashion_mnist_prior_bottom" + variant)
   c.classifier = configs.load_experiment("classifier_fashion_mnist" + variant)
+  # The evaluation network: trained once and cached (~/.cache/vqjax/features/fashion_mnist, or
+  # $VQJAX_CACHE), shared by every pipeline; never the rejection classifier.
+  c.features = configs.load_experiment("features_fashion_mnist" + variant)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num = 64  # images in each grid (samples.png, and with rejection)
@@ -44,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample.min_acceptance = 0.05
 
   c.evaluate = ml_collections.ConfigDict()
+  # Where the evaluation network is trained / read: "" = the shared cache; a relative path is
+  # inside the pipeline workdir.
+  c.evaluate.features_dir = ""
   c.evaluate.num_samples = 500  # unfiltered samples the quality numbers are computed on
   c.evaluate.max_real = 10000  # real test images they are compared with
   c.evaluate.temperatures = [0.7, 0.85, 1.0]  # the quality / diversity trade-off
@@ -55,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # of the grid must pass: a threshold each class reaches, 2 batches of 8 at most.
     c.sample.update(num=8, min_acceptance=0.5, threshold=0.01)
     c.evaluate.update(
+      features_dir="features",  # the smoke network stays inside the workdir
       num_samples=16,
       max_real=16,
       temperatures=[0.8, 1.0],

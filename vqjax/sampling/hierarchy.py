@@ -212,3 +212,14 @@ def labels_for(num: int, label: int | None, num_classes: int) -> np.ndarray | No
   if not 0 <= label < num_classes:
     raise errors.UserError(f"label {label} is not in [0, {num_classes})")
   return np.full((num,), label, np.int32)
+
+
+def stage1_of(prior_workdir: str) -> str:
+  """The stage-1 run a prior's code dataset came from (its extraction record names it)."""
+  from vqjax import runs
+  from vqjax.data import codes
+
+  config, _, _ = runs.load_run(prior_workdir)
+  if config.data.name != "codes":
+    raise errors.UserError(f"{prior_workdir} was not trained on extracted codes: set --stage1")
+  return codes.read_metadata(config.data.codes_dir)["stage1"]["workdir"]
