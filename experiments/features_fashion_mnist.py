@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-4
   c.optim.warmup_steps = 100
   c.optim.schedule = "cosine"
-  c.train.steps = 4000
+  c.train.steps = 6000  # 12.8 epochs
 
   c.ckpt.every_steps = 1000
   c.log.every_steps = 100

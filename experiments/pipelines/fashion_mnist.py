@@ -24,8 +24,8 @@ from vqjax import configs, errors
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The pipeline config; `arg="smoke"` shrinks every stage to one CPU step."""
   variant = ":smoke" if arg == "smoke" else ""
-  if arg not in (None, "", "smoke"):
-    raise errors.UserError(f"unknown variant {arg!r}; known variants: smoke")
+  if arg not in (None, "", "smoke", "long"):
+    raise errors.UserError(f"unknown variant {arg!r}; known variants: smoke, long")
   c = ml_collections.ConfigDict()
   c.stage1 = configs.load_experiment("fashion_mnist" + variant)
   c.prior_top = configs.load_experiment("fashion_mnist_prior_top" + variant)
@@ -68,15 +68,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       temperature_samples=8,
       thresholds=[0.1, 0.5],
     )
-  else:
-    # About 15 minutes on 2 CPU cores for the whole pipeline (measured: benchmarks/RESULTS.md).
-    c.stage1.train.steps = 600
-    c.stage1.log.eval_every_steps = 0
-    c.stage1.log.image_every_steps = 600
-    c.prior_top.train.steps = 300
-    c.prior_top.log.eval_every_steps = 0
-    c.prior_bottom.train.steps = 250
-    c.prior_bottom.log.eval_every_steps = 0
-    c.classifier.train.steps = 500
-    c.classifier.log.eval_every_steps = 0
+    return c
+  # Every stage evaluates once, at its end (the report reads those numbers).
+  for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
+    c[name].log.eval_every_steps = 0
+  # The quickstart: about 15 minutes on 2 CPU cores (benchmarks/RESULTS.md, the lever study).
+  # Code maps of 4x4 (top) and 8x8 (bottom) codes; both priors attend over their maps.
+  c.stage1.train.steps = 1000
+  c.stage1.log.image_every_steps = 1000
+  c.prior_top.train.steps = 800
+  c.prior_bottom.train.steps = 800
+  c.prior_bottom.model.attention = True
+  # A stronger rejection classifier than 500 steps (82%), at a threshold every class reaches:
+  # a confident but weak classifier keeps only the easy classes.
+  c.classifier.train.steps = 1000
+  c.sample.threshold = 0.6
+  if arg == "long":
+    # About 45 minutes: twice the stage-1 steps and priors of the PyTorch reference's width.
+    c.stage1.train.steps = 2000
+    c.stage1.log.image_every_steps = 2000
+    for name in ("prior_top", "prior_bottom"):
+      c[name].model.update(channels=128, res_channels=128)
+      c[name].train.steps = 1000
   return c
