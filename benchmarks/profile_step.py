@@ -9,7 +9,11 @@ Traces `--steps` steps after two untimed ones (the codebook init runs in the fir
 (`OUT/plugins/profile/<time>/perfetto_trace.json.gz`, also openable in ui.perfetto.dev) and
 prints JSON lines: the device time per step, the `--top` kernels by time per step, and the time
 per named scope at depth 1 to 3 below the step function. Device events are those of the
-trace's "/device:..." processes; a CPU backend traces no per-kernel events (one line says so).
+trace's "/device:..." processes. A CPU backend has none: there the ops are the host's thunk
+events named after the compiled step's HLO instructions, their scopes read from its HLO text,
+an asynchronous thunk (a convolution or matrix product run on the intra-op threads: "NAME",
+then "end: NAME") timed from its start to its end; such spans overlap other ops, so their sum
+("op_ms_per_step") can exceed the step's wall time ("wall_ms_per_step").
 """
 
 import argparse
@@ -18,7 +22,9 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Sequence
 
 import jax
@@ -38,6 +44,45 @@ def device_events(trace: dict | list) -> list[dict]:
   }
   devices = {pid for pid, name in names.items() if name.startswith("/device:")}
   return [e for e in events if e.get("ph") == "X" and e.get("pid") in devices]
+
+
+def hlo_scopes(hlo_text: str) -> dict[str, str]:
+  """{instruction name: its op_name metadata (the JAX scope path)} of a compiled HLO module's
+  text (`compiled.as_text()`); instructions without metadata map to ""."""
+  scopes = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([^\s=]+) = ", line)
+    if m:
+      op = re.search(r'op_name="([^"]*)"', line)
+      scopes[m.group(1)] = op.group(1) if op else ""
+  return scopes
+
+
+def host_op_events(trace: dict | list, scopes: dict[str, str]) -> list[dict]:
+  """The CPU backend's per-op events: the complete ("X") events named after an instruction in
+  `scopes` (`hlo_scopes`), with "args": {"tf_op": its scope}, as `device_events` gives them. An
+  asynchronous thunk's begin event is paired, in time order, with its "end: NAME" event and
+  spans from the one's start to the other's end."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  begins, ends = collections.defaultdict(list), collections.defaultdict(list)
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    name = e.get("name", "")
+    if name.startswith("end: ") and name[5:] in scopes:
+      ends[name[5:]].append(e)
+    elif name in scopes:
+      begins[name].append(e)
+  out = []
+  for name, found in begins.items():
+    found.sort(key=lambda e: e["ts"])
+    done = sorted(ends.get(name, []), key=lambda e: e["ts"])
+    for i, e in enumerate(found):
+      dur = float(e.get("dur", 0.0))
+      if i < len(done):  # asynchronous: to the end of its "end:" event
+        dur = done[i]["ts"] + float(done[i].get("dur", 0.0)) - e["ts"]
+      out.append({"name": name, "ts": e["ts"], "dur": dur, "args": {"tf_op": scopes[name]}})
+  return out
 
 
 def _scope(event: dict) -> str:
@@ -61,8 +106,11 @@ def _unwrap(part: str) -> str:
   return part
 
 
-def summarise(events: list[dict], steps: int, top: int) -> list[dict]:
-  """Rows: total device ms per step, the `top` kernels, and per-scope totals (depths 1-3)."""
+def summarise(
+  events: list[dict], steps: int, top: int, total: str = "device_ms_per_step"
+) -> list[dict]:
+  """Rows: total ms per step (row "what": `total`), the `top` kernels, and per-scope totals
+  (depths 1-3)."""
   per_kernel = collections.Counter()
   per_scope = collections.Counter()
   for e in events:
@@ -74,7 +122,7 @@ def summarise(events: list[dict], steps: int, top: int) -> list[dict]:
     for depth in (1, 2, 3):
       if len(parts) > depth:  # the last part is the op itself
         per_scope["/".join(parts[:depth])] += ms
-  rows = [{"what": "device_ms_per_step", "ms": round(sum(per_kernel.values()), 3)}]
+  rows = [{"what": total, "ms": round(sum(per_kernel.values()), 3)}]
   rows += [
     {"what": "kernel", "name": name[:160], "ms": round(ms, 3)}
     for name, ms in per_kernel.most_common(top)
@@ -112,20 +160,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   for _ in range(2):
     jax.block_until_ready(train_step.run_step(b))
   with jax.profiler.trace(a.out, create_perfetto_trace=True):
+    t0 = time.perf_counter()
     for _ in range(a.steps):
       train_step.run_step(b)
     jax.block_until_ready(b.metrics)
+    wall_ms = 1000 * (time.perf_counter() - t0) / a.steps
   paths = sorted(glob.glob(os.path.join(a.out, "**", "perfetto_trace.json.gz"), recursive=True))
   if not paths:
     raise errors.UserError(f"no perfetto_trace.json.gz under {a.out}")
   with gzip.open(paths[-1], "rt") as f:
-    events = device_events(json.load(f))
+    trace = json.load(f)
+  events, total = device_events(trace), "device_ms_per_step"
+  if not events:  # a CPU backend: the host's thunks, named after the step's instructions
+    events, total = host_op_events(trace, hlo_scopes(b.compiled.as_text())), "op_ms_per_step"
+    print(json.dumps({"what": "wall_ms_per_step", "ms": round(wall_ms, 3)}))
   if not events:
-    print(f"profile_step: no device events in {paths[-1]} (a CPU backend)", file=sys.stderr)
+    print(f"profile_step: no device or op events in {paths[-1]}", file=sys.stderr)
     return []
   keys = sorted({k for e in events[:200] for k in (e.get("args") or {})})
   print(json.dumps({"what": "trace", "path": paths[-1], "events": len(events), "arg_keys": keys}))
-  rows = summarise(events, a.steps, a.top)
+  rows = summarise(events, a.steps, a.top, total)
   for row in rows:
     print(json.dumps(row), flush=True)
   return rows

@@ -39,4 +39,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ckpt.every_steps = 500
   c.log.every_steps = 50
   c.log.eval_every_steps = 500
-  return configs.apply_variant(c, arg, {"smoke": configs.shrink_prior_for_smoke})
+  return configs.apply_variant(
+    c, arg, {"smoke": configs.shrink_prior_for_smoke, "reference": _reference_sizes}
+  )
+
+
+def _reference_sizes(c: ml_collections.ConfigDict) -> None:
+  """The PyTorch reference's top PixelSNAIL (rosinality/vq-vae-2-pytorch train_pixelsnail.py:
+  kernel 5, 8 heads, dropout 0.1, no label) at 128 channels, 2 blocks of 2 residual blocks,
+  over the 4x4 top codes (512) of `experiments/fashion_mnist.py:reference`, batch 64: the CPU
+  speed comparison of benchmarks/RESULTS.md, there on random codes (`--set
+  data.name=synthetic_codes`)."""
+  c.data.codes_dir = "workdirs/fashion_mnist_reference_codes"
+  c.vq.num_codes = 512
+  c.prior.class_conditional = False
+  c.data.batch_size = 64
+  c.model.update(
+    channels=128,
+    res_channels=128,
+    kernel_size=5,
+    num_blocks=2,
+    num_res_blocks=2,
+    attention=True,
+    num_heads=8,
+    dropout=0.1,
+    num_out_res_blocks=0,
+  )

@@ -1,7 +1,10 @@
-"""The "split" form of PixelSNAIL's causal convolution (config.model.causal_conv_impl): the
-reference's masked k x k convolution computed as two convolutions that skip the masked taps.
-Checked against a float64 NumPy convolution with the mask applied, and as the whole model
-against the masked form (same parameters, outputs and gradients)."""
+"""The forms of PixelSNAIL's convolutions (config.model.causal_conv_impl and the registry's
+onehot_impl): the reference's masked k x k causal convolution computed as two convolutions that
+skip the masked taps ("split") or as one matrix product over the taps that can contribute
+("patches"), and the convolutions of one-hot code maps (the stems, the conditioning ResNet's
+first) as look-ups of the codes ("lookup"). Checked against a float64 NumPy convolution with
+the mask applied, against one convolution, and as the whole model against the reference forms
+(same parameters, outputs and gradients)."""
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +68,14 @@ def _model(impl: str) -> PixelSNAIL:
   return remat_model(False, kernel_size=5, causal_impl=impl)
 
 
-def test_split_model_same_parameters_outputs_and_gradients():
+@pytest.mark.parametrize("impl,side", [("split", 8), ("patches", 8), ("patches", 4)])
+def test_split_model_same_parameters_outputs_and_gradients(impl, side):
+  # side 4: the 5 x 5 kernels are larger than the map (the form "auto" picks on the CPU).
   rng = np.random.default_rng(0)
-  codes = jnp.asarray(rng.integers(0, 16, (3, 8, 8)), jnp.int32)
-  cond = (jnp.asarray(rng.integers(0, 16, (3, 4, 4)), jnp.int32),)
-  masked, split = _model("masked"), _model("split")
+  codes = jnp.asarray(rng.integers(0, 16, (3, side, side)), jnp.int32)
+  cond = (jnp.asarray(rng.integers(0, 16, (3, side // 2, side // 2)), jnp.int32),)
+  masked = remat_model(False, kernel_size=5, causal_impl="masked", shape=(side, side))
+  split = remat_model(False, kernel_size=5, causal_impl=impl, shape=(side, side))
   params = jax.jit(masked.init)(jax.random.key(0), codes, cond)["params"]
   shapes = jax.eval_shape(split.init, jax.random.key(0), codes, cond)["params"]
   assert jax.tree.structure(params) == jax.tree.structure(shapes)
@@ -92,6 +98,94 @@ def test_split_model_same_parameters_outputs_and_gradients():
   assert np.all(v_grad[-1, 2:] == 0.0) and np.abs(v_grad[-1, :2]).max() > 0
 
 
+@pytest.mark.parametrize("side,k", [(6, 3), (4, 5), (2, 5), (1, 3)])
+def test_patches_equals_numpy_masked_convolution(side, k):
+  # Maps smaller than the kernel too: whole rows of taps read only padding and are skipped.
+  rng = np.random.default_rng(side * k)
+  x = rng.normal(size=(2, side, side + 1, 4))
+  conv = causal_conv(5, (k, k), "causal", impl="patches")
+  params = conv.init(jax.random.key(0), jnp.asarray(x, jnp.float32))["params"]
+  params = dict(params, weight_g=jnp.asarray(rng.uniform(0.5, 2.0, 5), jnp.float32))
+  y = np.asarray(conv.apply({"params": params}, jnp.asarray(x, jnp.float32)), np.float64)
+  v = np.asarray(params["weight_v"], np.float64).copy()
+  v[-1, k // 2 :] = 0.0
+  w = np.asarray(params["weight_g"], np.float64) * v / np.sqrt((v * v).sum(axis=(0, 1, 2)))
+  np.testing.assert_allclose(y, _numpy_causal_conv(x, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  "kernel,padding",
+  [((2, 5), ((1, 0), (2, 2))), ((3, 2), ((2, 0), (1, 0))), ((3, 3), ((1, 1),) * 2)],
+)
+def test_patches_any_padding_equals_the_convolution(kernel, padding):
+  # Unmasked kernels and other paddings (the stems' "down" and "downright", a centred one),
+  # on a 2 x 3 map that some kernels exceed: the same values and gradients as one convolution.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 3, 4)), jnp.float32)
+  conv = WNConv(6, kernel, padding=padding, impl="masked")
+  patches = WNConv(6, kernel, padding=padding, impl="patches")
+  params = conv.init(jax.random.key(1), x)
+  for a, b in zip(
+    jax.jacrev(conv.apply, argnums=(0, 1))(params, x),
+    jax.jacrev(patches.apply, argnums=(0, 1))(params, x),
+    strict=True,
+  ):
+    for ga, gb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_allclose(np.asarray(gb), np.asarray(ga), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(patches.apply(params, x), conv.apply(params, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["down", "downright", "causal"])
+def test_lookup_of_codes_equals_the_convolution_of_their_one_hot_map(padding):
+  # Codes outside [0, K) have all-zero one-hot rows: they add nothing in either form.
+  k, kernel = 7, (3, 5)
+  codes = np.random.default_rng(0).integers(0, k, (2, 4, 3))
+  codes[0, 1, 1], codes[1, 2, 0] = k, -1
+  codes = jnp.asarray(codes, jnp.int32)
+  conv = causal_conv(6, kernel, padding)
+  lookup = causal_conv(6, kernel, padding, one_hot=k)
+  one_hot = jax.nn.one_hot(codes, k)
+  params = conv.init(jax.random.key(0), one_hot)
+  assert jax.tree.map(jnp.shape, lookup.init(jax.random.key(0), codes)) == jax.tree.map(
+    jnp.shape, params
+  )
+  params = jax.tree.map(lambda p: p + 0.3, params)  # nonzero bias
+  want, pull_want = jax.vjp(lambda p: conv.apply(p, one_hot), params)
+  got, pull_got = jax.vjp(lambda p: lookup.apply(p, codes), params)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
+  for a, b in zip(
+    jax.tree.leaves(pull_want(cotangent)), jax.tree.leaves(pull_got(cotangent)), strict=True
+  ):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="int codes"):
+    lookup.apply(params, one_hot)
+
+
+def test_lookup_model_same_outputs_and_gradients():
+  # Conditioned: the stems and the conditioning ResNet's first convolution look codes up.
+  rng = np.random.default_rng(2)
+  codes = jnp.asarray(rng.integers(0, 16, (3, 8, 8)), jnp.int32)
+  cond = (jnp.asarray(rng.integers(0, 16, (3, 4, 4)), jnp.int32),)
+  conv, lookup = remat_model(False), remat_model(False, onehot_impl="lookup")
+  params = jax.jit(conv.init)(jax.random.key(0), codes, cond)["params"]
+
+  def loss(model):
+    def f(p):
+      logits = model.apply(
+        {"params": p}, codes, cond, train=True, rngs={"dropout": jax.random.key(3)}
+      )
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), codes[..., None], -1))
+
+    return jax.jit(jax.value_and_grad(f))
+
+  (l_c, g_c), (l_l, g_l) = loss(conv)(params), loss(lookup)(params)
+  np.testing.assert_allclose(float(l_l), float(l_c), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_l), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
+  with pytest.raises(ValueError, match="onehot_impl"):
+    remat_model(False, onehot_impl="gather").init(jax.random.key(0), codes, cond)
+
+
 def test_split_rejects_other_paddings_and_unknown_forms():
   x = jnp.zeros((1, 4, 4, 2))
   with pytest.raises(ValueError, match="causal"):
@@ -104,18 +198,27 @@ def test_split_rejects_other_paddings_and_unknown_forms():
     configs.validate(c)
 
 
-def test_auto_resolves_to_split_on_gpus_only(monkeypatch):
+def test_auto_resolves_to_split_on_gpus_and_patches_for_small_maps(monkeypatch):
   from vqjax.models import registry
 
   c = configs.prior_config("", level=0, model="pixelsnail")
   assert c.model.causal_conv_impl == "auto"
   assert registry.causal_conv_impl("auto") == "masked"  # this CPU
+  assert registry.causal_conv_impl("auto", 5, (8, 8)) == "masked"
+  assert registry.causal_conv_impl("auto", 5, (5, 5)) == "masked"
+  # The kernel has more taps than the map has pixels: XLA:CPU's slow swapped convolution.
+  assert registry.causal_conv_impl("auto", 5, (4, 4)) == "patches"
+  assert registry.causal_conv_impl("masked", 5, (4, 4)) == "masked"
   assert registry.causal_conv_impl("split") == "split"
+  assert registry.onehot_impl() == "lookup"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert registry.onehot_impl() == "conv"
   assert registry.causal_conv_impl("auto") == "split"
+  assert registry.causal_conv_impl("auto", 5, (4, 4)) == "split"
   assert registry.causal_conv_impl("masked") == "masked"
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert registry.causal_conv_impl("auto") == "masked"
+  assert registry.causal_conv_impl("auto", 5, (4, 4)) == "masked"  # unmeasured there
 
 
 def test_split_model_on_an_8_device_mesh_matches_one_device():

@@ -48,6 +48,7 @@ def _state_dict(
   cond_res_kernel=3,
   n_out_res_block=0,
   seed=0,
+  side=H,
 ):
   """Random tensors under rosinality's PixelSNAIL state_dict keys (float32, like a file)."""
   gen = torch.Generator().manual_seed(seed)
@@ -67,10 +68,9 @@ def _state_dict(
 
   add("horizontal.conv.conv", (channel, K, kernel // 2, kernel))
   add("vertical.conv.conv", (channel, K, (kernel + 1) // 2, kernel // 2))
-  rows = (torch.arange(H).float() - H / 2) / H
-  cols = (torch.arange(W).float() - W / 2) / W
+  rows = (torch.arange(side).float() - side / 2) / side
   sd["background"] = torch.stack(
-    [rows.view(H, 1).expand(H, W), cols.view(1, W).expand(H, W)]
+    [rows.view(side, 1).expand(side, side), rows.view(1, side).expand(side, side)]
   ).unsqueeze(0)
   for b in range(n_block):
     for r in range(n_res_block):
@@ -155,13 +155,14 @@ def _attention(sd, prefix, query, key, heads=8):
 
 def reference(sd, codes, condition=None, heads=8):
   n_class = sd["horizontal.conv.conv.weight_v"].shape[1]
+  h, w = codes.shape[1:]
   x = F.one_hot(codes, n_class).permute(0, 3, 1, 2).double()
   kh, kw = sd["horizontal.conv.conv.weight_v"].shape[2:]
   above = _conv(sd, "horizontal.conv.conv", x, (kw // 2, kw // 2, kh - 1, 0))
   kh, kw = sd["vertical.conv.conv.weight_v"].shape[2:]
   left = _conv(sd, "vertical.conv.conv", x, (kw - 1, 0, kh - 1, 0))
-  out = F.pad(above, (0, 0, 1, 0))[:, :, :H] + F.pad(left, (1, 0, 0, 0))[:, :, :, :W]
-  bg = sd["background"].double().expand(codes.shape[0], 2, H, W)
+  out = F.pad(above, (0, 0, 1, 0))[:, :, :h] + F.pad(left, (1, 0, 0, 0))[:, :, :, :w]
+  bg = sd["background"].double().expand(codes.shape[0], 2, h, w)
   cond = None
   if condition is not None:
     c = F.one_hot(condition, n_class).permute(0, 3, 1, 2).double()
@@ -202,15 +203,16 @@ def _codes(seed, shape):
   return torch.from_numpy(np.random.default_rng(seed).integers(0, K, shape))
 
 
-def _compare(sd, condition=None, heads=2):
-  codes = _codes(1, (2, H, W))
+def _compare(sd, condition=None, heads=2, side=H, **overrides):
+  codes = _codes(1, (2, side, side))
   model, variables = load_pixelsnail(sd, num_heads=heads)
+  model = model.clone(**overrides)  # e.g. another form of the same function
   cond = None if condition is None else (jnp.asarray(condition.numpy(), jnp.int32),)
   # One compiled program: applied op by op, each layer's ops would compile on their own.
   apply = jax.jit(lambda v, c, cond: model.apply(v, c, condition=cond))
   got = np.asarray(apply(variables, jnp.asarray(codes.numpy(), jnp.int32), cond))
   want = reference(sd, codes, condition, heads)
-  assert got.shape == want.shape == (2, H, W, K)
+  assert got.shape == want.shape == (2, side, side, K)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   return model
 
@@ -222,11 +224,22 @@ def test_top_prior_with_attention_matches_reference():
   assert (model.channels, model.res_channels, model.kernel_size) == (16, 12, 5)
 
 
-def test_bottom_prior_with_condition_matches_reference():
+@pytest.mark.parametrize("side", [4, 8])
+def test_top_prior_in_the_cpu_forms_matches_reference(side):
+  # The forms the registry picks on the CPU where the 5 x 5 kernel exceeds the map (4 x 4: the
+  # reference's Fashion-MNIST top codes): causal convolutions as matrix products, stems as
+  # look-ups of the codes; and the same forms on a map larger than the kernel.
+  sd = _state_dict(attention=True, n_res_block=2, side=side)
+  model = _compare(sd, side=side, causal_impl="patches", onehot_impl="lookup")
+  assert model.causal_impl == "patches" and model.shape == (side, side)
+
+
+@pytest.mark.parametrize("onehot_impl", ["conv", "lookup"])
+def test_bottom_prior_with_condition_matches_reference(onehot_impl):
   sd = _state_dict(
     attention=False, kernel=3, n_res_block=2, n_cond_res_block=2, cond_res_channel=10
   )
-  model = _compare(sd, condition=_codes(2, (2, H // 2, W // 2)))
+  model = _compare(sd, condition=_codes(2, (2, H // 2, W // 2)), onehot_impl=onehot_impl)
   assert not model.attention and model.num_res_blocks == 2
   assert (model.cond_res_channels, model.num_cond_res_blocks, model.cond_res_kernel) == (10, 2, 3)
 

@@ -56,6 +56,41 @@ def test_summary_of_a_hand_made_trace():
   }
 
 
+def test_cpu_summary_from_host_thunks_and_hlo_scopes():
+  hlo = "\n".join(
+    [
+      "ENTRY %main {",
+      '  %dot.1 = f32[8,8]{1,0} dot(%a, %b), metadata={op_name="jit(step)/jvp(M)/blk/dot_general"}',
+      '  %fusion.2 = f32[8]{0} fusion(%dot.1), metadata={op_name="jit(step)/transpose(M)/blk/mul"}',
+      "  ROOT %copy.3 = f32[8]{0} copy(%fusion.2)",
+      "}",
+    ]
+  )
+  scopes = profile_step.hlo_scopes(hlo)
+  assert scopes["dot.1"].endswith("blk/dot_general") and scopes["copy.3"] == ""
+
+  def ev(name, ts, dur):
+    return {"ph": "X", "pid": 1, "name": name, "ts": ts, "dur": dur}
+
+  trace = [  # two steps; dot.1 runs asynchronously ("end: dot.1"), the fusion inline
+    ev("ThunkExecutor::Execute", 0, 5000),
+    ev("dot.1", 0, 10),
+    ev("end: dot.1", 1990, 10),
+    ev("fusion.2", 2000, 1000),
+    ev("dot.1", 5000, 10),
+    ev("end: dot.1", 5990, 10),
+    ev("fusion.2", 6000, 1000),
+  ]
+  events = profile_step.host_op_events(trace, scopes)
+  rows = profile_step.summarise(events, steps=2, top=5, total="op_ms_per_step")
+  assert rows[0] == {"what": "op_ms_per_step", "ms": 2.5}  # (2,000 + 1,000 + 1,000 + 1,000) / 2
+  assert {r["name"]: r["ms"] for r in rows if r["what"] == "kernel"} == {
+    "dot.1": 1.5,
+    "fusion.2": 1.0,
+  }
+  assert {r["name"]: r["ms"] for r in rows if r["what"] == "scope"} == {"M": 2.5, "M/blk": 2.5}
+
+
 def test_variants_reports_a_failing_variant_and_times_the_rest(capsys, monkeypatch):
   real_setup = train_step.setup
 

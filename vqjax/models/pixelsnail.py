@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 Dtype = Any
+ONEHOT_IMPLS = ("conv", "lookup")
 
 
 def _pad(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
@@ -120,12 +121,14 @@ class PixelBlock(nn.Module):
 
 
 class CondResNet(nn.Module):
-  """A centred conv then `num_res_blocks` gated residual blocks (the conditioning ResNet)."""
+  """A centred conv then `num_res_blocks` gated residual blocks (the conditioning ResNet).
+  `one_hot` > 0: the input is int codes standing for their one-hot map (WNConv's `one_hot`)."""
 
   channels: int
   kernel_size: int
   num_res_blocks: int
   dropout: float = 0.1
+  one_hot: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -134,7 +137,8 @@ class CondResNet(nn.Module):
     k = self.kernel_size
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     same = ((k // 2, k // 2), (k // 2, k // 2))
-    out = WNConv(self.channels, (k, k), padding=same, name="blocks_0", **kw)(x)
+    first = WNConv(self.channels, (k, k), padding=same, one_hot=self.one_hot, name="blocks_0", **kw)
+    out = first(x)
     for i in range(self.num_res_blocks):
       block = GatedResBlock(self.channels, k, dropout=self.dropout, name=f"blocks_{i + 1}", **kw)
       out = block(out, train=train)
@@ -178,8 +182,13 @@ class PixelSNAIL(nn.Module):
     remat: in training, recompute each PixelBlock's activations in the backward pass
       (`nn.remat`) instead of keeping them: the same function and parameters, much less memory
       (the blocks' inputs are kept, not their insides), about a third more compute.
-    causal_impl: form of the k x k causal convolutions in training ("masked" | "split",
-      pixelsnail_layers.WNConv): the same function; "split" skips the masked taps.
+    causal_impl: form of the k x k causal convolutions in training ("masked" | "split" |
+      "patches", pixelsnail_layers.WNConv): the same function; "split" skips the masked
+      taps, "patches" is one matrix product over the taps that can contribute.
+    onehot_impl: form of the convolutions of one-hot code maps (the two stems in training and
+      each conditioning ResNet's first): "conv" (the one-hot map convolved, as the reference)
+      or "lookup" (the kernel rows the codes pick, summed: pixelsnail_layers.WNConv's
+      `one_hot`). The same function.
   """
 
   shape: tuple[int, int] = (32, 32)
@@ -199,8 +208,19 @@ class PixelSNAIL(nn.Module):
   num_classes: int = 0
   remat: bool = False
   causal_impl: str = "masked"
+  onehot_impl: str = "conv"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def _one_hot(self, codes: jax.Array) -> tuple[jax.Array, dict]:
+    """(input, WNConv arguments) of a convolution of the one-hot map of `codes`, in the form
+    `onehot_impl` names: the codes with one_hot=num_codes ("lookup"), or the map itself."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.onehot_impl not in ONEHOT_IMPLS:
+      raise ValueError(f"unknown onehot_impl {self.onehot_impl!r}; expected one of {ONEHOT_IMPLS}")
+    if self.onehot_impl == "lookup":
+      return codes, dict(kw, one_hot=self.num_codes)
+    return jax.nn.one_hot(codes, self.num_codes, dtype=self.dtype), kw
 
   def _conditioning(self, condition, label, batch: int, height: int, width: int):
     """The conditioning features fed to every causal residual block, and their scale.
@@ -247,14 +267,16 @@ class PixelSNAIL(nn.Module):
       for i, c in enumerate(condition):
         h, w = c.shape[1:]
         name = "cond_resnet" if i == 0 else f"cond_resnet_{i}"
+        inputs, first = self._one_hot(c)
         feats = CondResNet(
           self.cond_res_channels,
           self.cond_res_kernel,
           self.num_cond_res_blocks,
           dropout=self.dropout,
+          one_hot=first.get("one_hot", 0),
           name=name,
           **kw,
-        )(jax.nn.one_hot(c, self.num_codes, dtype=self.dtype))
+        )(inputs)
         ratio = (full_h // h // scale[0], full_w // w // scale[1])
         feats = upsample(feats, ratio, rows, cols)
         cond = feats if cond is None else cond + feats
@@ -362,11 +384,13 @@ class PixelSNAIL(nn.Module):
     if decode_position is not None:
       return self._decode(codes, condition, label, train, decode_position)
     k = self.kernel_size
-    x = jax.nn.one_hot(codes, self.num_codes, dtype=self.dtype)
+    # The stems take the codes themselves ("lookup") or their one-hot map.
+    x, stem = self._one_hot(codes)
     # Rows above (the "down" window sees the current row, so shift one row down) plus the
     # pixels to the left (the "downright" window sees the current pixel, so shift right).
-    above = causal_conv(self.channels, (k // 2, k), "down", name="horizontal", **kw)(x)
-    left = causal_conv(self.channels, ((k + 1) // 2, k // 2), "downright", name="vertical", **kw)(x)
+    above = causal_conv(self.channels, (k // 2, k), "down", name="horizontal", **stem)(x)
+    left_kernel = ((k + 1) // 2, k // 2)
+    left = causal_conv(self.channels, left_kernel, "downright", name="vertical", **stem)(x)
     out = _pad(above, 1, 0, 0, 0)[:, :h] + _pad(left, 0, 0, 1, 0)[:, :, :w]
     bg = jnp.broadcast_to(jnp.asarray(background(*self.shape))[:h, :w], (b, h, w, 2))
     with jax.named_scope("conditioning"):  # conditioning ResNets, upsampling, label: one scope

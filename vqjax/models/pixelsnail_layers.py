@@ -45,10 +45,16 @@ class WNConv(nn.Module):
     use_bias: whether to add a bias.
     mask: optional (kh, kw) 0/1 array multiplied into `weight_v` before the norm (the
       reference zeroes those taps of v in place, so its norm never counts them).
-    impl: "masked" (one kh x kw convolution, the masked taps multiplied as zeros) or "split"
+    impl: "masked" (one kh x kw convolution, the masked taps multiplied as zeros), "split"
       (only for `causal_conv`'s "causal" mask: the same sum as two convolutions, the kh - 1
       rows above the output pixel and the kw // 2 taps left of it, so the masked taps cost
-      nothing: 22 of 25 multiplies for a 5 x 5 kernel).
+      nothing: 22 of 25 multiplies for a 5 x 5 kernel) or "patches" (any padding and mask: one
+      matrix product of the shifted input maps with the kernel's taps, skipping the masked
+      taps and those that only ever read padding; no convolution op, see `_conv_patches`).
+    one_hot: > 0 makes the layer take int codes [B, H, W] in place of their one-hot map over
+      `one_hot` channels (the kernel's input channels): the same function, computed as a sum
+      of kernel rows picked by the codes, one look-up per tap and no multiplies (`_conv_codes`);
+      its gradient adds rows instead of multiplying a one-hot map (a scatter-add).
   """
 
   features: int
@@ -57,6 +63,7 @@ class WNConv(nn.Module):
   use_bias: bool = True
   mask: Any = None
   impl: str = "masked"
+  one_hot: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -67,9 +74,13 @@ class WNConv(nn.Module):
     The single-pixel form is what incremental sampling needs: it gathers the kh x kw window
     (zeros outside the map, as the padding gives) and costs kh * kw * C * F per example,
     whatever the map size; (i, j) may be traced and may lie outside the map.
+    With `one_hot` > 0, x is int codes [B, H, W] instead (not with `at`).
     """
     kh, kw = self.kernel_size
-    shape = (kh, kw, x.shape[-1], self.features)
+    if self.one_hot and (at is not None or not jnp.issubdtype(x.dtype, jnp.integer)):
+      raise ValueError(f"WNConv(one_hot={self.one_hot}) takes int codes [B, H, W], without at")
+    channels = self.one_hot or x.shape[-1]
+    shape = (kh, kw, channels, self.features)
     mask = None if self.mask is None else jnp.asarray(self.mask, jnp.float32)[:, :, None, None]
 
     def masked(v):
@@ -87,10 +98,14 @@ class WNConv(nn.Module):
     w = _weight_norm(v, g, (0, 1, 2)).astype(self.dtype)
     if self.impl not in CAUSAL_IMPLS:
       raise ValueError(f"unknown conv impl {self.impl!r}; expected one of {CAUSAL_IMPLS}")
-    if at is None and self.impl == "split" and kh > 1:
+    if self.one_hot:
+      y = _conv_codes(x, w, self.padding, self.mask)
+    elif at is None and self.impl == "split" and kh > 1:
       if self.mask is None or self.padding != _causal_pads(kh, kw):
         raise ValueError('impl="split" is the form of causal_conv(padding="causal") only')
       y = _causal_split(x.astype(self.dtype), w)
+    elif at is None and self.impl == "patches" and (kh, kw) != (1, 1):
+      y = _conv_patches(x.astype(self.dtype), w, self.padding, self.mask)
     elif at is None:
       y = jax.lax.conv_general_dilated(
         x.astype(self.dtype),
@@ -137,7 +152,7 @@ def upsample(x: jax.Array, scale: tuple[int, int], height: int, width: int) -> j
   return x[:, :height, :width]
 
 
-CAUSAL_IMPLS = ("masked", "split")
+CAUSAL_IMPLS = ("masked", "split", "patches")
 
 
 def _causal_pads(kh: int, kw: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -174,6 +189,83 @@ def _causal_split(x: jax.Array, w: jax.Array) -> jax.Array:
     )
     out = out + jnp.pad(left, ((0, 0), (0, 0), (1, 0), (0, 0)))
   return out
+
+
+def _live_taps(kernel_size, padding, size, mask=None):
+  """((out_h, out_w), taps) of a stride-1 convolution with `padding` of a map of `size`
+  (H, W): the output size and the kernel taps (a, b), in raster order, that can contribute,
+  i.e. not zeroed by `mask` and not reading padding for every output pixel (tap row a reads
+  input rows a - top .. a - top + out_h - 1; columns alike)."""
+  (kh, kw), ((top, bottom), (left, right)), (height, width) = kernel_size, padding, size
+  out_h, out_w = height + top + bottom - kh + 1, width + left + right - kw + 1
+
+  def reaches(offset: int, pad: int, size: int, out: int) -> bool:
+    return offset - pad < size and offset - pad + out > 0
+
+  taps = [
+    (a, b)
+    for a in range(kh)
+    for b in range(kw)
+    if (mask is None or mask[a][b])
+    and reaches(a, top, height, out_h)
+    and reaches(b, left, width, out_w)
+  ]
+  return (out_h, out_w), taps
+
+
+def _conv_codes(codes: jax.Array, w: jax.Array, padding, mask=None) -> jax.Array:
+  """The stride-1 convolution of the one-hot map of int `codes` [B, H, W] over w.shape[2]
+  classes with w [kh, kw, K, F] (zero `padding`), without the one-hot map: output (i, j) is
+  the sum over the live taps (a, b) of w[a, b, code at (i - top + a, j - left + b)], a
+  code outside the map or outside [0, K) adding nothing (its one-hot row is zeros).
+
+  One look-up of [B, H_out, W_out] rows per tap instead of K multiplies per row: the PixelSNAIL
+  stems read the 512-code one-hot map, where the convolution spends nearly all its multiplies
+  on zeros.
+  """
+  kh, kw, k, features = w.shape
+  (top, bottom), (left, right) = padding
+  (out_h, out_w), taps = _live_taps((kh, kw), padding, codes.shape[1:3], mask)
+  out = jnp.zeros((codes.shape[0], out_h, out_w, features), w.dtype)
+  # Padding and codes out of range index past the table: mode="fill" gives their zero rows.
+  codes = jnp.where(codes < 0, k, codes)
+  codes = jnp.pad(codes, ((0, 0), (top, bottom), (left, right)), constant_values=k)
+  for a, b in taps:
+    window = codes[:, a : a + out_h, b : b + out_w]
+    out = out + jnp.take(w[a, b], window, axis=0, mode="fill", fill_value=0)
+  return out
+
+
+def _conv_patches(x: jax.Array, w: jax.Array, padding, mask=None) -> jax.Array:
+  """A stride-1 convolution of x [B, H, W, C] with w [kh, kw, C, F] (zero `padding`
+  ((top, bottom), (left, right))) as one matrix product: the input shifted by each tap
+  (a, b), concatenated along channels, times the taps' [C, F] blocks stacked.
+
+  Only the taps that can contribute are kept: not those `mask` zeroes, and not those whose
+  input pixel lies in the padding for every output pixel (tap row a reads rows a - top ..
+  a - top + H_out - 1 of the input). On a map smaller than the kernel that skips whole rows:
+  17 of a 5 x 5 causal kernel's 25 taps on a 4 x 4 map. It exists for XLA:CPU, where a
+  convolution whose kernel has more taps than the input map has pixels is rewritten with its
+  operands swapped (XLA's ConvOperandSwapper) into a window-reversed convolution that runs
+  without Eigen's kernels: 10-15x slower, forward and input gradient alike. The matrix
+  product and its gradients (matrix products, slices and pads) have no such form.
+  """
+  kh, kw = w.shape[:2]
+  (top, bottom), (left, right) = padding
+  (out_h, out_w), taps = _live_taps((kh, kw), padding, x.shape[1:3], mask)
+  if not taps:  # every tap reads padding or is masked: zeros
+    return jnp.zeros((x.shape[0], out_h, out_w, w.shape[-1]), x.dtype)
+  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  shifted = jnp.concatenate([x[:, a : a + out_h, b : b + out_w] for a, b in taps], axis=-1)
+  index = [a * kw + b for a, b in taps]
+  rows = w.reshape(kh * kw, -1, w.shape[-1])
+  if index == list(range(index[0], index[-1] + 1)):
+    # A causal mask's taps are one run in raster order (the rows above, then the row's left
+    # taps): one slice of the kernel, whose gradient is one pad.
+    kernel = rows[index[0] : index[-1] + 1]
+  else:
+    kernel = jnp.stack([rows[i] for i in index])
+  return jnp.einsum("bhwk,kf->bhwf", shifted, kernel.reshape(-1, w.shape[-1]))
 
 
 def _conv_at(x: jax.Array, w: jax.Array, at, padding) -> jax.Array:

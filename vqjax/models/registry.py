@@ -18,6 +18,9 @@ Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
 With train=False nothing in "vq_state" changes.
 """
 
+import math
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,13 +76,34 @@ def channel_multiple(value: int) -> int:
   return value
 
 
-def causal_conv_impl(value: str) -> str:
-  """config.model.causal_conv_impl with "auto" resolved: "split" on GPUs (the bottom PixelSNAIL
-  step +8.8% on an H200, benchmarks/RESULTS.md), "masked" elsewhere (split is slower on the
-  CPU and unmeasured on TPUs)."""
-  if value == "auto":
-    return "split" if jax.default_backend() == "gpu" else "masked"
-  return value
+def causal_conv_impl(value: str, kernel_size: int = 0, shape: Sequence[int] = ()) -> str:
+  """config.model.causal_conv_impl with "auto" resolved for a `kernel_size` PixelSNAIL over code
+  maps of `shape` (H, W): "split" on GPUs (the bottom PixelSNAIL step +8.8% on an H200,
+  benchmarks/RESULTS.md); on the CPU "patches" where the k x k kernel has more taps than the
+  map has pixels; else "masked" (split is slower on the CPU; TPUs are unmeasured).
+
+  "patches" is for XLA:CPU: a convolution whose kernel has more taps than its input map has
+  pixels (5 x 5 on a 4 x 4 map) is rewritten with its operands swapped into a form that runs
+  without Eigen's kernels, 10-15x slower, forward and input gradient alike. The top prior at
+  the reference's Fashion-MNIST sizes (4 x 4 map) went from 4.6 s to 0.48 s a step on 2
+  shared CPU cores (benchmarks/RESULTS.md); on larger maps "masked" was the faster form."""
+  if value != "auto":
+    return value
+  backend = jax.default_backend()
+  if backend == "gpu":
+    return "split"
+  if backend == "cpu" and shape and kernel_size * kernel_size > math.prod(shape):
+    return "patches"
+  return "masked"
+
+
+def onehot_impl() -> str:
+  """PixelSNAIL's form of its convolutions of one-hot code maps (the stems, the conditioning
+  ResNets' first): "lookup" (kernel rows picked by the codes, summed) on the CPU, where the
+  stems' convolutions of the 512-code one-hot map took about a seventh of the Fashion-MNIST
+  top prior's step (benchmarks/RESULTS.md); "conv" elsewhere (unmeasured on GPUs, where the
+  look-up's gradient would be a scatter-add)."""
+  return "lookup" if jax.default_backend() == "cpu" else "conv"
 
 
 def _build_vqvae(config, dtype, param_dtype):
@@ -172,7 +196,8 @@ def _build_pixelsnail(config, dtype, param_dtype):
     num_out_res_blocks=m.num_out_res_blocks,
     num_classes=_prior_classes(config),
     remat=m.remat,
-    causal_impl=causal_conv_impl(m.causal_conv_impl),
+    causal_impl=causal_conv_impl(m.causal_conv_impl, m.kernel_size, shapes[config.prior.level]),
+    onehot_impl=onehot_impl(),
     dtype=dtype,
     param_dtype=param_dtype,
   )
