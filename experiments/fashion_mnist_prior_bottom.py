@@ -1,4 +1,4 @@
-"""Quickstart, stage 2: a PixelSNAIL prior over the bottom (16x16) codes of the Fashion-MNIST
+"""Quickstart, stage 2: a PixelSNAIL prior over the bottom (8x8) codes of the Fashion-MNIST
 model, conditioned on the top codes.
 
 Run after experiments/fashion_mnist_prior_top.py's code extraction (see there):

@@ -1,4 +1,4 @@
-"""Quickstart, stage 2: a PixelSNAIL prior over the top (8x8) codes of the Fashion-MNIST model.
+"""Quickstart, stage 2: a PixelSNAIL prior over the top (4x4) codes of the Fashion-MNIST model.
 
 Run after the quickstart's stage 1 (experiments/fashion_mnist.py) and its code extraction:
   python -m vqjax.extract_codes --workdir workdirs/fashion_mnist --out workdirs/fashion_mnist_codes

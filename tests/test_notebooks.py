@@ -197,7 +197,7 @@ def test_quickstart(executed):
   r = _result(executed, "quickstart_colab_tpu")
   assert r["tiny"] is True and r["step"] == 1
   assert os.path.isdir(os.path.join(r["workdir"], "checkpoints", "1"))
-  assert r["code_shapes"] == [[8, 8], [16, 16]]
+  assert r["code_shapes"] == [[4, 4], [8, 8]]
   assert 0 <= r["code_range"][0] <= r["code_range"][1] < r["num_codes"] == 32
   for key in ("eval/mse", "eval/psnr", "eval/top/perplexity", "eval/bottom/perplexity"):
     assert math.isfinite(r["eval"][key]) and r["eval"][key] > 0, key
@@ -219,7 +219,7 @@ def test_sampling_and_rejection(executed):
   assert r["labels"] == list(range(num))
   assert r["image_shape"] == [num, 32, 32, 1]
   assert -1.0 <= r["image_range"][0] <= r["image_range"][1] <= 1.0
-  assert r["code_shapes"] == [[num, 8, 8], [num, 16, 16]]
+  assert r["code_shapes"] == [[num, 4, 4], [num, 8, 8]]
   assert r["same_seed_same_images"] is True
   rej = r["rejection"]
   # The smoke pipeline's min_acceptance 0.5: ceil(8 / 0.5) = 16 samples, 2 batches of 8 at most.

@@ -53,7 +53,7 @@ def test_extraction_round_trip_and_restart(stage1, tmp_path):
   workdir, config, model, variables = stage1
   out = str(tmp_path / "codes")
   meta = extract_codes.extract(workdir, out, batch_size=8, examples_per_shard=10)
-  assert meta["levels"] == [{"name": "top", "shape": [8, 8]}, {"name": "bottom", "shape": [16, 16]}]
+  assert meta["levels"] == [{"name": "top", "shape": [4, 4]}, {"name": "bottom", "shape": [8, 8]}]
   assert meta["splits"] == {
     "train": {"num_examples": 24, "num_shards": 3},
     "test": {"num_examples": 10, "num_shards": 1},

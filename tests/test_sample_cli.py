@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
   convert.save_converted(str(root / "stage1"), stage1, dict(variables))
   priors = []
   for name in ("fashion_mnist_prior_top", "fashion_mnist_prior_bottom"):
-    config = configs.load_experiment(f"{name}:smoke")  # synthetic 8x8 / 16x16 codes, K=32
+    config = configs.load_experiment(f"{name}:smoke")  # synthetic 4x4 / 8x8 codes, K=32
     config.log.update(tensorboard=False, eval_every_steps=0)
     trainer.train_and_evaluate(config, str(root / name))
     priors.append(str(root / name))
@@ -53,7 +53,7 @@ def test_sample_cli_writes_grid_codes_and_settings(runs, tmp_path):
   with open(os.path.join(out, "settings.json")) as f:
     assert json.load(f)["seed"] == 3 == settings["seed"]
   saved = np.load(os.path.join(out, "codes.npz"))
-  assert saved["codes0"].shape == (5, 8, 8) and saved["codes1"].shape == (5, 16, 16)
+  assert saved["codes0"].shape == (5, 4, 4) and saved["codes1"].shape == (5, 8, 8)
   np.testing.assert_array_equal(saved["label"], [2] * 5)  # the top prior is class-conditional
   # The checkpoint steps sampled from (none for the converted stage-1 model): what makes samples
   # stale when a prior trains on.

@@ -259,10 +259,10 @@ def prior_config(codes_dir: str, level: int, model: str) -> ml_collections.Confi
 
 def shrink_prior_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Turns a prior experiment into a one-step CPU run of a tiny prior on synthetic codes of the
-  quickstart's shapes (top 8x8, bottom 16x16, 32 codes); no stage-1 run needed."""
+  quickstart's shapes (top 4x4, bottom 8x8, 32 codes); no stage-1 run needed."""
   c.data.update(
     name="synthetic_codes",
-    synthetic_shapes=[[8, 8], [16, 16]],
+    synthetic_shapes=[[4, 4], [8, 8]],
     synthetic_num_codes=32,
     synthetic_examples=64,
     train_split="train",
