@@ -26,7 +26,7 @@ COLUMNS = (
   "FD / blurred",
   "class share min-max",
   "CAS",
-  "minutes",
+  "minutes (this launch)",
 )
 
 

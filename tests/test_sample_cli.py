@@ -7,6 +7,7 @@ and NumPy."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,18 +210,24 @@ def test_a_spent_rejection_budget_is_one_line_and_writes_nothing(runs, judge, tm
   stage1, priors, _, _ = runs
   clf = judge[0]
   out = str(tmp_path / "r")
-  # At threshold 0.1 the one-step classifier accepts labels 0, 2 and 4, never 1 or 3: the first
-  # batch of 5 fills 3 slots, the second (ceil(5 / 0.5) = 10 samples) asks for 1 and 3 in vain.
+  # At threshold 0.1 the one-step classifier never accepts some labels: the budget of
+  # ceil(5 / 0.5) = 10 samples (2 batches of 5) is spent with slots still empty.
   with pytest.raises(SystemExit) as caught, errors.one_line("vqjax.sample"):
     sample.run(
       priors, out, num=5, seed=1, stage1=stage1, classifier=clf, threshold=0.1, min_acceptance=0.5
     )
-  assert str(caught.value.code) == (
-    "vqjax.sample: RejectionBudgetError: rejection sampling kept 3 of 5 wanted samples: 3 of 10 "
-    "generated passed threshold 0.1 (acceptance rate 0.3), and the minimum acceptance rate 0.5 "
-    "allows at most 10 generated (2 batches of 5); the empty slots want label(s) 1, 3; lower "
-    "--threshold or --min_acceptance"
+  message = str(caught.value.code)
+  found = re.fullmatch(
+    r"vqjax\.sample: RejectionBudgetError: rejection sampling kept (\d) of 5 wanted samples: "
+    r"(\d+) of 10 generated passed threshold 0\.1 \(acceptance rate ([\d.]+)\), and the minimum "
+    r"acceptance rate 0\.5 allows at most 10 generated \(2 batches of 5\); the empty slots want "
+    r"label\(s\) ([\d, ]+); lower --threshold or --min_acceptance",
+    message,
   )
+  assert found, message
+  kept, passed, rate, missing = int(found[1]), int(found[2]), float(found[3]), found[4]
+  assert kept < 5 and passed >= kept and rate == pytest.approx(passed / 10)
+  assert len(missing.split(", ")) == 5 - kept  # one label named per empty slot
   assert not os.path.exists(out)  # no partial grid
 
 
