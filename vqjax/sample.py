@@ -61,17 +61,6 @@ def define_flags() -> None:
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
-def stage1_of(prior_workdir: str) -> str:
-  """The stage-1 run a prior's code dataset came from."""
-  from vqjax import runs
-  from vqjax.data import codes
-
-  config, _, _ = runs.load_run(prior_workdir)
-  if config.data.name != "codes":
-    raise errors.UserError(f"{prior_workdir} was not trained on extracted codes: set --stage1")
-  return codes.read_metadata(config.data.codes_dir)["stage1"]["workdir"]
-
-
 def run(
   priors: list[str],
   out: str,
@@ -110,7 +99,7 @@ def run(
     hierarchy.check_run(stage1, "autoencoder", "--stage1")
   if classifier:
     hierarchy.check_run(classifier, "classifier", "--classifier")
-  stage1 = stage1 or stage1_of(priors[0])
+  stage1 = stage1 or hierarchy.stage1_of(priors[0])
   gen = hierarchy.Generator.from_runs(stage1, priors)
   num_classes = max(
     (p[0].prior.num_classes for p in gen.priors if p[0].prior.class_conditional), default=0
