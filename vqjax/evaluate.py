@@ -46,11 +46,10 @@ from absl import app, flags
 
 from vqjax import errors
 from vqjax.evaluation.reports import evaluate, stage1_plots  # noqa: F401  (public API too)
-from vqjax.evaluation.samples import (  # noqa: F401  (the public API of this module too)
+from vqjax.evaluation.samples import check_unfiltered, evaluate_samples  # noqa: F401
+from vqjax.evaluation.tradeoffs import (  # noqa: F401  (the public API of this module too)
   check_temperatures,
   check_thresholds,
-  check_unfiltered,
-  evaluate_samples,
   temperature_tradeoff,
   threshold_tradeoff,
 )

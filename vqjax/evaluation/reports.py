@@ -3,8 +3,8 @@
   evaluate(workdir)                          # a run's metrics on its eval split
   stage1_plots(workdir, out_dir)             # reconstruction grid, code-usage histograms
 
-Sample quality (drawn images) is in `samples.py`; see `python -m vqjax.evaluate --help` for the
-command-line side.
+Sample quality (drawn images) is in `samples.py` and `tradeoffs.py`; see
+`python -m vqjax.evaluate --help` for the command-line side.
 """
 
 import os
