@@ -41,7 +41,8 @@ def experiment(dataset: str) -> str:
   if dataset not in EXPERIMENTS:
     raise errors.UserError(
       f"no evaluation network is defined for the dataset {dataset!r} (known: "
-      f"{', '.join(sorted(EXPERIMENTS))}); pass a classifier run of your own with --features"
+      f"{', '.join(sorted(EXPERIMENTS))}); judge its samples with a classifier run of your own "
+      "(vqjax.evaluate --features RUN)"
     )
   return EXPERIMENTS[dataset]
 
