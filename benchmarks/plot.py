@@ -5,7 +5,7 @@ bar per implementation, the value written on it; a panel names the batch, shape,
 device. Rows of other JSON-lines files (e.g. benchmarks/train_step.py's) are skipped; of rows
 repeating a figure, the last one read is drawn.
 
-  python benchmarks/plot.py                                  # every benchmarks/*.jsonl
+  python benchmarks/plot.py                          # every benchmarks/results/*.jsonl
   python benchmarks/plot.py --jsonl run.jsonl --out run.png
 """
 
@@ -104,10 +104,12 @@ def plot(rows: Sequence[dict], out: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--jsonl", action="append", default=[], help="(default: benchmarks/*.jsonl)")
+  p.add_argument(
+    "--jsonl", action="append", default=[], help="(default: benchmarks/results/*.jsonl)"
+  )
   p.add_argument("--out", default=os.path.join(HERE, "suite.png"))
   a = p.parse_args(argv)
-  paths = a.jsonl or sorted(glob.glob(os.path.join(HERE, "*.jsonl")))
+  paths = a.jsonl or sorted(glob.glob(os.path.join(HERE, "results", "*.jsonl")))
   path = plot(read_rows(paths), a.out)
   print(f"wrote {path}")
   return path

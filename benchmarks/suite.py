@@ -18,7 +18,7 @@ benchmarks/train_step.py does, whose functions build it):
 
   python benchmarks/suite.py                              # every workload, bfloat16
   python benchmarks/suite.py --quick                      # CPU-sized, a few minutes on a CPU
-  python benchmarks/suite.py --only imagenet,sampling --jsonl benchmarks/results.jsonl
+  python benchmarks/suite.py --only imagenet,sampling --jsonl benchmarks/results/mine.jsonl
   python benchmarks/suite.py --baseline-dir ~/src/vq-vae-2-pytorch   # and the reference
 
 With `--baseline-dir` pointing at the user's own clone of rosinality/vq-vae-2-pytorch, the same
