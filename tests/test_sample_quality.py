@@ -66,14 +66,38 @@ def test_references_stand_where_they_should(monkeypatch):
   refs.count = 200
   refs.real = rng.normal(size=(200, 4))
   refs.blurred = rng.normal(size=(200, 4)) + 1.5
+  refs.labels, refs.num_classes = None, None
   real_f = rng.normal(size=(500, 4))
   rows = refs.rows(real_f, 150)
+  assert "real_images/classification_accuracy_score" not in rows  # no labels: no CAS
   assert rows["reference_count"] == 150
   assert rows["real_images/frechet_distance"] < rows["blurred_images/frechet_distance"]
   expected = frechet.frechet_distance_from_features(real_f, refs.blurred[:150])
   assert rows["blurred_images/frechet_distance"] == pytest.approx(expected)
   ratio = samples._with_ratio({"frechet_distance": 2.0, **rows})["fd_ratio_to_blurred"]
   assert ratio == pytest.approx(2.0 / expected)
+
+
+def test_references_carry_a_classification_accuracy_score():
+  """With labels, CAS of the held-out images: two well-separated classes give 1 (a classifier
+  trained on them labels every real image right); "blurred" features that lost the class give
+  a chance-level score (hand-derived: the real set is half of each class)."""
+  rng = np.random.default_rng(2)
+  centres = np.array([[-4.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+  refs = samples.References.__new__(samples.References)
+  refs.count, refs.num_classes = 200, 2
+  refs.labels = np.arange(200) % 2
+  refs.real = centres[refs.labels] + rng.normal(size=(200, 3))
+  # No trace of the class: the class axis (0) flattened, noise elsewhere.
+  refs.blurred = np.concatenate([np.zeros((200, 1)), rng.normal(size=(200, 2))], axis=1)
+  real_labels = np.arange(400) % 2
+  real_f = centres[real_labels] + rng.normal(size=(400, 3))
+  rows = refs.rows(real_f, 200, real_labels=real_labels)
+  assert rows["real_images/classification_accuracy_score"] == 1.0
+  assert abs(rows["blurred_images/classification_accuracy_score"] - 0.5) < 0.15
+  # Too few for CAS: NaN, as for the samples.
+  few = refs.rows(real_f, 20, real_labels=real_labels)
+  assert math.isnan(few["real_images/classification_accuracy_score"])
 
 
 def test_no_cached_network_is_one_line(tmp_path, monkeypatch):

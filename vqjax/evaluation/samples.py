@@ -187,19 +187,34 @@ class References:
   """
 
   def __init__(self, judge: Judge, data_config: Any, count: int):
-    images, _ = _split_images(data_config, data_config.train_split, count)
+    images, self.labels = _split_images(data_config, data_config.train_split, count)
     self.count = len(images)
+    self.num_classes = judge.num_classes
     self.real = judge.features(images)
     self.blurred = judge.features(blur(images))
 
-  def rows(self, real_f: np.ndarray, n: int, min_samples: int = MIN_SAMPLES) -> dict[str, Any]:
+  def rows(
+    self,
+    real_f: np.ndarray,
+    n: int,
+    min_samples: int = MIN_SAMPLES,
+    real_labels: np.ndarray | None = None,
+  ) -> dict[str, Any]:
     """FD, precision and recall of `n` held-out real and of `n` blurred images against
-    `real_f`: keys "real_images/..." and "blurred_images/..."."""
+    `real_f`: keys "real_images/..." and "blurred_images/...". With `real_labels` (the labels
+    of `real_f`) and a labelled train split, also their classification accuracy score: a
+    classifier trained on the `n` held-out (or blurred) images, tested on `real_f`."""
     n = min(n, self.count)
     out: dict[str, Any] = {"reference_count": n}
+    labels = self.labels[:n] if self.labels is not None and real_labels is not None else None
+    keys = ["frechet_distance", "precision", "recall"]
+    if labels is not None:
+      keys.append("classification_accuracy_score")
     for name, f in (("real_images", self.real), ("blurred_images", self.blurred)):
-      q = _quality(real_f, f[:n], min_samples=min_samples)
-      out.update({f"{name}/{k}": q[k] for k in ("frechet_distance", "precision", "recall")})
+      q = _quality(
+        real_f, f[:n], None, real_labels, labels, self.num_classes, min_samples=min_samples
+      )
+      out.update({f"{name}/{k}": q.get(k, float("nan")) for k in keys})
     return out
 
 
@@ -377,6 +392,7 @@ def evaluate_samples(
   out = _quality(
     real_f, gen_f, probs, real_labels, labels, judge.num_classes, min_samples=min_samples
   )
-  out.update(References(judge, data, len(images)).rows(real_f, len(images), min_samples))
+  references = References(judge, data, len(images))
+  out.update(references.rows(real_f, len(images), min_samples, real_labels))
   out.update(num_samples=float(len(images)), num_real=float(len(real_f)), **judge.describe())
   return _with_ratio(out)

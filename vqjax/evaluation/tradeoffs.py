@@ -236,9 +236,11 @@ def temperature_tradeoff(
   judge = judge_for(features, data)
   judge.check((data.image_size, data.image_size, data.channels), f"the images of {stage1}")
   real_f, real_labels = _real_features(data, max_real, judge)
-  references = References(judge, data, num).rows(real_f, num, min_samples)
   num_classes = max(
     (p[0].prior.num_classes for p in gen.priors if p[0].prior.class_conditional), default=0
+  )
+  references = References(judge, data, num).rows(
+    real_f, num, min_samples, real_labels if num_classes else None
   )
   # Labels for the padded last batch too, cycling as `hierarchy.labels_for` does.
   padded = -(-num // min(num, BATCH_SIZE)) * min(num, BATCH_SIZE)
