@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from arguments import at_least
 
+from vqjax import _cli
 from vqjax.models.pixelcnn import GatedPixelCNN
 from vqjax.models.pixelsnail import PixelSNAIL
 from vqjax.sampling import cached, naive
@@ -172,6 +173,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
   a = parse(argv)
+  _cli.set_cpu_xla_flag()  # XLA:CPU's convolution kernels, as the vqjax programs pick them
   both = lambda x, pair: list(pair) if x == "both" else [x]
   columns = ["prior", "level", "sampler", "batch", "map", "seconds", "first_call", "device"]
   print(" ".join(f"{c:>10}" for c in columns), "note", flush=True)

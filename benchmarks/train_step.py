@@ -31,12 +31,14 @@ import ml_collections
 import numpy as np
 from arguments import at_least
 
-import vqjax
-from vqjax import configs, errors
+from vqjax import _cli, configs, errors
 from vqjax.training import sharding, tasks, trainer
 
-# As `python -m vqjax.train` does, so the step is timed in the trainer's process setting.
-vqjax.tune_cpu_malloc()
+# As `python -m vqjax.train` does (vqjax/_cli.py), so the step is timed in the trainer's process
+# setting: XLA:CPU's convolution kernels and glibc's allocator (the scripts that import this
+# module get them too).
+_cli.set_cpu_xla_flag()
+_cli.tune_cpu_malloc()
 
 
 def apply_override(config, assignment: str, flag: str = "--set") -> None:

@@ -1,5 +1,6 @@
 """Tests of the `python -m vqjax.train` command line (vqjax/train.py): help, and one-line
-messages for every mistake a user can fix, each in a subprocess as a user would run it."""
+messages for every mistake a user can fix, each in a subprocess as a user would run it; and
+every other command's --help."""
 
 import os
 import stat
@@ -8,7 +9,20 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test runs a command in a subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIS = (
+  "train",
+  "pipeline",
+  "extract_codes",
+  "sample",
+  "evaluate",
+  "features",
+  "anomaly",
+  "prepare",
+  "convert",
+)
 SMOKE = "experiments/fashion_mnist.py:smoke"
 needs_fmnist = pytest.mark.skipif(
   not os.path.isdir("/usr/share/datasets/fashion-mnist"),
@@ -51,6 +65,29 @@ def test_help_lists_experiments_and_config_fields():
     "verbose",
   ):
     assert name in result.stdout
+
+
+def test_every_command_answers_help_with_its_usage_and_status_0():
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  running = {
+    name: subprocess.Popen(
+      [sys.executable, "-m", f"vqjax.{name}", "--help"],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for name in CLIS
+  }
+  for name, process in running.items():
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 0, (name, err[-2000:])
+    assert f"python -m vqjax.{name}" in out, (name, out[:500])
+    # Each usage form on its own line, none run together by a line continuation.
+    usage = [s[s.index("python -m") :] for s in out.splitlines() if "python -m vqjax." in s]
+    assert not any("   " in line or line.endswith("\\") for line in usage), usage
+    assert "--workdir" in out or "--data" in out or name in ("prepare", "convert"), name
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""`vqjax.tune_cpu_malloc` (called by the training CLIs) keeps XLA:CPU's large per-call buffers
-mapped (vqjax/__init__.py): no mmap, trimming only above 2 GiB, and synchronous CPU dispatch, so
+"""`vqjax.tune_cpu_malloc` (called by the training CLIs' start-up) keeps XLA:CPU's large per-call
+buffers mapped (vqjax/_cli.py): no mmap, trimming only above 2 GiB, and synchronous CPU dispatch, so
 each call allocates on the main thread."""
 
 import os
@@ -53,11 +53,12 @@ def test_the_cpu_backend_reuses_large_buffers_instead_of_faulting_them_in_each_c
 
 def test_the_allocator_is_left_alone_where_an_accelerator_may_run(monkeypatch):
   import vqjax
+  from vqjax import _cli
 
   monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-  assert not vqjax._cpu_only()
+  assert not _cli._cpu_only()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  assert vqjax._cpu_only()
+  assert _cli._cpu_only()
   monkeypatch.setenv("VQJAX_MALLOC_DEFAULTS", "1")
   assert not vqjax.tune_cpu_malloc()
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import process_state
 
 import vqjax
 from vqjax import configs, convert, errors
@@ -28,7 +29,9 @@ def test_load_run_reads_a_converted_directory(tmp_path):
   perturb = jax.jit(lambda v: jax.tree.map(lambda a: a + 0.5 if a.dtype == jnp.float32 else a, v))
   variables = perturb(dict(variables))
   convert.save_converted(str(tmp_path / "conv"), config, variables)
+  before = process_state()
   loaded_config, loaded_model, loaded = vqjax.load_run(str(tmp_path / "conv"))
+  assert process_state() == before  # no hook or log filter left behind
   assert loaded_config.vq.num_codes == config.vq.num_codes
   flat_a = jax.tree_util.tree_flatten_with_path(variables)[0]
   flat_b = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])

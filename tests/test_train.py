@@ -6,6 +6,7 @@ trainer feeds its devices is tested in test_train_input.py. Nothing downloads: d
 local Fashion-MNIST idx files, in-memory arrays or a temporary folder."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import _codes_data, _CodesTask, read_jsonl, train_losses
+from train_helpers import _codes_data, _CodesTask, process_state, read_jsonl, train_losses
 
 import vqjax
 from vqjax import configs, errors, runs
@@ -154,7 +155,8 @@ def test_full_configs_give_the_papers_code_maps(name, shapes):
 
 
 @needs_fmnist
-def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared_cache):
+@pytest.mark.usefixtures("damaged_checkpoint_reads")
+def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared_cache, caplog):
   config = quick(load_config("fashion_mnist", "smoke"), shared_cache)
   config.data.reader = "auto"  # pinned to what this machine resolves, and recorded
   config.train.steps = 2
@@ -178,8 +180,13 @@ def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared
   assert saved["train"]["steps"] == 2 and saved["data"]["reader"] == "local"
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [1, 2]
 
-  # load_run: the trained model on disk reproduces the trainer's own eval of it.
-  loaded_config, model, variables = vqjax.load_run(workdir)
+  # load_run: the trained model on disk reproduces the trainer's own eval of it, without
+  # Orbax's notes on what it does on purpose (read-only, a partial restore).
+  before = process_state()
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    loaded_config, model, variables = vqjax.load_run(workdir)
+  assert not [r.getMessage() for r in caplog.records if "/orbax/" in r.pathname]
   assert loaded_config.train.steps == 2 and set(variables) == {"params", "vq_state"}
   batch = next(iter(pipeline.make_eval_iterator(loaded_config.data, max_batches=1)))
   recon, _ = model.apply(variables, jnp.asarray(batch["image"]))
@@ -202,6 +209,7 @@ def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared
   with pytest.raises(checkpoint.CheckpointDamagedError, match="step 2") as e:
     vqjax.load_run(damaged, step=2)
   assert "\n" not in str(e.value)
+  assert process_state() == before  # no unraisable hook or log filter left behind
 
   # A finished run is not trained or evaluated again.
   again = trainer.train_and_evaluate(config, workdir)

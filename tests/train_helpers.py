@@ -1,16 +1,30 @@
 """Toy tasks and log readers shared by the trainer tests (imported by test_train.py and
-test_train_input.py): a task over integer code maps with a frozen table, its random data, and
-the readers of a run's metrics.jsonl."""
+test_train_input.py): a task over integer code maps with a frozen table, its random data, the
+readers of a run's metrics.jsonl, and what a library call must leave as it found it."""
 
 import json
+import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging as absl_logging
 
 from vqjax.training import tasks
+
+
+def process_state() -> tuple:
+  """The process-wide state a library call must leave as it found it (tests/
+  test_process_state.py checks imports): `sys.unraisablehook` and the loggers' filters."""
+  handlers = logging.getLogger().handlers + [absl_logging.get_absl_handler()]
+  return (
+    sys.unraisablehook,
+    {n: list(logging.getLogger(n).filters) for n in ("", "absl", "jax._src.xla_bridge")},
+    [list(h.filters) for h in handlers],
+  )
 
 
 def read_jsonl(path: str) -> list[dict]:

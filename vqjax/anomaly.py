@@ -1,6 +1,6 @@
 """Anomaly maps of a stage-1 run: the VQ-VAE article's medical example, from the command line.
 
-  python -m vqjax.anomaly --workdir STAGE1 [--anomaly_labels 8] [--quantile 0.95] \
+  python -m vqjax.anomaly --workdir STAGE1 [--anomaly_labels 8] [--quantile 0.95]
       [--max_examples 0] [--score max] [--out DIR]
 
 A VQ-VAE trained on normal images only (`config.data.exclude_labels` leaves some classes out of
@@ -28,7 +28,7 @@ from typing import Any
 
 from absl import app, flags
 
-from vqjax import errors
+from vqjax import _cli, errors
 
 SCORES = ("max", "mean")
 
@@ -240,9 +240,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.workdir:
     raise SystemExit("vqjax.anomaly: --workdir is required")
-  from vqjax.training import logs
-
-  logs.quiet_library_logs()  # Orbax's INFO lines per restore would bury the results
+  _cli.setup()  # before JAX creates its backends
   with errors.one_line("vqjax.anomaly", flags.FLAGS.verbose):
     result = run(
       flags.FLAGS.workdir,
@@ -262,4 +260,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _cli.run(main)

@@ -44,7 +44,7 @@ from typing import Any
 
 from absl import app, flags
 
-from vqjax import errors
+from vqjax import _cli, errors
 from vqjax.evaluation.reports import evaluate, stage1_plots  # noqa: F401  (public API too)
 from vqjax.evaluation.samples import check_unfiltered, evaluate_samples  # noqa: F401
 from vqjax.evaluation.tradeoffs import (  # noqa: F401  (the public API of this module too)
@@ -189,13 +189,11 @@ def _run(f: Any) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vqjax.training import logs
-
-  logs.quiet_library_logs()  # Orbax's INFO lines per restore would bury the results
+  _cli.setup()  # before JAX creates its backends
   with errors.one_line("vqjax.evaluate", flags.FLAGS.verbose):
     _run(flags.FLAGS)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _cli.run(main)

@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags, logging
 
-from vqjax import errors
+from vqjax import _cli, errors
 
 
 def define_flags() -> None:
@@ -226,9 +226,7 @@ def main(argv):
   for flag, value in (("--workdir", flags.FLAGS.workdir), ("--out", flags.FLAGS.out)):
     if not value:
       raise SystemExit(f"vqjax.extract_codes: {flag} is required")
-  from vqjax.training import logs
-
-  logs.quiet_library_logs()  # Orbax's INFO lines per restore would bury the results
+  _cli.setup()  # before JAX creates its backends
   with errors.one_line("vqjax.extract_codes", flags.FLAGS.verbose):
     meta = extract(
       flags.FLAGS.workdir,
@@ -244,4 +242,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _cli.run(main)

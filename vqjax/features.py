@@ -14,8 +14,7 @@ import sys
 
 from absl import app, flags
 
-import vqjax
-from vqjax import errors
+from vqjax import _cli, errors
 
 
 def define_flags() -> None:
@@ -28,12 +27,10 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  vqjax.tune_cpu_malloc()  # before JAX creates its CPU backend
+  _cli.setup(tune_malloc=True)  # before JAX creates its CPU backend
   with errors.one_line("vqjax.features", flags.FLAGS.verbose):
     from vqjax.evaluation import feature_network
-    from vqjax.training import logs
 
-    logs.quiet_library_logs()
     feature_network.experiment(flags.FLAGS.data)  # an unknown dataset: one line
     record = feature_network.ensure(flags.FLAGS.data, flags.FLAGS.workdir)
   print(json.dumps(record, indent=2))
@@ -46,4 +43,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _cli.run(main)

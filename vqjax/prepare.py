@@ -26,7 +26,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from vqjax import errors
+from vqjax import _cli, errors
 
 # With --examples_per_shard=0 a shard holds about this many bytes of images: small enough to
 # redo quickly after a crash, large enough to keep the file count low.
@@ -316,6 +316,7 @@ def main(argv: list[str]) -> None:
   for flag, value in (("--config", f.config), ("--out", f.out)):
     if not value:
       raise SystemExit(f"vqjax.prepare: {flag} is required")
+  _cli.setup()  # before JAX creates its backends
   with errors.one_line("vqjax.prepare", f.verbose):
     meta = prepare(
       f.config.data,
@@ -335,4 +336,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  _cli.run(main, flags_parser=_parse_flags)

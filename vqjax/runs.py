@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from vqjax import errors
-from vqjax.training import checkpoint, tasks, weights
+from vqjax.training import checkpoint, logs, tasks, weights
 
 
 def _config_from_record(record: dict) -> ml_collections.ConfigDict:
@@ -68,13 +68,12 @@ def load_run(
   return load_run_with_step(workdir, step, device)[:3]
 
 
+@logs.quiet_library_logs()  # Orbax's notes on read-only and partial restores, done on purpose
+@logs.failed_read_leftovers_dropped()  # a damaged step's pending reads, failing after it
 def load_run_with_step(
   workdir: str, step: int | None = None, device: jax.Device | None = None
 ) -> tuple[ml_collections.ConfigDict, Any, dict, int | None]:
   """`load_run`, and the checkpoint step it read (None for a converted model)."""
-  from vqjax.training import logs
-
-  logs.quiet_library_logs()  # Orbax's notes on read-only and partial restores, done on purpose
   path = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(path):
     raise errors.UserError(f"{workdir} is not a directory")

@@ -1,7 +1,8 @@
 """Generates images with trained priors and a stage-1 decoder.
 
-  python -m vqjax.sample --workdir PRIOR_TOP --workdir PRIOR_BOTTOM --num 64 --out DIR \
-      [--stage1 STAGE1_WORKDIR] [--label 3] [--temperature 1.0 --top_k 0 --top_p 1.0] [--seed 0]
+  python -m vqjax.sample --workdir PRIOR_TOP --workdir PRIOR_BOTTOM --num 64 --out DIR
+      [--stage1 STAGE1_WORKDIR] [--label 3] [--seed 0]
+      [--temperature 1.0 --top_k 0 --top_p 1.0]
       [--classifier CLASSIFIER_RUN --threshold 0.9 --min_acceptance 0.05]
 
 The stage-1 run defaults to the one the priors' code dataset was extracted from. Writes
@@ -31,7 +32,7 @@ import time
 
 from absl import app, flags, logging
 
-from vqjax import errors
+from vqjax import _cli, errors
 
 
 def define_flags() -> None:
@@ -235,9 +236,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS.out:
     raise SystemExit("vqjax.sample: --out is required")
-  from vqjax.training import logs
-
-  logs.quiet_library_logs()  # Orbax's INFO lines per restore would bury the results
+  _cli.setup()  # before JAX creates its backends
   with errors.one_line("vqjax.sample", flags.FLAGS.verbose):
     settings = run(
       flags.FLAGS.workdir,
@@ -259,4 +258,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _cli.run(main)

@@ -13,8 +13,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import vqjax
-from vqjax import configs, errors
+from vqjax import _cli, configs, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -72,9 +71,6 @@ def _usage() -> str:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing where every mistake (a missing flag, an unknown experiment or variant,
   a misspelled `--config.a.b`) is reported as one line, not a traceback."""
-  if any(a in ("-h", "-?", "--help", "-help", "--helpshort") for a in argv[1:]):
-    print(_usage())
-    sys.exit(0)
   try:
     rest = flags.FLAGS(configs.resolve_config_argv(argv))
   except errors.UserError as e:
@@ -103,7 +99,7 @@ def _user_error(message: str) -> SystemExit:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  vqjax.tune_cpu_malloc()  # before JAX creates its CPU backend
+  _cli.setup(tune_malloc=True)  # before JAX creates its CPU backend
   import jax
 
   from vqjax.training import trainer
@@ -113,6 +109,7 @@ def main(argv):
   # traceback is what a report needs.
   try:
     configs.validate(config)
+    trainer.setup_compilation_cache(config.log.compilation_cache)
     initialize_distributed(config.distributed)
     result = trainer.train_and_evaluate(config, _WORKDIR.value)
   except errors.UserError as e:
@@ -137,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  _cli.run(main, flags_parser=parse_flags, usage=_usage)

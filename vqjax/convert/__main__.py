@@ -8,6 +8,7 @@ Writes OUT_DIR/config.json and OUT_DIR/variables (see `vqjax.convert`), which
 import argparse
 import sys
 
+from vqjax import _cli
 from vqjax.convert import rosinality, save_converted
 
 
@@ -82,4 +83,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  _cli.setup()  # before JAX creates its backends
   sys.exit(main())

@@ -4,8 +4,9 @@
 
 (the rejection-threshold and temperature trade-offs, built on these, are in tradeoffs.py)
 
-Every statistic is computed in the feature space of a classifier run, by default the cached
-evaluation network of the dataset (`vqjax.evaluation.feature_network`), against at most
+Every statistic is computed in the feature space of a classifier run, by default the evaluation
+network of the dataset that ships with vqjax, else the cached one
+(`vqjax.evaluation.feature_network`), against at most
 `max_real` images of the eval split of the stage-1 run the samples came from. Beside each
 number stand the same statistics of two reference sets of the same size, embedded by the same
 network: held-out real images (the train split, never the eval images compared with) and those
@@ -67,17 +68,36 @@ class Judge:
   """
 
   def __init__(self, workdir: str):
-    config, model, variables, self.step = runs.load_run_with_step(workdir)
+    config, model, variables, step = runs.load_run_with_step(workdir)
     if config.task != "classifier":
       raise errors.UserError(f"{workdir} is not a classifier run (its task is {config.task!r})")
-    self.workdir = workdir
+    self._set(config, model, variables, workdir, step)
+    self._described = feature_network.describe(workdir, step)
+
+  def _set(self, config: Any, model: Any, variables: dict, workdir: str, step: int | None):
+    self.workdir, self.step = workdir, step
     self.image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     self.num_classes = int(config.classifier.num_classes)
     self._model, self._variables = model, variables
 
+  @classmethod
+  def packaged(cls, dataset: str) -> "Judge":
+    """The evaluation network of `dataset` that ships with vqjax (feature_network.packaged)."""
+    config, model, variables, record = feature_network.packaged(dataset)
+    judge = cls.__new__(cls)
+    judge._set(config, model, variables, record["run"], record["step"])
+    judge._described = {
+      "features_run": record["run"],
+      "features_step": record["step"],
+      "features_test_accuracy": record["accuracy"],
+      "features_sha256": record["sha256"],
+    }
+    return judge
+
   def describe(self) -> dict[str, Any]:
-    """Which network made the features: its run, step and (cached networks) test accuracy."""
-    return feature_network.describe(self.workdir, self.step)
+    """Which network made the features: its run (or shipped file), step and, for evaluation
+    networks, test accuracy."""
+    return dict(self._described)
 
   def check(self, shape: tuple[int, ...], what: str) -> None:
     """UserError unless images of `shape` [H, W, C] fit the classifier."""
@@ -115,7 +135,10 @@ class Judge:
 
 def judge_for(features: str, data_config: Any) -> Judge:
   """The judge of samples of `data_config`'s dataset: the run `features`, or, when empty, the
-  cached evaluation network of the dataset (a one-line error tells how to train it)."""
+  evaluation network of the dataset that ships with vqjax, else the cached one (a one-line
+  error tells how to train it)."""
+  if not features and feature_network.has_packaged(data_config.name):
+    return Judge.packaged(data_config.name)
   if not features:
     workdir = feature_network.default_dir(data_config.name)
     if feature_network.read_record(workdir) is None:
@@ -362,7 +385,8 @@ def evaluate_samples(
     samples_dir: holds images.npz (uint8 "image" [N, H, W, C], optional "label" [N]) and
       settings.json (its "stage1" run's eval split gives the real images).
     features: a classifier run whose pooled features are the feature space and whose softmax
-      gives the Inception-style score; default the cached evaluation network of the dataset.
+      gives the Inception-style score; default the evaluation network of the dataset
+      (shipped, else cached).
     max_real: at most this many real eval images.
     min_samples: below this many samples, precision / recall, IS and CAS are NaN.
 
@@ -372,7 +396,8 @@ def evaluate_samples(
     "num_samples", "num_real"}, "classification_accuracy_score" when the samples and the real
     images are labelled; the references "real_images/{frechet_distance,precision,recall}" and
     "blurred_images/..." of `reference_count` held-out images, "fd_ratio_to_blurred"; and the
-    network: "features_run", "features_step", "features_test_accuracy" (cached networks).
+    network: "features_run", "features_step", "features_test_accuracy" (evaluation networks),
+    "features_sha256" (the shipped one).
 
   Raises:
     errors.UserError: missing files, fewer than 4 samples, or images of another shape than

@@ -210,8 +210,8 @@ def temperature_tradeoff(
 
   Args:
     priors: the priors' workdirs, one per code level.
-    features: the run whose features and probabilities judge the samples; "" = the cached
-      evaluation network of the dataset.
+    features: the run whose features and probabilities judge the samples; "" = the evaluation
+      network of the dataset (shipped with vqjax, else cached).
     temperatures: softmax temperatures > 0.
     num: samples per temperature (more than 3).
     out_png: where the plot goes (FD, precision and recall against temperature).

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,6 +24,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vqjax import errors
+from vqjax.training import logs
 
 CHECKPOINT_SUBDIR = "checkpoints"
 T = TypeVar("T")
@@ -485,49 +485,29 @@ class Checkpointer:
 def first_intact(directory: str, steps: list[int], attempt: Callable[[int], T]) -> tuple[T, int]:
   """(attempt(step), step) for the first of `steps` whose attempt raises no
   CheckpointDamagedError; each damaged step is skipped with a warning, as a resume skips it.
+  The leftovers of a damaged step's failed reads, which arrive while the next one is read, are
+  not shown (`logs.failed_read_leftovers_dropped`).
 
   Raises:
     CheckpointDamagedError: every step is damaged (or there is none), naming each problem.
   """
   problems = []
-  for step in steps:
-    try:
-      return attempt(step), step
-    except CheckpointDamagedError as e:
-      logging.warning("%s; skipping it and trying an earlier step", e)
-      problems.append(str(e))
+  with logs.failed_read_leftovers_dropped():
+    for step in steps:
+      try:
+        return attempt(step), step
+      except CheckpointDamagedError as e:
+        logging.warning("%s; skipping it and trying an earlier step", e)
+        problems.append(str(e))
   raise CheckpointDamagedError(
     f"no intact checkpoint in {directory}: {'; '.join(problems) or 'none saved'}"
   )
 
 
 def unreadable(directory: str, step: int, e: BaseException) -> CheckpointDamagedError:
-  """The one-line error for a step whose arrays failed to read.
-
-  Orbax reads a step's arrays concurrently; when one read fails, the others are left pending
-  and fail later, when their event loop is gone: thousands of lines of "RuntimeError: Event loop
-  is closed" and "Exception ignored in <coroutine ... _read_array_index_and_device_put>" for a
-  damage already reported here. From then on this process drops exactly those leftovers
-  (`_drop_failed_read_leftovers`); any other unraisable exception is still shown.
-  """
-  _drop_failed_read_leftovers()
+  """The one-line error for a step whose arrays failed to read (Orbax's other pending reads of
+  it fail later, `logs.failed_read_leftovers_dropped`)."""
   return CheckpointDamagedError(f"checkpoint step {step} in {directory} is damaged: {_short(e)}")
-
-
-def _drop_failed_read_leftovers() -> None:
-  previous = sys.unraisablehook
-  if getattr(previous, "vqjax_leftovers", False):
-    return
-
-  def hook(unraisable) -> None:
-    leftover = (
-      unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
-    ) or "_read_array_index_and_device_put" in repr(unraisable.object)
-    if not leftover:
-      previous(unraisable)
-
-  hook.vqjax_leftovers = True
-  sys.unraisablehook = hook
 
 
 def _check_intact(directory: str, step: int) -> None:

@@ -5,11 +5,14 @@ may call the methods. Metrics arrive as host floats: the trainer pulls them from
 on logging steps only.
 """
 
+import contextlib
 import json
+import logging as std_logging
 import math
 import os
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -35,7 +38,7 @@ _ORBAX_NOISE = (
 )
 
 
-class _DropLibraryInfo(logging.logging.Filter):
+class _DropLibraryInfo(std_logging.Filter):
   """Drops INFO records from Orbax (dozens of lines per save would bury the progress lines) and
   its warnings about what vqjax does on purpose (`_ORBAX_NOISE`; "is read only" reads like a
   permission problem), and keeps its errors to one line each."""
@@ -43,7 +46,7 @@ class _DropLibraryInfo(logging.logging.Filter):
   def filter(self, record) -> bool:
     if "/orbax/" not in record.pathname:
       return True
-    if record.levelno < logging.logging.WARNING:
+    if record.levelno < std_logging.WARNING:
       return False
     msg = str(record.msg)
     if any(msg.startswith(noise) for noise in _ORBAX_NOISE):
@@ -54,11 +57,76 @@ class _DropLibraryInfo(logging.logging.Filter):
     return True
 
 
-def quiet_library_logs() -> None:
-  """Keeps absl's log readable: Orbax's INFO chatter is dropped, its warnings stay."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
+def drop_library_noise() -> Callable[[], None]:
+  """Makes absl's logger (which Orbax logs through) drop Orbax's INFO chatter and its notes on
+  what vqjax does on purpose; its other warnings and errors stay. Returns what undoes it (a
+  no-op where the filter was there already). A program calls it for its whole run
+  (vqjax/_cli.py); library calls use `quiet_library_logs`."""
+  logger = std_logging.getLogger("absl")
+  if any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+    return lambda: None
+  drop = _DropLibraryInfo()
+  logger.addFilter(drop)
+  return lambda: logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def quiet_library_logs() -> Iterator[None]:
+  """`drop_library_noise` within; afterwards the logger's filters are as they were. Library
+  calls that read or write checkpoints enter it for their own duration."""
+  undo = drop_library_noise()
+  try:
+    yield
+  finally:
+    undo()
+
+
+def _failed_read_leftover(unraisable) -> bool:
+  return (
+    unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+  ) or "_read_array_index_and_device_put" in repr(unraisable.object)
+
+
+def drop_failed_read_leftovers() -> Callable[[], None]:
+  """Makes `sys.unraisablehook` drop the leftovers of checkpoint reads that failed; returns
+  what undoes it (a no-op where they are dropped already, or where the hook was replaced since).
+
+  Orbax reads a step's arrays concurrently; when one read fails, the others are left pending
+  and fail later, when their event loop is gone: up to thousands of lines of "RuntimeError:
+  Event loop is closed" and "Exception ignored in <coroutine ...
+  _read_array_index_and_device_put>" for a damage vqjax already reports in one line. Exactly
+  those are dropped; any other unraisable exception is still shown. A program calls it for its
+  whole run (vqjax/_cli.py); library calls use `failed_read_leftovers_dropped`.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "vqjax_leftovers", False):
+    return lambda: None
+
+  # The predicate is bound here: at interpreter exit, when the last leftovers may arrive, this
+  # module's globals are already gone.
+  def hook(unraisable, leftover=_failed_read_leftover) -> None:
+    if not leftover(unraisable):
+      previous(unraisable)
+
+  def undo() -> None:
+    if sys.unraisablehook is hook:
+      sys.unraisablehook = previous
+
+  hook.vqjax_leftovers = True
+  sys.unraisablehook = hook
+  return undo
+
+
+@contextlib.contextmanager
+def failed_read_leftovers_dropped() -> Iterator[None]:
+  """`drop_failed_read_leftovers` within; afterwards the previous hook is back. The leftovers
+  arrive while the next step is read, so `checkpoint.first_intact` and `runs.load_run` enter
+  it; stragglers after that are shown (a program drops them all)."""
+  undo = drop_failed_read_leftovers()
+  try:
+    yield
+  finally:
+    undo()
 
 
 def _records_up_to(path: str, step: int) -> tuple[list[str], int]:

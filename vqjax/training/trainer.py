@@ -50,7 +50,12 @@ from vqjax.training import checkpoint, health, host, logs, sharding, tasks, weig
 
 
 def setup_compilation_cache(directory: str) -> None:
-  """Turns on JAX's persistent compilation cache in `directory` ("" = leave it off)."""
+  """Turns on JAX's persistent compilation cache in `directory` ("" = leave it off).
+
+  A setting of the whole process, which JAX reads at its first compilation: the programs set
+  it from `config.log.compilation_cache` (`python -m vqjax.train`, `vqjax.pipeline`) and the
+  benchmark scripts from their flag; `train_and_evaluate` leaves `jax.config` alone.
+  """
   if not directory:
     return
   directory = os.path.abspath(os.path.expanduser(directory))
@@ -169,6 +174,7 @@ def _finished(workdir: str, step: int, total: int) -> dict[str, float]:
   return {**result, "step": step}
 
 
+@logs.quiet_library_logs()  # Orbax's INFO lines per save would bury the progress lines
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, task: tasks.Task | None = None
 ) -> dict[str, float]:
@@ -187,8 +193,6 @@ def train_and_evaluate(
   """
   t_start = time.perf_counter()
   configs.validate(config)
-  logs.quiet_library_logs()
-  setup_compilation_cache(config.log.compilation_cache)
   profile_dir = os.path.join(os.path.expanduser(workdir), "profile")
   profiler = host.Profiler(
     config.log.profile_steps, config.train.steps, profile_dir, jax.process_index() == 0
