@@ -2,9 +2,12 @@
 (evaluation/metrics.py) and the cached evaluation network (evaluation/feature_network.py),
 against hand-derived values and NumPy."""
 
+import gzip
+import hashlib
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +105,7 @@ def test_references_carry_a_classification_accuracy_score():
 
 def test_no_cached_network_is_one_line(tmp_path, monkeypatch):
   monkeypatch.setenv("VQJAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(feature_network, "PACKAGE_DIR", str(tmp_path / "none"))  # none shipped
   data = configs.load_experiment("fashion_mnist:smoke").data
   with pytest.raises(errors.UserError, match="python -m vqjax.features --data fashion_mnist"):
     samples.judge_for("", data)
@@ -130,3 +134,65 @@ def test_a_finished_network_is_read_not_trained(tmp_path, monkeypatch):
   }
   # Another step than the record's: the accuracy is not claimed for it.
   assert "features_test_accuracy" not in feature_network.describe(workdir, 7)
+
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _idx(name: str) -> np.ndarray:
+  """An idx file read with NumPy alone (not vqjax's data pipeline)."""
+  with gzip.open(os.path.join(FMNIST, name)) as f:
+    data = f.read()
+  dims = data[3]
+  shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def test_the_shipped_network_is_a_trained_judge():
+  """The shipped weights load, match their recorded hash (hashlib, here), and classify real
+  test images as well as their record says (labels read from the idx files with NumPy)."""
+  npz = os.path.join(feature_network.PACKAGE_DIR, "fashion_mnist.npz")
+  record = feature_network.packaged_record("fashion_mnist")
+  with open(npz, "rb") as f:
+    assert hashlib.sha256(f.read()).hexdigest() == record["sha256"]
+  assert record["accuracy"] >= 0.93 and record["step"] > 0
+  judge = samples.Judge.packaged("fashion_mnist")
+  described = judge.describe()
+  assert described["features_step"] == record["step"]
+  assert described["features_test_accuracy"] == record["accuracy"]
+  if not os.path.isdir(FMNIST):
+    pytest.skip("Fashion-MNIST idx files not installed (Debian dataset-fashion-mnist)")
+  n = 1000
+  images = _idx("t10k-images-idx3-ubyte.gz")[:n]
+  labels = _idx("t10k-labels-idx1-ubyte.gz")[:n]
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]  # 28 -> 32, as vqjax's data
+  probs = judge.probs(padded)
+  # 93.0% on all 10,000; 1,000 images leave about +/-0.8% of binomial spread.
+  assert np.mean(np.argmax(probs, axis=1) == labels) >= 0.9
+  # The default judge of the dataset is the shipped one.
+  data = configs.load_experiment("fashion_mnist:smoke").data
+  assert samples.judge_for("", data).describe() == described
+
+
+def test_a_damaged_or_stale_shipped_network_is_one_line(tmp_path, monkeypatch):
+  """A flipped byte fails the hash; weights exported from another config (the smoke
+  network) do not fit the experiment's shapes: each a one-line error, never a silent judge."""
+  config = configs.load_experiment("features_fashion_mnist:smoke")
+  config.log.tensorboard = False
+  workdir = str(tmp_path / "net")
+  feature_network.ensure("fashion_mnist", workdir, config)
+  out = tmp_path / "shipped"
+  feature_network.export(workdir, "fashion_mnist", str(out))
+  with pytest.raises(errors.UserError, match="does not fit"):
+    feature_network.packaged("fashion_mnist", str(out))
+  damaged = tmp_path / "damaged"
+  shutil.copytree(feature_network.PACKAGE_DIR, damaged)
+  with open(damaged / "fashion_mnist.npz", "r+b") as f:
+    f.seek(1000)
+    byte = f.read(1)
+    f.seek(1000)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  with pytest.raises(errors.UserError, match="damaged"):
+    feature_network.packaged("fashion_mnist", str(damaged))
+  with pytest.raises(errors.UserError, match="ships no evaluation network"):
+    feature_network.packaged("fashion_mnist", str(tmp_path / "empty"))
