@@ -92,13 +92,25 @@ def test_flops_counter_agrees_with_a_hand_count_of_one_conv():
   assert abs(counted - by_hand) / by_hand < 0.10  # XLA skips the padded taps at the border
 
 
-def test_peak_flops_table():
-  assert suite.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4e12)
-  assert suite.peak_flops("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756e12)
-  assert suite.peak_flops("NVIDIA A100-SXM4-80GB", "float32") == pytest.approx(156e12)
-  assert suite.peak_flops("TPU v5 lite", "bfloat16") == pytest.approx(197e12)
-  assert suite.peak_flops("TPU v5p", "bfloat16") == pytest.approx(459e12)
-  assert suite.peak_flops("TPU v4", "float32") is None
+def test_peak_flops_finds_each_device_kind_its_own_row():
+  """`suite.PEAK_TFLOPS` is matched in order by substring, so a shorter pattern listed before a
+  longer one containing it ("h100" before "h100 pcie") would hand the longer one's devices the
+  wrong peak. Each row is reached by its own pattern, whatever the case; the device kinds JAX
+  reports reach the intended row; what the table lacks is None."""
+  rows = dict(suite.PEAK_TFLOPS)
+  for pattern, (bf16, fp32) in suite.PEAK_TFLOPS:
+    kind = f"Vendor {pattern.upper()} 80GB"
+    assert suite.peak_flops(kind, "bfloat16") == bf16 * 1e12, pattern
+    assert suite.peak_flops(kind, "float32") == (None if fp32 is None else fp32 * 1e12), pattern
+  reported = {
+    "NVIDIA H100 80GB HBM3": "h100",
+    "NVIDIA H100 PCIe": "h100 pcie",
+    "NVIDIA A100-SXM4-80GB": "a100",
+    "TPU v5 lite": "tpu v5 lite",
+    "TPU v5p": "tpu v5",
+  }
+  for kind, pattern in reported.items():
+    assert suite.peak_flops(kind, "bfloat16") == rows[pattern][0] * 1e12, kind
   assert suite.peak_flops("cpu", "float32") is None
 
 

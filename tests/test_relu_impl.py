@@ -34,7 +34,8 @@ def test_relu_rejects_an_unknown_form():
 
 
 def test_auto_picks_stored_on_the_cpu():
-  assert jax.default_backend() == "cpu"
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the pick on the CPU")
   assert layers.resolve_relu("auto") == "stored"
   assert layers.resolve_relu("output") == "output"
 

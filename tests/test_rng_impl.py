@@ -24,16 +24,18 @@ def test_train_key_drives_dropout_as_configured(impl):
   assert str(jax.random.key_impl(key)) == trainer.RNG_IMPLS[impl]
 
   @jax.jit
-  def mask(step):
+  def mask(key, step):
     x = jnp.ones((1000, 1000))
     drop = nn.Dropout(0.1, deterministic=False)
     return drop.apply({}, x, rngs={"dropout": jax.random.fold_in(key, step)}) != 0
 
-  m1, m1_again, m2 = np.asarray(mask(1)), np.asarray(mask(1)), np.asarray(mask(2))
-  # Keep rate 0.9 over 1e6 draws (std 3e-4); the same step redraws the same mask (a resumed
-  # run), another step a different one.
+  # A resumed run derives its key afresh from the config (another process, another call):
+  # the same step must redraw the same mask from it.
+  resumed = trainer.train_key(_config(impl))
+  m1, m1_resumed, m2 = (np.asarray(mask(k, s)) for k, s in ((key, 1), (resumed, 1), (key, 2)))
+  # Keep rate 0.9 over 1e6 draws (std 3e-4); another step draws a different mask.
   assert abs(m1.mean() - 0.9) < 0.005
-  assert np.array_equal(m1, m1_again)
+  assert np.array_equal(m1, m1_resumed)
   assert (m1 != m2).mean() > 0.1
   other_seed = trainer.train_key(_config(impl, seed=4))
   assert not np.array_equal(jax.random.key_data(key), jax.random.key_data(other_seed))
