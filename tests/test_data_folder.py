@@ -191,3 +191,26 @@ def test_a_jpeg_cut_short_is_found_by_the_check(tmp_path):
   padded.write_bytes(data + b"\x00" * 100)
   assert folder._check_image(str(whole)) == "" and folder._check_image(str(padded)) == ""
   assert "truncated" in folder._check_image(str(cut))
+
+
+def test_links_are_followed_once_and_never_outside_the_folder(tmp_path, caplog):
+  """A link back up would walk the folder again until the kernel's link limit (40 images ->
+  1,640 entries before), and a link above it would train on files outside; both are skipped
+  with one warning line. A link to another folder inside is walked once (the set below is
+  written out by hand)."""
+  root = tmp_path / "imgs"
+  img = np.zeros((8, 8), np.uint8)
+  for name in ("a/1.png", "a/2.png", "b/3.png"):
+    _save(root / name, img)
+  _save(tmp_path / "outside" / "secret.png", img)
+  os.symlink("..", root / "a" / "up")  # a loop: a/up -> imgs
+  os.symlink(tmp_path / "outside", root / "leak")  # above the folder
+  os.symlink(root / "b", root / "a" / "alias_of_b")  # inside: b walked once, via the link
+  with caplog.at_level(logging.WARNING):
+    rel = folder.image_paths(str(root))
+  assert rel == ["a/1.png", "a/2.png", "a/alias_of_b/3.png"]
+  warnings = [r.getMessage() for r in caplog.records if "linked folder" in r.getMessage()]
+  assert len(warnings) == 1 and "\n" not in warnings[0]
+  assert "a/up" in warnings[0] and "leak (a link outside the folder)" in warnings[0]
+  src = folder.FolderSource(str(root), channels=1)
+  assert len(src) == 3 and not any("secret" in p for p in src.paths)

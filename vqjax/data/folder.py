@@ -147,6 +147,56 @@ def check_images(
   return {rel: r[2] for rel, r in results.items() if r[2]}
 
 
+def image_paths(folder: str) -> list[str]:
+  """The image files below `folder`, relative to it, sorted.
+
+  Links to directories are followed, but each real directory is walked once (by device and
+  inode), and never one outside the folder's real path: a link back up (`loop -> ..`) would
+  otherwise repeat every image until the kernel's link limit, and a link above the folder
+  would train on files outside it. What was skipped is said in one warning line.
+  """
+  top = os.path.realpath(folder)
+  seen: set[tuple[int, int]] = set()
+  skipped: list[str] = []
+  rel: list[str] = []
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    st = os.stat(root)
+    if (st.st_dev, st.st_ino) in seen:  # reached twice through links: walked already
+      dirs[:] = []
+      continue
+    seen.add((st.st_dev, st.st_ino))
+    keep = []
+    for d in sorted(dirs):
+      path = os.path.join(root, d)
+      real = os.path.realpath(path)
+      if os.path.islink(path):
+        if os.path.commonpath([top, real]) != top:
+          skipped.append(f"{os.path.relpath(path, folder)} (a link outside the folder)")
+          continue
+        try:
+          target = os.stat(real)
+        except OSError:
+          continue  # a dangling link: nothing to walk
+        if (target.st_dev, target.st_ino) in seen:
+          skipped.append(f"{os.path.relpath(path, folder)} (a link to a folder walked already)")
+          continue
+      keep.append(d)
+    dirs[:] = keep
+    rel += [
+      os.path.relpath(os.path.join(root, f), folder)
+      for f in files
+      if f.lower().endswith(_IMAGE_EXTENSIONS)
+    ]
+  if skipped:
+    logging.warning(
+      "not following %d linked folder(s) below %s: %s",
+      len(skipped),
+      folder,
+      "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""),
+    )
+  return sorted(set(rel))
+
+
 class FolderSource:
   """Every readable PNG/JPEG found recursively below a folder, sorted by path.
 
@@ -175,14 +225,7 @@ class FolderSource:
   def __init__(self, folder: str, channels: int, cache_dir: str = "", threads: int = 16):
     if not folder or not os.path.isdir(folder):
       raise UserError(f"Image folder {folder!r} not found: set --config.data.folder")
-    rel = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-      dirs.sort()
-      rel += [
-        os.path.relpath(os.path.join(root, f), folder)
-        for f in files
-        if f.lower().endswith(_IMAGE_EXTENSIONS)
-      ]
+    rel = image_paths(folder)
     if not rel:
       raise UserError(f"No .png/.jpg/.jpeg images found below {folder}")
     rel.sort()
