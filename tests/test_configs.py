@@ -138,6 +138,8 @@ def _other_value(field: str, value):
   """A valid value different from `value` for a field."""
   if isinstance(value, bool):
     return not value
+  if isinstance(value, float) and 0 <= value < 1:  # probabilities and rates stay in range
+    return value / 2 if value else 0.5
   if isinstance(value, (int, float)):
     return value + 1
   other = {"vq.init": "normal", "vq.stats_impl": "scatter", "vq.distance_impl": "xla"}
@@ -264,3 +266,38 @@ def test_total_stride_of_an_unknown_model_is_a_user_error():
   config.model.name = "vqgan"
   with pytest.raises(errors.UserError, match="'vqgan'.*vqvae, vqvae2"):
     registry.total_stride(config)
+
+
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("train.steps", -5),  # saved an untrained step 0 and reported "done"
+    ("train.steps", 0),
+    ("optim.lr", -1.0),  # trained to a commitment loss of 1.5e31
+    ("optim.lr", float("nan")),
+    ("data.image_size", 10**9),  # numpy's "array is too big"
+    ("data.batch_size", 0),
+    ("model.levels", 1000000),  # load_run ran for minutes
+    ("model.dropout", 1.0),
+    ("vq.decay", 1.5),
+    ("mesh.data", 0),
+  ],
+)
+def test_values_that_cannot_be_right_are_one_line_errors(field, value):
+  config = configs.base_config()
+  group, _, name = field.partition(".")
+  with config.unlocked():
+    config[group][name] = value
+  with pytest.raises(errors.UserError) as e:
+    configs.validate(config)
+  assert f"config.{field}=" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_shipped_config_lies_in_range():
+  for name in configs.list_experiments():
+    for variant in ("", ":smoke"):
+      try:
+        config = configs.load_experiment(name + variant)
+      except errors.UserError:  # no such variant
+        continue
+      configs.check_ranges(config)

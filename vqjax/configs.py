@@ -8,6 +8,7 @@ quantizer ignores, a misspelled choice) before a run starts.
 """
 
 import importlib.util
+import math
 import os
 import textwrap
 from collections.abc import Callable, Mapping
@@ -526,14 +527,107 @@ IGNORED_FIELDS = {
 }
 
 
+# The range of every numeric field: (kind, low, high), both ends included; kind "int" wants an
+# integer (never a bool or a float), "float" any finite number; "prob" is [0, 1). A value out of
+# range cannot be right (a negative step count "finished" untrained; a negative learning rate
+# trained to a commitment loss of 1e31; image_size=1e9 or model.levels=10**6 in a damaged
+# config.json failed deep inside NumPy or ran for minutes), so `validate` refuses it in one line.
+_BIG = 2**31 - 1
+_RANGES = {
+  "data.image_size": ("int", 1, 65536),
+  "data.channels": ("int", 1, 4),
+  "data.batch_size": ("int", 1, _BIG),
+  "data.eval_batch_size": ("int", 1, _BIG),
+  "data.num_workers": ("int", 0, 4096),
+  "data.worker_processes": ("int", 0, 4096),
+  "data.synthetic_num_codes": ("int", 0, _BIG),
+  "data.synthetic_examples": ("int", 1, _BIG),
+  "model.channels": ("int", 1, 65536),
+  "model.res_channels": ("int", 1, 65536),
+  "model.num_res_blocks": ("int", 0, 1024),
+  "model.levels": ("int", 1, 16),
+  "model.first_stride": ("int", 1, 64),
+  "model.level_stride": ("int", 1, 64),
+  "model.downsample": ("int", 0, 16),
+  "model.kernel_size": ("int", 1, 63),
+  "model.num_layers": ("int", 1, 1024),
+  "model.num_blocks": ("int", 1, 1024),
+  "model.num_heads": ("int", 1, 1024),
+  "model.dropout": ("prob", 0.0, 1.0),
+  "model.cond_channels": ("int", 0, 65536),
+  "model.num_cond_res_blocks": ("int", 0, 1024),
+  "model.cond_res_channels": ("int", 0, 65536),
+  "model.cond_res_kernel": ("int", 1, 63),
+  "model.num_out_res_blocks": ("int", 0, 1024),
+  "vq.num_codes": ("int", 1, 2**24),
+  "vq.code_dim": ("int", 1, 65536),
+  "vq.beta": ("float", 0.0, 1e6),
+  "vq.decay": ("prob", 0.0, 1.0),
+  "vq.eps": ("float", 0.0, 1.0),
+  "vq.kmeans_iters": ("int", 0, 10**6),
+  "vq.restart_after": ("int", 0, _BIG),
+  "vq.temperature": ("float", 1e-6, 1e6),
+  "vq.kl_weight": ("float", 0.0, 1e6),
+  "prior.level": ("int", 0, 15),
+  "prior.num_classes": ("int", 0, 2**24),
+  "classifier.num_classes": ("int", 1, 2**24),
+  "classifier.label_smoothing": ("prob", 0.0, 1.0),
+  "classifier.stem_stride": ("int", 1, 64),
+  "optim.lr": ("float", 1e-12, 1e3),
+  "optim.b1": ("prob", 0.0, 1.0),
+  "optim.b2": ("prob", 0.0, 1.0),
+  "optim.weight_decay": ("float", 0.0, 1e3),
+  "optim.warmup_steps": ("int", 0, _BIG),
+  "optim.grad_clip": ("float", 0.0, 1e12),
+  "train.steps": ("int", 1, _BIG),
+  "ckpt.every_steps": ("int", 0, _BIG),
+  "ckpt.keep": ("int", 1, 10**6),
+  "log.every_steps": ("int", 1, _BIG),
+  "log.eval_every_steps": ("int", 0, _BIG),
+  "log.eval_batches": ("int", 0, _BIG),
+  "log.image_every_steps": ("int", 0, _BIG),
+  "log.num_images": ("int", 0, 4096),
+  "mesh.data": ("int", -1, 2**20),
+  "mesh.fsdp": ("int", 1, 2**20),
+  "mesh.fsdp_min_size": ("int", 0, 2**62),
+}
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """UserError (one line, naming the field) unless every field of `_RANGES` that the config
+  has holds a number of its kind inside its range."""
+  for field, (kind, low, high) in _RANGES.items():
+    group, name = field.split(".")
+    if group not in config or name not in config[group]:
+      continue
+    value = config[group][name]
+    if kind == "int":
+      ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+      want = f"an integer in [{low}, {high}]"
+    else:
+      ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and low <= value <= high
+        and (kind != "prob" or value < high)
+      )
+      want = f"a number in [{low}, {high}{')' if kind == 'prob' else ']'}"
+    if not ok:
+      raise errors.UserError(f"config.{field}={value!r} cannot be right: it must be {want}")
+  if config.mesh.data == 0:
+    raise errors.UserError("config.mesh.data=0 cannot be right: use -1 (all devices) or >= 1")
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str):
   group, _, field = dotted.rpartition(".")
   return (config[group] if group else config)[field]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks a config before a run: choice fields hold a known value, and no field that the
-  chosen model or quantizer ignores differs from its `base_config()` default.
+  """Checks a config before a run: numeric fields lie in their ranges (`check_ranges`), choice
+  fields hold a known value, and no field that the chosen model or quantizer ignores differs
+  from its `base_config()` default.
 
   Args:
     config: a full config (from an experiment, with overrides).
@@ -543,6 +637,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   from vqjax.models import registry  # here, not at the top: it imports Flax
 
+  check_ranges(config)
   choices = dict(
     _CHOICES,
     **{
