@@ -301,3 +301,15 @@ def test_every_shipped_config_lies_in_range():
       except errors.UserError:  # no such variant
         continue
       configs.check_ranges(config)
+
+
+def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
+  path = tmp_path / "broken.py"
+  path.write_text("import ml_collections\n\n\ndef get_config(:\n  return None\n")
+  with pytest.raises(errors.UserError) as e:
+    configs.load_experiment(str(path))
+  message = str(e.value)
+  assert message.startswith(f"{path}:4: SyntaxError") and "\n" not in message
+  path.write_text("def get_config():\n  x = 1\n    return x\n")
+  with pytest.raises(errors.UserError, match=r"broken.py:3: IndentationError"):
+    configs.load_experiment(str(path))

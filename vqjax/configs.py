@@ -338,7 +338,12 @@ def load_experiment(path_or_name: str) -> ml_collections.ConfigDict:
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"vqjax_experiment_{name}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:  # IndentationError too: the file, line and message, in one line
+    raise errors.UserError(
+      f"{e.filename or path}:{e.lineno}: {type(e).__name__}: {e.msg}"
+    ) from None
   try:
     config = module.get_config(variant) if variant else module.get_config()
   except errors.UserError as e:
