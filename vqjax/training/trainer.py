@@ -46,7 +46,7 @@ from absl import logging
 
 from vqjax import configs, errors
 from vqjax.data import pipeline, sources
-from vqjax.training import checkpoint, health, host, logs, sharding, tasks, weights
+from vqjax.training import checkpoint, health, host, logs, sharding, tasks, weights, workdir_lock
 
 
 def setup_compilation_cache(directory: str) -> None:
@@ -225,11 +225,18 @@ class _Run:
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.pi, pc = jax.process_index(), jax.process_count()
     self.writer = self.train_iter = self.stop = self.clock = self.reader = None
-    self.ckpt = checkpoint.Checkpointer(
-      os.path.join(self.workdir, checkpoint.CHECKPOINT_SUBDIR),
-      config.ckpt.keep,
-      config.ckpt.async_save,
-    )
+    # One trainer per workdir: the primary holds the lock until close (workdir_lock.py).
+    self.lock = workdir_lock.WorkdirLock(self.workdir).acquire() if self.pi == 0 else None
+    try:
+      self.ckpt = checkpoint.Checkpointer(
+        os.path.join(self.workdir, checkpoint.CHECKPOINT_SUBDIR),
+        config.ckpt.keep,
+        config.ckpt.async_save,
+      )
+    except BaseException:
+      if self.lock is not None:
+        self.lock.release()
+      raise
     try:
       self._setup(config, task, pc)
     except BaseException:
@@ -527,6 +534,9 @@ class _Run:
       self.writer.close()
     if self.train_iter is not None and hasattr(self.train_iter, "close"):
       self.train_iter.close()
+    if self.lock is not None:  # last: everything the run writes is written
+      self.lock.release()
+      self.lock = None
 
   def __enter__(self) -> "_Run":
     return self
