@@ -241,6 +241,15 @@ def test_validate_rejects_unknown_choices(field, bad):
     configs.validate(config)
 
 
+
+def test_the_config_names_the_models_and_dtypes_the_registry_builds():
+  # configs.py is below models/ (tests/test_layers_imports.py): it keeps the names, the
+  # registry the builders.
+  assert configs.MODEL_NAMES == tuple(registry.MODELS)
+  assert configs.DTYPE_NAMES == tuple(registry.DTYPES)
+  assert set(registry.AUTOENCODERS + registry.PRIORS) < set(registry.MODELS)
+
+
 # --- total_stride -------------------------------------------------------------------------------
 
 

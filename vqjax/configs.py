@@ -8,6 +8,7 @@ quantizer ignores, a misspelled choice) before a run starts.
 """
 
 import importlib.util
+import json
 import math
 import os
 import textwrap
@@ -152,6 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
   # coarsest first, and the image shape they encode.
   c.prior.code_shapes = ml_collections.config_dict.placeholder(list)
   c.prior.image_shape = ml_collections.config_dict.placeholder(list)
+  # Filled from the code dataset too: the stage-1 run the codes were extracted from (its
+  # workdir), whose decoder turns the prior's samples into images (`vqjax.sample`).
+  c.prior.stage1 = ""
 
   # --- classifier (task="classifier") -----------------------------------------------------
   # A residual CNN (models/classifier.py) sized by config.model: channels (first-stage width,
@@ -352,6 +356,38 @@ def load_experiment(path_or_name: str) -> ml_collections.ConfigDict:
   return config
 
 
+def _merge_known(config: ml_collections.ConfigDict, values: dict, what: str, prefix="") -> None:
+  # Onto the current schema, so fields added since the file was written keep their defaults,
+  # while a field the schema no longer has is an error rather than silently dropped.
+  for key, value in values.items():
+    name = f"{prefix}{key}"
+    if key not in config:
+      raise ValueError(f"{what} has a field {name!r} that vqjax's config does not know")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        raise ValueError(f"{what} field {name!r} should be a group, got {value!r}")
+      _merge_known(config[key], value, what, f"{name}.")
+    else:
+      config[key] = value
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+  """Reads a config written with `ConfigDict.to_json()` (a converted model's config.json,
+  `vqjax.convert`) onto `base_config()`.
+
+  Args:
+    path: the JSON file.
+
+  Returns:
+    The config; unknown fields raise ValueError.
+  """
+  with open(path) as f:
+    values = json.load(f)
+  config = base_config()
+  _merge_known(config, values, os.path.basename(path))
+  return config
+
+
 def resolve_config_argv(argv: list[str]) -> list[str]:
   """Command-line arguments with the --config value replaced by the experiment file's path (a
   bare name is looked up in experiments/), after loading it once so that a bad file or variant
@@ -423,9 +459,17 @@ def summarize_fields(config: ml_collections.ConfigDict | None = None, width: int
 
 # ---- validation -------------------------------------------------------------------------------
 
-# Fields with a fixed set of values (model.name and the dtypes come from models/registry.py).
+# The models models/registry.py builds (config.model.name) and the dtype names it maps to JAX
+# dtypes; tests/test_configs.py checks that both files name the same ones.
+MODEL_NAMES = ("vqvae", "vqvae2", "pixelcnn", "pixelsnail", "classifier")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+# Fields with a fixed set of values.
 _CHOICES = {
   "task": ("autoencoder", "prior", "classifier"),
+  "model.name": MODEL_NAMES,
+  "model.dtype": DTYPE_NAMES,
+  "model.param_dtype": DTYPE_NAMES,
   "data.reader": ("auto", "grain", "tfdata", "local", "folder"),
   "data.resize": ("pad", "resize_crop", "center_crop"),
   "model.upconv_impl": ("auto", "subpixel", "lax", "adjoint"),  # models/strided.py
@@ -640,18 +684,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     errors.UserError: one line naming the offending field(s).
   """
-  from vqjax.models import registry  # here, not at the top: it imports Flax
-
   check_ranges(config)
-  choices = dict(
-    _CHOICES,
-    **{
-      "model.name": tuple(registry.MODELS),
-      "model.dtype": tuple(registry.DTYPES),
-      "model.param_dtype": tuple(registry.DTYPES),
-    },
-  )
-  for field, allowed in choices.items():
+  for field, allowed in _CHOICES.items():
     value = _get(config, field)
     if value not in allowed:
       raise errors.UserError(

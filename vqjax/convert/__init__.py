@@ -8,7 +8,6 @@ A converted model is a directory:
 source in this package (`rosinality.py`); `python -m vqjax.convert --help` lists commands.
 """
 
-import json
 import os
 from typing import Any
 
@@ -16,45 +15,16 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vqjax.configs import base_config
+from vqjax.configs import read_config
 from vqjax.convert.rosinality import convert_vqvae2, load_vqvae2
 from vqjax.models import registry
 
+# read_config is the config schema's (vqjax/configs.py): `vqjax.load_run` reads a converted
+# directory without importing the converters.
 __all__ = ["convert_vqvae2", "load_converted", "load_vqvae2", "read_config", "save_converted"]
 
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
-
-
-def _merge(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
-  # Onto the current schema, so fields added since the conversion keep their defaults, while
-  # a field the schema no longer has is an error rather than silently dropped.
-  for key, value in values.items():
-    name = f"{prefix}{key}"
-    if key not in config:
-      raise ValueError(f"{CONFIG_FILE} has a field {name!r} that vqjax's config does not know")
-    if isinstance(config[key], ml_collections.ConfigDict):
-      if not isinstance(value, dict):
-        raise ValueError(f"{CONFIG_FILE} field {name!r} should be a group, got {value!r}")
-      _merge(config[key], value, f"{name}.")
-    else:
-      config[key] = value
-
-
-def read_config(path: str) -> ml_collections.ConfigDict:
-  """Reads a config written with `ConfigDict.to_json()` onto `base_config()`.
-
-  Args:
-    path: the JSON file.
-
-  Returns:
-    The config; unknown fields raise ValueError.
-  """
-  with open(path) as f:
-    values = json.load(f)
-  config = base_config()
-  _merge(config, values)
-  return config
 
 
 def save_converted(

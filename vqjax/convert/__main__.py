@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from vqjax import _cli
-from vqjax.convert import rosinality, save_converted
+from vqjax.convert import pixelsnail, rosinality, save_converted
 
 
 def _rosinality_vqvae2(args: argparse.Namespace) -> str:
@@ -26,8 +26,6 @@ def _rosinality_vqvae2(args: argparse.Namespace) -> str:
 
 
 def _rosinality_pixelsnail(args: argparse.Namespace) -> str:
-  from vqjax.convert import pixelsnail
-
   overrides = {"num_heads": args.num_heads} if args.num_heads else {}
   config, _, variables = pixelsnail.convert_pixelsnail(args.checkpoint, **overrides)
   # A prior has no quantizer state; the directory layout stays that of save_converted.

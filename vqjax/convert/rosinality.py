@@ -272,7 +272,7 @@ def load_torch_file(
   if isinstance(path_or_mapping, Mapping):
     return path_or_mapping
   try:
-    import torch
+    import torch  # optional (vqjax[torch]) and slow to import: only to read a PyTorch file
   except ImportError as e:
     raise ImportError("reading PyTorch checkpoints needs torch: pip install 'vqjax[torch]'") from e
   path = os.fspath(path_or_mapping)
@@ -442,10 +442,3 @@ def load_vqvae2(path_or_state_dict: str | os.PathLike | Mapping[str, Any]):
   """
   _, model, variables = convert_vqvae2(path_or_state_dict)
   return model, variables
-
-
-def load_pixelsnail(path_or_state_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any):
-  """The same repository's PixelSNAIL priors: see `vqjax.convert.pixelsnail.load_pixelsnail`."""
-  from vqjax.convert.pixelsnail import load_pixelsnail as load  # it imports this module
-
-  return load(path_or_state_dict, **overrides)

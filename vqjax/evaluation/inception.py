@@ -436,7 +436,7 @@ def load_fid_inception(path: str | os.PathLike) -> dict[str, Any]:
     FileNotFoundError: no such file.
   """
   try:
-    import torch
+    import torch  # optional (vqjax[torch]) and slow to import: only to read a PyTorch file
   except ImportError:
     raise errors.UserError(
       "reading the FID Inception weights needs torch: pip install 'vqjax[torch]'"

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vqjax import errors
+from vqjax.models import classifier, hierarchy, pixelcnn, pixelsnail, vqvae
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -107,8 +108,6 @@ def onehot_impl() -> str:
 
 
 def _build_vqvae(config, dtype, param_dtype):
-  from vqjax.models import vqvae
-
   m = config.model
   return vqvae.VQVAE(
     out_channels=config.data.channels,
@@ -127,8 +126,6 @@ def _build_vqvae(config, dtype, param_dtype):
 
 
 def _build_vqvae2(config, dtype, param_dtype):
-  from vqjax.models import hierarchy
-
   m = config.model
   return hierarchy.VQVAE2(
     out_channels=config.data.channels,
@@ -153,8 +150,6 @@ def _prior_classes(config) -> int:
 
 
 def _build_pixelcnn(config, dtype, param_dtype):
-  from vqjax.models import pixelcnn
-
   m = config.model
   return pixelcnn.GatedPixelCNN(
     num_codes=config.vq.num_codes,
@@ -170,8 +165,6 @@ def _build_pixelcnn(config, dtype, param_dtype):
 
 
 def _build_pixelsnail(config, dtype, param_dtype):
-  from vqjax.models import pixelsnail
-
   m = config.model
   shapes = config.prior.code_shapes
   if not shapes:
@@ -204,8 +197,6 @@ def _build_pixelsnail(config, dtype, param_dtype):
 
 
 def _build_classifier(config, dtype, param_dtype):
-  from vqjax.models import classifier
-
   return classifier.from_config(config, dtype, param_dtype)
 
 
@@ -217,8 +208,9 @@ MODELS = {
   "pixelsnail": _build_pixelsnail,
   "classifier": _build_classifier,
 }
-# The stage-1 models (the rest are priors over their codes).
+# The stage-1 models, and the priors over their codes (the rest: the classifier).
 AUTOENCODERS = ("vqvae", "vqvae2")
+PRIORS = ("pixelcnn", "pixelsnail")
 
 
 def _check_name(name: str) -> None:
@@ -234,6 +226,34 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   return MODELS[config.model.name](
     config, dtype_from_name(config.model.dtype), dtype_from_name(config.model.param_dtype)
   )
+
+
+def init_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
+  """Zero inputs of one example for `model.init` of the model `config` names: they fix the
+  shapes of its variables (`vqjax.load_run` restores a run into them).
+
+  Args:
+    config: a full config; a prior's needs `config.prior.code_shapes` (recorded with the run).
+
+  Returns:
+    (args, kwargs) with train=False: autoencoders and classifiers take images float32
+    [1, image_size, image_size, channels]; priors the int32 code map [1, h, w] of
+    `config.prior.level`, the coarser levels' maps as `condition` and, class-conditional, an
+    int32 [1] `label`.
+  """
+  _check_name(config.model.name)
+  if config.model.name not in PRIORS:
+    size, channels = config.data.image_size, config.data.channels
+    return (jnp.zeros((1, size, size, channels), jnp.float32),), {"train": False}
+  p = config.prior
+  if not p.code_shapes or not 0 <= p.level < len(p.code_shapes):
+    raise errors.UserError(
+      f"config.prior.code_shapes={p.code_shapes} has no level {p.level}: the prior's code maps "
+      "are not recorded in its config"
+    )
+  maps = [jnp.zeros((1, *shape), jnp.int32) for shape in p.code_shapes[: p.level + 1]]
+  label = jnp.zeros((1,), jnp.int32) if p.class_conditional else None
+  return (maps[-1],), {"condition": tuple(maps[:-1]) or None, "label": label, "train": False}
 
 
 def total_stride(config: ml_collections.ConfigDict) -> int:

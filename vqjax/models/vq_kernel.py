@@ -1,6 +1,6 @@
 """Fused nearest-codeword search: a Pallas kernel that never materialises the N x K distances.
 
-The XLA path (`quantizer.nearest_code`) builds the full [N, K] float32 distance matrix in memory
+The XLA path (`distances.nearest_code`) builds the full [N, K] float32 distance matrix in memory
 and then takes its argmin. The kernel here streams the codebook through blocks instead: each
 program takes `block_n` rows of x, walks over the codebook `block_k` codewords at a time, and
 keeps a running (minimum, argmin) per row, so only the int32 indices [N] are written out.
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from vqjax.models import quantizer
+from vqjax.models import distances
 
 IMPLS = ("xla", "pallas")
 _MIN_BLOCK = 16  # Triton's tl.dot needs every dot dimension >= 16
@@ -78,7 +78,7 @@ def _nearest_kernel(x_ref, *refs, block_k: int, num_k_blocks: int):
   """One block of rows: running (min score, argmin) over the codebook, block_k at a time.
 
   Refs: x [block_n, D], then the codebook as one float32 [K_pad, D] ref or as its three
-  bfloat16 parts (`quantizer.split_bf16`, for a bfloat16 x) (whole), norms [1, K_pad] (whole,
+  bfloat16 parts (`distances.split_bf16`, for a bfloat16 x) (whole), norms [1, K_pad] (whole,
   +inf on padded codewords), out indices [block_n, 1] int32. Per-row values stay 2-D
   ([block_n, 1]): keepdims row reductions spare Mosaic a 1-D relayout, and Triton accepts
   size-1 dimensions.
@@ -146,7 +146,7 @@ def nearest_code_pallas(
 ) -> jax.Array:
   """Index of the nearest codeword for each row of x, without an [N, K] distance matrix.
 
-  Same result as `quantizer.nearest_code` (float32 squared Euclidean distance, ties to the
+  Same result as `distances.nearest_code` (float32 squared Euclidean distance, ties to the
   lowest index) up to float32 rounding of near-tied distances. Inputs are cast to float32.
   N, K and D need not be multiples of anything: rows are padded with zeros (their results are
   sliced off), padded codewords get norm +inf so they never win, and D is zero-padded to a
@@ -167,7 +167,7 @@ def nearest_code_pallas(
     block_n: rows of x per program, a power of two >= 16.
     block_k: codewords per inner step, a power of two >= 16.
     bf16: x is bfloat16 (a bfloat16 model's encoder output): the scores are bfloat16 dots of
-      x with the codebook's three bfloat16 parts (`quantizer.split_bf16`), whose products are
+      x with the codebook's three bfloat16 parts (`distances.split_bf16`), whose products are
       exact in float32, instead of float32 dots (no tensor cores for those on GPUs).
     interpret: run the kernel in the Pallas interpreter (needed on the CPU).
 
@@ -220,7 +220,7 @@ def _nearest_code_pallas(x, codebook, *, block_n, block_k, bf16, interpret, back
 
   num_k_blocks = k_pad // block_k
   kernel = functools.partial(_nearest_kernel, block_k=block_k, num_k_blocks=num_k_blocks)
-  codebooks = quantizer.split_bf16(codebook) if bf16 else (codebook,)
+  codebooks = distances.split_bf16(codebook) if bf16 else (codebook,)
   # The whole codebook (or its parts) and the norms, the same block for every program: on TPU
   # copied to VMEM once (the block index never changes); on GPU each program reads them from
   # global memory (L2-cached) block_k rows at a time.
@@ -250,17 +250,17 @@ def nearest_code_impl(
   Args:
     x: [N, D] vectors.
     codebook: [K, D] codewords.
-    impl: "xla" (`quantizer.nearest_code`, the reference: full [N, K] distances then argmin)
+    impl: "xla" (`distances.nearest_code`, the reference: full [N, K] distances then argmin)
       or "pallas" (`nearest_code_pallas`; in interpret mode on the CPU, so CPU runs get a
       correct if slow result).
     bf16: x is bfloat16; the dots use bfloat16 operands with exact float32 products
-      (`quantizer.nearest_code_bf16`, or the kernel's `bf16` mode).
+      (`distances.nearest_code_bf16`, or the kernel's `bf16` mode).
 
   Returns:
     int32 [N] indices into the codebook.
   """
   if impl == "xla":
-    return (quantizer.nearest_code_bf16 if bf16 else quantizer.nearest_code)(x, codebook)
+    return (distances.nearest_code_bf16 if bf16 else distances.nearest_code)(x, codebook)
   if impl == "pallas":
     interpret = jax.default_backend() == "cpu"
     return nearest_code_pallas(x, codebook, bf16=bf16, interpret=interpret)
