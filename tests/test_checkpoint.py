@@ -164,8 +164,84 @@ def _truncate_data_files(step_dir):
       f.truncate(os.path.getsize(victim) // 2)
 
 
+def _flip_bytes_in_largest_array_file(step_dir):
+  """200 bytes inverted in the middle of the largest array file, its size kept: before
+  checksums, such weights could stay finite and evaluate with exit 0 at 7x the MSE."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+  victim = max(files, key=os.path.getsize)
+  size = os.path.getsize(victim)
+  start = max(0, size // 2 - 100)
+  with open(victim, "r+b") as f:
+    f.seek(start)
+    data = f.read(200)
+    f.seek(start)
+    f.write(bytes(b ^ 0xFF for b in data))
+  assert os.path.getsize(victim) == size
+
+
+def test_every_step_records_its_checksums(tmp_path):
+  """The record lists every file of the step with the size and CRC-32 that zlib (not the
+  code under test) gives for it."""
+  import json
+  import zlib
+
+  _saved_run(tmp_path, steps=(1,))
+  root = tmp_path / "c" / "1"
+  with open(root / checkpoint.CHECKSUM_FILE) as f:
+    record = json.load(f)["crc32"]
+  on_disk = sorted(
+    os.path.relpath(os.path.join(r, f), root)
+    for r, _, fs in os.walk(root)
+    for f in fs
+    if f != checkpoint.CHECKSUM_FILE
+  )
+  assert sorted(record) == on_disk and any(p.startswith("state") for p in on_disk)
+  for rel, (size, crc) in record.items():
+    data = (root / rel).read_bytes()
+    assert size == len(data) and crc == zlib.crc32(data)
+  assert checkpoint.verify_checksums(str(tmp_path / "c"), 1)
+
+
+def test_a_step_without_checksums_is_read_with_a_warning(tmp_path, caplog):
+  _, target, meta = _saved_run(tmp_path, steps=(1,))
+  os.remove(tmp_path / "c" / "1" / checkpoint.CHECKSUM_FILE)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  with caplog.at_level("WARNING"):
+    _, _, step = ckpt.restore_newest_intact(target, meta=meta)
+  ckpt.close()
+  assert step == 1 and any("no checksum record" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path, caplog):
+  """A step saved with a NaN in its weights (checksums intact) is damaged: the previous
+  step is read instead, and alone it is one line naming the array."""
+  mesh = _mesh(8, 1)
+  _, state, sh = _state(mesh)
+  meta = checkpoint.config_meta(_config())
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5, async_save=False)
+  ckpt.save(1, state, {"step": 1}, meta)
+  poisoned = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+  ckpt.save(2, poisoned, {"step": 2}, meta)
+  ckpt.close()
+  target = checkpoint.abstract_with_shardings(
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), sh
+  )
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  with pytest.raises(checkpoint.CheckpointDamagedError, match="not finite") as e:
+    ckpt.restore(target, step=2, meta=meta)
+  assert "\n" not in str(e.value) and "params" in str(e.value)
+  with caplog.at_level("WARNING"):
+    _, _, step = ckpt.restore_newest_intact(target, meta=meta)
+  ckpt.close()
+  assert step == 1
+  loaded = weights.restore_weights(str(tmp_path / "c"), target)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(loaded))
+  with pytest.raises(checkpoint.CheckpointDamagedError, match="not finite"):
+    weights.restore_weights(str(tmp_path / "c"), target, step=2)
+
+
 @pytest.mark.usefixtures("damaged_checkpoint_reads")
-@pytest.mark.parametrize("damage", ["metadata", "manifest", "data", "commit"])
+@pytest.mark.parametrize("damage", ["metadata", "manifest", "data", "commit", "flip"])
 def test_damaged_latest_step_is_named_and_the_previous_one_restored(tmp_path, damage, caplog):
   state, target, meta = _saved_run(tmp_path)
   step_dir = str(tmp_path / "c" / "2")
@@ -177,6 +253,8 @@ def test_damaged_latest_step_is_named_and_the_previous_one_restored(tmp_path, da
       f.truncate(os.path.getsize(path) // 2)
   elif damage == "data":
     _truncate_data_files(step_dir)
+  elif damage == "flip":
+    _flip_bytes_in_largest_array_file(step_dir)
   else:
     os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
@@ -187,6 +265,8 @@ def test_damaged_latest_step_is_named_and_the_previous_one_restored(tmp_path, da
     assert "step 2" in msg and "\n" not in msg and len(msg) < 400
     if damage == "metadata":
       assert "state/_METADATA is missing" in msg
+    if damage == "flip":
+      assert "changed since it was saved" in msg
   restored, data_state, step = ckpt.restore_newest_intact(target, meta=meta)
   assert step == 1 and data_state == {"step": 1}
   expected = jax.tree.map(lambda x: x + 1 if x.dtype.kind == "f" else x, state)

@@ -7,12 +7,23 @@ A checkpoint step directory holds three items:
   meta   the resolved config and a fingerprint of the fields that shape the model.
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous step intact.
+
+Once a step is complete, the primary process records every file's size and CRC-32 in
+`<step>/vqjax_checksums.json`, and every restore (resume, `load_run`, `ckpt.init_from`, hence
+evaluation, code extraction and sampling) checks them first: a file changed since the save (a
+bit flip, a bad copy) makes the step damaged, skipped with a warning for the previous one, as a
+missing file does. Flipped weights that stayed finite used to evaluate with exit 0 at 7x the
+MSE. A step without the record (an older vqjax, or a launch killed between the save and the
+record) is read unverified, with a warning. Restored weights that are not finite are refused
+the same way. CRC-32 (zlib), not a cryptographic hash: it detects damage, not tampering, and
+reads at memory speed (benchmarks/RESULTS.md has the cost on the ImageNet-size checkpoint).
 """
 
 import contextlib
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -433,6 +444,7 @@ class Checkpointer:
       jax.block_until_ready(state)
     except Exception as e:  # noqa: BLE001 - anything unreadable in a step is damage
       raise unreadable(self.directory, step, e) from None
+    check_finite(state, self.directory, step)
     data_state = None
     if data.get("process_count") == jax.process_count():
       data_state = data["states"][jax.process_index()]
@@ -470,9 +482,13 @@ class Checkpointer:
     return state, data_state, step
 
   def wait(self) -> None:
-    """Blocks until pending async saves are on disk (CheckpointSaveError if one failed)."""
+    """Blocks until pending async saves are on disk (CheckpointSaveError if one failed), then
+    records the finished step's checksums (primary process)."""
     with self._save_errors():
       self._manager.wait_until_finished()
+      step = self._saving
+      if step is not None and jax.process_index() == 0 and step in self.all_steps():
+        write_checksums(self.directory, step)
     self._saving = None
 
   def close(self) -> None:
@@ -511,7 +527,8 @@ def unreadable(directory: str, step: int, e: BaseException) -> CheckpointDamaged
 
 
 def _check_intact(directory: str, step: int) -> None:
-  """Checkpointer.check_intact of a directory."""
+  """Checkpointer.check_intact of a directory: the required files exist, are not empty, and
+  match their recorded checksums."""
   root = os.path.join(directory, str(step))
   for rel in _REQUIRED_FILES:
     path = os.path.join(root, rel)
@@ -519,6 +536,105 @@ def _check_intact(directory: str, step: int) -> None:
       raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
     if os.path.getsize(path) == 0:
       raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is empty")
+  verify_checksums(directory, step)
+
+
+CHECKSUM_FILE = "vqjax_checksums.json"
+_CHECKSUM_VERSION = 1
+_UNVERIFIED_WARNED: set[str] = set()
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while block := f.read(1 << 22):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def _step_files(root: str) -> list[str]:
+  """Every file of a step directory but the checksum record, relative and sorted."""
+  out = []
+  for where, _, files in os.walk(root):
+    out += [os.path.relpath(os.path.join(where, f), root) for f in files]
+  return sorted(f for f in out if f != CHECKSUM_FILE)
+
+
+def write_checksums(directory: str, step: int) -> dict[str, list[int]]:
+  """Records the size and CRC-32 of every file of a complete step (`<step>/vqjax_checksums.json`,
+  written atomically). Returns {relative path: [size, crc32]}."""
+  root = os.path.join(directory, str(step))
+  files = {
+    rel: [os.path.getsize(p), _crc32(p)]
+    for rel in _step_files(root)
+    for p in [os.path.join(root, rel)]
+  }
+  _write_json_atomic(
+    os.path.join(root, CHECKSUM_FILE), {"version": _CHECKSUM_VERSION, "crc32": files}
+  )
+  return files
+
+
+def verify_checksums(directory: str, step: int) -> bool:
+  """Checks a step's files against its record.
+
+  Returns:
+    True when every recorded file matched; False when the step has no record (read
+    unverified; one warning per step).
+
+  Raises:
+    CheckpointDamagedError: a recorded file is missing or differs in size or content, or the
+      record itself cannot be read.
+  """
+  root = os.path.join(directory, str(step))
+  record_path = os.path.join(root, CHECKSUM_FILE)
+  if not os.path.isfile(record_path):
+    if root not in _UNVERIFIED_WARNED:
+      _UNVERIFIED_WARNED.add(root)
+      logging.warning(
+        "checkpoint step %d in %s has no checksum record (written by an older vqjax, or by a "
+        "launch that stopped before recording it): read unverified",
+        step,
+        directory,
+      )
+    return False
+  try:
+    with open(record_path) as f:
+      files = json.load(f)["crc32"]
+    if not isinstance(files, dict):
+      raise ValueError("no file list")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointDamagedError(
+      f"checkpoint step {step} is damaged: its checksum record {record_path} cannot be read "
+      f"({_short(e)})"
+    ) from None
+  for rel, (size, crc) in sorted(files.items()):
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+      raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
+    if os.path.getsize(path) != size:
+      raise CheckpointDamagedError(
+        f"checkpoint step {step} is damaged: {path} has {os.path.getsize(path)} bytes, "
+        f"{size} when saved"
+      )
+    if _crc32(path) != crc:
+      raise CheckpointDamagedError(
+        f"checkpoint step {step} is damaged: {path} changed since it was saved (checksum)"
+      )
+  return True
+
+
+def check_finite(tree: Any, directory: str, step: int) -> None:
+  """CheckpointDamagedError naming the first leaf of restored weights that holds a NaN or an
+  infinity (floating leaves only)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact):
+      continue
+    if not bool(jax.numpy.all(jax.numpy.isfinite(leaf))):
+      raise CheckpointDamagedError(
+        f"checkpoint step {step} in {directory} holds weights that are not finite "
+        f"({jax.tree_util.keystr(path)})"
+      )
 
 
 def _config_diff(old: dict, new: dict) -> str:

@@ -13,6 +13,7 @@ from vqjax.training.checkpoint import (
   CheckpointMismatchError,
   _check_intact,
   _short,
+  check_finite,
   describe_mismatch,
   first_intact,
   resolve_directory,
@@ -120,6 +121,7 @@ def _restore_weights_of(directory: str, abstract_state: Any, step: int) -> dict:
       jax.block_until_ready(out["state"])
     except Exception as e:  # noqa: BLE001 - anything unreadable in the step is damage
       raise unreadable(directory, step, e) from None
+    check_finite(out["state"], directory, step)
     return out["state"]
   finally:
     manager.close()
