@@ -241,7 +241,6 @@ def test_validate_rejects_unknown_choices(field, bad):
     configs.validate(config)
 
 
-
 def test_the_config_names_the_models_and_dtypes_the_registry_builds():
   # configs.py is below models/ (tests/test_layers_imports.py): it keeps the names, the
   # registry the builders.
@@ -322,3 +321,21 @@ def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
   path.write_text("def get_config():\n  x = 1\n    return x\n")
   with pytest.raises(errors.UserError, match=r"broken.py:3: IndentationError"):
     configs.load_experiment(str(path))
+
+
+def test_a_data_field_the_source_ignores_is_an_error():
+  """`fashion_mnist_prior_top.py:smoke --config.data.codes_dir=DIR` trained on synthetic codes
+  with exit 0; now each source-specific field set for another source is one line."""
+  config = configs.load_experiment("fashion_mnist_prior_top:smoke")
+  configs.validate(config)
+  config.data.codes_dir = "/some/codes"
+  with pytest.raises(errors.UserError) as e:
+    configs.validate(config)
+  message = str(e.value)
+  assert "config.data.codes_dir='/some/codes' is ignored by data.name='synthetic_codes'" in message
+  assert "\n" not in message
+  for field, value in (("folder", "/imgs"), ("prepared_dir", "/p"), ("synthetic_examples", 9)):
+    config = configs.load_experiment("fashion_mnist:smoke")
+    config.data[field] = value
+    with pytest.raises(errors.UserError, match=f"config.data.{field}="):
+      configs.validate(config)

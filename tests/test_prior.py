@@ -49,6 +49,7 @@ def stage1(tmp_path_factory):
   return str(out), config, model, dict(variables)
 
 
+@pytest.mark.slow
 def test_extraction_round_trip_and_restart(stage1, tmp_path):
   workdir, config, model, variables = stage1
   out = str(tmp_path / "codes")
@@ -84,6 +85,7 @@ def test_extraction_round_trip_and_restart(stage1, tmp_path):
   np.testing.assert_array_equal(again[15]["codes1"], source[15]["codes1"])
 
 
+@pytest.mark.slow
 def test_codes_of_another_model_are_refused(stage1, tmp_path):
   workdir, config, _, _ = stage1
   out = str(tmp_path / "codes")
@@ -169,6 +171,7 @@ def _prior_config(codes_dir, model="pixelcnn", level=0):
   return c
 
 
+@pytest.mark.slow
 def test_prior_training_reports_bits_and_resumes_exactly(tmp_path):
   codes_dir = str(tmp_path / "codes")
   os.makedirs(codes_dir)
@@ -207,6 +210,7 @@ def test_prior_training_reports_bits_and_resumes_exactly(tmp_path):
   assert losses(str(tmp_path / "run")) == losses(str(tmp_path / "ref"))
 
 
+@pytest.mark.slow
 def test_bottom_prior_is_conditioned_on_the_top_codes(tmp_path):
   codes_dir = str(tmp_path / "codes")
   os.makedirs(codes_dir)
@@ -256,6 +260,7 @@ def test_codes_that_do_not_fit_the_config_are_refused(tmp_path):
     "pixelsnail_bottom_imagenet",
   ],
 )
+@pytest.mark.slow
 def test_prior_smoke_configs_take_one_real_step(name):
   config = configs.load_experiment(f"{name}:smoke")
   task = tasks.make_task(config)
@@ -269,12 +274,22 @@ def test_prior_smoke_configs_take_one_real_step(name):
   assert int(new.step) == 1
 
 
+@pytest.mark.slow
 def test_prior_logs_sample_grids_decoded_by_the_stage1_run(stage1, tmp_path):
   workdir, s1_config, model, variables = stage1
   codes_dir = str(tmp_path / "codes")
   extract_codes.extract(workdir, codes_dir, batch_size=8)
   config = configs.load_experiment("fashion_mnist_prior_bottom:smoke")
-  config.data.update(name="codes", codes_dir=codes_dir, train_split="train", eval_split="test")
+  defaults = configs.base_config().data  # the smoke's synthetic-code fields back to unset
+  config.data.update(
+    name="codes",
+    codes_dir=codes_dir,
+    train_split="train",
+    eval_split="test",
+    synthetic_shapes=defaults.synthetic_shapes,
+    synthetic_num_codes=defaults.synthetic_num_codes,
+    synthetic_examples=defaults.synthetic_examples,
+  )
   config.log.update(image_every_steps=1, num_images=4, tensorboard=False, eval_every_steps=0)
   trainer.train_and_evaluate(config, str(tmp_path / "prior"))
   grid = np.asarray(Image.open(tmp_path / "prior" / "images" / "samples_0000001.png"))

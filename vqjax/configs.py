@@ -267,6 +267,7 @@ def shrink_prior_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.Confi
   quickstart's shapes (top 4x4, bottom 8x8, 32 codes); no stage-1 run needed."""
   c.data.update(
     name="synthetic_codes",
+    codes_dir="",  # read by name="codes" only
     synthetic_shapes=[[4, 4], [8, 8]],
     synthetic_num_codes=32,
     synthetic_examples=64,
@@ -668,6 +669,19 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError("config.mesh.data=0 cannot be right: use -1 (all devices) or >= 1")
 
 
+# Data fields read by some sources only: field -> the data.name values that read it. A field
+# set for another source is an error (a prior's `:smoke` given --config.data.codes_dir trained
+# on synthetic codes with exit 0).
+DATA_SOURCE_FIELDS = {
+  "data.folder": ("folder", "prepared"),  # prepared: checked against what was prepared
+  "data.codes_dir": ("codes",),
+  "data.prepared_dir": ("prepared",),
+  "data.synthetic_shapes": ("synthetic_codes",),
+  "data.synthetic_num_codes": ("synthetic_codes",),
+  "data.synthetic_examples": ("synthetic_codes",),
+}
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str):
   group, _, field = dotted.rpartition(".")
   return (config[group] if group else config)[field]
@@ -709,6 +723,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       "config.data.exclude_labels needs a random-access reader; reader='tfdata' cannot filter"
     )
   defaults = base_config()
+  for field, names in DATA_SOURCE_FIELDS.items():
+    if config.data.name not in names and _get(config, field) != _get(defaults, field):
+      raise errors.UserError(
+        f"config.{field}={_get(config, field)!r} is ignored by data.name="
+        f"{config.data.name!r} (only {' / '.join(map(repr, names))} read it); leave it at the "
+        "default or choose that data.name"
+      )
   for (selector, selected), fields in IGNORED_FIELDS.items():
     if _get(config, selector) != selected:
       continue
