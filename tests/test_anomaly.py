@@ -73,6 +73,7 @@ def smoke():
   return config, model, variables
 
 
+@pytest.mark.slow
 def test_error_maps_of_the_smoke_model(smoke):
   _, model, variables = smoke
   x = np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 1)).astype(np.float32)
@@ -82,6 +83,7 @@ def test_error_maps_of_the_smoke_model(smoke):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluators_on_the_smoke_model_and_eval_split(smoke):
   config, model, variables = smoke
   # config.log.eval_batches = 1 of config.data.eval_batch_size = 8 local test images.

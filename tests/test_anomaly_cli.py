@@ -194,6 +194,7 @@ def tiny_run(tmp_path_factory, fast_compile):
   return str(tmp / "run"), *data["test"]
 
 
+@pytest.mark.slow
 def test_run_matches_numpy_and_thresholds_on_held_out_normals_only(tiny_run, tmp_path):
   workdir, images, labels = tiny_run
   result = anomaly.run(workdir, str(tmp_path / "out"), quantile=0.8)
@@ -234,6 +235,7 @@ def test_run_matches_numpy_and_thresholds_on_held_out_normals_only(tiny_run, tmp
   assert math.isclose(head["threshold"], np.median(mean_score[normal20[0::2]]), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
   workdir = tiny_run[0]
   out = str(tmp_path / "out")
@@ -265,6 +267,7 @@ def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
   assert not os.path.exists(out)  # nothing written by a failed run
 
 
+@pytest.mark.slow
 def test_cli_prints_a_table_and_mistakes_in_one_line(tiny_run, tmp_path):
   env = dict(
     os.environ,

@@ -41,6 +41,7 @@ def table_rows(text: str) -> list[dict]:
   return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
 
 
+@pytest.mark.slow
 def test_quick_cifar_prints_parseable_rows_and_appends_them(tmp_path, capsys, fast_compile):
   jsonl = tmp_path / "rows.jsonl"
   not_a_clone = tmp_path / "empty"
@@ -213,6 +214,7 @@ def test_plot_writes_a_png_of_two_rows(tmp_path):
     assert np.any(np.all(image == rgb, axis=-1)), color
 
 
+@pytest.mark.slow
 def test_variants_times_each_override_set_and_checks_their_losses_agree(
   capsys, fast_compile, tmp_path
 ):
@@ -256,8 +258,8 @@ def test_variants_times_each_override_set_and_checks_their_losses_agree(
   ]
   assert rows[0]["vs_first"] == 1.0 and rows[1]["img/s"] > 0
   assert ref["variant"] == baseline_torch.REFERENCE and ref["batch"] == 8
-  for r in rows:  # the ratio is the two rows' own throughputs
-    np.testing.assert_allclose(r["vs_reference"], r["img/s"] / ref["img/s"], rtol=0.02)
+  for r in rows:  # the ratio is the two rows' own throughputs (rounded to 3 decimals)
+    np.testing.assert_allclose(r["vs_reference"], r["img/s"] / ref["img/s"], rtol=0.02, atol=6e-4)
   assert all(r["loss_matches_first"] for r in rows)
   np.testing.assert_allclose(rows[1]["loss"], rows[0]["loss"], rtol=1e-4)
 
@@ -268,6 +270,7 @@ def test_an_unknown_override_field_is_one_clear_error():
     train_step.apply_override(config, "model.nope=1")
 
 
+@pytest.mark.slow
 def test_xla_options_of_a_variant_reach_its_executable_alone(tmp_path, fast_compile):
   """`xla.NAME=value` tokens are parsed by type and passed to that executable's compile: a
   dump directory named there fills, and one compiled without them stays empty."""
@@ -296,6 +299,7 @@ def test_xla_options_of_a_variant_reach_its_executable_alone(tmp_path, fast_comp
   assert any(name.endswith(".txt") for name in os.listdir(tmp_path))
 
 
+@pytest.mark.slow
 def test_the_prepared_gpu_run_names_only_valid_configs_overrides_and_options(tmp_path):
   """benchmarks/gpu_candidates.sh is run on a short GPU lease: a misspelled override would cost
   its section. With PYTHON pointing at a recorder, every command it would run is checked here

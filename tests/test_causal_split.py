@@ -68,6 +68,7 @@ def _model(impl: str) -> PixelSNAIL:
   return remat_model(False, kernel_size=5, causal_impl=impl)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,side", [("split", 8), ("patches", 8), ("patches", 4)])
 def test_split_model_same_parameters_outputs_and_gradients(impl, side):
   # side 4: the 5 x 5 kernels are larger than the map (the form "auto" picks on the CPU).
@@ -117,6 +118,7 @@ def test_patches_equals_numpy_masked_convolution(side, k):
   "kernel,padding",
   [((2, 5), ((1, 0), (2, 2))), ((3, 2), ((2, 0), (1, 0))), ((3, 3), ((1, 1),) * 2)],
 )
+@pytest.mark.slow
 def test_patches_any_padding_equals_the_convolution(kernel, padding):
   # Unmasked kernels and other paddings (the stems' "down" and "downright", a centred one),
   # on a 2 x 3 map that some kernels exceed: the same values and gradients as one convolution.
@@ -161,6 +163,7 @@ def test_lookup_of_codes_equals_the_convolution_of_their_one_hot_map(padding):
     lookup.apply(params, one_hot)
 
 
+@pytest.mark.slow
 def test_lookup_model_same_outputs_and_gradients():
   # Conditioned: the stems and the conditioning ResNet's first convolution look codes up.
   rng = np.random.default_rng(2)
@@ -221,6 +224,7 @@ def test_auto_resolves_to_split_on_gpus_and_patches_for_small_maps(monkeypatch):
   assert registry.causal_conv_impl("auto", 5, (4, 4)) == "masked"  # unmeasured there
 
 
+@pytest.mark.slow
 def test_split_model_on_an_8_device_mesh_matches_one_device():
   """The GPU default ("split") under the trainer's sharding: batch over the data axis, kernels
   over fsdp. Loss and gradients as on one device (the 8 simulated CPU devices of conftest)."""

@@ -90,6 +90,7 @@ def brightness_data(n, seed):
   return {"image": np.clip(image, -1, 1).astype(np.float32), "label": label}
 
 
+@pytest.mark.slow
 def test_the_classifier_learns_a_brightness_task():
   config = make_config(num_classes=2, lr=3e-3, steps=40)
   task = classifier_task.ClassifierTask(config, model=small(2))
@@ -160,6 +161,7 @@ def test_bad_classifier_fields_are_user_errors():
     classifier_task.ClassifierTask(make_config(label_smoothing=1.0), model=small(10))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_one_real_run_through_the_trainer(tmp_path):
   config = configs.shrink_for_smoke(make_config(num_classes=10, lr=1e-3, steps=1))
@@ -184,6 +186,7 @@ def test_one_real_run_through_the_trainer(tmp_path):
 EXPERIMENTS = ("classifier_fashion_mnist", "classifier_cifar10", "classifier_imagenet")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("classifier" not in tasks.TASKS, reason="classifier task not registered yet")
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_smoke_configs_validate_and_take_a_step(name):

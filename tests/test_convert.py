@@ -340,6 +340,7 @@ def test_refusal_names_the_object_and_the_allow_list(tmp_path):
   assert variables["params"]
 
 
+@pytest.mark.slow
 def test_training_starts_from_converted_weights(tmp_path):
   """`ckpt.init_from` pointed at a converted directory: the first step's (pre-update) MSE is
   the imported model's MSE on that batch, which a fresh initialisation would not give."""

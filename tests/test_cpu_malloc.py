@@ -41,6 +41,7 @@ def _faults(**env_changes):
   return tuned == "True", int(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_the_cpu_backend_reuses_large_buffers_instead_of_faulting_them_in_each_call():
   pages = 2**27 // os.sysconf("SC_PAGE_SIZE")  # the output buffer's pages
@@ -63,6 +64,7 @@ def test_the_allocator_is_left_alone_where_an_accelerator_may_run(monkeypatch):
   assert not vqjax.tune_cpu_malloc()
 
 
+@pytest.mark.slow
 def test_called_after_jax_started_it_changes_nothing_and_says_so():
   # JAX reads the dispatch option when it creates the CPU backend: too late to take effect.
   code = (

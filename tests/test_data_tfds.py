@@ -113,6 +113,7 @@ def test_grain_reader_seed_fixes_the_batches(grain_config):
     _assert_tiny_images(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", ["grain", "tfdata"])
 def test_reader_resume_gives_the_same_batches(reader, request):
   c = request.getfixturevalue(f"{reader}_config")  # the tfdata one skips without TensorFlow
@@ -317,6 +318,7 @@ def test_tfdata_reader_tensor_features_and_arrayrecord(tfdata_config, tiny_tfds_
     pipeline.make_eval_iterator(c)
 
 
+@pytest.mark.slow
 def test_tfdata_reader_trains_one_step(tfrecord_dir, tmp_path):
   import importlib.util
 

@@ -152,6 +152,7 @@ def test_mode_mismatches_are_named_before_any_evaluation(tmp_path, monkeypatch):
   )
 
 
+@pytest.mark.slow
 def test_the_command_line_defines_what_run_reads(tmp_path):
   """The real flags (a fresh process: flags are global) have the names and defaults of
   `_flags`, and a bad value through them is one line on stderr."""

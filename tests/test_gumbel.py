@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vqjax.models.gumbel import GumbelQuantizer
 from vqjax.models.hierarchy import VQVAE2
@@ -88,6 +89,7 @@ def test_training_samples_follow_softmax_of_the_logits():
   np.testing.assert_allclose(freq, _np_softmax(logits), atol=0.015)
 
 
+@pytest.mark.slow
 def test_gumbel_kind_in_the_hierarchy():
   m = VQVAE2(
     out_channels=1,

@@ -35,6 +35,7 @@ def runs():
   return (stage1_config, model, dict(variables)), priors
 
 
+@pytest.mark.slow
 def test_levels_are_sampled_top_down_and_decoded(runs):
   stage1, priors = runs
   gen = hierarchy.Generator(stage1, priors)

@@ -118,6 +118,7 @@ def test_reconstruction_gradients_reach_the_encoders_through_the_quantizers(two_
     assert norm > 0, name
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_is_close_to_float32():
   x = _images((4, 32, 32, 3))
   m32, m16 = _model(2, 3), _model(2, 3, dtype=jnp.bfloat16)

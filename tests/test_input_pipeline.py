@@ -107,6 +107,7 @@ def _labels(batches):
   return [b["label"].tolist() for b in batches]
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume_point():
   source = _toy_source()
   serial = _iterator(source, 0)
@@ -156,6 +157,7 @@ class _Alarm:
     signal.signal(signal.SIGALRM, self.previous)
 
 
+@pytest.mark.slow
 def test_a_dying_or_failing_worker_is_an_error_not_a_hang():
   parent = os.getpid()
 

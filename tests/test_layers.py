@@ -277,6 +277,7 @@ def _run_flag_check(env_changes):
   return flags.removeprefix("flags:"), float(error)
 
 
+@pytest.mark.slow
 def test_the_cpu_xla_flag_is_set_unless_the_user_chose_and_gradients_hold_under_it():
   from importlib import metadata
 

@@ -193,6 +193,7 @@ def _png_size(path: str) -> tuple[int, int]:
     return im.size
 
 
+@pytest.mark.slow
 def test_quickstart(executed):
   r = _result(executed, "quickstart_colab_tpu")
   assert r["tiny"] is True and r["step"] == 1
@@ -211,6 +212,7 @@ def test_quickstart(executed):
     assert w > 50 and h > 50, path
 
 
+@pytest.mark.slow
 def test_sampling_and_rejection(executed):
   r = _result(executed, "sampling_and_rejection")
   num = r["num"]
@@ -254,6 +256,7 @@ def test_sampling_and_rejection(executed):
     assert min(_png_size(path)) > 50
 
 
+@pytest.mark.slow
 def test_import_rosinality(executed):
   r = _result(executed, "import_rosinality")
   import torch
@@ -283,6 +286,7 @@ def test_import_rosinality(executed):
   assert r["same_seed_same_images"] is True
 
 
+@pytest.mark.slow
 def test_anomaly_maps(executed):
   r = _result(executed, "anomaly_maps")
   assert r["anomaly_labels"] == [8] and r["eval_split"] == "test[:64]"

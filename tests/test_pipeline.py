@@ -48,6 +48,7 @@ def done(tmp_path_factory):
   return config, workdir, report
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage(done):
   config, workdir, report = done
   for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
@@ -108,6 +109,7 @@ def test_pipeline_runs_every_stage(done):
   assert "held-out real images" in table and "blurred" in table and "unigram" in table
 
 
+@pytest.mark.slow
 def test_a_second_run_trains_and_draws_nothing_again(done):
   config, workdir, _ = done
   before = _snapshot(workdir)
@@ -116,6 +118,7 @@ def test_a_second_run_trains_and_draws_nothing_again(done):
   assert report["stage1"]["step"] == 1
 
 
+@pytest.mark.slow
 def test_a_prior_trained_on_redraws_the_samples_from_it(done):
   """Samples are stale once a run they came from trains on: a rerun with one more top-prior
   step redraws every sample set from the new checkpoint (settings.json records the steps)."""
@@ -141,6 +144,7 @@ def test_prior_config_points_at_the_pipeline_codes(tmp_path):
   configs.validate(c)  # the synthetic-code fields are back at their defaults
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   for args, want in (

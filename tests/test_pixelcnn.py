@@ -256,6 +256,7 @@ def _vertical_copy_data(rng, n, h=8, w=8, keep=0.9):
   return x
 
 
+@pytest.mark.slow
 def test_short_fit_beats_unigram_entropy():
   rng = np.random.default_rng(4)
   train = _vertical_copy_data(rng, 2048)

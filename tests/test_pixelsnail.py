@@ -157,6 +157,7 @@ def test_strict_causal_attention_matches_numpy():
   np.testing.assert_allclose(np.asarray(dropped), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_learns_structured_codes():
   # Each map is a diagonal ramp with a random offset: code (i, j) = (i + j + offset) mod K.
   # Codes are uniform (unigram entropy log K) but each follows from the one before it.

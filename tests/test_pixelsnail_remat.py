@@ -47,6 +47,7 @@ def _loss_fn(model, codes, cond):
   return loss
 
 
+@pytest.mark.slow
 def test_remat_keeps_parameters_outputs_and_gradients():
   codes, cond = _data()
   plain, remat = _model(False), _model(True)

@@ -282,6 +282,7 @@ def test_splits_and_directories_that_do_not_match_are_clear_errors(tmp_path):
   _one_line_error(prepare.prepare, stored, str(tmp_path / "again"), match="nothing to prepare")
 
 
+@pytest.mark.slow
 def test_cli_prepares_an_experiment_and_answers_mistakes_in_one_line(tmp_path):
   _fashion_dir(tmp_path / "fmnist")
   out = tmp_path / "prepared"

@@ -91,6 +91,7 @@ def test_cpu_summary_from_host_thunks_and_hlo_scopes():
   assert {r["name"]: r["ms"] for r in rows if r["what"] == "scope"} == {"M": 2.5, "M/blk": 2.5}
 
 
+@pytest.mark.slow
 def test_variants_reports_a_failing_variant_and_times_the_rest(capsys, monkeypatch):
   real_setup = train_step.setup
 

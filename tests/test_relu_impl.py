@@ -57,6 +57,7 @@ def test_stored_puts_the_activation_behind_a_conditional_only_when_differentiate
   assert y.shape == (0, 3) and vjp(y)[0].shape == (0, 3)
 
 
+@pytest.mark.slow
 def test_vqvae2_is_the_same_function_with_either_form():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 1)), jnp.float32)

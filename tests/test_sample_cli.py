@@ -26,6 +26,8 @@ from vqjax.models import registry
 from vqjax.sampling import hierarchy
 from vqjax.training import logs, trainer
 
+pytestmark = pytest.mark.slow  # end to end: trains priors and a classifier, runs the CLI
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

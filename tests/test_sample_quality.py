@@ -114,6 +114,7 @@ def test_no_cached_network_is_one_line(tmp_path, monkeypatch):
     samples.judge_for("", data)
 
 
+@pytest.mark.slow
 def test_a_finished_network_is_read_not_trained(tmp_path, monkeypatch):
   config = configs.load_experiment("features_fashion_mnist:smoke")
   config.log.tensorboard = False

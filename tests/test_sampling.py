@@ -81,6 +81,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cached_logits_equal_full_forward(case):
   model = CASES[case]()
@@ -148,6 +149,7 @@ def test_naive_and_cached_draw_the_same_samples_from_a_pixelcnn(settings):
   assert all(len(np.unique(np.asarray(m))) > 2 for m in fast)
 
 
+@pytest.mark.slow
 def test_samples_follow_the_logits():
   model, variables, condition, label = _conditioned()
   kw = dict(condition=condition, label=label)
@@ -197,6 +199,7 @@ def test_samples_do_not_depend_on_the_batch_layout():
   np.testing.assert_array_equal(np.concatenate(halves), whole)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", ["pixelsnail", "pixelcnn"])
 def test_samples_do_not_depend_on_the_number_of_devices(prior):
   if prior == "pixelsnail":
@@ -271,6 +274,7 @@ def _short_multi_level():
   return model, codes, condition, label, _init(model, codes, condition, label, seed=6)
 
 
+@pytest.mark.slow
 def test_coarse_conditioning_equals_full_resolution_on_short_multi_level_maps():
   """The blocks project the conditioning features at the finest condition map's resolution and
   upsample after (PixelSNAIL._conditioning); decoding caches them upsampled to full resolution

@@ -98,6 +98,7 @@ def _run(fn, state, image, mesh, min_size):
   return jitted(state.params, state.model_state, batch, key), sh
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (1, 8)])
 def test_same_loss_grads_and_ema_on_1_and_8_devices(reference, data, fsdp):
   task, fn, state, image, (ref, _) = reference

@@ -15,6 +15,7 @@ def _smoke_config():
   return configs.load_experiment("fashion_mnist:smoke")
 
 
+@pytest.mark.slow
 def test_eval_sums_mask_padding_and_match_numpy():
   config = _smoke_config()
   task = tasks.make_task(config)
@@ -53,6 +54,7 @@ def test_level_names_say_which_is_top():
   assert tasks.level_names(5)[4] == "level4"
 
 
+@pytest.mark.slow
 def test_train_metrics_name_levels_and_batch_statistics():
   config = _smoke_config()
   task = tasks.make_task(config)

@@ -79,6 +79,7 @@ def cli(workdir, *overrides, config="experiments/fashion_mnist.py:smoke"):
 # --- one real step for each experiment's smoke variant -----------------------------------------
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_smoke_config_takes_one_real_step(name):
@@ -104,6 +105,7 @@ def test_smoke_config_takes_one_real_step(name):
   assert sum(changed) > len(changed) // 2
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_bfloat16_train_step_tracks_float32():
   """The bf16 step (compute in bfloat16, float32 parameters, quantizer in float32) gives the
@@ -154,6 +156,7 @@ def test_full_configs_give_the_papers_code_maps(name, shapes):
 # --- a whole run in-process ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.usefixtures("damaged_checkpoint_reads")
 def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared_cache, caplog):
@@ -225,6 +228,7 @@ def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared
   ] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_reading_ahead_on_a_helper_thread_feeds_the_same_batches(
   tmp_path, shared_cache, monkeypatch
 ):
@@ -300,6 +304,7 @@ def test_a_task_with_integer_inputs_and_frozen_weights(tmp_path, monkeypatch, ca
   )
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_divergence_keeps_the_last_good_checkpoint_and_resumes_from_it(tmp_path, shared_cache):
   config = quick(load_config("fashion_mnist", "smoke"), shared_cache)
@@ -430,6 +435,7 @@ _CLI_RUN = (
 )
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, shared_cache):
   cache = f"--config.log.compilation_cache={shared_cache}"
@@ -478,6 +484,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, shared_ca
   assert [got[s] for s in range(1, total + 1)] == [expected[s] for s in range(1, total + 1)]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path, shared_cache):
   run = tmp_path / "run"
@@ -531,6 +538,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_two_processes_train_together(tmp_path):
   port = _free_port()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from train_helpers import _codes_data, _CodesTask, read_jsonl, train_losses
 
 from vqjax import configs
@@ -110,6 +111,7 @@ def _numpy_replay(config, steps):
   return w
 
 
+@pytest.mark.slow
 def test_prefetching_loop_feeds_every_batch_once_and_resumes_exactly(tmp_path, monkeypatch):
   """N steps straight, and N/2 + resume + N/2 (the second half reading in worker processes),
   give the same parameters, equal to a NumPy replay of the same batches and flips: the batch

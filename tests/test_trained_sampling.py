@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from vqjax.models.pixelsnail import PixelSNAIL
 from vqjax.sampling import cached, naive
@@ -49,6 +50,7 @@ def _train(model, variables, steps: int):
   return {"params": params}, float(loss)
 
 
+@pytest.mark.slow
 def test_samples_of_a_trained_prior_follow_the_data_and_an_untrained_ones_do_not():
   model = PixelSNAIL(
     shape=SHAPE,

@@ -161,6 +161,7 @@ def test_lowers_for_gpu_and_tpu(platform, backend, target, bf16):
   assert exported.out_avals[0].shape == (300,) and exported.out_avals[0].dtype == jnp.int32
 
 
+@pytest.mark.slow
 def test_quantizer_with_the_pallas_search_equals_the_xla_one():
   """`vq.distance_impl="pallas"` in a VectorQuantizer training call: the same indices, loss,
   EMA state and straight-through gradient as the XLA search (data without near ties)."""

@@ -57,6 +57,7 @@ def test_split_bf16_parts_sum_to_the_float32_value_exactly():
   assert np.mean(np.asarray(parts[1]) != 0) > 0.9 and np.mean(np.asarray(parts[2]) != 0) > 0.5
 
 
+@pytest.mark.slow
 def test_split_bf16_survives_xla_optimisations():
   # XLA may fold a float32 -> bfloat16 -> float32 round trip away when optimising; the split
   # must stay exact in a fully optimised program (the tests' conftest turns most passes off).
