@@ -114,7 +114,7 @@ def test_folder_round_trip_equals_the_reader(tmp_path):
   for f in os.listdir(out):
     os.utime(out / f, ns=(old_ns, old_ns))
   assert prepare.prepare(c, str(out), examples_per_shard=4)["complete"]
-  assert len(os.listdir(out)) == 5
+  assert len(os.listdir(out)) == 9  # metadata, 4 shards and their check records
   assert all(os.stat(out / f).st_mtime_ns == old_ns for f in os.listdir(out))
 
 
@@ -232,6 +232,39 @@ def test_a_missing_shard_is_named(tmp_path):
   _one_line_error(
     prepared.PreparedSource, str(out), "train", match="missing.*train-00002-of-00004.array_record"
   )
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_shard_is_named_by_readers_and_rewritten_by_a_rerun(tmp_path, damage):
+  """`truncate -s 50%` on a shard used to pass as complete, and training died in a Riegeli
+  traceback; a flipped byte (size kept) is caught by the re-run's checksum."""
+  c = _folder_config(tmp_path)
+  out = tmp_path / "prepared"
+  prepare.prepare(c, str(out), examples_per_shard=4)
+  expected = pipeline.load_batch(prepared.PreparedSource(str(out), "train"), np.arange(14), c)
+  victim = out / "train-00001-of-00004.array_record"
+  data = bytearray(victim.read_bytes())
+  if damage == "truncate":
+    victim.write_bytes(bytes(data[: len(data) // 2]))
+    _one_line_error(
+      prepared.PreparedSource,
+      str(out),
+      "train",
+      match=f"{victim.name} is damaged: it has {len(data) // 2} bytes, {len(data)} when written",
+    )
+  else:
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+  assert codes.shard_problem(str(victim))  # the full check finds either
+  old_ns = 1_000_000_000 * 10**9
+  for name in _shards(out):
+    os.utime(out / name, ns=(old_ns, old_ns))
+  assert prepare.prepare(c, str(out), examples_per_shard=4)["complete"]
+  rewritten = [os.stat(out / n).st_mtime_ns != old_ns for n in _shards(out)]
+  assert rewritten == [False, True, False, False]
+  assert codes.shard_problem(str(victim)) == ""
+  got = pipeline.load_batch(prepared.PreparedSource(str(out), "train"), np.arange(14), c)
+  _assert_same(got, expected)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ code against NumPy, exact resume, the smoke configs, and clear errors for codes 
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqjax import configs, convert, errors, extract_codes
+import vqjax
+from vqjax import configs, convert, errors, extract_codes, runs
 from vqjax.data import codes, pipeline, sources
 from vqjax.models import registry
 from vqjax.training import logs, tasks, trainer
@@ -73,16 +76,24 @@ def test_extraction_round_trip_and_restart(stage1, tmp_path):
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(recon), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal([int(r["label"]) for r in records], batch["label"])
 
-  # A restart rewrites only what is missing.
-  shards = sorted(f for f in os.listdir(out) if f.startswith("train-"))
+  # A restart rewrites only what is missing or damaged: a shard cut short (`truncate -s 50%`)
+  # is named by a reader in one line, and rewritten.
+  shards = sorted(f for f in os.listdir(out) if f.startswith("train-") and f.endswith("record"))
   assert len(shards) == 3
   kept = os.path.join(out, shards[0])
   before = os.stat(kept).st_mtime_ns
+  cut = os.path.join(out, shards[2])
+  os.truncate(cut, os.path.getsize(cut) // 2)
+  with pytest.raises(errors.UserError, match=f"{shards[2]} is damaged: it has") as e:
+    codes.CodesSource(out, "train")
+  assert "\n" not in str(e.value)
   os.remove(os.path.join(out, shards[1]))
   extract_codes.extract(workdir, out, batch_size=8, examples_per_shard=10)
   assert os.stat(kept).st_mtime_ns == before
+  assert codes.shard_problem(cut) == ""
   again = codes.CodesSource(out, "train")
-  np.testing.assert_array_equal(again[15]["codes1"], source[15]["codes1"])
+  for i in (5, 15, 23):
+    np.testing.assert_array_equal(again[i]["codes1"], source[i]["codes1"])
 
 
 @pytest.mark.slow
@@ -159,11 +170,27 @@ def _write_codes(out, shapes, num_codes, n_train, n_test, labels=True, seed=0):
   return meta
 
 
+def _on_codes(config, codes_dir):
+  """A smoke prior config switched to the code dataset in `codes_dir` (its synthetic-code fields
+  back to unset: configs.validate refuses them for another data.name)."""
+  defaults = configs.base_config().data
+  config.data.update(
+    name="codes",
+    codes_dir=codes_dir,
+    train_split="train",
+    eval_split="test",
+    synthetic_shapes=defaults.synthetic_shapes,
+    synthetic_num_codes=defaults.synthetic_num_codes,
+    synthetic_examples=defaults.synthetic_examples,
+  )
+  return config
+
+
 def _prior_config(codes_dir, model="pixelcnn", level=0):
   c = configs.load_experiment(
     "pixelcnn_cifar10:smoke" if model == "pixelcnn" else "fashion_mnist_prior_bottom:smoke"
   )
-  c.data.update(name="codes", codes_dir=codes_dir, train_split="train", eval_split="test")
+  _on_codes(c, codes_dir)
   c.vq.num_codes = 8
   c.prior.level = level
   c.prior.class_conditional = False
@@ -182,8 +209,6 @@ def test_prior_training_reports_bits_and_resumes_exactly(tmp_path):
   ref = trainer.train_and_evaluate(config, str(tmp_path / "ref"))
   # Held-out bits per code: the eval mean cross-entropy over the 13 maps, from the final
   # parameters, computed here independently with NumPy in float64.
-  from vqjax import runs
-
   cfg, model, variables = runs.load_run(str(tmp_path / "ref"))
   assert cfg.prior.code_shapes == [[4, 4], [8, 8]] and cfg.prior.image_shape == [32, 32, 1]
   test = codes.CodesSource(codes_dir, "test")
@@ -291,7 +316,8 @@ def test_prior_logs_sample_grids_decoded_by_the_stage1_run(stage1, tmp_path):
     synthetic_examples=defaults.synthetic_examples,
   )
   config.log.update(image_every_steps=1, num_images=4, tensorboard=False, eval_every_steps=0)
-  trainer.train_and_evaluate(config, str(tmp_path / "prior"))
+  # runs.make_task gives the task the stage-1 run the codes record (as `vqjax.train` does).
+  trainer.train_and_evaluate(config, str(tmp_path / "prior"), make_task=runs.make_task)
   grid = np.asarray(Image.open(tmp_path / "prior" / "images" / "samples_0000001.png"))
   # Two labelled rows (4 images of 32 px each): the real codes decoded, then the sampled bottom.
   assert grid.shape[0] == 2 * 34 + 2
@@ -301,3 +327,44 @@ def test_prior_logs_sample_grids_decoded_by_the_stage1_run(stage1, tmp_path):
   want = logs.to_uint8(np.clip(np.asarray(decoded), -1, 1))
   margin = grid.shape[1] - (8 * 34 + 2)  # rows of 8 cells, blanks after the 4 images
   np.testing.assert_array_equal(grid[2:34, margin + 2 : margin + 34], want[0, ..., 0])
+
+
+@pytest.mark.slow
+def test_a_prior_loads_and_samples_without_its_code_dataset(stage1, tmp_path):
+  """What loading and sampling a prior need is recorded with the run when it trains (code-map
+  shapes, image shape, the stage-1 run): with its code dataset moved away, `vqjax.load_run`
+  and `python -m vqjax.sample` work, the stage-1 run named by the priors' own config."""
+  workdir, _, model, variables = stage1
+  codes_dir = str(tmp_path / "codes")
+  extract_codes.extract(workdir, codes_dir, batch_size=8)
+  priors = []
+  for name in ("fashion_mnist_prior_top", "fashion_mnist_prior_bottom"):
+    config = _on_codes(configs.load_experiment(f"{name}:smoke"), codes_dir)
+    config.log.update(tensorboard=False, eval_every_steps=0, image_every_steps=0)
+    trainer.train_and_evaluate(config, str(tmp_path / name))
+    priors.append(str(tmp_path / name))
+  os.rename(codes_dir, str(tmp_path / "moved"))
+
+  config, prior, prior_variables = vqjax.load_run(priors[1])
+  assert config.prior.code_shapes == [[4, 4], [8, 8]] and config.prior.image_shape == [32, 32, 1]
+  assert config.prior.stage1 == workdir
+  top = jnp.zeros((1, 4, 4), jnp.int32)
+  logits = prior.apply(prior_variables, jnp.zeros((1, 8, 8), jnp.int32), condition=(top,))
+  assert logits.shape == (1, 8, 8, config.vq.num_codes)
+
+  out = tmp_path / "samples"
+  argv = ["--workdir", priors[0], "--workdir", priors[1], "--num", "3", "--out", str(out)]
+  done = subprocess.run(
+    [sys.executable, "-m", "vqjax.sample", *argv], capture_output=True, text=True, timeout=600
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  with open(out / "settings.json") as f:
+    assert json.load(f)["stage1"] == workdir
+  maps = np.load(out / "codes.npz")
+  decoded = model.apply(
+    variables,
+    (jnp.asarray(maps["codes0"]), jnp.asarray(maps["codes1"])),
+    method="decode_from_indices",
+  )
+  want = logs.to_uint8(np.clip(np.asarray(decoded), -1, 1))
+  np.testing.assert_array_equal(np.load(out / "images.npz")["image"], want)

@@ -171,7 +171,7 @@ def extract(
     for k in range(pi, num_shards, pc):
       path = os.path.join(out, codes.shard_name(base, k, num_shards))
       lo, hi = k * examples_per_shard, min(n, (k + 1) * examples_per_shard)
-      if os.path.exists(path):  # finished by an earlier (interrupted) run
+      if codes.reusable_shard(path):  # finished by an earlier (interrupted) run, and intact
         done += hi - lo
         continue
       tmp = f"{path}.tmp{pi}"
@@ -191,7 +191,7 @@ def extract(
           written += len(idx)
       finally:
         writer.close()
-      os.replace(tmp, path)
+      codes.finish_shard(tmp, path, hi - lo)
       rate = written / max(time.perf_counter() - t0, 1e-9)
       logging.info(
         "%s: shard %d/%d written, %d/%d examples (%.0f examples/s)",

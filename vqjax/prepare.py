@@ -261,8 +261,13 @@ def prepare(
     _check_compatible(old, meta, out)
     meta["splits"] = {**old["splits"], **meta["splits"]}  # keep splits prepared earlier
   finished = old is not None and old.get("complete") and dict(old, complete=False) == meta
-  if finished and _all_shards_exist(out, meta):
-    # Finished: left as it is, so runs reading it meanwhile never see it incomplete.
+  if finished and all(
+    not codes.shard_problem(os.path.join(out, s))
+    for i in meta["splits"].values()
+    for s in i["shards"]
+  ):
+    # Finished, every shard matching its check record: left as it is, so runs reading it
+    # meanwhile never see it incomplete. A damaged shard is rewritten below.
     logging.info("prepared dataset %s is already complete", out)
     return old
   # Every process writes the same "not complete" metadata before its shards, so shards on disk
@@ -278,7 +283,7 @@ def prepare(
       for k in mine:
         path = os.path.join(out, names[k])
         lo, hi = k * per_shard, min(n, (k + 1) * per_shard)
-        if os.path.exists(path):  # finished by an earlier run
+        if codes.reusable_shard(path):  # finished by an earlier run, and intact
           progress.add(hi - lo, False, f"shard {k + 1}/{len(names)} already written")
           continue
         chunks = [np.arange(s, min(s + batch, hi)) for s in range(lo, hi, batch)]

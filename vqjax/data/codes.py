@@ -18,17 +18,28 @@ for smoke runs and benchmarks without a stage-1 model.
 The shard and metadata helpers (`shard_name`, `encode_example`, `read_dataset_metadata`,
 `write_metadata`, `write_shard`, `open_split`) are shared with the prepared image datasets of
 `data/prepared.py`, which use the same layout.
+
+Every shard has a record beside it, `<shard>.check.json` ({"size", "crc32", "records"}),
+written just before the shard is renamed into place (`finish_shard`). A shard cut short (an
+interrupted copy, `truncate`) used to pass as complete, and training died in a 55-line Riegeli
+traceback that never named it: re-running extraction or `vqjax.prepare` now verifies each
+finished shard against its record and rewrites a damaged one (`shard_problem`), and readers
+check each shard's size when they open a split and name a damaged shard in one line. Shards
+written by an older vqjax have no record: they are read as they are, and rewritten by a re-run.
 """
 
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from vqjax import errors
+from vqjax.data.splits import parse_split, slice_range
 
 FORMAT = "vqjax-codes/1"
 METADATA = "metadata.json"
@@ -106,6 +117,69 @@ def write_metadata(codes_dir: str, meta: dict) -> None:
   os.replace(tmp, path)
 
 
+CHECK_SUFFIX = ".check.json"
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while block := f.read(1 << 22):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def finish_shard(tmp: str, path: str, records: int) -> None:
+  """Records the size, CRC-32 and record count of a written shard `tmp` beside `path`, then
+  renames it to `path`: a shard under its final name always has its record."""
+  check = {"size": os.path.getsize(tmp), "crc32": _crc32(tmp), "records": int(records)}
+  record = path + CHECK_SUFFIX
+  with open(f"{record}.tmp", "w") as f:
+    json.dump(check, f)
+  os.replace(f"{record}.tmp", record)
+  os.replace(tmp, path)
+
+
+def _read_check(path: str) -> dict | None:
+  try:
+    with open(path + CHECK_SUFFIX) as f:
+      check = json.load(f)
+  except (OSError, ValueError):
+    return None
+  ok = isinstance(check, dict) and all(isinstance(check.get(k), int) for k in ("size", "crc32"))
+  return check if ok else None
+
+
+def shard_problem(path: str, full: bool = True) -> str:
+  """Why the shard at `path` cannot be trusted, or "" when it matches its record.
+
+  Args:
+    path: the shard's final path.
+    full: also compare the CRC-32 of its bytes (reads the whole file); else the size only.
+  """
+  if not os.path.isfile(path):
+    return "missing"
+  check = _read_check(path)
+  if check is None:
+    return "it has no check record (written by an older vqjax, or the record is damaged)"
+  size = os.path.getsize(path)
+  if size != check["size"]:
+    return f"it has {size} bytes, {check['size']} when written (cut short or overwritten)"
+  if full and _crc32(path) != check["crc32"]:
+    return "its bytes changed since it was written (checksum)"
+  return ""
+
+
+def reusable_shard(path: str) -> bool:
+  """Whether a re-run may keep the shard at `path` (it exists and matches its record); a shard
+  that exists but does not is named in a warning, and will be rewritten."""
+  if not os.path.exists(path):
+    return False
+  problem = shard_problem(path)
+  if problem:
+    logging.warning("rewriting %s: %s", path, problem)
+  return not problem
+
+
 def write_shard(path: str, records: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
   """Writes one ArrayRecord shard under a temporary name and renames it when complete.
 
@@ -131,7 +205,7 @@ def write_shard(path: str, records: Iterable[bytes], options: str = WRITER_OPTIO
       count += 1
   finally:
     writer.close()
-  os.replace(tmp, path)
+  finish_shard(tmp, path, count)
   return count
 
 
@@ -152,11 +226,9 @@ def open_split(directory: str, meta: dict, split: str, what: str, hint: str) -> 
     errors.UserError: an unknown split, a missing shard (named), or a record count that
       differs from the metadata's.
   """
-  import grain  # deferred: only record datasets need it here
+  import grain  # deferred: grain takes a second to import, and only record datasets need it
 
-  from vqjax.data import sources
-
-  base, spec = sources.parse_split(split)
+  base, spec = parse_split(split)
   if base not in meta["splits"]:
     raise errors.UserError(f"{what} {directory} has splits {sorted(meta['splits'])}, not {base!r}")
   info = meta["splits"][base]
@@ -170,13 +242,17 @@ def open_split(directory: str, meta: dict, split: str, what: str, hint: str) -> 
       f"{what} {directory} is incomplete: {len(missing)} shard(s) of {base!r} missing "
       f"(e.g. {missing[0]}); {hint}"
     )
+  for path in paths:  # a stat each: a shard cut short is named here, not by Riegeli later
+    problem = shard_problem(path, full=False) if _read_check(path) is not None else ""
+    if problem:
+      raise errors.UserError(f"{what} {directory}: the shard {path} is damaged: {problem}; {hint}")
   records = grain.sources.ArrayRecordDataSource(paths)
   if len(records) != info["num_examples"]:
     raise errors.UserError(
       f"{what} {directory} split {base!r} holds {len(records)} records, its metadata says "
       f"{info['num_examples']}"
     )
-  return records, sources.slice_range(spec, len(records), split)
+  return records, slice_range(spec, len(records), split)
 
 
 class CodesSource:
@@ -237,8 +313,6 @@ class SyntheticCodesSource:
 
 def synthetic_source(data_config: Any, split: str) -> SyntheticCodesSource:
   """The `name="synthetic_codes"` source of one split, from `config.data.synthetic_*`."""
-  from vqjax.data.sources import parse_split, slice_range
-
   base, spec = parse_split(split)
   c = data_config
   source = SyntheticCodesSource(
