@@ -163,10 +163,11 @@ class Pipeline:
     return out
 
   def _train(self, name: str, config: Any) -> dict[str, float]:
+    from vqjax import runs
     from vqjax.training import trainer
 
     trainer.setup_compilation_cache(config.log.compilation_cache)  # "" = off
-    result = trainer.train_and_evaluate(config, self.path(name))
+    result = trainer.train_and_evaluate(config, self.path(name), make_task=runs.make_task)
     if "stopped" in result:
       signum = int(result["stopped"])
       raise errors.Stopped(

@@ -6,6 +6,11 @@ hold a trained model:
     config is the one saved with the chosen step, the weights are its params and model state
     (the optimiser state is never read);
   * a directory written by `python -m vqjax.convert` (config.json + variables/).
+Only the model is built (`models/registry.py`): what fixes its variables' shapes is recorded in
+the config (a prior's code-map shapes too), so no dataset is read.
+
+`make_task(config)` is the task that trains `config`, with what it reads from another run: a
+prior's stage-1 model, whose decoder draws the sample grids in the prior's logs.
 """
 
 import json
@@ -14,16 +19,16 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
-from vqjax import errors
+from vqjax import configs, errors, sampling
+from vqjax.models import registry
 from vqjax.training import checkpoint, logs, tasks, weights
 
 
 def _config_from_record(record: dict) -> ml_collections.ConfigDict:
   """A config saved as JSON back into a ConfigDict (fields the schema has since gained keep
   their defaults)."""
-  from vqjax import configs
-
   config = configs.base_config()
   with config.unlocked():
     _merge(config, record)
@@ -80,9 +85,7 @@ def load_run_with_step(
   if _is_converted(path):
     if step is not None:
       raise errors.UserError(f"{workdir} is a converted model: it has no steps")
-    from vqjax import convert
-
-    config = convert.read_config(os.path.join(path, "config.json"))
+    config = configs.read_config(os.path.join(path, "config.json"))
     return (config, *_restore(config, path, None, device), None)
   directory = checkpoint.resolve_directory(path)
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
@@ -128,13 +131,43 @@ def _config_record(meta: dict, directory: str, step: int) -> dict:
 
 
 def _restore(config: ml_collections.ConfigDict, path: str, step: int | None, device) -> tuple:
-  """(model, variables) of `config`'s task, read from a checkpoint or converted directory."""
-  task = tasks.make_task(config)
-  batch = jax.tree.map(jax.numpy.asarray, task.dummy_batch())
-  abstract = jax.eval_shape(lambda k: task.init(k, batch), jax.random.key(0, impl="rbg"))
+  """(model, variables) of `config`'s model, read from a checkpoint or converted directory."""
+  model = registry.build_model(config)
+  args, kwargs = registry.init_inputs(config)
+  key = jax.random.key(0, impl="rbg")
+  rngs = {"params": key, "vq": key, "dropout": key}
+  abstract = dict(jax.eval_shape(lambda: model.init(rngs, *args, **kwargs)))
   placement = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-  target = jax.tree.map(
+  abstract = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placement), abstract
   )
+  params = abstract.pop("params")
+  target = tasks.TrainState(step=None, params=params, opt_state=None, model_state=abstract)
   loaded = weights.restore_weights(path, target, step=step)
-  return task.model, {"params": loaded["params"], **loaded["model_state"]}
+  return model, {"params": loaded["params"], **loaded["model_state"]}
+
+
+def make_task(config: ml_collections.ConfigDict) -> tasks.Task:
+  """`tasks.make_task(config)`, with what the task reads from other runs: a prior on extracted
+  codes gets its stage-1 run (`config.prior.stage1`, recorded from the codes) and a sampler, and
+  logs sample grids decoded by it. Without grids (`config.log.image_every_steps` = 0) nothing
+  more is loaded; a stage-1 run that cannot be loaded leaves them out with a warning.
+
+  The trainer calls it with its own copy of the config (`trainer.train_and_evaluate(config,
+  workdir, make_task=runs.make_task)`, as `python -m vqjax.train` does).
+  """
+  task = tasks.make_task(config)
+  stage1 = config.prior.stage1 if config.task == "prior" else ""
+  if not stage1 or not config.log.image_every_steps:
+    return task
+  try:
+    _, decoder, variables = load_run(stage1)
+  except errors.UserError as e:
+    logging.warning("no sample grids in the logs: stage-1 run %s: %s", stage1, e)
+    return task
+  return tasks.PriorTask(
+    config,
+    task.model,
+    stage1=(decoder, jax.device_get(variables)),
+    sample=sampling.sampler_for(task.model).sample,
+  )

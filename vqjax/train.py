@@ -102,6 +102,7 @@ def main(argv):
   _cli.setup(tune_malloc=True)  # before JAX creates its CPU backend
   import jax
 
+  from vqjax import runs
   from vqjax.training import trainer
 
   config = _CONFIG.value
@@ -111,7 +112,7 @@ def main(argv):
     configs.validate(config)
     trainer.setup_compilation_cache(config.log.compilation_cache)
     initialize_distributed(config.distributed)
-    result = trainer.train_and_evaluate(config, _WORKDIR.value)
+    result = trainer.train_and_evaluate(config, _WORKDIR.value, make_task=runs.make_task)
   except errors.UserError as e:
     raise _user_error(f"{type(e).__name__}: {e}") from None
   except OSError as e:  # a read-only or full disk, a workdir that is a file, ...

@@ -22,13 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vqjax.data import pipeline
 from vqjax.evaluation import anomaly, frechet, metrics
+from vqjax.training import tasks
 
 
 def _level_names(levels: int) -> tuple[str, ...]:
-  # Imported late: the training package pulls in the optimiser and model registry.
-  from vqjax.training import tasks
-
   return tasks.level_names(levels)
 
 
@@ -53,8 +52,6 @@ class _PerModelJit:
 def _eval_data(data_config: ml_collections.ConfigDict | None, max_batches: int) -> Iterable:
   if data_config is None:
     raise ValueError("no data given and the evaluator was built without config.data")
-  from vqjax.data import pipeline
-
   return pipeline.make_eval_iterator(
     data_config, jax.process_index(), jax.process_count(), max_batches
   )

@@ -22,6 +22,7 @@ DPI = 100
 
 def _figure(panels: int):
   """A figure with `panels` side-by-side axes on an Agg canvas, and the axes."""
+  # matplotlib only where a plot is drawn: half a second to import.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 

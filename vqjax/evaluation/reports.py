@@ -9,21 +9,19 @@ Sample quality (drawn images) is in `samples.py` and `tradeoffs.py`; see
 
 import os
 
+import jax
 import numpy as np
 
-from vqjax import errors
+from vqjax import errors, runs
+from vqjax.data import pipeline
+from vqjax.evaluation import metrics, plots
+from vqjax.evaluation.evaluators import CodebookEvaluator, ReconstructionEvaluator
+from vqjax.models import registry
+from vqjax.training import logs, tasks
 
 
 def evaluate(workdir: str, max_batches: int = 0) -> dict[str, float]:
   """The metrics of a run (see the module docstring)."""
-  import jax
-
-  from vqjax import runs
-  from vqjax.data import pipeline
-  from vqjax.evaluation import CodebookEvaluator, ReconstructionEvaluator
-  from vqjax.models import registry
-  from vqjax.training import tasks
-
   config, model, variables = runs.load_run(workdir)
   if config.model.name in registry.AUTOENCODERS:
     result = ReconstructionEvaluator.from_config(config, max_batches=max_batches).run(
@@ -66,14 +64,6 @@ def stage1_plots(workdir: str, out_dir: str, max_batches: int = 0) -> dict[str, 
     reconstructions (rows "reconstruction"), "code_usage": path of the per-level histograms
     of code counts, most used first, perplexity in each panel's title}.
   """
-  import jax
-
-  from vqjax import runs
-  from vqjax.data import pipeline
-  from vqjax.evaluation import CodebookEvaluator, metrics, plots
-  from vqjax.models import registry
-  from vqjax.training import logs
-
   config, model, variables = runs.load_run(workdir)
   if config.model.name not in registry.AUTOENCODERS:
     raise errors.UserError(

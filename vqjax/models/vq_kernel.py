@@ -59,6 +59,8 @@ def _compiler_params(backend: str, interpret: bool):
   """Backend compiler parameters; None where the defaults are right (and in interpret mode)."""
   if interpret:
     return None
+  # Each backend's Pallas module only for its own backend: Triton's is deprecated in JAX 0.11
+  # and may be missing (quantizer.resolve_distance_impl checks it before choosing the kernel).
   if backend == "tpu":
     from jax.experimental.pallas import tpu as pltpu
 

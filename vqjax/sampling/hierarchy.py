@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqjax import errors
-from vqjax.sampling import cached, naive
+from vqjax import errors, runs
+from vqjax.data import codes
+from vqjax.sampling import sampler_for
+from vqjax.training import checkpoint
 
 
 @dataclasses.dataclass
@@ -50,8 +52,6 @@ class Generator:
       errors.UserError: a run of another kind (`check_run`; told from its config.json before
         any weights are read), or runs that do not belong together.
     """
-    from vqjax import runs
-
     named = [(stage1, "autoencoder", "stage1")] + [(p, "prior", "priors") for p in priors]
     for path, task, option in named:
       check_run(path, task, option)  # from config.json: before any weights are read
@@ -155,8 +155,6 @@ def run_task(workdir: str) -> str | None:
     The task, or None when there is no readable config.json (`vqjax.load_run` then says what
     is wrong, or reads the config from the checkpoint).
   """
-  from vqjax.training import checkpoint
-
   path = os.path.abspath(os.path.expanduser(workdir))
   places = [path]
   if os.path.basename(path) == checkpoint.CHECKPOINT_SUBDIR:
@@ -190,19 +188,6 @@ def check_run(workdir: str, expected: str, option: str, task: str | None = None)
     )
 
 
-def sampler_for(model: Any) -> Any:
-  """The sampler module for `model`: `cached` for a prior with a decode mode.
-
-  Both priors of vqjax (`PixelSNAIL`, `GatedPixelCNN`) have one; a model without a
-  `decode_position` argument gets the full-recompute `naive` sampler.
-  """
-  try:
-    cached._check_model(model)
-  except ValueError:
-    return naive
-  return cached
-
-
 def labels_for(num: int, label: int | None, num_classes: int) -> np.ndarray | None:
   """`num` labels: all `label`, or (label=None) cycling through the classes."""
   if num_classes <= 0:
@@ -215,11 +200,11 @@ def labels_for(num: int, label: int | None, num_classes: int) -> np.ndarray | No
 
 
 def stage1_of(prior_workdir: str) -> str:
-  """The stage-1 run a prior's code dataset came from (its extraction record names it)."""
-  from vqjax import runs
-  from vqjax.data import codes
-
+  """The stage-1 run a prior's codes came from: recorded in its config (`config.prior.stage1`)
+  when it was trained, else (a prior trained before vqjax recorded it) in its code dataset."""
   config, _, _ = runs.load_run(prior_workdir)
+  if config.prior.stage1:
+    return config.prior.stage1
   if config.data.name != "codes":
     raise errors.UserError(f"{prior_workdir} was not trained on extracted codes: set --stage1")
   return codes.read_metadata(config.data.codes_dir)["stage1"]["workdir"]

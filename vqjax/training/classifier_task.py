@@ -23,7 +23,7 @@ from vqjax import errors
 from vqjax.data.device_transform import device_transform
 from vqjax.models import registry
 from vqjax.training import optim
-from vqjax.training.tasks import Batch, Metrics, Task, TrainState
+from vqjax.training.task_base import Batch, Metrics, Task, TrainState
 
 
 class ClassifierTask(Task):

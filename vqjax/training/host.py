@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vqjax import errors
 
@@ -47,8 +48,6 @@ class StopRequest:
       return local
     if not sync:
       return False
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
 
   def restore(self):

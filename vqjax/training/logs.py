@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -201,7 +201,7 @@ class MetricWriter:
     self._jsonl = open(path, "a")
     if self.tensorboard:
       try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional, and 2 s to import: only when asked
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard event files")
       else:
@@ -393,8 +393,6 @@ def comparison_grid(images: Mapping[str, np.ndarray], per_row: int = 8) -> np.nd
 
 def label_rows(grid: np.ndarray, labels: Sequence[str], cell: int, pad: int = 2) -> np.ndarray:
   """Adds a white margin left of `grid` with `labels[r]` written beside image row r."""
-  from PIL import ImageDraw, ImageFont
-
   font = ImageFont.load_default()
   probe = ImageDraw.Draw(Image.new("L", (1, 1)))
   width = max(int(probe.textlength(t, font=font)) for t in labels) + 2 * pad

@@ -1,102 +1,26 @@
-"""What is trained: one small `Task` per stage, pure step functions the trainer jits.
+"""What is trained: the stage-1 autoencoder and the priors as `Task`s (the interface:
+`task_base.py`), and `make_task(config)`, the task `config.task` names.
 
-The trainer knows nothing about models, losses or what a batch holds; it talks to a `Task`:
-
-  init(rng, batch) -> TrainState                       pure; jitted sharded by the trainer
-  frozen() -> pytree | None                            host; another run's weights the steps
-                                                       read but never train (a stage-1 model
-                                                       inside a prior's image hook); the trainer
-                                                       shards it like the state and passes it
-                                                       to every jitted step as an argument
-  train_step(state, batch, rng, frozen) -> (state, metrics)
-                                                       pure; `rng` is already this step's key
-  eval_step(state, batch, frozen) -> sums              pure; sums over the real examples
-  eval_summary(sums) -> {name: float}                  host; summed statistics -> metrics
-  images(state, batch, rng, frozen) -> {grid: {row: images}}
-                                                       pure; each grid becomes a PNG with its
-                                                       rows labelled ("recon": input / output)
-  dummy_batch() -> batch                               host; a one-example batch of the right
-                                                       shapes, to build a model without data
-
-and a few attributes: `progress_keys` (metrics on the progress line), `unit` (what the
-throughput counts: "img" -> img/s, "codes" -> codes/s) and `config_sections` (the config groups
-that decide the state's shapes, for the checkpoint fingerprint).
-
-Batches are dicts of global arrays whose features depend on the data source (images, integer
-code maps, "label"); eval batches add "mask" float32 [B], 0 on padding. Training images arrive
-uint8 [B, H, W, C] (the host neither scales nor flips them): a task that reads images passes
-the batch through `device_transform(batch, rng, config.data)` first, which scales them to
-float32 [-1, 1] and applies `config.data.random_flip` from the step key; its init, eval and
-image steps pass it with rng=None (scale only: eval batches come scaled from the host and go
-through unchanged). A prior or a classifier is one more `Task` subclass and one line in
-`TASKS`.
+A prior or a classifier is one more `Task` subclass (the classifier's: `classifier_task.py`)
+and one line in `TASKS`.
 """
 
+from collections.abc import Callable
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from vqjax import errors
+from vqjax.data import codes as codes_data
 from vqjax.data.device_transform import device_transform
 from vqjax.models import quantizer, registry
-from vqjax.training import optim
-
-Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training; every leaf is a (global) jax.Array.
-
-  Attributes:
-    step: int32 scalar, the number of optimiser updates applied.
-    params: trainable parameters (the "params" collection).
-    opt_state: the optax state.
-    model_state: the other variable collections, e.g. {"vq_state": ...} (EMA codebooks),
-      updated by the forward pass rather than by the optimiser.
-  """
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  model_state: Any
-
-
-class Task:
-  """The interface between the trainer and a training stage (see the module docstring)."""
-
-  progress_keys: tuple[str, ...] = ("loss",)
-  unit: str = "img"
-  config_sections: tuple[str, ...] = ("task", "model")
-
-  def init(self, rng: jax.Array, batch: Batch) -> TrainState:
-    raise NotImplementedError
-
-  def frozen(self) -> Any:
-    return None
-
-  def train_step(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any):
-    raise NotImplementedError
-
-  def eval_step(self, state: TrainState, batch: Batch, frozen: Any) -> Metrics:
-    raise NotImplementedError
-
-  def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
-    raise NotImplementedError
-
-  def images(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any) -> dict:
-    return {}
-
-  def dummy_batch(self) -> dict[str, np.ndarray]:
-    raise NotImplementedError
+from vqjax.training import classifier_task, optim
+from vqjax.training.task_base import Batch, Metrics, Task, TrainState
 
 
 def level_names(levels: int) -> tuple[str, ...]:
@@ -266,21 +190,30 @@ class PriorTask(Task):
   image dimension (the level's total bits over H * W * C of the images the codes encode).
 
   Args:
-    config: the run config; when `config.data.name == "codes"`, `config.prior.code_shapes` and
-      `config.prior.image_shape` are filled from the code dataset (and checked against it).
+    config: the run config, with `config.prior.code_shapes` (and `image_shape`, for bits per
+      image dimension): `make_task` fills them from a code dataset, the config records them.
     model: a prior module; default `registry.build_model(config)`.
+    stage1: (module, variables) of the stage-1 model the codes came from, whose decoder draws
+      the sample grids in the logs (`frozen`, `images`); None = no grids.
+    sample: draws this level's codes for the grids, as `vqjax.sampling`'s samplers do:
+      sample(model, variables, num, shape, rng, condition=, label=) -> int32 [num, *shape].
+    (`vqjax.runs.make_task` gives both, from `config.prior.stage1`.)
   """
 
   progress_keys = ("loss", "bits_per_code")
   unit = "samples"
   config_sections = ("task", "model", "vq", "prior")
 
-  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module | None = None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    model: nn.Module | None = None,
+    stage1: tuple[nn.Module, Any] | None = None,
+    sample: Callable[..., jax.Array] | None = None,
+  ):
     self.config = config
     p = config.prior
-    if config.data.name == "codes":
-      _fill_from_codes(config)
-    elif config.data.name == "synthetic_codes" and not p.code_shapes:
+    if config.data.name == "synthetic_codes" and not p.code_shapes:
       p.code_shapes = [list(s) for s in config.data.synthetic_shapes or []]
     if not p.code_shapes:
       raise errors.UserError(
@@ -314,6 +247,7 @@ class PriorTask(Task):
     self.dims_per_code = image_dims / float(np.prod(self.shape)) if image_dims else 0.0
     self.model = registry.build_model(config) if model is None else model
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
+    self.stage1, self.sample = (stage1, sample) if stage1 and sample else (None, None)
 
   def dummy_batch(self) -> dict[str, np.ndarray]:
     batch = {
@@ -417,36 +351,21 @@ class PriorTask(Task):
     return out
 
   def frozen(self) -> Any:
-    """The stage-1 run the codes came from (its variables), for sample grids in the logs;
-    None when grids are off or that run is not on this machine."""
-    self.decoder = None
-    if not self.config.log.image_every_steps or self.config.data.name != "codes":
-      return None
-    from vqjax import runs
-    from vqjax.data import codes as codes_data
-
-    stage1 = codes_data.read_metadata(self.config.data.codes_dir)["stage1"]["workdir"]
-    try:
-      _, self.decoder, variables = runs.load_run(stage1)
-    except errors.UserError as e:
-      logging.warning("no sample grids in the logs: stage-1 run %s: %s", stage1, e)
-      return None
-    return jax.device_get(variables)
+    """The stage-1 model's variables (host arrays), for the sample grids; None without."""
+    return None if self.stage1 is None else self.stage1[1]
 
   def images(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None) -> dict:
     """One grid, "samples": the decoded real codes over the same codes with this level drawn
     from the prior (given the real coarser codes and label), so the grid shows what the prior
     has learnt at its level."""
-    if frozen is None or getattr(self, "decoder", None) is None:
+    if frozen is None or self.stage1 is None:
       return {}
-    from vqjax.sampling import hierarchy
-
     # Sampling costs a network pass per position: only the images the grid shows.
     batch = jax.tree.map(lambda x: x[: self.config.log.num_images], batch)
     levels = len(self.config.prior.code_shapes)
     real = tuple(batch[codes_key(i)] for i in range(levels))
     _, condition, label = self._inputs(batch)
-    drawn = hierarchy.sampler_for(self.model).sample(
+    drawn = self.sample(
       self.model,
       {"params": state.params, **state.model_state},
       real[0].shape[0],
@@ -458,17 +377,17 @@ class PriorTask(Task):
     mixed = real[: self.level] + (drawn,) + real[self.level + 1 :]
 
     def decode(maps):
-      images = self.decoder.apply(frozen, maps, method="decode_from_indices")
+      images = self.stage1[0].apply(frozen, maps, method="decode_from_indices")
       return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
     name = level_names(levels)[self.level]
     return {"samples": {"real codes": decode(real), f"{name} sampled": decode(mixed)}}
 
 
-def _fill_from_codes(config: ml_collections.ConfigDict) -> None:
-  """Copies the code dataset's shapes into `config.prior` and checks they fit the config."""
-  from vqjax.data import codes as codes_data
-
+def fill_from_codes(config: ml_collections.ConfigDict) -> None:
+  """Records in `config.prior` what a prior's code dataset (`config.data.codes_dir`) says: the
+  code-map shapes, the image shape and the stage-1 run (unless set), checked against the config.
+  The run's config then holds them, so loading the trained prior needs no codes."""
   meta = codes_data.read_metadata(config.data.codes_dir)
   shapes = [list(level["shape"]) for level in meta["levels"]]
   if meta["num_codes"] != config.vq.num_codes:
@@ -489,20 +408,22 @@ def _fill_from_codes(config: ml_collections.ConfigDict) -> None:
     )
   p.code_shapes = shapes
   p.image_shape = list(meta["image_shape"])
+  if not p.stage1:
+    p.stage1 = meta.get("stage1", {}).get("workdir", "")
 
 
-def _classifier_task(config: ml_collections.ConfigDict) -> Task:
-  # Imported here: classifier_task subclasses Task from this module.
-  from vqjax.training import classifier_task
-
-  return classifier_task.ClassifierTask(config)
-
-
-TASKS = {"autoencoder": AutoencoderTask, "prior": PriorTask, "classifier": _classifier_task}
+TASKS = {
+  "autoencoder": AutoencoderTask,
+  "prior": PriorTask,
+  "classifier": classifier_task.ClassifierTask,
+}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:
-  """The task named by `config.task`."""
+  """The task named by `config.task`, to train `config`: a prior on a code dataset first gets
+  what the codes record (`fill_from_codes`, which reads them)."""
   if config.task not in TASKS:
     raise errors.UserError(f"unknown config.task {config.task!r}; expected one of {sorted(TASKS)}")
+  if config.task == "prior" and config.data.name == "codes":
+    fill_from_codes(config)
   return TASKS[config.task](config)

@@ -36,6 +36,7 @@ import concurrent.futures
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -176,14 +177,20 @@ def _finished(workdir: str, step: int, total: int) -> dict[str, float]:
 
 @logs.quiet_library_logs()  # Orbax's INFO lines per save would bury the progress lines
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, task: tasks.Task | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  task: tasks.Task | None = None,
+  make_task: Callable[[ml_collections.ConfigDict], tasks.Task] = tasks.make_task,
 ) -> dict[str, float]:
   """Trains (or resumes) the run described by `config` in `workdir`.
 
   Args:
     config: a config from `experiments/` (see `vqjax/configs.py` for every field).
     workdir: output directory: checkpoints/, metrics.jsonl, tb/, images/, config.json.
-    task: the stage to train; default `tasks.make_task(config)`.
+    task: the stage to train; default `make_task` of the run's copy of `config`.
+    make_task: builds the task from that copy; `vqjax.runs.make_task` (what `python -m
+      vqjax.train` passes) also gives a prior its stage-1 model, for sample grids in the logs.
 
   Returns:
     Host floats: the last eval metrics (prefixed "eval/"), the last train metrics, "step",
@@ -197,7 +204,8 @@ def train_and_evaluate(
   profiler = host.Profiler(
     config.log.profile_steps, config.train.steps, profile_dir, jax.process_index() == 0
   )
-  with _Run(config, workdir, task) as run, profiler:
+  make = make_task if task is None else lambda _: task
+  with _Run(config, workdir, make) as run, profiler:
     if run.step >= run.total and run.resumed:
       return _finished(run.workdir, run.step, run.total)
     return run.train(t_start, profiler)
@@ -221,7 +229,12 @@ class _Run:
   block) waits for pending checkpoint saves and releases files, signal handlers and readers.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: tasks.Task | None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    make_task: Callable[[ml_collections.ConfigDict], tasks.Task],
+  ):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.pi, pc = jax.process_index(), jax.process_count()
     self.writer = self.train_iter = self.stop = self.clock = self.reader = None
@@ -238,12 +251,17 @@ class _Run:
         self.lock.release()
       raise
     try:
-      self._setup(config, task, pc)
+      self._setup(config, make_task, pc)
     except BaseException:
       self.close()
       raise
 
-  def _setup(self, config: ml_collections.ConfigDict, task: tasks.Task | None, pc: int) -> None:
+  def _setup(
+    self,
+    config: ml_collections.ConfigDict,
+    make_task: Callable[[ml_collections.ConfigDict], tasks.Task],
+    pc: int,
+  ) -> None:
     ckpt = self.ckpt
     latest = ckpt.latest_step()
     saved_meta = ckpt.read_meta(latest) if latest is not None else {}
@@ -251,7 +269,7 @@ class _Run:
     self.mesh = mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.batch_size, mesh)
     sharding.check_batch_size(config.data.eval_batch_size, mesh)
-    self.task = task = tasks.make_task(config) if task is None else task
+    self.task = task = make_task(config)
     self.meta = checkpoint.config_meta(config, task.config_sections)
 
     # Data first: a missing dataset fails here, before any compilation.
