@@ -51,3 +51,47 @@ def test_load_run_errors_name_the_problem(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(errors.UserError, match="no checkpoint in"):
     vqjax.load_run(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "damage, message",
+  [
+    ("syntax", r"config.json is damaged: not valid JSON \(line 1"),
+    ("list", "must hold a JSON object of config groups, not a list"),
+    ("float", r"field data.image_size=1000000000.0 has the wrong type: it must be int"),
+    ("size", r"config.json: config.data.image_size=1000000000 cannot be right"),
+    ("levels", r"config.json: config.model.levels=1000000 cannot be right"),
+    ("unknown", "has a field 'model.wings'"),
+  ],
+)
+def test_a_damaged_converted_config_is_one_line_naming_the_file(tmp_path, damage, message):
+  """Each used to be a 39-line traceback, an AttributeError, NumPy's "array is too big", or
+  (levels=10**6) a load_run still running after 120 s."""
+  import json
+  import time
+
+  config = _tiny_config()
+  model = registry.build_model(config)
+  x = jnp.zeros((1, 32, 32, 1), jnp.float32)
+  variables = jax.jit(model.init)({"params": jax.random.key(0), "vq": jax.random.key(1)}, x)
+  convert.save_converted(str(tmp_path / "conv"), config, dict(variables))
+  path = tmp_path / "conv" / "config.json"
+  values = json.loads(path.read_text())
+  if damage == "syntax":
+    path.write_text(path.read_text()[:-40])
+  elif damage == "list":
+    path.write_text(json.dumps([values]))
+  else:
+    group, field, value = {
+      "float": ("data", "image_size", 1e9),
+      "size": ("data", "image_size", 10**9),
+      "levels": ("model", "levels", 10**6),
+      "unknown": ("model", "wings", 2),
+    }[damage]
+    values[group][field] = value
+    path.write_text(json.dumps(values))
+  start = time.monotonic()
+  with pytest.raises(errors.UserError, match=message) as e:
+    vqjax.load_run(str(tmp_path / "conv"))
+  assert "\n" not in str(e.value) and str(path) in str(e.value)
+  assert time.monotonic() - start < 30

@@ -363,13 +363,19 @@ def _merge_known(config: ml_collections.ConfigDict, values: dict, what: str, pre
   for key, value in values.items():
     name = f"{prefix}{key}"
     if key not in config:
-      raise ValueError(f"{what} has a field {name!r} that vqjax's config does not know")
+      raise errors.UserError(f"{what} has a field {name!r} that vqjax's config does not know")
     if isinstance(config[key], ml_collections.ConfigDict):
       if not isinstance(value, dict):
-        raise ValueError(f"{what} field {name!r} should be a group, got {value!r}")
+        raise errors.UserError(f"{what} field {name!r} should be a group, got {value!r:.80}")
       _merge_known(config[key], value, what, f"{name}.")
     else:
-      config[key] = value
+      try:
+        config[key] = value
+      except TypeError:  # ConfigDict keeps each field's type: 1e9 for an integer field
+        raise errors.UserError(
+          f"{what} field {name}={value!r:.80} has the wrong type: it must be "
+          f"{type(config[key]).__name__}"
+        ) from None
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
@@ -380,12 +386,32 @@ def read_config(path: str) -> ml_collections.ConfigDict:
     path: the JSON file.
 
   Returns:
-    The config; unknown fields raise ValueError.
+    The config, checked as a training config is (`validate`: ranges, choices, ignored fields).
+
+  Raises:
+    errors.UserError: one line naming the file (and the field): not JSON, not an object, an
+      unknown field, a value of the wrong type or out of range. A damaged config.json used to
+      give a 39-line traceback, an AttributeError, NumPy's "array is too big" or a hang.
   """
-  with open(path) as f:
-    values = json.load(f)
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    where = f" (line {e.lineno}, column {e.colno})" if hasattr(e, "lineno") else ""
+    raise errors.UserError(
+      f"{path} is damaged: not valid JSON{where}: {getattr(e, 'msg', e)}"
+    ) from None
+  if not isinstance(values, dict):
+    raise errors.UserError(
+      f"{path} is damaged: it must hold a JSON object of config groups, not a "
+      f"{type(values).__name__}"
+    )
   config = base_config()
-  _merge_known(config, values, os.path.basename(path))
+  _merge_known(config, values, path)
+  try:
+    validate(config)
+  except errors.UserError as e:
+    raise errors.UserError(f"{path}: {e}") from None
   return config
 
 
