@@ -16,16 +16,25 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from vqjax.data.sources import (
-  _write_text,
-  parse_split,
-  slice_range,
-)
+from vqjax.data.splits import parse_split, slice_range
 from vqjax.errors import UserError
 
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _CHECK_VERSION = 2  # 2: JPEGs without an end marker decoded
 _WARNED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, skipped files) already logged
+
+
+def _write_text(path: str, text: str) -> bool:
+  """Writes a text file atomically; False where the directory is not writable."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+    return True
+  except OSError:
+    return False
 
 
 def decode_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:

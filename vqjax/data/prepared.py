@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from vqjax import errors
-from vqjax.data import codes, sources
+from vqjax.data import codes
+from vqjax.data.splits import parse_split
 
 FORMAT = "vqjax-prepared/1"
 WHAT = "prepared dataset"
@@ -95,7 +96,7 @@ class PreparedSource:
     self.metadata = meta = read_metadata(prepared_dir)
     if data_config is not None:
       check_fit(meta, data_config, prepared_dir)
-    base, _ = sources.parse_split(split)
+    base, _ = parse_split(split)
     made_from = meta["splits"].get(base, {}).get("split", base)
     if "".join(split.split()) == "".join(made_from.split()):
       split = base  # what was prepared is exactly what is asked: every record

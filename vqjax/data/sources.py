@@ -20,13 +20,14 @@ The tfds readers of both kinds live in `tfds_data.py`.
 
 import gzip
 import os
-import re
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from vqjax.data import codes, folder, prepared, tfds_data
+from vqjax.data.splits import parse_split, slice_range
 from vqjax.errors import UserError
 
 _FASHION_FILES = {
@@ -74,34 +75,6 @@ def read_idx(path: str) -> np.ndarray:
       f"idx file has {len(data) - header} data bytes, header {shape} needs {expected}: {path}"
     )
   return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def parse_split(split: str) -> tuple[str, str]:
-  """Splits "train[:90%]" into ("train", ":90%"); a plain "train" gives ("train", "")."""
-  m = re.fullmatch(r"\s*([\w-]+)\s*(?:\[([^\]]*)\])?\s*", split)
-  if not m:
-    raise UserError(f"Bad split {split!r}: expected 'name' or 'name[start:stop]'")
-  return m.group(1), m.group(2) or ""
-
-
-def slice_range(spec: str, n: int, split: str) -> range:
-  """Resolves a tfds-like slice ("1000:", ":90%", "-500:") over n examples."""
-  if not spec:
-    return range(n)
-  parts = spec.split(":")
-  if len(parts) != 2:
-    raise UserError(f"Bad split slice in {split!r}: expected [start:stop]")
-
-  def bound(s: str, default: int) -> int:
-    s = s.strip()
-    if not s:
-      return default
-    try:
-      return round(n * float(s[:-1]) / 100) if s.endswith("%") else int(s)
-    except ValueError:
-      raise UserError(f"Bad split bound {s!r} in {split!r}") from None
-
-  return range(n)[slice(bound(parts[0], 0), bound(parts[1], n))]
 
 
 class ArraySource:
@@ -226,45 +199,14 @@ def _write_npz(path: str, **arrays: np.ndarray) -> None:
     pass  # a read-only cache dir only costs re-parsing on the next run
 
 
-def _write_text(path: str, text: str) -> bool:
-  """Writes a text file atomically; False where the directory is not writable."""
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-    return True
-  except OSError:
-    return False
-
-
-def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
-  """Converts uint8 [..., H, W, C] with C in {1, 3, 4} to `channels` (1 or 3) channels."""
-  c = image.shape[-1]
-  if c == 4:  # alpha is dropped: the models see opaque images
-    image, c = image[..., :3], 3
-  if c == channels:
-    return image
-  if c == 1 and channels == 3:
-    return np.repeat(image, 3, axis=-1)
-  if c == 3 and channels == 1:
-    # ITU-R 601 luma, as PIL's convert("L").
-    y = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8)[..., None]
-  raise UserError(f"Cannot convert {c} image channels to {channels}")
-
-
 def _fashion_mnist(data_config: Any, split: str) -> ArraySource:
   return load_fashion_mnist(data_config.local_dir, split, default_cache_dir(data_config.data_dir))
 
 
 def _folder(data_config: Any, split: str) -> Any:
-  from vqjax.data.folder import folder_source
-
   # Checking is file I/O: more threads than cores pay off on network disks.
   threads = max(16, data_config.num_workers)
-  source = folder_source(
+  source = folder.folder_source(
     data_config.folder,
     split,
     data_config.channels,
@@ -279,20 +221,14 @@ def _folder(data_config: Any, split: str) -> Any:
 # config.data.name -> factory(data_config, split) -> source, for the data vqjax reads itself
 # (reader "local", or "folder" for "folder"); other names are looked up in the tfds catalogue.
 def _synthetic_codes(data_config: Any, split: str) -> Any:
-  from vqjax.data import codes
-
   return codes.synthetic_source(data_config, split)
 
 
 def _codes(data_config: Any, split: str) -> Any:
-  from vqjax.data import codes  # deferred: grain's ArrayRecord reader loads only when needed
-
   return codes.CodesSource(data_config.codes_dir, split)
 
 
 def _prepared(data_config: Any, split: str) -> Any:
-  from vqjax.data import prepared  # deferred: grain's ArrayRecord reader loads only when needed
-
   return prepared.prepared_source(data_config, split)
 
 
@@ -386,11 +322,9 @@ def source_labels(source: Any, what: str = "this source") -> np.ndarray:
   Raises:
     UserError: the source has no "label" feature.
   """
-  from vqjax.data.folder import FolderSource
-
   if isinstance(source, ArraySource):
     labels = source.features.get("label")
-  elif isinstance(source, FolderSource):  # labels known from the paths: no decoding
+  elif isinstance(source, folder.FolderSource):  # labels known from the paths: no decoding
     labels = source.labels
   else:
     labels, chunk = [], 1024
@@ -461,10 +395,8 @@ def make_source(data_config: Any, split: str) -> Any:
   if reader in ("local", "folder"):
     source = SOURCES[data_config.name](data_config, split)
   elif reader == "grain":
-    from vqjax.data import tfds_data  # tfds takes a second to import; only this reader needs it
-
     source = tfds_data.TfdsSource(
-      data_config.name, split, data_config.data_dir, data_config.download
+      data_config.name, split, data_config.data_dir, data_config.download, SOURCES
     )
   else:
     raise UserError("reader='tfdata' streams TFRecords: it has no random-access source")

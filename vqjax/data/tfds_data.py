@@ -5,8 +5,9 @@ The tf.data reader keeps the contract of the grain pipeline of `pipeline.py` (pe
 batches that are a function of (seed, epoch, step, process), a resumable state with its
 identity, training images uint8 and unflipped for `device_transform` to scale and flip on the
 devices), but a TFRecord stream has no random access: each epoch is a seeded shuffle of this
-host's `tfds.even_splits` part, and resuming skips into it. Imported only when a tfds dataset is
-read.
+host's `tfds.even_splits` part, and resuming skips into it. TensorFlow Datasets (a second or
+more to import) and TensorFlow (optional: vqjax[tf]) are imported inside the functions that read
+a tfds dataset, so the other sources never load them.
 """
 
 import functools
@@ -18,15 +19,13 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from vqjax.data import sources
-from vqjax.data.pipeline import (
+from vqjax.data.batches import (
   IMAGE,
   EvalIterable,
-  _check_identity,
-  _check_process,
-  _local_batch_size,
-  _stack,
-  num_examples,
+  check_identity,
+  check_process,
+  local_batch_size,
+  stack_examples,
 )
 from vqjax.errors import UserError
 
@@ -52,7 +51,7 @@ class TfDataTrainIterator:
     import tensorflow_datasets as tfds
 
     c = data_config
-    _check_process(process_index, process_count)
+    check_process(process_index, process_count)
     if c.num_workers < 0:
       raise UserError(f"config.data.num_workers must be >= 0, not {c.num_workers}")
     if c.get("worker_processes", 0):
@@ -76,7 +75,7 @@ class TfDataTrainIterator:
         f"tfds {c.name!r} split {c.train_split!r} has no known size (cardinality {local})"
       )
     self.reader, self._local = "tfdata", local
-    self.local_batch_size = b = _local_batch_size(
+    self.local_batch_size = b = local_batch_size(
       c.batch_size, process_count, "config.data.batch_size"
     )
     self.steps_per_epoch = local // b
@@ -139,7 +138,9 @@ class TfDataTrainIterator:
     it = self._live[2]
     examples = [tfds_example(next(it)) for _ in range(b)]
     self._live = (epoch, step + 1, it)
-    return _stack(examples, self._config, lambda j: f"example {step * b + j} of epoch {epoch}")
+    return stack_examples(
+      examples, self._config, lambda j: f"example {step * b + j} of epoch {epoch}"
+    )
 
   def get_state(self) -> dict[str, Any]:
     """The position of the next batch, plus what must match on resume (JSON-serialisable)."""
@@ -147,7 +148,7 @@ class TfDataTrainIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Moves to a state from `get_state`; the next batch is the one that followed it."""
-    _check_identity(state, self._identity)
+    check_identity(state, self._identity)
     if "epoch" not in state or "step" not in state:
       raise UserError(
         f"Cannot resume data iterator: no epoch/step in the saved state "
@@ -181,7 +182,11 @@ class TfDataEvalIterable(EvalIterable):
     b = self.local_batch_size
     for k in range(self.num_batches):
       exs = [tfds_example(ex) for ex in itertools.islice(it, b)]
-      yield _stack(exs, self._config, lambda j, k=k: f"eval example {k * b + j}") if exs else None
+      yield (
+        stack_examples(exs, self._config, lambda j, k=k: f"eval example {k * b + j}")
+        if exs
+        else None
+      )
 
   def _template(self) -> dict[str, np.ndarray]:
     # Only a process with no eval example at all gets here (its parts are never empty after a
@@ -212,6 +217,15 @@ def _tfds_load(data_config: Any, split: Any, download: bool, skip_image_decoding
     raise UserError(f"tfds {c.name!r} is not TFRecord; use reader='grain' ({e})") from None
 
 
+def num_examples(data_config: Any, split: str, own_sources: Any = ()) -> int:
+  """Examples in a split of a prepared tfds dataset (`pipeline.num_examples` of "tfdata")."""
+  import tensorflow_datasets as tfds  # deferred: tfds takes a second to import
+
+  c = data_config
+  check_tfds_prepared(c.name, c.data_dir, False, "tfdata", own_sources)
+  return tfds.builder(c.name, data_dir=c.data_dir or None).info.splits[split].num_examples
+
+
 class TfdsSource:
   """A tfds ArrayRecord dataset read through `tfds.data_source` (no TensorFlow needed).
 
@@ -221,10 +235,10 @@ class TfdsSource:
   so it is not the i-th example the builder generated.
   """
 
-  def __init__(self, name: str, split: str, data_dir: str, download: bool):
+  def __init__(self, name: str, split: str, data_dir: str, download: bool, own_sources: Any = ()):
     import tensorflow_datasets as tfds  # deferred: tfds takes a second to import
 
-    check_tfds_prepared(name, data_dir, download, "grain")
+    check_tfds_prepared(name, data_dir, download, "grain", own_sources)
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
     except NotImplementedError as e:  # prepared as TFRecord: data_source cannot read it
@@ -261,11 +275,14 @@ def tfds_example(record: dict[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-def check_tfds_prepared(name: str, data_dir: str, download: bool, reader: str) -> None:
+def check_tfds_prepared(
+  name: str, data_dir: str, download: bool, reader: str, own_sources: Any = ()
+) -> None:
   """Fails fast, with one line, when a tfds dataset is not prepared and may not be downloaded.
 
   Without this check an offline `tfds.load` retries for minutes, and the tfds errors are pages
-  long (a catalogue listing) rather than one actionable line.
+  long (a catalogue listing) rather than one actionable line. `own_sources`: the names vqjax
+  reads itself (`sources.SOURCES`), listed when `name` is unknown.
   """
   import tensorflow_datasets as tfds
 
@@ -274,7 +291,7 @@ def check_tfds_prepared(name: str, data_dir: str, download: bool, reader: str) -
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(
       f"Unknown tfds dataset {name!r}: not in the tfds catalogue nor prepared in "
-      f"{data_dir or 'the tfds default data_dir'} (vqjax's own sources: {sorted(sources.SOURCES)})"
+      f"{data_dir or 'the tfds default data_dir'} (vqjax's own sources: {sorted(own_sources)})"
     ) from None
   if builder.is_prepared() or download:
     return
