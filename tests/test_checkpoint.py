@@ -415,5 +415,29 @@ def test_a_failed_background_save_is_one_line_naming_its_step(tmp_path, monkeypa
     "device; a resume continues from step 2"
   )
   assert 3 not in ckpt._health["good"]
+  # The trainer's window may confirm the step after the failure shows: still not recorded.
+  ckpt.mark_good([3])
+  assert 3 not in ckpt._health["good"]
   monkeypatch.setattr(ckpt._manager, "wait_until_finished", real_wait)
   ckpt.close()
+  import json
+
+  with open(tmp_path / "c" / "health.json") as f:
+    assert 3 not in json.load(f)["good"]
+
+
+def test_a_health_record_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+  import errno
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5)
+
+  def full_disk(obj, f):
+    f.write("{")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(checkpoint.json, "dump", full_disk)
+  with pytest.raises(OSError, match="No space"):
+    ckpt.mark_bad([7])
+  monkeypatch.undo()
+  ckpt.close()
+  assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".tmp")]

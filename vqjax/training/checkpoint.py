@@ -171,9 +171,14 @@ def _short(e: BaseException, limit: int = 240) -> str:
 
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):  # a full disk: leave no half-written file behind
+      os.remove(tmp)
+    raise
 
 
 class Checkpointer:
@@ -201,6 +206,7 @@ class Checkpointer:
     self.keep = int(keep)
     self._read_only = read_only
     self._saving: int | None = None  # the step of the save in flight
+    self._failed: set[int] = set()  # steps whose save failed (never recorded as good)
     options = ocp.CheckpointManagerOptions(
       # Deletion is ours (`_clean_up`): Orbax's keep-N would rotate out the last good step.
       max_to_keep=None,
@@ -244,8 +250,11 @@ class Checkpointer:
     _write_json_atomic(os.path.join(self.directory, self.HEALTH_FILE), self._health)
 
   def mark_good(self, steps: list[int]) -> None:
-    """Records saved steps as good: training after them stayed finite and sane."""
-    new = [int(s) for s in steps if int(s) not in self._health["good"]]
+    """Records saved steps as good: training after them stayed finite and sane. A step whose
+    save failed is not on disk, and is never recorded."""
+    new = [
+      int(s) for s in steps if int(s) not in self._health["good"] and int(s) not in self._failed
+    ]
     if new:
       self._health["good"] = sorted(set(self._health["good"]) | set(new))
       self._health["bad"] = [s for s in self._health["bad"] if s not in new]
@@ -331,6 +340,7 @@ class Checkpointer:
       if int(step) in self.all_steps():  # left by a run that diverged after this step's
         self._manager.delete(int(step))
       self._forget([int(step)])
+      self._failed.discard(int(step))
       self._saving = int(step)
       self._manager.save(
         int(step),
@@ -353,6 +363,7 @@ class Checkpointer:
       step, self._saving = self._saving, None
       if step is None:
         raise
+      self._failed.add(step)
       try:
         self._forget([step])  # never recorded as good: it is not on disk
       except OSError:  # the same full disk: the record is only a hint (steps are checked)
