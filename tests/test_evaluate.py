@@ -178,3 +178,35 @@ def test_the_command_line_defines_what_run_reads(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("vqjax.evaluate: UserError: ") and message in line
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_step_is_skipped_and_the_step_read_recorded(tmp_path):
+  """Flip 200 bytes of the newest step's largest array file (its size kept): the evaluation
+  reads the previous step, says so in eval.json's "step", and its MSE is that step's (the
+  flipped weights used to evaluate with exit 0 at 7x the MSE)."""
+  from vqjax.training import trainer
+
+  if not sources.fashion_mnist_files_exist(FMNIST):
+    pytest.skip("Fashion-MNIST idx files not installed")
+  config = configs.load_experiment("fashion_mnist:smoke")
+  config.data.update(eval_split="test[:12]", eval_batch_size=8)
+  config.train.steps = 2
+  config.ckpt.update(every_steps=1, keep=3)
+  config.log.update(tensorboard=False, eval_every_steps=0, image_every_steps=0)
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(config, workdir)
+  assert evaluate.evaluate(workdir)["step"] == 2
+  step2 = tmp_path / "run" / "checkpoints" / "2" / "state"
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step2) for f in fs]
+  victim = max(files, key=os.path.getsize)
+  data = bytearray(open(victim, "rb").read())
+  middle = len(data) // 2
+  data[middle : middle + 200] = bytes(b ^ 0xFF for b in data[middle : middle + 200])
+  with open(victim, "wb") as f:
+    f.write(data)
+  result = evaluate.evaluate(workdir)
+  assert result["step"] == 1
+  from vqjax import runs
+
+  assert runs.load_run_with_step(workdir)[3] == 1

@@ -8,6 +8,7 @@ Sample quality (drawn images) is in `samples.py` and `tradeoffs.py`; see
 """
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,8 +22,17 @@ from vqjax.training import logs, tasks
 
 
 def evaluate(workdir: str, max_batches: int = 0) -> dict[str, float]:
-  """The metrics of a run (see the module docstring)."""
-  config, model, variables = runs.load_run(workdir)
+  """The metrics of a run (see the module docstring), with "step": the checkpoint step read
+  (the newest intact one: after a damaged step was skipped, an earlier one; absent for a
+  converted model)."""
+  config, model, variables, read = runs.load_run_with_step(workdir)
+  result = _metrics(config, model, variables, max_batches)
+  if read is not None:
+    result["step"] = read
+  return result
+
+
+def _metrics(config: Any, model: Any, variables: dict, max_batches: int) -> dict[str, float]:
   if config.model.name in registry.AUTOENCODERS:
     result = ReconstructionEvaluator.from_config(config, max_batches=max_batches).run(
       model, variables
