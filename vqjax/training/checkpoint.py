@@ -226,6 +226,10 @@ class Checkpointer:
       },
     )
     self._health = self._read_health()
+    # Orbax creates the directory in a background thread: a launch that fails at once (an empty
+    # image folder) otherwise exits while it runs, and Orbax logs "cannot schedule new futures
+    # after interpreter shutdown" after the one-line error.
+    self._manager.wait_until_finished()
 
   # --- health record ---------------------------------------------------------------------
 
