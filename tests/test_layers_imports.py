@@ -99,17 +99,21 @@ def imports_of(module: str, source: str, modules: dict[str, str], is_package: bo
         # import UserError` the module vqjax.errors.
         full = f"{base}.{alias.name}"
         add(full if full in modules else base, node.lineno)
-    elif (
-      isinstance(node, ast.Call)
-      and isinstance(node.func, ast.Attribute | ast.Name)
-      and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
-      and node.args
-      and isinstance(node.args[0], ast.Constant)
-      and isinstance(node.args[0].value, str)
-      and node.args[0].value.split(".")[0] == "vqjax"
-    ):
-      add(node.args[0].value, node.lineno)
+    elif isinstance(node, ast.Call) and _imported_by_name(node):
+      add(_imported_by_name(node), node.lineno)
   return found
+
+
+def _imported_by_name(call: ast.Call) -> str | None:
+  """The module of `importlib.import_module("vqjax....")` or `__import__("vqjax....")`."""
+  func = call.func
+  name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+  if name not in ("import_module", "__import__") or not call.args:
+    return None
+  arg = call.args[0]
+  if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+    return arg.value if arg.value.split(".")[0] == "vqjax" else None
+  return None
 
 
 def import_graph(root: str = ROOT) -> tuple[dict[str, dict[str, list[int]]], dict[str, str]]:

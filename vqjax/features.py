@@ -16,6 +16,9 @@ from absl import app, flags
 
 from vqjax import _cli, errors
 
+# The library, and JAX with it, is imported inside the functions that use it, so that --help
+# and flag errors answer at once (JAX alone takes seconds to import).
+
 
 def define_flags() -> None:
   """Defines the command-line flags (only when run as a program)."""

@@ -34,7 +34,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vqjax import _cli, errors
+from vqjax import _cli, configs, errors
+
+# The library, and JAX with it, is imported inside the functions that use it, so that --help
+# and flag errors answer at once (JAX alone takes seconds to import).
 
 DEFAULT_CONFIG = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -69,8 +72,6 @@ def define_flags() -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing where a bad config file, variant or override is one line; without
   --config, the Fashion-MNIST pipeline."""
-  from vqjax import configs
-
   argv = list(argv)
   specs = [a.partition("=")[2] for a in argv if a.startswith(("--config=", "-config="))]
   if not specs and not any(a in ("--config", "-config") for a in argv):
@@ -104,8 +105,6 @@ def prior_config(config: Any, codes_dir: str, num_codes: int) -> Any:
   Returns:
     A copy with `data` reading `codes_dir` (train / test splits) and `vq.num_codes` set.
   """
-  from vqjax import configs
-
   c = config.copy_and_resolve_references()
   defaults = configs.base_config().data
   c.data.update(
@@ -301,7 +300,7 @@ class Pipeline:
 
   def run(self) -> dict[str, Any]:
     """Runs every stage not yet complete; returns the report (also written to disk)."""
-    from vqjax import configs, extract_codes
+    from vqjax import extract_codes
 
     c = self.config
     os.makedirs(self.workdir, exist_ok=True)

@@ -25,8 +25,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from vqjax import _cli, errors
+from vqjax import _cli, configs, errors
+
+# The library, and JAX with it, is imported inside the functions that use it, so that --help
+# and flag errors answer at once (JAX alone takes seconds to import).
 
 # With --examples_per_shard=0 a shard holds about this many bytes of images: small enough to
 # redo quickly after a crash, large enough to keep the file count low.
@@ -42,8 +46,6 @@ _NOT_PREPARABLE = ("prepared", "codes", "synthetic_codes")
 def define_flags() -> None:
   """Defines the command-line flags (only when run as a program: several CLIs share names
   like --config, and tests import them together)."""
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file(
     "config", None, "Experiment config: experiments/X.py, X.py or X, optionally :variant."
   )
@@ -303,8 +305,6 @@ def prepare(
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing where a bad experiment or override is one line, not a traceback."""
-  from vqjax import configs
-
   try:
     return flags.FLAGS(configs.resolve_config_argv(argv))
   except errors.UserError as e:
