@@ -402,6 +402,8 @@ def test_an_unreadable_config_record_is_named_not_diffed_against_nothing(
   trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))
   with open(os.path.join(workdir, "checkpoints", "2", "meta", "metadata"), "w") as f:
     f.write("{bad")
+  # As if written so at save time: its checksums match (else the step is damaged, and skipped).
+  checkpoint.write_checksums(os.path.join(workdir, "checkpoints"), 2)
   config.train.steps = 3
   with caplog.at_level("WARNING"):
     assert trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))["step"] == 3
