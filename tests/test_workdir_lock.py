@@ -77,6 +77,7 @@ def test_without_flock_a_stale_file_of_a_dead_local_process_is_removed(tmp_path,
   assert not path.exists()
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_locked_workdir_and_leaves_it_alone(tmp_path):
   config = configs.load_experiment("fashion_mnist_prior_top:smoke")
   config.log.tensorboard = False
