@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from vqjax import errors
 from vqjax.data.splits import parse_split, slice_range
@@ -194,8 +195,6 @@ def write_shard(path: str, records: Iterable[bytes], options: str = WRITER_OPTIO
   Returns:
     The number of records written.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter
-
   tmp = f"{path}.tmp"  # one writer per shard: the next run overwrites a killed one's leftover
   writer = ArrayRecordWriter(tmp, options)
   count = 0
