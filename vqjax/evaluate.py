@@ -19,8 +19,9 @@ reconstructions.png (eval images over their reconstructions) and code_usage.png 
 code is used, most used first, one panel per level, perplexity in the title).
 
 Sample quality is measured in the feature space of an evaluation network: by default the
-dataset's cached one (`python -m vqjax.features --data fashion_mnist` trains it once), or any
-classifier run given by --features. It is never the rejection classifier unless you say so.
+network vqjax ships for the dataset (Fashion-MNIST), else the dataset's cached one
+(`python -m vqjax.features --data DATASET` trains it once), or any classifier run given by
+--features. It is never the rejection classifier unless you say so.
 Against at most --max_real images of the eval split of the stage-1 run named in
 DIR/settings.json: Frechet distance, precision and recall (k = 3 nearest neighbours),
 Inception-style score, the judge's class shares, and the classification accuracy score when
@@ -69,8 +70,8 @@ def define_flags() -> None:
   flags.DEFINE_string(
     "features",
     "",
-    "The classifier run whose features judge samples (default: the dataset's cached "
-    "evaluation network, python -m vqjax.features).",
+    "The classifier run whose features judge samples (default: the dataset's evaluation "
+    "network, shipped with vqjax or cached by python -m vqjax.features).",
   )
   flags.DEFINE_string("classifier", "", "The rejection classifier that scores --thresholds.")
   flags.DEFINE_string("thresholds", "", "Rejection thresholds in (0, 1), e.g. 0.5,0.7,0.9.")

@@ -1,12 +1,14 @@
-"""Trains (once) and caches the evaluation network that judges samples of a dataset.
+"""Trains the evaluation network that judges samples of a dataset (Fashion-MNIST's also ships
+with vqjax, vqjax/evaluation/networks/: the default judge; this command reproduces it).
 
   python -m vqjax.features --data fashion_mnist [--workdir DIR]
 
 The network is a classifier trained to the end of its experiment config
 (`experiments/features_<dataset>.py`), into `~/.cache/vqjax/features/<dataset>` ($VQJAX_CACHE
 moves the cache) unless --workdir says otherwise. A finished network is not trained again, an
-interrupted one resumes. `vqjax.evaluate` and the pipeline read it from there by default, and
-every eval.json names its run, step and test accuracy.
+interrupted one resumes. `vqjax.evaluate` and the pipeline read it from there by default when
+vqjax ships no network of the dataset (else pass --features DIR), and every eval.json names its
+run, step and test accuracy.
 """
 
 import json
