@@ -156,6 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Filled from the code dataset too: the stage-1 run the codes were extracted from (its
   # workdir), whose decoder turns the prior's samples into images (`vqjax.sample`).
   c.prior.stage1 = ""
+  # ... and its identity: the stage-1 run's id (training/identity.py) and the checkpoint step
+  # the codes were extracted at (-1: not recorded). Sampling refuses a stage-1 run that is not
+  # this one (--allow_mismatch to override).
+  c.prior.stage1_run_id = ""
+  c.prior.stage1_step = -1
 
   # --- classifier (task="classifier") -----------------------------------------------------
   # A residual CNN (models/classifier.py) sized by config.model: channels (first-stage width,

@@ -80,6 +80,11 @@ def define_flags() -> None:
   flags.DEFINE_string("stage1", "", "The autoencoder run (default: from the priors' codes).")
   flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every temperature).")
   flags.DEFINE_integer("max_real", 10000, "At most this many real eval images.")
+  flags.DEFINE_bool(
+    "allow_mismatch",
+    False,
+    "--temperatures: use a stage-1 run and priors that do not belong together anyway.",
+  )
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
@@ -163,7 +168,15 @@ def _run(f: Any) -> None:
     out_dir = f.out_dir or os.path.join(f.workdir[0], "plots")
     png = os.path.join(out_dir, "temperature_tradeoff.png")
     rows = temperature_tradeoff(
-      f.workdir, f.features, temperatures, f.num, png, f.seed, f.stage1, f.max_real
+      f.workdir,
+      f.features,
+      temperatures,
+      f.num,
+      png,
+      f.seed,
+      f.stage1,
+      f.max_real,
+      allow_mismatch=f.allow_mismatch,
     )
     _write_json(os.path.join(out_dir, "temperature_tradeoff.json"), rows)
     _print_rows(rows)

@@ -36,11 +36,12 @@ def define_flags() -> None:
 
 
 def _stage1_record(workdir: str, config, step) -> dict:
-  from vqjax.training import checkpoint
+  from vqjax.training import checkpoint, identity
 
   meta = checkpoint.config_meta(config)
   return {
     "workdir": os.path.abspath(workdir),
+    "run_id": identity.read_run_id(workdir),
     "step": step,
     "fingerprint": meta["model_fingerprint"],
   }

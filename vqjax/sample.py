@@ -62,6 +62,12 @@ def define_flags() -> None:
     "Rejection: the budget, as the least acceptance rate in (0, 1] worth waiting for: at most "
     "ceil(num / min_acceptance) samples are generated, else an error (no partial grid).",
   )
+  flags.DEFINE_bool(
+    "allow_mismatch",
+    False,
+    "Use a stage-1 run and priors that do not belong together (trained on codes of another "
+    "run or step) anyway.",
+  )
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
@@ -78,6 +84,7 @@ def run(
   classifier: str = "",
   threshold: float = 0.9,
   min_acceptance: float = 0.05,
+  allow_mismatch: bool = False,
 ) -> dict:
   """Samples `num` images (see the module docstring); returns the settings written."""
   import jax
@@ -104,7 +111,7 @@ def run(
   if classifier:
     hierarchy.check_run(classifier, "classifier", "--classifier")
   stage1 = stage1 or hierarchy.stage1_of(priors[0])
-  gen = hierarchy.Generator.from_runs(stage1, priors)
+  gen = hierarchy.Generator.from_runs(stage1, priors, allow_mismatch)
   num_classes = max(
     (p[0].prior.num_classes for p in gen.priors if p[0].prior.class_conditional), default=0
   )
@@ -254,6 +261,7 @@ def main(argv):
       flags.FLAGS.classifier,
       flags.FLAGS.threshold,
       flags.FLAGS.min_acceptance,
+      flags.FLAGS.allow_mismatch,
     )
   out = flags.FLAGS.out
   print(f"wrote {settings['num']} samples to {out} (samples.png, images.npz)", file=sys.stderr)

@@ -3,6 +3,7 @@
 A converted model is a directory:
   config.json  `vqjax.configs.base_config()` with the model.*, vq.* and data.channels fields
                of the imported model (`ConfigDict.to_json()`);
+  run.json     its run id (training/identity.py), new at each conversion;
   variables/   an Orbax `StandardCheckpointer` checkpoint of {"params", "vq_state"}.
 `save_converted` writes one and `load_converted` reads it back. Converters live one per
 source in this package (`rosinality.py`); `python -m vqjax.convert --help` lists commands.
@@ -18,6 +19,7 @@ import orbax.checkpoint as ocp
 from vqjax.configs import read_config
 from vqjax.convert.rosinality import convert_vqvae2, load_vqvae2
 from vqjax.models import registry
+from vqjax.training import identity
 
 # read_config is the config schema's (vqjax/configs.py): `vqjax.load_run` reads a converted
 # directory without importing the converters.
@@ -45,6 +47,10 @@ def save_converted(
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     f.write(config.to_json(indent=2) + "\n")
+  # New weights, a new identity (training/identity.py), even over an older conversion.
+  if os.path.exists(os.path.join(out_dir, identity.RUN_FILE)):
+    os.remove(os.path.join(out_dir, identity.RUN_FILE))
+  identity.ensure_run_id(out_dir)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(
     target, {"params": variables["params"], "vq_state": variables["vq_state"]}, force=force

@@ -201,6 +201,7 @@ def temperature_tradeoff(
   stage1: str = "",
   max_real: int = 10000,
   min_samples: int = MIN_SAMPLES,
+  allow_mismatch: bool = False,
 ) -> list[dict]:
   """Quality against diversity of fresh samples at several sampling temperatures.
 
@@ -219,6 +220,8 @@ def temperature_tradeoff(
     stage1: the autoencoder run; default the one the priors' codes came from.
     max_real: at most this many real eval images of the stage-1 run's data.
     min_samples: below this many samples, precision / recall, IS and CAS are NaN.
+    allow_mismatch: use a stage-1 run and priors that do not belong together anyway
+      (`hierarchy.Generator.from_runs`).
 
   Returns:
     One dict per temperature: "temperature", "num_samples", "seconds" (sampling and
@@ -231,7 +234,7 @@ def temperature_tradeoff(
   if not priors:
     raise errors.UserError("give the priors' workdirs: --workdir TOP --workdir BOTTOM ...")
   stage1 = stage1 or hierarchy.stage1_of(priors[0])
-  gen = hierarchy.Generator.from_runs(stage1, priors)
+  gen = hierarchy.Generator.from_runs(stage1, priors, allow_mismatch)
   data = gen.stage1[0].data
   judge = judge_for(features, data)
   judge.check((data.image_size, data.image_size, data.channels), f"the images of {stage1}")

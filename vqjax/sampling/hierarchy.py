@@ -18,11 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from vqjax import errors, runs
 from vqjax.data import codes
 from vqjax.sampling import sampler_for
-from vqjax.training import checkpoint
+from vqjax.training import checkpoint, identity
 
 
 @dataclasses.dataclass
@@ -41,12 +42,18 @@ class Generator:
   steps: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def from_runs(cls, stage1: str, priors: list[str]) -> "Generator":
+  def from_runs(cls, stage1: str, priors: list[str], allow_mismatch: bool = False) -> "Generator":
     """Loads the runs (`vqjax.load_run`) and checks they belong together.
+
+    A prior trained on extracted codes records the stage-1 run they came from (its run id and
+    checkpoint step, `config.prior.stage1_run_id` / `stage1_step`). The stage-1 weights are read
+    at that step (not the newest, if the run trained on), and a stage-1 run or a prior that
+    does not belong to the chain is refused (`chain_problem`).
 
     Args:
       stage1: the autoencoder's workdir (or converted directory).
       priors: the priors' workdirs, in any order (each knows its level).
+      allow_mismatch: use runs that do not belong together anyway (a warning, not an error).
 
     Raises:
       errors.UserError: a run of another kind (`check_run`; told from its config.json before
@@ -58,9 +65,25 @@ class Generator:
     loaded = [runs.load_run_with_step(path) for path, _, _ in named]
     for (path, task, option), (config, *_) in zip(named, loaded, strict=True):
       check_run(path, task, option, config.task)  # a run without config.json
-    priors = sorted(loaded[1:], key=lambda r: r[0].prior.level)
-    steps = {"stage1": loaded[0][3], "priors": [r[3] for r in priors]}
-    return cls(loaded[0][:3], [r[:3] for r in priors], steps)
+    recorded = {
+      (c.prior.stage1_run_id, c.prior.stage1_step) for c, *_ in loaded[1:] if c.prior.stage1_run_id
+    }
+    if len(recorded) == 1:
+      run_id, step = next(iter(recorded))
+      same_run = identity.read_run_id(stage1) == run_id
+      if same_run and step >= 0 and loaded[0][3] is not None and loaded[0][3] != step:
+        try:  # the step the codes came from, though the run trained on
+          loaded[0] = runs.load_run_with_step(stage1, step=step)
+        except errors.UserError:
+          pass  # no longer on disk: chain_problem names it
+    problem = chain_problem(stage1, loaded[0][3], list(zip(priors, (r[0] for r in loaded[1:]))))
+    if problem and not allow_mismatch:
+      raise errors.UserError(f"{problem}; pass --allow_mismatch to use them together anyway")
+    if problem:
+      logging.warning("%s (--allow_mismatch)", problem)
+    ordered = sorted(loaded[1:], key=lambda r: r[0].prior.level)
+    steps = {"stage1": loaded[0][3], "priors": [r[3] for r in ordered]}
+    return cls(loaded[0][:3], [r[:3] for r in ordered], steps)
 
   def __post_init__(self):
     config, model, variables = self.stage1
@@ -197,6 +220,32 @@ def labels_for(num: int, label: int | None, num_classes: int) -> np.ndarray | No
   if not 0 <= label < num_classes:
     raise errors.UserError(f"label {label} is not in [0, {num_classes})")
   return np.full((num,), label, np.int32)
+
+
+def chain_problem(stage1: str, stage1_step: int | None, priors: list[tuple[str, Any]]) -> str:
+  """Why the stage-1 run (read at `stage1_step`) and the priors (path, config) do not belong
+  together, or "" when they do (or record nothing to check: priors trained before vqjax
+  recorded run ids, or on synthetic codes)."""
+  recorded = [(path, c.prior.stage1_run_id, c.prior.stage1_step) for path, c in priors]
+  recorded = [r for r in recorded if r[1]]
+  if not recorded:
+    return ""
+  if len({(run_id, step) for _, run_id, step in recorded}) > 1:
+    named = ", ".join(f"{path} (run {run_id[:8]}, step {step})" for path, run_id, step in recorded)
+    return f"the priors were trained on codes of different stage-1 runs: {named}"
+  path, run_id, step = recorded[0]
+  actual = identity.read_run_id(stage1)
+  if actual != run_id:
+    return (
+      f"{path} was trained on codes of the stage-1 run {run_id[:8]} (step {step}), but "
+      f"{stage1} is {f'run {actual[:8]}' if actual else 'a run without a recorded id'}"
+    )
+  if step >= 0 and stage1_step is not None and stage1_step != step:
+    return (
+      f"{path} was trained on codes of {stage1} at step {step}, which is no longer on disk "
+      f"(its weights were read at step {stage1_step})"
+    )
+  return ""
 
 
 def stage1_of(prior_workdir: str) -> str:

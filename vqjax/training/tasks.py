@@ -408,8 +408,13 @@ def fill_from_codes(config: ml_collections.ConfigDict) -> None:
     )
   p.code_shapes = shapes
   p.image_shape = list(meta["image_shape"])
+  recorded = meta.get("stage1", {})
   if not p.stage1:
-    p.stage1 = meta.get("stage1", {}).get("workdir", "")
+    p.stage1 = recorded.get("workdir", "")
+  if not p.stage1_run_id:
+    p.stage1_run_id = recorded.get("run_id") or ""
+  if p.stage1_step < 0 and isinstance(recorded.get("step"), int):
+    p.stage1_step = recorded["step"]
 
 
 TASKS = {

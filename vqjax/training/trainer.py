@@ -47,7 +47,17 @@ from absl import logging
 
 from vqjax import configs, errors
 from vqjax.data import pipeline, sources
-from vqjax.training import checkpoint, health, host, logs, sharding, tasks, weights, workdir_lock
+from vqjax.training import (
+  checkpoint,
+  health,
+  host,
+  identity,
+  logs,
+  sharding,
+  tasks,
+  weights,
+  workdir_lock,
+)
 
 
 def setup_compilation_cache(directory: str) -> None:
@@ -241,6 +251,8 @@ class _Run:
     # One trainer per workdir: the primary holds the lock until close (workdir_lock.py).
     self.lock = workdir_lock.WorkdirLock(self.workdir).acquire() if self.pi == 0 else None
     try:
+      if self.pi == 0:
+        identity.ensure_run_id(self.workdir)  # what consumes this run records it
       self.ckpt = checkpoint.Checkpointer(
         os.path.join(self.workdir, checkpoint.CHECKPOINT_SUBDIR),
         config.ckpt.keep,

@@ -1,0 +1,48 @@
+"""A run's identity: a random id written once into its workdir, so runs that consume it can
+record what they consumed, and runs that do not belong together are told apart.
+
+`WORKDIR/run.json` ({"run_id", "created"}) is written by the trainer's primary process at a
+run's first launch (and by `vqjax.convert` for a converted model). A path alone does not name a
+run: a workdir can be deleted and trained again, and another stage-1 run can have the same code
+shapes. What consumes a run records `{"run_id", "step"}`: a code dataset its stage-1 run and
+checkpoint step, a prior the stage-1 run its codes came from (`config.prior.stage1_run_id`,
+`config.prior.stage1_step`). Sampling and evaluation check the chain (`sampling/hierarchy.py`).
+A copied workdir keeps its id: the same weights.
+"""
+
+import datetime
+import json
+import os
+import uuid
+
+RUN_FILE = "run.json"
+
+
+def read_run_id(workdir: str) -> str | None:
+  """The run id recorded in `workdir`, or None (a run from before ids were recorded)."""
+  try:
+    with open(os.path.join(workdir, RUN_FILE)) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  run_id = record.get("run_id") if isinstance(record, dict) else None
+  return run_id if isinstance(run_id, str) and run_id else None
+
+
+def ensure_run_id(workdir: str) -> str:
+  """The run id of `workdir`, written (atomically) if it has none yet."""
+  existing = read_run_id(workdir)
+  if existing:
+    return existing
+  os.makedirs(workdir, exist_ok=True)
+  record = {
+    "run_id": uuid.uuid4().hex,
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  path = os.path.join(workdir, RUN_FILE)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(record, f)
+    f.write("\n")
+  os.replace(tmp, path)
+  return record["run_id"]
