@@ -191,6 +191,20 @@ def test_a_jpeg_cut_short_is_found_by_the_check(tmp_path):
   padded.write_bytes(data + b"\x00" * 100)
   assert folder._check_image(str(whole)) == "" and folder._check_image(str(padded)) == ""
   assert "truncated" in folder._check_image(str(cut))
+  # Cut short with an end marker appended: PIL decodes it without a word, libjpeg filling the
+  # missing blocks with mid-grey (it trained as a grey-filled image before). Cut at 30% and
+  # 90% of the file, grey and colour.
+  for mode, shape in (("RGB", (64, 64, 3)), ("L", (48, 40))):
+    array = np.random.default_rng(1).integers(0, 256, shape, np.uint8)
+    path = tmp_path / f"marked_{mode}.jpg"
+    Image.fromarray(array, mode).save(path, quality=90)
+    data = path.read_bytes()
+    assert folder._check_image(str(path)) == ""
+    for frac in (0.3, 0.9):
+      path.write_bytes(data[: int(len(data) * frac)] + b"\xff\xd9")
+      with Image.open(path) as im:
+        im.load()  # what the check is for: no error from PIL
+      assert "ends early" in folder._check_image(str(path))
 
 
 def test_links_are_followed_once_and_never_outside_the_folder(tmp_path, caplog):

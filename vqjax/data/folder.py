@@ -20,7 +20,7 @@ from vqjax.data.splits import parse_split, slice_range
 from vqjax.errors import UserError
 
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_CHECK_VERSION = 2  # 2: JPEGs without an end marker decoded
+_CHECK_VERSION = 3  # 2: JPEGs without an end marker decoded; 3: grey-filled JPEG tails
 _WARNED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, skipped files) already logged
 
 
@@ -79,13 +79,29 @@ def _ends_with_jpeg_end_marker(path: str) -> bool:
     return f.read().rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
+def _jpeg_tail_is_grey_fill(path: str) -> bool:
+  """Whether a JPEG's last block decodes to libjpeg's fill for missing data: a file cut short
+  with an end marker after it (some copy tools write one) decodes without an error, the blocks
+  after the cut all mid-grey (every DCT coefficient 0: exactly 128 in every channel). Decoded at
+  1/8 scale, where each 8x8 block is its DC term alone, so the check costs a fraction of a
+  decode. A genuine image whose bottom-right block is exactly 128 in every channel is skipped
+  too (rare in photographs)."""
+  with Image.open(path) as im:
+    w, h = im.size
+    im.draft(im.mode, (max(1, -(-w // 8)), max(1, -(-h // 8))))
+    tail = np.asarray(im)
+  tail = tail.reshape(tail.shape[0], tail.shape[1], -1)[-1, -1]
+  return bool(np.all(tail == 128))
+
+
 def _check_image(path: str) -> str:
   """ "" when PIL can open and verify `path`, else why not (one line).
 
   `verify` walks the file's structure (a PNG's chunk CRCs) without decoding pixels, so it is
   cheap, but it reads only a JPEG's header: a JPEG is also checked for its end marker, and one
-  without (a file cut short, e.g. by an interrupted copy) is decoded to decide. A JPEG damaged
-  inside its entropy-coded data still passes and fails at decode time.
+  without (a file cut short, e.g. by an interrupted copy) is decoded to decide; one cut short
+  with an end marker appended is told by its grey-filled tail (`_jpeg_tail_is_grey_fill`). A
+  JPEG damaged inside its entropy-coded data otherwise still passes and fails at decode time.
   """
   try:
     with Image.open(path) as im:
@@ -94,6 +110,8 @@ def _check_image(path: str) -> str:
     if fmt == "JPEG" and not _ends_with_jpeg_end_marker(path):
       with Image.open(path) as im:
         im.load()
+    if fmt == "JPEG" and _jpeg_tail_is_grey_fill(path):
+      return "its data ends early (cut short, an end marker after it): the last blocks are grey"
     return ""
   except Exception as e:  # noqa: BLE001 -- whatever PIL raises, the file is unusable
     return " ".join(f"{type(e).__name__}: {e}".split())
