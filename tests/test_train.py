@@ -586,3 +586,12 @@ def test_two_processes_train_together(tmp_path):
   rng = jax.random.fold_in(jax.random.key(config.seed + 1), 0)
   _, metrics = jax.jit(task.train_step)(state, batch, rng, None)
   assert math.isclose(logged[1], float(metrics["loss"]), rel_tol=1e-5)
+
+
+def test_the_tensorboard_hint_quotes_a_path_with_spaces(tmp_path, monkeypatch, caplog):
+  config = _toy_codes_config(monkeypatch, 1, every_steps=1)
+  workdir = str(tmp_path / "my runs" / "w")
+  with caplog.at_level("INFO"):
+    trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))
+  hint = [r.getMessage() for r in caplog.records if "tensorboard --logdir" in r.getMessage()]
+  assert hint and f"--logdir '{workdir}/tb'`" in hint[-1]

@@ -34,6 +34,7 @@ keep-N clean-up never deletes the last good one.
 
 import concurrent.futures
 import os
+import shlex
 import signal
 import time
 from collections.abc import Callable
@@ -548,7 +549,7 @@ class _Run:
         "TensorBoard: `pip install tensorboard && tensorboard --logdir %s`",
         self.workdir,
         self.ckpt.latest_step(),
-        os.path.join(self.workdir, "tb"),
+        shlex.quote(os.path.join(self.workdir, "tb")),  # pasteable with spaces in the path
       )
     return result
 
