@@ -181,7 +181,7 @@ from absl import app
 from vqjax import errors, train
 from vqjax.training import trainer
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, **kwargs):
   raise {error}
 
 trainer.train_and_evaluate = train_and_evaluate
