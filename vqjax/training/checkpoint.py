@@ -19,6 +19,7 @@ the same way. CRC-32 (zlib), not a cryptographic hash: it detects damage, not ta
 reads at memory speed (benchmarks/RESULTS.md has the cost on the ImageNet-size checkpoint).
 """
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -567,6 +568,14 @@ def _crc32(path: str) -> int:
   return crc
 
 
+def _crc32_all(paths: list[str]) -> list[int]:
+  """CRC-32 of each file, several files at once (zlib releases the GIL on large blocks)."""
+  if len(paths) < 2:
+    return [_crc32(p) for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(min(8, len(paths), os.cpu_count() or 1)) as pool:
+    return list(pool.map(_crc32, paths))
+
+
 def _step_files(root: str) -> list[str]:
   """Every file of a step directory but the checksum record, relative and sorted."""
   out = []
@@ -579,11 +588,9 @@ def write_checksums(directory: str, step: int) -> dict[str, list[int]]:
   """Records the size and CRC-32 of every file of a complete step (`<step>/vqjax_checksums.json`,
   written atomically). Returns {relative path: [size, crc32]}."""
   root = os.path.join(directory, str(step))
-  files = {
-    rel: [os.path.getsize(p), _crc32(p)]
-    for rel in _step_files(root)
-    for p in [os.path.join(root, rel)]
-  }
+  rels = _step_files(root)
+  crcs = _crc32_all([os.path.join(root, rel) for rel in rels])
+  files = {rel: [os.path.getsize(os.path.join(root, rel)), crc] for rel, crc in zip(rels, crcs)}
   _write_json_atomic(
     os.path.join(root, CHECKSUM_FILE), {"version": _CHECKSUM_VERSION, "crc32": files}
   )
@@ -623,7 +630,7 @@ def verify_checksums(directory: str, step: int) -> bool:
       f"checkpoint step {step} is damaged: its checksum record {record_path} cannot be read "
       f"({_short(e)})"
     ) from None
-  for rel, (size, crc) in sorted(files.items()):
+  for rel, (size, _) in sorted(files.items()):  # sizes first: a stat each
     path = os.path.join(root, rel)
     if not os.path.isfile(path):
       raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
@@ -632,9 +639,12 @@ def verify_checksums(directory: str, step: int) -> bool:
         f"checkpoint step {step} is damaged: {path} has {os.path.getsize(path)} bytes, "
         f"{size} when saved"
       )
-    if _crc32(path) != crc:
+  rels = sorted(files)
+  for rel, crc in zip(rels, _crc32_all([os.path.join(root, r) for r in rels]), strict=True):
+    if crc != files[rel][1]:
       raise CheckpointDamagedError(
-        f"checkpoint step {step} is damaged: {path} changed since it was saved (checksum)"
+        f"checkpoint step {step} is damaged: {os.path.join(root, rel)} changed since it was "
+        "saved (checksum)"
       )
   return True
 
