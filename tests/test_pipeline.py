@@ -177,7 +177,9 @@ def test_a_stage_stopped_by_a_signal_stops_the_pipeline_unfinished(tmp_path, mon
   monkeypatch.setattr(
     trainer,
     "train_and_evaluate",
-    lambda config, workdir: calls.append(workdir) or {"step": 22.0, "stopped": signal.SIGTERM},
+    lambda config, workdir, **kwargs: (
+      calls.append(workdir) or {"step": 22.0, "stopped": signal.SIGTERM}
+    ),
   )
   monkeypatch.setattr(extract_codes, "extract", lambda *a, **k: pytest.fail("codes extracted"))
   pipe = pipeline.Pipeline(_load(), str(tmp_path / "p"))
