@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 
 import ml_collections
 
-from vqjax import errors
+from vqjax import errors, plugins
 
 # The repository's experiments/, next to the vqjax package (an editable install or a checkout).
 EXPERIMENTS_DIR = os.path.join(
@@ -70,7 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- model ------------------------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
-  c.model.name = "vqvae2"  # "vqvae" | "vqvae2" (see models/registry.py)
+  # "vqvae" | "vqvae2" (see models/registry.py), or a plugin: a registered name or an import
+  # path "package.module:Name" (vqjax/plugins.py), whose settings are model.options.
+  c.model.name = "vqvae2"
   c.model.channels = 128  # hidden channels of encoders and decoders
   c.model.res_channels = 32
   c.model.num_res_blocks = 2
@@ -115,10 +117,17 @@ def base_config() -> ml_collections.ConfigDict:
   # convolutions that skip them: 22 of 25 taps at k = 5), or "auto" (split on GPUs: +8.8% on
   # an H200; masked elsewhere). The same function.
   c.model.causal_conv_impl = "auto"
+  # A plugin model's own settings (free-form; its from_config reads and checks them). The
+  # flat fields above are the built-ins': a plugin reads only name, dtype and param_dtype.
+  c.model.options = ml_collections.ConfigDict()
 
   # --- vector quantizer -------------------------------------------------------------------
   c.vq = ml_collections.ConfigDict()
-  c.vq.kind = "vq"  # "vq" (nearest codeword) | "gumbel" (Gumbel-softmax, models/gumbel.py)
+  # "vq" (nearest codeword) | "gumbel" (Gumbel-softmax, models/gumbel.py), or a plugin: a
+  # registered name or an import path "package.module:Name" (vqjax/plugins.py), which reads
+  # num_codes, code_dim and its own vq.options (the other fields are the built-ins').
+  c.vq.kind = "vq"
+  c.vq.options = ml_collections.ConfigDict()
   c.vq.num_codes = 512
   c.vq.code_dim = 64
   c.vq.beta = 0.25  # weight of the commitment term ||z - sg[e]||^2
@@ -367,6 +376,9 @@ def _merge_known(config: ml_collections.ConfigDict, values: dict, what: str, pre
   # while a field the schema no longer has is an error rather than silently dropped.
   for key, value in values.items():
     name = f"{prefix}{key}"
+    if name in FREE_FORM_FIELDS and isinstance(value, dict):
+      config[key] = value  # a plugin's own settings: its from_config checks them
+      continue
     if key not in config:
       raise errors.UserError(f"{what} has a field {name!r} that vqjax's config does not know")
     if isinstance(config[key], ml_collections.ConfigDict):
@@ -493,13 +505,12 @@ def summarize_fields(config: ml_collections.ConfigDict | None = None, width: int
 
 # The models models/registry.py builds (config.model.name) and the dtype names it maps to JAX
 # dtypes; tests/test_configs.py checks that both files name the same ones.
-MODEL_NAMES = ("vqvae", "vqvae2", "pixelcnn", "pixelsnail", "classifier")
+MODEL_NAMES = plugins.BUILTIN_MODELS
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # Fields with a fixed set of values.
 _CHOICES = {
   "task": ("autoencoder", "prior", "classifier"),
-  "model.name": MODEL_NAMES,
   "model.dtype": DTYPE_NAMES,
   "model.param_dtype": DTYPE_NAMES,
   "data.reader": ("auto", "grain", "tfdata", "local", "folder"),
@@ -509,7 +520,6 @@ _CHOICES = {
   "model.relu_impl": ("auto", "jax", "output", "stored"),
   "model.causal_conv_impl": ("auto", "masked", "split"),
   "train.rng_impl": ("threefry", "rbg", "unsafe_rbg"),
-  "vq.kind": ("vq", "gumbel"),
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
   "vq.stats_impl": ("auto", "onehot", "scatter"),
   "vq.distance_impl": ("auto", "xla", "pallas"),
@@ -568,18 +578,27 @@ IGNORED_FIELDS = {
     "vq.stats_impl",
     "vq.distance_impl",
     "vq.matmul_impl",
+    "vq.options",
   ),
-  ("vq.kind", "vq"): ("vq.temperature", "vq.kl_weight"),
+  ("vq.kind", "vq"): ("vq.temperature", "vq.kl_weight", "vq.options"),
   ("model.name", "vqvae"): ("model.levels", "model.first_stride", "model.level_stride")
-  + _PRIOR_MODEL_FIELDS,
-  ("model.name", "vqvae2"): ("model.downsample",) + _PRIOR_MODEL_FIELDS,
+  + _PRIOR_MODEL_FIELDS
+  + ("model.options",),
+  ("model.name", "vqvae2"): ("model.downsample",) + _PRIOR_MODEL_FIELDS + ("model.options",),
   ("model.name", "pixelcnn"): _STAGE1_MODEL_FIELDS
   + _PIXELSNAIL_ONLY_FIELDS
-  + ("model.res_channels", "model.num_res_blocks", "model.num_blocks"),
-  ("model.name", "pixelsnail"): _STAGE1_MODEL_FIELDS + ("model.num_layers", "model.cond_channels"),
+  + ("model.res_channels", "model.num_res_blocks", "model.num_blocks", "model.options"),
+  ("model.name", "pixelsnail"): _STAGE1_MODEL_FIELDS
+  + ("model.num_layers", "model.cond_channels", "model.options"),
   ("model.name", "classifier"): _STAGE1_MODEL_FIELDS
   + _PIXELSNAIL_ONLY_FIELDS
-  + ("model.res_channels", "model.kernel_size", "model.num_layers", "model.cond_channels"),
+  + (
+    "model.res_channels",
+    "model.kernel_size",
+    "model.num_layers",
+    "model.cond_channels",
+    "model.options",
+  ),
   ("task", "autoencoder"): ("prior.level", "prior.class_conditional", "prior.num_classes")
   + _CLASSIFIER_FIELDS,
   ("task", "prior"): _CLASSIFIER_FIELDS,
@@ -603,6 +622,7 @@ IGNORED_FIELDS = {
     "vq.stats_impl",
     "vq.distance_impl",
     "vq.matmul_impl",
+    "vq.options",
   ),
   ("optim.name", "adam"): ("optim.weight_decay",),  # decoupled decay is adamw's
 }
@@ -654,7 +674,7 @@ _RANGES = {
   "classifier.num_classes": ("int", 1, 2**24),
   "classifier.label_smoothing": ("prob", 0.0, 1.0),
   "classifier.stem_stride": ("int", 1, 64),
-  "optim.lr": ("float", 1e-12, 1e3),
+  "optim.lr": ("float", 1e-12, 1e30),  # huge ones make divergence tests
   "optim.b1": ("prob", 0.0, 1.0),
   "optim.b2": ("prob", 0.0, 1.0),
   "optim.weight_decay": ("float", 0.0, 1e3),
@@ -713,9 +733,45 @@ DATA_SOURCE_FIELDS = {
 }
 
 
+# What a plugin quantizer / model reads of its group; the group's other fields are the
+# built-ins' and are ignored for it (vqjax/plugins.py).
+_PLUGIN_READS = {
+  "vq.kind": ("vq.kind", "vq.num_codes", "vq.code_dim", "vq.options"),
+  "model.name": ("model.name", "model.dtype", "model.param_dtype", "model.options"),
+}
+# Free-form groups: a plugin's own settings, any keys (read from a config.json as they are).
+FREE_FORM_FIELDS = ("vq.options", "model.options")
+
+
+def _ignored_fields(config: ml_collections.ConfigDict):
+  """(selector, its value, the fields nothing reads with it) for the config's selectors."""
+  for (selector, selected), fields in IGNORED_FIELDS.items():
+    if _get(config, selector) == selected:
+      yield selector, selected, fields
+  for selector, reads in _PLUGIN_READS.items():
+    value = _get(config, selector)
+    what = "quantizer" if selector == "vq.kind" else "model"
+    if not plugins.is_builtin(what, value):
+      group = selector.partition(".")[0]
+      fields = [f"{group}.{k}" for k in base_config()[group]]
+      yield selector, value, tuple(f for f in fields if f not in reads)
+
+
+def _check_plugins(config: ml_collections.ConfigDict) -> None:
+  """A quantizer kind / model name is a built-in or a plugin that can be found; a plugin
+  quantizer checks its own settings (`from_config(config.vq)`). A plugin model's are checked
+  when it is built, as they may need what the run fills in (a prior's code shapes)."""
+  if not plugins.is_builtin("model", config.model.name):
+    plugins.find("model", config.model.name)
+  if config.task != "classifier" and not plugins.is_builtin("quantizer", config.vq.kind):
+    plugins.kwargs_from_config("quantizer", config.vq.kind, config.vq)
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str):
   group, _, field = dotted.rpartition(".")
-  return (config[group] if group else config)[field]
+  value = (config[group] if group else config)[field]
+  # A free-form group as a plain dict (ConfigDicts locked and unlocked compare unequal).
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -736,6 +792,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.UserError(
         f"config.{field}={value!r} is not one of {', '.join(map(repr, allowed))}"
       )
+  _check_plugins(config)
   if config.vq.matmul_impl == "bf16" and config.model.dtype != "bfloat16":
     raise errors.UserError(
       "config.vq.matmul_impl='bf16' needs config.model.dtype='bfloat16' (its products are "
@@ -761,9 +818,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{config.data.name!r} (only {' / '.join(map(repr, names))} read it); leave it at the "
         "default or choose that data.name"
       )
-  for (selector, selected), fields in IGNORED_FIELDS.items():
-    if _get(config, selector) != selected:
-      continue
+  for selector, selected, fields in _ignored_fields(config):
     changed = [
       f"config.{f}={_get(config, f)!r}" for f in fields if _get(config, f) != _get(defaults, f)
     ]
