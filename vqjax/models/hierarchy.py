@@ -20,11 +20,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqjax import plugins
 from vqjax.models.gumbel import GumbelQuantizer
 from vqjax.models.layers import Decoder, Encoder, Upsampler
 from vqjax.models.quantizer import VectorQuantizer
 
+# The built-in quantizer kinds; any other kind is a plugin (vqjax/plugins.py).
 QUANTIZERS = {"vq": VectorQuantizer, "gumbel": GumbelQuantizer}
+
+
+def quantizer_class(kind: str):
+  """The quantizer module class of `kind`: a built-in, or a registered / importable plugin."""
+  if kind in QUANTIZERS:
+    return QUANTIZERS[kind]
+  return plugins.module_class(plugins.find("quantizer", kind))
 
 
 class VQVAE2(nn.Module):
@@ -39,7 +48,8 @@ class VQVAE2(nn.Module):
     first_stride: downsampling of the bottom encoder (power of two).
     level_stride: downsampling between consecutive levels (power of two).
     quantizer: keyword arguments of every level's quantizer (num_codes, code_dim, ...);
-      "kind" picks VectorQuantizer ("vq", the default) or GumbelQuantizer ("gumbel").
+      "kind" picks VectorQuantizer ("vq", the default), GumbelQuantizer ("gumbel") or a
+      plugin's module (a registered name or an import path, vqjax/plugins.py).
     upconv_impl: form of the transposed convolutions, models/strided.py (same function, same
       weights; "auto": the fastest measured on the platform).
     downconv_impl: form of the stride-2 convolutions, likewise.
@@ -70,9 +80,7 @@ class VQVAE2(nn.Module):
     if self.levels < 1:
       raise ValueError(f"levels must be >= 1, got {self.levels}")
     qkw = dict(self.quantizer or {})
-    kind = qkw.pop("kind", "vq")
-    if kind not in QUANTIZERS:
-      raise ValueError(f"unknown quantizer kind {kind!r}; expected one of {sorted(QUANTIZERS)}")
+    quantizer = quantizer_class(qkw.pop("kind", "vq"))
     self.code_dim = qkw.get("code_dim", 64)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n = self.levels
@@ -91,7 +99,7 @@ class VQVAE2(nn.Module):
       for i in range(n)
     ]
     self.pre_quant = [nn.Conv(self.code_dim, (1, 1), **kw) for _ in range(n)]
-    self.quantizers = [QUANTIZERS[kind](**qkw, **kw) for _ in range(n)]
+    self.quantizers = [quantizer(**qkw, **kw) for _ in range(n)]
     # cond_decoders[i] maps the codes of level i (i < bottom) to the resolution of level i + 1.
     self.cond_decoders = [
       Decoder(

@@ -1,4 +1,6 @@
-"""`config.model.name` -> Flax module. A new model is one file plus one line here.
+"""`config.model.name` -> Flax module. A new model or quantizer is one file of its own, found by
+name (vqjax/plugins.py: `register_model` / `register_quantizer`, or an import path in the config);
+this file builds the built-ins.
 
 Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
   variables = model.init({"params": rng, "vq": rng}, x, train=False)
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vqjax import errors
+from vqjax import errors, plugins
 from vqjax.models import classifier, hierarchy, pixelcnn, pixelsnail, vqvae
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,8 +41,15 @@ def dtype_from_name(name: str):
   return DTYPES[name]
 
 
+register_quantizer = plugins.register_quantizer
+register_model = plugins.register_model
+
+
 def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
-  """Quantizer constructor arguments from `config.vq` (for its `kind`)."""
+  """Quantizer constructor arguments from `config.vq` (for its `kind`); a plugin kind's are
+  its `from_config(config.vq)`, with the kind."""
+  if not plugins.is_builtin("quantizer", vq.kind):
+    return dict(kind=vq.kind, **plugins.kwargs_from_config("quantizer", vq.kind, vq))
   if vq.kind == "gumbel":
     return dict(
       kind="gumbel",
@@ -49,8 +58,6 @@ def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
       temperature=vq.temperature,
       kl_weight=vq.kl_weight,
     )
-  if vq.kind != "vq":
-    raise errors.UserError(f"unknown config.vq.kind {vq.kind!r}; expected 'vq' or 'gumbel'")
   return dict(
     num_codes=vq.num_codes,
     code_dim=vq.code_dim,
@@ -200,7 +207,8 @@ def _build_classifier(config, dtype, param_dtype):
   return classifier.from_config(config, dtype, param_dtype)
 
 
-# config.model.name -> (config, dtype, param_dtype) -> module.
+# The built-in config.model.name -> (config, dtype, param_dtype) -> module. Other names are
+# plugins (vqjax/plugins.py), built by `_build_plugin`.
 MODELS = {
   "vqvae": _build_vqvae,
   "vqvae2": _build_vqvae2,
@@ -213,17 +221,39 @@ AUTOENCODERS = ("vqvae", "vqvae2")
 PRIORS = ("pixelcnn", "pixelsnail")
 
 
+def _build_plugin(config, dtype, param_dtype):
+  name = config.model.name
+  kwargs = plugins.kwargs_from_config("model", name, config)
+  return plugins.module_class(plugins.find("model", name))(
+    **kwargs, dtype=dtype, param_dtype=param_dtype
+  )
+
+
 def _check_name(name: str) -> None:
+  """An unknown built-in name or an unusable plugin: one-line UserError."""
   if name not in MODELS:
-    raise errors.UserError(
-      f"unknown config.model.name {name!r}; expected one of {', '.join(sorted(MODELS))}"
-    )
+    plugins.find("model", name)
+
+
+def is_autoencoder(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model is a stage-1 autoencoder: a built-in one, or a plugin trained by the
+  autoencoder task."""
+  if config.model.name in MODELS:
+    return config.model.name in AUTOENCODERS
+  return config.task == "autoencoder"
+
+
+def is_prior(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model is a prior over codes: a built-in one, or a plugin of the prior task."""
+  if config.model.name in MODELS:
+    return config.model.name in PRIORS
+  return config.task == "prior"
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """Builds the stage-1 model named by `config.model.name`."""
+  """Builds the model named by `config.model.name` (a built-in or a plugin)."""
   _check_name(config.model.name)
-  return MODELS[config.model.name](
+  return MODELS.get(config.model.name, _build_plugin)(
     config, dtype_from_name(config.model.dtype), dtype_from_name(config.model.param_dtype)
   )
 
@@ -242,7 +272,7 @@ def init_inputs(config: ml_collections.ConfigDict) -> tuple[tuple, dict]:
     int32 [1] `label`.
   """
   _check_name(config.model.name)
-  if config.model.name not in PRIORS:
+  if not is_prior(config):
     size, channels = config.data.image_size, config.data.channels
     return (jnp.zeros((1, size, size, channels), jnp.float32),), {"train": False}
   p = config.prior
@@ -268,9 +298,12 @@ def total_stride(config: ml_collections.ConfigDict) -> int:
     The stride; an unknown model name raises `errors.UserError`.
   """
   _check_name(config.model.name)
-  if config.model.name not in AUTOENCODERS:
+  if not is_autoencoder(config):
     raise errors.UserError(
       f"total_stride: {config.model.name!r} is not an autoencoder ({', '.join(AUTOENCODERS)})"
     )
   # The module's own definition (it checks input sizes with it); building one is cheap.
-  return build_model(config).total_stride
+  model = build_model(config)
+  if not hasattr(model, "total_stride"):
+    raise errors.UserError(f"total_stride: the model {config.model.name!r} has no total_stride")
+  return model.total_stride
