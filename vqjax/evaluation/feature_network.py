@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from vqjax import configs, errors
+from vqjax import configs, errors, runs
 from vqjax.models import registry
 from vqjax.training import trainer
 
@@ -216,8 +216,6 @@ def export(workdir: str, dataset: str, directory: str = "") -> dict[str, Any]:
   Returns:
     The record written to the .json.
   """
-  from vqjax import runs  # the loading layer: only this maintainer's step uses it
-
   record = read_record(workdir)
   if record is None or record.get("dataset") != dataset:
     raise errors.UserError(f"{workdir} is not a finished evaluation network of {dataset!r}")
