@@ -175,3 +175,76 @@ def test_a_model_name_may_be_an_import_path_too():
     configs.validate(config)
   with pytest.raises(errors.UserError, match="cannot register a model as 'vqvae2'"):
     registry.register_model("vqvae2", ToyQuantizer)
+
+
+# --- a prior ------------------------------------------------------------------------------------
+
+
+class ToyPrior(nn.Module):
+  """Logits of each code from the code before it in raster order (a start token first): an
+  autoregressive model over codes in one embedding and one dense layer."""
+
+  num_codes: int = 16
+  features: int = 8
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+  @staticmethod
+  def from_config(config) -> dict:
+    options = dict(config.model.options)
+    if set(options) - {"features"}:
+      raise errors.UserError(
+        f"config.model.options has {sorted(options)}: the toy prior reads features"
+      )
+    return dict(num_codes=config.vq.num_codes, features=int(options.get("features", 8)))
+
+  @nn.compact
+  def __call__(self, codes, condition=None, label=None, train=False):
+    del condition, label, train
+    b, h, w = codes.shape
+    flat = codes.reshape(b, h * w)
+    previous = jnp.concatenate([jnp.full((b, 1), self.num_codes, flat.dtype), flat[:, :-1]], 1)
+    e = nn.Embed(self.num_codes + 1, self.features, param_dtype=self.param_dtype)(previous)
+    logits = nn.Dense(self.num_codes, dtype=self.dtype, param_dtype=self.param_dtype)(e)
+    return logits.reshape(b, h, w, self.num_codes)
+
+
+registry.register_model("toy_prior", ToyPrior)
+
+
+def _prior_smoke(**options):
+  config = configs.load_experiment("fashion_mnist_prior_top:smoke")
+  defaults = configs.base_config().model
+  for field in config.model:  # the built-in priors' fields: a plugin reads model.options
+    if field not in ("dtype", "param_dtype"):
+      config.model[field] = defaults[field]
+  config.model.name = "toy_prior"
+  config.model.options = options
+  return config
+
+
+def test_the_toy_prior_is_causal_and_matches_numpy():
+  model = ToyPrior(num_codes=5, features=3)
+  codes = np.random.default_rng(0).integers(0, 5, (2, 3, 4)).astype(np.int32)
+  logits, variables = model.init_with_output(jax.random.key(0), jnp.asarray(codes))
+  p = jax.tree.map(np.asarray, variables["params"])
+  flat = codes.reshape(2, 12)
+  previous = np.concatenate([np.full((2, 1), 5), flat[:, :-1]], 1)
+  want = p["Embed_0"]["embedding"][previous] @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  np.testing.assert_allclose(np.asarray(logits), want.reshape(2, 3, 4, 5), rtol=1e-5, atol=1e-6)
+  changed = codes.copy()
+  changed[:, 1, 2] = (changed[:, 1, 2] + 1) % 5  # raster position 6
+  other = np.asarray(model.apply(variables, jnp.asarray(changed))).reshape(2, 12, 5)
+  np.testing.assert_array_equal(other[:, :7], np.asarray(logits).reshape(2, 12, 5)[:, :7])
+
+
+@pytest.mark.slow
+def test_a_plugin_prior_trains_one_step_and_loads_back(tmp_path):
+  config = _prior_smoke(features=4)
+  configs.validate(config)
+  workdir = str(tmp_path / "prior")
+  assert trainer.train_and_evaluate(config, workdir)["step"] == 1
+  loaded_config, model, variables = vqjax.load_run(workdir)
+  assert loaded_config.model.name == "toy_prior" and loaded_config.model.options.features == 4
+  assert isinstance(model, ToyPrior) and model.features == 4
+  assert variables["params"]["Embed_0"]["embedding"].shape == (33, 4)
