@@ -121,6 +121,7 @@ def test_a_plugin_quantizer_builds_into_the_autoencoder_by_name_and_by_import_pa
     np.testing.assert_array_equal(np.asarray(rows), _codebook(3, 32, 8)[np.asarray(codes[0])])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
   not sources.fashion_mnist_files_exist(FMNIST), reason="Fashion-MNIST idx files not installed"
 )

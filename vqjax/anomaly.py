@@ -136,7 +136,7 @@ def run(
   from vqjax.models import registry
 
   config, model, variables = runs.load_run(workdir)
-  if config.task != "autoencoder" or config.model.name not in registry.AUTOENCODERS:
+  if config.task != "autoencoder" or not registry.is_autoencoder(config):
     raise errors.UserError(
       f"{workdir} is a {config.task} run of {config.model.name!r}, not a stage-1 autoencoder "
       f"({', '.join(registry.AUTOENCODERS)}): anomaly maps need reconstructions"

@@ -134,7 +134,7 @@ def extract(
   from vqjax.training import tasks
 
   config, model, variables, step = runs.load_run_with_step(workdir, step=step)
-  if config.model.name not in registry.AUTOENCODERS:
+  if not registry.is_autoencoder(config):
     raise errors.UserError(f"{workdir} is a {config.model.name} run, not a stage-1 autoencoder")
   data = config.data
   splits = splits or [data.train_split, data.eval_split]

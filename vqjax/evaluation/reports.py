@@ -33,7 +33,7 @@ def evaluate(workdir: str, max_batches: int = 0) -> dict[str, float]:
 
 
 def _metrics(config: Any, model: Any, variables: dict, max_batches: int) -> dict[str, float]:
-  if config.model.name in registry.AUTOENCODERS:
+  if registry.is_autoencoder(config):
     result = ReconstructionEvaluator.from_config(config, max_batches=max_batches).run(
       model, variables
     )
@@ -75,7 +75,7 @@ def stage1_plots(workdir: str, out_dir: str, max_batches: int = 0) -> dict[str, 
     of code counts, most used first, perplexity in each panel's title}.
   """
   config, model, variables = runs.load_run(workdir)
-  if config.model.name not in registry.AUTOENCODERS:
+  if not registry.is_autoencoder(config):
     raise errors.UserError(
       f"{workdir} is not an autoencoder run (its task is {config.task!r}): --plots draws "
       "stage-1 plots"
