@@ -342,3 +342,19 @@ def test_a_data_field_the_source_ignores_is_an_error():
     config.data[field] = value
     with pytest.raises(errors.UserError, match=f"config.data.{field}="):
       configs.validate(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["train", "pipeline"])
+def test_the_programs_name_a_config_syntax_error_in_one_line(tmp_path, program):
+  import subprocess
+  import sys
+
+  path = tmp_path / "broken.py"
+  path.write_text("def get_config(:\n  pass\n")
+  for form in (["--config", str(path)], [f"--config={path}"]):
+    cmd = [sys.executable, "-m", f"vqjax.{program}", *form, "--workdir", str(tmp_path / "w")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"vqjax.{program}: {path}:1: SyntaxError: invalid syntax"], lines

@@ -77,9 +77,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   if not specs and not any(a in ("--config", "-config") for a in argv):
     argv.insert(1, f"--config={DEFAULT_CONFIG}")
   try:
-    for spec in specs:
-      configs.load_experiment(spec)  # a missing file or unknown variant: one line here
-    return flags.FLAGS(argv)
+    # Each --config (either form) loaded once first: a missing file, unknown variant or syntax
+    # error is one line here, not config_flags' traceback.
+    return flags.FLAGS(configs.resolve_config_argv(argv))
   except errors.UserError as e:
     raise SystemExit(f"vqjax.pipeline: {e}") from None
   except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
