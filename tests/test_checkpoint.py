@@ -441,3 +441,32 @@ def test_a_health_record_that_cannot_be_written_leaves_no_temporary_file(tmp_pat
   monkeypatch.undo()
   ckpt.close()
   assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".tmp")]
+
+
+def test_provenance_fields_and_empty_options_do_not_change_the_fingerprint():
+  """A code dataset records its stage-1 model's fingerprint: fields added later that shape
+  nothing (a prior's stage-1 record, plugin options left empty) must not make the same model
+  "another model" after an upgrade. The hash is re-derived here from the fields that do."""
+  import hashlib
+  import json
+
+  config = configs.load_experiment("fashion_mnist_prior_top:smoke")
+  sections = ("task", "model", "vq", "prior")
+  full = json.loads(config.to_json_best_effort())
+  shaping = {}
+  for k in sections:
+    g = full[k]
+    if isinstance(g, dict):
+      g = {
+        f: v
+        for f, v in g.items()
+        if f not in ("stage1", "stage1_run_id", "stage1_step") and not (f == "options" and not v)
+      }
+    shaping[k] = g
+  shaping["channels"] = full["data"]["channels"]
+  expected = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+  assert checkpoint.config_meta(config, sections)["model_fingerprint"] == expected
+  config.prior.update(stage1="/elsewhere", stage1_run_id="abc", stage1_step=7)
+  assert checkpoint.config_meta(config, sections)["model_fingerprint"] == expected
+  config.model.channels += 1  # a shaping field does change it
+  assert checkpoint.config_meta(config, sections)["model_fingerprint"] != expected

@@ -44,6 +44,9 @@ T = TypeVar("T")
 MODEL_FIELDS = ("task", "model", "vq")
 
 
+_NOT_SHAPING = ("stage1", "stage1_run_id", "stage1_step")
+
+
 def config_meta(
   config: ml_collections.ConfigDict, sections: tuple[str, ...] = MODEL_FIELDS
 ) -> dict:
@@ -60,6 +63,15 @@ def config_meta(
   as_dict = json.loads(config.to_json_best_effort())
   shaping = {k: as_dict.get(k) for k in sections}
   shaping["channels"] = as_dict.get("data", {}).get("channels")
+  # Fields that record where a run came from, or plugin options left empty, shape nothing:
+  # left out, so the fingerprints of runs trained before they existed stay the same (a code
+  # dataset of the same stage-1 model is not "another model" after an upgrade).
+  shaping = {
+    k: {f: v for f, v in g.items() if f not in _NOT_SHAPING and v != {}}
+    if isinstance(g, dict)
+    else g
+    for k, g in shaping.items()
+  }
   digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
   return {"model_fingerprint": digest, "sections": list(sections), "config": as_dict}
 
