@@ -100,8 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.classifier.train.steps = 1000
   c.sample.threshold = 0.6
   if arg == "long":
-    # About 45 minutes on 2 shared cores: priors of the PyTorch reference's width (128 channels);
-    # their samples stood below the blurred images' FD (0.93x, benchmarks/RESULTS.md).
+    # About 40 minutes on 2 shared cores: priors of the PyTorch reference's width (128 channels);
+    # their samples: FD 0.54x the blurred images', CAS 0.85 (benchmarks/RESULTS.md).
     for name in ("prior_top", "prior_bottom"):
       c[name].model.update(channels=128, res_channels=128)
   return c
