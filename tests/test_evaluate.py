@@ -99,6 +99,7 @@ def _flags(**kw):
   values = dict(
     workdir=[], out="", max_batches=0, plots=False, out_dir="", samples="", classifier="",
     features="", thresholds="", temperatures="", num=256, stage1="", seed=0, max_real=10000,
+    allow_mismatch=False,
   )  # fmt: skip
   return types.SimpleNamespace(**{**values, **kw})
 
