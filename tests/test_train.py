@@ -595,3 +595,30 @@ def test_the_tensorboard_hint_quotes_a_path_with_spaces(tmp_path, monkeypatch, c
     trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))
   hint = [r.getMessage() for r in caplog.records if "tensorboard --logdir" in r.getMessage()]
   assert hint and f"--logdir '{workdir}/tb'`" in hint[-1]
+
+
+def test_close_releases_everything_when_the_last_save_fails():
+  """On a full disk the last save fails in close(): the log writer (whose tensorboardX thread
+  otherwise died at exit with a traceback after the one-line error), the data iterator and the
+  lock are still closed, and the save's error still surfaces."""
+  closed = []
+
+  class Part:
+    def __init__(self, name, fail=False):
+      self.name, self.fail = name, fail
+
+    def close(self):
+      closed.append(self.name)
+      if self.fail:
+        raise checkpoint.CheckpointSaveError("could not write checkpoint step 10")
+
+    def release(self):
+      closed.append(self.name)
+
+  run = trainer._Run.__new__(trainer._Run)
+  run.stop = run.clock = run.reader = None
+  run.ckpt, run.writer = Part("ckpt", fail=True), Part("writer")
+  run.train_iter, run.lock = Part("iterator"), Part("lock")
+  with pytest.raises(checkpoint.CheckpointSaveError, match="step 10"):
+    run.close()
+  assert closed == ["ckpt", "writer", "iterator", "lock"]

@@ -554,20 +554,27 @@ class _Run:
     return result
 
   def close(self) -> None:
+    """Releases everything, each even when an earlier one fails (a checkpoint that cannot be
+    written on a full disk: its error is raised after the rest is closed, so no log writer's
+    thread is left to die at exit with a traceback after the one-line error)."""
     if self.stop is not None:
       self.stop.restore()
     if self.clock is not None:
       self.clock.close()
     if self.reader is not None:
       self.reader.shutdown(wait=True, cancel_futures=True)
-    self.ckpt.close()
-    if self.writer is not None:
-      self.writer.close()
-    if self.train_iter is not None and hasattr(self.train_iter, "close"):
-      self.train_iter.close()
-    if self.lock is not None:  # last: everything the run writes is written
-      self.lock.release()
-      self.lock = None
+    try:
+      self.ckpt.close()
+    finally:
+      try:
+        if self.writer is not None:
+          self.writer.close()
+        if self.train_iter is not None and hasattr(self.train_iter, "close"):
+          self.train_iter.close()
+      finally:
+        if self.lock is not None:  # last: everything the run writes is written
+          self.lock.release()
+          self.lock = None
 
   def __enter__(self) -> "_Run":
     return self
