@@ -2,8 +2,8 @@
 below, models and data never import each other, and no files import each other in a cycle.
 
 The layers, lowest first (issue 22):
-  L0  the config schema, the errors and the plugin look-up: `vqjax.configs`, `vqjax.errors`,
-      `vqjax.plugins`;
+  L0  the config schema, the errors, the plugin look-up and file checksums: `vqjax.configs`,
+      `vqjax.errors`, `vqjax.plugins`, `vqjax.checksums`;
   L1  `vqjax.models.*` and `vqjax.data.*` (independent of each other);
   L2  `vqjax.training.*`;
   L3  loading runs, sampling, evaluation and the converters: `vqjax.runs`, `vqjax.sampling.*`,
@@ -29,6 +29,7 @@ LAYERS = {
   "vqjax.configs": 0,
   "vqjax.errors": 0,
   "vqjax.plugins": 0,
+  "vqjax.checksums": 0,
   "vqjax.models": 1,
   "vqjax.data": 1,
   "vqjax.training": 2,

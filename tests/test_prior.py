@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import on_codes
 
 import vqjax
 from vqjax import configs, convert, errors, extract_codes, runs
@@ -170,27 +171,11 @@ def _write_codes(out, shapes, num_codes, n_train, n_test, labels=True, seed=0):
   return meta
 
 
-def _on_codes(config, codes_dir):
-  """A smoke prior config switched to the code dataset in `codes_dir` (its synthetic-code fields
-  back to unset: configs.validate refuses them for another data.name)."""
-  defaults = configs.base_config().data
-  config.data.update(
-    name="codes",
-    codes_dir=codes_dir,
-    train_split="train",
-    eval_split="test",
-    synthetic_shapes=defaults.synthetic_shapes,
-    synthetic_num_codes=defaults.synthetic_num_codes,
-    synthetic_examples=defaults.synthetic_examples,
-  )
-  return config
-
-
 def _prior_config(codes_dir, model="pixelcnn", level=0):
   c = configs.load_experiment(
     "pixelcnn_cifar10:smoke" if model == "pixelcnn" else "fashion_mnist_prior_bottom:smoke"
   )
-  _on_codes(c, codes_dir)
+  on_codes(c, codes_dir)
   c.vq.num_codes = 8
   c.prior.level = level
   c.prior.class_conditional = False
@@ -304,17 +289,7 @@ def test_prior_logs_sample_grids_decoded_by_the_stage1_run(stage1, tmp_path):
   workdir, s1_config, model, variables = stage1
   codes_dir = str(tmp_path / "codes")
   extract_codes.extract(workdir, codes_dir, batch_size=8)
-  config = configs.load_experiment("fashion_mnist_prior_bottom:smoke")
-  defaults = configs.base_config().data  # the smoke's synthetic-code fields back to unset
-  config.data.update(
-    name="codes",
-    codes_dir=codes_dir,
-    train_split="train",
-    eval_split="test",
-    synthetic_shapes=defaults.synthetic_shapes,
-    synthetic_num_codes=defaults.synthetic_num_codes,
-    synthetic_examples=defaults.synthetic_examples,
-  )
+  config = on_codes(configs.load_experiment("fashion_mnist_prior_bottom:smoke"), codes_dir)
   config.log.update(image_every_steps=1, num_images=4, tensorboard=False, eval_every_steps=0)
   # runs.make_task gives the task the stage-1 run the codes record (as `vqjax.train` does).
   trainer.train_and_evaluate(config, str(tmp_path / "prior"), make_task=runs.make_task)
@@ -339,7 +314,7 @@ def test_a_prior_loads_and_samples_without_its_code_dataset(stage1, tmp_path):
   extract_codes.extract(workdir, codes_dir, batch_size=8)
   priors = []
   for name in ("fashion_mnist_prior_top", "fashion_mnist_prior_bottom"):
-    config = _on_codes(configs.load_experiment(f"{name}:smoke"), codes_dir)
+    config = on_codes(configs.load_experiment(f"{name}:smoke"), codes_dir)
     config.log.update(tensorboard=False, eval_every_steps=0, image_every_steps=0)
     trainer.train_and_evaluate(config, str(tmp_path / name))
     priors.append(str(tmp_path / name))

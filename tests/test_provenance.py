@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from train_helpers import on_codes
 
 from vqjax import configs, convert, errors, extract_codes
 from vqjax.models import registry
@@ -88,17 +89,7 @@ def test_sampling_refuses_a_stage1_run_the_priors_were_not_trained_on(tmp_path):
       recorded = json.load(f)["stage1"]
     assert recorded["run_id"] == identity.read_run_id(runs[stage1])
     for name in ("fashion_mnist_prior_top", "fashion_mnist_prior_bottom"):
-      config = configs.load_experiment(f"{name}:smoke")
-      defaults = configs.base_config().data
-      config.data.update(
-        name="codes",
-        codes_dir=codes_dir,
-        train_split="train",
-        eval_split="test",
-        synthetic_shapes=defaults.synthetic_shapes,
-        synthetic_num_codes=defaults.synthetic_num_codes,
-        synthetic_examples=defaults.synthetic_examples,
-      )
+      config = on_codes(configs.load_experiment(f"{name}:smoke"), codes_dir)
       config.log.update(tensorboard=False, eval_every_steps=0, image_every_steps=0)
       out = str(tmp_path / f"{name}_{stage1}")
       trainer.train_and_evaluate(config, out, make_task=tasks.make_task)

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from absl import logging as absl_logging
 
+from vqjax import configs
 from vqjax.training import tasks
 
 
@@ -108,3 +109,19 @@ def _codes_data(n, seed):
     "codes": rng.integers(0, _CodesTask.K, (n, 4, 4)).astype(np.int32),
     "label": rng.integers(0, _CodesTask.CLASSES, n).astype(np.int32),
   }
+
+
+def on_codes(config, codes_dir: str):
+  """A smoke prior config switched to the code dataset in `codes_dir`, its synthetic-code fields
+  back to unset (configs.validate refuses them for another data.name)."""
+  defaults = configs.base_config().data
+  config.data.update(
+    name="codes",
+    codes_dir=codes_dir,
+    train_split="train",
+    eval_split="test",
+    synthetic_shapes=defaults.synthetic_shapes,
+    synthetic_num_codes=defaults.synthetic_num_codes,
+    synthetic_examples=defaults.synthetic_examples,
+  )
+  return config

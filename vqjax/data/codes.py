@@ -31,7 +31,6 @@ written by an older vqjax have no record: they are read as they are, and rewritt
 import io
 import json
 import os
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,7 +38,7 @@ import numpy as np
 from absl import logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from vqjax import errors
+from vqjax import checksums, errors
 from vqjax.data.splits import parse_split, slice_range
 
 FORMAT = "vqjax-codes/1"
@@ -121,18 +120,10 @@ def write_metadata(codes_dir: str, meta: dict) -> None:
 CHECK_SUFFIX = ".check.json"
 
 
-def _crc32(path: str) -> int:
-  crc = 0
-  with open(path, "rb") as f:
-    while block := f.read(1 << 22):
-      crc = zlib.crc32(block, crc)
-  return crc
-
-
 def finish_shard(tmp: str, path: str, records: int) -> None:
   """Records the size, CRC-32 and record count of a written shard `tmp` beside `path`, then
   renames it to `path`: a shard under its final name always has its record."""
-  check = {"size": os.path.getsize(tmp), "crc32": _crc32(tmp), "records": int(records)}
+  check = {"size": os.path.getsize(tmp), "crc32": checksums.crc32(tmp), "records": int(records)}
   record = path + CHECK_SUFFIX
   with open(f"{record}.tmp", "w") as f:
     json.dump(check, f)
@@ -165,7 +156,7 @@ def shard_problem(path: str, full: bool = True) -> str:
   size = os.path.getsize(path)
   if size != check["size"]:
     return f"it has {size} bytes, {check['size']} when written (cut short or overwritten)"
-  if full and _crc32(path) != check["crc32"]:
+  if full and checksums.crc32(path) != check["crc32"]:
     return "its bytes changed since it was written (checksum)"
   return ""
 

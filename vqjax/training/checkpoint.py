@@ -19,12 +19,10 @@ the same way. CRC-32 (zlib), not a cryptographic hash: it detects damage, not ta
 reads at memory speed (benchmarks/RESULTS.md has the cost on the ImageNet-size checkpoint).
 """
 
-import concurrent.futures
 import contextlib
 import hashlib
 import json
 import os
-import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,7 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vqjax import errors
+from vqjax import checksums, errors
 from vqjax.training import logs
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -572,22 +570,6 @@ _CHECKSUM_VERSION = 1
 _UNVERIFIED_WARNED: set[str] = set()
 
 
-def _crc32(path: str) -> int:
-  crc = 0
-  with open(path, "rb") as f:
-    while block := f.read(1 << 22):
-      crc = zlib.crc32(block, crc)
-  return crc
-
-
-def _crc32_all(paths: list[str]) -> list[int]:
-  """CRC-32 of each file, several files at once (zlib releases the GIL on large blocks)."""
-  if len(paths) < 2:
-    return [_crc32(p) for p in paths]
-  with concurrent.futures.ThreadPoolExecutor(min(8, len(paths), os.cpu_count() or 1)) as pool:
-    return list(pool.map(_crc32, paths))
-
-
 def _step_files(root: str) -> list[str]:
   """Every file of a step directory but the checksum record, relative and sorted."""
   out = []
@@ -601,7 +583,7 @@ def write_checksums(directory: str, step: int) -> dict[str, list[int]]:
   written atomically). Returns {relative path: [size, crc32]}."""
   root = os.path.join(directory, str(step))
   rels = _step_files(root)
-  crcs = _crc32_all([os.path.join(root, rel) for rel in rels])
+  crcs = checksums.crc32_all([os.path.join(root, rel) for rel in rels])
   files = {rel: [os.path.getsize(os.path.join(root, rel)), crc] for rel, crc in zip(rels, crcs)}
   _write_json_atomic(
     os.path.join(root, CHECKSUM_FILE), {"version": _CHECKSUM_VERSION, "crc32": files}
@@ -652,7 +634,8 @@ def verify_checksums(directory: str, step: int) -> bool:
         f"{size} when saved"
       )
   rels = sorted(files)
-  for rel, crc in zip(rels, _crc32_all([os.path.join(root, r) for r in rels]), strict=True):
+  crcs = checksums.crc32_all([os.path.join(root, r) for r in rels])
+  for rel, crc in zip(rels, crcs, strict=True):
     if crc != files[rel][1]:
       raise CheckpointDamagedError(
         f"checkpoint step {step} is damaged: {os.path.join(root, rel)} changed since it was "
