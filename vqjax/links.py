@@ -18,7 +18,7 @@ import posixpath
 import ml_collections
 
 # The config fields that name another run or dataset a run reads: (group, field).
-CONFIG_LINKS = (("data", "codes_dir"), ("prior", "stage1"))
+CONFIG_LINKS = (("data", "codes_dir"), ("prior", "stage1"), ("ckpt", "init_from"))
 
 
 def _split(path: str) -> tuple[str, str]:
