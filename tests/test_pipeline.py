@@ -5,6 +5,7 @@ that trains and draws nothing again."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqjax import configs, pipeline
+import vqjax
+from vqjax import configs, pipeline, sample
 
 SMOKE = os.path.join(os.path.dirname(pipeline.DEFAULT_CONFIG), "fashion_mnist.py")
 
@@ -56,12 +58,14 @@ def test_pipeline_runs_every_stage(done):
   # The priors were trained on the codes extracted here, with the stage-1 codebook.
   with open(os.path.join(workdir, "codes", "metadata.json")) as f:
     meta = json.load(f)
-  assert meta["stage1"]["workdir"] == os.path.join(workdir, "stage1")
+  # Runs of one pipeline workdir record each other relative to themselves: it can move.
+  assert meta["stage1"]["workdir"] == "../stage1"
   assert meta["num_codes"] == config.stage1.vq.num_codes
   for name in ("prior_top", "prior_bottom"):
     with open(os.path.join(workdir, name, "config.json")) as f:
       saved = json.load(f)
-    assert saved["data"]["codes_dir"] == os.path.join(workdir, "codes")
+    assert saved["data"]["codes_dir"] == "../codes"
+    assert saved["prior"]["stage1"] == "../stage1"
   # Grids of the configured size, the rejection grid full too, of confident samples only.
   grid = Image.open(os.path.join(workdir, "samples", "samples.png"))
   assert grid.size[0] > 32 * 2
@@ -116,6 +120,35 @@ def test_a_second_run_trains_and_draws_nothing_again(done):
   report = pipeline.Pipeline(config, workdir).run()
   assert _snapshot(workdir) == before
   assert report["stage1"]["step"] == 1
+
+
+@pytest.mark.slow
+def test_a_copied_pipeline_workdir_works_without_the_original(done, tmp_path):
+  """A pipeline workdir copied elsewhere (the original out of reach) loads its priors with the
+  copy's codes and stage-1 run, re-runs without training or drawing anything again, and samples
+  from its own runs."""
+  config, workdir, _ = done
+  copy = str(tmp_path / "moved")
+  shutil.copytree(workdir, copy)
+  hidden = workdir + ".hidden"
+  os.rename(workdir, hidden)
+  try:
+    loaded = vqjax.load_run(os.path.join(copy, "prior_bottom"))[0]
+    assert loaded.data.codes_dir == os.path.join(copy, "codes")
+    assert loaded.prior.stage1 == os.path.join(copy, "stage1")
+    before = _snapshot(copy)
+    pipeline.Pipeline(config, copy).run()
+    assert _snapshot(copy) == before
+    out = os.path.join(copy, "samples_again")
+    priors = [os.path.join(copy, "prior_top"), os.path.join(copy, "prior_bottom")]
+    sample.run(priors, out, num=2)  # the stage-1 run named by the priors' own records
+    with open(os.path.join(out, "settings.json")) as f:
+      settings = json.load(f)
+    assert settings["stage1"] == "../stage1"
+    assert settings["priors"] == ["../prior_top", "../prior_bottom"]
+  finally:
+    os.rename(hidden, workdir)
+  assert not os.path.exists(hidden)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags, logging
 
-from vqjax import _cli, errors
+from vqjax import _cli, errors, links
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -35,12 +35,13 @@ def define_flags() -> None:
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
-def _stage1_record(workdir: str, config, step) -> dict:
+def _stage1_record(workdir: str, out: str, config, step) -> dict:
   from vqjax.training import checkpoint, identity
 
   meta = checkpoint.config_meta(config)
   return {
-    "workdir": os.path.abspath(workdir),
+    # Relative to the code dataset where both lie in one pipeline workdir (links.py).
+    "workdir": links.record(workdir, out),
     "run_id": identity.read_run_id(workdir),
     "step": step,
     "fingerprint": meta["model_fingerprint"],
@@ -140,14 +141,15 @@ def extract(
   splits = splits or [data.train_split, data.eval_split]
   batch_size = batch_size or data.eval_batch_size
   pi, pc = jax.process_index(), jax.process_count()
-  stage1 = _stage1_record(workdir, config, step)
+  stage1 = _stage1_record(workdir, out, config, step)
   os.makedirs(out, exist_ok=True)
   meta_path = os.path.join(out, codes.METADATA)
   if os.path.exists(meta_path):
     old = codes.read_metadata(out)
     if old["stage1"]["fingerprint"] != stage1["fingerprint"]:
       raise errors.UserError(
-        f"{out} holds codes of another stage-1 model ({old['stage1']['workdir']}); choose "
+        f"{out} holds codes of another stage-1 model "
+        f"({links.resolve(old['stage1']['workdir'], out)}); choose "
         "another --out or delete it"
       )
   _check_extraction(out, stage1, splits, examples_per_shard, pi)

@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vqjax import _cli, configs, errors
+from vqjax import _cli, configs, errors, links
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -199,7 +199,7 @@ class Pipeline:
     wanted.update(requested=num, steps=self._latest_steps(classifier))
     if classifier:
       wanted.update(
-        classifier=os.path.abspath(classifier),
+        classifier=links.record(classifier, out),
         threshold=kwargs["threshold"],
         min_acceptance=kwargs["min_acceptance"],
       )

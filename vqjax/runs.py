@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from vqjax import configs, errors, sampling
+from vqjax import configs, errors, links, sampling
 from vqjax.models import registry
 from vqjax.training import checkpoint, logs, tasks, weights
 
@@ -107,6 +107,8 @@ def load_run_with_step(
 
   def attempt(candidate: int) -> tuple:
     config = _config_from_record(_config_record(metas[candidate], directory, candidate))
+    # The runs it read, recorded relative to its workdir where they share its parent.
+    config = links.resolved_config(config, os.path.dirname(directory))
     return (config, *_restore(config, directory, candidate, device))
 
   if step is not None:  # asked for by number: its damage is the error, no fallback

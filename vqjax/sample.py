@@ -32,7 +32,7 @@ import time
 
 from absl import app, flags, logging
 
-from vqjax import _cli, errors
+from vqjax import _cli, errors, links
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -147,9 +147,10 @@ def run(
   np.savez(os.path.join(out, "codes.npz"), **arrays, **labelled)
   # The images as a PNG would hold them (uint8), so evaluation needs no decoder.
   np.savez(os.path.join(out, "images.npz"), image=logs.to_uint8(images), **labelled, **scores)
+  # The runs drawn from, relative to `out` where they share its parent directory (links.py).
   settings = {
-    "stage1": os.path.abspath(stage1),
-    "priors": [os.path.abspath(p) for p in priors],
+    "stage1": links.record(stage1, out),
+    "priors": [links.record(p, out) for p in priors],
     "num": num,
     "requested": requested,
     "seed": seed,
@@ -159,7 +160,7 @@ def run(
     "top_p": top_p,
     "seconds": round(seconds, 3),
     "device": jax.devices()[0].device_kind,
-    "classifier": os.path.abspath(classifier) if classifier else None,
+    "classifier": links.record(classifier, out) if classifier else None,
     "threshold": threshold if classifier else None,
     "min_acceptance": min_acceptance if classifier else None,
     "rejection": rejection,

@@ -70,7 +70,10 @@ def read_record(workdir: str) -> dict[str, Any] | None:
       record = json.load(f)
   except (OSError, ValueError):
     return None
-  return record if isinstance(record, dict) and "step" in record else None
+  if not (isinstance(record, dict) and "step" in record):
+    return None
+  # The run is the directory read, wherever the record was written (a moved workdir).
+  return {**record, "run": os.path.abspath(workdir)}
 
 
 def ensure(dataset: str, workdir: str = "", config: Any = None) -> dict[str, Any]:

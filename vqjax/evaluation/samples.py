@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqjax import errors, runs
+from vqjax import errors, links, runs
 from vqjax.data import pipeline
 from vqjax.evaluation import feature_network, frechet
 from vqjax.evaluation.evaluators import SampleQualityEvaluator
@@ -311,6 +311,11 @@ def _read_samples(samples_dir: str) -> tuple[np.ndarray, np.ndarray | None, dict
     raise errors.UserError(f"{path} holds no samples")
   if not settings.get("stage1"):
     raise errors.UserError(f"{settings_path} names no stage-1 run")
+  # The runs drawn from are recorded relative to the samples where they can be (links.py).
+  for key in ("stage1", "classifier"):
+    if isinstance(settings.get(key), str):
+      settings[key] = links.resolve(settings[key], samples_dir)
+  settings["priors"] = [links.resolve(p, samples_dir) for p in settings.get("priors") or []]
   return images, labels, settings
 
 

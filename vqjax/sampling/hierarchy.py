@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vqjax import errors, runs
+from vqjax import errors, links, runs
 from vqjax.data import codes
 from vqjax.sampling import sampler_for
 from vqjax.training import checkpoint, identity
@@ -256,4 +256,5 @@ def stage1_of(prior_workdir: str) -> str:
     return config.prior.stage1
   if config.data.name != "codes":
     raise errors.UserError(f"{prior_workdir} was not trained on extracted codes: set --stage1")
-  return codes.read_metadata(config.data.codes_dir)["stage1"]["workdir"]
+  recorded = codes.read_metadata(config.data.codes_dir)["stage1"]["workdir"]
+  return links.resolve(recorded, config.data.codes_dir)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vqjax import errors
+from vqjax import errors, links
 from vqjax.data import codes as codes_data
 from vqjax.data.device_transform import device_transform
 from vqjax.models import quantizer, registry
@@ -410,7 +410,7 @@ def fill_from_codes(config: ml_collections.ConfigDict) -> None:
   p.image_shape = list(meta["image_shape"])
   recorded = meta.get("stage1", {})
   if not p.stage1:
-    p.stage1 = recorded.get("workdir", "")
+    p.stage1 = links.resolve(recorded.get("workdir", ""), config.data.codes_dir)
   if not p.stage1_run_id:
     p.stage1_run_id = recorded.get("run_id") or ""
   if p.stage1_step < 0 and isinstance(recorded.get("step"), int):

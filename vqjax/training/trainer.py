@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vqjax import configs, errors
+from vqjax import configs, errors, links
 from vqjax.data import pipeline, sources
 from vqjax.training import (
   checkpoint,
@@ -283,7 +283,11 @@ class _Run:
     sharding.check_batch_size(config.data.batch_size, mesh)
     sharding.check_batch_size(config.data.eval_batch_size, mesh)
     self.task = task = make_task(config)
-    self.meta = checkpoint.config_meta(config, task.config_sections)
+    # The runs it reads are recorded relative to this one where they share its parent directory
+    # (a pipeline workdir), so the workdir can move (links.py).
+    self.meta = checkpoint.config_meta(
+      links.recorded_config(config, self.workdir), task.config_sections
+    )
 
     # Data first: a missing dataset fails here, before any compilation.
     self.train_iter = pipeline.make_train_iterator(config.data, config.seed, self.pi, pc)
@@ -344,7 +348,7 @@ class _Run:
     # Written only once the state is restored or created: a relaunch with a config that does
     # not fit the workdir's checkpoint fails above and leaves the run's config record as it was.
     if self.pi == 0:
-      logs.save_config(self.workdir, config)
+      logs.save_config(self.workdir, links.recorded_config(config, self.workdir))
     self.writer = logs.MetricWriter(
       self.workdir, tensorboard=config.log.tensorboard, active=self.pi == 0
     )
