@@ -26,7 +26,7 @@ from train_helpers import _codes_data, _CodesTask, process_state, read_jsonl, tr
 import vqjax
 from vqjax import configs, errors, runs
 from vqjax.data import pipeline, sources
-from vqjax.training import checkpoint, sharding, tasks, trainer
+from vqjax.training import checkpoint, feed, sharding, tasks, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("fashion_mnist", "vqvae_cifar10", "vqvae2_imagenet", "vqvae2_ffhq1024")
@@ -238,16 +238,16 @@ def test_reading_ahead_on_a_helper_thread_feeds_the_same_batches(
   import threading
 
   readers = []
-  read = trainer._Run._read_batch
+  read = feed.DeviceFeed._read
 
   def recording_read(self):
     readers.append(threading.current_thread().name)
     return read(self)
 
-  monkeypatch.setattr(trainer._Run, "_read_batch", recording_read)
+  monkeypatch.setattr(feed.DeviceFeed, "_read", recording_read)
   losses = {}
   for helper in (False, True):
-    monkeypatch.setattr(trainer, "_synchronous_dispatch", lambda helper=helper: helper)
+    monkeypatch.setattr(feed, "synchronous_dispatch", lambda helper=helper: helper)
     config = quick(load_config("fashion_mnist", "smoke"), shared_cache)
     config.train.steps, config.ckpt.every_steps, config.log.every_steps = 4, 2, 1
     config.log.image_every_steps = config.log.eval_every_steps = 0
@@ -255,7 +255,7 @@ def test_reading_ahead_on_a_helper_thread_feeds_the_same_batches(
     readers.clear()
     trainer.train_and_evaluate(config, workdir)
     losses[helper] = train_losses(workdir)
-    # The first batch is read before the loop; the other three during the steps before them.
+    # The first batch is read before the first step; the other three during the steps before.
     expected = ["MainThread"] + (["vqjax-read"] if helper else ["MainThread"]) * 3
     assert [name.split("_")[0] for name in readers] == expected
   assert list(losses[True]) == [1, 2, 3, 4]
@@ -616,9 +616,10 @@ def test_close_releases_everything_when_the_last_save_fails():
       closed.append(self.name)
 
   run = trainer._Run.__new__(trainer._Run)
-  run.stop = run.clock = run.reader = None
+  run.stop = run.clock = None
+  run.batches = Part("feed")
   run.ckpt, run.writer = Part("ckpt", fail=True), Part("writer")
-  run.train_iter, run.lock = Part("iterator"), Part("lock")
+  run.data, run.lock = Part("iterator"), Part("lock")
   with pytest.raises(checkpoint.CheckpointSaveError, match="step 10"):
     run.close()
-  assert closed == ["ckpt", "writer", "iterator", "lock"]
+  assert closed == ["feed", "ckpt", "writer", "iterator", "lock"]

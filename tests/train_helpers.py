@@ -14,7 +14,7 @@ import optax
 from absl import logging as absl_logging
 
 from vqjax import configs
-from vqjax.training import tasks
+from vqjax.training import evaluators, tasks
 
 
 def process_state() -> tuple:
@@ -42,10 +42,45 @@ def train_losses(workdir: str) -> dict[int, float]:
   }
 
 
+@evaluators.register("toy_codes")
+class _CodesEvaluator(evaluators.BatchEvaluator):
+  """The toy task's eval: the frozen table's mean over the codes, the mean label."""
+
+  def sums(self, variables, batch, frozen=None):
+    mask = batch["mask"]
+    values = frozen["table"][batch["codes"]].sum(axis=(1, 2, 3))
+    return {
+      "table_sum": jnp.sum(values * mask),
+      "count": jnp.sum(mask),
+      "label_sum": jnp.sum(batch["label"] * mask),
+    }
+
+  def summary(self, sums):
+    n = float(sums["count"])
+    return {
+      "table_mean": float(sums["table_sum"]) / n,
+      "label_mean": float(sums["label_sum"]) / n,
+      "examples": n,
+    }
+
+
+@evaluators.register("toy_count")
+class _CountEvaluator(evaluators.BatchEvaluator):
+  """How many real examples the eval split holds."""
+
+  def sums(self, variables, batch, frozen=None):
+    return {"count": jnp.sum(batch["mask"])}
+
+  def summary(self, sums):
+    return {"examples": float(sums["count"])}
+
+
 class _CodesTask(tasks.Task):
   """A task over integer code maps: a linear classifier of the label from code embeddings,
-  with dropout drawn from the step key, and a frozen table read by its eval and image steps."""
+  with dropout drawn from the step key, and a frozen table read by its evaluator ("toy_codes")
+  and image steps."""
 
+  evals = ("toy_codes",)
   unit = "codes"
   progress_keys = ("loss", "noise")
   config_sections = ("task",)
@@ -80,23 +115,6 @@ class _CodesTask(tasks.Task):
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
     )
     return state, {"loss": loss, "noise": jax.random.uniform(rng)}
-
-  def eval_step(self, state, batch, frozen):
-    mask = batch["mask"]
-    values = frozen["table"][batch["codes"]].sum(axis=(1, 2, 3))
-    return {
-      "table_sum": jnp.sum(values * mask),
-      "count": jnp.sum(mask),
-      "label_sum": jnp.sum(batch["label"] * mask),
-    }
-
-  def eval_summary(self, sums):
-    n = float(sums["count"])
-    return {
-      "table_mean": float(sums["table_sum"]) / n,
-      "label_mean": float(sums["label_sum"]) / n,
-      "examples": n,
-    }
 
   def images(self, state, batch, rng, frozen):
     maps = frozen["table"][batch["codes"]][..., :1] / self.table.max() * 2 - 1
