@@ -35,6 +35,9 @@ def _snapshot(workdir: str) -> dict[str, float]:
   for name in ("samples", "samples_rejection", "samples_eval"):
     path = os.path.join(workdir, name, "images.npz")
     out[path] = os.path.getmtime(path)
+  for name in ("threshold_tradeoff.png", "temperature_tradeoff.png", "reconstructions.png"):
+    path = os.path.join(workdir, "plots", name)
+    out[path] = os.path.getmtime(path)
   return out
 
 
@@ -110,12 +113,18 @@ def test_pipeline_runs_every_stage(done):
 
 
 @pytest.mark.slow
-def test_a_second_run_trains_and_draws_nothing_again(done):
-  config, workdir, _ = done
+def test_a_second_run_trains_draws_and_evaluates_nothing_again(done):
+  """A finished pipeline run again only reprints its report: no checkpoint, sample set or plot
+  is rewritten, and the time table keeps the times of the run that did the work."""
+  config, workdir, first = done
   before = _snapshot(workdir)
   report = pipeline.Pipeline(config, workdir).run()
   assert _snapshot(workdir) == before
   assert report["stage1"]["step"] == 1
+  assert report["stages"] == first["stages"] and report["seconds"] == first["seconds"]
+  assert (
+    report["evaluation"]["samples"]["num_samples"] == first["evaluation"]["samples"]["num_samples"]
+  )
 
 
 @pytest.mark.slow

@@ -8,10 +8,12 @@ Sample quality (drawn images) is in `samples.py` and `tradeoffs.py`; see
 """
 
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from vqjax import errors, runs
 from vqjax.data import pipeline
@@ -25,7 +27,16 @@ def evaluate(workdir: str, max_batches: int = 0) -> dict[str, float]:
   (the newest intact one: after a damaged step was skipped, an earlier one; absent for a
   converted model)."""
   config, model, variables, read = runs.load_run_with_step(workdir)
+  names = ", ".join(evaluators.standalone_names(config))
+  logging.info("evaluating %s on its eval split %r: %s", workdir, config.data.eval_split, names)
+  t0 = time.perf_counter()
   result = _metrics(config, model, variables, max_batches)
+  logging.info(
+    "evaluated %s over %d examples in %.1f s",
+    workdir,
+    int(result.get("examples", 0)),
+    time.perf_counter() - t0,
+  )
   if read is not None:
     result["step"] = read
   return result
