@@ -114,3 +114,16 @@ def test_unknown_task_is_a_user_error():
   config.task = "autoencodr"
   with pytest.raises(errors.UserError, match="autoencoder"):
     tasks.make_task(config)
+
+
+def test_train_metrics_name_as_many_levels_as_the_model_reports():
+  """No model name decides the level count: a three-level model's metrics are top / middle /
+  bottom, whatever model gave them."""
+  metrics = {"level0/usage": 1, "level1/usage": 2, "level2/perplexity": 3, "loss": 4}
+  assert tasks._rename_levels(metrics) == {
+    "top/usage": 1,
+    "middle/usage": 2,
+    "bottom/perplexity": 3,
+    "loss": 4,
+  }
+  assert tasks._rename_levels({"level0/usage": 1}) == {"codes/usage": 1}

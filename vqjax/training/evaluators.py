@@ -113,9 +113,13 @@ class BatchEvaluator(Evaluator):
   def run(self, variables: Any, data: Iterable | None = None) -> dict[str, float]:
     """Evaluates the model on `data`: batches (dicts with the features and optionally "mask";
     default the eval split)."""
+    return self.suite().run(variables, self.default_data() if data is None else data)
+
+  def suite(self) -> "Suite":
+    """This evaluator alone as a `Suite`, compiled on its first use and kept."""
     if self._suite is None:
       self._suite = Suite([self])
-    return self._suite.run(variables, self.default_data() if data is None else data)
+    return self._suite
 
 
 class Suite:
@@ -155,17 +159,25 @@ class Suite:
 
   def totals(self, variables: Any, batches: Iterable, frozen: Any = None) -> list[dict]:
     """Each evaluator's sums over `batches`, float64 on the host (see `run`)."""
-    totals = None
+    totals = pending = None
+
+    def add(totals, sums):
+      sums = jax.tree.map(lambda x: np.asarray(x, np.float64), sharding.to_host(sums))
+      return sums if totals is None else jax.tree.map(np.add, totals, sums)
+
     for batch in batches:
       batch = dict(batch)
       if "mask" not in batch:
         batch["mask"] = np.ones(len(next(iter(batch.values()))), np.float32)
-      sums = sharding.to_host(self._sums(variables, self._put(batch), frozen))
-      sums = jax.tree.map(lambda x: np.asarray(x, np.float64), sums)
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    if totals is None:
+      sums = self._sums(variables, self._put(batch), frozen)
+      # The previous batch's sums are pulled once this one is dispatched: the devices work
+      # while the host waits and reads.
+      if pending is not None:
+        totals = add(totals, pending)
+      pending = sums
+    if pending is None:
       raise errors.UserError("the eval data gave no batches")
-    return totals
+    return add(totals, pending)
 
 
 def names_for(config: ml_collections.ConfigDict, default: Sequence[str]) -> tuple[str, ...]:
@@ -250,7 +262,7 @@ class CodebookEvaluator(BatchEvaluator):
     Returns:
       ({level name: float64 [num_codes] counts}, number of real examples), coarsest first.
     """
-    (sums,) = Suite([self]).totals(variables, self.default_data() if data is None else data)
+    (sums,) = self.suite().totals(variables, self.default_data() if data is None else data)
     return self._levels(sums), float(sums["count"])
 
   def _levels(self, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
