@@ -144,7 +144,8 @@ class Suite:
     def sums(variables, batch, frozen):
       return [ev.sums(variables, batch, frozen) for ev in self.evaluators]
 
-    self._sums = jax.jit(sums, out_shardings=out_sharding)
+    placement = {} if out_sharding is None else {"out_shardings": out_sharding}
+    self._sums = jax.jit(sums, **placement)
 
   def run(self, variables: Any, batches: Iterable, frozen: Any = None) -> dict[str, float]:
     """Every evaluator's metrics over `batches` (a key two give, like "examples", is one).
