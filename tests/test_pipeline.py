@@ -202,3 +202,23 @@ def test_a_stage_stopped_by_a_signal_stops_the_pipeline_unfinished(tmp_path, mon
     f"vqjax.pipeline: stage stage1 stopped at step 22 of {steps} (SIGTERM), checkpoint saved; "
     "run the same command to resume"
   )
+
+
+def test_a_stage_found_complete_keeps_the_time_recorded_when_it_ran(tmp_path):
+  """The time table is of the runs that did each stage's work: a stage that finds its output
+  complete keeps the recorded time, one that works gets its new time, and report.json is
+  written after every stage."""
+  workdir = tmp_path / "p"
+  workdir.mkdir()
+  (workdir / "report.json").write_text(json.dumps({"stages": {"old": 42.0, "redone": 42.0}}))
+  pipe = pipeline.Pipeline(_load(), str(workdir))
+
+  def complete():
+    pipe._complete = True
+
+  pipe._stage("old", complete)
+  pipe._stage("redone", lambda: None)
+  pipe._stage("new", complete)  # complete, but no time was recorded: the one measured now
+  stages = pipe.report["stages"]
+  assert stages["old"] == 42.0 and stages["redone"] < 42.0 and stages["new"] < 42.0
+  assert json.loads((workdir / "report.json").read_text())["stages"] == stages
