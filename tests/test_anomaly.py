@@ -16,6 +16,7 @@ from vqjax.evaluation import (
   AnomalyEvaluator,
   CodebookEvaluator,
   ReconstructionEvaluator,
+  SsimEvaluator,
   anomaly,
 )
 from vqjax.models import registry
@@ -87,7 +88,8 @@ def test_error_maps_of_the_smoke_model(smoke):
 def test_evaluators_on_the_smoke_model_and_eval_split(smoke):
   config, model, variables = smoke
   # config.log.eval_batches = 1 of config.data.eval_batch_size = 8 local test images.
-  out = ReconstructionEvaluator.from_config(config).run(model, variables)
+  out = ReconstructionEvaluator.from_config(config, model).run(variables)
+  out.update(SsimEvaluator.from_config(config, model).run(variables))
   assert out["examples"] == 8
   from vqjax.data import pipeline
 
@@ -96,7 +98,7 @@ def test_evaluators_on_the_smoke_model_and_eval_split(smoke):
   mse = ((np.asarray(recon, np.float64) - batch["image"]) ** 2).mean()
   np.testing.assert_allclose(out["mse"], mse, rtol=1e-4)
   assert -1.0 <= out["ssim"] <= 1.0
-  codes = CodebookEvaluator.from_config(config).run(model, variables, [batch])
+  codes = CodebookEvaluator.from_config(config, model).run(variables, [batch])
   for i, name in enumerate(("top", "bottom")):
     counts = np.bincount(np.asarray(aux[f"level{i}/indices"]).reshape(-1), minlength=32)
     assert codes[f"{name}/usage"] == pytest.approx(np.mean(counts > 0))
@@ -177,8 +179,8 @@ def test_evaluate_anomalies_separates_patches(tmp_path):
     },
   ]
   png = tmp_path / "grid.png"
-  ev = AnomalyEvaluator.from_config(configs.base_config(), png_path=str(png))
-  out = ev.run(model, variables, {"normal": normal, "test": test})
+  ev = AnomalyEvaluator.from_config(configs.base_config(), model, png_path=str(png))
+  out = ev.run(variables, {"normal": normal, "test": test})
   assert out["num_normal"] == 40 and out["num_test"] == 16 and out["num_anomalies"] == 8
   assert out["auc"] == 1.0 and out["auc_max"] == 1.0
   assert out["tpr"] == 1.0 and out["fpr"] <= 0.25

@@ -14,7 +14,7 @@ import pytest
 from vqjax import configs
 from vqjax.data import sources
 from vqjax.models import classifier
-from vqjax.training import classifier_task, tasks, trainer
+from vqjax.training import classifier_task, evaluators, tasks, trainer
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(
@@ -101,8 +101,8 @@ def test_the_classifier_learns_a_brightness_task():
     batch = {k: v[i * 16 : (i + 1) * 16] for k, v in train.items()}
     state, metrics = step(state, batch, jax.random.key(i), None)
   assert np.isfinite(float(metrics["loss"]))
-  sums = jax.jit(task.eval_step)(state, {**test, "mask": np.ones(200, np.float32)}, None)
-  summary = task.eval_summary(jax.device_get(sums))
+  evaluator = classifier_task.ClassifierEvaluator.from_config(config, task.model)
+  summary = evaluator.run({"params": state.params, **state.model_state}, [test])
   assert summary["accuracy"] > 0.9, summary
   assert summary["nll"] < np.log(2)  # better than chance
 
@@ -130,7 +130,9 @@ def test_eval_sums_and_smoothed_loss_match_numpy():
   label = batch["label"]
   real = mask == 1
 
-  sums = jax.device_get(jax.jit(task.eval_step)(state, {**batch, "mask": mask}, None))
+  evaluator = classifier_task.ClassifierEvaluator.from_config(config, task.model)
+  variables = {"params": state.params, **state.model_state}
+  (sums,) = evaluators.Suite([evaluator]).totals(variables, [{**batch, "mask": mask}])
   nll = -logp[np.arange(n), label]
   correct = logits.argmax(axis=1) == label
   top5 = np.array([label[i] in np.argsort(-logits[i])[:5] for i in range(n)])
@@ -138,7 +140,7 @@ def test_eval_sums_and_smoothed_loss_match_numpy():
   np.testing.assert_allclose(float(sums["nll"]), nll[real].sum(), rtol=1e-5)
   assert float(sums["correct"]) == correct[real].sum()
   assert float(sums["correct_top5"]) == top5[real].sum()
-  summary = task.eval_summary(sums)
+  summary = evaluator.summary(sums)
   np.testing.assert_allclose(summary["nll"], nll[real].mean(), rtol=1e-5)
   assert summary["accuracy"] == pytest.approx(correct[real].mean())
   assert summary["top5_accuracy"] == pytest.approx(top5[real].mean())

@@ -87,13 +87,13 @@ def test_called_after_jax_started_it_changes_nothing_and_says_so():
 def test_the_trainer_reads_ahead_itself_only_where_one_cpu_device_runs_synchronously():
   import jax
 
-  from vqjax.training import trainer
+  from vqjax.training import feed
 
   saved = jax.config.read("jax_cpu_enable_async_dispatch")
   try:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     # This process has 8 CPU devices (conftest): JAX dispatches their computations
     # asynchronously whatever the option says.
-    assert jax.device_count() == 8 and not trainer._synchronous_dispatch()
+    assert jax.device_count() == 8 and not feed.synchronous_dispatch()
   finally:
     jax.config.update("jax_cpu_enable_async_dispatch", saved)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqjax.evaluation import CodebookEvaluator, ReconstructionEvaluator, metrics
+from vqjax.evaluation import CodebookEvaluator, ReconstructionEvaluator, SsimEvaluator, metrics
 
 
 def _gaussian_window(size=11, sigma=1.5):
@@ -140,7 +140,8 @@ def test_reconstruction_evaluator_ignores_padding():
   images, batches = _batches(np.random.default_rng(4))
   model = _Halve()
   variables = {"params": {"scale": jnp.float32(0.5)}}
-  out = ReconstructionEvaluator().run(model, variables, batches)
+  out = ReconstructionEvaluator(model).run(variables, batches)
+  out.update(SsimEvaluator(model).run(variables, batches))
   recons = images.astype(np.float64) * 0.5
   mse = ((recons - images) ** 2).mean()
   assert out["examples"] == 6
@@ -153,7 +154,7 @@ def test_codebook_evaluator_counts_real_codes_per_level():
   images, batches = _batches(np.random.default_rng(5))
   model = _Halve(num_codes=8)
   variables = {"params": {"scale": jnp.float32(0.5)}}
-  out = CodebookEvaluator(num_codes=8).run(model, variables, batches)
+  out = CodebookEvaluator(model, num_codes=8).run(variables, batches)
   q = np.clip(np.floor((images[..., 0].astype(np.float64) + 1) / 2 * 8), 0, 7).astype(int)
   for name, codes in (("top", q[:, ::4, ::4]), ("bottom", q[:, ::2, ::2])):
     counts = np.bincount(codes.reshape(-1), minlength=8)

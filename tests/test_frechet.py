@@ -134,7 +134,7 @@ def test_sample_quality_evaluator():
 
   ev = SampleQualityEvaluator(features, probs, splits=2, batch_size=16)
   # A constant shift leaves the covariance as it is: the distance is ||shift||^2.
-  out = ev.run(None, None, {"real": real, "generated": real + shift})
+  out = ev.run(None, {"real": real, "generated": real + shift})
   assert out["frechet_distance"] == pytest.approx(
     float(np.sum(shift.astype(np.float64) ** 2)), rel=1e-4
   )

@@ -37,6 +37,9 @@ def _snapshot(workdir: str) -> dict[str, float]:
   for name in ("samples", "samples_rejection", "samples_eval"):
     path = os.path.join(workdir, name, "images.npz")
     out[path] = os.path.getmtime(path)
+  for name in ("threshold_tradeoff.png", "temperature_tradeoff.png", "reconstructions.png"):
+    path = os.path.join(workdir, "plots", name)
+    out[path] = os.path.getmtime(path)
   return out
 
 
@@ -114,12 +117,18 @@ def test_pipeline_runs_every_stage(done):
 
 
 @pytest.mark.slow
-def test_a_second_run_trains_and_draws_nothing_again(done):
-  config, workdir, _ = done
+def test_a_second_run_trains_draws_and_evaluates_nothing_again(done):
+  """A finished pipeline run again only reprints its report: no checkpoint, sample set or plot
+  is rewritten, and the time table keeps the times of the run that did the work."""
+  config, workdir, first = done
   before = _snapshot(workdir)
   report = pipeline.Pipeline(config, workdir).run()
   assert _snapshot(workdir) == before
   assert report["stage1"]["step"] == 1
+  assert report["stages"] == first["stages"] and report["seconds"] == first["seconds"]
+  assert (
+    report["evaluation"]["samples"]["num_samples"] == first["evaluation"]["samples"]["num_samples"]
+  )
 
 
 @pytest.mark.slow
@@ -226,3 +235,23 @@ def test_a_stage_stopped_by_a_signal_stops_the_pipeline_unfinished(tmp_path, mon
     f"vqjax.pipeline: stage stage1 stopped at step 22 of {steps} (SIGTERM), checkpoint saved; "
     "run the same command to resume"
   )
+
+
+def test_a_stage_found_complete_keeps_the_time_recorded_when_it_ran(tmp_path):
+  """The time table is of the runs that did each stage's work: a stage that finds its output
+  complete keeps the recorded time, one that works gets its new time, and report.json is
+  written after every stage."""
+  workdir = tmp_path / "p"
+  workdir.mkdir()
+  (workdir / "report.json").write_text(json.dumps({"stages": {"old": 42.0, "redone": 42.0}}))
+  pipe = pipeline.Pipeline(_load(), str(workdir))
+
+  def complete():
+    pipe._complete = True
+
+  pipe._stage("old", complete)
+  pipe._stage("redone", lambda: None)
+  pipe._stage("new", complete)  # complete, but no time was recorded: the one measured now
+  stages = pipe.report["stages"]
+  assert stages["old"] == 42.0 and stages["redone"] < 42.0 and stages["new"] < 42.0
+  assert json.loads((workdir / "report.json").read_text())["stages"] == stages

@@ -16,7 +16,7 @@ from vqjax import configs, errors
 from vqjax.data import sources
 from vqjax.models import registry
 from vqjax.models.quantizer import code_histogram, usage_metrics
-from vqjax.training import trainer
+from vqjax.training import tasks, trainer
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -249,3 +249,17 @@ def test_a_plugin_prior_trains_one_step_and_loads_back(tmp_path):
   assert loaded_config.model.name == "toy_prior" and loaded_config.model.options.features == 4
   assert isinstance(model, ToyPrior) and model.features == 4
   assert variables["params"]["Embed_0"]["embedding"].shape == (33, 4)
+
+
+def test_a_plugin_prior_may_model_a_level_below_the_top():
+  """The conditioning fields are the built-in priors' own: a plugin prior of level 1 (the toy
+  one ignores its condition) is a prior task like any other, its evaluator the same."""
+  config = _prior_smoke(features=4)
+  config.prior.level = 1
+  configs.validate(config)
+  task = tasks.PriorTask(config)
+  assert task.shape == tuple(config.data.synthetic_shapes[1]) and task.evals == ("prior",)
+  builtin = configs.load_experiment("fashion_mnist_prior_top:smoke")
+  builtin.prior.level = 1  # a built-in prior still needs its conditioning channels
+  with pytest.raises(errors.UserError, match="cond_"):
+    tasks.PriorTask(builtin)

@@ -1,5 +1,6 @@
-"""Tests of vqjax/training/tasks.py: the autoencoder task's eval sums against NumPy, its
-train step on uint8 images (scaled and flipped on the device) against NumPy-prepared ones."""
+"""Tests of vqjax/training/tasks.py and vqjax/training/evaluators.py: the autoencoder's
+evaluators against NumPy, its train step on uint8 images (scaled and flipped on the device)
+against NumPy-prepared ones."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from vqjax import configs, errors
-from vqjax.training import tasks
+from vqjax.training import evaluators, tasks
 
 
 def _smoke_config():
@@ -16,35 +17,39 @@ def _smoke_config():
 
 
 @pytest.mark.slow
-def test_eval_sums_mask_padding_and_match_numpy():
+def test_the_autoencoders_evaluators_mask_padding_and_match_numpy():
   config = _smoke_config()
   task = tasks.make_task(config)
+  assert evaluators.names_for(config, task.evals) == ("reconstruction", "codebook")
   rng = np.random.default_rng(0)
-  image = jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 1)).astype(np.float32))
-  mask = jnp.asarray([1.0, 1.0, 1.0, 0.0])  # the last example is padding
-  state = jax.jit(task.init)(jax.random.key(0, impl="rbg"), {"image": image[:1]})
-  sums = jax.jit(task.eval_step)(state, {"image": image, "mask": mask}, None)
-
+  image = rng.uniform(-1, 1, (6, 32, 32, 1)).astype(np.float32)
+  state = jax.jit(task.init)(jax.random.key(0, impl="rbg"), {"image": jnp.asarray(image[:1])})
+  # Two batches; the second's last two rows are padding holding junk.
+  padded = np.concatenate([image[4:], np.full((2, 32, 32, 1), 9.0, np.float32)])
+  batches = [
+    {"image": image[:4], "mask": np.ones(4, np.float32)},
+    {"image": padded, "mask": np.array([1, 1, 0, 0], np.float32)},
+  ]
+  suite = evaluators.Suite(evaluators.build(task.evals, config, task.model))
   variables = {"params": state.params, **state.model_state}
+  summary = suite.run(variables, batches)
+
   recon, _ = task.model.apply(variables, image)
   codes = task.model.apply(variables, image, method="encode_to_indices")
-  real = np.asarray(mask) > 0
-  err = ((np.asarray(recon, np.float64) - np.asarray(image, np.float64)) ** 2).mean((1, 2, 3))
-  np.testing.assert_allclose(float(sums["sq_err"]), err[real].sum(), rtol=1e-5)
-  assert float(sums["count"]) == 3
-  summary = task.eval_summary(jax.device_get(sums))
-  np.testing.assert_allclose(summary["mse"], err[real].mean(), rtol=1e-5)
-  np.testing.assert_allclose(summary["psnr"], 10 * np.log10(4 / err[real].mean()), rtol=1e-5)
+  err = ((np.asarray(recon, np.float64) - image.astype(np.float64)) ** 2).mean((1, 2, 3))
+  assert summary["examples"] == 6
+  np.testing.assert_allclose(summary["mse"], err.mean(), rtol=1e-5)
+  np.testing.assert_allclose(summary["psnr"], 10 * np.log10(4 / err.mean()), rtol=1e-5)
   k = config.vq.num_codes
   assert len(codes) == 2
   for name, c in zip(("top", "bottom"), codes, strict=True):
-    hist = np.bincount(np.asarray(c)[real].ravel(), minlength=k)
-    np.testing.assert_array_equal(np.asarray(sums[f"{name}/counts"]), hist)
+    hist = np.bincount(np.asarray(c).ravel(), minlength=k)
     p = hist[hist > 0] / hist.sum()
     np.testing.assert_allclose(summary[f"{name}/usage"], (hist > 0).mean(), rtol=1e-6)
     np.testing.assert_allclose(
       summary[f"{name}/perplexity"], np.exp(-(p * np.log(p)).sum()), rtol=1e-4
     )
+    np.testing.assert_allclose(summary[f"{name}/top_share"], p.max(), rtol=1e-5)
 
 
 def test_level_names_say_which_is_top():
@@ -109,3 +114,16 @@ def test_unknown_task_is_a_user_error():
   config.task = "autoencodr"
   with pytest.raises(errors.UserError, match="autoencoder"):
     tasks.make_task(config)
+
+
+def test_train_metrics_name_as_many_levels_as_the_model_reports():
+  """No model name decides the level count: a three-level model's metrics are top / middle /
+  bottom, whatever model gave them."""
+  metrics = {"level0/usage": 1, "level1/usage": 2, "level2/perplexity": 3, "loss": 4}
+  assert tasks._rename_levels(metrics) == {
+    "top/usage": 1,
+    "middle/usage": 2,
+    "bottom/perplexity": 3,
+    "loss": 4,
+  }
+  assert tasks._rename_levels({"level0/usage": 1}) == {"codes/usage": 1}

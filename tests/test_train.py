@@ -1,8 +1,8 @@
 """End-to-end tests of the training system (vqjax/train.py, vqjax/training/trainer.py,
 experiments/*.py): one real step per smoke config, a full short run with its outputs, a task
-with integer inputs and frozen weights, divergence and the last good checkpoint, exact resume
-after SIGKILL and SIGTERM, two cooperating processes against one, and `load_run`. How the
-trainer feeds its devices is tested in test_train_input.py. Nothing downloads: data are the
+with integer inputs and frozen weights, and `load_run`. Divergence is tested in
+test_train_divergence.py, stops and resumes across processes in test_train_stop.py, how the
+trainer feeds its devices in test_train_input.py. Nothing downloads: data are the
 local Fashion-MNIST idx files, in-memory arrays or a temporary folder."""
 
 import json
@@ -10,34 +10,30 @@ import logging
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import _codes_data, _CodesTask, process_state, read_jsonl, train_losses
+from train_helpers import (
+  _codes_data,
+  _CodesTask,
+  _toy_codes_config,
+  load_config,
+  needs_fmnist,
+  process_state,
+  quick,
+  read_jsonl,
+  train_losses,
+)
 
 import vqjax
 from vqjax import configs, errors, runs
 from vqjax.data import pipeline, sources
-from vqjax.training import checkpoint, sharding, tasks, trainer
+from vqjax.training import checkpoint, feed, sharding, tasks, trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("fashion_mnist", "vqvae_cifar10", "vqvae2_imagenet", "vqvae2_ffhq1024")
-FMNIST = "/usr/share/datasets/fashion-mnist"
-needs_fmnist = pytest.mark.skipif(
-  not sources.fashion_mnist_files_exist(FMNIST), reason="Fashion-MNIST idx files not installed"
-)
-
-
-def load_config(name: str, arg: str | None = None):
-  return configs.load_experiment(f"{name}:{arg}" if arg else name)
 
 
 @pytest.fixture(scope="module")
@@ -45,35 +41,6 @@ def shared_cache(tmp_path_factory):
   """One persistent compilation cache for every run of the Fashion-MNIST smoke model: the
   in-process run, the CLI runs and their resumes compile each program once."""
   return tmp_path_factory.mktemp("jax_cache")
-
-
-def quick(config, cache_dir):
-  """Shortens a smoke config for the in-process runs (and shares compiled programs)."""
-  config.log.tensorboard = True
-  config.log.compilation_cache = str(cache_dir)
-  config.optim.schedule = "constant"
-  return config
-
-
-def cli_env(num_devices: int = 8) -> dict:
-  env = dict(os.environ)
-  env.update(
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-    PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-  )
-  return env
-
-
-def cli(workdir, *overrides, config="experiments/fashion_mnist.py:smoke"):
-  return [
-    sys.executable,
-    "-m",
-    "vqjax.train",
-    f"--config={config}",
-    f"--workdir={workdir}",
-    *overrides,
-  ]
 
 
 # --- one real step for each experiment's smoke variant -----------------------------------------
@@ -238,16 +205,16 @@ def test_reading_ahead_on_a_helper_thread_feeds_the_same_batches(
   import threading
 
   readers = []
-  read = trainer._Run._read_batch
+  read = feed.DeviceFeed._read
 
   def recording_read(self):
     readers.append(threading.current_thread().name)
     return read(self)
 
-  monkeypatch.setattr(trainer._Run, "_read_batch", recording_read)
+  monkeypatch.setattr(feed.DeviceFeed, "_read", recording_read)
   losses = {}
   for helper in (False, True):
-    monkeypatch.setattr(trainer, "_synchronous_dispatch", lambda helper=helper: helper)
+    monkeypatch.setattr(feed, "synchronous_dispatch", lambda helper=helper: helper)
     config = quick(load_config("fashion_mnist", "smoke"), shared_cache)
     config.train.steps, config.ckpt.every_steps, config.log.every_steps = 4, 2, 1
     config.log.image_every_steps = config.log.eval_every_steps = 0
@@ -255,7 +222,7 @@ def test_reading_ahead_on_a_helper_thread_feeds_the_same_batches(
     readers.clear()
     trainer.train_and_evaluate(config, workdir)
     losses[helper] = train_losses(workdir)
-    # The first batch is read before the loop; the other three during the steps before them.
+    # The first batch is read before the first step; the other three during the steps before.
     expected = ["MainThread"] + (["vqjax-read"] if helper else ["MainThread"]) * 3
     assert [name.split("_")[0] for name in readers] == expected
   assert list(losses[True]) == [1, 2, 3, 4]
@@ -304,96 +271,6 @@ def test_a_task_with_integer_inputs_and_frozen_weights(tmp_path, monkeypatch, ca
   )
 
 
-@pytest.mark.slow
-@needs_fmnist
-def test_divergence_keeps_the_last_good_checkpoint_and_resumes_from_it(tmp_path, shared_cache):
-  config = quick(load_config("fashion_mnist", "smoke"), shared_cache)
-  config.train.steps = 4
-  config.ckpt.every_steps = 1
-  config.ckpt.keep = 2
-  config.log.update(eval_every_steps=0, image_every_steps=0)
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(config, workdir)
-  good = train_losses(workdir)
-
-  # The same run continued at a learning rate that blows the parameters up.
-  config.optim.lr = 1e30
-  config.train.steps = 12
-  with pytest.raises(errors.DivergenceError) as e:
-    trainer.train_and_evaluate(config, workdir)
-  msg = str(e.value)
-  assert "non-finite" in msg and f"{workdir}/checkpoints/4" in msg and "\n" not in msg
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
-  # Steps after 4 were saved from exploded parameters: recorded bad, and step 4 kept although
-  # keep=2 would have rotated it out.
-  assert ckpt.latest_step() == 4 and ckpt.last_good_step() == 4
-  assert 4 in ckpt.all_steps() and all(s in ckpt.bad_steps() for s in ckpt.all_steps() if s > 4)
-  ckpt.close()
-
-  # Back at a sane learning rate the run resumes from step 4 and trains on with finite losses.
-  config.optim.lr = load_config("fashion_mnist", "smoke").optim.lr
-  config.train.steps = 6
-  result = trainer.train_and_evaluate(config, workdir)
-  losses = train_losses(workdir)
-  assert result["step"] == 6 and all(np.isfinite(losses[s]) for s in (5, 6))
-  assert [losses[s] for s in (1, 2, 3, 4)] == [good[s] for s in (1, 2, 3, 4)]
-
-
-def _toy_codes_config(monkeypatch, steps: int, **ckpt):
-  """A base config over in-memory code maps (the "toy_codes" source, registered for the test),
-  batch 8, a check every step, no eval or images; `ckpt` sets config.ckpt fields."""
-  data = {"train": _codes_data(48, 0), "test": _codes_data(8, 1)}
-  monkeypatch.setitem(
-    sources.SOURCES, "toy_codes", lambda data_config, split: sources.ArraySource(data[split])
-  )
-  config = configs.base_config()
-  config.data.update(name="toy_codes", reader="local", batch_size=8, eval_batch_size=8)
-  config.train.steps = steps
-  config.ckpt.update(**ckpt)
-  config.log.update(every_steps=1, eval_every_steps=0, image_every_steps=0, tensorboard=False)
-  return config
-
-
-def test_divergence_before_any_checkpoint_says_so(tmp_path, monkeypatch):
-  class Exploding(_CodesTask):
-    def train_step(self, state, batch, rng, frozen):
-      state, metrics = super().train_step(state, batch, rng, frozen)
-      metrics["loss"] = jnp.where(state.step >= 2, jnp.nan, metrics["loss"])
-      return state, metrics
-
-  config = _toy_codes_config(monkeypatch, 5, every_steps=100)
-  with pytest.raises(errors.DivergenceError, match="No checkpoint was saved before it diverged"):
-    trainer.train_and_evaluate(config, str(tmp_path / "w"), task=Exploding(config))
-
-
-@pytest.mark.parametrize("spike_steps", [(4,), (4, 5, 6, 7, 8)])
-def test_a_finite_loss_that_stays_exploded_stops_the_run(tmp_path, monkeypatch, spike_steps):
-  """A loss 1e6 times its usual size at one step is survived (the checkpoints before it are
-  not trusted); staying there for three checks stops the run as a non-finite loss does, with
-  the last good checkpoint kept and named."""
-
-  class Spiking(_CodesTask):
-    def train_step(self, state, batch, rng, frozen):
-      state, metrics = super().train_step(state, batch, rng, frozen)
-      spike = jnp.isin(state.step, jnp.asarray(spike_steps))
-      metrics["loss"] = jnp.where(spike, metrics["loss"] * 1e6 + 1e6, metrics["loss"])
-      return state, metrics
-
-  config = _toy_codes_config(monkeypatch, 10, every_steps=1, keep=2)
-  workdir = str(tmp_path / "w")
-  if len(spike_steps) == 1:
-    assert trainer.train_and_evaluate(config, workdir, task=Spiking(config))["step"] == 10
-    return
-  with pytest.raises(errors.DivergenceError, match="exploded by step 4 .*by step 6") as e:
-    trainer.train_and_evaluate(config, workdir, task=Spiking(config))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
-  # Checkpoint 3's parameters gave step 4's loss: 2 is the last good one, kept although keep=2.
-  assert ckpt.latest_step() == 2 and ckpt.last_good_step() == 2
-  assert f"{workdir}/checkpoints/2" in str(e.value) and "\n" not in str(e.value)
-  assert all(s in ckpt.bad_steps() for s in ckpt.all_steps() if s > 2)
-  ckpt.close()
-
-
 def test_an_unreadable_config_record_is_named_not_diffed_against_nothing(
   tmp_path, monkeypatch, caplog
 ):
@@ -425,169 +302,6 @@ def test_load_run_of_an_empty_directory_is_a_clear_error(tmp_path):
     vqjax.load_run(str(tmp_path))
 
 
-# --- processes: kill and resume, SIGTERM, two hosts ---------------------------------------------
-
-_CLI_RUN = (
-  "--config.optim.schedule=constant",
-  "--config.log.every_steps=1",
-  "--config.log.eval_every_steps=0",
-  "--config.log.image_every_steps=0",
-  "--config.log.tensorboard=False",
-  "--config.ckpt.every_steps=2",
-)
-
-
-@pytest.mark.slow
-@needs_fmnist
-def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, shared_cache):
-  cache = f"--config.log.compilation_cache={shared_cache}"
-  total = 12
-  ref = tmp_path / "ref"
-  subprocess.run(
-    cli(ref, *_CLI_RUN, cache, f"--config.train.steps={total}"),
-    cwd=ROOT,
-    env=cli_env(),
-    check=True,
-    capture_output=True,
-    timeout=300,
-  )
-  expected = train_losses(str(ref))
-  assert sorted(expected) == list(range(1, total + 1))
-
-  run = tmp_path / "run"
-  proc = subprocess.Popen(
-    cli(run, *_CLI_RUN, cache, "--config.train.steps=100000"),
-    cwd=ROOT,
-    env=cli_env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  try:
-    deadline = time.time() + 240
-    while not (run / "checkpoints" / "2").is_dir():
-      assert proc.poll() is None and time.time() < deadline, "no checkpoint before timeout"
-      time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.wait(30)
-  saved = checkpoint.Checkpointer(str(run / "checkpoints")).latest_step()
-  assert saved is not None and saved < total, f"killed too late (checkpoint {saved})"
-
-  subprocess.run(
-    cli(run, *_CLI_RUN, cache, f"--config.train.steps={total}"),
-    cwd=ROOT,
-    env=cli_env(),
-    check=True,
-    capture_output=True,
-    timeout=300,
-  )
-  got = train_losses(str(run))
-  assert sorted(got)[:total] == list(range(1, total + 1))
-  assert [got[s] for s in range(1, total + 1)] == [expected[s] for s in range(1, total + 1)]
-
-
-@pytest.mark.slow
-@needs_fmnist
-def test_sigterm_saves_a_restorable_checkpoint(tmp_path, shared_cache):
-  run = tmp_path / "run"
-  args = cli(
-    run,
-    *_CLI_RUN,
-    "--config.ckpt.every_steps=100000",
-    "--config.train.steps=100000",
-    f"--config.log.compilation_cache={shared_cache}",
-  )
-  proc = subprocess.Popen(
-    args, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  metrics = run / "metrics.jsonl"
-  deadline = time.time() + 240
-  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-    assert proc.poll() is None and time.time() < deadline, "run did not start"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
-  # Stopped, not finished: 128 + SIGTERM, as a shell reports it, and the reason on stderr.
-  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-  assert "stopped at step" in err and "the same command resumes" in err
-  last_logged = max(train_losses(str(run)))
-  ckpt = checkpoint.Checkpointer(str(run / "checkpoints"))
-  assert ckpt.all_steps() == [last_logged]
-  # The saved step is complete: its state and the data position come back.
-  config = load_config("fashion_mnist", "smoke")
-  task = tasks.make_task(config)
-  abstract = jax.eval_shape(
-    lambda k: task.init(k, task.dummy_batch()), jax.random.key(0, impl="rbg")
-  )
-  mesh = sharding.make_mesh(config.mesh)
-  target = checkpoint.abstract_with_shardings(abstract, sharding.state_shardings(abstract, mesh, 1))
-  state, data_state = ckpt.restore(target)
-  ckpt.close()
-  assert int(state.step) == last_logged
-  resumed = pipeline.make_train_iterator(config.data, config.seed)
-  resumed.set_state(data_state)
-  fresh = pipeline.make_train_iterator(config.data, config.seed)
-  for _ in range(last_logged):
-    next(fresh)
-  np.testing.assert_array_equal(next(resumed)["image"], next(fresh)["image"])
-  resumed.close()
-  fresh.close()
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-@needs_fmnist
-def test_two_processes_train_together(tmp_path):
-  port = _free_port()
-  env = cli_env(num_devices=2)
-  env["XLA_FLAGS"] = ""
-  env["JAX_NUM_CPU_DEVICES"] = "2"
-  procs = []
-  for i in range(2):
-    args = cli(
-      tmp_path / "run",
-      *_CLI_RUN,
-      "--config.train.steps=2",
-      f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-      "--config.distributed.num_processes=2",
-      f"--config.distributed.process_id={i}",
-    )
-    procs.append(
-      subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-      )
-    )
-  outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(out)
-  assert "process 0/2" in outs[0] and "process 1/2" in outs[1]
-  assert checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
-  logged = train_losses(str(tmp_path / "run"))
-
-  # The same global batch in one process: each host's first batch, host 0's rows first (the
-  # order make_array_from_process_local_data puts them in), and the same init and step keys.
-  config = load_config("fashion_mnist", "smoke")
-  hosts = [pipeline.make_train_iterator(config.data, config.seed, i, 2) for i in range(2)]
-  local = [next(h) for h in hosts]
-  for h in hosts:
-    h.close()
-  ids = [{x.tobytes() for x in b["image"]} for b in local]
-  assert not ids[0] & ids[1]  # the hosts read disjoint examples
-  batch = {k: jnp.concatenate([b[k] for b in local]) for k in local[0]}
-  task = tasks.make_task(config)
-  state = jax.jit(task.init)(jax.random.key(config.seed, impl="rbg"), {"image": batch["image"][:1]})
-  rng = jax.random.fold_in(jax.random.key(config.seed + 1), 0)
-  _, metrics = jax.jit(task.train_step)(state, batch, rng, None)
-  assert math.isclose(logged[1], float(metrics["loss"]), rel_tol=1e-5)
-
-
 def test_the_tensorboard_hint_quotes_a_path_with_spaces(tmp_path, monkeypatch, caplog):
   config = _toy_codes_config(monkeypatch, 1, every_steps=1)
   workdir = str(tmp_path / "my runs" / "w")
@@ -616,9 +330,10 @@ def test_close_releases_everything_when_the_last_save_fails():
       closed.append(self.name)
 
   run = trainer._Run.__new__(trainer._Run)
-  run.stop = run.clock = run.reader = None
+  run.stop = run.clock = None
+  run.batches = Part("feed")
   run.ckpt, run.writer = Part("ckpt", fail=True), Part("writer")
-  run.train_iter, run.lock = Part("iterator"), Part("lock")
+  run.data, run.lock = Part("iterator"), Part("lock")
   with pytest.raises(checkpoint.CheckpointSaveError, match="step 10"):
     run.close()
-  assert closed == ["ckpt", "writer", "iterator", "lock"]
+  assert closed == ["feed", "ckpt", "writer", "iterator", "lock"]

@@ -23,6 +23,7 @@ class _LinearImageTask(tasks.Task):
   through `device_transform`: small enough to replay step by step in NumPy."""
 
   config_sections = ("task",)
+  evals = ("toy_count",)
   LR = 0.02
 
   def __init__(self, config):
@@ -52,12 +53,6 @@ class _LinearImageTask(tasks.Task):
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
     )
     return state, {"loss": loss}
-
-  def eval_step(self, state, batch, frozen):
-    return {"count": jnp.sum(batch["mask"])}
-
-  def eval_summary(self, sums):
-    return {"examples": float(sums["count"])}
 
 
 def _image_run_config(steps, every_ckpt=0, processes=0):

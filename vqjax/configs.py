@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
   # What is trained (training/tasks.py): "autoencoder" (stage 1), "prior" (stage 2) or
   # "classifier" (for rejection sampling and evaluation features).
   c.task = "autoencoder"
+  # The evaluators (training/evaluators.py registry) the trainer runs every
+  # log.eval_every_steps and vqjax.evaluate runs on the saved run; () = the task's own.
+  c.evals = ()
 
   # --- data -------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

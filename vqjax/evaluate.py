@@ -12,9 +12,10 @@
       --temperatures 0.7,0.85,1.0 --num 1000 [--stage1 STAGE1] [--seed 0]
       [--out_dir PRIOR_TOP/plots]
 
-An autoencoder run gets reconstruction MSE, PSNR and SSIM and the codebook usage and
-perplexity per level (evaluation/evaluators.py); a prior run gets held-out cross-entropy in
-bits per code and bits per image dimension (its task's own eval). --plots also writes
+A run gets the evaluators its training ran (`config.evals`, else its task's; the one registry
+of training/evaluators.py): an autoencoder reconstruction MSE and PSNR and the codebook usage,
+perplexity and top share per level, plus SSIM here; a prior held-out cross-entropy in bits per
+code and bits per image dimension; a classifier accuracy and NLL. --plots also writes
 reconstructions.png (eval images over their reconstructions) and code_usage.png (how often each
 code is used, most used first, one panel per level, perplexity in the title).
 

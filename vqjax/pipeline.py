@@ -17,8 +17,11 @@ writes its own directory under the workdir:
   report.json  report.md                                     every number, with stage times
 
 A stage whose output is complete is skipped (training runs say they are finished, a finished
-code shard is kept, a sample directory whose settings.json matches is reused), so after an
-interruption the same command goes on where it stopped. The priors are trained on the codes
+code shard is kept, a sample directory whose settings.json matches is reused, an evaluation of
+the same checkpoints, samples and settings is read back from report.json), so after an
+interruption the same command goes on where it stopped, and a finished pipeline run again only
+reprints its report. A skipped stage keeps the time recorded when it ran (report.json is
+written after every stage). The priors are trained on the codes
 extracted here, with the stage-1 run's codebook size; changing a stage's config after it ran
 is caught by that stage (a training run logs the differences from its checkpoint).
 """
@@ -147,18 +150,35 @@ class Pipeline:
     self.config = config
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.report: dict[str, Any] = {"stages": {}}
+    self.previous = self._read_report()  # what an earlier run of this workdir recorded
     self.features = ""  # the evaluation network's run, once the features stage has run
+    self._complete = False  # set by a stage that found its output already there
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
 
+  def _read_report(self) -> dict[str, Any]:
+    try:
+      with open(self.path("report.json")) as f:
+        report = json.load(f)
+    except (OSError, ValueError):
+      return {}
+    return report if isinstance(report, dict) else {}
+
   def _stage(self, name: str, fn, *args, **kwargs) -> Any:
     logging.info("pipeline: stage %s", name)
     t0 = time.perf_counter()
+    self._complete = False
     out = fn(*args, **kwargs)
     seconds = time.perf_counter() - t0
-    self.report["stages"][name] = round(seconds, 1)
-    logging.info("pipeline: stage %s done in %.1f s", name, seconds)
+    recorded = self.previous.get("stages", {}).get(name)
+    if self._complete and recorded is not None:
+      self.report["stages"][name] = recorded
+      logging.info("pipeline: stage %s was complete (it took %.1f s when it ran)", name, recorded)
+    else:
+      self.report["stages"][name] = round(seconds, 1)
+      logging.info("pipeline: stage %s done in %.1f s", name, seconds)
+    self.write()  # an interrupted pipeline keeps the numbers and times of the stages it ran
     return out
 
   def _train(self, name: str, config: Any) -> dict[str, float]:
@@ -167,6 +187,7 @@ class Pipeline:
 
     trainer.setup_compilation_cache(config.log.compilation_cache)  # "" = off
     result = trainer.train_and_evaluate(config, self.path(name), make_task=runs.make_task)
+    self._complete = "first_step_s" not in result  # no step ran: it had finished
     if "stopped" in result:
       signum = int(result["stopped"])
       raise errors.Stopped(
@@ -205,6 +226,7 @@ class Pipeline:
       )
     if _same_samples(out, wanted):
       logging.info("pipeline: %s already drawn with these settings", out)
+      self._complete = True
       with open(os.path.join(out, "settings.json")) as f:
         return json.load(f)
     priors = [self.path("prior_top"), self.path("prior_bottom")]
@@ -213,22 +235,26 @@ class Pipeline:
   def _latest_steps(self, classifier: str) -> dict[str, Any]:
     """The newest usable checkpoint step of each run the samples come from (as settings.json
     records the steps sampled from)."""
-    from vqjax.training import checkpoint
-
-    def latest(run: str) -> int | None:
-      ckpt = checkpoint.Checkpointer(checkpoint.resolve_directory(run), read_only=True)
-      try:
-        return ckpt.latest_step()
-      finally:
-        ckpt.close()
-
     steps = {
-      "stage1": latest(self.path("stage1")),
-      "priors": [latest(self.path("prior_top")), latest(self.path("prior_bottom"))],
+      "stage1": _latest_step(self.path("stage1")),
+      "priors": [_latest_step(self.path("prior_top")), _latest_step(self.path("prior_bottom"))],
     }
     if classifier:
-      steps["classifier"] = latest(classifier)
+      steps["classifier"] = _latest_step(classifier)
     return steps
+
+  def _codes(self) -> dict:
+    """The code dataset of the stage-1 run (complete when it was extracted from the stage-1
+    run's newest checkpoint: the extraction then only checks its shards)."""
+    from vqjax import extract_codes
+    from vqjax.data import codes
+
+    try:
+      recorded = codes.read_metadata(self.path("codes"))["stage1"].get("step")
+    except (errors.UserError, KeyError, TypeError):
+      recorded = None
+    self._complete = recorded is not None and recorded == _latest_step(self.path("stage1"))
+    return extract_codes.extract(self.path("stage1"), self.path("codes"))
 
   def _features(self) -> dict[str, Any]:
     """The evaluation network: the one vqjax ships for the dataset, else trained once and
@@ -239,29 +265,60 @@ class Pipeline:
     workdir = c.evaluate.features_dir
     if not workdir and feature_network.has_packaged(c.stage1.data.name):
       self.features = ""  # the judges default to the shipped network
-      record = feature_network.packaged_record(c.stage1.data.name)
-      return record
+      self._complete = True
+      return feature_network.packaged_record(c.stage1.data.name)
     if workdir and not os.path.isabs(workdir):
       workdir = self.path(workdir)
+    before = feature_network.read_record(workdir or feature_network.default_dir(c.stage1.data.name))
     record = feature_network.ensure(c.stage1.data.name, workdir, c.features)
+    self._complete = before == record
     self.features = record["run"]
     return record
 
+  def _evaluation_inputs(self) -> dict[str, Any]:
+    """What the evaluation's numbers depend on: the runs' checkpoint steps, the sample sets'
+    settings, the evaluation network and the evaluate / sample settings (JSON-comparable)."""
+    r, c = self.report, self.config
+    inputs = {
+      "steps": self._latest_steps(self.path("classifier")),
+      "samples_eval": r.get("samples_eval"),
+      "samples_rejection_eval": r.get("samples_rejection_eval"),
+      "features": r.get("features"),
+      "evaluate": c.evaluate.to_dict(),
+      "sample": c.sample.to_dict(),
+    }
+    return json.loads(json.dumps(inputs, sort_keys=True, default=str))
+
   def _evaluate(self) -> dict[str, Any]:
+    """The numbers and plots of report.md; read back from the previous report when nothing
+    they depend on changed (`_evaluation_inputs`)."""
     from vqjax import evaluate
+
+    inputs = self._evaluation_inputs()
+    previous = self.previous.get("evaluation")
+    if previous and _same_json(self.previous.get("evaluation_inputs"), inputs):
+      logging.info("pipeline: evaluation already done with these checkpoints and samples")
+      self.report["evaluation_inputs"] = inputs
+      self._complete = True
+      return previous
 
     e, s = self.config.evaluate, self.config.sample
     classifier, features = self.path("classifier"), self.features
     plots = self.path("plots")
     os.makedirs(plots, exist_ok=True)
+    parts = _Parts("evaluate", 5)
+    parts.next("stage-1 reconstructions and code usage")
     out: dict[str, Any] = {"stage1": evaluate.evaluate(self.path("stage1"))}
     out["plots"] = evaluate.stage1_plots(self.path("stage1"), plots)
+    parts.next("sample quality of the unfiltered samples")
     out["samples"] = evaluate.evaluate_samples(
       self.path("samples_eval"), features, max_real=e.max_real
     )
+    parts.next("sample quality of the samples kept by rejection")
     out["samples_rejection"] = evaluate.evaluate_samples(
       self.path("samples_rejection_eval"), features, max_real=e.max_real
     )
+    parts.next("the rejection-threshold trade-off")
     thresholds = sorted(set(list(e.thresholds) + [s.threshold]))
     out["thresholds"] = evaluate.threshold_tradeoff(
       self.path("samples_eval"),
@@ -272,6 +329,7 @@ class Pipeline:
       features=features,
     )
     out["plots"]["threshold_tradeoff"] = os.path.join(plots, "threshold_tradeoff.png")
+    parts.next(f"the temperature trade-off ({len(e.temperatures)} temperatures)")
     out["temperatures"] = evaluate.temperature_tradeoff(
       [self.path("prior_top"), self.path("prior_bottom")],
       features,
@@ -283,6 +341,8 @@ class Pipeline:
       max_real=e.max_real,
     )
     out["plots"]["temperature_tradeoff"] = os.path.join(plots, "temperature_tradeoff.png")
+    parts.done()
+    self.report["evaluation_inputs"] = inputs
     return out
 
   def _unigram(self, level: int) -> dict[str, float]:
@@ -300,16 +360,13 @@ class Pipeline:
 
   def run(self) -> dict[str, Any]:
     """Runs every stage not yet complete; returns the report (also written to disk)."""
-    from vqjax import extract_codes
-
     c = self.config
     os.makedirs(self.workdir, exist_ok=True)
     for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
       configs.validate(c[name])
-    t0 = time.perf_counter()
     r = self.report
     r["stage1"] = self._stage("stage1", self._train, "stage1", c.stage1)
-    self._stage("codes", extract_codes.extract, self.path("stage1"), self.path("codes"))
+    self._stage("codes", self._codes)
     num_codes = c.stage1.vq.num_codes
     for level, name in enumerate(("prior_top", "prior_bottom")):
       config = prior_config(c[name], self.path("codes"), num_codes)
@@ -337,7 +394,8 @@ class Pipeline:
       classifier=self.path("classifier"),
     )
     r["evaluation"] = self._stage("evaluate", self._evaluate)
-    r["seconds"] = round(time.perf_counter() - t0, 1)
+    # The stages' times as recorded when each ran: a re-run that skipped them keeps the total.
+    r["seconds"] = round(sum(r["stages"].values()), 1)
     self.write()
     return r
 
@@ -347,6 +405,45 @@ class Pipeline:
       json.dump(self.report, f, indent=2, sort_keys=True, default=float)
     with open(self.path("report.md"), "w") as f:
       f.write(summary(self.report))
+
+
+def _same_json(a: Any, b: Any) -> bool:
+  """Equal as JSON (NaN equals NaN)."""
+  return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _latest_step(run: str) -> int | None:
+  """The newest usable checkpoint step of a run (None without one)."""
+  from vqjax.training import checkpoint
+
+  ckpt = checkpoint.Checkpointer(checkpoint.resolve_directory(run), read_only=True)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+class _Parts:
+  """Progress lines of a stage made of several parts, one as each starts ("evaluate 2/6:
+  ... (41 s so far)"), so a long stage is never silent."""
+
+  def __init__(self, stage: str, total: int):
+    self.stage, self.total, self.count = stage, total, 0
+    self.t0 = time.perf_counter()
+
+  def next(self, what: str) -> None:
+    self.count += 1
+    logging.info(
+      "pipeline: %s %d/%d: %s (%.0f s so far)",
+      self.stage,
+      self.count,
+      self.total,
+      what,
+      time.perf_counter() - self.t0,
+    )
+
+  def done(self) -> None:
+    logging.info("pipeline: %s: all %d parts done", self.stage, self.total)
 
 
 def _fmt(value: Any) -> str:

@@ -3,7 +3,8 @@
 metrics.py     MSE, PSNR, SSIM, codebook usage / perplexity, bits per dimension
 frechet.py     Frechet distance, precision / recall, Inception-style score, CAS on features
 anomaly.py     reconstruction-error maps, scores, thresholds, ROC AUC, heat-map grids
-evaluators.py  evaluator classes built from a run config, `run(model, variables, data)`
+evaluators.py  SSIM, anomaly and sample-quality evaluators, registered into the trainer's
+               registry (training/evaluators.py); `evaluate_run`
 plots.py       matplotlib figures (trade-off lines, code-usage histograms) as PNG
 """
 
@@ -13,6 +14,7 @@ from vqjax.evaluation.evaluators import (
   CodebookEvaluator,
   ReconstructionEvaluator,
   SampleQualityEvaluator,
+  SsimEvaluator,
 )
 
 __all__ = [
@@ -21,4 +23,5 @@ __all__ = [
   "CodebookEvaluator",
   "ReconstructionEvaluator",
   "SampleQualityEvaluator",
+  "SsimEvaluator",
 ]

@@ -1,237 +1,101 @@
-"""Evaluators: small classes built from a run config, each turning a model and data into metrics.
+"""The evaluation layer's evaluators, registered into the one registry the trainer uses
+(`vqjax/training/evaluators.py`, where the protocol, `Suite` and the evaluators of the eval
+split live: "reconstruction", "codebook", "prior", "classifier").
 
-Every evaluator has `from_config(config, **overrides)` and `run(model, variables, data) ->
-{name: float}`, so the trainer can call a list of them every N steps and an eval script can
-call the same ones once on a loaded run (`vqjax.runs.load_run`):
+Importing this module registers:
+  "ssim"            mean SSIM of a stage-1 model's reconstructions over the eval split
+  "anomaly"         reconstruction-error anomaly detection (normal and labelled test batches)
+  "sample_quality"  Frechet distance, precision / recall, Inception-style score, CAS of
+                    generated images against real ones
+
+`evaluate_run(config, model, variables)` is what `python -m vqjax.evaluate --workdir RUN`
+reports: the run's own evaluators (`config.evals`, or its task's) in one pass over its eval
+split, plus SSIM for a stage-1 model:
 
   config, model, variables = runs.load_run(workdir)
-  ReconstructionEvaluator.from_config(config).run(model, variables)
-
-`data` defaults to one pass over `config.data.eval_split` (`pipeline.make_eval_iterator`,
-padded batches with a "mask"); padding rows never count. The per-batch work is one jitted
-function per model (built on first use); sums over the split are kept on the host in float64.
-Each process evaluates the batches it is given: with several processes, sum the returned
-sums yourself or pass each the whole split.
+  evaluators.evaluate_run(config, model, variables)
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqjax.data import pipeline
 from vqjax.evaluation import anomaly, frechet, metrics
-from vqjax.training import tasks
+from vqjax.models import registry
+from vqjax.training import classifier_task, tasks  # noqa: F401  (they register their evaluators)
+from vqjax.training.evaluators import (  # noqa: F401  (re-exported)
+  EVALUATORS,
+  BatchEvaluator,
+  CodebookEvaluator,
+  Evaluator,
+  ReconstructionEvaluator,
+  Suite,
+  build,
+  names_for,
+  register,
+)
 
 
-def _level_names(levels: int) -> tuple[str, ...]:
-  return tasks.level_names(levels)
-
-
-class _PerModelJit:
-  """A function of (model, ...) jitted once per model object.
-
-  Linen modules that hold dicts cannot be hashed, so the model cannot be a static jit
-  argument; a closure over it is jitted instead and kept while the same object comes back.
-  """
-
-  def __init__(self, make: Callable[[Any], Callable]):
-    self._make = make
-    self._model = None
-    self._fn = None
-
-  def __call__(self, model: Any) -> Callable:
-    if self._fn is None or self._model is not model:
-      self._model, self._fn = model, jax.jit(self._make(model))
-    return self._fn
-
-
-def _eval_data(data_config: ml_collections.ConfigDict | None, max_batches: int) -> Iterable:
-  if data_config is None:
-    raise ValueError("no data given and the evaluator was built without config.data")
-  return pipeline.make_eval_iterator(
-    data_config, jax.process_index(), jax.process_count(), max_batches
-  )
-
-
-def _images_and_mask(batch: Any) -> tuple[jax.Array, jax.Array]:
-  """(images, float mask) of a dict batch with "image" (and "mask") or of an image array."""
-  if isinstance(batch, dict):
-    images = jnp.asarray(batch["image"])
-    mask = batch.get("mask")
-  else:
-    images, mask = jnp.asarray(batch), None
-  mask = jnp.ones(images.shape[0], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-  return images, mask
-
-
-def _accumulate(total: dict[str, np.ndarray], sums: dict[str, jax.Array]) -> None:
-  for k, v in sums.items():
-    v = np.asarray(v, np.float64)
-    total[k] = total[k] + v if k in total else v
-
-
-class ReconstructionEvaluator:
-  """MSE, PSNR and SSIM of reconstructions over an eval split.
-
-  MSE is the mean over real images of each image's mean squared error, PSNR that of the
-  split's MSE (as the training logs report them), SSIM the mean over real images of
-  `metrics.ssim`.
+@register("ssim")
+class SsimEvaluator(BatchEvaluator):
+  """Mean SSIM (`metrics.ssim`) over real images of a stage-1 model's reconstructions.
 
   Args:
-    data_config: `config.data`, for the default data (one pass over its eval split).
-    max_batches: stop after this many batches of the default data; 0 = the whole split.
-    clip: clip reconstructions to [-1, 1] first (what a saved image shows); the training
-      logs do not, so the default keeps their numbers.
+    clip: clip reconstructions to [-1, 1] first (what a saved image shows).
+    (the rest as `BatchEvaluator`)
   """
 
-  def __init__(
-    self,
-    data_config: ml_collections.ConfigDict | None = None,
-    max_batches: int = 0,
-    clip: bool = False,
-  ):
-    self.data_config = data_config
-    self.max_batches = max_batches
+  def __init__(self, model: Any, clip: bool = False, **kw):
+    super().__init__(model, **kw)
     self.clip = clip
-    self._step = _PerModelJit(self._make_step)
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, **kw) -> "ReconstructionEvaluator":
-    """From a run config: its data and `config.log.eval_batches`; `kw` overrides."""
-    args = {"data_config": config.data, "max_batches": config.log.eval_batches}
-    return cls(**{**args, **kw})
+  def sums(self, variables, batch, frozen=None):
+    del frozen
+    image, mask = jnp.asarray(batch["image"], jnp.float32), batch["mask"].astype(jnp.float32)
+    recon, _ = self.model.apply(variables, image, train=False)
+    recon = recon.astype(jnp.float32)
+    if self.clip:
+      recon = jnp.clip(recon, -1.0, 1.0)
+    return {"ssim": jnp.sum(metrics.ssim(image, recon) * mask), "count": jnp.sum(mask)}
 
-  def _make_step(self, model: Any) -> Callable:
-    def step(variables, images, mask):
-      recon, _ = model.apply(variables, images, train=False)
-      recon = recon.astype(jnp.float32)
-      if self.clip:
-        recon = jnp.clip(recon, -1.0, 1.0)
-      return {
-        "sq_err": jnp.sum(metrics.squared_error(images, recon) * mask),
-        "ssim": jnp.sum(metrics.ssim(images, recon) * mask),
-        "count": jnp.sum(mask),
-      }
-
-    return step
-
-  def run(self, model: Any, variables: Any, data: Iterable | None = None) -> dict[str, float]:
-    """Evaluates `model` on `data`.
-
-    Args:
-      model: a stage-1 module.
-      variables: its variables.
-      data: batches (dicts with "image" [B, H, W, C] in [-1, 1] and optionally "mask", or
-        image arrays); default the eval split of `data_config`.
-
-    Returns:
-      {"mse", "psnr", "ssim", "examples"}.
-    """
-    data = _eval_data(self.data_config, self.max_batches) if data is None else data
-    step = self._step(model)
-    total = {}
-    for batch in data:
-      _accumulate(total, step(variables, *_images_and_mask(batch)))
-    count = max(float(total.get("count", 0.0)), 1.0)
-    mse = float(total.get("sq_err", 0.0)) / count
-    return {
-      "mse": mse,
-      "psnr": float(metrics.psnr(mse)),
-      "ssim": float(total.get("ssim", 0.0)) / count,
-      "examples": float(total.get("count", 0.0)),
-    }
+  def summary(self, sums):
+    count = float(sums["count"])
+    return {"ssim": float(sums["ssim"]) / max(count, 1.0), "examples": count}
 
 
-class CodebookEvaluator:
-  """Code usage, perplexity and top share of every level over an eval split.
+def standalone_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """What `vqjax.evaluate` runs on a run: its evaluators (`config.evals`, or its task's), and
+  "ssim" too for a stage-1 model."""
+  names = names_for(config, tasks.TASKS[config.task].evals)
+  if registry.is_autoencoder(config) and "ssim" not in names:
+    names += ("ssim",)
+  return names
+
+
+def evaluate_run(
+  config: ml_collections.ConfigDict, model: Any, variables: Any, max_batches: int = 0
+) -> dict[str, float]:
+  """A trained model's metrics over its eval split (`standalone_names`, in one pass).
 
   Args:
-    num_codes: codebook size of every level (`config.vq.num_codes`).
-    data_config: `config.data`, for the default data.
-    max_batches: stop after this many batches of the default data; 0 = the whole split.
+    config: the run's config.
+    model: its module.
+    variables: its variables.
+    max_batches: eval batches; 0 = the whole split.
   """
-
-  def __init__(
-    self,
-    num_codes: int,
-    data_config: ml_collections.ConfigDict | None = None,
-    max_batches: int = 0,
-  ):
-    self.num_codes = num_codes
-    self.data_config = data_config
-    self.max_batches = max_batches
-    self._step = _PerModelJit(self._make_step)
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, **kw) -> "CodebookEvaluator":
-    """From a run config: `config.vq.num_codes`, its data, `config.log.eval_batches`."""
-    args = {
-      "num_codes": config.vq.num_codes,
-      "data_config": config.data,
-      "max_batches": config.log.eval_batches,
-    }
-    return cls(**{**args, **kw})
-
-  def _make_step(self, model: Any) -> Callable:
-    def step(variables, images, mask):
-      codes = model.apply(variables, images, method="encode_to_indices")
-      return {
-        **{f"{i}": metrics.code_counts(c, self.num_codes, mask) for i, c in enumerate(codes)},
-        "count": jnp.sum(mask),
-      }
-
-    return step
-
-  def histograms(
-    self, model: Any, variables: Any, data: Iterable | None = None
-  ) -> tuple[dict[str, np.ndarray], float]:
-    """How often every code of every level is chosen over `data`.
-
-    Args:
-      model: a stage-1 module with `encode_to_indices` (codes coarsest first).
-      variables: its variables.
-      data: batches as for `ReconstructionEvaluator.run`; default the eval split.
-
-    Returns:
-      ({level name: float64 [num_codes] counts}, number of real examples), levels coarsest
-      first, named "top", "bottom" (... see `tasks.level_names`; one level: "codes").
-    """
-    data = _eval_data(self.data_config, self.max_batches) if data is None else data
-    step = self._step(model)
-    total = {}
-    for batch in data:
-      _accumulate(total, step(variables, *_images_and_mask(batch)))
-    examples = float(total.pop("count", 0.0))
-    names = _level_names(len(total))
-    counts = {names[i]: total[f"{i}"] for i in range(len(total))}
-    return counts, examples
-
-  def run(self, model: Any, variables: Any, data: Iterable | None = None) -> dict[str, float]:
-    """Histograms every level's codes over `data` and summarises them.
-
-    Args:
-      model: a stage-1 module with `encode_to_indices` (codes coarsest first).
-      variables: its variables.
-      data: batches as for `ReconstructionEvaluator.run`; default the eval split.
-
-    Returns:
-      {"{level}/usage", "{level}/perplexity", "{level}/top_share", "examples"}, levels named
-      as in `histograms`.
-    """
-    counts, examples = self.histograms(model, variables, data)
-    out = metrics.codebook_metrics(counts)
-    out["examples"] = examples
-    return out
+  built = build(standalone_names(config), config, model, max_batches=max_batches)
+  return Suite(built).run(variables, built[0].default_data())
 
 
-class AnomalyEvaluator:
+@register("anomaly")
+class AnomalyEvaluator(Evaluator):
   """Reconstruction-error anomaly detection (see `anomaly.evaluate_anomalies`).
 
   Args:
+    model: a stage-1 module trained on normal images.
     score: "max" (of the blurred error map) or "mean" per-image score.
     quantile: quantile of normal scores used as threshold.
     sigma: blur of the maps before their maximum, in pixels.
@@ -241,12 +105,14 @@ class AnomalyEvaluator:
 
   def __init__(
     self,
+    model: Any,
     score: str = "max",
     quantile: float = 0.95,
     sigma: float = 1.0,
     label_key: str = "is_anomaly",
     png_path: str | None = None,
   ):
+    self.model = model
     self.score = score
     self.quantile = quantile
     self.sigma = sigma
@@ -254,26 +120,27 @@ class AnomalyEvaluator:
     self.png_path = png_path
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, **kw) -> "AnomalyEvaluator":
+  def from_config(cls, config: ml_collections.ConfigDict, model: Any, **kw) -> "AnomalyEvaluator":
     """The run config has no anomaly fields yet: everything comes from `kw`."""
     del config
-    return cls(**kw)
+    return cls(model, **kw)
 
-  def run(self, model: Any, variables: Any, data: Any) -> dict[str, float]:
+  def run(self, variables: Any, data: Any = None) -> dict[str, float]:
     """Evaluates anomaly detection.
 
     Args:
-      model: a stage-1 module trained on normal images.
-      variables: its variables.
+      variables: the model's variables.
       data: {"normal": batches of held-out normal images, "test": labelled test batches},
         or the pair (normal, test).
 
     Returns:
       The dict of `anomaly.evaluate_anomalies`.
     """
+    if data is None:
+      raise ValueError("the anomaly evaluator needs data: normal and labelled test batches")
     normal, test = (data["normal"], data["test"]) if isinstance(data, dict) else data
     return anomaly.evaluate_anomalies(
-      model,
+      self.model,
       variables,
       normal,
       test,
@@ -294,7 +161,8 @@ def _batched(fn: Callable, images: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate(parts)
 
 
-class SampleQualityEvaluator:
+@register("sample_quality")
+class SampleQualityEvaluator(Evaluator):
   """Frechet distance, precision / recall, Inception-style score and CAS of generated images.
 
   Features and probabilities come from the given functions (e.g. the project classifier's
@@ -328,10 +196,11 @@ class SampleQualityEvaluator:
 
   @classmethod
   def from_config(
-    cls, config: ml_collections.ConfigDict, features_fn: Callable, **kw
+    cls, config: ml_collections.ConfigDict, model: Any, features_fn: Callable, **kw
   ) -> "SampleQualityEvaluator":
-    """The run config has no sample-quality fields yet: the functions and `kw` decide."""
-    del config
+    """The run config has no sample-quality fields yet: the functions and `kw` decide (the
+    model is not used: the samples were drawn elsewhere)."""
+    del config, model
     return cls(features_fn, **kw)
 
   def compute(
@@ -404,28 +273,20 @@ class SampleQualityEvaluator:
       )
     return out
 
-  def run(self, model: Any, variables: Any, data: dict[str, np.ndarray]) -> dict[str, float]:
+  def run(self, variables: Any, data: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """`compute` with the uniform evaluator signature.
 
     Args:
-      model: unused (the samples were drawn elsewhere, e.g. by the sampler).
-      variables: unused.
+      variables: unused (the samples were drawn elsewhere, e.g. by the sampler).
       data: {"real", "generated"} image arrays and optionally "real_label",
         "generated_label".
 
     Returns:
       See `compute`.
     """
-    del model, variables
+    del variables
+    if data is None:
+      raise ValueError("the sample-quality evaluator needs data: real and generated images")
     return self.compute(
       data["real"], data["generated"], data.get("real_label"), data.get("generated_label")
     )
-
-
-# Evaluator name -> class, for a list of evaluators named in a config.
-EVALUATORS = {
-  "reconstruction": ReconstructionEvaluator,
-  "codebook": CodebookEvaluator,
-  "anomaly": AnomalyEvaluator,
-  "sample_quality": SampleQualityEvaluator,
-}

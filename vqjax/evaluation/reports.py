@@ -8,17 +8,18 @@ Sample quality (drawn images) is in `samples.py` and `tradeoffs.py`; see
 """
 
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from vqjax import errors, runs
 from vqjax.data import pipeline
-from vqjax.evaluation import metrics, plots
-from vqjax.evaluation.evaluators import CodebookEvaluator, ReconstructionEvaluator
+from vqjax.evaluation import evaluators, metrics, plots
 from vqjax.models import registry
-from vqjax.training import logs, tasks
+from vqjax.training import logs
 
 
 def evaluate(workdir: str, max_batches: int = 0) -> dict[str, float]:
@@ -26,36 +27,26 @@ def evaluate(workdir: str, max_batches: int = 0) -> dict[str, float]:
   (the newest intact one: after a damaged step was skipped, an earlier one; absent for a
   converted model)."""
   config, model, variables, read = runs.load_run_with_step(workdir)
+  names = ", ".join(evaluators.standalone_names(config))
+  logging.info("evaluating %s on its eval split %r: %s", workdir, config.data.eval_split, names)
+  t0 = time.perf_counter()
   result = _metrics(config, model, variables, max_batches)
+  logging.info(
+    "evaluated %s over %d examples in %.1f s",
+    workdir,
+    int(result.get("examples", 0)),
+    time.perf_counter() - t0,
+  )
   if read is not None:
     result["step"] = read
   return result
 
 
 def _metrics(config: Any, model: Any, variables: dict, max_batches: int) -> dict[str, float]:
-  if registry.is_autoencoder(config):
-    result = ReconstructionEvaluator.from_config(config, max_batches=max_batches).run(
-      model, variables
-    )
-    result.update(
-      CodebookEvaluator.from_config(config, max_batches=max_batches).run(model, variables)
-    )
-    return result
-  task = tasks.make_task(config)
-  state = tasks.TrainState(
-    step=None,
-    params=variables["params"],
-    opt_state=None,
-    model_state={k: v for k, v in variables.items() if k != "params"},
-  )
-  step = jax.jit(lambda batch: task.eval_step(state, batch, None))
-  totals = None
-  for batch in pipeline.make_eval_iterator(config.data, max_batches=max_batches):
-    sums = jax.device_get(step(jax.tree.map(jax.numpy.asarray, batch)))
-    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-  if totals is None:
-    raise errors.UserError(f"eval split {config.data.eval_split!r} gave no batches")
-  return task.eval_summary({k: np.asarray(v) for k, v in totals.items()})
+  try:
+    return evaluators.evaluate_run(config, model, variables, max_batches)
+  except errors.UserError as e:
+    raise errors.UserError(f"eval split {config.data.eval_split!r}: {e}") from e
 
 
 # --- Stage-1 plots ------------------------------------------------------------------------
@@ -96,8 +87,8 @@ def stage1_plots(workdir: str, out_dir: str, max_batches: int = 0) -> dict[str, 
   paths = {"reconstructions": os.path.join(out_dir, "reconstructions.png")}
   logs.save_png(paths["reconstructions"], grid)
 
-  evaluator = CodebookEvaluator.from_config(config, max_batches=max_batches)
-  counts, _ = evaluator.histograms(model, variables)
+  evaluator = evaluators.CodebookEvaluator.from_config(config, model, max_batches=max_batches)
+  counts, _ = evaluator.histograms(variables)
   summary = metrics.codebook_metrics(counts)
   paths["code_usage"] = plots.usage_histograms(
     os.path.join(out_dir, "code_usage.png"),

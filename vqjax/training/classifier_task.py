@@ -22,8 +22,8 @@ import optax
 from vqjax import errors
 from vqjax.data.device_transform import device_transform
 from vqjax.models import registry
-from vqjax.training import optim
-from vqjax.training.task_base import Batch, Metrics, Task, TrainState
+from vqjax.training import evaluators, optim
+from vqjax.training.task_base import Batch, Task, TrainState
 
 
 class ClassifierTask(Task):
@@ -39,6 +39,7 @@ class ClassifierTask(Task):
   progress_keys = ("loss", "accuracy")
   unit = "img"
   config_sections = ("task", "model", "classifier")
+  evals = ("classifier",)
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module | None = None):
     self.config = config
@@ -124,12 +125,33 @@ class ClassifierTask(Task):
     variables = {"params": state.params, **state.model_state}
     return self.model.apply(variables, image, train=False).astype(jnp.float32)
 
-  def eval_step(self, state: TrainState, batch: Batch, frozen: Any = None) -> Metrics:
-    """Masked sums over one eval batch: correct predictions, true-label NLL, example count."""
+
+@evaluators.register("classifier")
+class ClassifierEvaluator(evaluators.BatchEvaluator):
+  """Accuracy, the mean NLL in nats of the true label (and, with more than 5 classes, top-5
+  accuracy) of a classifier over the real examples of eval batches with "image" and "label".
+
+  Args:
+    num_classes: `config.classifier.num_classes`.
+    (the rest as `evaluators.BatchEvaluator`)
+  """
+
+  def __init__(self, model: Any, num_classes: int, **kw):
+    super().__init__(model, **kw)
+    self.num_classes = num_classes
+
+  @classmethod
+  def from_config(cls, config, model, **kw):
+    kw = {"num_classes": int(config.classifier.num_classes), **kw}
+    return super().from_config(config, model, **kw)
+
+  def sums(self, variables, batch, frozen=None):
     del frozen
-    image, label = self._inputs(batch)
+    if "label" not in batch:
+      raise errors.UserError(f"the classifier eval needs a 'label'; the data has {sorted(batch)}")
+    image, label = jnp.asarray(batch["image"], jnp.float32), batch["label"].astype(jnp.int32)
     mask = batch["mask"].astype(jnp.float32)
-    logits = self.logits(state, image)
+    logits = self.model.apply(variables, image, train=False).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, label)
     correct = (jnp.argmax(logits, -1) == label).astype(jnp.float32)
     sums = {
@@ -144,8 +166,7 @@ class ClassifierTask(Task):
       sums["correct_top5"] = jnp.sum((rank < 5).astype(jnp.float32) * mask)
     return sums
 
-  def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
-    """Accuracy, mean NLL in nats (and top-5 accuracy) over the eval split's real examples."""
+  def summary(self, sums):
     n = max(float(sums["count"]), 1.0)
     out = {
       "accuracy": float(sums["correct"]) / n,

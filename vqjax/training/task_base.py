@@ -11,17 +11,17 @@ The trainer knows nothing about models, losses or what a batch holds; it talks t
                                                        passes it to every jitted step
   train_step(state, batch, rng, frozen) -> (state, metrics)
                                                        pure; `rng` is already this step's key
-  eval_step(state, batch, frozen) -> sums              pure; sums over the real examples
-  eval_summary(sums) -> {name: float}                  host; summed statistics -> metrics
   images(state, batch, rng, frozen) -> {grid: {row: images}}
                                                        pure; each grid becomes a PNG with its
                                                        rows labelled ("recon": input / output)
   dummy_batch() -> batch                               host; a one-example batch of the right
                                                        shapes, to build a model without data
 
-and a few attributes: `progress_keys` (metrics on the progress line), `unit` (what the
-throughput counts: "img" -> img/s, "codes" -> codes/s) and `config_sections` (the config groups
-that decide the state's shapes, for the checkpoint fingerprint).
+and a few attributes: `model` (the module trained, which the evaluators evaluate),
+`progress_keys` (metrics on the progress line), `unit` (what the throughput counts: "img" ->
+img/s, "codes" -> codes/s), `config_sections` (the config groups that decide the state's
+shapes, for the checkpoint fingerprint) and `evals` (the evaluators of `evaluators.py` the
+trainer runs on the eval split when `config.evals` names none).
 
 Batches are dicts of global arrays whose features depend on the data source (images, integer
 code maps, "label"); eval batches add "mask" float32 [B], 0 on padding. Training images arrive
@@ -40,7 +40,6 @@ import jax
 import numpy as np
 
 Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
@@ -64,9 +63,11 @@ class TrainState:
 class Task:
   """The interface between the trainer and a training stage (see the module docstring)."""
 
+  model: Any = None
   progress_keys: tuple[str, ...] = ("loss",)
   unit: str = "img"
   config_sections: tuple[str, ...] = ("task", "model")
+  evals: tuple[str, ...] = ()
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     raise NotImplementedError
@@ -75,12 +76,6 @@ class Task:
     return None
 
   def train_step(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any):
-    raise NotImplementedError
-
-  def eval_step(self, state: TrainState, batch: Batch, frozen: Any) -> Metrics:
-    raise NotImplementedError
-
-  def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
     raise NotImplementedError
 
   def images(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any) -> dict:

@@ -18,25 +18,17 @@ import optax
 from vqjax import errors, links
 from vqjax.data import codes as codes_data
 from vqjax.data.device_transform import device_transform
-from vqjax.models import quantizer, registry
-from vqjax.training import classifier_task, optim
-from vqjax.training.task_base import Batch, Metrics, Task, TrainState
+from vqjax.models import registry
+from vqjax.training import classifier_task, evaluators, optim
+from vqjax.training.evaluators import level_names
+from vqjax.training.task_base import Batch, Task, TrainState
 
 
-def level_names(levels: int) -> tuple[str, ...]:
-  """Names of the code levels, coarsest first: what a user reads in logs and metrics."""
-  if levels == 1:
-    return ("codes",)
-  if levels == 2:
-    return ("top", "bottom")
-  if levels == 3:
-    return ("top", "middle", "bottom")
-  return tuple(f"level{i}" for i in range(levels))
-
-
-def _rename_levels(metrics: dict[str, Any], levels: int) -> dict[str, Any]:
-  """ "level{i}/x" -> "top/x", "bottom/x", ... (see `level_names`)."""
-  names = level_names(levels)
+def _rename_levels(metrics: dict[str, Any]) -> dict[str, Any]:
+  """ "level{i}/x" -> "top/x", "bottom/x", ... (see `level_names`), as many levels as the
+  model's metrics name."""
+  levels = {k.split("/", 1)[0] for k in metrics if k.startswith("level") and "/" in k}
+  names = level_names(len(levels))
   out = {}
   for k, v in metrics.items():
     if k.startswith("level") and "/" in k:
@@ -57,12 +49,12 @@ class AutoencoderTask(Task):
 
   progress_keys = ("loss", "mse", "batch_usage")
   config_sections = ("task", "model", "vq")
+  evals = ("reconstruction", "codebook")
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module | None = None):
     self.config = config
     self.model = registry.build_model(config) if model is None else model
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
-    self.levels = config.model.levels if config.model.name == "vqvae2" else 1
 
   def dummy_batch(self) -> dict[str, np.ndarray]:
     size, channels = self.config.data.image_size, self.config.data.channels
@@ -116,7 +108,7 @@ class AutoencoderTask(Task):
     # Per-batch statistics are told apart from the eval ones over the whole split.
     metrics = {
       k.replace("/usage", "/batch_usage").replace("/perplexity", "/batch_perplexity"): v
-      for k, v in _rename_levels(metrics, self.levels).items()
+      for k, v in _rename_levels(metrics).items()
     }
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -132,41 +124,6 @@ class AutoencoderTask(Task):
   def _variables(self, state: TrainState) -> dict:
     return {"params": state.params, **state.model_state}
 
-  def eval_step(self, state: TrainState, batch: Batch, frozen: Any = None) -> Metrics:
-    """Masked sums over one eval batch: squared error, example count, code histograms."""
-    del frozen
-    batch = device_transform(batch, None, self.config.data)
-    image, mask = batch["image"], batch["mask"].astype(jnp.float32)
-    recon, aux = self.model.apply(self._variables(state), image, train=False)
-    err = jnp.mean(jnp.square(recon.astype(jnp.float32) - image), axis=(1, 2, 3))
-    sums = {"sq_err": jnp.sum(err * mask), "count": jnp.sum(mask)}
-    names = level_names(self.levels)
-    for i, name in enumerate(names):
-      codes = aux[f"level{i}/indices"]
-      # Padded examples weigh zero, so the counts cover the real split only.
-      sums[f"{name}/counts"] = quantizer.code_histogram(
-        codes, self.config.vq.num_codes, weights=mask
-      )
-    return sums
-
-  def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
-    """MSE, PSNR and code statistics over the whole eval split.
-
-    PSNR is 10 log10(4 / MSE) of the split's mean squared error (images in [-1, 1], so the
-    peak-to-peak range is 2), not a mean of per-image PSNRs.
-    """
-    mse = float(sums["sq_err"]) / max(float(sums["count"]), 1.0)
-    out = {"mse": mse, "psnr": float(10.0 * np.log10(4.0 / max(mse, 1e-12)))}
-    for key, counts in sums.items():
-      if not key.endswith("/counts"):
-        continue
-      level = key[: -len("/counts")]
-      stats = quantizer.usage_metrics(np.asarray(counts, np.float32))
-      out[f"{level}/usage"] = float(stats["usage"])
-      out[f"{level}/perplexity"] = float(stats["perplexity"])
-    out["examples"] = float(sums["count"])
-    return out
-
   def images(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None) -> dict:
     """One grid, "recon": inputs over their reconstructions, both in [-1, 1]."""
     del rng, frozen
@@ -179,6 +136,112 @@ class AutoencoderTask(Task):
 def codes_key(level: int) -> str:
   """The feature name of level `level`'s code map in a code dataset (0 = coarsest)."""
   return f"codes{level}"
+
+
+def prior_inputs(prior: ml_collections.ConfigDict, batch: Batch) -> tuple[jax.Array, Any, Any]:
+  """(codes of the modelled level, the coarser levels' maps or None, label or None) of a batch
+  of code maps, for the prior `config.prior` describes."""
+  key = codes_key(prior.level)
+  if key not in batch:
+    raise errors.UserError(
+      f"the prior of level {prior.level} needs feature {key!r}; the data has {sorted(batch)}"
+    )
+  condition = tuple(batch[codes_key(i)] for i in range(prior.level)) or None
+  label = None
+  if prior.class_conditional:
+    if "label" not in batch:
+      raise errors.UserError("config.prior.class_conditional is set but the codes have no labels")
+    label = batch["label"]
+  return batch[key], condition, label
+
+
+def prior_nll(
+  model: nn.Module,
+  variables: Any,
+  prior: ml_collections.ConfigDict,
+  batch: Batch,
+  rng: jax.Array | None = None,
+  train: bool = False,
+) -> jax.Array:
+  """Cross-entropy in nats of every code of the modelled level, float32 [B, h, w]."""
+  codes, condition, label = prior_inputs(prior, batch)
+  logits = model.apply(
+    variables,
+    codes,
+    condition=condition,
+    label=label,
+    train=train,
+    rngs={"dropout": rng} if rng is not None else None,
+  )
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), codes)
+
+
+def _check_conditioning(config: ml_collections.ConfigDict) -> None:
+  """A built-in prior is conditioned on the coarser codes exactly when its level has some (a
+  plugin prior's own `from_config` checks its settings)."""
+  m, level = config.model, config.prior.level
+  if m.name not in registry.PRIORS:
+    return
+  field = "cond_channels" if m.name == "pixelcnn" else "cond_res_channels"
+  if level > 0 and not m[field]:
+    raise errors.UserError(
+      f"config.prior.level={level} is conditioned on the coarser codes: set "
+      f"config.model.{field} > 0"
+    )
+  if level == 0 and m[field]:
+    raise errors.UserError(
+      "config.prior.level=0 (the top) has no coarser codes to condition on: leave "
+      f"config.model.{field} at 0"
+    )
+
+
+def _dims_per_code(prior: ml_collections.ConfigDict) -> float:
+  """Image dimensions per code of the modelled level (bits per image dimension = bits of the
+  whole map / image dimensions); 0 when the image shape is not recorded."""
+  image_dims = int(np.prod(prior.image_shape)) if prior.image_shape else 0
+  return image_dims / float(np.prod(prior.code_shapes[prior.level])) if image_dims else 0.0
+
+
+@evaluators.register("prior")
+class PriorEvaluator(evaluators.BatchEvaluator):
+  """Held-out cross-entropy of a prior: nats ("loss") and bits per code, bits per image
+  dimension (when the config records the image shape), over the real examples' codes.
+
+  Args:
+    prior: `config.prior` (level, code shapes, class conditioning, image shape).
+    (the rest as `evaluators.BatchEvaluator`)
+  """
+
+  def __init__(self, model: Any, prior: ml_collections.ConfigDict, **kw):
+    super().__init__(model, **kw)
+    self.prior = prior
+    self.dims_per_code = _dims_per_code(prior)
+
+  @classmethod
+  def from_config(cls, config, model, **kw):
+    return super().from_config(config, model, **{"prior": config.prior, **kw})
+
+  def sums(self, variables, batch, frozen=None):
+    del frozen
+    mask = batch["mask"].astype(jnp.float32)
+    nll = prior_nll(self.model, variables, self.prior, batch)
+    per_example = jnp.sum(nll.reshape(nll.shape[0], -1), axis=1)
+    return {
+      "nll": jnp.sum(per_example * mask),
+      "count": jnp.sum(mask),
+      "codes": jnp.sum(mask) * float(np.prod(nll.shape[1:])),
+    }
+
+  def summary(self, sums):
+    per_code = float(sums["nll"]) / max(float(sums["codes"]), 1.0)
+    out = {
+      "loss": per_code,
+      "bits_per_code": per_code / float(np.log(2.0)),
+      "examples": float(sums["count"]),
+    }
+    if self.dims_per_code:
+      out["bits_per_dim"] = out["bits_per_code"] / self.dims_per_code
+    return out
 
 
 class PriorTask(Task):
@@ -203,6 +266,7 @@ class PriorTask(Task):
   progress_keys = ("loss", "bits_per_code")
   unit = "samples"
   config_sections = ("task", "model", "vq", "prior")
+  evals = ("prior",)
 
   def __init__(
     self,
@@ -227,24 +291,10 @@ class PriorTask(Task):
       )
     if p.class_conditional and p.num_classes <= 0:
       raise errors.UserError("config.prior.class_conditional needs config.prior.num_classes > 0")
-    m = config.model
-    conditioned = m.cond_channels if m.name == "pixelcnn" else m.cond_res_channels
-    if p.level > 0 and not conditioned:
-      field = "cond_channels" if m.name == "pixelcnn" else "cond_res_channels"
-      raise errors.UserError(
-        f"config.prior.level={p.level} is conditioned on the coarser codes: set "
-        f"config.model.{field} > 0"
-      )
-    if p.level == 0 and conditioned:
-      raise errors.UserError(
-        "config.prior.level=0 (the top) has no coarser codes to condition on: leave "
-        "config.model.cond_channels / cond_res_channels at 0"
-      )
+    _check_conditioning(config)
     self.level = p.level
     self.shape = tuple(p.code_shapes[p.level])
-    image_dims = int(np.prod(p.image_shape)) if p.image_shape else 0
-    # bits per image dimension = (bits of the whole map) / (image dimensions)
-    self.dims_per_code = image_dims / float(np.prod(self.shape)) if image_dims else 0.0
+    self.dims_per_code = _dims_per_code(p)
     self.model = registry.build_model(config) if model is None else model
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
     self.stage1, self.sample = (stage1, sample) if stage1 and sample else (None, None)
@@ -258,18 +308,7 @@ class PriorTask(Task):
     return batch
 
   def _inputs(self, batch: Batch) -> tuple[jax.Array, Any, Any]:
-    key = codes_key(self.level)
-    if key not in batch:
-      raise errors.UserError(
-        f"the prior of level {self.level} needs feature {key!r}; the data has {sorted(batch)}"
-      )
-    condition = tuple(batch[codes_key(i)] for i in range(self.level)) or None
-    label = None
-    if self.config.prior.class_conditional:
-      if "label" not in batch:
-        raise errors.UserError("config.prior.class_conditional is set but the codes have no labels")
-      label = batch["label"]
-    return batch[key], condition, label
+    return prior_inputs(self.config.prior, batch)
 
   def init(self, rng: jax.Array, batch: Batch) -> TrainState:
     """Creates parameters and optimiser state from the shapes of `batch`."""
@@ -293,16 +332,8 @@ class PriorTask(Task):
 
   def _nll(self, params, model_state, batch, rng, train: bool) -> jax.Array:
     """Cross-entropy in nats of every code, [B, H, W], float32."""
-    codes, condition, label = self._inputs(batch)
-    logits = self.model.apply(
-      {"params": params, **model_state},
-      codes,
-      condition=condition,
-      label=label,
-      train=train,
-      rngs={"dropout": rng} if rng is not None else None,
-    )
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), codes)
+    variables = {"params": params, **model_state}
+    return prior_nll(self.model, variables, self.config.prior, batch, rng, train)
 
   def train_step(self, state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None):
     """One optimiser update on the mean cross-entropy per code."""
@@ -325,30 +356,6 @@ class PriorTask(Task):
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
     )
     return new_state, metrics
-
-  def eval_step(self, state: TrainState, batch: Batch, frozen: Any = None) -> Metrics:
-    """Summed cross-entropy over the real examples' codes, and how many codes that was."""
-    del frozen
-    mask = batch["mask"].astype(jnp.float32)
-    nll = self._nll(state.params, state.model_state, batch, None, False)
-    per_example = jnp.sum(nll.reshape(nll.shape[0], -1), axis=1)
-    return {
-      "nll": jnp.sum(per_example * mask),
-      "count": jnp.sum(mask),
-      "codes": jnp.sum(mask) * float(np.prod(self.shape)),
-    }
-
-  def eval_summary(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
-    """Held-out cross-entropy: nats and bits per code, bits per image dimension."""
-    per_code = float(sums["nll"]) / max(float(sums["codes"]), 1.0)
-    out = {
-      "loss": per_code,
-      "bits_per_code": per_code / float(np.log(2.0)),
-      "examples": float(sums["count"]),
-    }
-    if self.dims_per_code:
-      out["bits_per_dim"] = out["bits_per_code"] / self.dims_per_code
-    return out
 
   def frozen(self) -> Any:
     """The stage-1 model's variables (host arrays), for the sample grids; None without."""

@@ -2,37 +2,38 @@
 
 `train_and_evaluate(config, workdir)` is the one entry point; `vqjax/train.py`, notebooks,
 tests and benchmarks all call it. What is trained is decided by a `tasks.Task` (the stage-1
-autoencoder today; priors and a classifier next), so this file holds no model code and makes no
+autoencoder, the priors, the classifier), so this file holds no model code and makes no
 assumption about what a batch holds.
 
-Order of a run: checkpoints -> config (the data reader pinned) -> mesh -> task -> data ->
-state (newest intact workdir checkpoint, else `ckpt.init_from`, else fresh, always created in
-its sharding) -> the task's frozen inputs, sharded -> jitted steps -> loop. The loop pulls
-metrics to the host only on logging, eval and checkpoint steps, and keeps at most one step in
-flight, so a stop request is served within a step. SIGTERM / SIGINT finish the current step,
-save and return.
+Order of a run: checkpoints -> config (the data reader pinned) -> mesh -> task and its
+evaluators -> data -> state (newest intact workdir checkpoint, else `ckpt.init_from`, else
+fresh, always created in its sharding) -> the task's frozen inputs, sharded -> jitted steps ->
+loop. The loop reads as big_vision's: `for step, batch in zip(range(first + 1, total + 1),
+batches)`, where `batches` (`feed.DeviceFeed`) yields batches already on the devices, reads
+ahead where dispatch is synchronous, and knows the data position a checkpoint records. The
+loop pulls metrics to the host only on logging, eval and checkpoint steps, and keeps at most
+one step queued behind the running one, so a stop request is served within a step or two.
+SIGTERM / SIGINT finish the current step, save and return; with several processes, all agree
+on the step to stop at (`host.StopRequest`).
 
-Input: the loop double-buffers. Right after dispatching step t it reads batch t + 1 and starts
-its transfer to the devices (`sharding.global_batch`), before waiting on any step, so reading
-and copying overlap the device's work; the data order is unchanged. Where dispatch is
-synchronous (the CPU as the training CLIs set it, vqjax.tune_cpu_malloc), a step call returns
-when the step has run, so batch t + 1 is read on a helper thread, started just before the call.
-A checkpoint records the iterator state after the last batch a step consumed, not after the one
-read ahead, so a resume feeds exactly the batch the interrupted run would have fed next. The
-progress line and metrics.jsonl report "data_wait": the share of wall time the devices sat idle
-because the loop was still reading (the step in flight had finished before its successor's
-batch was there), with a warning when it passes 10% (`logs.Progress`).
+The progress line and metrics.jsonl report "data_wait": the share of wall time the devices sat
+idle because the loop was still reading (the step in flight had finished before its
+successor's batch was there, `host.DeviceClock`), with a warning when it passes 10%
+(`logs.Progress`).
 
-Divergence: every step folds its loss into a device-side watch: the worst loss since the last
-check and the first step whose loss was non-finite. A check (every log and checkpoint step) that
-finds a non-finite loss stops the run with `errors.DivergenceError`, recording as bad the
-checkpoints whose parameters gave it (those from the step before it on); one that finds the
-loss exploded (far above the recent losses) only warns and records the checkpoints since the
-previous check as bad. A resume starts from the newest checkpoint not recorded bad, and the
-keep-N clean-up never deletes the last good one.
+Evaluation: every `config.log.eval_every_steps` and at the end, the evaluators `config.evals`
+names (default: the task's `evals`) run over the eval split (`evaluators.py`), the same ones
+`python -m vqjax.evaluate` runs on a saved run.
+
+Divergence (`health.py`): every step folds its loss into a device-side watch. A check (every
+log and checkpoint step) that finds a non-finite loss stops the run with
+`errors.DivergenceError`, recording as bad the checkpoints whose parameters gave it; one that
+finds the loss exploded (far above the recent losses) warns and records the checkpoints since
+the previous check as bad, and stops the run if it stays exploded. A resume starts from the
+newest checkpoint not recorded bad, and the keep-N clean-up never deletes the last good one.
 """
 
-import concurrent.futures
+import collections
 import os
 import shlex
 import signal
@@ -50,6 +51,8 @@ from vqjax import configs, errors, links
 from vqjax.data import pipeline, sources
 from vqjax.training import (
   checkpoint,
+  evaluators,
+  feed,
   health,
   host,
   identity,
@@ -133,8 +136,7 @@ def jit_train_step(
   `step(state, batch, rng, frozen, watch) -> (state, metrics, watch)` hands the task the key
   `fold_in(rng, state.step)` (one key per step, a function of the step only: a resumed run
   draws the same randomness and no task can forget to fold it) and folds the step's loss into
-  `watch` (`new_watch()`: the largest loss since the last check, inf when non-finite, and the
-  first step whose loss was non-finite). The state is donated.
+  the loss watch (`health.fold`; start one with `new_watch(mesh)`). The state is donated.
 
   Args:
     task: the task.
@@ -145,12 +147,7 @@ def jit_train_step(
 
   def step(state, batch, rng, frozen, watch):
     new_state, metrics = task.train_step(state, batch, jax.random.fold_in(rng, state.step), frozen)
-    loss = jnp.asarray(metrics["loss"], jnp.float32)
-    finite = jnp.isfinite(loss)
-    worst = jnp.maximum(watch["worst"], jnp.where(finite, loss, jnp.inf))
-    first = watch["first_bad"]
-    first_bad = jnp.where(finite | (first != health.NEVER), first, new_state.step)
-    return new_state, metrics, {"worst": worst, "first_bad": first_bad}
+    return new_state, metrics, health.fold(watch, metrics["loss"], new_state.step)
 
   repl = sharding.replicated(mesh)
   return jax.jit(
@@ -161,13 +158,8 @@ def jit_train_step(
   )
 
 
-def new_watch(mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """The train step's loss watch with nothing seen yet (see `jit_train_step`)."""
-  repl = sharding.replicated(mesh)
-  return {
-    "worst": jax.device_put(jnp.float32(-jnp.inf), repl),
-    "first_bad": jax.device_put(jnp.int32(health.NEVER), repl),
-  }
+# The train step's loss watch with nothing seen yet (`jit_train_step`'s last argument).
+new_watch = health.new_watch
 
 
 def _finished(workdir: str, step: int, total: int) -> dict[str, float]:
@@ -222,17 +214,6 @@ def train_and_evaluate(
     return run.train(t_start, profiler)
 
 
-def _synchronous_dispatch() -> bool:
-  """Whether step calls return only after the step has run: one CPU device with asynchronous
-  dispatch off (as the training CLIs set it, vqjax.tune_cpu_malloc; JAX dispatches a
-  computation over several CPU devices asynchronously whatever the option says)."""
-  try:
-    asynchronous = jax.config.read("jax_cpu_enable_async_dispatch")
-  except (AttributeError, KeyError):  # a JAX without the option
-    return False
-  return not asynchronous and jax.default_backend() == "cpu" and jax.device_count() == 1
-
-
 class _Run:
   """One launch of a run: its state and step, data, jitted steps, logs and checkpoints.
 
@@ -247,8 +228,8 @@ class _Run:
     make_task: Callable[[ml_collections.ConfigDict], tasks.Task],
   ):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    self.pi, pc = jax.process_index(), jax.process_count()
-    self.writer = self.train_iter = self.stop = self.clock = self.reader = None
+    self.pi = jax.process_index()
+    self.writer = self.data = self.batches = self.stop = self.clock = None
     # One trainer per workdir: the primary holds the lock until close (workdir_lock.py).
     self.lock = workdir_lock.WorkdirLock(self.workdir).acquire() if self.pi == 0 else None
     try:
@@ -264,20 +245,20 @@ class _Run:
         self.lock.release()
       raise
     try:
-      self._setup(config, make_task, pc)
+      self._setup(config, make_task)
     except BaseException:
       self.close()
       raise
+
+  # --- setup ------------------------------------------------------------------------------
 
   def _setup(
     self,
     config: ml_collections.ConfigDict,
     make_task: Callable[[ml_collections.ConfigDict], tasks.Task],
-    pc: int,
   ) -> None:
-    ckpt = self.ckpt
-    latest = ckpt.latest_step()
-    saved_meta = ckpt.read_meta(latest) if latest is not None else {}
+    latest = self.ckpt.latest_step()
+    saved_meta = self.ckpt.read_meta(latest) if latest is not None else {}
     self.config = config = _pin_reader(config, saved_meta)
     self.mesh = mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.data.batch_size, mesh)
@@ -288,58 +269,13 @@ class _Run:
     self.meta = checkpoint.config_meta(
       links.recorded_config(config, self.workdir), task.config_sections
     )
+    self.evaluators = evaluators.build(evaluators.names_for(config, task.evals), config, task.model)
 
     # Data first: a missing dataset fails here, before any compilation.
-    self.train_iter = pipeline.make_train_iterator(config.data, config.seed, self.pi, pc)
-    self.eval_data = pipeline.make_eval_iterator(config.data, self.pi, pc, config.log.eval_batches)
-    # The task initialises from a one-example batch shaped like the real ones (images for the
-    # autoencoder, code maps for a prior): the first batch, peeked at (it stays the first).
-    example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in self.train_iter.peek().items()}
-
-    def init_fn(rng):
-      return task.init(rng, jax.tree.map(jnp.asarray, example))
-
-    repl = sharding.replicated(mesh)
-    # Parameters are drawn with the "rbg" generator: XLA compiles a flax init that uses it in
-    # a fraction of the time threefry's unrolled loops take (4 s vs 23 s measured on 2 CPU
-    # cores for the Fashion-MNIST smoke model). Training randomness: config.train.rng_impl.
-    init_rng = jax.jit(lambda: jax.random.key(config.seed, impl="rbg"), out_shardings=repl)()
-    self.train_rng = jax.jit(lambda: train_key(config), out_shardings=repl)()
-    self.image_rng = jax.jit(lambda: jax.random.key(config.seed + 2), out_shardings=repl)()
-    abstract = jax.eval_shape(init_fn, init_rng)
-    shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-
-    self.resumed = latest is not None
-    if self.resumed:
-      target = checkpoint.abstract_with_shardings(abstract, shardings)
-      self.state, data_state, step = ckpt.restore_newest_intact(target, meta=self.meta)
-      ckpt.discard_after(step)
-      if data_state is not None:
-        self.train_iter.set_state(data_state)
-      saved = ckpt.read_meta(step) or saved_meta
-      if not saved.get("config") and self.pi == 0:
-        # The arrays restored (and were checked); only the record to compare against is lost.
-        logging.warning(
-          "checkpoint %d's config record (%s) cannot be read: the config is not compared",
-          step,
-          os.path.join(ckpt.directory, str(step), "meta"),
-        )
-      changes = checkpoint.config_changes(saved, self.meta) if saved.get("config") else []
-      if changes and self.pi == 0:
-        logging.warning(
-          "the config differs from the one checkpoint %d was saved with: %s",
-          step,
-          "; ".join(changes),
-        )
-      logging.info("resumed from %s/%d", ckpt.directory, step)
-    elif config.ckpt.init_from:
-      # Weights (params + EMA codebooks) only: the optimiser, step and data order start fresh.
-      target = checkpoint.abstract_with_shardings(abstract, shardings)
-      loaded = weights.restore_weights(config.ckpt.init_from, target)
-      self.state = sharding.init_sharded(init_fn, shardings, init_rng).replace(**loaded)
-      logging.info("initialised weights from %s", config.ckpt.init_from)
-    else:
-      self.state = sharding.init_sharded(init_fn, shardings, init_rng)
+    pi, pc = self.pi, jax.process_count()
+    self.data = pipeline.make_train_iterator(config.data, config.seed, pi, pc)
+    self.eval_data = pipeline.make_eval_iterator(config.data, pi, pc, config.log.eval_batches)
+    shardings = self._restore_or_init(saved_meta, latest is not None)
     self.step = int(jax.device_get(self.state.step))
     self.total = int(config.train.steps)
     if self.resumed and self.step >= self.total:
@@ -353,34 +289,10 @@ class _Run:
       self.workdir, tensorboard=config.log.tensorboard, active=self.pi == 0
     )
     self.writer.start_at(self.step)
-
-    self.frozen, frozen_sh = task.frozen(), None
-    if self.frozen is not None:
-      self.frozen, frozen_sh = _place(self.frozen, mesh, config.mesh.fsdp_min_size)
-    self.train_step = jit_train_step(task, mesh, shardings, frozen_sh)
-    batch_sh = sharding.batch_sharding(mesh)
-    self.eval_step = jax.jit(
-      task.eval_step, in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=repl
-    )
-    n_img = config.log.num_images
-    # Dicts come out of jit with sorted keys: the rows' order as the task gave it is noted
-    # while tracing, so "input" stays above "reconstruction" whatever the names.
-    self.row_order: dict[str, list[str]] = {}
-
-    def images(s, b, r, f):
-      grids = task.images(s, b, r, f)
-      self.row_order.update({name: list(rows) for name, rows in grids.items()})
-      return jax.tree.map(lambda x: x[:n_img], grids)
-
-    self.images_fn = jax.jit(
-      images, in_shardings=(shardings, batch_sh, repl, frozen_sh), out_shardings=repl
-    )
-    self.finite_fn = jax.jit(
-      lambda s: sharding.all_finite((s.params, s.model_state)), out_shardings=repl
-    )
-    self.watch = new_watch(mesh)
+    self._compile(shardings)
+    ckpt = self.ckpt
     unjudged = [] if not self.resumed or self.step in ckpt.bad_steps() else [self.step]
-    self.health = health.Health(ckpt, unjudged)
+    self.health = health.Health(ckpt, mesh, unjudged)
     if self.pi == 0:
       logging.info(
         "mesh %s over %d processes; %s parameters; global batch %d; steps %d -> %d",
@@ -392,25 +304,104 @@ class _Run:
         self.total,
       )
 
+  def _restore_or_init(self, saved_meta: dict, resume: bool) -> Any:
+    """Sets `state` (and the data position): the newest intact workdir checkpoint, else
+    `ckpt.init_from`'s weights, else fresh, created in its sharding. Returns the shardings."""
+    config, task, ckpt = self.config, self.task, self.ckpt
+    # The task initialises from a one-example batch shaped like the real ones (images for the
+    # autoencoder, code maps for a prior): the first batch, peeked at (it stays the first).
+    example = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in self.data.peek().items()}
+
+    def init_fn(rng):
+      return task.init(rng, jax.tree.map(jnp.asarray, example))
+
+    repl = sharding.replicated(self.mesh)
+    # Parameters are drawn with the "rbg" generator: XLA compiles a flax init that uses it in
+    # a fraction of the time threefry's unrolled loops take (4 s vs 23 s measured on 2 CPU
+    # cores for the Fashion-MNIST smoke model). Training randomness: config.train.rng_impl.
+    init_rng = jax.jit(lambda: jax.random.key(config.seed, impl="rbg"), out_shardings=repl)()
+    self.train_rng = jax.jit(lambda: train_key(config), out_shardings=repl)()
+    self.image_rng = jax.jit(lambda: jax.random.key(config.seed + 2), out_shardings=repl)()
+    abstract = jax.eval_shape(init_fn, init_rng)
+    shardings = sharding.state_shardings(abstract, self.mesh, config.mesh.fsdp_min_size)
+    target = checkpoint.abstract_with_shardings(abstract, shardings)
+
+    self.resumed = resume
+    if resume:
+      self.state, data_state, step = ckpt.restore_newest_intact(target, meta=self.meta)
+      ckpt.discard_after(step)
+      if data_state is not None:
+        self.data.set_state(data_state)
+      self._compare_config(step, ckpt.read_meta(step) or saved_meta)
+      logging.info("resumed from %s/%d", ckpt.directory, step)
+    elif config.ckpt.init_from:
+      # Weights (params + EMA codebooks) only: the optimiser, step and data order start fresh.
+      loaded = weights.restore_weights(config.ckpt.init_from, target)
+      self.state = sharding.init_sharded(init_fn, shardings, init_rng).replace(**loaded)
+      logging.info("initialised weights from %s", config.ckpt.init_from)
+    else:
+      self.state = sharding.init_sharded(init_fn, shardings, init_rng)
+    return shardings
+
+  def _compare_config(self, step: int, saved: dict) -> None:
+    """Warns about the fields that differ from the config checkpoint `step` was saved with."""
+    if self.pi != 0:
+      return
+    if not saved.get("config"):
+      # The arrays restored (and were checked); only the record to compare against is lost.
+      logging.warning(
+        "checkpoint %d's config record (%s) cannot be read: the config is not compared",
+        step,
+        os.path.join(self.ckpt.directory, str(step), "meta"),
+      )
+      return
+    changes = checkpoint.config_changes(saved, self.meta)
+    if changes:
+      logging.warning(
+        "the config differs from the one checkpoint %d was saved with: %s",
+        step,
+        "; ".join(changes),
+      )
+
+  def _compile(self, shardings: Any) -> None:
+    """The task's frozen inputs, sharded, and the jitted train, eval, image and check steps."""
+    mesh, config, task = self.mesh, self.config, self.task
+    self.frozen, frozen_sh = task.frozen(), None
+    if self.frozen is not None:
+      self.frozen, frozen_sh = _place(self.frozen, mesh, config.mesh.fsdp_min_size)
+    self.train_step = jit_train_step(task, mesh, shardings, frozen_sh)
+    repl = sharding.replicated(mesh)
+    self.eval_suite = evaluators.Suite(
+      self.evaluators, put=lambda batch: sharding.global_batch(batch, mesh), out_sharding=repl
+    )
+    n_img = config.log.num_images
+
+    def images(s, b, r, f):
+      # OrderedDicts come out of jit in their order (dicts sorted): "input" stays above
+      # "reconstruction" whatever the names.
+      grids = task.images(s, b, r, f)
+      return {
+        name: collections.OrderedDict((row, x[:n_img]) for row, x in rows.items())
+        for name, rows in grids.items()
+      }
+
+    batch_sh = sharding.batch_sharding(mesh)
+    self.images_fn = jax.jit(
+      images, in_shardings=(shardings, batch_sh, repl, frozen_sh), out_shardings=repl
+    )
+    self.finite_fn = jax.jit(
+      lambda s: sharding.all_finite((s.params, s.model_state)), out_shardings=repl
+    )
+
   # --- what the loop does besides stepping ------------------------------------------------
 
-  def check(self) -> None:
-    """Judges the losses since the last check (see `_Health`)."""
-    watch = jax.device_get(self.watch)
-    if float(watch["worst"]) != -np.inf:  # a step ran since the last check
-      self.watch = new_watch(self.mesh)
-    self.health.check(float(watch["worst"]), int(watch["first_bad"]), self.step)
-
   def evaluate(self) -> dict[str, float]:
-    """One pass over the eval split; writes and returns the task's summary."""
-    totals = None
-    for host_batch in self.eval_data:
-      batch = sharding.global_batch(host_batch, self.mesh)
-      sums = self.eval_step(self.state, batch, self.frozen)
-      totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    if totals is None:
-      raise errors.UserError(f"eval split {self.config.data.eval_split!r} gave no batches")
-    result = self.task.eval_summary(sharding.to_host(totals))
+    """One pass of the evaluators over the eval split; writes and returns their metrics."""
+    variables = {"params": self.state.params, **self.state.model_state}
+    try:
+      result = self.eval_suite.run(variables, self.eval_data, self.frozen)
+    except errors.UserError as e:
+      raise errors.UserError(f"eval split {self.config.data.eval_split!r}: {e}") from e
     self.writer.write(self.step, result, prefix="eval")
     if self.pi == 0:
       shown = " ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "examples")
@@ -428,108 +419,91 @@ class _Run:
       return
     os.makedirs(os.path.join(self.workdir, "images"), exist_ok=True)
     for name, rows in grids.items():
-      rows = {row: rows[row] for row in self.row_order.get(name, rows)}
       grid = logs.comparison_grid(rows)
       logs.save_png(os.path.join(self.workdir, "images", f"{name}_{self.step:07d}.png"), grid)
       self.writer.write_images(self.step, name, grid)
 
   def save(self) -> None:
-    """Checks the losses so far, then saves (never a non-finite state)."""
-    self.check()
+    """Checks the losses so far, then saves (never a non-finite state) with the data position
+    after the last batch a step consumed."""
+    self.health.check(self.step)
     if not bool(self.finite_fn(self.state)):
-      self.health.check(np.inf, self.step + 1, self.step)
-    # The position after the last batch a step consumed: a batch read ahead is read again.
-    self.ckpt.save(self.step, self.state, self.data_state, self.meta)
-    self.health.pending.append(self.step)
+      self.health.judge(np.inf, self.step + 1, self.step)
+    self.ckpt.save(self.step, self.state, self.batches.get_state(), self.meta)
+    self.health.saved(self.step)
+
+  def log(self, step: int, metrics: dict[str, jax.Array], progress: logs.Progress) -> dict:
+    """Pulls the step's metrics, judges the losses, writes the progress line and records."""
+    values = _host_metrics(metrics)
+    self.health.check(step)
+    text, timing = progress.line(step, values, self.task.progress_keys)
+    self.writer.write(step, {**values, **timing})
+    if self.pi == 0:
+      logging.info("%s", text)
+    return values
 
   # --- the loop ---------------------------------------------------------------------------
-
-  def _read_batch(self) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    """The next training batch, its transfer to the devices started, and the data position
-    after it (what a checkpoint saved once a step has consumed it records)."""
-    batch = next(self.train_iter)
-    return sharding.global_batch(batch, self.mesh), self.train_iter.get_state()
 
   def train(self, t_start: float, profiler: host.Profiler) -> dict[str, float]:
     """Steps to `config.train.steps` (or a stop request), then evaluates; see the module
     docstring. `profiler` traces the steps `config.log.profile_steps` selects. Returns what
     `train_and_evaluate` returns."""
-    c, task = self.config, self.task
-    self.stop = host.StopRequest()
-    self.clock = host.DeviceClock()
-    start_step = self.step
+    c = self.config
+    self.stop, self.clock = host.StopRequest(), host.DeviceClock()
+    first = self.step
+    self.batches = feed.DeviceFeed(
+      self.data, self.mesh, self.total - first, read_ahead=feed.synchronous_dispatch()
+    )
     progress = None  # started after the first step, so compilation is not in the throughput
     result: dict[str, float] = {}
     eval_result: dict[str, float] = {}
-    last_eval = -1
-    previous = None
+    in_flight: list[Any] = []  # outputs of the steps dispatched and not waited for
     stopping = False
-    self.data_state = self.train_iter.get_state()
-    upcoming = self._read_batch() if self.step < self.total else None
-    if _synchronous_dispatch():
-      # Each step call returns only when the step has run: batch t + 1 is read on a helper
-      # thread meanwhile (one read at a time, in order), as the read after an asynchronous
-      # dispatch would overlap it.
-      self.reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vqjax-read")
-    while self.step < self.total and not stopping:
-      batch, data_state = upcoming
-      ahead = None
-      if self.reader is not None and self.step + 1 < self.total:
-        ahead = self.reader.submit(self._read_batch)
-      profiler.before_step(self.step)
-      with profiler.annotate(self.step):
-        self.state, metrics, self.watch = self.train_step(
-          self.state, batch, self.train_rng, self.frozen, self.watch
+    for step, batch in zip(range(first + 1, self.total + 1), self.batches):
+      if progress is not None:  # the devices' idle time while the loop read this batch
+        progress.add_data_wait(self.clock.idle_during(step - 1, *self.batches.last_read))
+      # At most one step queued behind the running one: the host never runs far ahead of the
+      # devices, so a stop request or a log line is served within a step or two, not dozens.
+      if len(in_flight) == 2:
+        jax.block_until_ready(in_flight.pop(0))
+      profiler.before_step(step - 1)
+      with profiler.annotate(step - 1):
+        self.state, metrics, self.health.watch = self.train_step(
+          self.state, batch, self.train_rng, self.frozen, self.health.watch
         )
       del batch  # the step holds it now; dropping ours lets its buffers go when it is done
-      self.data_state = data_state
-      self.step += 1
-      step = self.step
+      self.step = step
       profiler.after_step(step, self.state)
-      self.clock.dispatched(step, self.watch)
-      upcoming = None
-      if step < self.total:
-        # Batch t + 1 is read and sent while the devices run step t; only the part of the
-        # read after step t finished kept them idle.
-        t_read = time.perf_counter()
-        upcoming = ahead.result() if ahead is not None else self._read_batch()
-        waited = self.clock.idle_during(step, t_read, time.perf_counter())
-        if progress is not None:
-          progress.add_data_wait(waited)
-      # At most one step queued behind this one: the host never runs far ahead of the device,
-      # so a stop request or a log line is served within a step, not dozens.
-      if previous is not None:
-        jax.block_until_ready(previous)
-      previous = self.watch
-      if step == start_step + 1:
+      self.clock.dispatched(step, self.health.watch)
+      in_flight.append(self.health.watch)
+      if step == first + 1:
         jax.block_until_ready(self.state)
         result["first_step_s"] = time.perf_counter() - t_start
         if self.pi == 0:
           logging.info(
             "first step done %.1f s after start (compilation included)", result["first_step_s"]
           )
-        progress = logs.Progress(self.total, c.data.batch_size, step, unit=task.unit)
+        progress = logs.Progress(self.total, c.data.batch_size, step, unit=self.task.unit)
       log_now = step % c.log.every_steps == 0 or step == self.total
       if log_now:
-        values = _host_metrics(metrics)
-        self.check()
-        text, timing = progress.line(step, values, task.progress_keys)
-        self.writer.write(step, {**values, **timing})
-        if self.pi == 0:
-          logging.info("%s", text)
-        result.update(values)
+        result.update(self.log(step, metrics, progress))
       stopping = self.stop.requested(sync=log_now or step % _STOP_SYNC_EVERY == 0)
       t_aside = time.perf_counter()
-      if c.log.eval_every_steps and step % c.log.eval_every_steps == 0 and not stopping:
-        eval_result, last_eval = self.evaluate(), step
-      if c.log.image_every_steps and step % c.log.image_every_steps == 0:
+      if _every(step, c.log.eval_every_steps) and not stopping:
+        eval_result = self.evaluate()
+      if _every(step, c.log.image_every_steps):
         self.save_images()
       progress.exclude(time.perf_counter() - t_aside)
-      if stopping or step == self.total or (c.ckpt.every_steps and step % c.ckpt.every_steps == 0):
+      if stopping or step == self.total or _every(step, c.ckpt.every_steps):
         self.save()
-    del upcoming  # read ahead past a stop: never consumed, and not in the saved position
+      if stopping:
+        break
+    return self._finish(first, stopping, result, eval_result)
 
-    if stopping:
+  def _finish(self, first: int, stopped: bool, result: dict, eval_result: dict) -> dict:
+    """After the loop: the stop reported, or the last checkpoint, eval and images made."""
+    c = self.config
+    if stopped:
       signum = self.stop.signum
       logging.warning(
         "stopped at step %d by %s; checkpoint saved",
@@ -538,9 +512,9 @@ class _Run:
       )
       result["stopped"] = int(signum or 0)  # not finished: the CLIs exit non-zero
     else:
-      if self.step == start_step and self.ckpt.latest_step() != self.step:
+      if self.step == first and self.ckpt.latest_step() != self.step:
         self.save()  # nothing ran (train.steps reached by init_from or 0): keep a checkpoint
-      if last_eval != self.step:
+      if not _every(self.step, c.log.eval_every_steps) or self.step == first:
         eval_result = self.evaluate()
       if c.log.image_every_steps and self.step % c.log.image_every_steps:
         self.save_images()
@@ -565,16 +539,16 @@ class _Run:
       self.stop.restore()
     if self.clock is not None:
       self.clock.close()
-    if self.reader is not None:
-      self.reader.shutdown(wait=True, cancel_futures=True)
+    if self.batches is not None:
+      self.batches.close()
     try:
       self.ckpt.close()
     finally:
       try:
         if self.writer is not None:
           self.writer.close()
-        if self.train_iter is not None and hasattr(self.train_iter, "close"):
-          self.train_iter.close()
+        if self.data is not None and hasattr(self.data, "close"):
+          self.data.close()
       finally:
         if self.lock is not None:  # last: everything the run writes is written
           self.lock.release()
@@ -585,3 +559,8 @@ class _Run:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _every(step: int, every: int) -> bool:
+  """Whether `step` is one of every `every` steps (0 = never)."""
+  return bool(every) and step % every == 0
