@@ -158,26 +158,3 @@ def resolve(
     vq_distance=pick(vq_distance, "vq_distance", "xla"),
     vq_matmul=pick(vq_matmul, "vq_matmul", "float32"),
   )
-
-
-def from_config(config: Any, dtype: Any = None, backend: str | None = None) -> Impl:
-  """`resolve` of a full config's fields (model.upconv_impl, model.downconv_impl,
-  model.channel_multiple, model.causal_conv_impl, vq.stats_impl, vq.distance_impl,
-  vq.matmul_impl; for a prior, its kernel size and code-map shape)."""
-  m, vq = config.model, config.vq
-  shapes = config.prior.code_shapes or ()
-  level = config.prior.level
-  code_shape = tuple(shapes[level]) if 0 <= level < len(shapes) else ()
-  return resolve(
-    upconv=m.upconv_impl,
-    downconv=m.downconv_impl,
-    channel_multiple=m.channel_multiple,
-    causal_conv=m.causal_conv_impl,
-    vq_stats=vq.stats_impl,
-    vq_distance=vq.distance_impl,
-    vq_matmul=vq.matmul_impl,
-    dtype=jnp.float32 if dtype is None else dtype,
-    kernel_size=m.kernel_size,
-    code_shape=code_shape,
-    backend=backend,
-  )

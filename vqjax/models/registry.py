@@ -70,6 +70,25 @@ def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
   )
 
 
+def quantizer_forms(vq: ml_collections.ConfigDict) -> dict:
+  """The built-in quantizer's implementation choices in `config.vq` (vq.*_impl), as
+  `impl.resolve` arguments; none for another kind (a Gumbel or plugin quantizer reads none)."""
+  if vq.kind != "vq":
+    return {}
+  return dict(vq_stats=vq.stats_impl, vq_distance=vq.distance_impl, vq_matmul=vq.matmul_impl)
+
+
+def _autoencoder_impl(config, dtype) -> impl.Impl:
+  m = config.model
+  return impl.resolve(
+    upconv=m.upconv_impl,
+    downconv=m.downconv_impl,
+    channel_multiple=m.channel_multiple,
+    dtype=dtype,
+    **quantizer_forms(config.vq),
+  )
+
+
 def _build_vqvae(config, dtype, param_dtype):
   m = config.model
   return vqvae.VQVAE(
@@ -79,7 +98,7 @@ def _build_vqvae(config, dtype, param_dtype):
     num_res_blocks=m.num_res_blocks,
     downsample=m.downsample,
     quantizer=quantizer_kwargs(config.vq),
-    impl=impl.from_config(config, dtype),
+    impl=_autoencoder_impl(config, dtype),
     dtype=dtype,
     param_dtype=param_dtype,
   )
@@ -96,7 +115,7 @@ def _build_vqvae2(config, dtype, param_dtype):
     first_stride=m.first_stride,
     level_stride=m.level_stride,
     quantizer=quantizer_kwargs(config.vq),
-    impl=impl.from_config(config, dtype),
+    impl=_autoencoder_impl(config, dtype),
     dtype=dtype,
     param_dtype=param_dtype,
   )
@@ -146,7 +165,12 @@ def _build_pixelsnail(config, dtype, param_dtype):
     num_out_res_blocks=m.num_out_res_blocks,
     num_classes=_prior_classes(config),
     remat=m.remat,
-    impl=impl.from_config(config, dtype),
+    impl=impl.resolve(
+      causal_conv=m.causal_conv_impl,
+      kernel_size=m.kernel_size,
+      code_shape=shapes[config.prior.level],
+      dtype=dtype,
+    ),
     dtype=dtype,
     param_dtype=param_dtype,
   )
