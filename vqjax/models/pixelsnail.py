@@ -262,10 +262,7 @@ class PixelSNAIL(nn.Module):
           raise ValueError(
             f"condition map {i} is {h}x{w}, which does not divide the {full_h}x{full_w} map"
           )
-      scales = [(full_h // c.shape[1], full_w // c.shape[2]) for c in condition]
-      scale = (min(s[0] for s in scales), min(s[1] for s in scales))
-      if any(s[0] % scale[0] or s[1] % scale[1] for s in scales):
-        scale = (1, 1)  # maps whose ratios do not nest: everything at full resolution
+      scale = self._cond_scale(condition, label, height, width)
       rows, cols = -(-height // scale[0]), -(-width // scale[1])
       for i, c in enumerate(condition):
         h, w = c.shape[1:]
@@ -326,13 +323,16 @@ class PixelSNAIL(nn.Module):
     return logits.astype(prior.logits_dtype(self.dtype))
 
   def _cond_scale(self, condition, label, height: int, width: int) -> tuple[int, int]:
-    """The scale `_conditioning` gives for these inputs, from their shapes alone."""
+    """The scale of `_conditioning`'s features for these inputs, from their shapes alone (so a
+    decode call after the first, whose features come from the cache, knows it too)."""
     full_h, full_w = self.shape
+    if isinstance(condition, jax.Array | np.ndarray):  # one map given bare
+      condition = (condition,)
     if condition:
       scales = [(full_h // c.shape[1], full_w // c.shape[2]) for c in condition]
       scale = (min(s[0] for s in scales), min(s[1] for s in scales))
       if any(s[0] % scale[0] or s[1] % scale[1] for s in scales):
-        return (1, 1)
+        return (1, 1)  # maps whose ratios do not nest: everything at full resolution
       return scale
     return (height, width) if self.num_classes > 0 and label is not None else (1, 1)
 
