@@ -145,3 +145,20 @@ def test_the_search_falls_back_to_xla_without_pallas_triton(monkeypatch):
   monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # import fails
   assert not impl.pallas_triton_available()
   assert impl.resolve(backend="gpu", dtype=jnp.bfloat16, capability=9.0).vq_distance == "xla"
+
+
+def test_a_retired_field_keeps_the_model_fingerprints_of_earlier_runs():
+  """Fingerprints (recorded with code datasets, compared on re-extraction) hash a retired field
+  at its old default, as runs saved before it retired did."""
+  from vqjax.training import checkpoint
+
+  config = configs.load_experiment("fashion_mnist:smoke")
+  as_saved = configs.load_experiment("fashion_mnist:smoke")
+  with as_saved.unlocked():
+    as_saved.model.relu_impl = configs.RETIRED_FIELDS["model.relu_impl"]
+  sections = ("model", "vq")
+  new, old = checkpoint.config_meta(config, sections), checkpoint.config_meta(as_saved, sections)
+  assert new["model_fingerprint"] == old["model_fingerprint"]
+  with as_saved.unlocked():
+    as_saved.model.channels += 1  # a field that shapes the model still changes it
+  assert checkpoint.config_meta(as_saved, sections)["model_fingerprint"] != new["model_fingerprint"]

@@ -368,14 +368,15 @@ def load_experiment(path_or_name: str) -> ml_collections.ConfigDict:
   return config
 
 
-# Fields vqjax once had and no longer reads, with why their values can be dropped. A config
-# saved before (a run's config.json or checkpoint record, a converted model's config.json)
-# still loads: `drop_retired` removes them, whatever their value, as every value of each
-# selected a form of the same function.
+# Fields vqjax once had and no longer reads -> the default they had. A config saved before (a
+# run's config.json or checkpoint record, a converted model's config.json) still loads:
+# `drop_retired` removes them, whatever their value, as every value of each selected a form of
+# the same function. Model fingerprints (training/checkpoint.py config_meta) still hash the
+# default, so a run's fingerprint, recorded e.g. with its code dataset, stays the same.
 RETIRED_FIELDS = {
   # "jax" | "output" | "stored" | "auto": what the ReLUs kept for the backward pass, the same
-  # values and gradients in every form; the models now use jax.nn.relu.
-  "model.relu_impl": "a ReLU form (the same function); the models use jax.nn.relu",
+  # values and gradients in every form; the models now use jax.nn.relu (issue 22).
+  "model.relu_impl": "auto",
 }
 
 
