@@ -162,3 +162,14 @@ def test_a_retired_field_keeps_the_model_fingerprints_of_earlier_runs():
   with as_saved.unlocked():
     as_saved.model.channels += 1  # a field that shapes the model still changes it
   assert checkpoint.config_meta(as_saved, sections)["model_fingerprint"] != new["model_fingerprint"]
+
+
+def test_resuming_a_run_saved_with_a_retired_field_reports_no_config_change():
+  from vqjax.training import checkpoint
+
+  config = configs.load_experiment("fashion_mnist:smoke")
+  saved = checkpoint.config_meta(config, ("model",))
+  saved["config"]["model"]["relu_impl"] = "stored"
+  assert checkpoint.config_changes(saved, checkpoint.config_meta(config, ("model",))) == []
+  saved["config"]["model"]["channels"] += 1
+  assert checkpoint.config_changes(saved, checkpoint.config_meta(config, ("model",)))

@@ -97,7 +97,7 @@ def config_changes(old: dict, new: dict, groups: tuple[str, ...] | None = None) 
     groups: only these top-level groups; None = all.
   """
   a, b = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
-  keys = sorted(set(a) | set(b))
+  keys = sorted((set(a) | set(b)) - set(configs.RETIRED_FIELDS))  # a retired field is no change
   if groups is not None:
     keys = [k for k in keys if k.split(".")[0] in groups]
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
