@@ -9,9 +9,12 @@ Layout (the paper's and the common PyTorch re-implementation's, generalised to N
     conditioned on coarse ones;
   * the final decoder sees [upsampled codes of every upper level, ..., bottom codes] and
     upsamples by `first_stride` back to the image.
-Levels are numbered coarsest first: level 0 is the top. With `levels=1` this is the single-level
-VQ-VAE (see vqvae.py). NHWC, images in [-1, 1], any channel count, any size divisible by
-`first_stride * level_stride ** (levels - 1)`.
+Levels are numbered coarsest first: level 0 is the top. In code a level is this index (the
+metrics here are "level{i}/..."); the names a user reads in logs, metrics and code datasets
+("top", "bottom", ...; stored, so kept for existing runs and datasets) come from one function
+of the training layer, `level_names`, applied where metrics and datasets are written. With
+`levels=1` this is the single-level VQ-VAE (see vqvae.py). NHWC, images in [-1, 1], any channel
+count, any size divisible by `first_stride * level_stride ** (levels - 1)`.
 """
 
 import dataclasses
@@ -36,20 +39,6 @@ def quantizer_class(kind: str):
   if kind in QUANTIZERS:
     return QUANTIZERS[kind]
   return plugins.module_class(plugins.find("quantizer", kind))
-
-
-def level_names(levels: int) -> tuple[str, ...]:
-  """Names of code levels 0 .. levels - 1 (0 = the coarsest, the top), what a user reads in
-  logs, metrics and code datasets: ("codes",), ("top", "bottom"), ("top", "middle",
-  "bottom"), else "level{i}". Code numbers levels; these names are stored (metric names,
-  code-dataset fields) and stay as they are so that existing runs and datasets still load."""
-  if levels == 1:
-    return ("codes",)
-  if levels == 2:
-    return ("top", "bottom")
-  if levels == 3:
-    return ("top", "middle", "bottom")
-  return tuple(f"level{i}" for i in range(levels))
 
 
 class VQVAE2(nn.Module):

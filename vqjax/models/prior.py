@@ -18,8 +18,9 @@ Logits: `logits_dtype(model dtype)` in both modes: float32 for float32, bfloat16
 models, float64 under float64 (sampling divides and normalises them).
 
 Levels: a prior models one code level `config.prior.level`, an index counted from the
-coarsest map (0 = the top), as the hierarchy numbers them; the names a user reads in logs,
-metrics and code datasets ("top", "bottom", ...) are `hierarchy.level_names` of those indices.
+coarsest map (0 = the top), as the hierarchy numbers them (models/hierarchy.py); the names a
+user reads in logs, metrics and code datasets ("top", "bottom", ...) are given to those
+indices by one function of the training layer, where metrics and datasets are written.
 
 Samplers (vqjax/sampling) pick the cached sampler for a prior with `has_decode_mode`, the
 full-recompute one otherwise.

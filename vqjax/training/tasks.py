@@ -19,9 +19,19 @@ from vqjax import errors
 from vqjax.data import codes as codes_data
 from vqjax.data.device_transform import device_transform
 from vqjax.models import quantizer, registry
-from vqjax.models.hierarchy import level_names
 from vqjax.training import classifier_task, optim
 from vqjax.training.task_base import Batch, Metrics, Task, TrainState
+
+
+def level_names(levels: int) -> tuple[str, ...]:
+  """Names of the code levels, coarsest first: what a user reads in logs and metrics."""
+  if levels == 1:
+    return ("codes",)
+  if levels == 2:
+    return ("top", "bottom")
+  if levels == 3:
+    return ("top", "middle", "bottom")
+  return tuple(f"level{i}" for i in range(levels))
 
 
 def _rename_levels(metrics: dict[str, Any], levels: int) -> dict[str, Any]:
