@@ -52,11 +52,11 @@ git log -1 --format=%h 2>/dev/null | tee -a "$LOG"
 CODES=(--set data.name=synthetic_codes --set "data.synthetic_shapes=[[32,32],[64,64]]"
   --set data.synthetic_num_codes=512)
 
-# 1. Stage 1 (target 4x; 3.82x on run 6's H200): the ReLU forms. "auto" is "jax" on GPUs;
-#    "output" reads the derivative from the output; "stored" is the CPU's fusion barrier.
+# 1. Stage 1 (target 4x; 3.82x on run 6's H200): the platform's forms ("auto": adjoint
+#    stride-2 convolutions, channels padded to 8) against the forms XLA differentiates itself.
 section s1 150 $PY benchmarks/variants.py --config vqvae2_imagenet --dtype bfloat16 \
-  --baseline-dir "$REF" --variant "" --variant "model.relu_impl=output" \
-  --variant "model.relu_impl=stored"
+  --baseline-dir "$REF" --variant "" \
+  --variant "model.upconv_impl=subpixel model.downconv_impl=lax model.channel_multiple=0"
 # 2. The bottom prior (target 3x; 2.92x), with and without RngBitGenerator dropout bits.
 section bottom 170 $PY benchmarks/variants.py --config pixelsnail_bottom_imagenet \
   --dtype bfloat16 --baseline-dir "$REF" "${CODES[@]}" --rounds 3 \

@@ -1,10 +1,10 @@
-"""The forms of PixelSNAIL's convolutions (config.model.causal_conv_impl and the registry's
-onehot_impl): the reference's masked k x k causal convolution computed as two convolutions that
-skip the masked taps ("split") or as one matrix product over the taps that can contribute
-("patches"), and the convolutions of one-hot code maps (the stems, the conditioning ResNet's
-first) as look-ups of the codes ("lookup"). Checked against a float64 NumPy convolution with
-the mask applied, against one convolution, and as the whole model against the reference forms
-(same parameters, outputs and gradients)."""
+"""The forms of PixelSNAIL's convolutions (`Impl.causal_conv`, from
+config.model.causal_conv_impl, and `Impl.onehot`, models/impl.py): the reference's masked k x k
+causal convolution computed as two convolutions that skip the masked taps ("split") or as one
+matrix product over the taps that can contribute ("patches"), and the convolutions of one-hot
+code maps (the stems, the conditioning ResNet's first) as look-ups of the codes ("lookup").
+Checked against a float64 NumPy convolution with the mask applied, against one convolution, and
+as the whole model against the reference forms (same parameters, outputs and gradients)."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,8 @@ import pytest
 from test_pixelsnail_remat import _model as remat_model
 
 from vqjax import configs, errors
+from vqjax.models import impl
+from vqjax.models.impl import Impl
 from vqjax.models.pixelsnail import PixelSNAIL
 from vqjax.models.pixelsnail_layers import WNConv, causal_conv
 
@@ -65,7 +67,7 @@ def test_split_equals_numpy_masked_convolution(k):
 
 def _model(impl: str) -> PixelSNAIL:
   # The remat test's small conditioned model, with 5x5 causal convolutions.
-  return remat_model(False, kernel_size=5, causal_impl=impl)
+  return remat_model(False, kernel_size=5, impl=Impl(causal_conv=impl))
 
 
 @pytest.mark.slow
@@ -75,8 +77,8 @@ def test_split_model_same_parameters_outputs_and_gradients(impl, side):
   rng = np.random.default_rng(0)
   codes = jnp.asarray(rng.integers(0, 16, (3, side, side)), jnp.int32)
   cond = (jnp.asarray(rng.integers(0, 16, (3, side // 2, side // 2)), jnp.int32),)
-  masked = remat_model(False, kernel_size=5, causal_impl="masked", shape=(side, side))
-  split = remat_model(False, kernel_size=5, causal_impl=impl, shape=(side, side))
+  masked = remat_model(False, kernel_size=5, shape=(side, side))
+  split = remat_model(False, kernel_size=5, impl=Impl(causal_conv=impl), shape=(side, side))
   params = jax.jit(masked.init)(jax.random.key(0), codes, cond)["params"]
   shapes = jax.eval_shape(split.init, jax.random.key(0), codes, cond)["params"]
   assert jax.tree.structure(params) == jax.tree.structure(shapes)
@@ -169,7 +171,7 @@ def test_lookup_model_same_outputs_and_gradients():
   rng = np.random.default_rng(2)
   codes = jnp.asarray(rng.integers(0, 16, (3, 8, 8)), jnp.int32)
   cond = (jnp.asarray(rng.integers(0, 16, (3, 4, 4)), jnp.int32),)
-  conv, lookup = remat_model(False), remat_model(False, onehot_impl="lookup")
+  conv, lookup = remat_model(False), remat_model(False, impl=Impl(onehot="lookup"))
   params = jax.jit(conv.init)(jax.random.key(0), codes, cond)["params"]
 
   def loss(model):
@@ -185,8 +187,8 @@ def test_lookup_model_same_outputs_and_gradients():
   np.testing.assert_allclose(float(l_l), float(l_c), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_l), strict=True):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
-  with pytest.raises(ValueError, match="onehot_impl"):
-    remat_model(False, onehot_impl="gather").init(jax.random.key(0), codes, cond)
+  with pytest.raises(ValueError, match="unknown onehot form"):
+    Impl(onehot="gather")
 
 
 def test_split_rejects_other_paddings_and_unknown_forms():
@@ -201,27 +203,19 @@ def test_split_rejects_other_paddings_and_unknown_forms():
     configs.validate(c)
 
 
-def test_auto_resolves_to_split_on_gpus_and_patches_for_small_maps(monkeypatch):
+def test_a_built_prior_gets_the_resolved_form_for_its_map():
+  # The "patches" rule itself: tests/test_impl.py; here, that the registry applies it to the
+  # level's code-map shape.
   from vqjax.models import registry
 
   c = configs.prior_config("", level=0, model="pixelsnail")
   assert c.model.causal_conv_impl == "auto"
-  assert registry.causal_conv_impl("auto") == "masked"  # this CPU
-  assert registry.causal_conv_impl("auto", 5, (8, 8)) == "masked"
-  assert registry.causal_conv_impl("auto", 5, (5, 5)) == "masked"
-  # The kernel has more taps than the map has pixels: XLA:CPU's slow swapped convolution.
-  assert registry.causal_conv_impl("auto", 5, (4, 4)) == "patches"
-  assert registry.causal_conv_impl("masked", 5, (4, 4)) == "masked"
-  assert registry.causal_conv_impl("split") == "split"
-  assert registry.onehot_impl() == "lookup"
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert registry.onehot_impl() == "conv"
-  assert registry.causal_conv_impl("auto") == "split"
-  assert registry.causal_conv_impl("auto", 5, (4, 4)) == "split"
-  assert registry.causal_conv_impl("masked") == "masked"
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert registry.causal_conv_impl("auto") == "masked"
-  assert registry.causal_conv_impl("auto", 5, (4, 4)) == "masked"  # unmeasured there
+  c.prior.code_shapes = [[4, 4]]
+  model = registry.build_model(c)
+  cpu = jax.default_backend() == "cpu"
+  assert model.impl.causal_conv == ("patches" if cpu else impl.resolve().causal_conv)
+  c.model.causal_conv_impl = "masked"
+  assert registry.build_model(c).impl.causal_conv == "masked"
 
 
 @pytest.mark.slow

@@ -115,6 +115,7 @@ def _read_by_quantizer(kind: str) -> set[str]:
   config.vq.kind = kind
   seen = set()
   registry.quantizer_kwargs(_Recorder(config.vq, seen, "vq."))
+  registry.quantizer_forms(_Recorder(config.vq, seen, "vq."))  # its forms (models/impl.py)
   return seen
 
 
@@ -146,7 +147,6 @@ def _other_value(field: str, value):
     return {"seed": 1}
   other = {"vq.init": "normal", "vq.stats_impl": "scatter", "vq.distance_impl": "xla"}
   other["vq.matmul_impl"] = "float32"
-  other["model.relu_impl"] = "output"
   other["model.causal_conv_impl"] = "split"
   return other.get(field, "lax")  # model.upconv_impl, model.downconv_impl
 

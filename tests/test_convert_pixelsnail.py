@@ -20,6 +20,7 @@ import vqjax  # noqa: E402
 from vqjax import errors  # noqa: E402
 from vqjax.convert import __main__ as cli  # noqa: E402
 from vqjax.convert.pixelsnail import load_pixelsnail  # noqa: E402
+from vqjax.models.impl import Impl  # noqa: E402
 
 H = W = 8
 K = 8
@@ -230,8 +231,8 @@ def test_top_prior_in_the_cpu_forms_matches_reference(side):
   # reference's Fashion-MNIST top codes): causal convolutions as matrix products, stems as
   # look-ups of the codes; and the same forms on a map larger than the kernel.
   sd = _state_dict(attention=True, n_res_block=2, side=side)
-  model = _compare(sd, side=side, causal_impl="patches", onehot_impl="lookup")
-  assert model.causal_impl == "patches" and model.shape == (side, side)
+  model = _compare(sd, side=side, impl=Impl(causal_conv="patches", onehot="lookup"))
+  assert model.impl.causal_conv == "patches" and model.shape == (side, side)
 
 
 @pytest.mark.parametrize("onehot_impl", ["conv", "lookup"])
@@ -239,7 +240,7 @@ def test_bottom_prior_with_condition_matches_reference(onehot_impl):
   sd = _state_dict(
     attention=False, kernel=3, n_res_block=2, n_cond_res_block=2, cond_res_channel=10
   )
-  model = _compare(sd, condition=_codes(2, (2, H // 2, W // 2)), onehot_impl=onehot_impl)
+  model = _compare(sd, condition=_codes(2, (2, H // 2, W // 2)), impl=Impl(onehot=onehot_impl))
   assert not model.attention and model.num_res_blocks == 2
   assert (model.cond_res_channels, model.num_cond_res_blocks, model.cond_res_kernel) == (10, 2, 3)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from vqjax.models import strided
+from vqjax.models.impl import Impl
 from vqjax.models.layers import Decoder, DownConv, Encoder, ResBlock, UpConv
 
 
@@ -32,7 +33,7 @@ def _np_conv_transpose(x, w, b, stride=2, padding=1):
 
 # channel_multiple=8: the convolution runs on zero-padded channels; same function, parameters.
 @pytest.mark.parametrize("multiple", [0, 8])
-@pytest.mark.parametrize("impl", ["subpixel", "lax", "adjoint", "auto"])
+@pytest.mark.parametrize("impl", ["subpixel", "lax", "adjoint"])
 def test_upconv_matches_pytorch_semantics_in_float64(impl, multiple):
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
   m = UpConv(6, impl=impl, channel_multiple=multiple)
@@ -46,7 +47,7 @@ def test_upconv_matches_pytorch_semantics_in_float64(impl, multiple):
 
 
 @pytest.mark.parametrize("multiple", [0, 8])
-@pytest.mark.parametrize("impl", ["subpixel", "lax", "adjoint", "auto"])
+@pytest.mark.parametrize("impl", ["subpixel", "lax", "adjoint"])
 def test_upconv_gradients_match_numpy_in_float64(impl, multiple):
   x = jax.random.normal(jax.random.key(0), (2, 4, 3, 3))
   m = UpConv(5, impl=impl, channel_multiple=multiple)
@@ -111,7 +112,7 @@ def test_encoder_and_decoder_match_numpy_in_float64(multiple):
   (with channel_multiple=8, the image-side convolutions on zero-padded channels)."""
   relu = lambda a: np.maximum(a, 0)
   x = jax.random.normal(jax.random.key(0), (1, 8, 12, 3))
-  enc = Encoder(6, 4, 1, 4, channel_multiple=multiple)
+  enc = Encoder(6, 4, 1, 4, impl=Impl(channel_multiple=multiple))
   ve = enc.init(jax.random.key(1), x)
   h = enc.apply(ve, x)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), ve["params"])
@@ -122,7 +123,7 @@ def test_encoder_and_decoder_match_numpy_in_float64(multiple):
   e = relu(_np_resblock(e, p["res0"]))
   np.testing.assert_allclose(np.asarray(h), e, rtol=1e-4, atol=1e-5)
 
-  dec = Decoder(2, 6, 4, 1, 4, channel_multiple=multiple)
+  dec = Decoder(2, 6, 4, 1, 4, impl=Impl(channel_multiple=multiple))
   vd = dec.init(jax.random.key(2), h)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), vd["params"])
   assert p["up0"]["kernel"].shape == (4, 4, 6, 3) and "up2" not in p
@@ -152,8 +153,8 @@ def test_bad_stride_is_a_clear_error():
 
 
 @pytest.mark.parametrize("multiple", [0, 8])
-@pytest.mark.parametrize("impl", ["lax", "adjoint", "auto"])
-# odd: "adjoint" uses XLA's rules; 8 channels: its input gradient in up_phase's per-phase form
+@pytest.mark.parametrize("impl", ["lax", "adjoint"])
+# odd: "adjoint" uses XLA's rules
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2), (1, 6, 4, 8)])
 def test_downconv_and_its_gradients_match_numpy_in_float64(impl, shape, multiple):
   """DownConv = nn.Conv(4, stride 2, padding 1) with the same parameters; the gradients of
@@ -182,28 +183,16 @@ def test_downconv_and_its_gradients_match_numpy_in_float64(impl, shape, multiple
   np.testing.assert_allclose(np.asarray(gv["params"]["kernel"]), expect_k, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("split", [False, True, None])
 @pytest.mark.parametrize("out_channels", [3, 8])
-def test_phase_forms_of_the_transposed_conv_match_numpy_in_float64(split, out_channels):
-  """up_phase in one convolution and in one per output phase (None: picked by platform and
-  width) is PyTorch's ConvTranspose2d, also on a non-square, odd-sized input."""
+def test_phase_form_of_the_transposed_conv_matches_numpy_in_float64(out_channels):
+  """up_phase (one 2x2 convolution to 4x the channels) is PyTorch's ConvTranspose2d, also on a
+  non-square, odd-sized input."""
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
   w = jax.random.normal(jax.random.key(1), (4, 4, 4, out_channels)) * 0.3
-  y = strided.up_phase(x, w, split)
+  y = strided.up_phase(x, w)
   expect = _np_conv_transpose(np.asarray(x), np.asarray(w), 0.0)
   assert y.shape == (2, 10, 6, out_channels)
   np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-5, atol=1e-5)
-
-
-def test_the_per_phase_form_is_picked_on_the_cpu_for_wide_outputs():
-  x = jnp.zeros((1, 4, 4, 2))
-  count = lambda o: str(jax.make_jaxpr(strided.up_phase)(x, jnp.zeros((4, 4, 2, o)))).count(
-    "conv_general_dilated"
-  )
-  if jax.default_backend() != "cpu":
-    pytest.skip("checks the pick on the CPU")
-  assert count(strided._SPLIT_MIN_CHANNELS) == 4
-  assert count(strided._SPLIT_MIN_CHANNELS - 1) == 1
 
 
 def test_adjoint_forms_give_xla_gradients_in_bfloat16():
@@ -224,24 +213,11 @@ def test_adjoint_forms_give_xla_gradients_in_bfloat16():
       assert np.abs(a - b).max() <= 0.02 * np.abs(b).max()
 
 
-def test_auto_picks_the_form_measured_on_each_platform_and_bad_impls_are_clear(monkeypatch):
-  if jax.default_backend() != "cpu":
-    pytest.skip("checks the pick on the CPU")
-  picks = dict(cpu="adjoint", accelerator="subpixel", gpu="lax")
-  assert strided.resolve("auto", strided.UP_IMPLS, **picks) == "adjoint"
-  assert strided.resolve("subpixel", strided.UP_IMPLS, **picks) == "subpixel"  # as named
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert strided.resolve("auto", strided.UP_IMPLS, **picks) == "lax"
-  assert strided.resolve("auto", strided.UP_IMPLS, cpu="adjoint", accelerator="subpixel") == (
-    "subpixel"  # no GPU-specific pick: the accelerators' one
-  )
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert strided.resolve("auto", strided.UP_IMPLS, **picks) == "subpixel"
-  monkeypatch.undo()
+def test_bad_stride_2_forms_are_clear_errors():
   with pytest.raises(ValueError, match="unknown stride-2 conv impl 'fast'"):
     DownConv(4, impl="fast").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-  with pytest.raises(ValueError, match="unknown stride-2 conv impl 'phase'"):
-    UpConv(4, impl="phase").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  with pytest.raises(ValueError, match="unknown stride-2 conv impl 'auto'"):  # resolved at build
+    UpConv(4, impl="auto").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 
 
 _FLAG_CHECK = """
@@ -251,6 +227,7 @@ import numpy as np
 import vqjax
 import jax, jax.numpy as jnp
 from vqjax.models import strided
+from vqjax.models.impl import Impl
 assert os.environ.get("XLA_FLAGS") == before  # importing sets nothing
 vqjax.cli_setup()  # what every `python -m vqjax.X` does first
 print("flags:" + os.environ.get("XLA_FLAGS", ""))
@@ -294,14 +271,9 @@ def test_the_cpu_xla_flag_is_set_unless_the_user_chose_and_gradients_hold_under_
   assert "ynn_fusion_type" not in flags
 
 
-def test_channel_multiple_auto_pads_on_gpus_only_and_bad_values_are_clear(monkeypatch):
+def test_bad_channel_multiples_are_clear():
   from vqjax import configs, errors
-  from vqjax.models import registry
 
-  assert registry.channel_multiple(-1) == 0  # this CPU
-  assert registry.channel_multiple(16) == 16 and registry.channel_multiple(0) == 0
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert registry.channel_multiple(-1) == 8
   for bad in (-2, -8):  # (ConfigDict itself refuses a float or a bool for an int field)
     c = configs.base_config()
     c.model.channel_multiple = bad

@@ -346,7 +346,8 @@ def test_decode_mode_has_the_parameters_of_the_full_model_and_a_row_sized_cache(
     # A ring of the k//2 + 1 rows the vertical window reads, and the current row.
     assert cache[f"v_input_{n}"] == ((2, k // 2 + 1, 7, c), jnp.float32)
     assert cache[f"h_input_{n}"] == ((2, 1, 7, c), jnp.float32)
-  assert len(cache) == 1 + layers + 2 * (layers - 1)
+  assert cache["label"] == ((2,), jnp.int32)  # read by the first call (models/prior.py)
+  assert len(cache) == 2 + layers + 2 * (layers - 1)
   out = jax.eval_shape(
     lambda v: model.apply(v, codes, **kw, decode_position=3, mutable=["cache"]), decode
   )[0]

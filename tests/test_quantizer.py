@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vqjax.models import quantizer as qlib
+from vqjax.models.impl import Impl
 from vqjax.models.quantizer import VectorQuantizer
 
 
@@ -130,7 +131,7 @@ def test_ema_update_matches_numpy_over_several_steps(bias_correction, stats_impl
     eps=eps,
     codebook_init="normal",
     bias_correction=bias_correction,
-    stats_impl=stats_impl,
+    impl=Impl(vq_stats=stats_impl),
   )
   rng = np.random.default_rng(1)
   batches = [rng.normal(size=(64, d)).astype(np.float32) for _ in range(5)]
@@ -355,7 +356,7 @@ def test_cluster_sums_match_numpy(impl):
 def test_aux_counts_losses_and_metrics_match_numpy(train, ema, impl):
   k, d, beta = 16, 3, 0.3
   q = VectorQuantizer(
-    num_codes=k, code_dim=d, beta=beta, ema=ema, codebook_init="normal", stats_impl=impl
+    num_codes=k, code_dim=d, beta=beta, ema=ema, codebook_init="normal", impl=Impl(vq_stats=impl)
   )
   z = jax.random.normal(jax.random.key(4), (2, 5, 7, d))
   v = _init(q, z)
@@ -426,7 +427,7 @@ def test_data_init_then_ema_steps_match_numpy(init, bias_correction, stats_impl)
     eps=eps,
     codebook_init=init,
     bias_correction=bias_correction,
-    stats_impl=stats_impl,
+    impl=Impl(vq_stats=stats_impl),
   )
   v = _init(q, jnp.asarray(first))
   state, books = v["vq_state"], []

@@ -9,6 +9,7 @@ import pytest
 
 from vqjax.models import quantizer
 from vqjax.models import vq_kernel as vk
+from vqjax.models.impl import Impl
 
 
 def _np_sqdist(x, codebook):
@@ -169,7 +170,7 @@ def test_quantizer_with_the_pallas_search_equals_the_xla_one():
   outs = {}
   for impl in ("xla", "pallas"):
     vq = quantizer.VectorQuantizer(
-      num_codes=24, code_dim=8, codebook_init="normal", distance_impl=impl
+      num_codes=24, code_dim=8, codebook_init="normal", impl=Impl(vq_distance=impl)
     )
     v = vq.init(jax.random.key(1), z, train=False)
 

@@ -18,6 +18,7 @@ import pytest
 from vqjax import configs, errors
 from vqjax.models import quantizer as q
 from vqjax.models import vq_kernel
+from vqjax.models.impl import Impl
 
 
 def _bf16_values(rng, shape, scale=1.0):
@@ -120,18 +121,12 @@ def test_bf16_cluster_sums_match_float64():
   np.testing.assert_allclose(np.asarray(scattered), want, rtol=0, atol=1e-5 * np.abs(x).sum() / k)
 
 
-def test_bf16_needs_bfloat16_inputs_and_auto_resolves_by_backend():
+def test_bf16_needs_bfloat16_inputs():
   x32 = jnp.ones((4, 8), jnp.float32)
   with pytest.raises(ValueError, match="bfloat16"):
     q.squared_distances_bf16(x32, jnp.ones((3, 8)))
   with pytest.raises(ValueError, match="bfloat16"):
     q.cluster_sums(x32, jnp.zeros(4, jnp.int32), 3, "onehot", "bf16")
-  with pytest.raises(ValueError, match="unknown matmul impl"):
-    q.resolve_matmul_impl("tf32", jnp.bfloat16)
-  accelerator = jax.default_backend() != "cpu"
-  assert q.resolve_matmul_impl("auto", jnp.bfloat16) == ("bf16" if accelerator else "float32")
-  assert q.resolve_matmul_impl("auto", jnp.float32) == "float32"
-  assert q.resolve_matmul_impl("float32", jnp.bfloat16) == "float32"
 
 
 @pytest.mark.parametrize("distance_impl", ["xla", "pallas"])
@@ -145,9 +140,8 @@ def test_quantizer_bf16_matmuls_equal_the_float32_ones(distance_impl):
       num_codes=32,
       code_dim=16,
       restart_after=2,
-      distance_impl=distance_impl,
-      matmul_impl=impl,
-      stats_impl="onehot",  # as on accelerators (the CPU's "auto" is scatter)
+      # vq_stats "onehot": as on accelerators (the CPU's "auto" is scatter)
+      impl=Impl(vq_distance=distance_impl, vq_matmul=impl, vq_stats="onehot"),
       dtype=jnp.bfloat16,
     )
     rngs = {"params": jax.random.key(0), "vq": jax.random.key(1)}
@@ -194,36 +188,3 @@ def test_config_rejects_bf16_matmuls_for_a_float32_model():
   config.vq.matmul_impl = "tf32"
   with pytest.raises(errors.UserError, match="vq.matmul_impl"):
     configs.validate(config)
-
-
-def test_auto_distance_search_is_pallas_only_where_it_was_measured(monkeypatch):
-  assert q.resolve_distance_impl("auto", "bf16", capability=9.0) == (
-    "pallas" if jax.default_backend() == "gpu" else "xla"
-  )
-  monkeypatch.setattr(q.jax, "default_backend", lambda: "gpu")
-  assert q.resolve_distance_impl("auto", "bf16", capability=9.0) == "pallas"  # Hopper
-  assert q.resolve_distance_impl("auto", "bf16", capability=8.0) == "xla"  # not measured there
-  assert q.resolve_distance_impl("auto", "float32", capability=9.0) == "xla"
-  monkeypatch.setattr(q.jax, "default_backend", lambda: "tpu")
-  assert q.resolve_distance_impl("auto", "bf16", capability=0.0) == "xla"
-  assert q.resolve_distance_impl("pallas", "float32") == "pallas"  # asked for: kept
-  assert q.resolve_distance_impl("xla", "bf16") == "xla"
-  with pytest.raises(ValueError, match="unknown distance impl"):
-    q.resolve_distance_impl("cuda", "bf16")
-
-
-def test_auto_distance_search_falls_back_without_pallas_triton(monkeypatch):
-  # A future JAX without Pallas's Triton backend (deprecated in 0.11): "auto" keeps working.
-  monkeypatch.setattr(q.jax, "default_backend", lambda: "gpu")
-  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # import fails
-  assert q.resolve_distance_impl("auto", "bf16", capability=9.0) == "xla"
-
-
-def test_auto_statistics_are_scatter_on_the_cpu_and_onehot_elsewhere(monkeypatch):
-  assert q.resolve_stats_impl("onehot") == "onehot" and q.resolve_stats_impl("scatter") == "scatter"
-  monkeypatch.setattr(q.jax, "default_backend", lambda: "cpu")
-  assert q.resolve_stats_impl("auto") == "scatter"
-  monkeypatch.setattr(q.jax, "default_backend", lambda: "gpu")
-  assert q.resolve_stats_impl("auto") == "onehot"
-  with pytest.raises(ValueError, match="unknown statistics impl"):
-    q.resolve_stats_impl("atomic")

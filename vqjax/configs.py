@@ -83,14 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.first_stride = 4  # vqvae2: stride of the first (bottom) encoder, 2 or 4
   c.model.level_stride = 2  # vqvae2: stride between consecutive levels
   c.model.downsample = 2  # vqvae: number of stride-2 convs (2 -> /4)
-  # Stride-2 convs and transposed convs: exact alternative forms (models/strided.py); "auto"
-  # picks the fastest measured on the platform.
+  # The *_impl fields and channel_multiple below pick exact alternative forms of the same
+  # function; models/impl.py resolves them, "auto" to the fastest measured on the platform,
+  # once when the model is built. Stride-2 convs and transposed convs (models/strided.py):
   c.model.upconv_impl = "auto"  # "auto" | "subpixel" | "lax" | "adjoint"
   c.model.downconv_impl = "auto"  # "auto" | "lax" | "adjoint"
-  # "auto" | "jax" | "output" | "stored": what the ReLUs keep for the backward pass
-  # (models/layers.py relu; the same function and gradients). "auto": "stored" on the CPU
-  # (1.055x the Fashion-MNIST step, benchmarks/RESULTS.md), "jax" elsewhere.
-  c.model.relu_impl = "auto"
   # Pad the image-side convolutions' channels (RGB in, RGB out) to a multiple of this with
   # zeros (0 = as they are; -1 = auto: 8 on GPUs, whose tensor cores take multiples of 8 and
   # where cuDNN otherwise pads on every call: +7.4% ImageNet-256 steps on an H100; 0 elsewhere).
@@ -374,6 +371,28 @@ def load_experiment(path_or_name: str) -> ml_collections.ConfigDict:
   return config
 
 
+# Fields vqjax once had and no longer reads -> the default they had. A config saved before (a
+# run's config.json or checkpoint record, a converted model's config.json) still loads:
+# `drop_retired` removes them, whatever their value, as every value of each selected a form of
+# the same function. Model fingerprints (training/checkpoint.py config_meta) still hash the
+# default, so a run's fingerprint, recorded e.g. with its code dataset, stays the same.
+RETIRED_FIELDS = {
+  # "jax" | "output" | "stored" | "auto": what the ReLUs kept for the backward pass, the same
+  # values and gradients in every form; the models now use jax.nn.relu (issue 22).
+  "model.relu_impl": "auto",
+}
+
+
+def drop_retired(record: dict) -> dict:
+  """A saved config (nested dicts, as JSON) without the `RETIRED_FIELDS`; the rest as it is."""
+  out = dict(record)
+  for field in RETIRED_FIELDS:
+    group, _, name = field.partition(".")
+    if isinstance(out.get(group), dict) and name in out[group]:
+      out[group] = {k: v for k, v in out[group].items() if k != name}
+  return out
+
+
 def _merge_known(config: ml_collections.ConfigDict, values: dict, what: str, prefix="") -> None:
   # Onto the current schema, so fields added since the file was written keep their defaults,
   # while a field the schema no longer has is an error rather than silently dropped.
@@ -427,7 +446,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
       f"{type(values).__name__}"
     )
   config = base_config()
-  _merge_known(config, values, path)
+  _merge_known(config, drop_retired(values), path)
   try:
     validate(config)
   except errors.UserError as e:
@@ -520,7 +539,6 @@ _CHOICES = {
   "data.resize": ("pad", "resize_crop", "center_crop"),
   "model.upconv_impl": ("auto", "subpixel", "lax", "adjoint"),  # models/strided.py
   "model.downconv_impl": ("auto", "lax", "adjoint"),
-  "model.relu_impl": ("auto", "jax", "output", "stored"),
   "model.causal_conv_impl": ("auto", "masked", "split"),
   "train.rng_impl": ("threefry", "rbg", "unsafe_rbg"),
   "vq.init": ("normal", "uniform", "kmeans++", "kmeans"),
@@ -542,7 +560,6 @@ _STAGE1_MODEL_FIELDS = (
   "model.downsample",
   "model.upconv_impl",
   "model.downconv_impl",
-  "model.relu_impl",
   "model.channel_multiple",
 )
 # Read by PixelSNAIL alone among the non-autoencoders (PixelCNN and the classifier ignore them).

@@ -25,7 +25,9 @@ Contracts (see models/registry.py for the autoencoders' and models/quantizer.py 
   model      Module(**kwargs, dtype=..., param_dtype=...) following the contract of the task
              that trains it (`config.task`): models/registry.py for an autoencoder; a prior is
              called as PixelCNN / PixelSNAIL are, `(codes [B, h, w] int32, condition=...,
-             label=..., train=...) -> logits [B, h, w, num_codes]`.
+             label=..., train=...) -> logits [B, h, w, num_codes]` (vqjax/models/prior.py); a
+             prior class that sets `decode_mode = True` and implements that file's decode mode
+             is sampled by the cached sampler, any other by the full-recompute one.
 
 This module sits with the config schema (the lowest layer): it imports nothing of vqjax's but
 the errors, and only what a user names.

@@ -31,7 +31,7 @@ def _config_from_record(record: dict) -> ml_collections.ConfigDict:
   their defaults)."""
   config = configs.base_config()
   with config.unlocked():
-    _merge(config, record)
+    _merge(config, configs.drop_retired(record))  # fields since retired: configs.RETIRED_FIELDS
   return config
 
 

@@ -9,11 +9,15 @@ Layout (the paper's and the common PyTorch re-implementation's, generalised to N
     conditioned on coarse ones;
   * the final decoder sees [upsampled codes of every upper level, ..., bottom codes] and
     upsamples by `first_stride` back to the image.
-Levels are numbered coarsest first: level 0 is the top. With `levels=1` this is the single-level
-VQ-VAE (see vqvae.py). NHWC, images in [-1, 1], any channel count, any size divisible by
-`first_stride * level_stride ** (levels - 1)`.
+Levels are numbered coarsest first: level 0 is the top. In code a level is this index (the
+metrics here are "level{i}/..."); the names a user reads in logs, metrics and code datasets
+("top", "bottom", ...; stored, so kept for existing runs and datasets) come from one function
+of the training layer, `level_names`, applied where metrics and datasets are written. With
+`levels=1` this is the single-level VQ-VAE (see vqvae.py). NHWC, images in [-1, 1], any channel
+count, any size divisible by `first_stride * level_stride ** (levels - 1)`.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 
 from vqjax import plugins
 from vqjax.models.gumbel import GumbelQuantizer
+from vqjax.models.impl import Impl
 from vqjax.models.layers import Decoder, Encoder, Upsampler
 from vqjax.models.quantizer import VectorQuantizer
 
@@ -50,13 +55,9 @@ class VQVAE2(nn.Module):
     quantizer: keyword arguments of every level's quantizer (num_codes, code_dim, ...);
       "kind" picks VectorQuantizer ("vq", the default), GumbelQuantizer ("gumbel") or a
       plugin's module (a registered name or an import path, vqjax/plugins.py).
-    upconv_impl: form of the transposed convolutions, models/strided.py (same function, same
-      weights; "auto": the fastest measured on the platform).
-    downconv_impl: form of the stride-2 convolutions, likewise.
-    relu_impl: what the ReLUs keep for the backward pass (layers.relu: "jax", "output",
-      "stored"; the same function and gradients; "auto": the fastest measured on the platform).
-    channel_multiple: > 1 pads the image-side convolutions' channels (the encoder's input,
-      the decoder's output) to a multiple of it: the same function.
+    impl: the forms the layers compute in (models/impl.py: the stride-2 convolutions, the
+      image-side channel padding, the built-in quantizer's statistics, matmuls and search),
+      resolved when the model is built; every form is the same function of the same weights.
     dtype: compute dtype; quantizer distances and statistics stay float32.
     param_dtype: parameter dtype.
   """
@@ -69,10 +70,7 @@ class VQVAE2(nn.Module):
   first_stride: int = 4
   level_stride: int = 2
   quantizer: dict | None = None
-  upconv_impl: str = "auto"
-  downconv_impl: str = "auto"
-  relu_impl: str = "auto"
-  channel_multiple: int = 0
+  impl: Impl = Impl()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -80,7 +78,10 @@ class VQVAE2(nn.Module):
     if self.levels < 1:
       raise ValueError(f"levels must be >= 1, got {self.levels}")
     qkw = dict(self.quantizer or {})
-    quantizer = quantizer_class(qkw.pop("kind", "vq"))
+    kind = qkw.pop("kind", "vq")
+    quantizer = quantizer_class(kind)
+    if kind == "vq":  # the built-in nearest-code quantizer computes in the model's forms
+      qkw["impl"] = self.impl
     self.code_dim = qkw.get("code_dim", 64)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n = self.levels
@@ -91,9 +92,7 @@ class VQVAE2(nn.Module):
         self.res_channels,
         self.num_res_blocks,
         self.first_stride if i == bottom else self.level_stride,
-        downconv_impl=self.downconv_impl,
-        relu_impl=self.relu_impl,
-        channel_multiple=self.channel_multiple,
+        impl=self.impl,
         **kw,
       )
       for i in range(n)
@@ -108,8 +107,8 @@ class VQVAE2(nn.Module):
         self.res_channels,
         self.num_res_blocks,
         self.level_stride,
-        upconv_impl=self.upconv_impl,
-        relu_impl=self.relu_impl,
+        # Code-side channels: the image-side padding (channel_multiple) is not theirs.
+        impl=dataclasses.replace(self.impl, channel_multiple=0),
         **kw,
       )
       for _ in range(n - 1)
@@ -119,8 +118,7 @@ class VQVAE2(nn.Module):
       Upsampler(
         self.code_dim,
         self.level_stride ** (bottom - i),
-        upconv_impl=self.upconv_impl,
-        relu_impl=self.relu_impl,
+        impl=self.impl,
         **kw,
       )
       for i in range(n - 1)
@@ -131,9 +129,7 @@ class VQVAE2(nn.Module):
       self.res_channels,
       self.num_res_blocks,
       self.first_stride,
-      upconv_impl=self.upconv_impl,
-      relu_impl=self.relu_impl,
-      channel_multiple=self.channel_multiple,
+      impl=self.impl,
       **kw,
     )
 

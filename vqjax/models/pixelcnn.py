@@ -47,6 +47,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqjax.models import prior
+
 
 def down_shift(x: jax.Array) -> jax.Array:
   """Shifts [B, H, W, C] down by one row (zeros enter at the top): row i gets row i - 1."""
@@ -322,9 +324,14 @@ class GatedPixelCNN(nn.Module):
     cond_channels: > 0 makes the model conditional on coarser code maps; `condition` is then
       required.
     dropout: dropout rate on the gated outputs, applied only when train=True ("dropout" rng).
-    dtype: compute dtype; the logits are float32 for any lower precision (float64 for float64).
+    dtype: compute dtype; the logits are `prior.logits_dtype(dtype)` (float32 for any lower
+      precision, float64 for float64).
     param_dtype: parameter dtype.
+
+  Full and decode mode follow models/prior.py (`decode_mode`).
   """
+
+  decode_mode = True  # models/prior.py: `decode_position` calls, a "cache" collection
 
   num_codes: int = 512
   channels: int = 128
@@ -457,7 +464,8 @@ class GatedPixelCNN(nn.Module):
     *,
     decode_position: jax.Array | None = None,
   ) -> jax.Array:
-    """Logits of each code given the codes before it in raster order.
+    """Logits of each code given the codes before it in raster order (models/prior.py's
+    contract).
 
     Args:
       codes: int [B, H, W] in [0, num_codes).
@@ -467,8 +475,8 @@ class GatedPixelCNN(nn.Module):
       train: enables dropout.
       decode_position: incremental decoding (sampling): the int32 raster position p; only its
         logits are computed, from the features of earlier positions kept in the mutable
-        "cache" collection, which the first such call creates (it encodes `condition` then;
-        later calls ignore it, but `label` is read by every call). Calls must go p = 0, 1, 2,
+        "cache" collection, which the first such call creates (it encodes `condition` and
+        keeps `label` then; later calls read both from the cache). Calls must go p = 0, 1, 2,
         ...; of codes (the current map) only the codes before p are read.
 
     Returns:
@@ -494,6 +502,13 @@ class GatedPixelCNN(nn.Module):
       )
       for i in range(self.num_layers)
     ]
+    if decode_position is not None and label is not None:
+      # models/prior.py: the first decode call's label enters the cache; later calls read it
+      # from there, as the coarser codes' features.
+      if self.has_variable("cache", "label"):
+        label = self.get_variable("cache", "label")
+      else:
+        self.put_variable("cache", "label", jnp.asarray(label, jnp.int32))
     if decode_position is not None and self.has_variable("cache", "cond_features"):
       cond = self.get_variable("cache", "cond_features")
     else:
@@ -515,7 +530,7 @@ class GatedPixelCNN(nn.Module):
     y = nn.Dense(self.channels, name="head_hidden", **kw)(nn.relu(skips))
     # The last projection runs in at least float32 (float64 stays float64): softmax and
     # sampling over K codes want the precision, and it is a small part of the compute.
-    out_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    out_dtype = prior.logits_dtype(self.dtype)
     logits = nn.Dense(
       self.num_codes, dtype=out_dtype, param_dtype=self.param_dtype, name="head_logits"
     )(nn.relu(y).astype(out_dtype))

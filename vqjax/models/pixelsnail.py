@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqjax.models import prior
+from vqjax.models.impl import Impl
 from vqjax.models.pixelsnail_layers import (
   CausalAttention,
   GatedResBlock,
@@ -59,7 +61,6 @@ __all__ = [
 ]
 
 Dtype = Any
-ONEHOT_IMPLS = ("conv", "lookup")
 
 
 def _pad(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Array:
@@ -67,7 +68,8 @@ def _pad(x: jax.Array, top: int, bottom: int, left: int, right: int) -> jax.Arra
 
 
 class PixelBlock(nn.Module):
-  """Causal gated residual blocks, then attention (or a 1x1 conv) with coordinates."""
+  """Causal gated residual blocks, then attention (or a 1x1 conv) with coordinates.
+  `condition` comes `cond_scale` times coarser than x (see `GatedResBlock`)."""
 
   res_channels: int
   kernel_size: int
@@ -182,14 +184,18 @@ class PixelSNAIL(nn.Module):
     remat: in training, recompute each PixelBlock's activations in the backward pass
       (`nn.remat`) instead of keeping them: the same function and parameters, much less memory
       (the blocks' inputs are kept, not their insides), about a third more compute.
-    causal_impl: form of the k x k causal convolutions in training ("masked" | "split" |
-      "patches", pixelsnail_layers.WNConv): the same function; "split" skips the masked
-      taps, "patches" is one matrix product over the taps that can contribute.
-    onehot_impl: form of the convolutions of one-hot code maps (the two stems in training and
-      each conditioning ResNet's first): "conv" (the one-hot map convolved, as the reference)
-      or "lookup" (the kernel rows the codes pick, summed: pixelsnail_layers.WNConv's
-      `one_hot`). The same function.
+    impl: the forms it computes in (models/impl.py), the same function in each:
+      `causal_conv`, the k x k causal convolutions in training ("masked" | "split" |
+      "patches", pixelsnail_layers.WNConv: "split" skips the masked taps, "patches" is one
+      matrix product over the taps that can contribute); `onehot`, the convolutions of
+      one-hot code maps (the two stems in training and each conditioning ResNet's first):
+      "conv" (the one-hot map convolved, as the reference) or "lookup" (the kernel rows the
+      codes pick, summed: pixelsnail_layers.WNConv's `one_hot`).
+
+  Full and decode mode follow models/prior.py (`decode_mode`).
   """
+
+  decode_mode = True  # models/prior.py: `decode_position` calls, a "cache" collection
 
   shape: tuple[int, int] = (32, 32)
   num_codes: int = 512
@@ -207,18 +213,15 @@ class PixelSNAIL(nn.Module):
   num_out_res_blocks: int = 0
   num_classes: int = 0
   remat: bool = False
-  causal_impl: str = "masked"
-  onehot_impl: str = "conv"
+  impl: Impl = Impl()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def _one_hot(self, codes: jax.Array) -> tuple[jax.Array, dict]:
     """(input, WNConv arguments) of a convolution of the one-hot map of `codes`, in the form
-    `onehot_impl` names: the codes with one_hot=num_codes ("lookup"), or the map itself."""
+    `impl.onehot` names: the codes with one_hot=num_codes ("lookup"), or the map itself."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    if self.onehot_impl not in ONEHOT_IMPLS:
-      raise ValueError(f"unknown onehot_impl {self.onehot_impl!r}; expected one of {ONEHOT_IMPLS}")
-    if self.onehot_impl == "lookup":
+    if self.impl.onehot == "lookup":
       return codes, dict(kw, one_hot=self.num_codes)
     return jax.nn.one_hot(codes, self.num_codes, dtype=self.dtype), kw
 
@@ -259,10 +262,7 @@ class PixelSNAIL(nn.Module):
           raise ValueError(
             f"condition map {i} is {h}x{w}, which does not divide the {full_h}x{full_w} map"
           )
-      scales = [(full_h // c.shape[1], full_w // c.shape[2]) for c in condition]
-      scale = (min(s[0] for s in scales), min(s[1] for s in scales))
-      if any(s[0] % scale[0] or s[1] % scale[1] for s in scales):
-        scale = (1, 1)  # maps whose ratios do not nest: everything at full resolution
+      scale = self._cond_scale(condition, label, height, width)
       rows, cols = -(-height // scale[0]), -(-width // scale[1])
       for i, c in enumerate(condition):
         h, w = c.shape[1:]
@@ -290,16 +290,61 @@ class PixelSNAIL(nn.Module):
         cond = cond + emb
     return cond, scale
 
-  def _decode(self, codes, condition, label, train, position) -> jax.Array:
+  def _blocks(self, scale: tuple[int, int], remat: bool) -> list[nn.Module]:
+    """The PixelBlocks, the one place they are built (both modes call them); `remat` wraps
+    them in `nn.remat` (the same parameters: a training memory choice)."""
+    # `train` is a Python bool: static for nn.remat (argument 4, counting the module as 0).
+    block_class = nn.remat(PixelBlock, static_argnums=(4,)) if remat else PixelBlock
+    return [
+      block_class(
+        self.res_channels,
+        self.kernel_size,
+        self.num_res_blocks,
+        attention=self.attention,
+        num_heads=self.num_heads,
+        dropout=self.dropout,
+        causal_impl=self.impl.causal_conv,
+        cond_scale=scale,
+        name=f"blocks_{n}",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+      )
+      for n in range(self.num_blocks)
+    ]
+
+  def _head(self, out: jax.Array, train: bool) -> jax.Array:
+    """The output residual blocks, ELU and the 1 x 1 convolution to logits (both modes)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    for n in range(self.num_out_res_blocks):
+      block = GatedResBlock(self.res_channels, 1, dropout=self.dropout, name=f"out_{n}", **kw)
+      out = block(out, train=train)
+    # Index num_out_res_blocks is the reference's ELU in its nn.Sequential.
+    logits = WNConv(self.num_codes, name=f"out_{self.num_out_res_blocks + 1}", **kw)(nn.elu(out))
+    return logits.astype(prior.logits_dtype(self.dtype))
+
+  def _cond_scale(self, condition, label, height: int, width: int) -> tuple[int, int]:
+    """The scale of `_conditioning`'s features for these inputs, from their shapes alone (so a
+    decode call after the first, whose features come from the cache, knows it too)."""
+    full_h, full_w = self.shape
+    if isinstance(condition, jax.Array | np.ndarray):  # one map given bare
+      condition = (condition,)
+    if condition:
+      scales = [(full_h // c.shape[1], full_w // c.shape[2]) for c in condition]
+      scale = (min(s[0] for s in scales), min(s[1] for s in scales))
+      if any(s[0] % scale[0] or s[1] % scale[1] for s in scales):
+        return (1, 1)  # maps whose ratios do not nest: everything at full resolution
+      return scale
+    return (height, width) if self.num_classes > 0 and label is not None else (1, 1)
+
+  def _decode(self, codes, condition, label, position) -> jax.Array:
     """Logits [B, num_codes] at raster position `position`, one pixel of work per layer.
 
     Per position each k x k causal convolution computes one output pixel (k^2 C_in C_out),
     each attention layer attends one query over at most H * W cached keys, and the 1 x 1
     layers run on one pixel; the caches hold one [B, H, W, C] map per k x k convolution
-    input, the keys and values, the one-hot codes and the conditioning features.
+    input, the keys and values, the one-hot codes and the conditioning features (at their
+    own resolution, computed by the first call from `condition` and `label`).
     """
-    if train:
-      raise ValueError("decode_position is for sampling: train must be False")
     b, h, w = codes.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     k = self.kernel_size
@@ -324,28 +369,17 @@ class PixelSNAIL(nn.Module):
     bg = jnp.broadcast_to(bg[None], (b, 1, 1, 2))
     if self.has_variable("cache", "condition"):
       cond = self.get_variable("cache", "condition")
+      scale = self._cond_scale(condition, label, h, w)
     else:
       cond, scale = self._conditioning(condition, label, b, h, w)
       if cond is not None:
-        cond = upsample(cond, scale, h, w)  # one pixel at a time: the full map, once
         self.put_variable("cache", "condition", cond)
-    if cond is not None:
-      cond = jax.lax.dynamic_slice(cond, (0, i, j, 0), (b, 1, 1, cond.shape[-1]))
-    for n in range(self.num_blocks):
-      out = PixelBlock(
-        self.res_channels,
-        self.kernel_size,
-        self.num_res_blocks,
-        attention=self.attention,
-        num_heads=self.num_heads,
-        dropout=self.dropout,
-        name=f"blocks_{n}",
-        **kw,
-      )(out, bg, condition=cond, decode=decode)
-    for n in range(self.num_out_res_blocks):
-      out = GatedResBlock(self.res_channels, 1, dropout=self.dropout, name=f"out_{n}", **kw)(out)
-    logits = WNConv(self.num_codes, name=f"out_{self.num_out_res_blocks + 1}", **kw)(nn.elu(out))
-    return logits.reshape(b, self.num_codes).astype(jnp.float32)
+    if cond is not None:  # pixel (i, j)'s features, at their own resolution
+      at = (0, i // scale[0], j // scale[1], 0)
+      cond = jax.lax.dynamic_slice(cond, at, (b, 1, 1, cond.shape[-1]))
+    for block in self._blocks(scale, remat=False):
+      out = block(out, bg, cond, False, decode=decode)
+    return self._head(out, train=False).reshape(b, self.num_codes)
 
   @nn.compact
   def __call__(
@@ -357,7 +391,7 @@ class PixelSNAIL(nn.Module):
     *,
     decode_position: jax.Array | None = None,
   ) -> jax.Array:
-    """Logits of every position given the codes before it.
+    """Logits of every position given the codes before it (models/prior.py's contract).
 
     Args:
       codes: int32 [B, H, W] code map (H may be less than shape[0] while sampling).
@@ -368,11 +402,13 @@ class PixelSNAIL(nn.Module):
       decode_position: incremental decoding (sampling): the int32 raster position p; only
         its logits are computed, from the features of earlier positions kept in the
         mutable "cache" collection, which the first such call creates (it reads `condition`
-        and `label` then; later calls ignore them). Calls must go p = 0, 1, 2, ...; codes
-        is the current map, of which only the code at p - 1 is read (it enters the cache).
+        and `label` then; later calls read them from the cache). Calls must go p = 0, 1,
+        2, ...; codes is the current map, of which only the code at p - 1 is read (it
+        enters the cache).
 
     Returns:
-      float32 [B, H, W, num_codes] logits ([B, num_codes] at decode_position).
+      [B, H, W, num_codes] logits ([B, num_codes] at decode_position), of
+      `prior.logits_dtype(dtype)` (float32, or float64 under float64).
     """
     b, h, w = codes.shape
     for name in ("kernel_size", "cond_res_kernel"):
@@ -380,9 +416,10 @@ class PixelSNAIL(nn.Module):
       # (the reference fails the same way).
       if getattr(self, name) % 2 == 0:
         raise ValueError(f"PixelSNAIL {name} must be odd, got {getattr(self, name)}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if decode_position is not None:
-      return self._decode(codes, condition, label, train, decode_position)
+      if train:
+        raise ValueError("decode_position is for sampling: train must be False")
+      return self._decode(codes, condition, label, decode_position)
     k = self.kernel_size
     # The stems take the codes themselves ("lookup") or their one-hot map.
     x, stem = self._one_hot(codes)
@@ -395,24 +432,6 @@ class PixelSNAIL(nn.Module):
     bg = jnp.broadcast_to(jnp.asarray(background(*self.shape))[:h, :w], (b, h, w, 2))
     with jax.named_scope("conditioning"):  # conditioning ResNets, upsampling, label: one scope
       cond, scale = self._conditioning(condition, label, b, h, w)
-    # `train` is a Python bool: static for nn.remat (argument 4, counting the module as 0).
-    block_class = nn.remat(PixelBlock, static_argnums=(4,)) if self.remat else PixelBlock
-    for i in range(self.num_blocks):
-      out = block_class(
-        self.res_channels,
-        self.kernel_size,
-        self.num_res_blocks,
-        attention=self.attention,
-        num_heads=self.num_heads,
-        dropout=self.dropout,
-        causal_impl=self.causal_impl,
-        cond_scale=scale,
-        name=f"blocks_{i}",
-        **kw,
-      )(out, bg, cond, train)
-    for i in range(self.num_out_res_blocks):
-      block = GatedResBlock(self.res_channels, 1, dropout=self.dropout, name=f"out_{i}", **kw)
-      out = block(out, train=train)
-    # Index num_out_res_blocks is the reference's ELU in its nn.Sequential.
-    logits = WNConv(self.num_codes, name=f"out_{self.num_out_res_blocks + 1}", **kw)(nn.elu(out))
-    return logits.astype(jnp.float32)
+    for block in self._blocks(scale, remat=self.remat):
+      out = block(out, bg, cond, train)
+    return self._head(out, train)

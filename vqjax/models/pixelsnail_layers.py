@@ -357,7 +357,8 @@ class GatedResBlock(nn.Module):
   ) -> jax.Array:
     """The block on maps [B, H, W, C]; with `decode=(i, j, height, width)`, on pixel (i, j).
 
-    In decode mode x, aux and condition are that pixel's [B, 1, 1, C] features and a
+    In decode mode x and aux are that pixel's [B, 1, 1, C] features, condition the [B, 1, 1, C]
+    features of the (cond_scale times coarser) pixel that covers it, and a
     k x k convolution reads its input from a map kept in the "cache" collection, to which
     this pixel is first written (1 x 1 convolutions need no cache).
     """
@@ -379,8 +380,11 @@ class GatedResBlock(nn.Module):
     if condition is not None:
       proj = WNConv(2 * in_channels, use_bias=False, name="condition", **kw)(condition)
       # `condition` may come at a coarser resolution (cond_scale, see PixelSNAIL): a 1 x 1
-      # projection commutes with nearest upsampling, so it is projected first.
-      out = out + upsample(proj, self.cond_scale, out.shape[1], out.shape[2])
+      # projection commutes with nearest upsampling, so it is projected first. In decode mode
+      # it is already the coarse pixel that covers (i, j).
+      if decode is None:
+        proj = upsample(proj, self.cond_scale, out.shape[1], out.shape[2])
+      out = out + proj
     a, b = jnp.split(out, 2, axis=-1)
     return x.astype(self.dtype) + a * nn.sigmoid(b)
 

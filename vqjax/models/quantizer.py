@@ -20,7 +20,6 @@ EMA codebook, lives in the "vq_state" collection and changes only when `train=Tr
 Under jit with globally sharded arrays, every batch statistic here is global over all devices.
 """
 
-import importlib
 from typing import Any
 
 import flax.linen as nn
@@ -40,68 +39,10 @@ from vqjax.models.distances import (  # noqa: F401
   squared_distances,
   squared_distances_bf16,
 )
+from vqjax.models.impl import Impl
 
-MATMUL_IMPLS = ("auto", "float32", "bf16")
-DISTANCE_IMPLS = ("auto", "xla", "pallas")
-STATS_IMPLS = ("auto", "onehot", "scatter")
 _KMEANS_MAX_POINTS = 16384  # k-means on a random subset: the cost stays flat at any batch size
 _INITS = ("normal", "uniform", "kmeans++", "kmeans")
-
-
-def resolve_matmul_impl(impl: str, dtype: Any) -> str:
-  """ "auto" -> "bf16" for bfloat16 inputs on an accelerator, "float32" otherwise (a CPU runs
-  float32 matmuls faster than bfloat16 ones); any other choice is returned as it is."""
-  if impl not in MATMUL_IMPLS:
-    raise ValueError(f"unknown matmul impl {impl!r}; expected one of {MATMUL_IMPLS}")
-  if impl != "auto":
-    return impl
-  bf16 = jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() != "cpu"
-  return "bf16" if bf16 else "float32"
-
-
-def resolve_stats_impl(impl: str) -> str:
-  """ "auto" -> "scatter" on the CPU (5% faster training steps than "onehot" for the reference's
-  sizes on 2 cores, benchmarks/RESULTS.md) and "onehot" on accelerators (15% faster than
-  "scatter" on an H100: no atomic contention); any other choice is returned as it is."""
-  if impl not in STATS_IMPLS:
-    raise ValueError(f"unknown statistics impl {impl!r}; expected one of {STATS_IMPLS}")
-  if impl != "auto":
-    return impl
-  return "scatter" if jax.default_backend() == "cpu" else "onehot"
-
-
-def _cuda_compute_capability() -> float:
-  """The first device's CUDA compute capability (9.0 for Hopper), 0 elsewhere."""
-  device = jax.devices()[0]
-  try:
-    return float(getattr(device, "compute_capability", 0) or 0)
-  except (TypeError, ValueError):
-    return 0.0
-
-
-def resolve_distance_impl(impl: str, matmul: str, capability: float | None = None) -> str:
-  """ "auto" -> "pallas" (models/vq_kernel.py, in its bf16 mode) with bf16 matmuls on a CUDA GPU
-  of compute capability 9.0 or newer, where it was measured faster (an H200: 15.87 against
-  16.24 ms per ImageNet-256 stage-1 step, benchmarks/RESULTS.md); "xla" everywhere else (the
-  kernel was never compiled for a TPU or an older GPU). `capability` defaults to the device's."""
-  if impl not in DISTANCE_IMPLS:
-    raise ValueError(f"unknown distance impl {impl!r}; expected one of {DISTANCE_IMPLS}")
-  if impl != "auto":
-    return impl
-  if matmul != "bf16" or jax.default_backend() != "gpu" or not _pallas_triton_available():
-    return "xla"
-  capability = _cuda_compute_capability() if capability is None else capability
-  return "pallas" if capability >= 9.0 else "xla"
-
-
-def _pallas_triton_available() -> bool:
-  """Whether this JAX still has Pallas's Triton backend (deprecated in JAX 0.11: "will be
-  removed in a future JAX version"); without it "auto" falls back to the XLA search."""
-  try:
-    importlib.import_module("jax.experimental.pallas.triton")
-  except ImportError:
-    return False
-  return True
 
 
 def _weights_like(indices: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -286,16 +227,12 @@ class VectorQuantizer(nn.Module):
       "kmeans++" / "kmeans" (from the first training batch; "kmeans" adds Lloyd iterations).
     kmeans_iters: Lloyd iterations for codebook_init="kmeans".
     restart_after: re-seed codes unused for this many training steps (0 = never).
-    stats_impl: "scatter" or "onehot" computation of per-code counts and sums (same values);
-      "auto": `resolve_stats_impl` (scatter on the CPU, onehot on accelerators).
-    distance_impl: nearest-codeword search: "xla" (the [N, K] distances, then argmin; the
-      reference), "pallas" (models/vq_kernel.py: a fused kernel that never writes the
-      distances; interpreted, slowly, on the CPU) or "auto" (`resolve_distance_impl`: pallas
-      on Hopper-class GPUs with bf16 matmuls, else xla).
-    matmul_impl: the distance and EMA-sum matmuls: "float32" (HIGHEST precision), "bf16"
-      (bfloat16 inputs only: bfloat16 matmuls with float32 products and accumulation, the
-      same values up to summation order; see `split_bf16`) or "auto" ("bf16" for a bfloat16
-      input on an accelerator, else "float32").
+    impl: the forms it computes in (models/impl.py), all giving the same values up to
+      float32 summation order: `vq_stats` "scatter" or "onehot" per-code counts and sums;
+      `vq_distance` "xla" (the [N, K] distances, then argmin; the reference) or "pallas"
+      (models/vq_kernel.py: a fused kernel that never writes the distances; interpreted,
+      slowly, on the CPU); `vq_matmul` "float32" (HIGHEST precision) or "bf16" (bfloat16
+      inputs only: bfloat16 matmuls with float32 products and accumulation, see `split_bf16`).
     dtype: dtype of the quantized output (distances and statistics stay float32).
     param_dtype: dtype of the codebook parameter (loss-trained codebook).
   """
@@ -310,9 +247,7 @@ class VectorQuantizer(nn.Module):
   codebook_init: str = "kmeans++"
   kmeans_iters: int = 10
   restart_after: int = 0
-  stats_impl: str = "auto"
-  distance_impl: str = "auto"
-  matmul_impl: str = "auto"
+  impl: Impl = Impl()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -455,10 +390,10 @@ class VectorQuantizer(nn.Module):
         self._init_from_data(flat_sg, jax.random.fold_in(rng, 0))
 
     codebook = self.codebook
-    matmul = resolve_matmul_impl(self.matmul_impl, z.dtype)
+    matmul = self.impl.vq_matmul
     # bf16 matmuls take z as it came (bfloat16, exact); the float32 path its float32 copy.
     search_x = jax.lax.stop_gradient(z.reshape(-1, self.code_dim)) if matmul == "bf16" else flat_sg
-    distance_impl = resolve_distance_impl(self.distance_impl, matmul)
+    distance_impl = self.impl.vq_distance
     with jax.named_scope("vq_distances_argmin"):
       if distance_impl == "xla":
         search = nearest_code_bf16 if matmul == "bf16" else nearest_code
@@ -472,11 +407,10 @@ class VectorQuantizer(nn.Module):
     with jax.named_scope("vq_statistics"):
       if train and self.ema:
         # One pass over the assignments gives the EMA statistics and the histogram.
-        stats = resolve_stats_impl(self.stats_impl)
-        counts, sums = cluster_sums(search_x, idx, self.num_codes, stats, matmul)
+        counts, sums = cluster_sums(search_x, idx, self.num_codes, self.impl.vq_stats, matmul)
         self._ema_update(counts, sums)
       else:
-        counts = code_histogram(idx, self.num_codes, impl=resolve_stats_impl(self.stats_impl))
+        counts = code_histogram(idx, self.num_codes, impl=self.impl.vq_stats)
       counts = counts.astype(jnp.int32)  # exact: float32 holds integer counts below 2**24
     if train and self.restart_after > 0:
       with jax.named_scope("vq_restarts"):

@@ -1,6 +1,7 @@
-"""`config.model.name` -> Flax module. A new model or quantizer is one file of its own, found by
-name (vqjax/plugins.py: `register_model` / `register_quantizer`, or an import path in the config);
-this file builds the built-ins.
+"""`config.model.name` -> Flax module, with its implementation choices (models/impl.py)
+resolved once, here, for the platform it is built on. A new model or quantizer is one file of
+its own, found by name (vqjax/plugins.py: `register_model` / `register_quantizer`, or an
+import path in the config); this file builds the built-ins.
 
 Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
   variables = model.init({"params": rng, "vq": rng}, x, train=False)
@@ -20,16 +21,12 @@ Contract of every stage-1 model built here (NHWC, images in [-1, 1]):
 With train=False nothing in "vq_state" changes.
 """
 
-import math
-from collections.abc import Sequence
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
 from vqjax import errors, plugins
-from vqjax.models import classifier, hierarchy, pixelcnn, pixelsnail, vqvae
+from vqjax.models import classifier, hierarchy, impl, pixelcnn, pixelsnail, vqvae
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -47,7 +44,8 @@ register_model = plugins.register_model
 
 def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
   """Quantizer constructor arguments from `config.vq` (for its `kind`); a plugin kind's are
-  its `from_config(config.vq)`, with the kind."""
+  its `from_config(config.vq)`, with the kind. The built-in quantizer's forms (vq.*_impl) are
+  the model's `Impl` (models/impl.py), which the autoencoder hands it."""
   if not plugins.is_builtin("quantizer", vq.kind):
     return dict(kind=vq.kind, **plugins.kwargs_from_config("quantizer", vq.kind, vq))
   if vq.kind == "gumbel":
@@ -69,49 +67,26 @@ def quantizer_kwargs(vq: ml_collections.ConfigDict) -> dict:
     codebook_init=vq.init,
     kmeans_iters=vq.kmeans_iters,
     restart_after=vq.restart_after,
-    stats_impl=vq.stats_impl,
-    distance_impl=vq.distance_impl,
-    matmul_impl=vq.matmul_impl,
   )
 
 
-def channel_multiple(value: int) -> int:
-  """config.model.channel_multiple with -1 ("auto") resolved: 8 on GPUs (their tensor cores
-  take channel counts in multiples of 8; measured +7.4% on the ImageNet-256 step on an H100,
-  benchmarks/RESULTS.md), 0 (no padding) on other platforms."""
-  if value == -1:
-    return 8 if jax.default_backend() == "gpu" else 0
-  return value
+def quantizer_forms(vq: ml_collections.ConfigDict) -> dict:
+  """The built-in quantizer's implementation choices in `config.vq` (vq.*_impl), as
+  `impl.resolve` arguments; none for another kind (a Gumbel or plugin quantizer reads none)."""
+  if vq.kind != "vq":
+    return {}
+  return dict(vq_stats=vq.stats_impl, vq_distance=vq.distance_impl, vq_matmul=vq.matmul_impl)
 
 
-def causal_conv_impl(value: str, kernel_size: int = 0, shape: Sequence[int] = ()) -> str:
-  """config.model.causal_conv_impl with "auto" resolved for a `kernel_size` PixelSNAIL over code
-  maps of `shape` (H, W): "split" on GPUs (the bottom PixelSNAIL step +8.8% on an H200,
-  benchmarks/RESULTS.md); on the CPU "patches" where the k x k kernel has more taps than the
-  map has pixels; else "masked" (split is slower on the CPU; TPUs are unmeasured).
-
-  "patches" is for XLA:CPU: a convolution whose kernel has more taps than its input map has
-  pixels (5 x 5 on a 4 x 4 map) is rewritten with its operands swapped into a form that runs
-  without Eigen's kernels, 10-15x slower, forward and input gradient alike. The top prior at
-  the reference's Fashion-MNIST sizes (4 x 4 map) went from 4.6 s to 0.48 s a step on 2
-  shared CPU cores (benchmarks/RESULTS.md); on larger maps "masked" was the faster form."""
-  if value != "auto":
-    return value
-  backend = jax.default_backend()
-  if backend == "gpu":
-    return "split"
-  if backend == "cpu" and shape and kernel_size * kernel_size > math.prod(shape):
-    return "patches"
-  return "masked"
-
-
-def onehot_impl() -> str:
-  """PixelSNAIL's form of its convolutions of one-hot code maps (the stems, the conditioning
-  ResNets' first): "lookup" (kernel rows picked by the codes, summed) on the CPU, where the
-  stems' convolutions of the 512-code one-hot map took about a seventh of the Fashion-MNIST
-  top prior's step (benchmarks/RESULTS.md); "conv" elsewhere (unmeasured on GPUs, where the
-  look-up's gradient would be a scatter-add)."""
-  return "lookup" if jax.default_backend() == "cpu" else "conv"
+def _autoencoder_impl(config, dtype) -> impl.Impl:
+  m = config.model
+  return impl.resolve(
+    upconv=m.upconv_impl,
+    downconv=m.downconv_impl,
+    channel_multiple=m.channel_multiple,
+    dtype=dtype,
+    **quantizer_forms(config.vq),
+  )
 
 
 def _build_vqvae(config, dtype, param_dtype):
@@ -123,10 +98,7 @@ def _build_vqvae(config, dtype, param_dtype):
     num_res_blocks=m.num_res_blocks,
     downsample=m.downsample,
     quantizer=quantizer_kwargs(config.vq),
-    upconv_impl=m.upconv_impl,
-    downconv_impl=m.downconv_impl,
-    relu_impl=m.relu_impl,
-    channel_multiple=channel_multiple(m.channel_multiple),
+    impl=_autoencoder_impl(config, dtype),
     dtype=dtype,
     param_dtype=param_dtype,
   )
@@ -143,10 +115,7 @@ def _build_vqvae2(config, dtype, param_dtype):
     first_stride=m.first_stride,
     level_stride=m.level_stride,
     quantizer=quantizer_kwargs(config.vq),
-    upconv_impl=m.upconv_impl,
-    downconv_impl=m.downconv_impl,
-    relu_impl=m.relu_impl,
-    channel_multiple=channel_multiple(m.channel_multiple),
+    impl=_autoencoder_impl(config, dtype),
     dtype=dtype,
     param_dtype=param_dtype,
   )
@@ -196,8 +165,12 @@ def _build_pixelsnail(config, dtype, param_dtype):
     num_out_res_blocks=m.num_out_res_blocks,
     num_classes=_prior_classes(config),
     remat=m.remat,
-    causal_impl=causal_conv_impl(m.causal_conv_impl, m.kernel_size, shapes[config.prior.level]),
-    onehot_impl=onehot_impl(),
+    impl=impl.resolve(
+      causal_conv=m.causal_conv_impl,
+      kernel_size=m.kernel_size,
+      code_shape=shapes[config.prior.level],
+      dtype=dtype,
+    ),
     dtype=dtype,
     param_dtype=param_dtype,
   )

@@ -17,22 +17,18 @@ them raises; pick "lax" / "subpixel" for forward-mode derivatives); kernel gradi
 XLA's own.
 On the CPU (XLA:CPU, jaxlib 0.10, 2 cores) they make the Fashion-MNIST step at the PyTorch
 reference's sizes 1.2x faster; XLA's own derivatives of these forms run through convolutions
-XLA:CPU handles slowly (benchmarks/RESULTS.md). "auto" picks "adjoint" on the CPU and on GPUs
-(both adjoint forms: +2.9% on the ImageNet-256 step on an H200, the same loss to float32
-rounding) and elsewhere the forms XLA differentiates itself ("lax" down, "subpixel" up;
-unmeasured on TPUs). On the CPU the phase form runs as one 2x2 convolution per output phase
-(`up_phase`; 1.0-1.8% faster steps), elsewhere as one convolution to 4x the channels.
+XLA:CPU handles slowly (benchmarks/RESULTS.md). The form is chosen once, when the model is
+built (models/impl.py): "adjoint" on the CPU and on GPUs (both adjoint forms: +2.9% on the
+ImageNet-256 step on an H200, the same loss to float32 rounding), elsewhere the forms XLA
+differentiates itself ("lax" down, "subpixel" up; unmeasured on TPUs).
 """
 
 import jax
 import jax.numpy as jnp
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
-DOWN_IMPLS = ("auto", "lax", "adjoint")
-# up_phase runs one convolution per phase on the CPU for outputs of at least this many channels
-# (a 1-channel image's phases ran faster as one convolution).
-_SPLIT_MIN_CHANNELS = 8
-UP_IMPLS = ("auto", "subpixel", "lax", "adjoint")
+DOWN_IMPLS = ("lax", "adjoint")
+UP_IMPLS = ("subpixel", "lax", "adjoint")
 
 # Output phase r (even/odd) of the transposed conv as a 3-tap window over the input padded by
 # one: tap t multiplies kernel row _PHASE_TAPS[r][t] (-1 = none). Derived from o = 2i - 1 + k:
@@ -106,15 +102,16 @@ def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
   return jnp.pad(a, widths)
 
 
-def down(x: jax.Array, w: jax.Array, impl: str = "auto", multiple: int = 0) -> jax.Array:
-  """Conv2d(kernel 4, stride 2, padding 1) of NHWC `x` with a (4, 4, in, out) kernel.
+def down(x: jax.Array, w: jax.Array, impl: str = "lax", multiple: int = 0) -> jax.Array:
+  """Conv2d(kernel 4, stride 2, padding 1) of NHWC `x` with a (4, 4, in, out) kernel, in the
+  form `impl` names (`DOWN_IMPLS`).
 
   `multiple` > 1 zero-pads the input channels (of x and w) to a multiple of it first: the same
   sums, in the channel counts tensor cores take (e.g. an RGB image's 3 -> 8).
   """
   c = _round_up(x.shape[-1], multiple)
   x, w = _pad_axis(x, 3, c), _pad_axis(w, 2, c)
-  impl = resolve(impl, DOWN_IMPLS, cpu="adjoint", accelerator="lax", gpu="adjoint")
+  _check(impl, DOWN_IMPLS)
   if impl == "adjoint" and (x.shape[1] % 2 or x.shape[2] % 2):
     impl = "lax"  # the adjoint of an odd-sized input's conv crops differently: XLA's rules
   return {"lax": down_lax, "adjoint": down_adjoint}[impl](x, w)
@@ -159,28 +156,13 @@ def up_subpixel(x: jax.Array, w: jax.Array) -> jax.Array:
     return depth_to_space2(y, w.shape[-1])
 
 
-def up_phase(x: jax.Array, w: jax.Array, split: bool | None = None) -> jax.Array:
+def up_phase(x: jax.Array, w: jax.Array) -> jax.Array:
   """The transposed convolution by output phase: 4/9 of the sub-pixel form's multiplies.
 
-  `split` False: one 2x2 convolution of the padded input to 4x the channels, every phase's sum
-  at once; phase (ry, rx) of output pixel (m, n) is the one at window (m + ry, n + rx).
-  True: one 2x2 convolution per phase, each of the input padded on the sides its taps reach,
-  with no slicing of a 4x-wide result (the same sums). None: `split` where measured faster, on
-  the CPU with at least `_SPLIT_MIN_CHANNELS` output channels (benchmarks/RESULTS.md).
+  One 2x2 convolution of the padded input to 4x the channels, every phase's sum at once;
+  phase (ry, rx) of output pixel (m, n) is the one at window (m + ry, n + rx).
   """
   h, wd, o = x.shape[1], x.shape[2], w.shape[-1]
-  if split is None:
-    split = jax.default_backend() == "cpu" and o >= _SPLIT_MIN_CHANNELS
-  if split:
-    kernel, phases = _phase_kernel(w), []
-    for ry in range(2):
-      for rx in range(2):
-        k = kernel[..., (2 * ry + rx) * o : (2 * ry + rx + 1) * o]
-        # Phase r reads input rows m - 1 + r and m + r: padded by 1 - r before and r after.
-        pads = ((1 - ry, ry), (1 - rx, rx))
-        phases.append(jax.lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_DIMS))
-    with jax.named_scope("depth_to_space"):
-      return depth_to_space2(jnp.concatenate(phases, axis=-1), o)
   # Padded outside the convolution: XLA:CPU differentiates a padded 2x2 convolution by its
   # kernel ~70x slower (this form's own derivative is taken when "subpixel" is not used).
   z = _conv(_pad1(x), _phase_kernel(w))
@@ -219,14 +201,15 @@ def _up_bwd(res, g):
 up_adjoint.defvjp(_up_fwd, _up_bwd)
 
 
-def up(x: jax.Array, w: jax.Array, impl: str = "auto", multiple: int = 0) -> jax.Array:
-  """ConvTranspose2d(kernel 4, stride 2, padding 1) of NHWC `x` (PyTorch orientation).
+def up(x: jax.Array, w: jax.Array, impl: str = "subpixel", multiple: int = 0) -> jax.Array:
+  """ConvTranspose2d(kernel 4, stride 2, padding 1) of NHWC `x` (PyTorch orientation), in the
+  form `impl` names (`UP_IMPLS`).
 
   `multiple` > 1 zero-pads the output channels of the convolution the form runs (4 x out for
   the sub-pixel and phase forms) to a multiple of it and crops them after: e.g. a decoder's
   RGB output, 12 -> 16 sub-pixel channels.
   """
-  impl = resolve(impl, UP_IMPLS, cpu="adjoint", accelerator="subpixel", gpu="adjoint")
+  _check(impl, UP_IMPLS)
   fns = {"subpixel": up_subpixel, "lax": up_lax, "adjoint": up_adjoint}
   o = padded = w.shape[-1]
   phases = 1 if impl == "lax" else 4  # output channels of the convolution each form runs
@@ -236,16 +219,6 @@ def up(x: jax.Array, w: jax.Array, impl: str = "auto", multiple: int = 0) -> jax
   return y if padded == o else y[..., :o]
 
 
-def resolve(
-  impl: str, choices: tuple[str, ...], cpu: str, accelerator: str, gpu: str | None = None
-) -> str:
-  """`impl`, with "auto" replaced by the form measured fastest on this platform: `cpu` on the
-  CPU, `gpu` (if given) on GPUs, `accelerator` elsewhere (benchmarks/RESULTS.md)."""
+def _check(impl: str, choices: tuple[str, ...]) -> None:
   if impl not in choices:
     raise ValueError(f"unknown stride-2 conv impl {impl!r}; expected one of {', '.join(choices)}")
-  if impl == "auto":
-    backend = jax.default_backend()
-    if backend == "cpu":
-      return cpu
-    return gpu if backend == "gpu" and gpu is not None else accelerator
-  return impl

@@ -21,7 +21,7 @@ tests/test_vq_matmul.py passed with the kernel compiled by Triton, in float32 an
 and the bf16 mode made the ImageNet-256 stage-1 step 2.3% faster than the XLA search
 (benchmarks/RESULTS.md), so `vq.distance_impl="auto"` picks it on such GPUs. JAX 0.11 warns
 that Pallas's Triton backend is deprecated and will be removed in favour of Mosaic GPU; "auto"
-then falls back to the XLA search (`quantizer.resolve_distance_impl`), and a Mosaic GPU form
+then falls back to the XLA search (`impl.resolve`), and a Mosaic GPU form
 of this kernel is still to be written. On TPU it lowers
 through Mosaic (tested on the CPU via jax.export) but has never been compiled by Mosaic or run
 on a TPU, so layout rejections there are still possible.
@@ -60,7 +60,7 @@ def _compiler_params(backend: str, interpret: bool):
   if interpret:
     return None
   # Each backend's Pallas module only for its own backend: Triton's is deprecated in JAX 0.11
-  # and may be missing (quantizer.resolve_distance_impl checks it before choosing the kernel).
+  # and may be missing (impl.resolve checks it before choosing the kernel).
   if backend == "tpu":
     from jax.experimental.pallas import tpu as pltpu
 

@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from vqjax.models.hierarchy import VQVAE2
+from vqjax.models.impl import Impl
 
 
 def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
@@ -21,10 +22,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
   num_res_blocks: int = 2,
   downsample: int = 2,
   quantizer: dict | None = None,
-  upconv_impl: str = "auto",
-  downconv_impl: str = "auto",
-  relu_impl: str = "auto",
-  channel_multiple: int = 0,
+  impl: Impl | None = None,
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
 ) -> VQVAE2:
@@ -37,11 +35,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     num_res_blocks: residual blocks in encoder and decoder (2 in the paper).
     downsample: number of stride-2 convs; codes are 2**downsample times smaller than images.
     quantizer: VectorQuantizer keyword arguments (num_codes, code_dim, beta, ema, ...).
-    upconv_impl: form of the transposed convolutions (models/strided.py; "auto").
-    downconv_impl: form of the stride-2 convolutions (models/strided.py; "auto").
-    relu_impl: "auto", "jax", "output" or "stored" (layers.relu; the same function and
-      gradients).
-    channel_multiple: > 1 pads the image-side convolutions' channels to a multiple of it.
+    impl: the forms the layers compute in (models/impl.py; the same function); None: `Impl()`.
     dtype: compute dtype.
     param_dtype: parameter dtype.
 
@@ -56,10 +50,7 @@ def VQVAE(  # noqa: N802 - a module constructor, named like the class it builds
     levels=1,
     first_stride=2**downsample,
     quantizer=quantizer,
-    upconv_impl=upconv_impl,
-    downconv_impl=downconv_impl,
-    relu_impl=relu_impl,
-    channel_multiple=channel_multiple,
+    impl=Impl() if impl is None else impl,
     dtype=dtype,
     param_dtype=param_dtype,
   )

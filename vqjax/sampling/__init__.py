@@ -7,6 +7,7 @@
 
 from typing import Any
 
+from vqjax.models import prior
 from vqjax.sampling import cached, naive
 from vqjax.sampling.naive import filter_logits
 
@@ -14,13 +15,7 @@ __all__ = ["filter_logits", "sampler_for"]
 
 
 def sampler_for(model: Any) -> Any:
-  """The sampler module for `model`: `cached` for a prior with a decode mode.
-
-  Both priors of vqjax (`PixelSNAIL`, `GatedPixelCNN`) have one; a model without a
-  `decode_position` argument gets the full-recompute `naive` sampler.
-  """
-  try:
-    cached._check_model(model)
-  except ValueError:
-    return naive
-  return cached
+  """The sampler module for `model`: `cached` for a prior that declares the decode mode of
+  models/prior.py (`decode_mode = True`: `PixelSNAIL`, `GatedPixelCNN`), else the
+  full-recompute `naive` sampler."""
+  return cached if prior.has_decode_mode(model) else naive

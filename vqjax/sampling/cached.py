@@ -1,7 +1,7 @@
 """Incremental (cached) ancestral sampling: each position costs only the work that needs it.
 
-The model runs in its decode mode (`decode_position=p`, a mutable "cache" collection, as
-Flax's lm1b decoder does): every layer computes only pixel p's features, reading the
+The model runs in its decode mode (models/prior.py: `decode_position=p`, a mutable "cache"
+collection, as Flax's lm1b decoder does): every layer computes only pixel p's features, reading the
 features of earlier pixels from the cache, to which it adds pixel p's.
 
 For PixelSNAIL the cache holds one [B, H, W, C] map per k x k causal convolution input (the
@@ -23,19 +23,20 @@ Draws use the keys of `vqjax/sampling/naive.py` (fold_in(fold_in(rng, p), exampl
 two samplers give the same samples for the same key, up to logits equal to rounding.
 """
 
-import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from vqjax.models import prior
 from vqjax.sampling.naive import check_inputs, draw, sampling_settings
 
 
 def _check_model(model: Any) -> None:
-  if "decode_position" not in inspect.signature(type(model).__call__).parameters:
+  if not prior.has_decode_mode(model):
     raise ValueError(
-      f"{type(model).__name__} has no decode mode (decode_position): use vqjax.sampling.naive"
+      f"{type(model).__name__} declares no decode mode (models/prior.py: decode_mode = True): "
+      "use vqjax.sampling.naive"
     )
 
 
@@ -45,7 +46,8 @@ def _params(variables: Any) -> dict:
 
 
 def _decode_loop(model, variables, codes, condition, label, choose):
-  """The fori_loop body over positions, its initial cache and K.
+  """The fori_loop body over positions, its initial cache and the first logits (for K and the
+  logits dtype).
 
   `choose(p, logits [B, K], codes, out)` returns the codes map with position p filled (and
   any per-position output `out`).
@@ -76,7 +78,7 @@ def _decode_loop(model, variables, codes, condition, label, choose):
     codes, out = choose(p, logits, codes, out)
     return cache, codes, out
 
-  return body, state["cache"], first.shape[-1]
+  return body, state["cache"], first
 
 
 def sample(
@@ -96,7 +98,7 @@ def sample(
   """Samples `num` code maps with the model's decode mode (see the module docstring).
 
   Args:
-    model: a prior with a `decode_position` mode (`PixelSNAIL`, `GatedPixelCNN`).
+    model: a prior with a decode mode (models/prior.py; `PixelSNAIL`, `GatedPixelCNN`).
     variables: its variables ({"params": ...}).
     num: number of maps B.
     shape: (H, W).
@@ -143,14 +145,14 @@ def logits_at_every_position(
   forward.
 
   Args:
-    model: a prior with a `decode_position` mode.
+    model: a prior with a decode mode (models/prior.py).
     variables: its variables.
     codes: int32 [B, H, W] true codes (fed one position at a time).
     condition: None or a tuple of coarser code maps.
     label: None or int32 [B] class ids.
 
   Returns:
-    float32 [B, H, W, K] logits.
+    [B, H, W, K] logits, of the model's logits dtype (models/prior.py).
   """
   _check_model(model)
   codes = jnp.asarray(codes, jnp.int32)
@@ -167,6 +169,6 @@ def _logits(model, variables, truth, condition, label):
     return codes.at[:, i, j].set(truth[:, i, j]), out.at[:, i, j].set(logits)
 
   codes = jnp.zeros_like(truth)
-  body, cache, k = _decode_loop(model, variables, codes, condition, label, choose)
-  out = jnp.zeros((num, height, width, k), jnp.float32)
+  body, cache, first = _decode_loop(model, variables, codes, condition, label, choose)
+  out = jnp.zeros((num, height, width, first.shape[-1]), first.dtype)
   return jax.lax.fori_loop(0, height * width, body, (cache, codes, out))[2]

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vqjax import checksums, errors
+from vqjax import checksums, configs, errors
 from vqjax.training import logs
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -70,6 +70,11 @@ def config_meta(
     else g
     for k, g in shaping.items()
   }
+  # A retired field is hashed at its old default, as before it retired: same fingerprints.
+  for field, default in configs.RETIRED_FIELDS.items():
+    group, _, name = field.partition(".")
+    if isinstance(shaping.get(group), dict):
+      shaping[group].setdefault(name, default)
   digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
   return {"model_fingerprint": digest, "sections": list(sections), "config": as_dict}
 
@@ -92,7 +97,7 @@ def config_changes(old: dict, new: dict, groups: tuple[str, ...] | None = None) 
     groups: only these top-level groups; None = all.
   """
   a, b = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
-  keys = sorted(set(a) | set(b))
+  keys = sorted((set(a) | set(b)) - set(configs.RETIRED_FIELDS))  # a retired field is no change
   if groups is not None:
     keys = [k for k in keys if k.split(".")[0] in groups]
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
