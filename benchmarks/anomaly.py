@@ -64,19 +64,12 @@ RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code 
 
 
 def stage1_config(normal: list[int], steps: int, smoke: bool):
-  """A small VQ-VAE-2 (top codes 4x4, bottom 8x8, 64 codes each) on the normal classes."""
+  """The small VQ-VAE-2 of experiments/fashion_mnist_anomaly.py on the `normal` classes."""
   from vqjax import configs
 
-  c = configs.load_experiment("fashion_mnist")
+  c = configs.load_experiment("fashion_mnist_anomaly")
   c.data.exclude_labels = tuple(k for k in range(10) if k not in normal)
-  c.model.update(channels=32, res_channels=16, num_res_blocks=1, first_stride=4, level_stride=2)
-  c.vq.update(num_codes=64, code_dim=16)
-  c.data.update(batch_size=64, eval_batch_size=500, eval_split="test")
-  c.optim.update(lr=2e-3, warmup_steps=50)
-  c.train.steps = steps
-  c.ckpt.every_steps = steps
-  c.log.update(every_steps=100, eval_every_steps=0, image_every_steps=0)
-  c.seed = SEED
+  c.train.steps = c.ckpt.every_steps = steps
   if smoke:
     c.data.update(
       train_split="train[:512]", eval_split="test[:64]", batch_size=8, eval_batch_size=8
@@ -87,32 +80,15 @@ def stage1_config(normal: list[int], steps: int, smoke: bool):
 
 
 def prior_config(level: int, codes_dir: str, steps: int, smoke: bool):
-  """A small unconditional PixelSNAIL over one level of the normal images' codes."""
+  """The small unconditional PixelSNAIL of experiments/fashion_mnist_anomaly_prior.py."""
   from vqjax import configs, pipeline
 
-  c = configs.prior_config(codes_dir, level=level, model="pixelsnail")
-  c.model.update(
-    channels=32,
-    res_channels=32,
-    kernel_size=3,
-    num_blocks=1 if level else 2,
-    num_res_blocks=2,
-    attention=level == 0,
-    num_heads=2,
-    dropout=0.1,
-  )
-  if level:
-    c.model.update(num_cond_res_blocks=1, cond_res_channels=32)
-  c.data.update(batch_size=64, eval_batch_size=500)
-  c.optim.update(lr=2e-3, warmup_steps=50, schedule="cosine")
-  c.train.steps = steps
-  c.ckpt.every_steps = steps
-  c.log.update(every_steps=100, eval_every_steps=0)
-  c.seed = SEED
+  c = configs.load_experiment("fashion_mnist_anomaly_prior" + (":bottom" if level else ""))
+  c.train.steps = c.ckpt.every_steps = steps
   if smoke:
     c.data.update(batch_size=8, eval_batch_size=8, num_workers=0, worker_processes=0)
     c.log.every_steps = 1
-  return pipeline.prior_config(c, codes_dir, 64)
+  return pipeline.prior_config(c, codes_dir, c.vq.num_codes)
 
 
 def _train(config, workdir: str) -> None:
