@@ -24,11 +24,19 @@ This reads the run's eval split without the label filter and splits it by label:
   * normal, scored: the remaining normal images (the 2nd, 4th, ...).
 
 The scored normal and the anomalous images give each score's ROC AUC (threshold free) and its
-true / false positive rates at its threshold. Writes DIR/anomaly.json (`scores`: one entry per
-score; the top-level `auc`, `threshold`, `tpr`, `fpr` are those of --score) and DIR/anomaly.png
-(default DIR = WORKDIR): some scored normal images, then as many anomalous ones, one per row:
-input, reconstruction, restoration (with priors) and the map of --score's kind (restoration
-map for restoration_max and the nll scores, else the error map), on one labelled colour scale.
+true / false positive rates at its threshold. Written to DIR (default WORKDIR):
+
+  * anomaly.json: `scores`, one entry per score; the top-level `auc`, `threshold`, `tpr`, `fpr`
+    are those of --score;
+  * anomaly_scores.csv: every image's scores in split order, with its label, its role (heldout,
+    normal, anomalous) and whether --score flags it;
+  * anomaly.png: some scored normal images, then as many anomalous ones, one per row: input,
+    reconstruction, restoration (with priors) and the map of --score's kind (the restoration
+    map for restoration_max and the nll scores, else the error map), on one colour scale.
+
+To screen a folder of images against a folder of normal ones, lay them out as an image-folder
+dataset labelled by directory (docs/anomaly.md): SCANS/train/normal/ (training),
+SCANS/test/normal/ (held out: they choose the thresholds) and SCANS/test/screen/ (label 1).
 """
 
 import json
@@ -177,7 +185,7 @@ def run(
     "auc_<score>" for each score ("auc_max", "auc_mean" for the reconstruction scores),
     --score's "auc", "threshold", "tpr", "fpr", "heldout_fpr", "num_heldout", "num_normal"
     (scored), "num_anomalous", with priors "replaced_normal" / "replaced_anomalous" (mean share
-    of codes restoration redrew), the settings and the paths written.
+    of codes restoration redrew), the settings and the paths written ("png", "csv", "json").
 
   Raises:
     errors.UserError: a quantile outside (0, 1), an unknown score, a run that is not an
@@ -329,6 +337,15 @@ def run(
   result["png_rows"] = (
     f"{k} scored normal images, then {k} anomalous ones: {', '.join(columns)}, {map_title}"
   )
+  result["csv"] = os.path.join(out, "anomaly_scores.csv")
+  role = np.full(len(y), "anomalous", object)
+  role[heldout], role[normal] = "heldout", "normal"
+  flagged = s[score] > per_score[score]["threshold"]
+  with open(result["csv"], "w") as f:
+    f.write(",".join(["index", "label", "role", *names, f"flagged_by_{score}"]) + "\n")
+    for i in range(len(y)):
+      values = [f"{s[k][i]:.6g}" for k in names]
+      f.write(",".join([str(i), str(y[i]), role[i], *values, str(int(flagged[i]))]) + "\n")
   result["json"] = os.path.join(out, "anomaly.json")
   with open(result["json"], "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
