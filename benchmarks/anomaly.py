@@ -58,7 +58,7 @@ SCORES = (
 )
 COMBINED = ("recon_mean", "nll", "restoration_max")
 # Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images).
-SIZES = {"full": (600, 600, 1000, 0), "smoke": (2, 2, 16, 64)}
+SIZES = {"full": (300, 300, 1000, 0), "smoke": (2, 2, 16, 64)}
 SEED = 0
 RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code (K = 64: 1/64)
 

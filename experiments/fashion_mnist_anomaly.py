@@ -15,7 +15,7 @@ anomaly.png (inputs, reconstructions, restorations and maps) into the stage-1 wo
 
 This is the leave-one-out setting of `benchmarks/anomaly.py` for class 8, and the same small
 model the benchmark trains for every class: top codes 4x4, bottom codes 8x8 (4x4 pixels each),
-64 codes of 16 dimensions per level, 32 channels, 600 steps of 64 images. The train split keeps
+64 codes of 16 dimensions per level, 32 channels, 300 steps of 64 images. The train split keeps
 its 54,000 non-bag images. The measured figures are in benchmarks/RESULTS.md (anomaly section).
 `:smoke` runs one step in seconds.
 """
@@ -35,8 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.vq.update(num_codes=64, code_dim=16)
   c.data.update(batch_size=64, eval_batch_size=500, eval_split="test")
   c.optim.update(lr=2e-3, warmup_steps=50)
-  c.train.steps = 600
-  c.ckpt.every_steps = 600
+  c.train.steps = 300
+  c.ckpt.every_steps = 300
   # One eval, at the end; no image grids (the anomaly CLI draws its own figure).
   c.log.update(every_steps=100, eval_every_steps=0, image_every_steps=0)
   c.seed = 0

@@ -7,7 +7,7 @@ Run after the stage 1 and its code extraction (commands in fashion_mnist_anomaly
       --config.data.codes_dir=/tmp/anom/codes --workdir /tmp/anom/prior_top
 Unconditional, because an image to screen has no label. Small, as `benchmarks/anomaly.py`
 trains one per level for every class: 32 channels, the top with 2 PixelBlocks and causal
-attention (2 heads), the bottom with 1 PixelBlock and a 1-block conditioning stack, 600 steps
+attention (2 heads), the bottom with 1 PixelBlock and a 1-block conditioning stack, 300 steps
 of 64 maps each. `:smoke` and `:bottom_smoke` run one CPU step on synthetic codes.
 """
 
@@ -34,8 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.data.update(batch_size=64, eval_batch_size=500)
   c.optim.update(lr=2e-3, warmup_steps=50, schedule="cosine")
-  c.train.steps = 600
-  c.ckpt.every_steps = 600
+  c.train.steps = 300
+  c.ckpt.every_steps = 300
   c.log.update(every_steps=100, eval_every_steps=0)
   c.seed = 0
   variants = {
