@@ -559,29 +559,40 @@ def save_anomaly_figure(
   vmax = float(np.percentile(maps, 99.5)) if vmax is None else float(vmax)
   vmax = vmax if vmax > 0 else 1.0
   ncols = len(columns) + 1
-  fig = Figure(figsize=(inches * ncols + 1.6, inches * n + 0.5), dpi=100)
+  width, height = inches * ncols + 1.6, inches * n + 0.5
+  fig = Figure(figsize=(width, height), dpi=100)
   FigureCanvasAgg(fig)
-  axes = fig.subplots(n, ncols, squeeze=False)
+  # Image panels, then a narrow column for the colour bar; margins in inches (row titles on
+  # the left, the colour bar's label on the right, column titles on top).
+  grid = fig.add_gridspec(
+    n,
+    ncols + 1,
+    width_ratios=[1.0] * ncols + [0.07],
+    left=0.6 / width,
+    right=1 - 0.75 / width,
+    top=1 - 0.35 / height,
+    bottom=0.1 / height,
+    wspace=0.06,
+    hspace=0.06,
+  )
   shown = None
   for r in range(n):
-    for c, (title, images) in enumerate(columns.items()):
+    axes = [fig.add_subplot(grid[r, c]) for c in range(ncols)]
+    for ax, (title, images) in zip(axes, columns.items()):
       image = np.clip((np.asarray(images[r], np.float32) + 1.0) / 2.0, 0.0, 1.0)
       grey = image.shape[-1] == 1
-      axes[r, c].imshow(
-        image[..., 0] if grey else image, cmap="gray" if grey else None, vmin=0, vmax=1
-      )
+      ax.imshow(image[..., 0] if grey else image, cmap="gray" if grey else None, vmin=0, vmax=1)
       if r == 0:
-        axes[r, c].set_title(title, fontsize=11)
-    shown = axes[r, -1].imshow(maps[r], cmap="inferno", vmin=0.0, vmax=vmax)
+        ax.set_title(title, fontsize=11)
+    shown = axes[-1].imshow(maps[r], cmap="inferno", vmin=0.0, vmax=vmax)
     if r == 0:
-      axes[r, -1].set_title(map_title, fontsize=11)
-    axes[r, 0].set_ylabel(row_titles[r], fontsize=9)
-    for ax in axes[r]:
+      axes[-1].set_title(map_title, fontsize=11)
+    axes[0].set_ylabel(row_titles[r], fontsize=9)
+    for ax in axes:
       ax.set_xticks([])
       ax.set_yticks([])
-  fig.subplots_adjust(left=0.12, right=0.82, top=1 - 0.4 / (inches * n + 0.5), bottom=0.02)
-  bar = fig.colorbar(shown, ax=list(axes[:, -1]), fraction=0.08, pad=0.04)
-  bar.set_label(f"{map_title} (squared error; top = 99.5th percentile)", fontsize=9)
+  bar = fig.colorbar(shown, cax=fig.add_subplot(grid[:, -1]))
+  bar.set_label(f"{map_title} (squared difference; top = 99.5th percentile)", fontsize=9)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path)
   return path
