@@ -1,27 +1,23 @@
-"""Anomaly detection: the quickstart VQ-VAE-2 trained on Fashion-MNIST without class 8 ("bag").
+"""Anomaly detection, stage 1: a small VQ-VAE-2 trained on Fashion-MNIST without class 8 ("bag").
 
-Run:
-  python -m vqjax.train --config experiments/fashion_mnist_anomaly.py --workdir /tmp/fmnist_anomaly
-  python -m vqjax.anomaly --workdir /tmp/fmnist_anomaly
-The second command reads the whole test split, calls bags anomalous and the other nine classes
-normal, and writes anomaly.json (ROC AUC, true and false positive rates) and anomaly.png
-(inputs, reconstructions and error maps) into the workdir.
+Run (stage 1, its codes, one unconditional prior per level, then every score):
+  python -m vqjax.train --config experiments/fashion_mnist_anomaly.py --workdir /tmp/anom/stage1
+  python -m vqjax.extract_codes --workdir /tmp/anom/stage1 --out /tmp/anom/codes
+  python -m vqjax.train --config experiments/fashion_mnist_anomaly_prior.py \
+      --config.data.codes_dir=/tmp/anom/codes --workdir /tmp/anom/prior_top
+  python -m vqjax.train --config experiments/fashion_mnist_anomaly_prior.py:bottom \
+      --config.data.codes_dir=/tmp/anom/codes --workdir /tmp/anom/prior_bottom
+  python -m vqjax.anomaly --workdir /tmp/anom/stage1 \
+      --priors /tmp/anom/prior_top,/tmp/anom/prior_bottom --score nll
+The last command reads the whole test split, calls bags anomalous and the other nine classes
+normal, and writes anomaly.json (ROC AUC, true and false positive rates of every score) and
+anomaly.png (inputs, reconstructions, restorations and maps) into the stage-1 workdir.
 
-The model, steps and data are those of `fashion_mnist.py`; only `data.exclude_labels` differs,
-so the train split loses its 6,000 bags (54,000 images left) and the trainer's own evals see
-the 9,000 normal test images. Class 8 is left out because it is the most distinct class: the
-other nine are garments or shoes that share parts with a kept class (ankle boots soles and
-heels with sneakers and sandals; shirts, pullovers and coats sleeves and collars with T-shirts
-and dresses), while a bag, a handle over a wide body, has no counterpart. Trousers are as
-distinct in shape but are the simplest images, which any autoencoder reconstructs well.
-
-Expected (measured once on 2 CPU cores shared with other jobs): 15 minutes wall for the 1,200
-steps and two evals (eval MSE 0.0074, PSNR 27.3 dB on the normal test images), 45 s for
-`vqjax.anomaly`: ROC AUC 0.70 (blurred-maximum score; 0.72 with `--score mean`), and at the
-threshold that flags 5% of held-out normal images, 9.5% of bags flagged against 4.5% of the
-other normal images. The quickstart model, which saw bags, gets AUC 0.67 on the same split:
-the gap is what leaving the class out buys; the rest is that bags are textured, large images
-that any model reconstructs less well. `:smoke` runs one step in seconds.
+This is the leave-one-out setting of `benchmarks/anomaly.py` for class 8, and the same small
+model the benchmark trains for every class: top codes 4x4, bottom codes 8x8 (4x4 pixels each),
+64 codes of 16 dimensions per level, 32 channels, 300 steps of 64 images. The train split keeps
+its 54,000 non-bag images. The measured figures are in benchmarks/RESULTS.md (anomaly section).
+`:smoke` runs one step in seconds.
 """
 
 import ml_collections
@@ -32,10 +28,21 @@ ANOMALY_LABELS = (8,)  # Fashion-MNIST "bag"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The quickstart config without `ANOMALY_LABELS`; `arg="smoke"` shrinks it to one CPU step."""
+  """The anomaly benchmark's stage 1 without `ANOMALY_LABELS`; `arg="smoke"`: one CPU step."""
   c = configs.load_experiment("fashion_mnist")
   c.data.exclude_labels = ANOMALY_LABELS
-  # The figures above were measured with bottom codes of 2x2 pixels (16x16 maps), the layout
-  # the quickstart had then; it now has 4x4-pixel codes (8x8 maps) for its priors' sake.
-  c.model.first_stride = 2
-  return configs.apply_variant(c, arg, {"smoke": configs.shrink_for_smoke})
+  c.model.update(channels=32, res_channels=16, num_res_blocks=1, first_stride=4, level_stride=2)
+  c.vq.update(num_codes=64, code_dim=16)
+  c.data.update(batch_size=64, eval_batch_size=500, eval_split="test")
+  c.optim.update(lr=2e-3, warmup_steps=50)
+  c.train.steps = 300
+  c.ckpt.every_steps = 300
+  # One eval, at the end; no image grids (the anomaly CLI draws its own figure).
+  c.log.update(every_steps=100, eval_every_steps=0, image_every_steps=0)
+  c.seed = 0
+  return configs.apply_variant(c, arg, {"smoke": _smoke})
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+  configs.shrink_for_smoke(c)
+  c.model.update(first_stride=4, level_stride=2)

@@ -224,9 +224,19 @@ def test_run_matches_numpy_and_thresholds_on_held_out_normals_only(tiny_run, tmp
 
   with open(tmp_path / "out" / "anomaly.json") as f:
     assert json.load(f) == result
-  grid = np.asarray(Image.open(tmp_path / "out" / "anomaly.png"))
-  # 4 normal then 4 anomalous images (min(8, 18, 4)), 3 rows each, 32 px + 2 px padding.
-  assert grid.shape[0] == 6 * 34 + 2 and grid.shape[1] > 4 * 34 + 2
+  figure = np.asarray(Image.open(tmp_path / "out" / "anomaly.png"))
+  # 4 normal then 4 anomalous images (min(4, 18, 4)), one per row of 190 px panels (input,
+  # reconstruction, error map) plus 50 px of titles and 160 px of colour bar.
+  assert figure.shape[:2] == (8 * 190 + 50, 3 * 190 + 160)
+  # Every image's scores, in split order, with its role.
+  with open(tmp_path / "out" / "anomaly_scores.csv") as f:
+    rows = [line.strip().split(",") for line in f]
+  assert rows[0][:5] == ["index", "label", "role", "recon_max", "recon_mean"]
+  assert [int(r[1]) for r in rows[1:]] == labels.tolist()
+  roles = np.array([r[2] for r in rows[1:]])
+  assert np.array_equal(np.flatnonzero(roles == "heldout"), heldout)
+  assert np.array_equal(np.flatnonzero(roles == "anomalous"), np.flatnonzero(is_anomaly))
+  np.testing.assert_allclose([float(r[3]) for r in rows[1:]], max_score, rtol=1e-4)
 
   # --score mean and --max_examples: the first 20 images only, thresholded on their mean.
   head = anomaly.run(workdir, str(tmp_path / "head"), [8], 0.5, max_examples=20, score="mean")

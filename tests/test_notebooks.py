@@ -300,7 +300,12 @@ def test_anomaly_maps(executed):
   assert r["num_heldout"] + r["num_normal"] == 64 - bags
   for key in ("auc", "auc_max", "auc_mean", "tpr", "fpr", "heldout_fpr"):
     assert 0.0 <= r[key] <= 1.0, key
-  assert r["auc"] == r["auc_max"] and r["score"] == "max"
+  # Every score of a stage-1 run with a prior per level; restoration's leads.
+  assert len(r["priors"]) == 2 and r["score"] == "restoration_max"
+  names = ("recon_max", "recon_mean", "nll_level0", "nll_level1", "nll", "restoration_max")
+  assert list(r["scores"]) == list(names)
+  assert r["auc"] == r["scores"]["restoration_max"]["auc"] == r["auc_restoration_max"]
+  assert 0.0 <= r["replaced_normal"] <= 1.0 and 0.0 <= r["replaced_anomalous"] <= 1.0
   with open(r["json"]) as f:
     saved = json.load(f)
   assert saved == {k: v for k, v in r.items() if k not in ("tiny", "stage1")}

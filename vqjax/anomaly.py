@@ -1,23 +1,42 @@
-"""Anomaly maps of a stage-1 run: the VQ-VAE article's medical example, from the command line.
+"""Anomaly scores and maps of a stage-1 run and, optionally, its priors, from the command line.
 
-  python -m vqjax.anomaly --workdir STAGE1 [--anomaly_labels 8] [--quantile 0.95]
-      [--max_examples 0] [--score max] [--out DIR]
+  python -m vqjax.anomaly --workdir STAGE1 [--priors TOP,BOTTOM] [--anomaly_labels 8]
+      [--quantile 0.95] [--max_examples 0] [--score max] [--restore_threshold 0.01] [--out DIR]
 
 A VQ-VAE trained on normal images only (`config.data.exclude_labels` leaves some classes out of
-training, e.g. `experiments/fashion_mnist_anomaly.py`) reconstructs what it never saw worse, so
-the reconstruction error flags it (evaluation/anomaly.py has the maps and scores). This reads
-the run's eval split without the label filter and splits it by label:
+training, e.g. `experiments/fashion_mnist_anomaly.py`) reconstructs what it never saw worse, and
+its priors find the codes of such images unlikely (evaluation/anomaly.py has the maps and
+scores). Every image gets these scores (higher = more anomalous):
+
+  * recon_max, recon_mean: the maximum of the blurred reconstruction-error map, and its mean;
+  * with --priors (one per code level, unconditional): nll_level0, nll_level1, ... (nats of each
+    level's codes under its prior) and nll (their sum); restoration_max, the maximum of the
+    blurred restoration map: the codes the prior finds unlikely (probability below
+    --restore_threshold) are redrawn from it in raster order, the result is decoded, and the
+    map is its squared difference from the input.
+
+This reads the run's eval split without the label filter and splits it by label:
 
   * anomalous: labels in --anomaly_labels (default: the run's own `data.exclude_labels`);
   * normal, held out: every other normal image in split order (the 1st, 3rd, 5th, ...); only
-    these choose the threshold, the --quantile of their scores, so about 1 - quantile of
-    normal images score above it;
+    these choose each score's threshold, the --quantile of their scores, so about
+    1 - quantile of normal images score above it (the chosen false-positive rate);
   * normal, scored: the remaining normal images (the 2nd, 4th, ...).
 
-The scored normal and the anomalous images give the ROC AUC of the per-image score (threshold
-free) and the true / false positive rates at the threshold. Writes DIR/anomaly.json and
-DIR/anomaly.png (default DIR = WORKDIR): inputs, reconstructions and error maps (one colour
-scale) of some scored normal images, then of as many anomalous ones.
+The scored normal and the anomalous images give each score's ROC AUC (threshold free) and its
+true / false positive rates at its threshold. Written to DIR (default WORKDIR):
+
+  * anomaly.json: `scores`, one entry per score; the top-level `auc`, `threshold`, `tpr`, `fpr`
+    are those of --score;
+  * anomaly_scores.csv: every image's scores in split order, with its label, its role (heldout,
+    normal, anomalous) and whether --score flags it;
+  * anomaly.png: some scored normal images, then as many anomalous ones, one per row: input,
+    reconstruction, restoration (with priors) and the map of --score's kind (the restoration
+    map for restoration_max and the nll scores, else the error map), on one colour scale.
+
+To screen a folder of images against a folder of normal ones, lay them out as an image-folder
+dataset labelled by directory (docs/anomaly.md): SCANS/train/normal/ (training),
+SCANS/test/normal/ (held out: they choose the thresholds) and SCANS/test/screen/ (label 1).
 """
 
 import json
@@ -33,7 +52,9 @@ from vqjax import _cli, errors
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
 
-SCORES = ("max", "mean")
+# Per-image scores without priors; "max" and "mean" name the first two (the older flag values).
+RECON_SCORES = ("recon_max", "recon_mean")
+ALIASES = {"max": "recon_max", "mean": "recon_mean"}
 
 
 def define_flags() -> None:
@@ -41,13 +62,22 @@ def define_flags() -> None:
   like --workdir, and tests import them together)."""
   flags.DEFINE_string("workdir", None, "The stage-1 run (load_run reads it).")
   flags.DEFINE_list(
+    "priors", [], "The priors of the run's code levels, e.g. TOP,BOTTOM (optional)."
+  )
+  flags.DEFINE_list(
     "anomaly_labels",
     None,
     "Labels that count as anomalous, e.g. 8 or 8,9 (default: the run's data.exclude_labels).",
   )
   flags.DEFINE_float("quantile", 0.95, "Quantile of held-out normal scores used as threshold.")
   flags.DEFINE_integer("max_examples", 0, "Read only the first N eval images (0 = all).")
-  flags.DEFINE_enum("score", "max", SCORES, "Per-image score: blurred-map maximum or mean.")
+  flags.DEFINE_string(
+    "score",
+    "max",
+    "The score thresholded first and shown: max, mean, nll, nll_level0, ..., restoration_max.",
+  )
+  flags.DEFINE_float("restore_threshold", 0.01, "Restoration redraws codes less likely than this.")
+  flags.DEFINE_integer("seed", 0, "Seed of the restoration draws.")
   flags.DEFINE_string("out", "", "Output directory (default WORKDIR).")
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
@@ -67,6 +97,14 @@ def _parse_labels(values: list[Any] | None) -> list[int] | None:
   return sorted(set(labels))
 
 
+def score_names(num_levels: int) -> tuple[str, ...]:
+  """Every score `run` reports with priors over `num_levels` code levels (0 = none)."""
+  if not num_levels:
+    return RECON_SCORES
+  levels = tuple(f"nll_level{i}" for i in range(num_levels))
+  return RECON_SCORES + levels + ("nll", "restoration_max")
+
+
 def split_indices(is_anomaly: Any) -> tuple[Any, Any, Any]:
   """Which images choose the threshold, which normal images are scored, which are anomalous.
 
@@ -84,6 +122,33 @@ def split_indices(is_anomaly: Any) -> tuple[Any, Any, Any]:
   return normal[0::2], normal[1::2], np.flatnonzero(is_anomaly)
 
 
+def _load(workdir: str, priors: list[str]) -> tuple[Any, Any, Any, list[tuple[Any, Any]]]:
+  """(config, model, variables, [(prior model, variables)]) of the stage-1 run and its priors."""
+  from vqjax import runs
+  from vqjax.models import registry
+
+  if not priors:
+    config, model, variables = runs.load_run(workdir)
+    loaded = []
+  else:
+    from vqjax.sampling import hierarchy
+
+    gen = hierarchy.Generator.from_runs(workdir, priors)
+    config, model, variables = gen.stage1
+    if gen.class_conditional:
+      raise errors.UserError(
+        "the priors are class-conditional: an image to screen has no label; train "
+        "unconditional priors (config.prior.class_conditional=False) for anomaly scores"
+      )
+    loaded = [(m, v) for _, m, v in gen.priors]
+  if config.task != "autoencoder" or not registry.is_autoencoder(config):
+    raise errors.UserError(
+      f"{workdir} is a {config.task} run of {config.model.name!r}, not a stage-1 autoencoder "
+      f"({', '.join(registry.AUTOENCODERS)}): anomaly maps need reconstructions"
+    )
+  return config, model, variables, loaded
+
+
 def run(
   workdir: str,
   out: str,
@@ -92,7 +157,10 @@ def run(
   max_examples: int = 0,
   score: str = "max",
   sigma: float = 1.0,
-  num_shown: int = 8,
+  num_shown: int = 4,
+  priors: list[str] | None = None,
+  restore_threshold: float = 0.01,
+  seed: int = 0,
 ) -> dict:
   """Scores a stage-1 run's eval split for anomalies and writes anomaly.json and anomaly.png.
 
@@ -100,47 +168,55 @@ def run(
     workdir: a stage-1 (autoencoder) run or a `vqjax.convert` output.
     out: the directory written (created if needed).
     anomaly_labels: labels that count as anomalous; None = the run's `data.exclude_labels`.
-    quantile: in (0, 1); the threshold is this quantile of the held-out normal scores.
+    quantile: in (0, 1); each threshold is this quantile of the held-out normal scores.
     max_examples: read only the first this many eval images; 0 = the whole split.
-    score: the per-image score thresholded and reported as "auc": "max" (of the error map
-      blurred with `sigma`) or "mean" (of the map); both AUCs are reported.
-    sigma: blur of the error maps before their maximum, in pixels.
+    score: the score reported at the top level and whose map the PNG shows (`score_names`;
+      "max" and "mean" are recon_max and recon_mean).
+    sigma: blur of the maps before their maximum, in pixels.
     num_shown: normal and anomalous images each in the PNG (fewer when fewer are scored).
+    priors: the priors' workdirs, one per code level (any order); None or [] = none.
+    restore_threshold: restoration redraws codes whose probability is below it.
+    seed: seed of the restoration draws.
 
   Returns:
-    What anomaly.json holds: "auc" (of `score`), "auc_max", "auc_mean", "threshold", "tpr"
-    (share of anomalous images above the threshold), "fpr" (share of scored normal images
-    above it), "heldout_fpr" (of the held-out normal images, about 1 - quantile by
-    construction), "num_heldout", "num_normal" (scored), "num_anomalous", the settings
-    ("anomaly_labels", "quantile", "score", "sigma", "eval_split") and the paths written.
+    What anomaly.json holds: "scores" (per score: "auc", "threshold", "tpr" = share of
+    anomalous images above the threshold, "fpr" = share of scored normal images above it,
+    "heldout_fpr" = of the held-out normal images, about 1 - quantile by construction),
+    "auc_<score>" for each score ("auc_max", "auc_mean" for the reconstruction scores),
+    --score's "auc", "threshold", "tpr", "fpr", "heldout_fpr", "num_heldout", "num_normal"
+    (scored), "num_anomalous", with priors "replaced_normal" / "replaced_anomalous" (mean share
+    of codes restoration redrew), the settings and the paths written ("png", "csv", "json").
 
   Raises:
     errors.UserError: a quantile outside (0, 1), an unknown score, a run that is not an
-      autoencoder, no anomaly labels, eval data without labels, no anomalous images, or fewer
-      than two normal images.
+      autoencoder, priors that do not belong to it or are class-conditional, no anomaly
+      labels, eval data without labels, no anomalous images, or fewer than two normal images.
   """
   # Checked before the (slow) imports of JAX and the model code.
   if not 0.0 < quantile < 1.0:
     raise errors.UserError(f"--quantile must be in (0, 1), got {quantile}")
-  if score not in SCORES:
-    raise errors.UserError(f"--score must be one of {', '.join(SCORES)}, not {score!r}")
   if max_examples < 0:
     raise errors.UserError(f"--max_examples must be >= 0, got {max_examples}")
+  if not 0.0 <= restore_threshold < 1.0:
+    raise errors.UserError(f"--restore_threshold must be in [0, 1), got {restore_threshold}")
+  priors = [p for p in (priors or []) if p]
+  score = ALIASES.get(score, score)
+  if score not in score_names(max(len(priors), 1)) or (not priors and score not in RECON_SCORES):
+    known = ", ".join(("max", "mean") + score_names(len(priors))[2:])
+    more = "" if priors else " (the nll and restoration scores need --priors)"
+    raise errors.UserError(f"--score must be one of {known}, not {score!r}{more}")
   labels = _parse_labels(anomaly_labels)
 
+  import jax
   import numpy as np
 
-  from vqjax import runs
   from vqjax.data import pipeline
   from vqjax.evaluation import anomaly
-  from vqjax.models import registry
 
-  config, model, variables = runs.load_run(workdir)
-  if config.task != "autoencoder" or not registry.is_autoencoder(config):
-    raise errors.UserError(
-      f"{workdir} is a {config.task} run of {config.model.name!r}, not a stage-1 autoencoder "
-      f"({', '.join(registry.AUTOENCODERS)}): anomaly maps need reconstructions"
-    )
+  config, model, variables, loaded = _load(workdir, priors)
+  names = score_names(len(loaded))
+  if score not in names:
+    raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")
   if labels is None:
     labels = _parse_labels(list(config.data.exclude_labels))
   if not labels:
@@ -148,17 +224,20 @@ def run(
       f"no anomaly labels: {workdir} left no label out of training (data.exclude_labels is "
       "empty); pass --anomaly_labels"
     )
+  scorer = anomaly.PriorScorer(model, variables, loaded, sigma, restore_threshold)
+  map_key = "recon_map" if score in RECON_SCORES else "restoration_map"
 
   # The eval split as it is, normal and anomalous images alike.
   data = config.data.copy_and_resolve_references()
   data.exclude_labels = ()
   split = data.eval_split
   max_batches = math.ceil(max_examples / data.eval_batch_size) if max_examples else 0
-  scores: dict[str, list[Any]] = {k: [] for k in SCORES}
+  scores: dict[str, list[Any]] = {k: [] for k in names + (("replaced",) if loaded else ())}
   found: list[Any] = []
-  shown: dict[bool, list[tuple[Any, Any, Any]]] = {False: [], True: []}
+  shown: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
   normal_seen = read = 0
-  for batch in pipeline.make_eval_iterator(data, max_batches=max_batches):
+  rng = jax.random.key(seed)
+  for b, batch in enumerate(pipeline.make_eval_iterator(data, max_batches=max_batches)):
     if "label" not in batch:
       raise errors.UserError(
         f"eval split {split!r} of {data.name!r} has no 'label' feature (it has "
@@ -171,20 +250,27 @@ def run(
     if not len(keep):
       continue
     y = np.asarray(batch["label"])[keep].reshape(len(keep), -1)[:, 0].astype(np.int64)
-    # The whole padded batch goes through the model, so every batch has one shape (one compile).
-    recons, maps = anomaly.reconstruct(model, variables, batch["image"])
-    images, recons, maps = batch["image"][keep], np.asarray(recons)[keep], np.asarray(maps)[keep]
-    for k, v in anomaly.image_scores(maps, sigma).items():
-      scores[k].append(np.asarray(v, np.float64))
+    # The whole padded batch goes through the models, so every batch has one shape (one compile).
+    got = scorer.score(batch["image"], jax.random.fold_in(rng, b))
+    for k in scores:
+      scores[k].append(np.asarray(got[k], np.float64)[keep])
     found.append(y)
     # The PNG shows the first scored normal images (odd normal positions) and anomalous ones.
     is_anomaly = np.isin(y, labels)
     positions = normal_seen + np.cumsum(~is_anomaly) - 1
     normal_seen += int(np.sum(~is_anomaly))
-    for j in range(len(keep)):
+    for j, i in enumerate(keep):
       group = bool(is_anomaly[j])
       if len(shown[group]) < num_shown and (group or positions[j] % 2 == 1):
-        shown[group].append((images[j], recons[j], maps[j]))
+        shown[group].append(
+          {
+            "input": batch["image"][i],
+            "reconstruction": got["recon"][i],
+            "restoration": got["restored"][i] if loaded else None,
+            "map": got[map_key][i],
+            "score": float(got[score][i]),
+          }
+        )
 
   y = np.concatenate(found) if found else np.zeros(0, np.int64)
   s = {k: np.concatenate(v) if v else np.zeros(0) for k, v in scores.items()}
@@ -200,17 +286,22 @@ def run(
       f"eval split {split!r} has {len(heldout) + len(normal)} normal image(s) among the "
       f"{len(y)} read; at least 2 are needed (one to choose the threshold, one to score)"
     )
-  threshold = anomaly.choose_threshold(s[score][heldout], quantile)
   test = np.concatenate([normal, anomalous])
-  flagged = s[score] > threshold
+  per_score = {}
+  for k in names:
+    threshold = anomaly.choose_threshold(s[k][heldout], quantile)
+    flagged = s[k] > threshold
+    per_score[k] = {
+      "auc": anomaly.roc_auc(s[k][test], is_anomaly[test]),
+      "threshold": threshold,
+      "tpr": float(np.mean(flagged[anomalous])),
+      "fpr": float(np.mean(flagged[normal])),
+      "heldout_fpr": float(np.mean(flagged[heldout])),
+    }
   result = {
-    "auc": anomaly.roc_auc(s[score][test], is_anomaly[test]),
-    "auc_max": anomaly.roc_auc(s["max"][test], is_anomaly[test]),
-    "auc_mean": anomaly.roc_auc(s["mean"][test], is_anomaly[test]),
-    "threshold": threshold,
-    "tpr": float(np.mean(flagged[anomalous])),
-    "fpr": float(np.mean(flagged[normal])),
-    "heldout_fpr": float(np.mean(flagged[heldout])),
+    "scores": per_score,
+    **{f"auc_{k.removeprefix('recon_')}": v["auc"] for k, v in per_score.items()},
+    **per_score[score],
     "num_heldout": int(len(heldout)),
     "num_normal": int(len(normal)),
     "num_anomalous": int(len(anomalous)),
@@ -220,18 +311,41 @@ def run(
     "sigma": float(sigma),
     "eval_split": split,
     "workdir": os.path.abspath(workdir),
+    "priors": [os.path.abspath(p) for p in priors],
   }
+  if loaded:
+    result["restore_threshold"] = float(restore_threshold)
+    result["seed"] = int(seed)
+    result["replaced_normal"] = float(np.mean(s["replaced"][normal]))
+    result["replaced_anomalous"] = float(np.mean(s["replaced"][anomalous]))
   os.makedirs(out, exist_ok=True)
   k = min(len(shown[False]), len(shown[True]))
   picked = shown[False][:k] + shown[True][:k]
+  columns = {"input": np.stack([p["input"] for p in picked])}
+  columns["reconstruction"] = np.stack([p["reconstruction"] for p in picked])
+  if loaded:
+    columns["restoration"] = np.stack([p["restoration"] for p in picked])
+  titles = [
+    f"{'anomalous' if r >= k else 'normal'}\n{score} {p['score']:.4g}" for r, p in enumerate(picked)
+  ]
+  map_title = "restoration map" if map_key == "restoration_map" else "error map"
   png = os.path.join(out, "anomaly.png")
-  anomaly.save_anomaly_png(
-    png, *(np.stack(parts) for parts in zip(*picked, strict=True)), per_row=k
+  anomaly.save_anomaly_figure(
+    png, columns, np.stack([p["map"] for p in picked]), titles, map_title=map_title
   )
   result["png"] = png
   result["png_rows"] = (
-    f"input, reconstruction, error of {k} scored normal images, then of {k} anomalous ones"
+    f"{k} scored normal images, then {k} anomalous ones: {', '.join(columns)}, {map_title}"
   )
+  result["csv"] = os.path.join(out, "anomaly_scores.csv")
+  role = np.full(len(y), "anomalous", object)
+  role[heldout], role[normal] = "heldout", "normal"
+  flagged = s[score] > per_score[score]["threshold"]
+  with open(result["csv"], "w") as f:
+    f.write(",".join(["index", "label", "role", *names, f"flagged_by_{score}"]) + "\n")
+    for i in range(len(y)):
+      values = [f"{s[k][i]:.6g}" for k in names]
+      f.write(",".join([str(i), str(y[i]), role[i], *values, str(int(flagged[i]))]) + "\n")
   result["json"] = os.path.join(out, "anomaly.json")
   with open(result["json"], "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
@@ -252,12 +366,20 @@ def main(argv):
       quantile=flags.FLAGS.quantile,
       max_examples=flags.FLAGS.max_examples,
       score=flags.FLAGS.score,
+      priors=flags.FLAGS.priors,
+      restore_threshold=flags.FLAGS.restore_threshold,
+      seed=flags.FLAGS.seed,
     )
   width = max(len(k) for k in result)
   for key in sorted(result):
     value = result[key]
+    if key == "scores":
+      continue  # the same numbers as the auc_* lines and the table below
     shown = f"{value:.6g}" if isinstance(value, float) else value
     print(f"{key:<{width}}  {shown}")
+  print(f"\n{'score':<16} {'ROC AUC':>8} {'TPR':>6} {'FPR':>6}  (at the thresholds)")
+  for name, v in result["scores"].items():
+    print(f"{name:<16} {v['auc']:8.4f} {v['tpr']:6.3f} {v['fpr']:6.3f}")
   print(f"written to {result['json']} and {result['png']}", file=sys.stderr)
 
 

@@ -12,6 +12,16 @@ never saw (a lesion, an artefact) poorly, because the codebook has no codes for 
   4. evaluation: ROC AUC (threshold-free) plus the TPR / FPR at that threshold on a labelled
      test set.
 
+With the priors of the code levels there are two more (`PriorScorer`):
+
+  * the negative log-likelihood of the image's codes under the priors, per level and summed:
+    codes the normal images never produce, or in arrangements they never have, cost nats;
+  * restoration (Pinaya et al. 2021; Marimont and Tarroni 2021): in raster order, every code
+    whose probability under the prior (given the codes before it, as restored so far) falls
+    below a threshold is replaced by one drawn from the prior, level by level (each finer level
+    conditioned on the restored coarser ones); the decoded restoration is a normal-looking
+    version of the image, and its pixel difference from the input is the map.
+
 Images are float [B, H, W, C] in [-1, 1]; batches may be padded with a "mask" as the eval
 iterators of `vqjax.data.pipeline` yield them.
 """
@@ -323,3 +333,266 @@ def evaluate_anomalies(
     "num_test": float(len(y)),
     "num_anomalies": float(np.sum(y)),
   }
+
+
+def code_nll(logits: jax.Array, codes: jax.Array) -> jax.Array:
+  """Negative log-likelihood (nats) of each code under its logits.
+
+  Args:
+    logits: float [B, H, W, K] (a prior's output for `codes`).
+    codes: int [B, H, W].
+
+  Returns:
+    float32 [B, H, W]: -log softmax(logits)[code].
+  """
+  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, jnp.asarray(codes, jnp.int32)[..., None], axis=-1)[..., 0]
+
+
+def restore_codes(
+  model: Any,
+  variables: Any,
+  codes: jax.Array,
+  rng: jax.Array,
+  threshold: float,
+  condition: tuple[jax.Array, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Replaces the codes a prior finds unlikely, in raster order, with codes drawn from it.
+
+  The prior runs in its incremental decode mode (`decode_position`, the cached samplers' mode):
+  at position p it sees the codes before p as restored so far. A code whose probability there
+  is below `threshold` is replaced by a draw from the prior's distribution at p (temperature
+  1); a likely code stays.
+
+  Args:
+    model: a prior with a decode mode (`PixelSNAIL`, `GatedPixelCNN`), not class-conditional.
+    variables: its variables.
+    codes: int32 [B, H, W] the image's codes.
+    rng: PRNG key of the draws (folded with the position).
+    threshold: probability below which a code is replaced; 0 keeps every code.
+    condition: None or the (restored) coarser code maps, coarsest first.
+
+  Returns:
+    (restored int32 [B, H, W], replaced bool [B, H, W]).
+  """
+  codes = jnp.asarray(codes, jnp.int32)
+  condition = None if condition is None else tuple(jnp.asarray(c, jnp.int32) for c in condition)
+  return _restore_fn(model)(variables, codes, rng, jnp.float32(threshold), condition)
+
+
+_RESTORE_JITTED: list[tuple[Any, Any]] = []
+
+
+def _restore_fn(model: Any):
+  """The jitted restoration loop of `model` (cached by identity, as `_reconstruct_fn`)."""
+  for m, fn in _RESTORE_JITTED:
+    if m is model:
+      return fn
+
+  def fn(variables, codes, rng, threshold, condition):
+    variables = {k: v for k, v in variables.items() if k != "cache"}
+    width = codes.shape[2]
+    # The first call creates the decode cache (and the conditioning features).
+    _, state = model.apply(
+      variables, codes, condition=condition, decode_position=0, mutable=["cache"]
+    )
+
+    def body(p, carry):
+      cache, restored, replaced = carry
+      logits, state = model.apply(
+        {**variables, "cache": cache},
+        restored,
+        condition=condition,
+        decode_position=p,
+        mutable=["cache"],
+      )
+      i, j = p // width, p % width
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      current = restored[:, i, j]
+      unlikely = jnp.take_along_axis(logp, current[:, None], axis=-1)[:, 0] < jnp.log(threshold)
+      drawn = jax.random.categorical(jax.random.fold_in(rng, p), logp, axis=-1).astype(jnp.int32)
+      new = jnp.where(unlikely, drawn, current)
+      return (
+        state["cache"],
+        restored.at[:, i, j].set(new),
+        replaced.at[:, i, j].set(unlikely),
+      )
+
+    replaced = jnp.zeros(codes.shape, bool)
+    size = codes.shape[1] * codes.shape[2]
+    _, restored, replaced = jax.lax.fori_loop(0, size, body, (state["cache"], codes, replaced))
+    return restored, replaced
+
+  fn = jax.jit(fn)
+  _RESTORE_JITTED.insert(0, (model, fn))
+  del _RESTORE_JITTED[_MAX_JITTED:]
+  return fn
+
+
+class PriorScorer:
+  """Every anomaly score and map of a stage-1 model, with or without the priors of its levels.
+
+  `score(images, rng)` returns, per image:
+    * "recon_max", "recon_mean": the reconstruction-error scores (`image_scores`);
+    * with priors: "nll_level{i}" (nats of level i's codes, 0 = top) and "nll" (their sum);
+      "restoration_max": the maximum of the blurred restoration map (squared difference of
+      input and restored image, averaged over channels, as the error map).
+
+  Attributes:
+    model, variables: the stage-1 model (`encode_to_indices` / `decode_from_indices`).
+    priors: (model, variables) per level, coarsest first; empty = reconstruction scores only.
+    sigma: blur of the maps before their maximum (pixels).
+    restore_threshold: probability below which restoration replaces a code.
+  """
+
+  def __init__(
+    self,
+    model: Any,
+    variables: Any,
+    priors: list[tuple[Any, Any]] = (),
+    sigma: float = 1.0,
+    restore_threshold: float = 0.01,
+  ):
+    if not 0.0 <= restore_threshold < 1.0:
+      raise ValueError(f"restore_threshold must be in [0, 1), got {restore_threshold}")
+    self.model, self.variables = model, variables
+    self.priors = list(priors)
+    self.sigma = float(sigma)
+    self.restore_threshold = float(restore_threshold)
+    self._encode = jax.jit(self._encode_and_nll)
+    self._decode = jax.jit(
+      lambda v, codes: model.apply(v, tuple(codes), method="decode_from_indices").astype(
+        jnp.float32
+      )
+    )
+
+  def _encode_and_nll(self, variables, prior_variables, images):
+    recon, _ = self.model.apply(variables, images, train=False)
+    recon = recon.astype(jnp.float32)
+    maps = jnp.mean(jnp.square(recon - images), axis=-1)
+    codes = self.model.apply(variables, images, method="encode_to_indices")
+    nll = []
+    for level, ((prior, _), pv) in enumerate(zip(self.priors, prior_variables, strict=True)):
+      logits = prior.apply(pv, codes[level], condition=tuple(codes[:level]) or None)
+      nll.append(code_nll(logits, codes[level]))
+    return recon, maps, codes, nll
+
+  def score(self, images: Any, rng: jax.Array) -> dict[str, np.ndarray]:
+    """Scores and maps of a batch.
+
+    Args:
+      images: float [B, H, W, C] in [-1, 1].
+      rng: PRNG key of the restoration draws.
+
+    Returns:
+      The per-image scores above (float64 [B]) and the arrays "recon" [B, H, W, C],
+      "recon_map" [B, H, W], with priors also "nll_map{i}" [B, h_i, w_i] (nats per code),
+      "restored" [B, H, W, C], "restoration_map" [B, H, W] and "replaced" (share of codes
+      restoration replaced, [B]).
+    """
+    images = jnp.asarray(images, jnp.float32)
+    pvars = [v for _, v in self.priors]
+    recon, maps, codes, nll = self._encode(self.variables, pvars, images)
+    out = {"recon": np.asarray(recon), "recon_map": np.asarray(maps)}
+    for k, v in image_scores(maps, self.sigma).items():
+      out[f"recon_{k}"] = np.asarray(v, np.float64)
+    if not self.priors:
+      return out
+    total = 0.0
+    for level, n in enumerate(nll):
+      per_image = np.asarray(jnp.sum(n, axis=(1, 2)), np.float64)
+      out[f"nll_level{level}"], out[f"nll_map{level}"] = per_image, np.asarray(n)
+      total = total + per_image
+    out["nll"] = total
+    restored, replaced = [], []
+    for level, (prior, pv) in enumerate(self.priors):
+      r, m = restore_codes(
+        prior,
+        pv,
+        codes[level],
+        jax.random.fold_in(rng, level),
+        self.restore_threshold,
+        condition=tuple(restored) or None,
+      )
+      restored.append(r)
+      replaced.append(np.asarray(m).reshape(len(images), -1))
+    image = np.clip(np.asarray(self._decode(self.variables, restored)), -1.0, 1.0)
+    rmap = np.mean(np.square(image - np.asarray(images)), axis=-1)
+    out["restored"], out["restoration_map"] = image, rmap
+    out["restoration_max"] = np.asarray(image_scores(rmap, self.sigma)["max"], np.float64)
+    out["replaced"] = np.concatenate(replaced, axis=1).mean(axis=1)
+    return out
+
+
+def save_anomaly_figure(
+  path: str,
+  columns: dict[str, np.ndarray],
+  maps: np.ndarray,
+  row_titles: list[str],
+  map_title: str = "anomaly map",
+  vmax: float | None = None,
+  inches: float = 1.9,
+) -> str:
+  """Writes examples side by side, one per row: image columns, then the map with a colour bar.
+
+  Args:
+    path: the PNG file (its directory is created).
+    columns: column title -> [N, H, W, C] images in [-1, 1] (e.g. input, reconstruction,
+      restoration), shown in grey (one channel) or colour.
+    maps: [N, H, W] non-negative maps, one colour scale for all rows.
+    row_titles: N titles written left of the rows (e.g. "normal, score 0.01").
+    map_title: the map column's title (its colour bar carries the same name).
+    vmax: the value at the top of the colour scale; default the 99.5th percentile of the maps
+      shown, so one hot pixel does not turn every other map dark.
+    inches: size of one panel (at 100 dots per inch).
+
+  Returns:
+    `path`.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  maps = np.asarray(maps, np.float64)
+  n = len(maps)
+  if n == 0 or len(row_titles) != n or any(len(v) != n for v in columns.values()):
+    raise ValueError(f"save_anomaly_figure needs N > 0 rows in every column, got {n}")
+  vmax = float(np.percentile(maps, 99.5)) if vmax is None else float(vmax)
+  vmax = vmax if vmax > 0 else 1.0
+  ncols = len(columns) + 1
+  width, height = inches * ncols + 1.6, inches * n + 0.5
+  fig = Figure(figsize=(width, height), dpi=100)
+  FigureCanvasAgg(fig)
+  # Image panels, then a narrow column for the colour bar; margins in inches (row titles on
+  # the left, the colour bar's label on the right, column titles on top).
+  grid = fig.add_gridspec(
+    n,
+    ncols + 1,
+    width_ratios=[1.0] * ncols + [0.07],
+    left=0.6 / width,
+    right=1 - 0.75 / width,
+    top=1 - 0.35 / height,
+    bottom=0.1 / height,
+    wspace=0.06,
+    hspace=0.06,
+  )
+  shown = None
+  for r in range(n):
+    axes = [fig.add_subplot(grid[r, c]) for c in range(ncols)]
+    for ax, (title, images) in zip(axes, columns.items()):
+      image = np.clip((np.asarray(images[r], np.float32) + 1.0) / 2.0, 0.0, 1.0)
+      grey = image.shape[-1] == 1
+      ax.imshow(image[..., 0] if grey else image, cmap="gray" if grey else None, vmin=0, vmax=1)
+      if r == 0:
+        ax.set_title(title, fontsize=11)
+    shown = axes[-1].imshow(maps[r], cmap="inferno", vmin=0.0, vmax=vmax)
+    if r == 0:
+      axes[-1].set_title(map_title, fontsize=11)
+    axes[0].set_ylabel(row_titles[r], fontsize=9)
+    for ax in axes:
+      ax.set_xticks([])
+      ax.set_yticks([])
+  bar = fig.colorbar(shown, cax=fig.add_subplot(grid[:, -1]))
+  bar.set_label(f"{map_title} (squared difference; top = 99.5th percentile)", fontsize=9)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  return path

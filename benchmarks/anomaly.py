@@ -1,0 +1,251 @@
+"""Fashion-MNIST anomaly benchmark: ROC AUC per class of every vqjax anomaly score.
+
+  python benchmarks/anomaly.py --protocol one-class       # train on one class, 9 anomalous
+  python benchmarks/anomaly.py --protocol leave-one-out   # train on nine, the tenth anomalous
+      [--classes 0,8] [--size full|smoke] [--workdir /tmp/vqjax_anomaly] [--out FILE.jsonl]
+
+For each class of the protocol: a small VQ-VAE-2 (`vqjax.train` on the normal classes, through
+`data.exclude_labels`), its codes (`vqjax.extract_codes`), a PixelSNAIL prior per level on the
+normal images' codes, then `vqjax.evaluation.anomaly.PriorScorer` on the whole test split
+(10,000 images, labels only for the AUC). Scores (higher = more anomalous):
+
+  recon_max, recon_mean      reconstruction error: blurred-map maximum, mean
+  nll_level0, nll_level1     nats of the top (4x4) and bottom (8x8) codes under their prior
+  nll                        their sum: the codes' negative log-likelihood
+  restoration_max            blurred maximum of the restoration map
+  combined                   the mean of the z-scores of recon_mean, nll and restoration_max,
+                             each standardised by its mean and standard deviation on 1,000
+                             normal training images (a rule fixed before any test result;
+                             no anomaly is used to weigh it)
+
+Each class appends one JSON line (AUCs, timings) to --out and prints a progress line; the end
+prints the Markdown table of benchmarks/RESULTS.md. Every setting is the same for all classes.
+Runs are kept under --workdir and reused when complete (delete it to retrain).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+CLASSES = (
+  "T-shirt/top",
+  "trouser",
+  "pullover",
+  "dress",
+  "coat",
+  "sandal",
+  "shirt",
+  "sneaker",
+  "bag",
+  "ankle boot",
+)
+SCORES = (
+  "recon_max",
+  "recon_mean",
+  "nll_level0",
+  "nll_level1",
+  "nll",
+  "restoration_max",
+  "combined",
+)
+COMBINED = ("recon_mean", "nll", "restoration_max")
+# Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images).
+SIZES = {"full": (300, 300, 1000, 0), "smoke": (2, 2, 16, 64)}
+SEED = 0
+RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code (K = 64: 1/64)
+
+
+def stage1_config(normal: list[int], steps: int, smoke: bool):
+  """The small VQ-VAE-2 of experiments/fashion_mnist_anomaly.py on the `normal` classes."""
+  from vqjax import configs
+
+  c = configs.load_experiment("fashion_mnist_anomaly")
+  c.data.exclude_labels = tuple(k for k in range(10) if k not in normal)
+  c.train.steps = c.ckpt.every_steps = steps
+  if smoke:
+    c.data.update(
+      train_split="train[:512]", eval_split="test[:64]", batch_size=8, eval_batch_size=8
+    )
+    c.data.update(num_workers=0, worker_processes=0)
+    c.log.every_steps = 1
+  return c
+
+
+def prior_config(level: int, codes_dir: str, steps: int, smoke: bool):
+  """The small unconditional PixelSNAIL of experiments/fashion_mnist_anomaly_prior.py."""
+  from vqjax import configs, pipeline
+
+  c = configs.load_experiment("fashion_mnist_anomaly_prior" + (":bottom" if level else ""))
+  c.train.steps = c.ckpt.every_steps = steps
+  if smoke:
+    c.data.update(batch_size=8, eval_batch_size=8, num_workers=0, worker_processes=0)
+    c.log.every_steps = 1
+  return pipeline.prior_config(c, codes_dir, c.vq.num_codes)
+
+
+def _train(config, workdir: str) -> None:
+  from vqjax import runs
+  from vqjax.training import trainer
+
+  trainer.train_and_evaluate(config, workdir, make_task=runs.make_task)
+
+
+def _images(data, max_examples: int):
+  """(images, labels) of the first `max_examples` (0 = all) of `data`'s eval split."""
+  import math
+
+  from vqjax.data import pipeline
+
+  batches = math.ceil(max_examples / data.eval_batch_size) if max_examples else 0
+  images, labels = [], []
+  for batch in pipeline.make_eval_iterator(data, max_batches=batches):
+    keep = np.asarray(batch["mask"]) > 0
+    images.append(np.asarray(batch["image"], np.float32)[keep])
+    labels.append(np.asarray(batch["label"]).reshape(len(keep), -1)[keep, 0])
+  images, labels = np.concatenate(images), np.concatenate(labels).astype(np.int64)
+  return (images[:max_examples], labels[:max_examples]) if max_examples else (images, labels)
+
+
+def score_all(scorer, images, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+  """Every per-image score of `images`, in batches (the last one padded to the same shape)."""
+  import jax
+
+  out: dict[str, list] = {}
+  n = len(images)
+  for start in range(0, n, batch_size):
+    batch = images[start : start + batch_size]
+    real = len(batch)
+    if real < batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+    s = scorer.score(batch, jax.random.fold_in(jax.random.key(seed), start))
+    for k in SCORES[:-1] + ("replaced",):
+      out.setdefault(k, []).append(s[k][:real])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
+  """Trains and scores one class of the protocol; returns its JSON line."""
+  import jax
+
+  from vqjax import extract_codes
+  from vqjax.evaluation import anomaly
+  from vqjax.sampling import hierarchy
+
+  smoke = size == "smoke"
+  stage1_steps, prior_steps, num_ref, num_test = SIZES[size]
+  normal = [anomalous] if protocol == "one-class" else [k for k in range(10) if k != anomalous]
+  root = os.path.join(workdir, protocol, f"class{anomalous}")
+  times = {}
+  t = time.perf_counter()
+  config = stage1_config(normal, stage1_steps, smoke)
+  _train(config, os.path.join(root, "stage1"))
+  times["stage1"] = time.perf_counter() - t
+  t = time.perf_counter()
+  codes = os.path.join(root, "codes")
+  extract_codes.extract(os.path.join(root, "stage1"), codes)
+  times["codes"] = time.perf_counter() - t
+  t = time.perf_counter()
+  priors = [os.path.join(root, f"prior{level}") for level in (0, 1)]
+  for level, path in enumerate(priors):
+    _train(prior_config(level, codes, prior_steps, smoke), path)
+  times["priors"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  gen = hierarchy.Generator.from_runs(os.path.join(root, "stage1"), priors)
+  _, model, variables = gen.stage1
+  scorer = anomaly.PriorScorer(
+    model, variables, [p[1:] for p in gen.priors], restore_threshold=RESTORE_THRESHOLD
+  )
+  data = config.data.copy_and_resolve_references()
+  batch = data.eval_batch_size
+  # Normal training images: the scale of each score for the combination (no anomaly seen).
+  data.eval_split = data.train_split
+  ref_images, _ = _images(data, num_ref)
+  ref = score_all(scorer, ref_images, batch, SEED + 1)
+  data.exclude_labels = ()
+  data.eval_split = "test"
+  images, labels = _images(data, num_test)
+  scores = score_all(scorer, images, batch, SEED)
+  z = [(scores[k] - ref[k].mean()) / (ref[k].std() + 1e-12) for k in COMBINED]
+  scores["combined"] = np.mean(z, axis=0)
+  is_anomaly = ~np.isin(labels, normal)
+  times["score"] = time.perf_counter() - t
+  return {
+    "protocol": protocol,
+    "class": anomalous,
+    "name": CLASSES[anomalous],
+    "size": size,
+    "auc": {k: anomaly.roc_auc(scores[k], is_anomaly) for k in SCORES},
+    "replaced_normal": float(scores["replaced"][~is_anomaly].mean()),
+    "replaced_anomalous": float(scores["replaced"][is_anomaly].mean()),
+    "num_normal": int((~is_anomaly).sum()),
+    "num_anomalous": int(is_anomaly.sum()),
+    "seconds": {k: round(v, 1) for k, v in times.items()},
+    "devices": str(jax.devices()[0].platform),
+  }
+
+
+def table(lines: list[dict]) -> str:
+  """The Markdown table: one row per class, then the mean, one column per score."""
+  head = "| class | " + " | ".join(SCORES) + " |\n|---|" + "---:|" * len(SCORES) + "\n"
+  rows = []
+  for r in sorted(lines, key=lambda r: r["class"]):
+    cells = " | ".join(f"{r['auc'][k]:.3f}" for k in SCORES)
+    rows.append(f"| {r['class']} {r['name']} | {cells} |")
+  mean = " | ".join(f"**{np.mean([r['auc'][k] for r in lines]):.3f}**" for k in SCORES)
+  rows.append(f"| mean of {len(lines)} | {mean} |")
+  return head + "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--protocol", choices=("one-class", "leave-one-out"), required=True)
+  parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="e.g. 0,8")
+  parser.add_argument("--size", choices=tuple(SIZES), default="full")
+  parser.add_argument("--workdir", default="/tmp/vqjax_anomaly")
+  parser.add_argument("--out", default="", help="JSON lines (default WORKDIR/PROTOCOL.jsonl)")
+  args = parser.parse_args(argv)
+  try:
+    classes = [int(k) for k in args.classes.split(",") if k.strip()]
+  except ValueError:
+    parser.error(f"--classes must be integers 0-9 separated by commas, got {args.classes!r}")
+  if not classes or any(not 0 <= k <= 9 for k in classes):
+    parser.error(f"--classes must be integers 0-9, got {args.classes!r}")
+
+  from vqjax import _cli
+  from vqjax.training import trainer
+
+  _cli.setup()
+  trainer.setup_compilation_cache(os.path.join(args.workdir, "jax_cache"))
+  out = args.out or os.path.join(args.workdir, f"{args.protocol}.jsonl")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  lines, t0 = [], time.perf_counter()
+  for n, k in enumerate(classes):
+    line = run_class(k, args.protocol, args.size, args.workdir)
+    lines.append(line)
+    with open(out, "a") as f:
+      f.write(json.dumps(line) + "\n")
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / (n + 1) * (len(classes) - n - 1)
+    aucs = " ".join(f"{s}={line['auc'][s]:.3f}" for s in SCORES)
+    print(
+      f"[{n + 1}/{len(classes)}] {args.protocol} class {k} ({CLASSES[k]}): {aucs} | "
+      f"{sum(line['seconds'].values()):.0f} s, elapsed {elapsed / 60:.1f} min, "
+      f"ETA {eta / 60:.1f} min",
+      flush=True,
+    )
+  print(table(lines))
+  print(f"total {(time.perf_counter() - t0) / 60:.1f} min; lines appended to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,66 @@
+"""benchmarks/anomaly.py end to end: one class of each protocol at the smoke size (a few steps of
+every stage on the real Fashion-MNIST idx files), its JSON line checked against the labels
+read straight from the idx file; and its argument mistakes."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vqjax.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = "/usr/share/datasets/fashion-mnist"
+SCORES = ("recon_max", "recon_mean", "nll_level0", "nll_level1", "nll", "restoration_max")
+
+
+def _bench(*args, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "benchmarks", "anomaly.py"), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def test_argument_mistakes_are_usage_errors(tmp_path):
+  for bad in ("--classes=10", "--classes=bag", "--classes=,"):
+    out = _bench("--protocol=one-class", bad, f"--workdir={tmp_path}", timeout=60)
+    assert out.returncode == 2 and "--classes must be" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+  out = _bench("--protocol=two-class", timeout=60)
+  assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+@pytest.mark.slow
+def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
+  if not sources.fashion_mnist_files_exist(FMNIST):
+    pytest.skip("Fashion-MNIST idx files not installed (apt install dataset-fashion-mnist)")
+  out = _bench(
+    "--protocol=one-class", "--classes=8", "--size=smoke", f"--workdir={tmp_path}", timeout=1200
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(tmp_path / "one-class.jsonl") as f:
+    (line,) = [json.loads(s) for s in f]
+  # The smoke size scores the first 64 test images; bags (8) are the normal class.
+  with gzip.open(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz")) as f:
+    labels = np.frombuffer(f.read()[8:], np.uint8)[:64]
+  assert line["num_normal"] == int(np.sum(labels == 8)) > 0
+  assert line["num_anomalous"] == int(np.sum(labels != 8))
+  assert (line["protocol"], line["class"], line["name"]) == ("one-class", 8, "bag")
+  assert set(line["auc"]) == set(SCORES) | {"combined"}
+  for name, auc in line["auc"].items():
+    assert 0.0 <= auc <= 1.0, name
+  assert set(line["seconds"]) == {"stage1", "codes", "priors", "score"}
+  # The progress line and the table's mean row.
+  assert "[1/1] one-class class 8 (bag):" in out.stdout
+  assert f"| 8 bag | {line['auc']['recon_max']:.3f} |" in out.stdout
+  assert "| mean of 1 |" in out.stdout
