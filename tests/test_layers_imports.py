@@ -2,8 +2,8 @@
 below, models and data never import each other, and no files import each other in a cycle.
 
 The layers, lowest first (issue 22):
-  L0  the config schema, the errors, the plugin look-up and file checksums: `vqjax.configs`,
-      `vqjax.errors`, `vqjax.plugins`, `vqjax.checksums`;
+  L0  the config schema, the errors, the plugin look-up, file checksums and paths: `vqjax.configs`,
+      `vqjax.errors`, `vqjax.plugins`, `vqjax.checksums`, `vqjax.paths`;
   L1  `vqjax.models.*` and `vqjax.data.*` (independent of each other);
   L2  `vqjax.training.*`;
   L3  loading runs, sampling, evaluation and the converters: `vqjax.runs`, `vqjax.sampling.*`,
@@ -30,6 +30,7 @@ LAYERS = {
   "vqjax.errors": 0,
   "vqjax.plugins": 0,
   "vqjax.checksums": 0,
+  "vqjax.paths": 0,
   "vqjax.models": 1,
   "vqjax.data": 1,
   "vqjax.training": 2,

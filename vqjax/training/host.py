@@ -3,7 +3,6 @@ dispatched step finished on the devices (for the loop's data-wait share), and a 
 of the steps `config.log.profile_steps` asks for."""
 
 import contextlib
-import os
 import queue
 import signal
 import threading
@@ -16,7 +15,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vqjax import errors
+from vqjax import errors, paths
 
 
 class StopRequest:
@@ -151,7 +150,7 @@ class Profiler:
 
   def __init__(self, steps: Sequence[int] | None, total: int, directory: str, active: bool = True):
     self.window = profile_window(steps, total)
-    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self.directory = paths.absolute(directory)
     self.active = active and self.window is not None
     self.tracing = False
 
