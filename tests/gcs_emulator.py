@@ -13,7 +13,6 @@ from gcp_storage_emulator import server
 from gcp_storage_emulator.__main__ import main
 from gcp_storage_emulator.handlers import objects
 
-
 _download_without_generation = objects.download
 
 

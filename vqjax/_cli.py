@@ -153,6 +153,11 @@ def setup(tune_malloc: bool = False) -> None:
 
   _undo.append(logs.drop_library_noise())
   _undo.append(logs.drop_failed_read_leftovers())
+  # gcsfs (files in a bucket, through etils.epath) logs every file it opens at INFO.
+  fs_logger = logging.getLogger("gcsfs")
+  fs_level = fs_logger.level
+  fs_logger.setLevel(logging.WARNING)
+  _undo.append(lambda: fs_logger.setLevel(fs_level))
   if util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
     note, probe_logger = _NoTpuProbeNote(), logging.getLogger("jax._src.xla_bridge")
     probe_logger.addFilter(note)

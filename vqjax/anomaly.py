@@ -27,8 +27,9 @@ import sys
 from typing import Any
 
 from absl import app, flags
+from etils import epath
 
-from vqjax import _cli, errors
+from vqjax import _cli, errors, paths
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -219,9 +220,9 @@ def run(
     "score": score,
     "sigma": float(sigma),
     "eval_split": split,
-    "workdir": os.path.abspath(workdir),
+    "workdir": paths.absolute(workdir),
   }
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   k = min(len(shown[False]), len(shown[True]))
   picked = shown[False][:k] + shown[True][:k]
   png = os.path.join(out, "anomaly.png")
@@ -233,7 +234,7 @@ def run(
     f"input, reconstruction, error of {k} scored normal images, then of {k} anomalous ones"
   )
   result["json"] = os.path.join(out, "anomaly.json")
-  with open(result["json"], "w") as f:
+  with epath.Path(result["json"]).open("w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
   return result
 

@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from vqjax import _cli, configs, errors
+from vqjax import _cli, configs, errors, paths
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -109,7 +110,7 @@ def prior_config(config: Any, codes_dir: str, num_codes: int) -> Any:
   defaults = configs.base_config().data
   c.data.update(
     name="codes",
-    codes_dir=os.path.abspath(codes_dir),
+    codes_dir=paths.absolute(codes_dir),
     reader="local",
     train_split="train",
     eval_split="test",
@@ -124,10 +125,10 @@ def prior_config(config: Any, codes_dir: str, num_codes: int) -> Any:
 def _same_samples(out: str, wanted: dict) -> bool:
   """Whether `out` holds finished samples drawn with the `wanted` settings."""
   path = os.path.join(out, "settings.json")
-  if not (os.path.exists(path) and os.path.exists(os.path.join(out, "images.npz"))):
+  if not (epath.Path(path).exists() and epath.Path(out, "images.npz").exists()):
     return False
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       done = json.load(f)
   except (OSError, ValueError):
     return False
@@ -145,7 +146,7 @@ class Pipeline:
 
   def __init__(self, config: Any, workdir: str):
     self.config = config
-    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = paths.absolute(workdir)
     self.report: dict[str, Any] = {"stages": {}}
     self.features = ""  # the evaluation network's run, once the features stage has run
 
@@ -199,13 +200,13 @@ class Pipeline:
     wanted.update(requested=num, steps=self._latest_steps(classifier))
     if classifier:
       wanted.update(
-        classifier=os.path.abspath(classifier),
+        classifier=paths.absolute(classifier),
         threshold=kwargs["threshold"],
         min_acceptance=kwargs["min_acceptance"],
       )
     if _same_samples(out, wanted):
       logging.info("pipeline: %s already drawn with these settings", out)
-      with open(os.path.join(out, "settings.json")) as f:
+      with epath.Path(out, "settings.json").open() as f:
         return json.load(f)
     priors = [self.path("prior_top"), self.path("prior_bottom")]
     return sample.run(priors, out, stage1=self.path("stage1"), **kwargs)
@@ -241,7 +242,7 @@ class Pipeline:
       self.features = ""  # the judges default to the shipped network
       record = feature_network.packaged_record(c.stage1.data.name)
       return record
-    if workdir and not os.path.isabs(workdir):
+    if workdir and not (paths.is_remote(workdir) or os.path.isabs(workdir)):
       workdir = self.path(workdir)
     record = feature_network.ensure(c.stage1.data.name, workdir, c.features)
     self.features = record["run"]
@@ -253,7 +254,7 @@ class Pipeline:
     e, s = self.config.evaluate, self.config.sample
     classifier, features = self.path("classifier"), self.features
     plots = self.path("plots")
-    os.makedirs(plots, exist_ok=True)
+    epath.Path(plots).mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"stage1": evaluate.evaluate(self.path("stage1"))}
     out["plots"] = evaluate.stage1_plots(self.path("stage1"), plots)
     out["samples"] = evaluate.evaluate_samples(
@@ -303,7 +304,7 @@ class Pipeline:
     from vqjax import extract_codes
 
     c = self.config
-    os.makedirs(self.workdir, exist_ok=True)
+    epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
       configs.validate(c[name])
     t0 = time.perf_counter()
@@ -343,9 +344,9 @@ class Pipeline:
 
   def write(self) -> None:
     """Writes report.json and the short report.md table."""
-    with open(self.path("report.json"), "w") as f:
+    with epath.Path(self.path("report.json")).open("w") as f:
       json.dump(self.report, f, indent=2, sort_keys=True, default=float)
-    with open(self.path("report.md"), "w") as f:
+    with epath.Path(self.path("report.md")).open("w") as f:
       f.write(summary(self.report))
 
 

@@ -17,14 +17,15 @@ iterators of `vqjax.data.pipeline` yield them.
 """
 
 import itertools
-import os
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from vqjax import paths
 from vqjax.evaluation import metrics
 from vqjax.training import logs
 
@@ -202,7 +203,7 @@ def save_anomaly_png(
     },
     per_row=per_row,
   )
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  epath.Path(paths.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
   logs.save_png(path, grid)
   return grid
 
