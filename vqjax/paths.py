@@ -10,9 +10,10 @@ Three things differ on a bucket, by nature of object stores:
     place); on a bucket one upload is already all-or-nothing, so it writes the object directly.
   - Appending does not exist on a bucket (`metrics.jsonl` is rewritten whole instead;
     training/logs.py).
-  - ArrayRecord shards are read by a C++ reader that opens local files only: `local_copy`
-    copies a shard in a bucket to a local cache once (`VQJAX_CACHE`, default ~/.cache/vqjax)
-    and reads it there; shards are written locally and then copied into the bucket.
+  - ArrayRecord files are read by a C++ reader that opens local files only: `local_copy`
+    copies a file in a bucket to a local cache once (`VQJAX_CACHE`, default ~/.cache/vqjax)
+    and it is read there (prepared and code shards, a tfds data_dir's ArrayRecord files); shards
+    are written locally and then copied into the bucket. Each host copies what it reads.
 
 Testing against a local GCS emulator (`gcp-storage-emulator`, as the tests do) needs three
 environment variables: `STORAGE_EMULATOR_HOST=http://localhost:PORT` (gcsfs, which epath uses),
@@ -90,16 +91,31 @@ def cache_root() -> str:
   return os.path.expanduser(os.environ.get("VQJAX_CACHE") or os.path.join("~", ".cache", "vqjax"))
 
 
-def local_copy(path: PathLike) -> str:
+def local_root(directory: PathLike) -> str:
+  """Where `local_copy(..., under=directory)` puts its copies: `<cache>/remote/<hash of URL>`."""
+  digest = hashlib.sha1(os.fspath(directory).rstrip("/").encode()).hexdigest()[:16]
+  return os.path.join(cache_root(), "remote", digest)
+
+
+def local_copy(path: PathLike, under: PathLike | None = None) -> str:
   """A local file with the contents of `path`: `path` itself when local; for a file in a bucket,
-  a copy in the local cache (`remote/<hash of the URL>/<name>`), fetched again when the sizes
-  differ or the file in the bucket is newer. For readers that open local files only
-  (ArrayRecord's)."""
+  a copy in the local cache, fetched again when the sizes differ or the file in the bucket is
+  newer. For readers that open local files only (ArrayRecord's).
+
+  Args:
+    path: the file.
+    under: a directory above `path` (in the bucket): the copy keeps its path relative to it
+      below `local_root(under)`, so several files keep their layout (a tfds data_dir). By
+      default the copy is `local_root(path)/<name>`.
+  """
   if not is_remote(path):
     return os.fspath(path)
   source = epath.Path(path)
-  digest = hashlib.sha1(os.fspath(source).encode()).hexdigest()[:16]
-  target = epath.Path(cache_root()) / "remote" / digest / source.name
+  if under is None:
+    target = epath.Path(local_root(source), source.name)
+  else:
+    rel = os.fspath(source)[len(os.fspath(under).rstrip("/")) :].lstrip("/")
+    target = epath.Path(local_root(under), rel)
   stat = source.stat()
   fresh = target.exists() and target.stat().length == stat.length
   if not (fresh and target.stat().mtime >= stat.mtime):
