@@ -89,8 +89,8 @@ class GcsEmulator:
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
-  """`gcp-storage-emulator` (pure Python, from the test extra) on a free local port with one
-  in-memory bucket, for the session. Nothing leaves the machine: the tests' processes reach
+  """`gcp-storage-emulator` (pure Python, from the test extra; started by tests/gcs_emulator.py,
+  which fills one gap of it) on a free local port with one in-memory bucket, for the session. Nothing leaves the machine: the tests' processes reach
   the bucket only through `GcsEmulator.env`."""
   import socket
   import subprocess
@@ -106,7 +106,8 @@ def gcs_emulator(tmp_path_factory):
   log = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
   with open(log, "w") as out:
     proc = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--port", str(port)]
+      [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py")]
+      + ["start", "--port", str(port)]
       + ["--default-bucket", bucket, "--in-memory"],
       stdout=out,
       stderr=subprocess.STDOUT,

@@ -136,19 +136,24 @@ def _records_up_to(path: str, step: int) -> tuple[list[str], int]:
   """The lines of a metrics.jsonl at or before `step`, and how many lines could not be parsed
   (a line half-written when the process was killed)."""
   kept, dropped = [], 0
-  with epath.Path(path).open(errors="replace") as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        record_step = int(record["step"])
-      except (ValueError, KeyError, TypeError):
-        dropped += 1
-        continue
-      if record_step <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
+  for line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      record_step = int(record["step"])
+    except (ValueError, KeyError, TypeError):
+      dropped += 1
+      continue
+    if record_step <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
   return kept, dropped
+
+
+def _lines(path: str) -> list[str]:
+  """A text file's lines (with their ends), undecodable bytes replaced: a kill can cut a line
+  anywhere, even inside a character."""
+  return epath.Path(path).read_bytes().decode(errors="replace").splitlines(keepends=True)
 
 
 def read_records(path: str) -> list[dict]:
@@ -156,12 +161,11 @@ def read_records(path: str) -> list[dict]:
   records = []
   if not epath.Path(path).exists():
     return records
-  with epath.Path(path).open(errors="replace") as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        continue
+  for line in _lines(path):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue
   return records
 
 
