@@ -192,14 +192,7 @@ def test_every_stage_reads_and_writes_the_bucket(gcs_emulator, cache, tmp_path):
   env, b = _env(gcs_emulator, cache), f"gs://{gcs_emulator.bucket}"
   data_flags = ("--config.ckpt.every_steps=2", "--config.train.steps=4")
 
-  # Stage-1 data prepared into the bucket, and trained from there.
-  _run(
-    [sys.executable, "-m", "vqjax.prepare", f"--config={SMOKE}", f"--out={b}/prepared"],
-    env,
-    tmp_path,
-  )
-  prepared = ("--config.data.name=prepared", f"--config.data.prepared_dir={b}/prepared")
-  _run(_train(f"{b}/stage1", *data_flags, *prepared, cache=cache), env, tmp_path)
+  _run(_train(f"{b}/stage1", *data_flags, cache=cache), env, tmp_path)
   assert _steps(gcs_emulator, "stage1") == [2, 4]
 
   # load_run of the run in the bucket gives the weights of a local copy of it.
@@ -247,14 +240,25 @@ def test_every_stage_reads_and_writes_the_bucket(gcs_emulator, cache, tmp_path):
   _no_local_gs(tmp_path, cache)
 
 
-def test_a_tfds_data_dir_in_the_bucket_trains(gcs_emulator, cache, tmp_path):
-  """A tfds dataset prepared as ArrayRecord (written here, copied into the bucket) read by the
-  grain reader from `--config.data.data_dir=gs://...`: each host reads a local copy."""
+def test_data_in_the_bucket_trains(gcs_emulator, cache, tmp_path):
+  """Training data in the bucket: shards written by `vqjax.prepare` into it, and a tfds dataset
+  prepared as ArrayRecord (written here, copied into the bucket) read by the grain reader from
+  `--config.data.data_dir=gs://...`. Each host reads local copies of the ArrayRecord files."""
   from test_data_tfds import VqjaxTinyTestDs
+
+  env, b = _env(gcs_emulator, cache), f"gs://{gcs_emulator.bucket}"
+  _run(
+    [sys.executable, "-m", "vqjax.prepare", f"--config={SMOKE}", f"--out={b}/prepared"],
+    env,
+    tmp_path,
+  )
+  assert json.loads(_get(gcs_emulator, "prepared/metadata.json"))["complete"]
+  prepared = ("--config.data.name=prepared", f"--config.data.prepared_dir={b}/prepared")
+  _run(_train(f"{b}/prepared_run", *prepared, "--config.train.steps=2", cache=cache), env, tmp_path)
+  assert _steps(gcs_emulator, "prepared_run") == [2]
 
   local = tmp_path / "tfds"
   VqjaxTinyTestDs(data_dir=str(local), file_format="array_record").download_and_prepare()
-  env, b = _env(gcs_emulator, cache), f"gs://{gcs_emulator.bucket}"
   copy = (
     "import os, sys\nfrom etils import epath\n"
     "for where, _, files in os.walk(sys.argv[1]):\n"
