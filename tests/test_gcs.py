@@ -9,6 +9,7 @@ named `gs:` may exist locally (an `os.path.abspath("gs://b/run")` would make `<c
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -362,4 +363,37 @@ def test_two_hosts_stop_together_on_one_sigterm(gcs_emulator, cache, tmp_path):
   got = _losses(_records(gcs_emulator, f"{run}/metrics.jsonl"))
   assert sorted(got) == list(range(1, total + 1))
   assert all(np.isfinite(got[s]) for s in got)
+  _no_local_gs(tmp_path, cache)
+
+
+def _bash_blocks(path: str) -> list[str]:
+  with open(path) as f:
+    return re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+
+
+def test_the_pod_page_runs_as_written(gcs_emulator, cache, tmp_path):
+  """docs/tpu_pods.md: its emulator session (prepare into the bucket, train from there, resume
+  with the same command, load the run) and its data_wait check, run as the page writes them."""
+  env = _env(gcs_emulator, cache)
+  blocks = _bash_blocks(os.path.join(ROOT, "docs", "tpu_pods.md"))
+  session = [b for b in blocks if "python -m vqjax.prepare --config experiments/fashion" in b]
+  check = [b for b in blocks if "data_wait" in b]
+  assert len(session) == 1 and len(check) == 1
+  assert gcs_emulator.bucket == "vqjax-test"  # the page's bucket
+  out = subprocess.run(
+    ["bash", "-e", "-c", session[0]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split()[-1] == "autoencoder"
+  records = _records(gcs_emulator, "pod/run/metrics.jsonl")
+  assert sorted(_losses(records)) == list(range(1, 9))  # resumed at 4, each step once
+  assert _steps(gcs_emulator, "pod/run")[-1] == 8
+  out = subprocess.run(
+    ["bash", "-e", "-c", check[0]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [line.split() for line in out.stdout.splitlines()]
+  assert [int(r[0]) for r in rows] == [r["step"] for r in records]
+  waits = [float(r[1]) for r in rows if r[1] not in ("None", "nan")]
+  assert waits and all(0.0 <= w <= 1.0 for w in waits)
   _no_local_gs(tmp_path, cache)
