@@ -90,8 +90,9 @@ class GcsEmulator:
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
   """`gcp-storage-emulator` (pure Python, from the test extra; started by tests/gcs_emulator.py,
-  which fills one gap of it) on a free local port with one in-memory bucket, for the session. Nothing leaves the machine: the tests' processes reach
-  the bucket only through `GcsEmulator.env`."""
+  which fills one gap of it) on a free local port with one in-memory bucket, for the session.
+  Nothing leaves the machine: the tests' processes reach the bucket only through
+  `GcsEmulator.env`. Skipped, with the reason, where the emulator is not installed."""
   import socket
   import subprocess
   import sys
