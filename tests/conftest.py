@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices, set before JAX starts, so sharding tests run anywhere."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -70,3 +71,58 @@ def _restore_jax_settings():
   for name, value in saved.items():
     if jax.config.values[name] != value:
       jax.config.update(name, value)
+
+
+class GcsEmulator:
+  """A local GCS emulator with one bucket: `env` holds the three variables a process needs to
+  read and write `gs://{bucket}/...` through it (docs/tpu_pods.md)."""
+
+  def __init__(self, port: int, bucket: str):
+    self.bucket = bucket
+    self.url = f"http://localhost:{port}"
+    self.env = {
+      "STORAGE_EMULATOR_HOST": self.url,  # gcsfs, through etils.epath
+      "TENSORSTORE_GCS_HTTP_URL": self.url,  # TensorStore, through Orbax
+      "EPATH_USE_TF": "false",  # epath would use TensorFlow's client, which ignores the emulator
+    }
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """`gcp-storage-emulator` (pure Python, from the test extra; started by tests/gcs_emulator.py,
+  which fills one gap of it) on a free local port with one in-memory bucket, for the session.
+  Nothing leaves the machine: the tests' processes reach the bucket only through
+  `GcsEmulator.env`. Skipped, with the reason, where the emulator is not installed."""
+  import socket
+  import subprocess
+  import sys
+  import time
+
+  if importlib.util.find_spec("gcp_storage_emulator") is None:
+    pytest.skip("gcp-storage-emulator is not installed (pip install -e '.[test]')")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  bucket = "vqjax-test"
+  log = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen(
+      [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py")]
+      + ["start", "--port", str(port)]
+      + ["--default-bucket", bucket, "--in-memory"],
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
+  try:
+    deadline = time.time() + 60
+    while True:
+      with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+          break
+      assert proc.poll() is None, f"the GCS emulator exited: {log.read_text()[-2000:]}"
+      assert time.time() < deadline, "the GCS emulator did not start in 60 s"
+      time.sleep(0.1)
+    yield GcsEmulator(port, bucket)
+  finally:
+    proc.terminate()
+    proc.wait(30)

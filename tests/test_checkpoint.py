@@ -429,13 +429,17 @@ def test_a_failed_background_save_is_one_line_naming_its_step(tmp_path, monkeypa
 def test_a_health_record_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
   import errno
 
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5)
+  from etils import epath
 
-  def full_disk(obj, f):
-    f.write("{")
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5)
+  path_type = type(epath.Path(str(tmp_path)))
+  write_text = path_type.write_text
+
+  def full_disk(self, text, *args, **kwargs):  # the first byte written, then the disk is full
+    write_text(self, text[:1], *args, **kwargs)
     raise OSError(errno.ENOSPC, "No space left on device")
 
-  monkeypatch.setattr(checkpoint.json, "dump", full_disk)
+  monkeypatch.setattr(path_type, "write_text", full_disk)
   with pytest.raises(OSError, match="No space"):
     ckpt.mark_bad([7])
   monkeypatch.undo()

@@ -2,9 +2,9 @@
 below, models and data never import each other, and no files import each other in a cycle.
 
 The layers, lowest first (issue 22):
-  L0  the config schema, the errors, the plugin look-up, file checksums and how runs record
-      each other: `vqjax.configs`, `vqjax.errors`, `vqjax.plugins`, `vqjax.checksums`,
-      `vqjax.links`;
+  L0  the config schema, the errors, the plugin look-up, file checksums, paths and how runs
+      record each other: `vqjax.configs`, `vqjax.errors`, `vqjax.plugins`, `vqjax.checksums`,
+      `vqjax.paths`, `vqjax.links`;
   L1  `vqjax.models.*` and `vqjax.data.*` (independent of each other);
   L2  `vqjax.training.*`;
   L3  loading runs, sampling, evaluation and the converters: `vqjax.runs`, `vqjax.sampling.*`,
@@ -32,6 +32,7 @@ LAYERS = {
   "vqjax.plugins": 0,
   "vqjax.checksums": 0,
   "vqjax.links": 0,
+  "vqjax.paths": 0,
   "vqjax.models": 1,
   "vqjax.data": 1,
   "vqjax.training": 2,

@@ -17,6 +17,7 @@ each `python -m vqjax.X` calls `setup()` first in its `main`, before JAX creates
 `run(main)` is absl's `app.run` whose `--help` prints the usage and exits 0 (absl's exits 1).
 """
 
+import functools
 import logging
 import os
 import sys
@@ -153,6 +154,11 @@ def setup(tune_malloc: bool = False) -> None:
 
   _undo.append(logs.drop_library_noise())
   _undo.append(logs.drop_failed_read_leftovers())
+  # gcsfs and fsspec (files in a bucket, through etils.epath) log every file opened at INFO.
+  for name in ("gcsfs", "fsspec"):
+    fs_logger = logging.getLogger(name)
+    _undo.append(functools.partial(fs_logger.setLevel, fs_logger.level))
+    fs_logger.setLevel(logging.WARNING)
   if util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
     note, probe_logger = _NoTpuProbeNote(), logging.getLogger("jax._src.xla_bridge")
     probe_logger.addFilter(note)

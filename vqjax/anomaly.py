@@ -46,8 +46,9 @@ import sys
 from typing import Any
 
 from absl import app, flags
+from etils import epath
 
-from vqjax import _cli, errors
+from vqjax import _cli, errors, paths
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -310,15 +311,15 @@ def run(
     "score": score,
     "sigma": float(sigma),
     "eval_split": split,
-    "workdir": os.path.abspath(workdir),
-    "priors": [os.path.abspath(p) for p in priors],
+    "workdir": paths.absolute(workdir),
+    "priors": [paths.absolute(p) for p in priors],
   }
   if loaded:
     result["restore_threshold"] = float(restore_threshold)
     result["seed"] = int(seed)
     result["replaced_normal"] = float(np.mean(s["replaced"][normal]))
     result["replaced_anomalous"] = float(np.mean(s["replaced"][anomalous]))
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   k = min(len(shown[False]), len(shown[True]))
   picked = shown[False][:k] + shown[True][:k]
   columns = {"input": np.stack([p["input"] for p in picked])}
@@ -341,13 +342,13 @@ def run(
   role = np.full(len(y), "anomalous", object)
   role[heldout], role[normal] = "heldout", "normal"
   flagged = s[score] > per_score[score]["threshold"]
-  with open(result["csv"], "w") as f:
+  with epath.Path(result["csv"]).open("w") as f:
     f.write(",".join(["index", "label", "role", *names, f"flagged_by_{score}"]) + "\n")
     for i in range(len(y)):
       values = [f"{s[k][i]:.6g}" for k in names]
       f.write(",".join([str(i), str(y[i]), role[i], *values, str(int(flagged[i]))]) + "\n")
   result["json"] = os.path.join(out, "anomaly.json")
-  with open(result["json"], "w") as f:
+  with epath.Path(result["json"]).open("w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
   return result
 

@@ -7,11 +7,13 @@ import concurrent.futures
 import os
 import zlib
 
+from etils import epath
+
 
 def crc32(path: str) -> int:
   """The CRC-32 of a file's bytes."""
   crc = 0
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     while block := f.read(1 << 22):
       crc = zlib.crc32(block, crc)
   return crc

@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import Callable, Mapping
 
 import ml_collections
+from etils import epath
 
 from vqjax import errors, plugins
 
@@ -433,7 +434,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
       give a 39-line traceback, an AttributeError, NumPy's "array is too big" or a hang.
   """
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       values = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     where = f" (line {e.lineno}, column {e.colno})" if hasattr(e, "lineno") else ""

@@ -45,8 +45,10 @@ import sys
 from typing import Any
 
 from absl import app, flags
+from etils import epath
 
 from vqjax import _cli, errors
+from vqjax import paths as vqjax_paths  # `paths` names the plots written
 from vqjax.evaluation.reports import evaluate, stage1_plots  # noqa: F401  (public API too)
 from vqjax.evaluation.samples import check_unfiltered, evaluate_samples  # noqa: F401
 from vqjax.evaluation.tradeoffs import (  # noqa: F401  (the public API of this module too)
@@ -111,8 +113,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json(path: str, result: Any) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
+  epath.Path(vqjax_paths.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(path).open("w") as f:
     json.dump(_jsonable(result), f, indent=2, sort_keys=True)
   print(f"written to {path}", file=sys.stderr)
 

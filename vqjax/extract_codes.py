@@ -16,8 +16,9 @@ import sys
 import time
 
 from absl import app, flags, logging
+from etils import epath
 
-from vqjax import _cli, errors, links
+from vqjax import _cli, errors, links, paths
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -65,7 +66,7 @@ def _check_extraction(out, stage1, splits, examples_per_shard, process_index) ->
   }
   path = os.path.join(out, _EXTRACTION)
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       done = json.load(f)
   except FileNotFoundError:
     done = None
@@ -74,10 +75,7 @@ def _check_extraction(out, stage1, splits, examples_per_shard, process_index) ->
 
   def write(record):
     if process_index == 0:  # atomically: other processes may be reading it
-      tmp = f"{path}.tmp"
-      with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-      os.replace(tmp, path)
+      paths.write_text(path, json.dumps(record, indent=2, sort_keys=True))
 
   if done is None:
     write(wanted)
@@ -142,9 +140,9 @@ def extract(
   batch_size = batch_size or data.eval_batch_size
   pi, pc = jax.process_index(), jax.process_count()
   stage1 = _stage1_record(workdir, out, config, step)
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   meta_path = os.path.join(out, codes.METADATA)
-  if os.path.exists(meta_path):
+  if epath.Path(meta_path).exists():
     old = codes.read_metadata(out)
     if old["stage1"]["fingerprint"] != stage1["fingerprint"]:
       raise errors.UserError(
@@ -180,7 +178,7 @@ def extract(
       if codes.reusable_shard(path):  # finished by an earlier (interrupted) run, and intact
         done += hi - lo
         continue
-      tmp = f"{path}.tmp{pi}"
+      tmp = codes.temporary_path(path, str(pi))
       writer = ArrayRecordWriter(tmp, "group_size:1")
       try:
         for start in range(lo, hi, batch_size):

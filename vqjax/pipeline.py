@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from vqjax import _cli, configs, errors, links
+from vqjax import _cli, configs, errors, links, paths
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -112,7 +113,7 @@ def prior_config(config: Any, codes_dir: str, num_codes: int) -> Any:
   defaults = configs.base_config().data
   c.data.update(
     name="codes",
-    codes_dir=os.path.abspath(codes_dir),
+    codes_dir=paths.absolute(codes_dir),
     reader="local",
     train_split="train",
     eval_split="test",
@@ -127,10 +128,10 @@ def prior_config(config: Any, codes_dir: str, num_codes: int) -> Any:
 def _same_samples(out: str, wanted: dict) -> bool:
   """Whether `out` holds finished samples drawn with the `wanted` settings."""
   path = os.path.join(out, "settings.json")
-  if not (os.path.exists(path) and os.path.exists(os.path.join(out, "images.npz"))):
+  if not (epath.Path(path).exists() and epath.Path(out, "images.npz").exists()):
     return False
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       done = json.load(f)
   except (OSError, ValueError):
     return False
@@ -148,7 +149,7 @@ class Pipeline:
 
   def __init__(self, config: Any, workdir: str):
     self.config = config
-    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = paths.absolute(workdir)
     self.report: dict[str, Any] = {"stages": {}}
     self.previous = self._read_report()  # what an earlier run of this workdir recorded
     self.features = ""  # the evaluation network's run, once the features stage has run
@@ -227,7 +228,7 @@ class Pipeline:
     if _same_samples(out, wanted):
       logging.info("pipeline: %s already drawn with these settings", out)
       self._complete = True
-      with open(os.path.join(out, "settings.json")) as f:
+      with epath.Path(out, "settings.json").open() as f:
         return json.load(f)
     priors = [self.path("prior_top"), self.path("prior_bottom")]
     return sample.run(priors, out, stage1=self.path("stage1"), **kwargs)
@@ -267,7 +268,7 @@ class Pipeline:
       self.features = ""  # the judges default to the shipped network
       self._complete = True
       return feature_network.packaged_record(c.stage1.data.name)
-    if workdir and not os.path.isabs(workdir):
+    if workdir and not (paths.is_remote(workdir) or os.path.isabs(workdir)):
       workdir = self.path(workdir)
     before = feature_network.read_record(workdir or feature_network.default_dir(c.stage1.data.name))
     record = feature_network.ensure(c.stage1.data.name, workdir, c.features)
@@ -305,7 +306,7 @@ class Pipeline:
     e, s = self.config.evaluate, self.config.sample
     classifier, features = self.path("classifier"), self.features
     plots = self.path("plots")
-    os.makedirs(plots, exist_ok=True)
+    epath.Path(plots).mkdir(parents=True, exist_ok=True)
     parts = _Parts("evaluate", 5)
     parts.next("stage-1 reconstructions and code usage")
     out: dict[str, Any] = {"stage1": evaluate.evaluate(self.path("stage1"))}
@@ -361,7 +362,7 @@ class Pipeline:
   def run(self) -> dict[str, Any]:
     """Runs every stage not yet complete; returns the report (also written to disk)."""
     c = self.config
-    os.makedirs(self.workdir, exist_ok=True)
+    epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
       configs.validate(c[name])
     r = self.report
@@ -401,9 +402,9 @@ class Pipeline:
 
   def write(self) -> None:
     """Writes report.json and the short report.md table."""
-    with open(self.path("report.json"), "w") as f:
+    with epath.Path(self.path("report.json")).open("w") as f:
       json.dump(self.report, f, indent=2, sort_keys=True, default=float)
-    with open(self.path("report.md"), "w") as f:
+    with epath.Path(self.path("report.md")).open("w") as f:
       f.write(summary(self.report))
 
 

@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from vqjax import _cli, configs, errors
+from vqjax import _cli, configs, errors, paths
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -69,7 +70,7 @@ def _source_record(data: Any, reader: str) -> dict:
     if f in data:  # exclude_labels is newer than some configs
       v = data[f]
       v = list(v) if isinstance(v, tuple) else v
-      out[f] = os.path.abspath(v) if f in ("folder", "local_dir", "data_dir") and v else v
+      out[f] = paths.absolute(v) if f in ("folder", "local_dir", "data_dir") and v else v
   return out
 
 
@@ -159,9 +160,7 @@ def _records(
 
 
 def _all_shards_exist(out: str, meta: dict) -> bool:
-  return all(
-    os.path.isfile(os.path.join(out, s)) for i in meta["splits"].values() for s in i["shards"]
-  )
+  return all(epath.Path(out, s).is_file() for i in meta["splits"].values() for s in i["shards"])
 
 
 def prepare(
@@ -256,9 +255,9 @@ def prepare(
     },
     "complete": False,
   }
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   old = None
-  if os.path.exists(os.path.join(out, codes.METADATA)):
+  if epath.Path(out, codes.METADATA).exists():
     old = prepared.read_metadata(out, complete=False)
     _check_compatible(old, meta, out)
     meta["splits"] = {**old["splits"], **meta["splits"]}  # keep splits prepared earlier

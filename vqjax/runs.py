@@ -20,8 +20,9 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
-from vqjax import configs, errors, links, sampling
+from vqjax import configs, errors, links, paths, sampling
 from vqjax.models import registry
 from vqjax.training import checkpoint, logs, tasks, weights
 
@@ -47,9 +48,7 @@ def _merge(config: ml_collections.ConfigDict, record: dict) -> None:
 
 
 def _is_converted(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-    os.path.join(path, "variables")
-  )
+  return epath.Path(path, "config.json").is_file() and epath.Path(path, "variables").is_dir()
 
 
 def load_run(
@@ -79,8 +78,8 @@ def load_run_with_step(
   workdir: str, step: int | None = None, device: jax.Device | None = None
 ) -> tuple[ml_collections.ConfigDict, Any, dict, int | None]:
   """`load_run`, and the checkpoint step it read (None for a converted model)."""
-  path = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(path):
+  path = paths.absolute(workdir)
+  if not epath.Path(path).is_dir():
     raise errors.UserError(f"{workdir} is not a directory")
   if _is_converted(path):
     if step is not None:
@@ -124,7 +123,7 @@ def _config_record(meta: dict, directory: str, step: int) -> dict:
     return record
   config_json = os.path.join(os.path.dirname(directory), "config.json")
   try:
-    with open(config_json) as f:
+    with epath.Path(config_json).open() as f:
       return json.load(f)
   except (OSError, ValueError):
     raise errors.CheckpointError(

@@ -31,6 +31,7 @@ import sys
 import time
 
 from absl import app, flags, logging
+from etils import epath
 
 from vqjax import _cli, errors, links
 
@@ -130,12 +131,12 @@ def run(
     images = np.asarray(jax.block_until_ready(images))
   requested, num = num, len(images)
   seconds = time.perf_counter() - t0
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   # settings.json is written last and marks the directory complete: an older one goes first, so
   # a write killed half-way never leaves old settings beside new (or half-written) arrays.
   settings_path = os.path.join(out, "settings.json")
-  if os.path.exists(settings_path):
-    os.remove(settings_path)
+  if epath.Path(settings_path).exists():
+    epath.Path(settings_path).unlink()
   per_row = int(np.ceil(np.sqrt(num)))
   rows = [images[i : i + per_row] for i in range(0, num, per_row)]
   if len(rows[-1]) < per_row:
@@ -144,9 +145,11 @@ def run(
   logs.save_png(os.path.join(out, "samples.png"), logs.image_grid(rows))
   arrays = {f"codes{i}": np.asarray(m) for i, m in enumerate(maps)}
   labelled = {} if labels is None else {"label": np.asarray(labels, np.int32)}
-  np.savez(os.path.join(out, "codes.npz"), **arrays, **labelled)
+  with epath.Path(out, "codes.npz").open("wb") as f:
+    np.savez(f, **arrays, **labelled)
   # The images as a PNG would hold them (uint8), so evaluation needs no decoder.
-  np.savez(os.path.join(out, "images.npz"), image=logs.to_uint8(images), **labelled, **scores)
+  with epath.Path(out, "images.npz").open("wb") as f:
+    np.savez(f, image=logs.to_uint8(images), **labelled, **scores)
   # The runs drawn from, relative to `out` where they share its parent directory (links.py).
   settings = {
     "stage1": links.record(stage1, out),
@@ -166,7 +169,7 @@ def run(
     "rejection": rejection,
     "steps": steps,
   }
-  with open(settings_path, "w") as f:
+  with epath.Path(settings_path).open("w") as f:
     json.dump(settings, f, indent=2)
   logging.info("%d images in %.1f s (compilation included) -> %s/samples.png", num, seconds, out)
   return settings

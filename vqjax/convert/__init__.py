@@ -15,7 +15,9 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
+from vqjax import paths
 from vqjax.configs import read_config
 from vqjax.convert.rosinality import convert_vqvae2, load_vqvae2
 from vqjax.models import registry
@@ -40,16 +42,16 @@ def save_converted(
     variables: {"params": ..., "vq_state": ...}.
     force: overwrite an existing OUT_DIR/variables.
   """
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  out_dir = paths.absolute(out_dir)
   target = os.path.join(out_dir, VARIABLES_DIR)
-  if os.path.exists(target) and not force:
+  if epath.Path(target).exists() and not force:
     raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  with epath.Path(out_dir, CONFIG_FILE).open("w") as f:
     f.write(config.to_json(indent=2) + "\n")
   # New weights, a new identity (training/identity.py), even over an older conversion.
-  if os.path.exists(os.path.join(out_dir, identity.RUN_FILE)):
-    os.remove(os.path.join(out_dir, identity.RUN_FILE))
+  if epath.Path(out_dir, identity.RUN_FILE).exists():
+    epath.Path(out_dir, identity.RUN_FILE).unlink()
   identity.ensure_run_id(out_dir)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(
@@ -69,11 +71,11 @@ def load_converted(out_dir: str):
     (config, model, variables): the model is `registry.build_model(config)`; variables are
     {"params", "vq_state"} jax arrays on the default device.
   """
-  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  out_dir = paths.absolute(out_dir)
   config_path = os.path.join(out_dir, CONFIG_FILE)
   target = os.path.join(out_dir, VARIABLES_DIR)
   for path in (config_path, target):
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       raise FileNotFoundError(f"{path} not found: {out_dir} is not a converted model directory")
   config = read_config(config_path)
   model = registry.build_model(config)

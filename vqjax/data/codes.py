@@ -26,19 +26,25 @@ traceback that never named it: re-running extraction or `vqjax.prepare` now veri
 finished shard against its record and rewrites a damaged one (`shard_problem`), and readers
 check each shard's size when they open a split and name a damaged shard in one line. Shards
 written by an older vqjax have no record: they are read as they are, and rewritten by a re-run.
+
+A dataset may live in a bucket (`gs://...`): the ArrayRecord writer and reader open local files
+only, so a shard is written to a local temporary file and then copied into the bucket, and read
+from a local copy in vqjax's cache (`paths.local_copy`).
 """
 
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 from absl import logging
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
-from vqjax import checksums, errors
+from vqjax import checksums, errors, paths
 from vqjax.data.splits import parse_split, slice_range
 
 FORMAT = "vqjax-codes/1"
@@ -90,10 +96,10 @@ def read_dataset_metadata(directory: str, fmt: str, what: str, hint: str) -> dic
     errors.UserError: one line when the file is missing, unreadable or of another format.
   """
   path = os.path.join(os.path.expanduser(directory), METADATA)
-  if not directory or not os.path.isfile(path):
+  if not directory or not epath.Path(path).is_file():
     raise errors.UserError(f"no {what} at {directory!r} ({METADATA} not found): {hint}")
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       meta = json.load(f)
   except (OSError, ValueError) as e:
     raise errors.UserError(f"cannot read {path}: {e}") from None
@@ -110,11 +116,7 @@ def read_metadata(codes_dir: str) -> dict:
 
 def write_metadata(codes_dir: str, meta: dict) -> None:
   """Writes metadata.json atomically."""
-  path = os.path.join(codes_dir, METADATA)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_text(os.path.join(codes_dir, METADATA), json.dumps(meta, indent=2, sort_keys=True))
 
 
 CHECK_SUFFIX = ".check.json"
@@ -122,18 +124,20 @@ CHECK_SUFFIX = ".check.json"
 
 def finish_shard(tmp: str, path: str, records: int) -> None:
   """Records the size, CRC-32 and record count of a written shard `tmp` beside `path`, then
-  renames it to `path`: a shard under its final name always has its record."""
+  renames it to `path`: a shard under its final name always has its record. `tmp` is a local
+  file; a `path` in a bucket gets a copy of it (one upload), and `tmp` is removed."""
   check = {"size": os.path.getsize(tmp), "crc32": checksums.crc32(tmp), "records": int(records)}
-  record = path + CHECK_SUFFIX
-  with open(f"{record}.tmp", "w") as f:
-    json.dump(check, f)
-  os.replace(f"{record}.tmp", record)
-  os.replace(tmp, path)
+  paths.write_text(path + CHECK_SUFFIX, json.dumps(check))
+  if paths.is_remote(path):
+    epath.Path(tmp).copy(path, overwrite=True)
+    os.remove(tmp)
+  else:
+    os.replace(tmp, path)
 
 
 def _read_check(path: str) -> dict | None:
   try:
-    with open(path + CHECK_SUFFIX) as f:
+    with epath.Path(path + CHECK_SUFFIX).open() as f:
       check = json.load(f)
   except (OSError, ValueError):
     return None
@@ -148,12 +152,12 @@ def shard_problem(path: str, full: bool = True) -> str:
     path: the shard's final path.
     full: also compare the CRC-32 of its bytes (reads the whole file); else the size only.
   """
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     return "missing"
   check = _read_check(path)
   if check is None:
     return "it has no check record (written by an older vqjax, or the record is damaged)"
-  size = os.path.getsize(path)
+  size = paths.getsize(path)
   if size != check["size"]:
     return f"it has {size} bytes, {check['size']} when written (cut short or overwritten)"
   if full and checksums.crc32(path) != check["crc32"]:
@@ -164,12 +168,23 @@ def shard_problem(path: str, full: bool = True) -> str:
 def reusable_shard(path: str) -> bool:
   """Whether a re-run may keep the shard at `path` (it exists and matches its record); a shard
   that exists but does not is named in a warning, and will be rewritten."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return False
   problem = shard_problem(path)
   if problem:
     logging.warning("rewriting %s: %s", path, problem)
   return not problem
+
+
+def temporary_path(path: str, tag: str = "") -> str:
+  """Where a shard is written before `finish_shard` puts it at `path`: beside it
+  (`<path>.tmp<tag>`), or for a `path` in a bucket a new local temporary file (the ArrayRecord
+  writer opens local files only)."""
+  if not paths.is_remote(path):
+    return f"{path}.tmp{tag}"
+  fd, tmp = tempfile.mkstemp(suffix=".array_record.tmp")
+  os.close(fd)
+  return tmp
 
 
 def write_shard(path: str, records: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
@@ -186,7 +201,7 @@ def write_shard(path: str, records: Iterable[bytes], options: str = WRITER_OPTIO
   Returns:
     The number of records written.
   """
-  tmp = f"{path}.tmp"  # one writer per shard: the next run overwrites a killed one's leftover
+  tmp = temporary_path(path)  # one writer per shard: a re-run overwrites a killed one's leftover
   writer = ArrayRecordWriter(tmp, options)
   count = 0
   try:
@@ -222,21 +237,22 @@ def open_split(directory: str, meta: dict, split: str, what: str, hint: str) -> 
   if base not in meta["splits"]:
     raise errors.UserError(f"{what} {directory} has splits {sorted(meta['splits'])}, not {base!r}")
   info = meta["splits"][base]
-  paths = [
+  shards = [
     os.path.join(directory, shard_name(base, k, info["num_shards"]))
     for k in range(info["num_shards"])
   ]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = [p for p in shards if not epath.Path(p).is_file()]
   if missing:
     raise errors.UserError(
       f"{what} {directory} is incomplete: {len(missing)} shard(s) of {base!r} missing "
       f"(e.g. {missing[0]}); {hint}"
     )
-  for path in paths:  # a stat each: a shard cut short is named here, not by Riegeli later
+  for path in shards:  # a stat each: a shard cut short is named here, not by Riegeli later
     problem = shard_problem(path, full=False) if _read_check(path) is not None else ""
     if problem:
       raise errors.UserError(f"{what} {directory}: the shard {path} is damaged: {problem}; {hint}")
-  records = grain.sources.ArrayRecordDataSource(paths)
+  # ArrayRecord reads local files: a shard in a bucket is read from a local copy.
+  records = grain.sources.ArrayRecordDataSource([paths.local_copy(p) for p in shards])
   if len(records) != info["num_examples"]:
     raise errors.UserError(
       f"{what} {directory} split {base!r} holds {len(records)} records, its metadata says "

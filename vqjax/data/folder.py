@@ -4,24 +4,37 @@ Files are checked once before training (in threads; the result is cached by path
 mtime), unreadable ones are skipped, counted and listed in `bad_images.txt`, and the split's
 slice applies to the readable files only. `decode_image` reads one file (16-bit grayscale
 scaled to 8 bits, JPEGs decoded at a reduced size where the target allows).
+
+The folder may be in a bucket (`gs://...`, through etils.epath): its files are listed level by
+level (an object store has no links to follow) and each image is read whole into memory.
 """
 
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
+from vqjax import paths
 from vqjax.data.splits import parse_split, slice_range
 from vqjax.errors import UserError
 
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _CHECK_VERSION = 3  # 2: JPEGs without an end marker decoded; 3: grey-filled JPEG tails
 _WARNED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, skipped files) already logged
+
+
+def _open_image(path: str) -> Image.Image:
+  """PIL's `Image.open` of a local file, or of a file in a bucket (read whole: one request)."""
+  if paths.is_remote(path):
+    return Image.open(io.BytesIO(epath.Path(path).read_bytes()))
+  return Image.open(path)
 
 
 def _write_text(path: str, text: str) -> bool:
@@ -58,7 +71,7 @@ def decode_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:
     UserError: one line naming the file, when it cannot be decoded.
   """
   try:
-    with Image.open(path) as im:
+    with _open_image(path) as im:
       if im.mode.startswith("I;16") or im.mode == "I":
         wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
         # (v + 128) // 257 is v / 257 rounded: v / 257 is never exactly halfway for integer v.
@@ -74,8 +87,8 @@ def decode_image(path: str, channels: int, min_size: int = 0) -> np.ndarray:
 
 
 def _ends_with_jpeg_end_marker(path: str) -> bool:
-  with open(path, "rb") as f:
-    f.seek(max(0, os.path.getsize(path) - 64))
+  with epath.Path(path).open("rb") as f:
+    f.seek(max(0, paths.getsize(path) - 64))
     return f.read().rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
@@ -86,7 +99,7 @@ def _jpeg_tail_is_grey_fill(path: str) -> bool:
   1/8 scale, where each 8x8 block is its DC term alone, so the check costs a fraction of a
   decode. A genuine image whose bottom-right block is exactly 128 in every channel is skipped
   too (rare in photographs)."""
-  with Image.open(path) as im:
+  with _open_image(path) as im:
     w, h = im.size
     im.draft(im.mode, (max(1, -(-w // 8)), max(1, -(-h // 8))))
     tail = np.asarray(im)
@@ -104,11 +117,11 @@ def _check_image(path: str) -> str:
   JPEG damaged inside its entropy-coded data otherwise still passes and fails at decode time.
   """
   try:
-    with Image.open(path) as im:
+    with _open_image(path) as im:
       fmt = im.format
       im.verify()
     if fmt == "JPEG" and not _ends_with_jpeg_end_marker(path):
-      with Image.open(path) as im:
+      with _open_image(path) as im:
         im.load()
     if fmt == "JPEG" and _jpeg_tail_is_grey_fill(path):
       return "its data ends early (cut short, an end marker after it): the last blocks are grey"
@@ -118,7 +131,7 @@ def _check_image(path: str) -> str:
 
 
 def _folder_check_path(cache_dir: str, folder: str) -> str:
-  digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
+  digest = hashlib.sha1(paths.absolute(folder).encode()).hexdigest()[:16]
   return os.path.join(cache_dir, "folder_checks", digest) if cache_dir else ""
 
 
@@ -155,13 +168,18 @@ def check_images(
   def one(rel: str) -> tuple[str, list[Any]]:
     path = os.path.join(folder, rel)
     try:
-      st = os.stat(path)
+      if paths.is_remote(path):
+        st = epath.Path(path).stat()
+        size, mtime = int(st.length), int(st.mtime)
+      else:
+        st = os.stat(path)
+        size, mtime = st.st_size, st.st_mtime_ns
     except OSError as e:
       return rel, [-1, -1, f"cannot stat: {e}"]
     entry = known.get(rel)
-    if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
+    if isinstance(entry, list) and entry[:2] == [size, mtime]:
       return rel, entry
-    return rel, [st.st_size, st.st_mtime_ns, _check_image(path)]
+    return rel, [size, mtime, _check_image(path)]
 
   # Threads, not processes: the work is file reads and zlib, which release the GIL.
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
@@ -169,7 +187,7 @@ def check_images(
   if cache_file and results != {k: known.get(k) for k in results}:
     _write_text(
       cache_file,
-      json.dumps({"version": _CHECK_VERSION, "folder": os.path.abspath(folder), "files": results}),
+      json.dumps({"version": _CHECK_VERSION, "folder": paths.absolute(folder), "files": results}),
     )
   return {rel: r[2] for rel, r in results.items() if r[2]}
 
@@ -182,6 +200,8 @@ def image_paths(folder: str) -> list[str]:
   otherwise repeat every image until the kernel's link limit, and a link above the folder
   would train on files outside it. What was skipped is said in one warning line.
   """
+  if paths.is_remote(folder):  # no links in a bucket
+    return [f for f in paths.files_under(folder) if f.lower().endswith(_IMAGE_EXTENSIONS)]
   top = os.path.realpath(folder)
   seen: set[tuple[int, int]] = set()
   skipped: list[str] = []
@@ -250,7 +270,7 @@ class FolderSource:
   min_size = 0
 
   def __init__(self, folder: str, channels: int, cache_dir: str = "", threads: int = 16):
-    if not folder or not os.path.isdir(folder):
+    if not folder or not epath.Path(folder).is_dir():
       raise UserError(f"Image folder {folder!r} not found: set --config.data.folder")
     rel = image_paths(folder)
     if not rel:
@@ -267,7 +287,7 @@ class FolderSource:
       shown = self.skipped_list or "; ".join(p for p, _ in self.skipped[:5])
       # The train and eval splits of one folder check it twice (the second time from the
       # cache); one warning is enough.
-      key = (os.path.abspath(folder), tuple(p for p, _ in self.skipped))
+      key = (paths.absolute(folder), tuple(p for p, _ in self.skipped))
       if key not in _WARNED:
         _WARNED.add(key)
         logging.warning(
@@ -312,7 +332,9 @@ def folder_source(
   """
   base, spec = parse_split(split)
   sub = os.path.join(folder, base) if folder else ""
-  source = FolderSource(sub if sub and os.path.isdir(sub) else folder, channels, cache_dir, threads)
+  source = FolderSource(
+    sub if sub and epath.Path(sub).is_dir() else folder, channels, cache_dir, threads
+  )
   rows = slice_range(spec, len(source), split)
   source.paths = [source.paths[i] for i in rows]
   source.labels = source.labels[rows.start : rows.stop : rows.step]

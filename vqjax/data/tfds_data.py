@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from vqjax import paths
 from vqjax.data.batches import (
   IMAGE,
   EvalIterable,
@@ -239,6 +240,8 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # deferred: tfds takes a second to import
 
     check_tfds_prepared(name, data_dir, download, "grain", own_sources)
+    if data_dir and paths.is_remote(data_dir):
+      data_dir = _local_tfds_copy(name, data_dir)
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
     except NotImplementedError as e:  # prepared as TFRecord: data_source cannot read it
@@ -254,6 +257,17 @@ class TfdsSource:
     # One ArrayRecord call for the batch is much faster than one per index; the source is safe
     # to read from the pipeline's threads (checked with 8 threads against serial reads).
     return [tfds_example(r) for r in self._ds.__getitems__(list(indices))]
+
+
+def _local_tfds_copy(name: str, data_dir: str) -> str:
+  """A local data_dir holding a copy of the prepared `name` of a data_dir in a bucket: the
+  ArrayRecord reader opens local files only (`paths.local_copy`; copied once per host)."""
+  import tensorflow_datasets as tfds
+
+  version_dir = os.fspath(tfds.builder(name, data_dir=data_dir).data_dir)
+  for rel in paths.files_under(version_dir):
+    paths.local_copy(os.path.join(version_dir, rel), under=data_dir)
+  return paths.local_root(data_dir)
 
 
 def tfds_example(record: dict[str, Any]) -> dict[str, np.ndarray]:

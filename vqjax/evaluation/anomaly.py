@@ -27,14 +27,15 @@ iterators of `vqjax.data.pipeline` yield them.
 """
 
 import itertools
-import os
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from vqjax import paths
 from vqjax.evaluation import metrics
 from vqjax.training import logs
 
@@ -212,7 +213,7 @@ def save_anomaly_png(
     },
     per_row=per_row,
   )
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  epath.Path(paths.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
   logs.save_png(path, grid)
   return grid
 
@@ -593,6 +594,7 @@ def save_anomaly_figure(
       ax.set_yticks([])
   bar = fig.colorbar(shown, cax=fig.add_subplot(grid[:, -1]))
   bar.set_label(f"{map_title} (squared difference; top = 99.5th percentile)", fontsize=9)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  epath.Path(paths.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(path).open("wb") as f:  # a local file or one upload to a bucket
+    fig.savefig(f, format="png")
   return path

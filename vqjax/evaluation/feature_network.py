@@ -29,9 +29,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
-from vqjax import configs, errors, runs
+from vqjax import configs, errors, paths, runs
 from vqjax.models import registry
 from vqjax.training import trainer
 
@@ -66,7 +67,7 @@ def experiment(dataset: str) -> str:
 def read_record(workdir: str) -> dict[str, Any] | None:
   """The run's features.json ({"run", "step", "accuracy", "dataset"}), or None."""
   try:
-    with open(os.path.join(workdir, RECORD)) as f:
+    with epath.Path(workdir, RECORD).open() as f:
       record = json.load(f)
   except (OSError, ValueError):
     return None
@@ -91,13 +92,13 @@ def ensure(dataset: str, workdir: str = "", config: Any = None) -> dict[str, Any
   Raises:
     errors.Stopped: the training was interrupted (the same call resumes it).
   """
-  workdir = os.path.abspath(workdir or default_dir(dataset))
+  workdir = paths.absolute(workdir or default_dir(dataset))
   if config is None:
     config = configs.load_experiment(experiment(dataset))
   record = read_record(workdir)
   if record is not None and record["step"] >= config.train.steps:
     return record
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   result = trainer.train_and_evaluate(config, workdir)
   if "stopped" in result:
     raise errors.Stopped(
@@ -116,17 +117,14 @@ def ensure(dataset: str, workdir: str = "", config: Any = None) -> dict[str, Any
     "accuracy": float(result["eval/accuracy"]),
     "dataset": dataset,
   }
-  tmp = os.path.join(workdir, f"{RECORD}.{os.getpid()}.tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, RECORD))
+  paths.write_text(os.path.join(workdir, RECORD), json.dumps(record, indent=2))
   return record
 
 
 def describe(workdir: str, step: int | None) -> dict[str, Any]:
   """What eval.json records of the network that made the features: its run and step, and
   the test accuracy when the run is a cached evaluation network."""
-  out: dict[str, Any] = {"features_run": os.path.abspath(workdir), "features_step": step}
+  out: dict[str, Any] = {"features_run": paths.absolute(workdir), "features_step": step}
   record = read_record(workdir)
   if record is not None and record.get("step") == step:
     out["features_test_accuracy"] = record["accuracy"]

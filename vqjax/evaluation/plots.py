@@ -14,6 +14,9 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from etils import epath
+
+from vqjax import paths
 
 # Size of one panel in inches, and pixels per inch of the written PNG.
 PANEL_INCHES = (4.0, 3.0)
@@ -36,9 +39,12 @@ def _figure(panels: int):
 
 def _save(fig, path: str) -> str:
   """Writes the figure as PNG, atomically (a reader never sees half a file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
+  epath.Path(paths.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()
+  if paths.is_remote(path):  # one upload is all-or-nothing already
+    with epath.Path(path).open("wb") as f:
+      fig.savefig(f, format="png", dpi=DPI)
+    return path
   tmp = path + ".tmp"
   fig.savefig(tmp, format="png", dpi=DPI)
   os.replace(tmp, path)

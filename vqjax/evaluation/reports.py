@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from vqjax import errors, runs
 from vqjax.data import pipeline
@@ -71,7 +72,7 @@ def stage1_plots(workdir: str, out_dir: str, max_batches: int = 0) -> dict[str, 
       f"{workdir} is not an autoencoder run (its task is {config.task!r}): --plots draws "
       "stage-1 plots"
     )
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   want = max(int(config.log.num_images), 1)
   shown = []
   for batch in pipeline.make_eval_iterator(config.data):

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vqjax import errors, links, runs
 from vqjax.data import pipeline
@@ -274,7 +275,7 @@ def check_unfiltered(samples_dir: str, settings: dict | None = None) -> None:
   """A threshold trade-off replays rejection sampling: its samples must be drawn without it."""
   if settings is None:
     try:
-      with open(os.path.join(samples_dir, "settings.json")) as f:
+      with epath.Path(samples_dir, "settings.json").open() as f:
         settings = json.load(f)
     except (OSError, ValueError):
       return  # _read_samples names what is missing or damaged
@@ -288,18 +289,18 @@ def check_unfiltered(samples_dir: str, settings: dict | None = None) -> None:
 def _read_samples(samples_dir: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
   """(uint8 images [N, H, W, C], labels [N] or None, settings) of a vqjax.sample directory."""
   path = os.path.join(samples_dir, "images.npz")
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise errors.UserError(
       f"no images.npz in {samples_dir}: give a directory written by python -m vqjax.sample"
     )
   settings_path = os.path.join(samples_dir, "settings.json")
-  if not os.path.isfile(settings_path):
+  if not epath.Path(settings_path).is_file():
     raise errors.UserError(f"no settings.json in {samples_dir}: it names the stage-1 run")
   try:
-    with np.load(path) as saved:
+    with epath.Path(path).open("rb") as f, np.load(f) as saved:
       images = saved["image"]
       labels = saved["label"].astype(np.int64) if "label" in saved else None
-    with open(settings_path) as f:
+    with epath.Path(settings_path).open() as f:
       settings = json.load(f)
   except (KeyError, ValueError, zipfile.BadZipFile) as e:
     raise errors.UserError(f"{samples_dir} holds unreadable samples: {e}") from None

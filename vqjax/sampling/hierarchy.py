@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
-from vqjax import errors, links, runs
+from vqjax import errors, links, paths, runs
 from vqjax.data import codes
 from vqjax.sampling import sampler_for
 from vqjax.training import checkpoint, identity
@@ -178,13 +179,13 @@ def run_task(workdir: str) -> str | None:
     The task, or None when there is no readable config.json (`vqjax.load_run` then says what
     is wrong, or reads the config from the checkpoint).
   """
-  path = os.path.abspath(os.path.expanduser(workdir))
+  path = paths.absolute(workdir)
   places = [path]
   if os.path.basename(path) == checkpoint.CHECKPOINT_SUBDIR:
     places.append(os.path.dirname(path))  # a trainer workdir's checkpoints/ directory
   for place in places:
     try:
-      with open(os.path.join(place, "config.json")) as f:
+      with epath.Path(place, "config.json").open() as f:
         task = json.load(f).get("task")
     except (OSError, ValueError, AttributeError):
       continue

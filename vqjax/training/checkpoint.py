@@ -31,9 +31,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from vqjax import checksums, configs, errors
+from vqjax import checksums, configs, errors, paths
 from vqjax.training import logs
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -164,9 +165,9 @@ def _gather_json(obj: Any) -> list:
 
 def resolve_directory(path: str) -> str:
   """A workdir (with checkpoints/ inside) or a checkpoints directory -> the latter."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.absolute(path)
   sub = os.path.join(path, CHECKPOINT_SUBDIR)
-  return sub if os.path.isdir(sub) else path
+  return sub if epath.Path(sub).is_dir() else path
 
 
 # Files every complete step directory holds (Orbax writes them; a step missing one is damaged).
@@ -186,15 +187,7 @@ def _short(e: BaseException, limit: int = 240) -> str:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):  # a full disk: leave no half-written file behind
-      os.remove(tmp)
-    raise
+  paths.write_text(path, json.dumps(obj))  # a full disk leaves no half-written file behind
 
 
 class Checkpointer:
@@ -218,7 +211,7 @@ class Checkpointer:
   def __init__(
     self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self.keep = int(keep)
     self._read_only = read_only
     self._saving: int | None = None  # the step of the save in flight
@@ -252,7 +245,7 @@ class Checkpointer:
   def _read_health(self) -> dict:
     path = os.path.join(self.directory, self.HEALTH_FILE)
     try:
-      with open(path) as f:
+      with epath.Path(path).open() as f:
         data = json.load(f)
       return {
         "good": [int(s) for s in data.get("good", [])],
@@ -563,9 +556,9 @@ def _check_intact(directory: str, step: int) -> None:
   root = os.path.join(directory, str(step))
   for rel in _REQUIRED_FILES:
     path = os.path.join(root, rel)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
-    if os.path.getsize(path) == 0:
+    if paths.getsize(path) == 0:
       raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is empty")
   verify_checksums(directory, step)
 
@@ -577,10 +570,7 @@ _UNVERIFIED_WARNED: set[str] = set()
 
 def _step_files(root: str) -> list[str]:
   """Every file of a step directory but the checksum record, relative and sorted."""
-  out = []
-  for where, _, files in os.walk(root):
-    out += [os.path.relpath(os.path.join(where, f), root) for f in files]
-  return sorted(f for f in out if f != CHECKSUM_FILE)
+  return [f for f in paths.files_under(root) if f != CHECKSUM_FILE]
 
 
 def write_checksums(directory: str, step: int) -> dict[str, list[int]]:
@@ -589,7 +579,7 @@ def write_checksums(directory: str, step: int) -> dict[str, list[int]]:
   root = os.path.join(directory, str(step))
   rels = _step_files(root)
   crcs = checksums.crc32_all([os.path.join(root, rel) for rel in rels])
-  files = {rel: [os.path.getsize(os.path.join(root, rel)), crc] for rel, crc in zip(rels, crcs)}
+  files = {rel: [paths.getsize(os.path.join(root, rel)), crc] for rel, crc in zip(rels, crcs)}
   _write_json_atomic(
     os.path.join(root, CHECKSUM_FILE), {"version": _CHECKSUM_VERSION, "crc32": files}
   )
@@ -609,7 +599,7 @@ def verify_checksums(directory: str, step: int) -> bool:
   """
   root = os.path.join(directory, str(step))
   record_path = os.path.join(root, CHECKSUM_FILE)
-  if not os.path.isfile(record_path):
+  if not epath.Path(record_path).is_file():
     if root not in _UNVERIFIED_WARNED:
       _UNVERIFIED_WARNED.add(root)
       logging.warning(
@@ -620,7 +610,7 @@ def verify_checksums(directory: str, step: int) -> bool:
       )
     return False
   try:
-    with open(record_path) as f:
+    with epath.Path(record_path).open() as f:
       files = json.load(f)["crc32"]
     if not isinstance(files, dict):
       raise ValueError("no file list")
@@ -631,11 +621,11 @@ def verify_checksums(directory: str, step: int) -> bool:
     ) from None
   for rel, (size, _) in sorted(files.items()):  # sizes first: a stat each
     path = os.path.join(root, rel)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
-    if os.path.getsize(path) != size:
+    if paths.getsize(path) != size:
       raise CheckpointDamagedError(
-        f"checkpoint step {step} is damaged: {path} has {os.path.getsize(path)} bytes, "
+        f"checkpoint step {step} is damaged: {path} has {paths.getsize(path)} bytes, "
         f"{size} when saved"
       )
   rels = sorted(files)

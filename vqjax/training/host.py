@@ -3,7 +3,6 @@ dispatched step finished on the devices (for the loop's data-wait share), and a 
 of the steps `config.log.profile_steps` asks for."""
 
 import contextlib
-import os
 import queue
 import signal
 import threading
@@ -16,7 +15,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vqjax import errors
+from vqjax import errors, paths
 
 
 class StopRequest:
@@ -42,13 +41,23 @@ class StopRequest:
 
   def requested(self, sync: bool) -> bool:
     """Whether to stop. With several processes all must stop at the same step, so the answer
-    is True only on `sync` steps, where every process learns whether any was signalled."""
+    is True only on `sync` steps, where every process learns whether any was signalled, and
+    by which signal: a process that got none takes it as its own (`signum`), so every host of
+    a preempted pod exits with the same status (128 + SIGTERM), and the scheduler sees each
+    unfinished in the same way."""
     local = self.signum is not None
     if jax.process_count() == 1:
       return local
     if not sync:
       return False
-    return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+    signums = multihost_utils.process_allgather(np.array([self.signum or 0], np.int32))
+    if not local and np.any(signums):
+      self.signum = int(np.max(signums))
+      logging.warning(
+        "another process received %s: finishing this step, saving, stopping",
+        signal.Signals(self.signum).name,
+      )
+    return bool(np.any(signums))
 
   def restore(self):
     for sig, handler in self._previous.items():
@@ -151,7 +160,7 @@ class Profiler:
 
   def __init__(self, steps: Sequence[int] | None, total: int, directory: str, active: bool = True):
     self.window = profile_window(steps, total)
-    self.directory = os.path.abspath(os.path.expanduser(directory))
+    self.directory = paths.absolute(directory)
     self.active = active and self.window is not None
     self.tracing = False
 

@@ -15,13 +15,17 @@ import json
 import os
 import uuid
 
+from etils import epath
+
+from vqjax import paths
+
 RUN_FILE = "run.json"
 
 
 def read_run_id(workdir: str) -> str | None:
   """The run id recorded in `workdir`, or None (a run from before ids were recorded)."""
   try:
-    with open(os.path.join(workdir, RUN_FILE)) as f:
+    with epath.Path(workdir, RUN_FILE).open() as f:
       record = json.load(f)
   except (OSError, ValueError):
     return None
@@ -34,15 +38,10 @@ def ensure_run_id(workdir: str) -> str:
   existing = read_run_id(workdir)
   if existing:
     return existing
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   record = {
     "run_id": uuid.uuid4().hex,
     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
-  path = os.path.join(workdir, RUN_FILE)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f)
-    f.write("\n")
-  os.replace(tmp, path)
+  paths.write_text(os.path.join(workdir, RUN_FILE), json.dumps(record) + "\n")
   return record["run_id"]

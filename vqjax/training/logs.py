@@ -17,7 +17,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
+
+from vqjax import paths
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -133,40 +136,47 @@ def _records_up_to(path: str, step: int) -> tuple[list[str], int]:
   """The lines of a metrics.jsonl at or before `step`, and how many lines could not be parsed
   (a line half-written when the process was killed)."""
   kept, dropped = [], 0
-  with open(path, errors="replace") as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        record_step = int(record["step"])
-      except (ValueError, KeyError, TypeError):
-        dropped += 1
-        continue
-      if record_step <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
+  for line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      record_step = int(record["step"])
+    except (ValueError, KeyError, TypeError):
+      dropped += 1
+      continue
+    if record_step <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
   return kept, dropped
+
+
+def _lines(path: str) -> list[str]:
+  """A text file's lines (with their ends), undecodable bytes replaced: a kill can cut a line
+  anywhere, even inside a character."""
+  return epath.Path(path).read_bytes().decode(errors="replace").splitlines(keepends=True)
 
 
 def read_records(path: str) -> list[dict]:
   """Every readable record of a metrics.jsonl (a partial last line is skipped)."""
   records = []
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return records
-  with open(path, errors="replace") as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        continue
+  for line in _lines(path):
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue
   return records
 
 
 class MetricWriter:
   """JSON lines (`metrics.jsonl`), TensorBoard events and progress lines in `workdir`.
 
+  On a bucket, where nothing can be appended to, metrics.jsonl is rewritten whole at each
+  record (one upload; a record is written only on logging steps).
+
   Args:
-    workdir: the run directory.
+    workdir: the run directory (local or a bucket's URL).
     tensorboard: write TensorBoard event files (needs `tensorboardX`; skipped with a warning
       when it is missing).
     active: whether this process writes (True on process 0 only).
@@ -178,6 +188,7 @@ class MetricWriter:
     self.tensorboard = tensorboard
     self._tb = None
     self._jsonl = None
+    self._lines: list[str] | None = None  # a bucket's metrics.jsonl, rewritten at each record
 
   def start_at(self, step: int) -> None:
     """Opens the logs for a run that continues after `step` (0 for a fresh run).
@@ -187,18 +198,20 @@ class MetricWriter:
     """
     if not self.active:
       return
-    os.makedirs(self.workdir, exist_ok=True)
+    epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(self.workdir, "metrics.jsonl")
-    if os.path.exists(path):
+    kept = []
+    if epath.Path(path).exists():
       kept, dropped = _records_up_to(path, step)
       if dropped:
         logging.warning(
           "%s: dropped %d unreadable line(s) (a write cut short by a kill)", path, dropped
         )
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
-    self._jsonl = open(path, "a")
+      paths.write_text(path, "".join(kept))
+    if paths.is_remote(path):
+      self._lines, self._jsonl = kept, epath.Path(path)
+    else:
+      self._jsonl = open(path, "a")
     if self.tensorboard:
       try:
         from tensorboardX import SummaryWriter  # optional, and 2 s to import: only when asked
@@ -222,8 +235,12 @@ class MetricWriter:
     clean = {k: float(v) for k, v in metrics.items()}
     record = {"step": int(step), "split": prefix, **clean}
     # json writes NaN/Infinity tokens; keep them so a diverged run is visible in the file.
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    if self._lines is not None:
+      self._lines.append(json.dumps(record) + "\n")
+      self._jsonl.write_text("".join(self._lines))
+    else:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
@@ -236,7 +253,7 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._jsonl is not None:
+    if self._jsonl is not None and self._lines is None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
@@ -360,6 +377,10 @@ def image_grid(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
 def save_png(path: str, grid: np.ndarray) -> None:
   """Writes a uint8 [H, W, 1|3] grid as PNG, atomically (readers never see half a file)."""
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  if paths.is_remote(path):  # one upload is all-or-nothing already
+    with epath.Path(path).open("wb") as f:
+      img.save(f, format="PNG")
+    return
   tmp = path + ".tmp"
   img.save(tmp, format="PNG")
   os.replace(tmp, path)
@@ -409,10 +430,10 @@ def label_rows(grid: np.ndarray, labels: Sequence[str], cell: int, pad: int = 2)
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes the resolved config as `config.json` and as a readable `config.py` dump."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with epath.Path(workdir, "config.json").open("w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  with open(os.path.join(workdir, "config.py"), "w") as f:
+  with epath.Path(workdir, "config.py").open("w") as f:
     f.write('"""The resolved config of this run (written by vqjax.training.logs)."""\n\n')
     f.write("import ml_collections\n\n\ndef get_config(arg=None):\n  del arg\n")
     f.write(f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")

@@ -46,8 +46,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
-from vqjax import configs, errors, links
+from vqjax import configs, errors, links, paths
 from vqjax.data import pipeline, sources
 from vqjax.training import (
   checkpoint,
@@ -73,8 +74,8 @@ def setup_compilation_cache(directory: str) -> None:
   """
   if not directory:
     return
-  directory = os.path.abspath(os.path.expanduser(directory))
-  os.makedirs(directory, exist_ok=True)
+  directory = paths.absolute(directory)  # JAX's cache reads and writes a bucket too
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
   # Cache every executable: the small eval/image/check functions add up on each launch too.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -203,7 +204,7 @@ def train_and_evaluate(
   """
   t_start = time.perf_counter()
   configs.validate(config)
-  profile_dir = os.path.join(os.path.expanduser(workdir), "profile")
+  profile_dir = os.path.join(paths.absolute(workdir), "profile")
   profiler = host.Profiler(
     config.log.profile_steps, config.train.steps, profile_dir, jax.process_index() == 0
   )
@@ -227,7 +228,7 @@ class _Run:
     workdir: str,
     make_task: Callable[[ml_collections.ConfigDict], tasks.Task],
   ):
-    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = paths.absolute(workdir)
     self.pi = jax.process_index()
     self.writer = self.data = self.batches = self.stop = self.clock = None
     # One trainer per workdir: the primary holds the lock until close (workdir_lock.py).
@@ -417,7 +418,7 @@ class _Run:
     grids = sharding.to_host(self.images_fn(self.state, batch, rng, self.frozen))
     if self.pi != 0:
       return
-    os.makedirs(os.path.join(self.workdir, "images"), exist_ok=True)
+    epath.Path(self.workdir, "images").mkdir(parents=True, exist_ok=True)
     for name, rows in grids.items():
       grid = logs.comparison_grid(rows)
       logs.save_png(os.path.join(self.workdir, "images", f"{name}_{self.step:07d}.png"), grid)

@@ -6,7 +6,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from vqjax import paths
 from vqjax.training.checkpoint import (
   CheckpointDamagedError,
   Checkpointer,
@@ -25,16 +27,14 @@ WEIGHT_FIELDS = ("params", "model_state")
 
 def _is_converted(path: str) -> bool:
   """A directory written by `python -m vqjax.convert` (config.json + variables/)."""
-  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-    os.path.join(path, "variables")
-  )
+  return epath.Path(path, "config.json").is_file() and epath.Path(path, "variables").is_dir()
 
 
 def _restore_converted(path: str, abstract_state: Any) -> dict:
   """Weights of an imported model (variables = {"params", "vq_state"}) onto the run's state."""
   target = {"params": abstract_state.params, **abstract_state.model_state}
   checkpointer = ocp.StandardCheckpointer()
-  saved = checkpointer.metadata(os.path.join(os.path.abspath(path), "variables"))
+  saved = checkpointer.metadata(os.path.join(paths.absolute(path), "variables"))
   saved = getattr(saved, "item_metadata", saved)
   saved = getattr(saved, "tree", saved)
   problem = describe_mismatch(saved, target)
@@ -43,7 +43,7 @@ def _restore_converted(path: str, abstract_state: Any) -> dict:
   # Empty collections saved for layout's sake (a prior's "vq_state": {}) are read as such.
   empty = [k for k in saved if k not in target and not jax.tree.leaves(saved[k])]
   out = checkpointer.restore(
-    os.path.join(os.path.abspath(path), "variables"), {**target, **{k: {} for k in empty}}
+    os.path.join(paths.absolute(path), "variables"), {**target, **{k: {} for k in empty}}
   )
   for k in empty:
     out.pop(k)
@@ -69,7 +69,7 @@ def restore_weights(path: str, abstract_state: Any, step: int | None = None) -> 
   if _is_converted(path):
     return _restore_converted(path, abstract_state)
   directory = resolve_directory(path)
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"{path} is neither a run's workdir nor a checkpoint directory")
   if step is not None:
     return _restore_weights_of(directory, abstract_state, step)

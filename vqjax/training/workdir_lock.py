@@ -15,6 +15,11 @@ now holds `WORKDIR/.vqjax.lock` for the whole launch:
 
 Only the primary process (jax.process_index() == 0) of a multi-host run locks: the others
 write nothing the lock protects.
+
+A workdir in a bucket (`gs://...`) is not locked: an object store has no file locks, and a lock
+object could not tell a live holder from one preempted a second ago (on a pod, the relaunch after
+a preemption would find its own dead lock). `acquire` logs one warning and holds nothing there;
+the scheduler that launches the workers is what keeps one run per workdir.
 """
 
 import datetime
@@ -28,7 +33,7 @@ from typing import Any
 
 from absl import logging
 
-from vqjax import errors
+from vqjax import errors, paths
 
 LOCK_FILE = ".vqjax.lock"
 
@@ -90,7 +95,11 @@ class WorkdirLock:
     self._exclusive_file = False
 
   def acquire(self) -> "WorkdirLock":
-    """Takes the lock; errors.UserError (one line naming the holder) if a live process has it."""
+    """Takes the lock; errors.UserError (one line naming the holder) if a live process has it.
+    On a bucket nothing is locked (the module docstring): one warning, and no lock held."""
+    if paths.is_remote(self.workdir):
+      logging.warning("%s is in a bucket: not locked (object stores have no locks)", self.workdir)
+      return self
     os.makedirs(self.workdir, exist_ok=True)
     previous = _read(self.path)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
