@@ -160,7 +160,7 @@ class Pipeline:
 
   def _read_report(self) -> dict[str, Any]:
     try:
-      with open(self.path("report.json")) as f:
+      with epath.Path(self.path("report.json")).open() as f:
         report = json.load(f)
     except (OSError, ValueError):
       return {}
