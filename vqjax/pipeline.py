@@ -280,11 +280,14 @@ class Pipeline:
     """What the evaluation's numbers depend on: the runs' checkpoint steps, the sample sets'
     settings, the evaluation network and the evaluate / sample settings (JSON-comparable)."""
     r, c = self.report, self.config
+    features = dict(r.get("features") or {})
+    if features.get("run"):  # named as report.json names it: relative inside a workdir that moves
+      features["run"] = links.record(features["run"], self.path("report.json"))
     inputs = {
       "steps": self._latest_steps(self.path("classifier")),
       "samples_eval": r.get("samples_eval"),
       "samples_rejection_eval": r.get("samples_rejection_eval"),
-      "features": r.get("features"),
+      "features": features,
       "evaluate": c.evaluate.to_dict(),
       "sample": c.sample.to_dict(),
     }
