@@ -163,6 +163,34 @@ def _gather_json(obj: Any) -> list:
   return [json.loads(bytes(row[: int(n)]).decode()) for row, n in rows]
 
 
+def _data_state_of_this_process(data: dict) -> Any:
+  """This process's data iterator state from a checkpoint's record of every process's.
+
+  On as many processes as saved, each gets its own. On another number, every process gets the
+  saved position when all processes had saved the same one (the grain pipeline's states are
+  global batch counts, equal on every host, and valid for any number of processes; the
+  iterator itself decides whether it can continue from it); else None: the iterators restart.
+  """
+  states, saved_count = data["states"], data.get("process_count")
+  if saved_count == jax.process_count():
+    return states[jax.process_index()]
+  if states and all(s == states[0] for s in states):
+    logging.info(
+      "checkpoint was written by %s processes, this run has %d: every process resumes the "
+      "data at the saved position",
+      saved_count,
+      jax.process_count(),
+    )
+    return states[0]
+  logging.warning(
+    "checkpoint was written by %s processes with different data positions, this run has %d: "
+    "data iterators restart",
+    saved_count,
+    jax.process_count(),
+  )
+  return None
+
+
 def resolve_directory(path: str) -> str:
   """A workdir (with checkpoints/ inside) or a checkpoints directory -> the latter."""
   path = paths.absolute(path)
@@ -469,16 +497,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - anything unreadable in a step is damage
       raise unreadable(self.directory, step, e) from None
     check_finite(state, self.directory, step)
-    data_state = None
-    if data.get("process_count") == jax.process_count():
-      data_state = data["states"][jax.process_index()]
-    else:
-      logging.warning(
-        "checkpoint was written by %s processes, this run has %d: data iterators restart",
-        data.get("process_count"),
-        jax.process_count(),
-      )
-    return state, data_state
+    return state, _data_state_of_this_process(data)
 
   def usable_steps(self) -> list[int]:
     """The steps on disk not recorded as bad, newest first: what a resume tries in order."""
