@@ -186,7 +186,7 @@ def test_two_processes_train_together(tmp_path):
     args = cli(
       tmp_path / "run",
       *_CLI_RUN,
-      "--config.train.steps=2",
+      "--config.train.steps=3",  # step 3's check records step 2's checkpoint good
       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
       "--config.distributed.num_processes=2",
       f"--config.distributed.process_id={i}",
@@ -208,7 +208,7 @@ def test_two_processes_train_together(tmp_path):
   primary, secondary = (_written(tmp_path / f"writes{i}.txt", tmp_path / "run") for i in range(2))
   assert shared <= primary, sorted(primary)
   assert not shared & secondary, sorted(secondary)
-  assert checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
+  assert checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2, 3]
   logged = train_losses(str(tmp_path / "run"))
 
   # The same global batch in one process: each host's first batch, host 0's rows first (the
