@@ -285,6 +285,12 @@ def test_one_process_reads_the_order_of_earlier_versions(tiny):
   for k, x in enumerate(batches):  # label i is example i
     np.testing.assert_array_equal(x["label"], order[10 * k : 10 * (k + 1)])
     np.testing.assert_array_equal(x["image"][:, 2:30, 2:30, 0], images["train"][x["label"]])
+  # A state those versions saved (one process, with its count and per-process batch) resumes
+  # there exactly.
+  it = pipeline.make_train_iterator(c, seed=5)
+  saved = {"seed": 5, "num_examples": 100, "process_count": 1, "local_batch_size": 10}
+  it.set_state({"grain": {"next_index": 13}, "epoch": 1, "step": 3, "reader": "local", **saved})
+  np.testing.assert_array_equal(next(it)["label"], order[130:140])
 
 
 @pytest.mark.parametrize("process_count", [2, 5])

@@ -82,9 +82,9 @@ def setup_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# With several processes, a stop request (SIGTERM on a preemptible pod) is agreed on every this
-# many steps: each agreement waits for the device, so not every step, but often enough that the
-# save starts well inside a preemption notice whatever log.every_steps is.
+# With several processes, a Ctrl-C is agreed on every this many steps (a preemption's SIGTERM
+# goes through JAX's sync point, asked every step): each agreement waits for the device, so not
+# every step, but often enough that the save starts soon whatever log.every_steps is.
 _STOP_SYNC_EVERY = 10
 
 
