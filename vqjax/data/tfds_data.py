@@ -1,13 +1,13 @@
 """tfds datasets: the ArrayRecord source the grain pipeline reads (`TfdsSource`, through
 `tfds.data_source`, no TensorFlow) and the "tfdata" reader of TFRecord datasets (tf.data).
 
-The tf.data reader keeps the contract of the grain pipeline of `pipeline.py` (per-host shards,
-batches that are a function of (seed, epoch, step, process), a resumable state with its
-identity, training images uint8 and unflipped for `device_transform` to scale and flip on the
-devices), but a TFRecord stream has no random access: each epoch is a seeded shuffle of this
-host's `tfds.even_splits` part, and resuming skips into it. Its order depends on the number of
-processes, so a resume on another number of processes restarts it (the grain pipeline follows
-one global order and continues exactly). TensorFlow Datasets (a second or
+The tf.data reader keeps most of the contract of the grain pipeline of `pipeline.py` (disjoint
+per-host batches that are a function of (seed, epoch, step, process), a resumable state with
+its identity, training images uint8 and unflipped for `device_transform` to scale and flip on
+the devices), but a TFRecord stream has no random access: each epoch is a seeded shuffle of
+this host's `tfds.even_splits` part, and resuming skips into it. So its order depends on the
+number of processes, and a resume on another number of processes restarts it (the grain
+pipeline follows one global order and continues exactly). TensorFlow Datasets (a second or
 more to import) and TensorFlow (optional: vqjax[tf]) are imported inside the functions that read
 a tfds dataset, so the other sources never load them.
 """

@@ -32,7 +32,12 @@ class StopRequest:
   def __init__(self):
     self.signum = None
     self._previous = {}
-    self._preemption_sync = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+    # `jax.distributed.initialize` starts the notifier and the sync point with the service.
+    self._preemption_sync = (
+      jax.process_count() > 1
+      and jax.distributed.is_initialized()
+      and jax.config.jax_enable_preemption_service
+    )
     signals = (signal.SIGINT,) if self._preemption_sync else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
       try:
