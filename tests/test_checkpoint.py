@@ -2,6 +2,7 @@
 that never deletes the last good step, damaged steps skipped with the file named, the data
 iterator state, and a one-line error for a checkpoint of a different model."""
 
+import json
 import os
 
 import flax.linen as nn
@@ -130,6 +131,29 @@ def test_keep_n_never_deletes_the_last_good_step_and_skips_bad_ones(tmp_path):
   again = checkpoint.Checkpointer(str(tmp_path / "c"), keep=2)
   assert again.latest_step() == 1 and again.bad_steps() == [3, 4]
   again.close()
+
+
+def _with_data_record(tmp_path, step, record):
+  """Rewrites step `step`'s data record (as a run on other processes would have saved it) and
+  its checksums, so the step is intact."""
+  with open(tmp_path / "c" / str(step) / "data" / "metadata", "w") as f:
+    json.dump(record, f)
+  checkpoint.write_checksums(str(tmp_path / "c"), step)
+
+
+def test_data_positions_saved_on_other_process_counts(tmp_path):
+  _, target, meta = _saved_run(tmp_path, steps=(1,))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  # This process's own on as many processes (one here) as saved it.
+  assert ckpt.restore(target, step=1, meta=meta)[1] == {"step": 1}
+  # Saved on two hosts at one position: every process of this run continues from it.
+  position = {"grain": {"next_index": 9}, "batch_size": 10}
+  _with_data_record(tmp_path, 1, {"process_count": 2, "states": [position, position]})
+  assert ckpt.restore(target, step=1, meta=meta)[1] == position
+  # Two positions (per-host iterators that disagree): no single one to continue from.
+  other = {"grain": {"next_index": 8}, "batch_size": 10}
+  _with_data_record(tmp_path, 1, {"process_count": 2, "states": [position, other]})
+  assert ckpt.restore(target, step=1, meta=meta)[1] is None
 
 
 def _saved_run(tmp_path, steps=(1, 2)):

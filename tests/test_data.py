@@ -262,20 +262,79 @@ def test_random_flip_is_left_to_the_devices(tiny):
   np.testing.assert_array_equal(batch["image"][:, 2:30, 2:30, 0], images["train"][batch["label"]])
 
 
-def test_per_host_shards_are_disjoint_and_cover_the_epoch(tiny):
+def _grain_order(seed: int, n: int, epochs: int) -> np.ndarray:
+  """The example order of `epochs` epochs, re-derived from grain's index shuffle (the order
+  one process of earlier versions read): epoch e is a permutation seeded with the 32-bit hash
+  of (seed, 0) plus e."""
+  import grain
+
+  hashed = int(np.random.SeedSequence((seed, 0)).generate_state(1)[0])
+  return np.array(
+    [
+      grain.experimental.index_shuffle(i, max_index=n - 1, seed=(hashed + e) % 2**32, rounds=4)
+      for e in range(epochs)
+      for i in range(n)
+    ]
+  )
+
+
+def test_one_process_reads_the_order_of_earlier_versions(tiny):
   c, images = tiny
-  for p in range(2):
-    it = pipeline.make_train_iterator(c, seed=0, process_index=p, process_count=2)
-    assert it.local_batch_size == 5 and it.steps_per_epoch == 10
-    batches = take(it, 20)
-    for e in range(2):  # process p owns examples p, p + 2, ... (label i is example i)
-      labels = np.concatenate([x["label"] for x in batches[10 * e : 10 * (e + 1)]])
-      assert sorted(labels) == list(range(p, 100, 2))
-    for x in batches:  # each image stays with its own label
+  batches = take(pipeline.make_train_iterator(c, seed=5), 20)  # two epochs of 10 batches
+  order = _grain_order(5, 100, 2)
+  for k, x in enumerate(batches):  # label i is example i
+    np.testing.assert_array_equal(x["label"], order[10 * k : 10 * (k + 1)])
+    np.testing.assert_array_equal(x["image"][:, 2:30, 2:30, 0], images["train"][x["label"]])
+  # A state those versions saved (one process, with its count and per-process batch) resumes
+  # there exactly.
+  it = pipeline.make_train_iterator(c, seed=5)
+  saved = {"seed": 5, "num_examples": 100, "process_count": 1, "local_batch_size": 10}
+  it.set_state({"grain": {"next_index": 13}, "epoch": 1, "step": 3, "reader": "local", **saved})
+  np.testing.assert_array_equal(next(it)["label"], order[130:140])
+
+
+@pytest.mark.parametrize("process_count", [2, 5])
+def test_hosts_read_their_slices_of_one_global_order(tiny, process_count):
+  c, images = tiny
+  order = _grain_order(0, 100, 2)
+  b = 10 // process_count
+  for p in range(process_count):
+    it = pipeline.make_train_iterator(c, seed=0, process_index=p, process_count=process_count)
+    assert it.local_batch_size == b and it.steps_per_epoch == 10
+    for k, x in enumerate(take(it, 20)):  # host p: its slice of global batch k, and no more
+      np.testing.assert_array_equal(x["label"], order[10 * k + p * b : 10 * k + (p + 1) * b])
       np.testing.assert_array_equal(x["image"][:, 2:30, 2:30, 0], images["train"][x["label"]])
     assert it.get_state()["epoch"] == 2
   with pytest.raises(ValueError, match="multiple of 3"):
     pipeline.make_train_iterator(c, seed=0, process_index=0, process_count=3)
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 5), (5, 2)])
+def test_a_resume_on_another_process_count_continues_the_global_order(tiny, saved_on, resumed_on):
+  c, _ = tiny
+  order = _grain_order(2, 100, 2)
+  states = []
+  for p in range(saved_on):
+    it = pipeline.make_train_iterator(c, seed=2, process_index=p, process_count=saved_on)
+    take(it, 13)
+    states.append(json.loads(json.dumps(it.get_state())))
+  assert all(s == states[0] for s in states)  # one position, the same on every host
+  b = 10 // resumed_on
+  for p in range(resumed_on):
+    it = pipeline.make_train_iterator(c, seed=2, process_index=p, process_count=resumed_on)
+    it.set_state(states[0])
+    for k, x in enumerate(take(it, 3), start=13):
+      np.testing.assert_array_equal(x["label"], order[10 * k + p * b : 10 * k + (p + 1) * b])
+
+
+def test_a_per_host_state_of_an_earlier_version_keeps_its_position(tiny):
+  c, _ = tiny
+  old = {"grain": {"next_index": 4}, "seed": 0, "num_examples": 100, "reader": "local"}
+  it = pipeline.make_train_iterator(c, seed=0)
+  it.set_state({**old, "process_count": 2, "local_batch_size": 5})  # a global batch of 10
+  assert it.get_state()["grain"] == {"next_index": 4}
+  with pytest.raises(errors.UserError, match=r"batch_size=6.*--config\.data\.batch_size=6"):
+    it.set_state({**old, "process_count": 2, "local_batch_size": 3})
 
 
 def test_eval_covers_the_split_once_with_mask(tiny):

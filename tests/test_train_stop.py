@@ -3,6 +3,7 @@ SIGKILLed run resumed reproduces the uninterrupted losses, SIGTERM saves a resto
 checkpoint with the exact data position, and two cooperating processes train as one."""
 
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -147,6 +148,32 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# `python -c` this, LOG, ARGS...: `vqjax.train ARGS` with every file it opens for writing (or
+# renames onto) appended to LOG as an absolute path, seen by a Python audit hook (PEP 578).
+_TRAIN_LOGGING_WRITES = """
+import os, runpy, sys
+log = open(sys.argv[1], "a", buffering=1)
+def written(event, args):
+  if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+    mode, flags = args[1], args[2]
+    writes = set(mode) & set("wax+") if isinstance(mode, str) else flags & (os.O_WRONLY | os.O_RDWR)
+    if writes:
+      log.write(os.path.abspath(os.fsdecode(args[0])) + "\\n")
+  elif event == "os.rename":
+    log.write(os.path.abspath(os.fsdecode(args[1])) + "\\n")
+sys.addaudithook(written)
+sys.argv = ["vqjax.train", *sys.argv[2:]]
+runpy.run_module("vqjax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _written(log, workdir) -> set[str]:
+  """The files below `workdir` a `_TRAIN_LOGGING_WRITES` run wrote, relative to it."""
+  top = str(workdir) + os.sep
+  with open(log) as f:
+    return {line.strip()[len(top) :] for line in f if line.startswith(top)}
+
+
 @pytest.mark.slow
 @needs_fmnist
 def test_two_processes_train_together(tmp_path):
@@ -159,11 +186,12 @@ def test_two_processes_train_together(tmp_path):
     args = cli(
       tmp_path / "run",
       *_CLI_RUN,
-      "--config.train.steps=2",
+      "--config.train.steps=3",  # step 3's check records step 2's checkpoint good
       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
       "--config.distributed.num_processes=2",
       f"--config.distributed.process_id={i}",
     )
+    args[1:3] = ["-c", _TRAIN_LOGGING_WRITES, str(tmp_path / f"writes{i}.txt")]
     procs.append(
       subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -175,7 +203,12 @@ def test_two_processes_train_together(tmp_path):
     assert p.returncode == 0, err[-3000:]
     outs.append(out)
   assert "process 0/2" in outs[0] and "process 1/2" in outs[1]
-  assert checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
+  # The shared records are the primary's alone (it writes them: the check can see them).
+  shared = {"metrics.jsonl", "config.json", os.path.join("checkpoints", "health.json")}
+  primary, secondary = (_written(tmp_path / f"writes{i}.txt", tmp_path / "run") for i in range(2))
+  assert shared <= primary, sorted(primary)
+  assert not shared & secondary, sorted(secondary)
+  assert checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2, 3]
   logged = train_losses(str(tmp_path / "run"))
 
   # The same global batch in one process: each host's first batch, host 0's rows first (the

@@ -213,6 +213,7 @@ _RESUME_HINTS = {
   "num_examples": "the training split changed (config.data.train_split, or the files in it)",
   "process_count": "resume on as many processes as the run that saved it",
   "local_batch_size": "keep config.data.batch_size / process count as it was",
+  "batch_size": "set --config.data.batch_size={saved}",
 }
 
 

@@ -10,13 +10,16 @@ flips run on the devices, inside the jitted step (`device_transform.py`), so the
 quarter of the bytes and does no per-pixel arithmetic. Eval batches (and `preprocess`) are
 scaled on the host (`transform_batch`): float32 in [-1, 1], never flipped.
 
-Training splits the examples the same way whatever the reader: process p of P owns the strided
-shard `p, p + P, p + 2P, ...` of the first `P * (N // P)` examples (every host owns as many, so
-all hosts take the same number of steps and none waits in a collective), each epoch visits the
-shard in a seeded permutation of its own, and the last partial batch of an epoch is dropped.
+Training with a random-access source ("local", "folder", "grain") follows one global order,
+whatever the number of processes: each epoch visits all N examples in a seeded permutation,
+cut into global batches of `config.data.batch_size` (the last partial one dropped), and
+process p of P reads only its slice `[p * B/P, (p + 1) * B/P)` of each global batch. Global
+batch k is therefore the same examples on one process or on many (in the same order), every
+host takes the same number of steps (none waits in a collective), and a run resumes exactly on
+another number of processes.
 
-  * Random-access sources ("local", "folder", "grain"): one grain `MapDataset` of batches, so
-    batch k of the endless stream is a pure function of (seed, k, process). Batches are read
+  * Random-access sources: one grain `MapDataset` of batches, so batch k of the endless stream
+    is a pure function of (seed, k, process index and count). Batches are read
     in `config.data.num_workers` threads, and with `config.data.worker_processes` > 0 in that
     many grain worker processes (each with its threads; batches come back through shared
     memory): worker k reads batches k, k + W, ... and they are taken in turn, so the stream
@@ -24,12 +27,14 @@ shard in a seeded permutation of its own, and the last partial batch of an epoch
     the next batch, counted by the iterator itself; resuming starts the stream at that index.
     Worker processes are started with "spawn": they import the program's main module again,
     so a script that trains must keep its work under `if __name__ == "__main__":`.
-  * "tfdata" (TFRecord through `tfds.load`, needs TensorFlow; in `tfds_data.py`): a seeded
-    shuffle per epoch of this host's `tfds.even_splits` part, resumed by skipping into it.
+  * "tfdata" (TFRecord through `tfds.load`, needs TensorFlow; in `tfds_data.py`): per host, a
+    seeded shuffle per epoch of this host's `tfds.even_splits` part, resumed by skipping into
+    it; a resume on another number of processes restarts its order.
 
-A state is the same on every process, so saving process 0's state is enough to resume all of
-them. It records what must match on resume (seed, dataset size, process count, per-process
-batch, concrete reader); a mismatch is a one-line error saying what differs.
+A state is the same on every process. It records what must match on resume (seed, dataset
+size, global batch, concrete reader; the tf.data reader also the process count); a mismatch is
+a one-line error saying what differs. A random-access state is the number of global batches
+handed out, valid for any number of processes.
 """
 
 import functools
@@ -75,13 +80,14 @@ def _allow_grain_processes() -> None:
 class TrainIterator:
   """Endless, resumable training batches of one process over a random-access source.
 
-  source indices -> this host's shard -> per-epoch shuffle -> batch (dropping each epoch's
-  partial batch) -> repeat -> read and fit the batch (images stay uint8 and unflipped: see
-  `device_transform.py`) -> read ahead in `config.data.num_workers` threads, in each of
-  `config.data.worker_processes` processes when that is > 0. Every stage is a random-access
-  grain `MapDataset` before the read-ahead, so batch k is a pure function of (seed, k,
-  process) whatever the threads and processes; the iterator counts the batches it has handed
-  out, and a resume starts the stream at that count.
+  all source indices -> per-epoch shuffle -> global batches (dropping each epoch's partial
+  batch) -> repeat -> this host's slice of each, read and fitted (images stay uint8 and
+  unflipped: see `device_transform.py`) -> read ahead in `config.data.num_workers` threads, in
+  each of `config.data.worker_processes` processes when that is > 0. Every stage is a
+  random-access grain `MapDataset` before the read-ahead, so batch k is a pure function of
+  (seed, k, process index and count) whatever the threads and processes, and the processes'
+  batches k together are global batch k whatever their count. The iterator counts the batches
+  it has handed out, and a resume (on any number of processes) starts the stream there.
 
   Attributes:
     local_batch_size: examples per batch on this process (global batch // process_count).
@@ -102,13 +108,11 @@ class TrainIterator:
 
     check_process(process_index, process_count)
     b = local_batch_size(data_config.batch_size, process_count, "config.data.batch_size")
-    n = len(source)
+    global_batch, n = b * process_count, len(source)
     self.local_batch_size, self.reader = b, reader
-    self.steps_per_epoch = n // process_count // b
+    self.steps_per_epoch = n // global_batch
     if self.steps_per_epoch == 0:
-      raise UserError(
-        f"{n} examples make no batch of {data_config.batch_size} over {process_count} processes"
-      )
+      raise UserError(f"{n} examples make no batch of {global_batch}")
     threads = data_config.num_workers
     if threads < 0:
       raise UserError(f"config.data.num_workers must be >= 0, not {threads}")
@@ -116,23 +120,22 @@ class TrainIterator:
     if processes < 0:
       raise UserError(f"config.data.worker_processes must be >= 0, not {processes}")
     seed = int(seed) % 2**63
-    self._identity = {
-      "seed": seed,
-      "num_examples": n,
-      "process_count": process_count,
-      "local_batch_size": b,
-      "reader": reader,
-    }
-    # grain seeds epoch e of a shuffle with shuffle_seed + e (32 bits), so hosts get unrelated
-    # permutations from a hash of (seed, process) rather than from seed + process.
-    shuffle_seed = int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0])
-    ds = grain.MapDataset.range(process_index, n - n % process_count, process_count)
-    ds = ds.shuffle(seed=shuffle_seed)
+    # No process count or index: a state is valid on any number of processes.
+    self._identity = {"seed": seed, "num_examples": n, "batch_size": global_batch, "reader": reader}
+    # grain seeds epoch e of a shuffle with shuffle_seed + e (32 bits): a hash of the seed
+    # rather than the seed itself (the hash of (seed, 0) is the one per-host shuffles of
+    # earlier versions gave process 0, so one-process runs keep their order).
+    shuffle_seed = int(np.random.SeedSequence((seed, 0)).generate_state(1)[0])
+    ds = grain.MapDataset.range(n).shuffle(seed=shuffle_seed)
     # Batching indices before the repeat drops each epoch's partial batch instead of letting a
     # batch straddle two epochs; the shuffle still sees the epoch through the repeated indices.
-    # Reading whole batches lets in-memory and tfds sources read them in one call.
-    ds = ds.batch(b, drop_remainder=True).repeat()
-    self._batches = ds.map(functools.partial(_read_batch, source=source, data_config=data_config))
+    # Each host cuts its slice from the global batch of indices before reading, so it reads
+    # only its own examples; reading whole batches lets in-memory and tfds sources read them
+    # in one call.
+    ds = ds.batch(global_batch, drop_remainder=True).repeat()
+    own = slice(process_index * b, (process_index + 1) * b)
+    read = functools.partial(_read_batch, source=source, data_config=data_config, own=own)
+    self._batches = ds.map(read)
     # num_threads=0 reads in the calling thread (or worker process), as num_workers=0
     # promises; with threads, two batches per thread in flight keep them all busy without
     # holding many batches in memory.
@@ -199,7 +202,8 @@ class TrainIterator:
 
     Returns:
       {"grain": {"next_index": batches handed out}, "epoch", "step" (for people reading it),
-      "seed", "num_examples", "process_count", "local_batch_size", "reader"}.
+      "seed", "num_examples", "batch_size" (global), "reader"}: the same on every process,
+      and valid for any number of processes.
     """
     epoch, step = divmod(self._next, self.steps_per_epoch)
     return {"grain": {"next_index": self._next}, "epoch": epoch, "step": step, **self._identity}
@@ -211,9 +215,10 @@ class TrainIterator:
       state: a dict from `get_state`, possibly through a JSON round trip.
 
     Raises:
-      UserError: the state was saved by another reader or under another seed, dataset size,
-        process count or per-process batch size.
+      UserError: the state was saved by another reader or under another seed, dataset size
+        or global batch size.
     """
+    state = _global_state(state)
     check_identity(state, self._identity)
     grain_state = state.get("grain")
     if grain_state is None and "reader" not in state and {"epoch", "step"} <= set(state):
@@ -247,10 +252,28 @@ class TrainIterator:
     self._stop()
 
 
-def _read_batch(indices: np.ndarray, source: Any, data_config: Any) -> dict[str, np.ndarray]:
-  """One training batch: its examples read and fitted, images still uint8 (module-level, so
-  grain's worker processes import it rather than pickling it)."""
-  return load_batch(source, indices, data_config)
+def _global_state(state: dict[str, Any]) -> dict[str, Any]:
+  """A state of earlier versions (per-host orders, recorded with "process_count" and
+  "local_batch_size") -> the same position in the global order. With one process the orders
+  are the same, so the resume is exact; with several it continues in another order."""
+  if "batch_size" in state or "local_batch_size" not in state:
+    return state
+  saved_count = int(state.get("process_count", 1))
+  if saved_count != 1:
+    logging.warning(
+      "data state of %d per-host orders from an earlier vqjax: resuming at its position in "
+      "the global order, with a different example order",
+      saved_count,
+    )
+  return {**state, "batch_size": int(state["local_batch_size"]) * saved_count}
+
+
+def _read_batch(
+  indices: np.ndarray, source: Any, data_config: Any, own: slice
+) -> dict[str, np.ndarray]:
+  """This host's part (`own`) of a global batch of indices, read and fitted, images still
+  uint8 (module-level, so grain's worker processes import it rather than pickling it)."""
+  return load_batch(source, indices[own], data_config)
 
 
 def make_train_iterator(

@@ -1,11 +1,13 @@
 """tfds datasets: the ArrayRecord source the grain pipeline reads (`TfdsSource`, through
 `tfds.data_source`, no TensorFlow) and the "tfdata" reader of TFRecord datasets (tf.data).
 
-The tf.data reader keeps the contract of the grain pipeline of `pipeline.py` (per-host shards,
-batches that are a function of (seed, epoch, step, process), a resumable state with its
-identity, training images uint8 and unflipped for `device_transform` to scale and flip on the
-devices), but a TFRecord stream has no random access: each epoch is a seeded shuffle of this
-host's `tfds.even_splits` part, and resuming skips into it. TensorFlow Datasets (a second or
+The tf.data reader keeps most of the contract of the grain pipeline of `pipeline.py` (disjoint
+per-host batches that are a function of (seed, epoch, step, process), a resumable state with
+its identity, training images uint8 and unflipped for `device_transform` to scale and flip on
+the devices), but a TFRecord stream has no random access: each epoch is a seeded shuffle of
+this host's `tfds.even_splits` part, and resuming skips into it. So its order depends on the
+number of processes, and a resume on another number of processes restarts it (the grain
+pipeline follows one global order and continues exactly). TensorFlow Datasets (a second or
 more to import) and TensorFlow (optional: vqjax[tf]) are imported inside the functions that read
 a tfds dataset, so the other sources never load them.
 """
@@ -148,7 +150,16 @@ class TfDataTrainIterator:
     return {"epoch": self._epoch, "step": self._step, **self._identity}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Moves to a state from `get_state`; the next batch is the one that followed it."""
+    """Moves to a state from `get_state`; the next batch is the one that followed it. A state
+    saved on another number of processes (other shards) leaves the iterator at its start."""
+    saved_count = state.get("process_count")
+    if saved_count is not None and int(saved_count) != self._identity["process_count"]:
+      logging.warning(
+        "data state saved on %s processes, this run has %d: the tf.data order restarts",
+        saved_count,
+        self._identity["process_count"],
+      )
+      return
     check_identity(state, self._identity)
     if "epoch" not in state or "step" not in state:
       raise UserError(

@@ -163,6 +163,34 @@ def _gather_json(obj: Any) -> list:
   return [json.loads(bytes(row[: int(n)]).decode()) for row, n in rows]
 
 
+def _data_state_of_this_process(data: dict) -> Any:
+  """This process's data iterator state from a checkpoint's record of every process's.
+
+  On as many processes as saved, each gets its own. On another number, every process gets the
+  saved position when all processes had saved the same one (the grain pipeline's states are
+  global batch counts, equal on every host, and valid for any number of processes; the
+  iterator itself decides whether it can continue from it); else None: the iterators restart.
+  """
+  states, saved_count = data["states"], data.get("process_count")
+  if saved_count == jax.process_count():
+    return states[jax.process_index()]
+  if states and all(s == states[0] for s in states):
+    logging.info(
+      "checkpoint was written by %s processes, this run has %d: every process resumes the "
+      "data at the saved position",
+      saved_count,
+      jax.process_count(),
+    )
+    return states[0]
+  logging.warning(
+    "checkpoint was written by %s processes with different data positions, this run has %d: "
+    "data iterators restart",
+    saved_count,
+    jax.process_count(),
+  )
+  return None
+
+
 def resolve_directory(path: str) -> str:
   """A workdir (with checkpoints/ inside) or a checkpoints directory -> the latter."""
   path = paths.absolute(path)
@@ -213,8 +241,9 @@ class Checkpointer:
   ):
     self.directory = paths.absolute(directory)
     self.keep = int(keep)
-    self._read_only = read_only
+    self._read_only, self._async = read_only, async_save
     self._saving: int | None = None  # the step of the save in flight
+    self._unfinished = False  # whether Orbax may still be writing or finalizing `_saving`
     self._failed: set[int] = set()  # steps whose save failed (never recorded as good)
     options = ocp.CheckpointManagerOptions(
       # Deletion is ours (`_clean_up`): Orbax's keep-N would rotate out the last good step.
@@ -335,8 +364,15 @@ class Checkpointer:
     return max(steps) if steps else None
 
   def all_steps(self) -> list[int]:
-    self._manager.reload()
-    return sorted(self._manager.all_steps())
+    """The complete steps on disk."""
+    if not self._unfinished:
+      self._manager.reload()
+      return sorted(self._manager.all_steps())
+    # While a save may be in flight, Orbax's own list (the steps on disk when it started, less
+    # those deleted since, plus the one being saved) is current: a reload would drop the step
+    # being saved from it, which Orbax's finalize of a save at a preemption sync point (its own
+    # `reached_preemption`) needs there. That step is complete only after `wait`.
+    return sorted(s for s in self._manager.all_steps() if s != self._saving)
 
   def save(self, step: int, state: Any, data_state: Any, meta: dict) -> None:
     """Starts saving `state` (async unless disabled). Every process must call this.
@@ -354,7 +390,7 @@ class Checkpointer:
         self._manager.delete(int(step))
       self._forget([int(step)])
       self._failed.discard(int(step))
-      self._saving = int(step)
+      self._saving, self._unfinished = int(step), True
       self._manager.save(
         int(step),
         args=ocp.args.Composite(
@@ -364,6 +400,7 @@ class Checkpointer:
         ),
         force=True,
       )
+      self._unfinished = self._async  # a synchronous save is complete when `save` returns
     self._clean_up(saving=int(step))
 
   @contextlib.contextmanager
@@ -373,7 +410,7 @@ class Checkpointer:
     try:
       yield
     except (OSError, ValueError) as e:
-      step, self._saving = self._saving, None
+      step, self._saving, self._unfinished = self._saving, None, False
       if step is None:
         raise
       self._failed.add(step)
@@ -469,16 +506,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - anything unreadable in a step is damage
       raise unreadable(self.directory, step, e) from None
     check_finite(state, self.directory, step)
-    data_state = None
-    if data.get("process_count") == jax.process_count():
-      data_state = data["states"][jax.process_index()]
-    else:
-      logging.warning(
-        "checkpoint was written by %s processes, this run has %d: data iterators restart",
-        data.get("process_count"),
-        jax.process_count(),
-      )
-    return state, data_state
+    return state, _data_state_of_this_process(data)
 
   def usable_steps(self) -> list[int]:
     """The steps on disk not recorded as bad, newest first: what a resume tries in order."""
@@ -510,7 +538,7 @@ class Checkpointer:
     records the finished step's checksums (primary process)."""
     with self._save_errors():
       self._manager.wait_until_finished()
-      step = self._saving
+      step, self._unfinished = self._saving, False
       if step is not None and jax.process_index() == 0 and step in self.all_steps():
         write_checksums(self.directory, step)
     self._saving = None

@@ -20,12 +20,26 @@ from vqjax import errors, paths
 
 class StopRequest:
   """Records SIGTERM / SIGINT so the loop can finish its step and save; a second signal of
-  the same kind gets the previous handler (a second Ctrl-C interrupts at once)."""
+  the same kind gets the previous handler (a second Ctrl-C interrupts at once).
+
+  With several processes SIGTERM (a preemption notice) is left to JAX's distributed runtime:
+  its preemption notifier is a C++ SIGTERM handler, which a Python handler would replace. The
+  runtime tells every host of the notice and agrees on a step to stop at, which the loop asks
+  about at every step (`multihost_utils.reached_preemption_sync_point`); a second SIGTERM is
+  then no faster way out. SIGINT keeps the handler above and its own agreement (`requested`).
+  """
 
   def __init__(self):
     self.signum = None
     self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # `jax.distributed.initialize` starts the notifier and the sync point with the service.
+    self._preemption_sync = (
+      jax.process_count() > 1
+      and jax.distributed.is_initialized()
+      and jax.config.jax_enable_preemption_service
+    )
+    signals = (signal.SIGINT,) if self._preemption_sync else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
@@ -39,15 +53,22 @@ class StopRequest:
       "received %s: finishing this step, saving, stopping", signal.Signals(signum).name
     )
 
-  def requested(self, sync: bool) -> bool:
-    """Whether to stop. With several processes all must stop at the same step, so the answer
-    is True only on `sync` steps, where every process learns whether any was signalled, and
-    by which signal: a process that got none takes it as its own (`signum`), so every host of
-    a preempted pod exits with the same status (128 + SIGTERM), and the scheduler sees each
+  def requested(self, step: int, sync: bool) -> bool:
+    """Whether to stop after `step`. Every process must call it at every step.
+
+    With several processes all must stop at the same step. A preemption notice (SIGTERM to
+    any host) stops every host at the step JAX's runtime agreed on, as SIGTERM. Otherwise the
+    answer is True only on `sync` steps, where every process learns whether any was signalled,
+    and by which signal: a process that got none takes it as its own (`signum`), so every host
+    of a preempted pod exits with the same status (128 + SIGTERM), and the scheduler sees each
     unfinished in the same way."""
     local = self.signum is not None
     if jax.process_count() == 1:
       return local
+    if self._preemption_sync and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
+      logging.warning("preemption notice (SIGTERM to a host): saving step %d, stopping", step)
+      return True
     if not sync:
       return False
     signums = multihost_utils.process_allgather(np.array([self.signum or 0], np.int32))

@@ -14,7 +14,7 @@ ahead where dispatch is synchronous, and knows the data position a checkpoint re
 loop pulls metrics to the host only on logging, eval and checkpoint steps, and keeps at most
 one step queued behind the running one, so a stop request is served within a step or two.
 SIGTERM / SIGINT finish the current step, save and return; with several processes, all agree
-on the step to stop at (`host.StopRequest`).
+on the step to stop at (`host.StopRequest`: JAX's preemption sync point for SIGTERM).
 
 The progress line and metrics.jsonl report "data_wait": the share of wall time the devices sat
 idle because the loop was still reading (the step in flight had finished before its
@@ -82,9 +82,9 @@ def setup_compilation_cache(directory: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# With several processes, a stop request (SIGTERM on a preemptible pod) is agreed on every this
-# many steps: each agreement waits for the device, so not every step, but often enough that the
-# save starts well inside a preemption notice whatever log.every_steps is.
+# With several processes, a Ctrl-C is agreed on every this many steps (a preemption's SIGTERM
+# goes through JAX's sync point, asked every step): each agreement waits for the device, so not
+# every step, but often enough that the save starts soon whatever log.every_steps is.
 _STOP_SYNC_EVERY = 10
 
 
@@ -488,7 +488,7 @@ class _Run:
       log_now = step % c.log.every_steps == 0 or step == self.total
       if log_now:
         result.update(self.log(step, metrics, progress))
-      stopping = self.stop.requested(sync=log_now or step % _STOP_SYNC_EVERY == 0)
+      stopping = self.stop.requested(step, sync=log_now or step % _STOP_SYNC_EVERY == 0)
       t_aside = time.perf_counter()
       if _every(step, c.log.eval_every_steps) and not stopping:
         eval_result = self.evaluate()
