@@ -126,3 +126,10 @@ def gcs_emulator(tmp_path_factory):
   finally:
     proc.terminate()
     proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+  """One persistent compilation cache per test module for every run of the Fashion-MNIST smoke
+  model: the in-process run, the CLI runs and their resumes compile each program once."""
+  return tmp_path_factory.mktemp("jax_cache")

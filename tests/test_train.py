@@ -36,13 +36,6 @@ from vqjax.training import checkpoint, feed, sharding, tasks, trainer
 EXPERIMENTS = ("fashion_mnist", "vqvae_cifar10", "vqvae2_imagenet", "vqvae2_ffhq1024")
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-  """One persistent compilation cache for every run of the Fashion-MNIST smoke model: the
-  in-process run, the CLI runs and their resumes compile each program once."""
-  return tmp_path_factory.mktemp("jax_cache")
-
-
 # --- one real step for each experiment's smoke variant -----------------------------------------
 
 

@@ -21,13 +21,6 @@ from vqjax import errors
 from vqjax.training import checkpoint, trainer
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-  """One persistent compilation cache for every run of the Fashion-MNIST smoke model: the
-  in-process run, the CLI runs and their resumes compile each program once."""
-  return tmp_path_factory.mktemp("jax_cache")
-
-
 @pytest.mark.slow
 @needs_fmnist
 def test_divergence_keeps_the_last_good_checkpoint_and_resumes_from_it(tmp_path, shared_cache):

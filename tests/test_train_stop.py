@@ -25,14 +25,6 @@ from train_helpers import (
 from vqjax.data import pipeline
 from vqjax.training import checkpoint, sharding, tasks
 
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-  """One persistent compilation cache for every run of the Fashion-MNIST smoke model: the
-  in-process run, the CLI runs and their resumes compile each program once."""
-  return tmp_path_factory.mktemp("jax_cache")
-
-
 # --- processes: kill and resume, SIGTERM, two hosts ---------------------------------------------
 
 _CLI_RUN = (
