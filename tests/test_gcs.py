@@ -22,6 +22,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from train_helpers import cli
 
 from vqjax import configs
 from vqjax.data import pipeline, sources
@@ -116,16 +117,9 @@ def _env(emulator, cache, num_devices: int = 8) -> dict:
 
 
 def _train(workdir: str, *flags: str, cache, config: str = SMOKE) -> list[str]:
-  return [
-    sys.executable,
-    "-m",
-    "vqjax.train",
-    f"--config={config}",
-    f"--workdir={workdir}",
-    *RUN,
-    f"--config.log.compilation_cache={cache / 'jax'}",
-    *flags,
-  ]
+  return cli(
+    workdir, *RUN, f"--config.log.compilation_cache={cache / 'jax'}", *flags, config=config
+  )
 
 
 def _run(args: list[str], env: dict, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
