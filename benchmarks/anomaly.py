@@ -10,6 +10,9 @@ normal images' codes, then `vqjax.evaluation.anomaly.PriorScorer` on the whole t
 (10,000 images, labels only for the AUC). Scores (higher = more anomalous):
 
   recon_max, recon_mean      reconstruction error: blurred-map maximum, mean
+  knn                        mean distance of the image's quantized latents (both levels) to
+                             the 5 nearest of the first 10,000 normal training images'
+  knn_pixels                 the same on raw pixels, no model at all: the reference point
   nll_level0, nll_level1     nats of the top (4x4) and bottom (8x8) codes under their prior
   nll                        their sum: the codes' negative log-likelihood
   restoration_max            blurred maximum of the restoration map
@@ -50,6 +53,8 @@ CLASSES = (
 SCORES = (
   "recon_max",
   "recon_mean",
+  "knn",
+  "knn_pixels",
   "nll_level0",
   "nll_level1",
   "nll",
@@ -57,8 +62,10 @@ SCORES = (
   "combined",
 )
 COMBINED = ("recon_mean", "nll", "restoration_max")
-# Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images).
-SIZES = {"full": (300, 300, 1000, 0), "smoke": (2, 2, 16, 64)}
+MODEL_SCORES = tuple(k for k in SCORES if k not in ("knn_pixels", "combined"))  # PriorScorer's
+# Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images,
+# normal training images in the knn bank).
+SIZES = {"full": (300, 300, 1000, 0, 10000), "smoke": (2, 2, 16, 64, 32)}
 SEED = 0
 RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code (K = 64: 1/64)
 
@@ -126,7 +133,7 @@ def score_all(scorer, images, batch_size: int, seed: int) -> dict[str, np.ndarra
     if real < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
     s = scorer.score(batch, jax.random.fold_in(jax.random.key(seed), start))
-    for k in SCORES[:-1] + ("replaced",):
+    for k in MODEL_SCORES + ("replaced",):
       out.setdefault(k, []).append(s[k][:real])
   return {k: np.concatenate(v) for k, v in out.items()}
 
@@ -136,11 +143,11 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
   import jax
 
   from vqjax import extract_codes
-  from vqjax.evaluation import anomaly
+  from vqjax.evaluation import anomaly, memory
   from vqjax.sampling import hierarchy
 
   smoke = size == "smoke"
-  stage1_steps, prior_steps, num_ref, num_test = SIZES[size]
+  stage1_steps, prior_steps, num_ref, num_test, num_bank = SIZES[size]
   normal = [anomalous] if protocol == "one-class" else [k for k in range(10) if k != anomalous]
   root = os.path.join(workdir, protocol, f"class{anomalous}")
   times = {}
@@ -161,19 +168,32 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
   t = time.perf_counter()
   gen = hierarchy.Generator.from_runs(os.path.join(root, "stage1"), priors)
   _, model, variables = gen.stage1
-  scorer = anomaly.PriorScorer(
-    model, variables, [p[1:] for p in gen.priors], restore_threshold=RESTORE_THRESHOLD
-  )
   data = config.data.copy_and_resolve_references()
   batch = data.eval_batch_size
-  # Normal training images: the scale of each score for the combination (no anomaly seen).
+  # Normal training images: the knn bank, and (the first num_ref) the scale of each score for
+  # the combination. No anomaly is seen.
   data.eval_split = data.train_split
-  ref_images, _ = _images(data, num_ref)
-  ref = score_all(scorer, ref_images, batch, SEED + 1)
+  bank_images, _ = _images(data, num_bank)
+  bank = memory.Memory.build(
+    model, variables, np.array_split(bank_images, -(-len(bank_images) // batch)), num_bank
+  )
+  scorer = anomaly.PriorScorer(
+    model,
+    variables,
+    [p[1:] for p in gen.priors],
+    restore_threshold=RESTORE_THRESHOLD,
+    memory=bank,
+  )
+  ref = score_all(scorer, bank_images[:num_ref], batch, SEED + 1)
   data.exclude_labels = ()
   data.eval_split = "test"
   images, labels = _images(data, num_test)
   scores = score_all(scorer, images, batch, SEED)
+  pixels = memory.Memory(bank_images.reshape(len(bank_images), -1))
+  flat = images.reshape(len(images), -1)
+  scores["knn_pixels"] = np.concatenate(
+    [pixels.score(flat[i : i + batch]) for i in range(0, len(flat), batch)]
+  )
   z = [(scores[k] - ref[k].mean()) / (ref[k].std() + 1e-12) for k in COMBINED]
   scores["combined"] = np.mean(z, axis=0)
   is_anomaly = ~np.isin(labels, normal)

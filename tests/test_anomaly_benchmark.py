@@ -15,7 +15,22 @@ from vqjax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
-SCORES = ("recon_max", "recon_mean", "nll_level0", "nll_level1", "nll", "restoration_max")
+SCORES = (
+  "recon_max",
+  "recon_mean",
+  "knn",
+  "knn_pixels",
+  "nll_level0",
+  "nll_level1",
+  "nll",
+  "restoration_max",
+)
+
+
+def _idx_images(name: str, n: int) -> np.ndarray:
+  """The first n images of an idx file as float64 [n, 784] (header: 16 bytes)."""
+  with gzip.open(os.path.join(FMNIST, name)) as f:
+    return np.frombuffer(f.read()[16 : 16 + n * 784], np.uint8).reshape(n, 784).astype(float)
 
 
 def _bench(*args, timeout=900):
@@ -53,6 +68,16 @@ def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
   # The smoke size scores the first 64 test images; bags (8) are the normal class.
   with gzip.open(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz")) as f:
     labels = np.frombuffer(f.read()[8:], np.uint8)[:64]
+  # knn_pixels from the idx files alone: the first 32 bags of train[:512] are the bank, the
+  # score the mean distance to the 5 nearest (padding and the [-1, 1] scale change no rank).
+  with gzip.open(os.path.join(FMNIST, "train-labels-idx1-ubyte.gz")) as f:
+    train_labels = np.frombuffer(f.read()[8:], np.uint8)[:512]
+  bank = _idx_images("train-images-idx3-ubyte.gz", 512)[train_labels == 8][:32]
+  test = _idx_images("t10k-images-idx3-ubyte.gz", 64)
+  dist = np.sqrt(((test[:, None] - bank[None]) ** 2).sum(-1))
+  knn = np.sort(dist, axis=1)[:, :5].mean(axis=1)
+  a, n = knn[labels != 8][:, None], knn[labels == 8][None, :]
+  assert np.isclose(line["auc"]["knn_pixels"], np.mean((a > n) + 0.5 * (a == n)))
   assert line["num_normal"] == int(np.sum(labels == 8)) > 0
   assert line["num_anomalous"] == int(np.sum(labels != 8))
   assert (line["protocol"], line["class"], line["name"]) == ("one-class", 8, "bag")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from data_helpers import data_config, take
 from PIL import Image
+from test_memory import _codewords, _numpy_knn
 
 import vqjax
 from vqjax import anomaly, configs, convert, errors
@@ -238,6 +239,22 @@ def test_run_matches_numpy_and_thresholds_on_held_out_normals_only(tiny_run, tmp
   assert np.array_equal(np.flatnonzero(roles == "anomalous"), np.flatnonzero(is_anomaly))
   np.testing.assert_allclose([float(r[3]) for r in rows[1:]], max_score, rtol=1e-4)
 
+  # knn: mean distance to the 5 nearest latents of the normal training images (train[:64]
+  # without bags, regenerated from the same seed), the codewords looked up by hand, float64.
+  train, train_labels = _write_fashion_dir(tmp_path / "again")["train"]
+  bank = np.pad(train[:64][train_labels[:64] != 8], ((0, 0), (2, 2), (2, 2)))[..., None]
+  bank = _codewords(model, variables, (bank / 127.5 - 1.0).astype(np.float32))
+  knn = _numpy_knn(bank, _codewords(model, variables, x.astype(np.float32)), 5)
+  assert (result["memory"], result["k"]) == (58, 5)
+  assert rows[0][5] == "knn"
+  written = np.array([float(r[5]) for r in rows[1:]])
+  np.testing.assert_allclose(written, knn, rtol=1e-4)
+  # (The one-step model gives many images the same codes: ties, so the AUC is taken of the
+  # written scores, which equal the float64 ones to 1e-4.)
+  assert math.isclose(result["auc_knn"], _pairwise_auc(written[test], is_anomaly[test]))
+  no_bank = anomaly.run(workdir, str(tmp_path / "nobank"), quantile=0.8, memory=0)
+  assert "knn" not in no_bank["scores"] and "memory" not in no_bank
+
   # --score mean and --max_examples: the first 20 images only, thresholded on their mean.
   head = anomaly.run(workdir, str(tmp_path / "head"), [8], 0.5, max_examples=20, score="mean")
   normal20 = np.flatnonzero(~is_anomaly[:20])
@@ -260,6 +277,14 @@ def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
     anomaly.run(workdir, out, anomaly_labels=list(range(1, 10)), max_examples=10)
   with pytest.raises(errors.UserError, match="integers"):
     anomaly.run(workdir, out, anomaly_labels=["bag"])
+  with pytest.raises(errors.UserError, match=r"--memory must be >= 0"):
+    anomaly.run(workdir, out, memory=-1)
+  with pytest.raises(errors.UserError, match=r"--k must be >= 1"):
+    anomaly.run(workdir, out, k=0)
+  with pytest.raises(errors.UserError, match=r"--k 59 needs at least 59 .* has 58"):
+    anomaly.run(workdir, out, k=59)
+  with pytest.raises(errors.UserError, match=r"knn needs --memory above 0"):
+    anomaly.run(workdir, out, score="knn", memory=0)
 
   real = pipeline.make_eval_iterator
 

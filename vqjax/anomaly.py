@@ -1,7 +1,8 @@
 """Anomaly scores and maps of a stage-1 run and, optionally, its priors, from the command line.
 
   python -m vqjax.anomaly --workdir STAGE1 [--priors TOP,BOTTOM] [--anomaly_labels 8]
-      [--quantile 0.95] [--max_examples 0] [--score max] [--restore_threshold 0.01] [--out DIR]
+      [--quantile 0.95] [--max_examples 0] [--score max] [--restore_threshold 0.01]
+      [--memory 10000] [--k 5] [--out DIR]
 
 A VQ-VAE trained on normal images only (`config.data.exclude_labels` leaves some classes out of
 training, e.g. `experiments/fashion_mnist_anomaly.py`) reconstructs what it never saw worse, and
@@ -13,7 +14,10 @@ scores). Every image gets these scores (higher = more anomalous):
     level's codes under its prior) and nll (their sum); restoration_max, the maximum of the
     blurred restoration map: the codes the prior finds unlikely (probability below
     --restore_threshold) are redrawn from it in raster order, the result is decoded, and the
-    map is its squared difference from the input.
+    map is its squared difference from the input;
+  * knn (unless --memory 0): the mean distance of the image's quantized latents (every level's
+    code vectors) to the --k nearest of the first --memory normal training images' latents
+    (the run's train split without the anomaly labels; evaluation/memory.py).
 
 This reads the run's eval split without the label filter and splits it by label:
 
@@ -78,6 +82,10 @@ def define_flags() -> None:
     "The score thresholded first and shown: max, mean, nll, nll_level0, ..., restoration_max.",
   )
   flags.DEFINE_float("restore_threshold", 0.01, "Restoration redraws codes less likely than this.")
+  flags.DEFINE_integer(
+    "memory", 10000, "Normal training images in the knn score's bank (0 = no knn score)."
+  )
+  flags.DEFINE_integer("k", 5, "Nearest neighbours the knn score averages.")
   flags.DEFINE_integer("seed", 0, "Seed of the restoration draws.")
   flags.DEFINE_string("out", "", "Output directory (default WORKDIR).")
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
@@ -98,12 +106,14 @@ def _parse_labels(values: list[Any] | None) -> list[int] | None:
   return sorted(set(labels))
 
 
-def score_names(num_levels: int) -> tuple[str, ...]:
-  """Every score `run` reports with priors over `num_levels` code levels (0 = none)."""
+def score_names(num_levels: int, knn: bool = False) -> tuple[str, ...]:
+  """Every score `run` reports with priors over `num_levels` code levels (0 = none), and with
+  the memory bank's knn score or without."""
+  first = RECON_SCORES + (("knn",) if knn else ())
   if not num_levels:
-    return RECON_SCORES
+    return first
   levels = tuple(f"nll_level{i}" for i in range(num_levels))
-  return RECON_SCORES + levels + ("nll", "restoration_max")
+  return first + levels + ("nll", "restoration_max")
 
 
 def split_indices(is_anomaly: Any) -> tuple[Any, Any, Any]:
@@ -150,6 +160,30 @@ def _load(workdir: str, priors: list[str]) -> tuple[Any, Any, Any, list[tuple[An
   return config, model, variables, loaded
 
 
+def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], size: int, k: int):
+  """The knn score's bank: the first `size` images of the run's train split, without the run's
+  excluded labels and without the anomaly labels."""
+  from vqjax.data import pipeline
+  from vqjax.evaluation import memory
+
+  data = config.data.copy_and_resolve_references()
+  data.exclude_labels = tuple(sorted(set(data.exclude_labels) | set(labels)))
+  data.eval_split = data.train_split
+  batches = pipeline.make_eval_iterator(data, max_batches=math.ceil(size / data.eval_batch_size))
+  try:
+    bank = memory.Memory.build(model, variables, batches, size, k=1)
+  except ValueError:
+    raise errors.UserError(
+      f"--memory: the train split {data.train_split!r} has no normal images for the knn bank"
+    ) from None
+  if len(bank.bank) < k:
+    raise errors.UserError(
+      f"--k {k} needs at least {k} normal training images; the train split "
+      f"{data.train_split!r} has {len(bank.bank)}"
+    )
+  return memory.Memory(bank.bank, k)
+
+
 def run(
   workdir: str,
   out: str,
@@ -162,6 +196,8 @@ def run(
   priors: list[str] | None = None,
   restore_threshold: float = 0.01,
   seed: int = 0,
+  memory: int = 10000,
+  k: int = 5,
 ) -> dict:
   """Scores a stage-1 run's eval split for anomalies and writes anomaly.json and anomaly.png.
 
@@ -178,6 +214,9 @@ def run(
     priors: the priors' workdirs, one per code level (any order); None or [] = none.
     restore_threshold: restoration redraws codes whose probability is below it.
     seed: seed of the restoration draws.
+    memory: normal training images in the knn score's bank (the first of the run's train
+      split without the anomaly labels); 0 = no knn score.
+    k: nearest neighbours the knn score averages.
 
   Returns:
     What anomaly.json holds: "scores" (per score: "auc", "threshold", "tpr" = share of
@@ -186,10 +225,12 @@ def run(
     "auc_<score>" for each score ("auc_max", "auc_mean" for the reconstruction scores),
     --score's "auc", "threshold", "tpr", "fpr", "heldout_fpr", "num_heldout", "num_normal"
     (scored), "num_anomalous", with priors "replaced_normal" / "replaced_anomalous" (mean share
-    of codes restoration redrew), the settings and the paths written ("png", "csv", "json").
+    of codes restoration redrew), with the knn score "memory" (the bank's size) and "k", the
+    settings and the paths written ("png", "csv", "json").
 
   Raises:
-    errors.UserError: a quantile outside (0, 1), an unknown score, a run that is not an
+    errors.UserError: a quantile outside (0, 1), an unknown score, a negative --memory, a
+      bank with fewer than --k images, a run that is not an
       autoencoder, priors that do not belong to it or are class-conditional, no anomaly
       labels, eval data without labels, no anomalous images, or fewer than two normal images.
   """
@@ -200,11 +241,20 @@ def run(
     raise errors.UserError(f"--max_examples must be >= 0, got {max_examples}")
   if not 0.0 <= restore_threshold < 1.0:
     raise errors.UserError(f"--restore_threshold must be in [0, 1), got {restore_threshold}")
+  if memory < 0:
+    raise errors.UserError(f"--memory must be >= 0 (0 = no knn score), got {memory}")
+  if k < 1:
+    raise errors.UserError(f"--k must be >= 1, got {k}")
   priors = [p for p in (priors or []) if p]
+  knn = memory > 0
   score = ALIASES.get(score, score)
-  if score not in score_names(max(len(priors), 1)) or (not priors and score not in RECON_SCORES):
-    known = ", ".join(("max", "mean") + score_names(len(priors))[2:])
+  if score not in score_names(max(len(priors), 1), knn) or (
+    not priors and score not in score_names(0, knn)
+  ):
+    known = ", ".join(("max", "mean") + score_names(len(priors), knn)[2:])
     more = "" if priors else " (the nll and restoration scores need --priors)"
+    if score == "knn":
+      more = " (knn needs --memory above 0)"
     raise errors.UserError(f"--score must be one of {known}, not {score!r}{more}")
   labels = _parse_labels(anomaly_labels)
 
@@ -215,7 +265,7 @@ def run(
   from vqjax.evaluation import anomaly
 
   config, model, variables, loaded = _load(workdir, priors)
-  names = score_names(len(loaded))
+  names = score_names(len(loaded), knn)
   if score not in names:
     raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")
   if labels is None:
@@ -225,8 +275,9 @@ def run(
       f"no anomaly labels: {workdir} left no label out of training (data.exclude_labels is "
       "empty); pass --anomaly_labels"
     )
-  scorer = anomaly.PriorScorer(model, variables, loaded, sigma, restore_threshold)
-  map_key = "recon_map" if score in RECON_SCORES else "restoration_map"
+  bank = _memory_bank(config, model, variables, labels, memory, k) if knn else None
+  scorer = anomaly.PriorScorer(model, variables, loaded, sigma, restore_threshold, bank)
+  map_key = "recon_map" if score in RECON_SCORES + ("knn",) else "restoration_map"
 
   # The eval split as it is, normal and anomalous images alike.
   data = config.data.copy_and_resolve_references()
@@ -314,6 +365,8 @@ def run(
     "workdir": paths.absolute(workdir),
     "priors": [paths.absolute(p) for p in priors],
   }
+  if bank is not None:
+    result["memory"], result["k"] = len(bank.bank), bank.k
   if loaded:
     result["restore_threshold"] = float(restore_threshold)
     result["seed"] = int(seed)
@@ -370,6 +423,8 @@ def main(argv):
       priors=flags.FLAGS.priors,
       restore_threshold=flags.FLAGS.restore_threshold,
       seed=flags.FLAGS.seed,
+      memory=flags.FLAGS.memory,
+      k=flags.FLAGS.k,
     )
   width = max(len(k) for k in result)
   for key in sorted(result):

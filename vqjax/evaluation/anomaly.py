@@ -36,6 +36,7 @@ import numpy as np
 from etils import epath
 
 from vqjax import paths
+from vqjax.evaluation import memory as memory_lib
 from vqjax.evaluation import metrics
 from vqjax.training import logs
 
@@ -435,6 +436,7 @@ class PriorScorer:
 
   `score(images, rng)` returns, per image:
     * "recon_max", "recon_mean": the reconstruction-error scores (`image_scores`);
+    * with a memory bank: "knn" (evaluation/memory.py);
     * with priors: "nll_level{i}" (nats of level i's codes, 0 = top) and "nll" (their sum);
       "restoration_max": the maximum of the blurred restoration map (squared difference of
       input and restored image, averaged over channels, as the error map).
@@ -444,6 +446,7 @@ class PriorScorer:
     priors: (model, variables) per level, coarsest first; empty = reconstruction scores only.
     sigma: blur of the maps before their maximum (pixels).
     restore_threshold: probability below which restoration replaces a code.
+    memory: a bank of normal images' latents (`memory.Memory`) for the "knn" score, or None.
   """
 
   def __init__(
@@ -453,6 +456,7 @@ class PriorScorer:
     priors: list[tuple[Any, Any]] = (),
     sigma: float = 1.0,
     restore_threshold: float = 0.01,
+    memory: memory_lib.Memory | None = None,
   ):
     if not 0.0 <= restore_threshold < 1.0:
       raise ValueError(f"restore_threshold must be in [0, 1), got {restore_threshold}")
@@ -460,6 +464,7 @@ class PriorScorer:
     self.priors = list(priors)
     self.sigma = float(sigma)
     self.restore_threshold = float(restore_threshold)
+    self.memory = memory
     self._encode = jax.jit(self._encode_and_nll)
     self._decode = jax.jit(
       lambda v, codes: model.apply(v, tuple(codes), method="decode_from_indices").astype(
@@ -489,7 +494,8 @@ class PriorScorer:
       The per-image scores above (float64 [B]) and the arrays "recon" [B, H, W, C],
       "recon_map" [B, H, W], with priors also "nll_map{i}" [B, h_i, w_i] (nats per code),
       "restored" [B, H, W, C], "restoration_map" [B, H, W] and "replaced" (share of codes
-      restoration replaced, [B]).
+      restoration replaced, [B]). With a memory bank also "knn": the mean distance of the
+      image's quantized latents to the k nearest in the bank (`evaluation/memory.py`).
     """
     images = jnp.asarray(images, jnp.float32)
     pvars = [v for _, v in self.priors]
@@ -497,6 +503,8 @@ class PriorScorer:
     out = {"recon": np.asarray(recon), "recon_map": np.asarray(maps)}
     for k, v in image_scores(maps, self.sigma).items():
       out[f"recon_{k}"] = np.asarray(v, np.float64)
+    if self.memory is not None:
+      out["knn"] = self.memory.score(memory_lib.latents(self.model, self.variables, images))
     if not self.priors:
       return out
     total = 0.0
