@@ -13,7 +13,7 @@ import pytest
 from test_anomaly import _numpy_variables
 
 from vqjax import configs
-from vqjax.evaluation import anomaly
+from vqjax.evaluation import anomaly, memory
 from vqjax.models import registry
 
 
@@ -93,6 +93,18 @@ def test_prior_scores_are_the_numpy_likelihood_of_the_codes(smoke):
     np.testing.assert_allclose(out[f"nll_level{level}"], per_image, rtol=1e-5)
     total = total + per_image
   np.testing.assert_allclose(out["nll"], total, rtol=1e-5)
+  assert "nll_ratio" not in out and "knn" not in out  # no memory given
+
+  # With a memory: nll_ratio is nll minus the nats under its code counts (add-one smoothed).
+  counts = [rng.integers(0, 50, k) for _ in range(2)]
+  bank = memory.Memory(rng.normal(size=(8, 4 * 4 * 8 + 8 * 8 * 8)), 2, counts)
+  with_memory = anomaly.PriorScorer(model, variables, priors, memory=bank)
+  ratio = with_memory.score(images, jax.random.key(0))["nll_ratio"]
+  frequency_nats = sum(
+    -np.log((c[np.asarray(codes[level])] + 1.0) / (c.sum() + k)).sum(axis=(1, 2))
+    for level, c in enumerate(counts)
+  )
+  np.testing.assert_allclose(ratio, total - frequency_nats, rtol=1e-5)
   # Threshold 0 replaces nothing: the restoration is the reconstruction.
   assert np.all(out["replaced"] == 0)
   np.testing.assert_allclose(out["restored"], np.clip(out["recon"], -1, 1), atol=1e-5)

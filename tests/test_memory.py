@@ -81,11 +81,25 @@ def test_latents_are_the_codewords_of_every_level_and_the_bank_skips_padding(smo
     {"image": images[:5], "mask": mask},
     {"image": images[5:], "mask": np.ones(5, np.float32)},
   ]
-  bank = memory.Memory.build(model, variables, batches, size=6, k=2)
+  bank = memory.Memory.build(model, variables, batches, size=6, num_codes=32, k=2)
   kept = [0, 1, 3, 4, 5, 6]
   np.testing.assert_allclose(bank.bank, expected[kept], rtol=1e-5, atol=1e-5)
   assert bank.k == 2
+  # The same images' codes, counted per level; a test image's nats under the add-one-smoothed
+  # frequencies, by hand in float64.
+  codes = [np.asarray(c) for c in model.apply(variables, images, method="encode_to_indices")]
+  hand = 0.0
+  for level, c in enumerate(codes):
+    counts = np.array([np.sum(c[kept] == j) for j in range(32)])
+    np.testing.assert_array_equal(bank.counts[level], counts)
+    p = (counts + 1.0) / (counts.sum() + 32)
+    hand = hand + np.array([-np.sum(np.log(p[c[i]])) for i in range(len(c))])
+  np.testing.assert_allclose(bank.code_nll(codes), hand, rtol=1e-12)
   got = bank.score(z[7:])
   np.testing.assert_allclose(got, _numpy_knn(expected[kept], expected[7:], 2), rtol=1e-4)
   with pytest.raises(ValueError, match="size >= 1"):
-    memory.Memory.build(model, variables, batches, size=0)
+    memory.Memory.build(model, variables, batches, size=0, num_codes=32)
+  with pytest.raises(ValueError, match="expected 2 code maps"):
+    bank.code_nll(codes[:1])
+  with pytest.raises(ValueError, match="counted no codes"):
+    memory.Memory(bank.bank).code_nll(codes)

@@ -302,7 +302,8 @@ def test_anomaly_maps(executed):
     assert 0.0 <= r[key] <= 1.0, key
   # Every score of a stage-1 run with a prior per level; restoration's leads.
   assert len(r["priors"]) == 2 and r["score"] == "restoration_max"
-  names = ("recon_max", "recon_mean", "nll_level0", "nll_level1", "nll", "restoration_max")
+  names = ("recon_max", "recon_mean", "knn", "nll_level0", "nll_level1", "nll", "nll_ratio")
+  names += ("restoration_max",)
   assert list(r["scores"]) == list(names)
   assert r["auc"] == r["scores"]["restoration_max"]["auc"] == r["auc_restoration_max"]
   assert 0.0 <= r["replaced_normal"] <= 1.0 and 0.0 <= r["replaced_anomalous"] <= 1.0

@@ -17,7 +17,11 @@ scores). Every image gets these scores (higher = more anomalous):
     map is its squared difference from the input;
   * knn (unless --memory 0): the mean distance of the image's quantized latents (every level's
     code vectors) to the --k nearest of the first --memory normal training images' latents
-    (the run's train split without the anomaly labels; evaluation/memory.py).
+    (the run's train split without the anomaly labels; evaluation/memory.py);
+  * nll_ratio (with --priors, unless --memory 0): nll minus the nats of the same codes under
+    the code frequencies of those normal training images, a model without context: what the
+    frequencies explain (plain or busy images) cancels, and what is left is whether the codes
+    fit together as in normal images (a likelihood ratio, Ren et al. 2019).
 
 This reads the run's eval split without the label filter and splits it by label:
 
@@ -113,7 +117,7 @@ def score_names(num_levels: int, knn: bool = False) -> tuple[str, ...]:
   if not num_levels:
     return first
   levels = tuple(f"nll_level{i}" for i in range(num_levels))
-  return first + levels + ("nll", "restoration_max")
+  return first + levels + ("nll",) + (("nll_ratio",) if knn else ()) + ("restoration_max",)
 
 
 def split_indices(is_anomaly: Any) -> tuple[Any, Any, Any]:
@@ -171,7 +175,7 @@ def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], siz
   data.eval_split = data.train_split
   batches = pipeline.make_eval_iterator(data, max_batches=math.ceil(size / data.eval_batch_size))
   try:
-    bank = memory.Memory.build(model, variables, batches, size, k=1)
+    bank = memory.Memory.build(model, variables, batches, size, config.vq.num_codes, k=1)
   except ValueError:
     raise errors.UserError(
       f"--memory: the train split {data.train_split!r} has no normal images for the knn bank"
@@ -181,7 +185,7 @@ def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], siz
       f"--k {k} needs at least {k} normal training images; the train split "
       f"{data.train_split!r} has {len(bank.bank)}"
     )
-  return memory.Memory(bank.bank, k)
+  return memory.Memory(bank.bank, k, bank.counts)
 
 
 def run(

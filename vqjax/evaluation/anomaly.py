@@ -438,6 +438,8 @@ class PriorScorer:
     * "recon_max", "recon_mean": the reconstruction-error scores (`image_scores`);
     * with a memory bank: "knn" (evaluation/memory.py);
     * with priors: "nll_level{i}" (nats of level i's codes, 0 = top) and "nll" (their sum);
+      with a memory bank too "nll_ratio": nll minus the codes' nats under the bank's code
+      frequencies (the likelihood ratio of a model with context to one without);
       "restoration_max": the maximum of the blurred restoration map (squared difference of
       input and restored image, averaged over channels, as the error map).
 
@@ -513,6 +515,8 @@ class PriorScorer:
       out[f"nll_level{level}"], out[f"nll_map{level}"] = per_image, np.asarray(n)
       total = total + per_image
     out["nll"] = total
+    if self.memory is not None and self.memory.counts is not None:
+      out["nll_ratio"] = total - self.memory.code_nll(codes)
     restored, replaced = [], []
     for level, (prior, pv) in enumerate(self.priors):
       r, m = restore_codes(
