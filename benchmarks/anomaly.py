@@ -2,7 +2,8 @@
 
   python benchmarks/anomaly.py --protocol one-class       # train on one class, 9 anomalous
   python benchmarks/anomaly.py --protocol leave-one-out   # train on nine, the tenth anomalous
-      [--classes 0,8] [--size full|smoke] [--workdir /tmp/vqjax_anomaly] [--out FILE.jsonl]
+      [--classes 0,8] [--size full|smoke] [--seed 0] [--workdir /tmp/vqjax_anomaly]
+      [--out FILE.jsonl]
 
 For each class of the protocol: a small VQ-VAE-2 (`vqjax.train` on the normal classes, through
 `data.exclude_labels`), its codes (`vqjax.extract_codes`), a PixelSNAIL prior per level on the
@@ -70,15 +71,15 @@ MODEL_SCORES = tuple(k for k in SCORES if k not in ("knn_pixels", "combined"))  
 # Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images,
 # normal training images in the knn bank).
 SIZES = {"full": (300, 300, 1000, 0, 10000), "smoke": (2, 2, 16, 64, 32)}
-SEED = 0
 RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code (K = 64: 1/64)
 
 
-def stage1_config(normal: list[int], steps: int, smoke: bool):
+def stage1_config(normal: list[int], steps: int, smoke: bool, seed: int = 0):
   """The small VQ-VAE-2 of experiments/fashion_mnist_anomaly.py on the `normal` classes."""
   from vqjax import configs
 
   c = configs.load_experiment("fashion_mnist_anomaly")
+  c.seed = seed
   c.data.exclude_labels = tuple(k for k in range(10) if k not in normal)
   c.train.steps = c.ckpt.every_steps = steps
   if smoke:
@@ -90,11 +91,12 @@ def stage1_config(normal: list[int], steps: int, smoke: bool):
   return c
 
 
-def prior_config(level: int, codes_dir: str, steps: int, smoke: bool):
+def prior_config(level: int, codes_dir: str, steps: int, smoke: bool, seed: int = 0):
   """The small unconditional PixelSNAIL of experiments/fashion_mnist_anomaly_prior.py."""
   from vqjax import configs, pipeline
 
   c = configs.load_experiment("fashion_mnist_anomaly_prior" + (":bottom" if level else ""))
+  c.seed = seed
   c.train.steps = c.ckpt.every_steps = steps
   if smoke:
     c.data.update(batch_size=8, eval_batch_size=8, num_workers=0, worker_processes=0)
@@ -142,7 +144,7 @@ def score_all(scorer, images, batch_size: int, seed: int) -> dict[str, np.ndarra
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
+def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int = 0) -> dict:
   """Trains and scores one class of the protocol; returns its JSON line."""
   import jax
 
@@ -153,10 +155,11 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
   smoke = size == "smoke"
   stage1_steps, prior_steps, num_ref, num_test, num_bank = SIZES[size]
   normal = [anomalous] if protocol == "one-class" else [k for k in range(10) if k != anomalous]
-  root = os.path.join(workdir, protocol, f"class{anomalous}")
+  # Seed 0 keeps the layout of the first runs; another seed has runs of its own.
+  root = os.path.join(workdir, protocol + (f"_seed{seed}" if seed else ""), f"class{anomalous}")
   times = {}
   t = time.perf_counter()
-  config = stage1_config(normal, stage1_steps, smoke)
+  config = stage1_config(normal, stage1_steps, smoke, seed)
   _train(config, os.path.join(root, "stage1"))
   times["stage1"] = time.perf_counter() - t
   t = time.perf_counter()
@@ -166,7 +169,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
   t = time.perf_counter()
   priors = [os.path.join(root, f"prior{level}") for level in (0, 1)]
   for level, path in enumerate(priors):
-    _train(prior_config(level, codes, prior_steps, smoke), path)
+    _train(prior_config(level, codes, prior_steps, smoke, seed), path)
   times["priors"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -188,7 +191,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
     memory=bank,
   )
   ref_images = bank_images[:num_ref]
-  ref = score_all(scorer, ref_images, batch, SEED + 1)
+  ref = score_all(scorer, ref_images, batch, seed + 1)
   # The reference images are bank rows: their own row (distance 0) is left out of their knn.
   own = memory.Memory(bank.bank, bank.k + 1)
   ref["knn"] = np.concatenate(
@@ -200,7 +203,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
   data.exclude_labels = ()
   data.eval_split = "test"
   images, labels = _images(data, num_test)
-  scores = score_all(scorer, images, batch, SEED)
+  scores = score_all(scorer, images, batch, seed)
   pixels = memory.Memory(bank_images.reshape(len(bank_images), -1))
   flat = images.reshape(len(images), -1)
   scores["knn_pixels"] = np.concatenate(
@@ -215,6 +218,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str) -> dict:
     "class": anomalous,
     "name": CLASSES[anomalous],
     "size": size,
+    "seed": seed,
     "auc": {k: anomaly.roc_auc(scores[k], is_anomaly) for k in SCORES},
     "replaced_normal": float(scores["replaced"][~is_anomaly].mean()),
     "replaced_anomalous": float(scores["replaced"][is_anomaly].mean()),
@@ -242,6 +246,7 @@ def main(argv=None) -> int:
   parser.add_argument("--protocol", choices=("one-class", "leave-one-out"), required=True)
   parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="e.g. 0,8")
   parser.add_argument("--size", choices=tuple(SIZES), default="full")
+  parser.add_argument("--seed", type=int, default=0, help="of every training and draw")
   parser.add_argument("--workdir", default="/tmp/vqjax_anomaly")
   parser.add_argument("--out", default="", help="JSON lines (default WORKDIR/PROTOCOL.jsonl)")
   args = parser.parse_args(argv)
@@ -251,6 +256,8 @@ def main(argv=None) -> int:
     parser.error(f"--classes must be integers 0-9 separated by commas, got {args.classes!r}")
   if not classes or any(not 0 <= k <= 9 for k in classes):
     parser.error(f"--classes must be integers 0-9, got {args.classes!r}")
+  if args.seed < 0:
+    parser.error(f"--seed must be >= 0, got {args.seed}")
 
   from vqjax import _cli
   from vqjax.training import trainer
@@ -261,7 +268,7 @@ def main(argv=None) -> int:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   lines, t0 = [], time.perf_counter()
   for n, k in enumerate(classes):
-    line = run_class(k, args.protocol, args.size, args.workdir)
+    line = run_class(k, args.protocol, args.size, args.workdir, args.seed)
     lines.append(line)
     with open(out, "a") as f:
       f.write(json.dumps(line) + "\n")

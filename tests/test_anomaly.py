@@ -18,6 +18,7 @@ from vqjax.evaluation import (
   ReconstructionEvaluator,
   SsimEvaluator,
   anomaly,
+  anomaly_figures,
 )
 from vqjax.models import registry
 
@@ -142,7 +143,7 @@ def test_save_anomaly_png(tmp_path):
   maps = np.zeros((3, 8, 8), np.float32)
   maps[1, 2, 3] = 2.0
   path = tmp_path / "sub" / "anomaly.png"
-  grid = anomaly.save_anomaly_png(str(path), images, images * 0.5, maps, per_row=3)
+  grid = anomaly_figures.save_anomaly_png(str(path), images, images * 0.5, maps, per_row=3)
   read = np.asarray(Image.open(path))
   assert read.shape == grid.shape and read.ndim == 3 and read.shape[2] == 3
   # Three labelled rows of 8x8 images with 2-pixel gaps; the label margin is on the left.

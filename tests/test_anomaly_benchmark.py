@@ -51,6 +51,8 @@ def test_argument_mistakes_are_usage_errors(tmp_path):
     out = _bench("--protocol=one-class", bad, f"--workdir={tmp_path}", timeout=60)
     assert out.returncode == 2 and "--classes must be" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+  out = _bench("--protocol=one-class", "--seed=-1", f"--workdir={tmp_path}", timeout=60)
+  assert out.returncode == 2 and "--seed must be >= 0" in out.stderr, out.stderr
   out = _bench("--protocol=two-class", timeout=60)
   assert out.returncode == 2 and "invalid choice" in out.stderr
 
@@ -80,7 +82,7 @@ def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
   assert np.isclose(line["auc"]["knn_pixels"], np.mean((a > n) + 0.5 * (a == n)))
   assert line["num_normal"] == int(np.sum(labels == 8)) > 0
   assert line["num_anomalous"] == int(np.sum(labels != 8))
-  assert (line["protocol"], line["class"], line["name"]) == ("one-class", 8, "bag")
+  assert (line["protocol"], line["class"], line["name"], line["seed"]) == ("one-class", 8, "bag", 0)
   assert set(line["auc"]) == set(SCORES) | {"combined"}
   for name, auc in line["auc"].items():
     assert 0.0 <= auc <= 1.0, name

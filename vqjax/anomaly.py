@@ -266,7 +266,7 @@ def run(
   import numpy as np
 
   from vqjax.data import pipeline
-  from vqjax.evaluation import anomaly
+  from vqjax.evaluation import anomaly, anomaly_figures
 
   config, model, variables, loaded = _load(workdir, priors)
   names = score_names(len(loaded), knn)
@@ -388,7 +388,7 @@ def run(
   ]
   map_title = "restoration map" if map_key == "restoration_map" else "error map"
   png = os.path.join(out, "anomaly.png")
-  anomaly.save_anomaly_figure(
+  anomaly_figures.save_anomaly_figure(
     png, columns, np.stack([p["map"] for p in picked]), titles, map_title=map_title
   )
   result["png"] = png
