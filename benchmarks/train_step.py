@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from arguments import at_least
 
-from vqjax import _cli, configs, errors
+from vqjax import _cli, config_checks, configs, errors
 from vqjax.training import sharding, tasks, trainer
 
 # As `python -m vqjax.train` does (vqjax/_cli.py), so the step is timed in the trainer's process
@@ -92,7 +92,7 @@ def load_config(name: str, dtype: str = "", overrides: Sequence[str | tuple[str,
   for item in overrides:
     flag, assignment = ("--set", item) if isinstance(item, str) else item
     apply_override(config, assignment, flag)
-  configs.validate(config)
+  config_checks.validate(config)
   return config
 
 

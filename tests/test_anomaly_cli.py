@@ -19,7 +19,7 @@ from PIL import Image
 from test_memory import _codewords, _numpy_knn
 
 import vqjax
-from vqjax import anomaly, configs, convert, errors
+from vqjax import anomaly, config_checks, configs, convert, errors
 from vqjax.data import pipeline, sources
 from vqjax.models import registry
 
@@ -126,13 +126,13 @@ def test_exclude_labels_mistakes_are_one_line_user_errors(tmp_path, fake):
   config = configs.base_config()
   config.data.exclude_labels = ("bag",)
   with pytest.raises(errors.UserError, match="must be integers"):
-    configs.validate(config)
+    config_checks.validate(config)
   config.data.update(exclude_labels=(8,), reader="tfdata")
   with pytest.raises(errors.UserError, match="tfdata"):
-    configs.validate(config)
+    config_checks.validate(config)
   config = configs.load_experiment("fashion_mnist_anomaly")
   assert tuple(config.data.exclude_labels) == (8,)
-  configs.validate(config)  # accepted: only the new field differs from the quickstart
+  config_checks.validate(config)  # accepted: only the new field differs from the quickstart
   quickstart = configs.load_experiment("fashion_mnist").to_dict()
   assert {k: v for k, v in config.to_dict()["data"].items() if quickstart["data"][k] != v} == {
     "exclude_labels": (8,)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_pixelsnail_remat import _model as remat_model
 
-from vqjax import configs, errors
+from vqjax import config_checks, configs, errors
 from vqjax.models import impl
 from vqjax.models.impl import Impl
 from vqjax.models.pixelsnail import PixelSNAIL
@@ -200,7 +200,7 @@ def test_split_rejects_other_paddings_and_unknown_forms():
   c = configs.prior_config("", level=0, model="pixelsnail")
   c.model.causal_conv_impl = "fast"
   with pytest.raises(errors.UserError, match="causal_conv_impl"):
-    configs.validate(c)
+    config_checks.validate(c)
 
 
 def test_a_built_prior_gets_the_resolved_form_for_its_map():

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vqjax import configs
+from vqjax import config_checks, configs
 from vqjax.data import sources
 from vqjax.models import classifier
 from vqjax.training import classifier_task, evaluators, tasks, trainer
@@ -193,7 +193,7 @@ EXPERIMENTS = ("classifier_fashion_mnist", "classifier_cifar10", "classifier_ima
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_smoke_configs_validate_and_take_a_step(name):
   config = configs.load_experiment(f"{name}:smoke")
-  configs.validate(config)
+  config_checks.validate(config)
   assert config.task == "classifier" and config.model.name == "classifier"
   task = tasks.make_task(config)
   batch = {

@@ -272,10 +272,10 @@ def test_the_cpu_xla_flag_is_set_unless_the_user_chose_and_gradients_hold_under_
 
 
 def test_bad_channel_multiples_are_clear():
-  from vqjax import configs, errors
+  from vqjax import config_checks, configs, errors
 
   for bad in (-2, -8):  # (ConfigDict itself refuses a float or a bool for an int field)
     c = configs.base_config()
     c.model.channel_multiple = bad
     with pytest.raises(errors.UserError, match="channel_multiple"):
-      configs.validate(c)
+      config_checks.validate(c)

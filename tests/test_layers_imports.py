@@ -2,9 +2,9 @@
 below, models and data never import each other, and no files import each other in a cycle.
 
 The layers, lowest first (issue 22):
-  L0  the config schema, the errors, the plugin look-up, file checksums, paths and how runs
-      record each other: `vqjax.configs`, `vqjax.errors`, `vqjax.plugins`, `vqjax.checksums`,
-      `vqjax.paths`, `vqjax.links`;
+  L0  the config schema and its checks, the errors, the plugin look-up, file checksums, paths
+      and how runs record each other: `vqjax.configs`, `vqjax.config_checks`, `vqjax.errors`,
+      `vqjax.plugins`, `vqjax.checksums`, `vqjax.paths`, `vqjax.links`;
   L1  `vqjax.models.*` and `vqjax.data.*` (independent of each other);
   L2  `vqjax.training.*`;
   L3  loading runs, sampling, evaluation and the converters: `vqjax.runs`, `vqjax.sampling.*`,
@@ -28,6 +28,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Module name (or package, covering its modules) -> layer. The longest matching prefix wins.
 LAYERS = {
   "vqjax.configs": 0,
+  "vqjax.config_checks": 0,
   "vqjax.errors": 0,
   "vqjax.plugins": 0,
   "vqjax.checksums": 0,

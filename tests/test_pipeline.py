@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import vqjax
-from vqjax import configs, pipeline, sample
+from vqjax import config_checks, configs, pipeline, sample
 
 SMOKE = os.path.join(os.path.dirname(pipeline.DEFAULT_CONFIG), "fashion_mnist.py")
 
@@ -183,7 +183,7 @@ def test_prior_config_points_at_the_pipeline_codes(tmp_path):
   c = pipeline.prior_config(prior, str(tmp_path / "codes"), 128)
   assert c.data.name == "codes" and c.data.codes_dir == str(tmp_path / "codes")
   assert c.vq.num_codes == 128 and prior.vq.num_codes == 32  # a copy; the original is kept
-  configs.validate(c)  # the synthetic-code fields are back at their defaults
+  config_checks.validate(c)  # the synthetic-code fields are back at their defaults
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqjax import configs, errors
+from vqjax import config_checks, configs, errors
 from vqjax.models.pixelsnail import PixelSNAIL
 
 
@@ -70,6 +70,6 @@ def test_config_field():
   config = configs.base_config()
   config.model.remat = True  # the stage-1 default model ignores it: rejected, not ignored
   with pytest.raises(errors.UserError, match="model.remat"):
-    configs.validate(config)
+    config_checks.validate(config)
   config.model.name = "pixelsnail"
-  configs.validate(config)
+  config_checks.validate(config)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import vqjax
-from vqjax import configs, errors
+from vqjax import config_checks, configs, errors
 from vqjax.data import sources
 from vqjax.models import registry
 from vqjax.models.quantizer import code_histogram, usage_metrics
@@ -108,7 +108,7 @@ def test_the_toy_quantizer_is_nearest_code_of_its_numpy_codebook():
 def test_a_plugin_quantizer_builds_into_the_autoencoder_by_name_and_by_import_path():
   for kind in ("toy_nearest", f"{__name__}:ToyQuantizer"):
     config = _smoke(kind, seed=3)
-    configs.validate(config)
+    config_checks.validate(config)
     model = registry.build_model(config)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 1)), jnp.float32)
     variables = model.init({"params": jax.random.key(0), "vq": jax.random.key(1)}, x)
@@ -152,28 +152,28 @@ def test_a_plugin_quantizer_trains_one_step_and_loads_back(tmp_path):
 def test_an_unknown_kind_or_bad_import_path_is_one_line(kind, message):
   config = _smoke(kind)
   with pytest.raises(errors.UserError, match=message) as e:
-    configs.validate(config)
+    config_checks.validate(config)
   assert "\n" not in str(e.value)
 
 
 def test_a_plugin_checks_its_own_options_and_the_built_in_fields_are_ignored():
   with pytest.raises(errors.UserError, match=r"config\.vq\.options has \['sed'\]"):
-    configs.validate(_smoke(sed=3))
+    config_checks.validate(_smoke(sed=3))
   config = _smoke(seed=3)
   config.vq.beta = 0.5  # the built-in quantizer's field: nothing reads it for a plugin
   with pytest.raises(errors.UserError, match=r"config\.vq\.beta=0\.5 is ignored by vq\.kind="):
-    configs.validate(config)
+    config_checks.validate(config)
   config = configs.load_experiment("fashion_mnist:smoke")
   config.vq.options = {"seed": 3}  # a built-in quantizer reads no options
   with pytest.raises(errors.UserError, match=r"config\.vq\.options=.* is ignored by vq\.kind='vq'"):
-    configs.validate(config)
+    config_checks.validate(config)
 
 
 def test_a_model_name_may_be_an_import_path_too():
   config = configs.load_experiment("fashion_mnist:smoke")
   config.model.name = "no_such_package.models:Net"
   with pytest.raises(errors.UserError, match=r"config\.model\.name=.*cannot import"):
-    configs.validate(config)
+    config_checks.validate(config)
   with pytest.raises(errors.UserError, match="cannot register a model as 'vqvae2'"):
     registry.register_model("vqvae2", ToyQuantizer)
 
@@ -242,7 +242,7 @@ def test_the_toy_prior_is_causal_and_matches_numpy():
 @pytest.mark.slow
 def test_a_plugin_prior_trains_one_step_and_loads_back(tmp_path):
   config = _prior_smoke(features=4)
-  configs.validate(config)
+  config_checks.validate(config)
   workdir = str(tmp_path / "prior")
   assert trainer.train_and_evaluate(config, workdir)["step"] == 1
   loaded_config, model, variables = vqjax.load_run(workdir)
@@ -256,7 +256,7 @@ def test_a_plugin_prior_may_model_a_level_below_the_top():
   one ignores its condition) is a prior task like any other, its evaluator the same."""
   config = _prior_smoke(features=4)
   config.prior.level = 1
-  configs.validate(config)
+  config_checks.validate(config)
   task = tasks.PriorTask(config)
   assert task.shape == tuple(config.data.synthetic_shapes[1]) and task.evals == ("prior",)
   builtin = configs.load_experiment("fashion_mnist_prior_top:smoke")

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vqjax import configs, errors
+from vqjax import config_checks, configs, errors
 from vqjax.training import trainer
 
 
@@ -43,4 +43,4 @@ def test_train_key_drives_dropout_as_configured(impl):
 
 def test_unknown_rng_impl_is_one_clear_error():
   with pytest.raises(errors.UserError, match="rng_impl"):
-    configs.validate(_config("philox"))
+    config_checks.validate(_config("philox"))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqjax import configs, errors
+from vqjax import config_checks, configs, errors
 from vqjax.models import quantizer as q
 from vqjax.models import vq_kernel
 from vqjax.models.impl import Impl
@@ -182,9 +182,9 @@ def test_config_rejects_bf16_matmuls_for_a_float32_model():
   config = configs.base_config()
   config.vq.matmul_impl = "bf16"
   with pytest.raises(errors.UserError, match="model.dtype='bfloat16'"):
-    configs.validate(config)
+    config_checks.validate(config)
   config.model.dtype = "bfloat16"
-  configs.validate(config)
+  config_checks.validate(config)
   config.vq.matmul_impl = "tf32"
   with pytest.raises(errors.UserError, match="vq.matmul_impl"):
-    configs.validate(config)
+    config_checks.validate(config)

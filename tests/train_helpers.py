@@ -173,7 +173,7 @@ def _codes_data(n, seed):
 
 def on_codes(config, codes_dir: str):
   """A smoke prior config switched to the code dataset in `codes_dir`, its synthetic-code fields
-  back to unset (configs.validate refuses them for another data.name)."""
+  back to unset (config_checks.validate refuses them for another data.name)."""
   defaults = configs.base_config().data
   config.data.update(
     name="codes",

@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from vqjax import _cli, configs, errors, links, paths
+from vqjax import _cli, config_checks, configs, errors, links, paths
 
 # The library, and JAX with it, is imported inside the functions that use it, so that --help
 # and flag errors answer at once (JAX alone takes seconds to import).
@@ -367,7 +367,7 @@ class Pipeline:
     c = self.config
     epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
     for name in ("stage1", "prior_top", "prior_bottom", "classifier"):
-      configs.validate(c[name])
+      config_checks.validate(c[name])
     r = self.report
     r["stage1"] = self._stage("stage1", self._train, "stage1", c.stage1)
     self._stage("codes", self._codes)

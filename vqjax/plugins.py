@@ -13,7 +13,7 @@ A plugin (a class or a Python module) provides:
                                 the free-form `config.vq.options` / `config.model.options`.
   the Flax module class         the plugin itself when it is a class, else its `Module`.
 The built-in-only flat fields (vq.beta, model.levels, ...) are ignored for a plugin, so
-`configs.validate` refuses them changed, as for a built-in that ignores them.
+`config_checks.validate` refuses them changed, as for a built-in that ignores them.
 
 Contracts (see models/registry.py for the autoencoders' and models/quantizer.py for details):
   quantizer  Module(**kwargs, dtype=..., param_dtype=...); kwargs include num_codes and

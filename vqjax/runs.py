@@ -22,7 +22,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from vqjax import configs, errors, links, paths, sampling
+from vqjax import config_checks, configs, errors, links, paths, sampling
 from vqjax.models import registry
 from vqjax.training import checkpoint, logs, tasks, weights
 
@@ -84,7 +84,7 @@ def load_run_with_step(
   if _is_converted(path):
     if step is not None:
       raise errors.UserError(f"{workdir} is a converted model: it has no steps")
-    config = configs.read_config(os.path.join(path, "config.json"))
+    config = config_checks.read_config(os.path.join(path, "config.json"))
     return (config, *_restore(config, path, None, device), None)
   directory = checkpoint.resolve_directory(path)
   ckpt = checkpoint.Checkpointer(directory, read_only=True)

@@ -13,7 +13,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vqjax import _cli, configs, errors
+from vqjax import _cli, config_checks, configs, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -109,7 +109,7 @@ def main(argv):
   # Only errors a user fixes from the message are one line; anything else is a bug, whose
   # traceback is what a report needs.
   try:
-    configs.validate(config)
+    config_checks.validate(config)
     trainer.setup_compilation_cache(config.log.compilation_cache)
     initialize_distributed(config.distributed)
     result = trainer.train_and_evaluate(config, _WORKDIR.value, make_task=runs.make_task)

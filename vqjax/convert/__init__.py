@@ -18,13 +18,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vqjax import paths
-from vqjax.configs import read_config
+from vqjax.config_checks import read_config
 from vqjax.convert.rosinality import convert_vqvae2, load_vqvae2
 from vqjax.models import registry
 from vqjax.training import identity
 
-# read_config is the config schema's (vqjax/configs.py): `vqjax.load_run` reads a converted
-# directory without importing the converters.
+# read_config lives with the config checks (vqjax/config_checks.py): `vqjax.load_run` reads a
+# converted directory without importing the converters.
 __all__ = ["convert_vqvae2", "load_converted", "load_vqvae2", "read_config", "save_converted"]
 
 CONFIG_FILE = "config.json"

@@ -48,7 +48,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vqjax import configs, errors, links, paths
+from vqjax import config_checks, errors, links, paths
 from vqjax.data import pipeline, sources
 from vqjax.training import (
   checkpoint,
@@ -203,7 +203,7 @@ def train_and_evaluate(
     before `train.steps`.
   """
   t_start = time.perf_counter()
-  configs.validate(config)
+  config_checks.validate(config)
   profile_dir = os.path.join(paths.absolute(workdir), "profile")
   profiler = host.Profiler(
     config.log.profile_steps, config.train.steps, profile_dir, jax.process_index() == 0
