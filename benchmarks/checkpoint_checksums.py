@@ -6,11 +6,11 @@
 For each config, the whole train state (parameters, optimiser state, model state) is built
 with the config's shapes and random values, saved once with vqjax's Checkpointer
 (synchronously), and then timed, best of `--repeats`: recording the checksums
-(`checkpoint.write_checksums`), verifying them (`checkpoint.verify_checksums`, as every
-restore does first) and a full restore (`Checkpointer.restore`, which includes the
-verification). The step's files are in the page cache, as right after a save or on a second
-read: the figures are the CPU cost, not the disk's. Prints one row per config: size, seconds
-for each, and verification as a share of the restore.
+(`checkpoint_integrity.write_checksums`), verifying them
+(`checkpoint_integrity.verify_checksums`, as every restore does first) and a full restore
+(`Checkpointer.restore`, which includes the verification). The step's files are in the page
+cache, as right after a save or on a second read: the figures are the CPU cost, not the disk's.
+Prints one row per config: size, seconds for each, and verification as a share of the restore.
 """
 
 import argparse
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from vqjax import _cli, configs
-from vqjax.training import checkpoint, sharding, tasks
+from vqjax.training import checkpoint, checkpoint_integrity, checkpoint_records, sharding, tasks
 
 DEFAULT_CONFIGS = ("experiments/vqvae2_imagenet.py", "experiments/pixelsnail_top_imagenet.py")
 
@@ -61,15 +61,15 @@ def measure(spec: str, repeats: int) -> dict:
     shardings,
   )
   target = checkpoint.abstract_with_shardings(abstract, shardings)
-  meta = checkpoint.config_meta(config)
+  meta = checkpoint_records.config_meta(config)
   with tempfile.TemporaryDirectory(prefix="vqjax_ckpt_bench_") as tmp:
     ckpt = checkpoint.Checkpointer(tmp, keep=0, async_save=False)
     ckpt.save(1, state, {}, meta)
     ckpt.wait()
     root = os.path.join(tmp, "1")
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, files in os.walk(root) for f in files)
-    record = _best(lambda: checkpoint.write_checksums(tmp, 1), repeats)
-    verify = _best(lambda: checkpoint.verify_checksums(tmp, 1), repeats)
+    record = _best(lambda: checkpoint_integrity.write_checksums(tmp, 1), repeats)
+    verify = _best(lambda: checkpoint_integrity.verify_checksums(tmp, 1), repeats)
     restore = _best(lambda: jax.block_until_ready(ckpt.restore(target, 1, meta)[0]), repeats)
     ckpt.close()
   return {

@@ -1,6 +1,7 @@
-"""Tests of vqjax/training/checkpoint.py: restore onto another mesh (8 -> 4 devices), keep-N
-that never deletes the last good step, damaged steps skipped with the file named, the data
-iterator state, and a one-line error for a checkpoint of a different model."""
+"""Tests of vqjax/training/checkpoint.py and its records and checks (checkpoint_records.py,
+checkpoint_integrity.py): restore onto another mesh (8 -> 4 devices), keep-N that never deletes
+the last good step, damaged steps skipped with the file named, the data iterator state, and a
+one-line error for a checkpoint of a different model."""
 
 import json
 import os
@@ -12,8 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vqjax import configs
-from vqjax.training import checkpoint, sharding, tasks, weights
+from vqjax import configs, errors
+from vqjax.training import checkpoint, checkpoint_integrity, sharding, tasks, weights
+from vqjax.training.checkpoint_records import config_changes, config_meta
 
 
 class TinyAE(nn.Module):
@@ -81,7 +83,7 @@ def test_save_on_8_devices_restore_on_4(tmp_path):
   _, state, _ = _state(mesh8)
   assert any("fsdp" in tuple(x.sharding.spec) for x in jax.tree.leaves(state.params))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=2)
-  meta = checkpoint.config_meta(_config())
+  meta = config_meta(_config())
   ckpt.save(5, state, {"epoch": 0, "step": 5}, meta)
   ckpt.close()
 
@@ -104,7 +106,7 @@ def test_keep_n_and_latest(tmp_path):
   mesh = _mesh(8, 1)
   _, state, _ = _state(mesh)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=2, async_save=True)
-  meta = checkpoint.config_meta(_config())
+  meta = config_meta(_config())
   for step in (1, 2, 3, 4):
     ckpt.save(step, state, {"step": step}, meta)
   ckpt.wait()
@@ -116,7 +118,7 @@ def test_keep_n_and_latest(tmp_path):
 def test_keep_n_never_deletes_the_last_good_step_and_skips_bad_ones(tmp_path):
   mesh = _mesh(8, 1)
   _, state, _ = _state(mesh)
-  meta = checkpoint.config_meta(_config())
+  meta = config_meta(_config())
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=2, async_save=False)
   ckpt.save(1, state, {}, meta)
   ckpt.mark_good([1])
@@ -138,7 +140,7 @@ def _with_data_record(tmp_path, step, record):
   its checksums, so the step is intact."""
   with open(tmp_path / "c" / str(step) / "data" / "metadata", "w") as f:
     json.dump(record, f)
-  checkpoint.write_checksums(str(tmp_path / "c"), step)
+  checkpoint_integrity.write_checksums(str(tmp_path / "c"), step)
 
 
 def test_data_positions_saved_on_other_process_counts(tmp_path):
@@ -159,7 +161,7 @@ def test_data_positions_saved_on_other_process_counts(tmp_path):
 def _saved_run(tmp_path, steps=(1, 2)):
   mesh = _mesh(8, 1)
   _, state, sh = _state(mesh)
-  meta = checkpoint.config_meta(_config())
+  meta = config_meta(_config())
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5, async_save=False)
   for step in steps:
     ckpt.save(
@@ -211,24 +213,24 @@ def test_every_step_records_its_checksums(tmp_path):
 
   _saved_run(tmp_path, steps=(1,))
   root = tmp_path / "c" / "1"
-  with open(root / checkpoint.CHECKSUM_FILE) as f:
+  with open(root / checkpoint_integrity.CHECKSUM_FILE) as f:
     record = json.load(f)["crc32"]
   on_disk = sorted(
     os.path.relpath(os.path.join(r, f), root)
     for r, _, fs in os.walk(root)
     for f in fs
-    if f != checkpoint.CHECKSUM_FILE
+    if f != checkpoint_integrity.CHECKSUM_FILE
   )
   assert sorted(record) == on_disk and any(p.startswith("state") for p in on_disk)
   for rel, (size, crc) in record.items():
     data = (root / rel).read_bytes()
     assert size == len(data) and crc == zlib.crc32(data)
-  assert checkpoint.verify_checksums(str(tmp_path / "c"), 1)
+  assert checkpoint_integrity.verify_checksums(str(tmp_path / "c"), 1)
 
 
 def test_a_step_without_checksums_is_read_with_a_warning(tmp_path, caplog):
   _, target, meta = _saved_run(tmp_path, steps=(1,))
-  os.remove(tmp_path / "c" / "1" / checkpoint.CHECKSUM_FILE)
+  os.remove(tmp_path / "c" / "1" / checkpoint_integrity.CHECKSUM_FILE)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
   with caplog.at_level("WARNING"):
     _, _, step = ckpt.restore_newest_intact(target, meta=meta)
@@ -241,7 +243,7 @@ def test_weights_that_are_not_finite_are_refused(tmp_path, caplog):
   step is read instead, and alone it is one line naming the array."""
   mesh = _mesh(8, 1)
   _, state, sh = _state(mesh)
-  meta = checkpoint.config_meta(_config())
+  meta = config_meta(_config())
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), keep=5, async_save=False)
   ckpt.save(1, state, {"step": 1}, meta)
   poisoned = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
@@ -251,7 +253,7 @@ def test_weights_that_are_not_finite_are_refused(tmp_path, caplog):
     jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), sh
   )
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
-  with pytest.raises(checkpoint.CheckpointDamagedError, match="not finite") as e:
+  with pytest.raises(errors.CheckpointDamagedError, match="not finite") as e:
     ckpt.restore(target, step=2, meta=meta)
   assert "\n" not in str(e.value) and "params" in str(e.value)
   with caplog.at_level("WARNING"):
@@ -260,7 +262,7 @@ def test_weights_that_are_not_finite_are_refused(tmp_path, caplog):
   assert step == 1
   loaded = weights.restore_weights(str(tmp_path / "c"), target)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(loaded))
-  with pytest.raises(checkpoint.CheckpointDamagedError, match="not finite"):
+  with pytest.raises(errors.CheckpointDamagedError, match="not finite"):
     weights.restore_weights(str(tmp_path / "c"), target, step=2)
 
 
@@ -283,7 +285,7 @@ def test_damaged_latest_step_is_named_and_the_previous_one_restored(tmp_path, da
     os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
   if damage != "commit":  # without its commit record Orbax no longer lists the step at all
-    with pytest.raises(checkpoint.CheckpointDamagedError) as e:
+    with pytest.raises(errors.CheckpointDamagedError) as e:
       ckpt.restore(target, step=2, meta=meta)
     msg = str(e.value)
     assert "step 2" in msg and "\n" not in msg and len(msg) < 400
@@ -306,7 +308,7 @@ def test_damaged_latest_step_is_named_and_the_previous_one_restored(tmp_path, da
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   if damage != "commit":
-    with pytest.raises(checkpoint.CheckpointDamagedError, match="step 2") as e:
+    with pytest.raises(errors.CheckpointDamagedError, match="step 2") as e:
       weights.restore_weights(str(tmp_path / "c"), target, step=2)
     assert "\n" not in str(e.value)
 
@@ -315,7 +317,7 @@ def test_every_step_damaged_is_one_clear_error(tmp_path):
   _, target, meta = _saved_run(tmp_path, steps=(1,))
   os.remove(str(tmp_path / "c" / "1" / "state" / "_METADATA"))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
-  with pytest.raises(checkpoint.CheckpointDamagedError, match="no intact checkpoint.*step 1"):
+  with pytest.raises(errors.CheckpointDamagedError, match="no intact checkpoint.*step 1"):
     ckpt.restore_newest_intact(target, meta=meta)
   ckpt.close()
 
@@ -324,24 +326,20 @@ def test_config_changes_lists_every_difference():
   a, b = _config(), _config()
   b.vq.beta = 5.0
   b.optim.lr = 1e-2
-  changes = checkpoint.config_changes(checkpoint.config_meta(a), checkpoint.config_meta(b))
+  changes = config_changes(config_meta(a), config_meta(b))
   assert changes == ["optim.lr: 0.0003 -> 0.01", "vq.beta: 0.25 -> 5.0"]
 
 
 def test_fingerprint_covers_the_task_sections_only():
   a, b = _config(), _config()
   b.optim.lr = 1.0
-  assert (
-    checkpoint.config_meta(a)["model_fingerprint"] == checkpoint.config_meta(b)["model_fingerprint"]
-  )
+  assert config_meta(a)["model_fingerprint"] == config_meta(b)["model_fingerprint"]
   b.vq.num_codes = 7
-  assert (
-    checkpoint.config_meta(a)["model_fingerprint"] != checkpoint.config_meta(b)["model_fingerprint"]
-  )
+  assert config_meta(a)["model_fingerprint"] != config_meta(b)["model_fingerprint"]
   # A task that declares other sections is fingerprinted on those.
   assert (
-    checkpoint.config_meta(a, ("task", "model"))["model_fingerprint"]
-    == checkpoint.config_meta(b, ("task", "model"))["model_fingerprint"]
+    config_meta(a, ("task", "model"))["model_fingerprint"]
+    == config_meta(b, ("task", "model"))["model_fingerprint"]
   )
 
 
@@ -349,16 +347,14 @@ def test_other_model_gives_one_line_error(tmp_path):
   mesh = _mesh(8, 1)
   _, state, _ = _state(mesh, features=16)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
-  ckpt.save(1, state, {}, checkpoint.config_meta(_config(16)))
+  ckpt.save(1, state, {}, config_meta(_config(16)))
   ckpt.close()
   _, other, sh = _state(mesh, features=8)
   target = checkpoint.abstract_with_shardings(
     jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), other), sh
   )
-  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
-    checkpoint.Checkpointer(str(tmp_path / "c")).restore(
-      target, meta=checkpoint.config_meta(_config(8))
-    )
+  with pytest.raises(errors.CheckpointMismatchError) as e:
+    checkpoint.Checkpointer(str(tmp_path / "c")).restore(target, meta=config_meta(_config(8)))
   msg = str(e.value)
   assert "\n" not in msg
   assert "shape (16,) in the checkpoint but (8,) in this model" in msg or "has shape" in msg
@@ -388,7 +384,7 @@ def test_restore_weights_reads_params_and_model_state_only(tmp_path):
   mesh = _mesh(8, 1)
   _, state, _ = _state(mesh, seed=0)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
-  ckpt.save(7, state, {}, checkpoint.config_meta(_config()))
+  ckpt.save(7, state, {}, config_meta(_config()))
   ckpt.close()
   # A different optimiser (AdamW + clipping: another opt_state tree) still takes the weights.
   config = _config()
@@ -406,7 +402,7 @@ def test_restore_weights_reads_params_and_model_state_only(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   _, small, sh8 = _state(mesh, features=8)
   abstract8 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small)
-  with pytest.raises(checkpoint.CheckpointMismatchError, match="does not fit this model: .*shape"):
+  with pytest.raises(errors.CheckpointMismatchError, match="does not fit this model: .*shape"):
     weights.restore_weights(str(tmp_path), checkpoint.abstract_with_shardings(abstract8, sh8))
 
 
@@ -432,7 +428,7 @@ def test_a_failed_background_save_is_one_line_naming_its_step(tmp_path, monkeypa
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(ckpt._manager, "wait_until_finished", full_disk)
-  with pytest.raises(checkpoint.CheckpointSaveError) as e:
+  with pytest.raises(errors.CheckpointSaveError) as e:
     ckpt.save(4, state, {"step": 4}, meta)
   assert str(e.value) == (
     f"could not write checkpoint step 3 in {tmp_path / 'c'}: [Errno 28] No space left on "
@@ -496,8 +492,8 @@ def test_provenance_fields_and_empty_options_do_not_change_the_fingerprint():
   # fingerprints of runs saved before stay the same.
   shaping["model"]["relu_impl"] = "auto"
   expected = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-  assert checkpoint.config_meta(config, sections)["model_fingerprint"] == expected
+  assert config_meta(config, sections)["model_fingerprint"] == expected
   config.prior.update(stage1="/elsewhere", stage1_run_id="abc", stage1_step=7)
-  assert checkpoint.config_meta(config, sections)["model_fingerprint"] == expected
+  assert config_meta(config, sections)["model_fingerprint"] == expected
   config.model.channels += 1  # a shaping field does change it
-  assert checkpoint.config_meta(config, sections)["model_fingerprint"] != expected
+  assert config_meta(config, sections)["model_fingerprint"] != expected

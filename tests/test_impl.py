@@ -150,26 +150,26 @@ def test_the_search_falls_back_to_xla_without_pallas_triton(monkeypatch):
 def test_a_retired_field_keeps_the_model_fingerprints_of_earlier_runs():
   """Fingerprints (recorded with code datasets, compared on re-extraction) hash a retired field
   at its old default, as runs saved before it retired did."""
-  from vqjax.training import checkpoint
+  from vqjax.training.checkpoint_records import config_meta
 
   config = configs.load_experiment("fashion_mnist:smoke")
   as_saved = configs.load_experiment("fashion_mnist:smoke")
   with as_saved.unlocked():
     as_saved.model.relu_impl = configs.RETIRED_FIELDS["model.relu_impl"]
   sections = ("model", "vq")
-  new, old = checkpoint.config_meta(config, sections), checkpoint.config_meta(as_saved, sections)
+  new, old = config_meta(config, sections), config_meta(as_saved, sections)
   assert new["model_fingerprint"] == old["model_fingerprint"]
   with as_saved.unlocked():
     as_saved.model.channels += 1  # a field that shapes the model still changes it
-  assert checkpoint.config_meta(as_saved, sections)["model_fingerprint"] != new["model_fingerprint"]
+  assert config_meta(as_saved, sections)["model_fingerprint"] != new["model_fingerprint"]
 
 
 def test_resuming_a_run_saved_with_a_retired_field_reports_no_config_change():
-  from vqjax.training import checkpoint
+  from vqjax.training.checkpoint_records import config_changes, config_meta
 
   config = configs.load_experiment("fashion_mnist:smoke")
-  saved = checkpoint.config_meta(config, ("model",))
+  saved = config_meta(config, ("model",))
   saved["config"]["model"]["relu_impl"] = "stored"
-  assert checkpoint.config_changes(saved, checkpoint.config_meta(config, ("model",))) == []
+  assert config_changes(saved, config_meta(config, ("model",))) == []
   saved["config"]["model"]["channels"] += 1
-  assert checkpoint.config_changes(saved, checkpoint.config_meta(config, ("model",)))
+  assert config_changes(saved, config_meta(config, ("model",)))

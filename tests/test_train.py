@@ -31,7 +31,7 @@ from train_helpers import (
 import vqjax
 from vqjax import configs, errors, runs
 from vqjax.data import pipeline, sources
-from vqjax.training import checkpoint, feed, sharding, tasks, trainer
+from vqjax.training import checkpoint, checkpoint_integrity, feed, sharding, tasks, trainer
 
 EXPERIMENTS = ("fashion_mnist", "vqvae_cifar10", "vqvae2_imagenet", "vqvae2_ffhq1024")
 
@@ -169,7 +169,7 @@ def test_train_and_evaluate_writes_everything_resumes_and_loads(tmp_path, shared
   assert step == 1
   for a, b in zip(jax.tree.leaves(fallback), jax.tree.leaves(step1_vars), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(checkpoint.CheckpointDamagedError, match="step 2") as e:
+  with pytest.raises(errors.CheckpointDamagedError, match="step 2") as e:
     vqjax.load_run(damaged, step=2)
   assert "\n" not in str(e.value)
   assert process_state() == before  # no unraisable hook or log filter left behind
@@ -273,7 +273,7 @@ def test_an_unreadable_config_record_is_named_not_diffed_against_nothing(
   with open(os.path.join(workdir, "checkpoints", "2", "meta", "metadata"), "w") as f:
     f.write("{bad")
   # As if written so at save time: its checksums match (else the step is damaged, and skipped).
-  checkpoint.write_checksums(os.path.join(workdir, "checkpoints"), 2)
+  checkpoint_integrity.write_checksums(os.path.join(workdir, "checkpoints"), 2)
   config.train.steps = 3
   with caplog.at_level("WARNING"):
     assert trainer.train_and_evaluate(config, workdir, task=_CodesTask(config))["step"] == 3
@@ -317,7 +317,7 @@ def test_close_releases_everything_when_the_last_save_fails():
     def close(self):
       closed.append(self.name)
       if self.fail:
-        raise checkpoint.CheckpointSaveError("could not write checkpoint step 10")
+        raise errors.CheckpointSaveError("could not write checkpoint step 10")
 
     def release(self):
       closed.append(self.name)
@@ -327,6 +327,6 @@ def test_close_releases_everything_when_the_last_save_fails():
   run.batches = Part("feed")
   run.ckpt, run.writer = Part("ckpt", fail=True), Part("writer")
   run.data, run.lock = Part("iterator"), Part("lock")
-  with pytest.raises(checkpoint.CheckpointSaveError, match="step 10"):
+  with pytest.raises(errors.CheckpointSaveError, match="step 10"):
     run.close()
   assert closed == ["feed", "ckpt", "writer", "iterator", "lock"]

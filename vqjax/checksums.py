@@ -1,5 +1,5 @@
-"""CRC-32 of files, for the damage checks of checkpoint steps (training/checkpoint.py) and of
-code and prepared shards (data/codes.py). CRC-32 (zlib) detects damage, not tampering, and
+"""CRC-32 of files, for the damage checks of checkpoint steps (training/checkpoint_integrity.py)
+and of code and prepared shards (data/codes.py). CRC-32 (zlib) detects damage, not tampering, and
 reads at memory speed; zlib releases the GIL on large blocks, so several files are summed at
 once in threads."""
 

@@ -48,6 +48,18 @@ class CheckpointError(UserError):
   """A checkpoint cannot be used: damaged, or written by another model or config."""
 
 
+class CheckpointMismatchError(CheckpointError):
+  """The checkpoint was written by a different model or config."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (e.g. no space left); the earlier ones are intact."""
+
+
+class CheckpointDamagedError(CheckpointError):
+  """A step directory is incomplete or unreadable (a missing or truncated file)."""
+
+
 class RejectionBudgetError(UserError):
   """Rejection sampling spent its budget (a minimum acceptance rate) before every wanted sample
   passed the classifier; the message says how far it got and which setting to change. `info`

@@ -37,9 +37,9 @@ def define_flags() -> None:
 
 
 def _stage1_record(workdir: str, out: str, config, step) -> dict:
-  from vqjax.training import checkpoint, identity
+  from vqjax.training import checkpoint_records, identity
 
-  meta = checkpoint.config_meta(config)
+  meta = checkpoint_records.config_meta(config)
   return {
     # Relative to the code dataset where both lie in one pipeline workdir (links.py).
     "workdir": links.record(workdir, out),

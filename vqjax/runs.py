@@ -24,7 +24,7 @@ from etils import epath
 
 from vqjax import config_checks, configs, errors, links, paths, sampling
 from vqjax.models import registry
-from vqjax.training import checkpoint, logs, tasks, weights
+from vqjax.training import checkpoint, checkpoint_integrity, logs, tasks, weights
 
 
 def _config_from_record(record: dict) -> ml_collections.ConfigDict:
@@ -112,7 +112,7 @@ def load_run_with_step(
 
   if step is not None:  # asked for by number: its damage is the error, no fallback
     return (*attempt(step), step)
-  loaded, read = checkpoint.first_intact(directory, candidates, attempt)
+  loaded, read = checkpoint_integrity.first_intact(directory, candidates, attempt)
   return (*loaded, read)
 
 

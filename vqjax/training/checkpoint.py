@@ -6,102 +6,25 @@ A checkpoint step directory holds three items:
   data   the data iterators' states, one per process (`ocp.args.JsonSave`);
   meta   the resolved config and a fingerprint of the fields that shape the model.
 Orbax writes each step into a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous step intact.
-
-Once a step is complete, the primary process records every file's size and CRC-32 in
-`<step>/vqjax_checksums.json`, and every restore (resume, `load_run`, `ckpt.init_from`, hence
-evaluation, code extraction and sampling) checks them first: a file changed since the save (a
-bit flip, a bad copy) makes the step damaged, skipped with a warning for the previous one, as a
-missing file does. Flipped weights that stayed finite used to evaluate with exit 0 at 7x the
-MSE. A step without the record (an older vqjax, or a launch killed between the save and the
-record) is read unverified, with a warning. Restored weights that are not finite are refused
-the same way. CRC-32 (zlib), not a cryptographic hash: it detects damage, not tampering, and
-reads at memory speed (benchmarks/RESULTS.md has the cost on the ImageNet-size checkpoint).
+killed mid-save leaves the previous step intact. The data and meta records are made and read in
+`training/checkpoint_records.py`; the checksum record of a complete step, and the checks that
+skip a damaged one, are in `training/checkpoint_integrity.py`.
 """
 
 import contextlib
-import hashlib
 import json
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
-import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from vqjax import checksums, configs, errors, paths
-from vqjax.training import logs
+from vqjax import errors, paths
+from vqjax.training import checkpoint_integrity, checkpoint_records
 
 CHECKPOINT_SUBDIR = "checkpoints"
-T = TypeVar("T")
-# Config groups that decide the state's tree structure and shapes, when the task names none.
-MODEL_FIELDS = ("task", "model", "vq")
-
-
-_NOT_SHAPING = ("stage1", "stage1_run_id", "stage1_step")
-
-
-def config_meta(
-  config: ml_collections.ConfigDict, sections: tuple[str, ...] = MODEL_FIELDS
-) -> dict:
-  """JSON-serialisable record of the config, with a hash of the state-shaping sections.
-
-  Args:
-    config: the run config.
-    sections: the config groups that decide the state's shapes (`Task.config_sections`);
-      `data.channels` is always included.
-
-  Returns:
-    {"model_fingerprint": 16 hex digits, "sections": [...], "config": the config as a dict}.
-  """
-  as_dict = json.loads(config.to_json_best_effort())
-  shaping = {k: as_dict.get(k) for k in sections}
-  shaping["channels"] = as_dict.get("data", {}).get("channels")
-  # Fields that record where a run came from, or plugin options left empty, shape nothing:
-  # left out, so the fingerprints of runs trained before they existed stay the same (a code
-  # dataset of the same stage-1 model is not "another model" after an upgrade).
-  shaping = {
-    k: {f: v for f, v in g.items() if f not in _NOT_SHAPING and v != {}}
-    if isinstance(g, dict)
-    else g
-    for k, g in shaping.items()
-  }
-  # A retired field is hashed at its old default, as before it retired: same fingerprints.
-  for field, default in configs.RETIRED_FIELDS.items():
-    group, _, name = field.partition(".")
-    if isinstance(shaping.get(group), dict):
-      shaping[group].setdefault(name, default)
-  digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-  return {"model_fingerprint": digest, "sections": list(sections), "config": as_dict}
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(d, dict):
-    return {prefix: d}
-  out = {}
-  for k, v in d.items():
-    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-  return out
-
-
-def config_changes(old: dict, new: dict, groups: tuple[str, ...] | None = None) -> list[str]:
-  """ "group.field: old -> new" for every field that differs between two `config_meta`s.
-
-  Args:
-    old: the saved record.
-    new: this run's record.
-    groups: only these top-level groups; None = all.
-  """
-  a, b = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
-  keys = sorted((set(a) | set(b)) - set(configs.RETIRED_FIELDS))  # a retired field is no change
-  if groups is not None:
-    keys = [k for k in keys if k.split(".")[0] in groups]
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def _path_str(path) -> str:
@@ -138,84 +61,11 @@ def describe_mismatch(saved: Any, target: Any) -> str | None:
   return None
 
 
-class CheckpointMismatchError(errors.CheckpointError):
-  """The checkpoint was written by a different model or config."""
-
-
-class CheckpointSaveError(errors.CheckpointError):
-  """A checkpoint could not be written (e.g. no space left); the earlier ones are intact."""
-
-
-class CheckpointDamagedError(errors.CheckpointError):
-  """A step directory is incomplete or unreadable (a missing or truncated file)."""
-
-
-def _gather_json(obj: Any) -> list:
-  """Every process's JSON-serialisable `obj`, in process order (all processes get the list)."""
-  if jax.process_count() == 1:
-    return [obj]
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
-  padded = np.zeros(int(np.max(lengths)), np.uint8)
-  padded[: data.size] = data
-  everything = multihost_utils.process_allgather(padded)
-  rows = zip(everything, lengths.ravel(), strict=True)
-  return [json.loads(bytes(row[: int(n)]).decode()) for row, n in rows]
-
-
-def _data_state_of_this_process(data: dict) -> Any:
-  """This process's data iterator state from a checkpoint's record of every process's.
-
-  On as many processes as saved, each gets its own. On another number, every process gets the
-  saved position when all processes had saved the same one (the grain pipeline's states are
-  global batch counts, equal on every host, and valid for any number of processes; the
-  iterator itself decides whether it can continue from it); else None: the iterators restart.
-  """
-  states, saved_count = data["states"], data.get("process_count")
-  if saved_count == jax.process_count():
-    return states[jax.process_index()]
-  if states and all(s == states[0] for s in states):
-    logging.info(
-      "checkpoint was written by %s processes, this run has %d: every process resumes the "
-      "data at the saved position",
-      saved_count,
-      jax.process_count(),
-    )
-    return states[0]
-  logging.warning(
-    "checkpoint was written by %s processes with different data positions, this run has %d: "
-    "data iterators restart",
-    saved_count,
-    jax.process_count(),
-  )
-  return None
-
-
 def resolve_directory(path: str) -> str:
   """A workdir (with checkpoints/ inside) or a checkpoints directory -> the latter."""
   path = paths.absolute(path)
   sub = os.path.join(path, CHECKPOINT_SUBDIR)
   return sub if epath.Path(sub).is_dir() else path
-
-
-# Files every complete step directory holds (Orbax writes them; a step missing one is damaged).
-_REQUIRED_FILES = (
-  "_CHECKPOINT_METADATA",
-  "state/_METADATA",
-  "state/manifest.ocdbt",
-  "data/metadata",
-  "meta/metadata",
-)
-
-
-def _short(e: BaseException, limit: int = 240) -> str:
-  """First line of an exception, cut to `limit` characters (tensorstore errors run to KBs)."""
-  text = " ".join(str(e).split()) or type(e).__name__
-  return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  paths.write_text(path, json.dumps(obj))  # a full disk leaves no half-written file behind
 
 
 class Checkpointer:
@@ -289,7 +139,8 @@ class Checkpointer:
   def _write_health(self) -> None:
     if self._read_only or jax.process_index() != 0:
       return
-    _write_json_atomic(os.path.join(self.directory, self.HEALTH_FILE), self._health)
+    # Atomic: a full disk leaves no half-written file behind.
+    paths.write_text(os.path.join(self.directory, self.HEALTH_FILE), json.dumps(self._health))
 
   def mark_good(self, steps: list[int]) -> None:
     """Records saved steps as good: training after them stayed finite and sane. A step whose
@@ -381,9 +232,12 @@ class Checkpointer:
       step: the step number naming the checkpoint.
       state: pytree of global jax.Arrays.
       data_state: this process's data iterator state (JSON-serialisable).
-      meta: `config_meta(config)`.
+      meta: `checkpoint_records.config_meta(config)`.
     """
-    data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
+    data = {
+      "process_count": jax.process_count(),
+      "states": checkpoint_records.gather_json(data_state),
+    }
     self.wait()  # the previous async save finished, or its failure reported for its step
     with self._save_errors():
       if int(step) in self.all_steps():  # left by a run that diverged after this step's
@@ -422,14 +276,15 @@ class Checkpointer:
         newest = self.latest_step()
       except Exception:  # noqa: BLE001 - the message matters more than this detail
         newest = None
-      raise CheckpointSaveError(
-        f"could not write checkpoint step {step} in {self.directory}: {_short(e)}; "
+      raise errors.CheckpointSaveError(
+        f"could not write checkpoint step {step} in {self.directory}: "
+        f"{checkpoint_integrity.short_message(e)}; "
         + (f"a resume continues from step {newest}" if newest is not None else "none is saved")
       ) from None
 
   def check_intact(self, step: int) -> None:
     """Raises CheckpointDamagedError naming the first missing or empty file of `step`."""
-    _check_intact(self.directory, step)
+    checkpoint_integrity.check_intact(self.directory, step)
 
   def read_meta(self, step: int) -> dict:
     """The config record (`config_meta`) saved with `step`; {} when it cannot be read."""
@@ -445,13 +300,13 @@ class Checkpointer:
     try:
       saved = self._manager.item_metadata(step)["state"]
     except Exception as e:  # noqa: BLE001 - any failure to read the tree's metadata is damage
-      raise CheckpointDamagedError(
+      raise errors.CheckpointDamagedError(
         f"checkpoint step {step} is damaged: {self.directory}/{step}/state/_METADATA "
-        f"cannot be read ({_short(e)})"
+        f"cannot be read ({checkpoint_integrity.short_message(e)})"
       ) from None
     saved_tree = getattr(saved, "tree", saved)
     if not saved_tree:
-      raise CheckpointDamagedError(
+      raise errors.CheckpointDamagedError(
         f"checkpoint step {step} is damaged: {self.directory}/{step}/state/_METADATA "
         "describes no arrays"
       )
@@ -463,7 +318,7 @@ class Checkpointer:
       old = self.read_meta(step)
       if old.get("model_fingerprint") != meta["model_fingerprint"]:
         hint = f"; it was written by a different model config ({_config_diff(old, meta)})"
-    raise CheckpointMismatchError(
+    raise errors.CheckpointMismatchError(
       f"checkpoint {self.directory}/{step} does not fit this model: {problem}{hint}"
     )
 
@@ -504,9 +359,9 @@ class Checkpointer:
       # Reading is lazy in places: force every array so truncated files fail here, not later.
       jax.block_until_ready(state)
     except Exception as e:  # noqa: BLE001 - anything unreadable in a step is damage
-      raise unreadable(self.directory, step, e) from None
-    check_finite(state, self.directory, step)
-    return state, _data_state_of_this_process(data)
+      raise checkpoint_integrity.unreadable(self.directory, step, e) from None
+    checkpoint_integrity.check_finite(state, self.directory, step)
+    return state, checkpoint_records.data_state_of_this_process(data)
 
   def usable_steps(self) -> list[int]:
     """The steps on disk not recorded as bad, newest first: what a resume tries in order."""
@@ -525,7 +380,7 @@ class Checkpointer:
       CheckpointDamagedError: every step is damaged.
     """
     steps = self.usable_steps()
-    (state, data_state), step = first_intact(
+    (state, data_state), step = checkpoint_integrity.first_intact(
       self.directory, steps, lambda s: self.restore(abstract_state, s, meta)
     )
     if step != steps[0]:
@@ -540,7 +395,7 @@ class Checkpointer:
       self._manager.wait_until_finished()
       step, self._unfinished = self._saving, False
       if step is not None and jax.process_index() == 0 and step in self.all_steps():
-        write_checksums(self.directory, step)
+        checkpoint_integrity.write_checksums(self.directory, step)
     self._saving = None
 
   def close(self) -> None:
@@ -550,139 +405,9 @@ class Checkpointer:
       self._manager.close()
 
 
-def first_intact(directory: str, steps: list[int], attempt: Callable[[int], T]) -> tuple[T, int]:
-  """(attempt(step), step) for the first of `steps` whose attempt raises no
-  CheckpointDamagedError; each damaged step is skipped with a warning, as a resume skips it.
-  The leftovers of a damaged step's failed reads, which arrive while the next one is read, are
-  not shown (`logs.failed_read_leftovers_dropped`).
-
-  Raises:
-    CheckpointDamagedError: every step is damaged (or there is none), naming each problem.
-  """
-  problems = []
-  with logs.failed_read_leftovers_dropped():
-    for step in steps:
-      try:
-        return attempt(step), step
-      except CheckpointDamagedError as e:
-        logging.warning("%s; skipping it and trying an earlier step", e)
-        problems.append(str(e))
-  raise CheckpointDamagedError(
-    f"no intact checkpoint in {directory}: {'; '.join(problems) or 'none saved'}"
-  )
-
-
-def unreadable(directory: str, step: int, e: BaseException) -> CheckpointDamagedError:
-  """The one-line error for a step whose arrays failed to read (Orbax's other pending reads of
-  it fail later, `logs.failed_read_leftovers_dropped`)."""
-  return CheckpointDamagedError(f"checkpoint step {step} in {directory} is damaged: {_short(e)}")
-
-
-def _check_intact(directory: str, step: int) -> None:
-  """Checkpointer.check_intact of a directory: the required files exist, are not empty, and
-  match their recorded checksums."""
-  root = os.path.join(directory, str(step))
-  for rel in _REQUIRED_FILES:
-    path = os.path.join(root, rel)
-    if not epath.Path(path).is_file():
-      raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
-    if paths.getsize(path) == 0:
-      raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is empty")
-  verify_checksums(directory, step)
-
-
-CHECKSUM_FILE = "vqjax_checksums.json"
-_CHECKSUM_VERSION = 1
-_UNVERIFIED_WARNED: set[str] = set()
-
-
-def _step_files(root: str) -> list[str]:
-  """Every file of a step directory but the checksum record, relative and sorted."""
-  return [f for f in paths.files_under(root) if f != CHECKSUM_FILE]
-
-
-def write_checksums(directory: str, step: int) -> dict[str, list[int]]:
-  """Records the size and CRC-32 of every file of a complete step (`<step>/vqjax_checksums.json`,
-  written atomically). Returns {relative path: [size, crc32]}."""
-  root = os.path.join(directory, str(step))
-  rels = _step_files(root)
-  crcs = checksums.crc32_all([os.path.join(root, rel) for rel in rels])
-  files = {rel: [paths.getsize(os.path.join(root, rel)), crc] for rel, crc in zip(rels, crcs)}
-  _write_json_atomic(
-    os.path.join(root, CHECKSUM_FILE), {"version": _CHECKSUM_VERSION, "crc32": files}
-  )
-  return files
-
-
-def verify_checksums(directory: str, step: int) -> bool:
-  """Checks a step's files against its record.
-
-  Returns:
-    True when every recorded file matched; False when the step has no record (read
-    unverified; one warning per step).
-
-  Raises:
-    CheckpointDamagedError: a recorded file is missing or differs in size or content, or the
-      record itself cannot be read.
-  """
-  root = os.path.join(directory, str(step))
-  record_path = os.path.join(root, CHECKSUM_FILE)
-  if not epath.Path(record_path).is_file():
-    if root not in _UNVERIFIED_WARNED:
-      _UNVERIFIED_WARNED.add(root)
-      logging.warning(
-        "checkpoint step %d in %s has no checksum record (written by an older vqjax, or by a "
-        "launch that stopped before recording it): read unverified",
-        step,
-        directory,
-      )
-    return False
-  try:
-    with epath.Path(record_path).open() as f:
-      files = json.load(f)["crc32"]
-    if not isinstance(files, dict):
-      raise ValueError("no file list")
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointDamagedError(
-      f"checkpoint step {step} is damaged: its checksum record {record_path} cannot be read "
-      f"({_short(e)})"
-    ) from None
-  for rel, (size, _) in sorted(files.items()):  # sizes first: a stat each
-    path = os.path.join(root, rel)
-    if not epath.Path(path).is_file():
-      raise CheckpointDamagedError(f"checkpoint step {step} is damaged: {path} is missing")
-    if paths.getsize(path) != size:
-      raise CheckpointDamagedError(
-        f"checkpoint step {step} is damaged: {path} has {paths.getsize(path)} bytes, "
-        f"{size} when saved"
-      )
-  rels = sorted(files)
-  crcs = checksums.crc32_all([os.path.join(root, r) for r in rels])
-  for rel, crc in zip(rels, crcs, strict=True):
-    if crc != files[rel][1]:
-      raise CheckpointDamagedError(
-        f"checkpoint step {step} is damaged: {os.path.join(root, rel)} changed since it was "
-        "saved (checksum)"
-      )
-  return True
-
-
-def check_finite(tree: Any, directory: str, step: int) -> None:
-  """CheckpointDamagedError naming the first leaf of restored weights that holds a NaN or an
-  infinity (floating leaves only)."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if not jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact):
-      continue
-    if not bool(jax.numpy.all(jax.numpy.isfinite(leaf))):
-      raise CheckpointDamagedError(
-        f"checkpoint step {step} in {directory} holds weights that are not finite "
-        f"({jax.tree_util.keystr(path)})"
-      )
-
-
 def _config_diff(old: dict, new: dict) -> str:
-  groups = tuple(new.get("sections") or MODEL_FIELDS) + ("data",)
-  changed = config_changes(old, new, groups)
+  groups = tuple(new.get("sections") or checkpoint_records.MODEL_FIELDS) + ("data",)
+  changed = checkpoint_records.config_changes(old, new, groups)
   return ", ".join(changed[:4]) or "fingerprint differs"
 
 

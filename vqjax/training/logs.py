@@ -55,7 +55,7 @@ class _DropLibraryInfo(std_logging.Filter):
     if any(msg.startswith(noise) for noise in _ORBAX_NOISE):
       return False
     # An error in a background save (a full disk) reaches the user as one line from vqjax
-    # (checkpoint.CheckpointSaveError); Orbax's record of it keeps its line, not a traceback.
+    # (errors.CheckpointSaveError); Orbax's record of it keeps its line, not a traceback.
     record.exc_info = record.exc_text = None
     return True
 
@@ -123,8 +123,8 @@ def drop_failed_read_leftovers() -> Callable[[], None]:
 @contextlib.contextmanager
 def failed_read_leftovers_dropped() -> Iterator[None]:
   """`drop_failed_read_leftovers` within; afterwards the previous hook is back. The leftovers
-  arrive while the next step is read, so `checkpoint.first_intact` and `runs.load_run` enter
-  it; stragglers after that are shown (a program drops them all)."""
+  arrive while the next step is read, so `checkpoint_integrity.first_intact` and `runs.load_run`
+  enter it; stragglers after that are shown (a program drops them all)."""
   undo = drop_failed_read_leftovers()
   try:
     yield

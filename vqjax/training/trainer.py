@@ -52,6 +52,7 @@ from vqjax import config_checks, errors, links, paths
 from vqjax.data import pipeline, sources
 from vqjax.training import (
   checkpoint,
+  checkpoint_records,
   evaluators,
   feed,
   health,
@@ -267,7 +268,7 @@ class _Run:
     self.task = task = make_task(config)
     # The runs it reads are recorded relative to this one where they share its parent directory
     # (a pipeline workdir), so the workdir can move (links.py).
-    self.meta = checkpoint.config_meta(
+    self.meta = checkpoint_records.config_meta(
       links.recorded_config(config, self.workdir), task.config_sections
     )
     self.evaluators = evaluators.build(evaluators.names_for(config, task.evals), config, task.model)
@@ -356,7 +357,7 @@ class _Run:
         os.path.join(self.ckpt.directory, str(step), "meta"),
       )
       return
-    changes = checkpoint.config_changes(saved, self.meta)
+    changes = checkpoint_records.config_changes(saved, self.meta)
     if changes:
       logging.warning(
         "the config differs from the one checkpoint %d was saved with: %s",

@@ -9,16 +9,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vqjax import paths
-from vqjax.training.checkpoint import (
-  CheckpointDamagedError,
-  Checkpointer,
-  CheckpointMismatchError,
-  _check_intact,
-  _short,
+from vqjax.errors import CheckpointDamagedError, CheckpointMismatchError
+from vqjax.training.checkpoint import Checkpointer, describe_mismatch, resolve_directory
+from vqjax.training.checkpoint_integrity import (
   check_finite,
-  describe_mismatch,
+  check_intact,
   first_intact,
-  resolve_directory,
+  short_message,
   unreadable,
 )
 
@@ -96,7 +93,7 @@ def _restore_weights_of(directory: str, abstract_state: Any, step: int) -> dict:
   )
   try:
     item = {k: getattr(abstract_state, k) for k in WEIGHT_FIELDS}
-    _check_intact(directory, step)
+    check_intact(directory, step)
     try:
       saved = manager.item_metadata(step)["state"]
       saved = getattr(saved, "tree", saved)
@@ -104,7 +101,7 @@ def _restore_weights_of(directory: str, abstract_state: Any, step: int) -> dict:
         raise ValueError("state/_METADATA describes no arrays")
     except Exception as e:  # noqa: BLE001 - an unreadable tree description is damage
       raise CheckpointDamagedError(
-        f"checkpoint step {step} in {directory} is damaged: {_short(e)}"
+        f"checkpoint step {step} in {directory} is damaged: {short_message(e)}"
       ) from None
     problem = describe_mismatch({k: saved.get(k) for k in WEIGHT_FIELDS}, item)
     if problem is not None:
