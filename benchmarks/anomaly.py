@@ -248,7 +248,9 @@ def main(argv=None) -> int:
   parser.add_argument("--size", choices=tuple(SIZES), default="full")
   parser.add_argument("--seed", type=int, default=0, help="of every training and draw")
   parser.add_argument("--workdir", default="/tmp/vqjax_anomaly")
-  parser.add_argument("--out", default="", help="JSON lines (default WORKDIR/PROTOCOL.jsonl)")
+  parser.add_argument(
+    "--out", default="", help="JSON lines (default WORKDIR/PROTOCOL[_seedN].jsonl)"
+  )
   args = parser.parse_args(argv)
   try:
     classes = [int(k) for k in args.classes.split(",") if k.strip()]
@@ -264,7 +266,8 @@ def main(argv=None) -> int:
 
   _cli.setup()
   trainer.setup_compilation_cache(os.path.join(args.workdir, "jax_cache"))
-  out = args.out or os.path.join(args.workdir, f"{args.protocol}.jsonl")
+  name = args.protocol + (f"_seed{args.seed}" if args.seed else "")
+  out = args.out or os.path.join(args.workdir, f"{name}.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   lines, t0 = [], time.perf_counter()
   for n, k in enumerate(classes):

@@ -23,6 +23,7 @@ SCORES = (
   "nll_level0",
   "nll_level1",
   "nll",
+  "nll_ratio",
   "restoration_max",
 )
 
