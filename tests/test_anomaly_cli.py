@@ -285,6 +285,10 @@ def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
     anomaly.run(workdir, out, k=59)
   with pytest.raises(errors.UserError, match=r"knn needs --memory above 0"):
     anomaly.run(workdir, out, score="knn", memory=0)
+  monkeypatch.setattr(anomaly, "MAX_BANK_BYTES", 1000)  # 58 latents of 640 numbers: 145 KiB
+  with pytest.raises(errors.UserError, match=r"--memory 10000: a bank of 10000 latents"):
+    anomaly.run(workdir, out)
+  monkeypatch.undo()
 
   real = pipeline.make_eval_iterator
 

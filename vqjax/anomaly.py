@@ -64,6 +64,10 @@ from vqjax import _cli, errors, paths
 # Per-image scores without priors; "max" and "mean" name the first two (the older flag values).
 RECON_SCORES = ("recon_max", "recon_mean")
 ALIASES = {"max": "recon_max", "mean": "recon_mean"}
+# The knn bank lives on the device with the model. 10,000 latents take 49 MiB for the anomaly
+# experiment's model (4x4 and 8x8 codes of 16 numbers), 12.2 GiB for the ImageNet VQ-VAE-2
+# (32x32 and 64x64 codes of 64 numbers): beyond this, a clear error instead of running out.
+MAX_BANK_BYTES = 4 * 2**30
 
 
 def define_flags() -> None:
@@ -175,8 +179,12 @@ def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], siz
   data.eval_split = data.train_split
   batches = pipeline.make_eval_iterator(data, max_batches=math.ceil(size / data.eval_batch_size))
   try:
-    bank = memory.Memory.build(model, variables, batches, size, config.vq.num_codes, k=1)
-  except ValueError:
+    bank = memory.Memory.build(
+      model, variables, batches, size, config.vq.num_codes, k=1, max_bytes=MAX_BANK_BYTES
+    )
+  except ValueError as e:
+    if "allowed" in str(e):
+      raise errors.UserError(f"--memory {size}: {e} (--memory N, or 0 for none)") from None
     raise errors.UserError(
       f"--memory: the train split {data.train_split!r} has no normal images for the knn bank"
     ) from None

@@ -76,6 +76,10 @@ def _mean_knn_distance(bank: jax.Array, bank_sq: jax.Array, queries: jax.Array, 
   return jnp.mean(jnp.sqrt(jnp.maximum(-nearest, 0.0)), axis=-1)
 
 
+def _size(num_bytes: int) -> str:
+  return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
 class Memory:
   """A bank of normal latents and the k-nearest-neighbour distance to it, and the normal
   images' code counts.
@@ -131,10 +135,16 @@ class Memory:
     size: int,
     num_codes: int,
     k: int = DEFAULT_K,
+    max_bytes: int | None = None,
   ) -> "Memory":
     """The memory of the first `size` images of `batches` (arrays [B, H, W, C], or eval-
     iterator dicts whose "mask" marks padding), encoded by the stage-1 `model` whose levels
-    have `num_codes` codes each."""
+    have `num_codes` codes each.
+
+    Raises:
+      ValueError: `size` < 1, no images, or a bank of `size` float32 latents larger than
+        `max_bytes` (checked after the first batch, before the bank grows).
+    """
     if size < 1:
       raise ValueError(f"the memory bank needs size >= 1, got {size}")
     rows, counts, have = [], None, 0
@@ -146,6 +156,13 @@ class Memory:
       z, codes = np.asarray(z), [np.asarray(c) for c in codes]
       if keep is not None:
         z, codes = z[keep], [c[keep] for c in codes]
+      if max_bytes is not None and size * z.shape[1] * 4 > max_bytes:
+        fits = max(max_bytes // (z.shape[1] * 4), 1)
+        raise ValueError(
+          f"a bank of {size} latents of {z.shape[1]} numbers takes "
+          f"{_size(size * z.shape[1] * 4)}, over the {_size(max_bytes)} allowed; use at most "
+          f"{fits} images"
+        )
       take = size - have
       rows.append(z[:take])
       got = [np.bincount(c[:take].ravel(), minlength=num_codes) for c in codes]
