@@ -98,7 +98,8 @@ def test_latents_are_the_codewords_of_every_level_and_the_bank_skips_padding(smo
   got = bank.score(z[7:])
   np.testing.assert_allclose(got, _numpy_knn(expected[kept], expected[7:], 2), rtol=1e-4)
   # 6 latents of 640 float32 numbers take 15,360 bytes: over a 10,000-byte limit, 3 fit.
-  with pytest.raises(ValueError, match=r"of 640 numbers .* allowed; use at most 3 images"):
+  too_large = r"of 640 numbers .* allowed; use at most 3 images"
+  with pytest.raises(memory.BankTooLargeError, match=too_large):
     memory.Memory.build(model, variables, batches, size=6, num_codes=32, max_bytes=10_000)
   with pytest.raises(ValueError, match="size >= 1"):
     memory.Memory.build(model, variables, batches, size=0, num_codes=32)

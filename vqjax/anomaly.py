@@ -87,7 +87,8 @@ def define_flags() -> None:
   flags.DEFINE_string(
     "score",
     "max",
-    "The score thresholded first and shown: max, mean, nll, nll_level0, ..., restoration_max.",
+    "The score thresholded first and shown: max, mean, knn, nll, nll_level0, ..., nll_ratio, "
+    "restoration_max.",
   )
   flags.DEFINE_float("restore_threshold", 0.01, "Restoration redraws codes less likely than this.")
   flags.DEFINE_integer(
@@ -182,9 +183,9 @@ def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], siz
     bank = memory.Memory.build(
       model, variables, batches, size, config.vq.num_codes, k=1, max_bytes=MAX_BANK_BYTES
     )
-  except ValueError as e:
-    if "allowed" in str(e):
-      raise errors.UserError(f"--memory {size}: {e} (--memory N, or 0 for none)") from None
+  except memory.BankTooLargeError as e:
+    raise errors.UserError(f"--memory {size}: {e} (--memory N, or 0 for none)") from None
+  except ValueError:
     raise errors.UserError(
       f"--memory: the train split {data.train_split!r} has no normal images for the knn bank"
     ) from None
@@ -242,7 +243,7 @@ def run(
 
   Raises:
     errors.UserError: a quantile outside (0, 1), an unknown score, a negative --memory, a
-      bank with fewer than --k images, a run that is not an
+      bank with fewer than --k images or over MAX_BANK_BYTES, a run that is not an
       autoencoder, priors that do not belong to it or are class-conditional, no anomaly
       labels, eval data without labels, no anomalous images, or fewer than two normal images.
   """

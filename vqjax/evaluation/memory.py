@@ -76,6 +76,10 @@ def _mean_knn_distance(bank: jax.Array, bank_sq: jax.Array, queries: jax.Array, 
   return jnp.mean(jnp.sqrt(jnp.maximum(-nearest, 0.0)), axis=-1)
 
 
+class BankTooLargeError(ValueError):
+  """The bank asked for would not fit the memory allowed."""
+
+
 def _size(num_bytes: int) -> str:
   return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
@@ -142,8 +146,9 @@ class Memory:
     have `num_codes` codes each.
 
     Raises:
-      ValueError: `size` < 1, no images, or a bank of `size` float32 latents larger than
-        `max_bytes` (checked after the first batch, before the bank grows).
+      BankTooLargeError: a bank of `size` float32 latents larger than `max_bytes` (checked
+        after the first batch, before the bank grows).
+      ValueError: `size` < 1, or no images.
     """
     if size < 1:
       raise ValueError(f"the memory bank needs size >= 1, got {size}")
@@ -158,7 +163,7 @@ class Memory:
         z, codes = z[keep], [c[keep] for c in codes]
       if max_bytes is not None and size * z.shape[1] * 4 > max_bytes:
         fits = max(max_bytes // (z.shape[1] * 4), 1)
-        raise ValueError(
+        raise BankTooLargeError(
           f"a bank of {size} latents of {z.shape[1]} numbers takes "
           f"{_size(size * z.shape[1] * 4)}, over the {_size(max_bytes)} allowed; use at most "
           f"{fits} images"
