@@ -285,6 +285,15 @@ def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
     anomaly.run(workdir, out, k=59)
   with pytest.raises(errors.UserError, match=r"knn needs --memory above 0"):
     anomaly.run(workdir, out, score="knn", memory=0)
+  # A model without `encode` (a plugin needs only the code contract): the bank scores go.
+  from vqjax.evaluation import memory
+
+  monkeypatch.setattr(memory, "has_encode", lambda model: False)
+  with pytest.raises(errors.UserError, match=r"--score knn needs the model's latents"):
+    anomaly.run(workdir, out, score="knn")
+  without = anomaly.run(workdir, str(tmp_path / "no_encode"))
+  assert list(without["scores"]) == ["recon_max", "recon_mean"] and "memory" not in without
+  monkeypatch.undo()
   monkeypatch.setattr(anomaly, "MAX_BANK_BYTES", 1000)  # 58 latents of 640 numbers: 145 KiB
   with pytest.raises(errors.UserError, match=r"--memory 10000: a bank of 10000 latents"):
     anomaly.run(workdir, out)

@@ -2,6 +2,7 @@
 against a float64 NumPy brute force, the latents against the codewords of the model's codes
 looked up by hand, and the bank's construction from padded eval batches."""
 
+import flax.linen as nn
 import numpy as np
 import pytest
 from test_anomaly import _numpy_variables
@@ -63,6 +64,15 @@ def _codewords(model, variables, images) -> np.ndarray:
     book = np.asarray(variables["vq_state"][f"quantizers_{level}"]["codebook"])
     rows.append(book[np.asarray(c)].reshape(len(images), -1))
   return np.concatenate(rows, axis=1)
+
+
+def test_has_encode_tells_the_built_in_autoencoder_from_a_bare_module(smoke):
+  class CodesOnly(nn.Module):
+    def encode_to_indices(self, x):
+      return (x,)
+
+  assert memory.has_encode(smoke[0])
+  assert not memory.has_encode(CodesOnly())
 
 
 @pytest.mark.slow

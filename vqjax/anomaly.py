@@ -53,7 +53,7 @@ import os
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 
 from vqjax import _cli, errors, paths
@@ -276,8 +276,22 @@ def run(
 
   from vqjax.data import pipeline
   from vqjax.evaluation import anomaly, anomaly_figures
+  from vqjax.evaluation import memory as memory_lib
 
   config, model, variables, loaded = _load(workdir, priors)
+  if knn and not memory_lib.has_encode(model):
+    # A plugin autoencoder needs only the code contract (encode_to_indices); the latents need
+    # its `encode` too. Without it the two bank scores are left out, and said so.
+    if score in ("knn", "nll_ratio"):
+      raise errors.UserError(
+        f"--score {score} needs the model's latents: {type(model).__name__} has no `encode` "
+        "method (quantized maps, per-level aux with 'indices')"
+      )
+    logging.warning(
+      "%s has no `encode` method: knn and nll_ratio are left out (--memory 0 says so too)",
+      type(model).__name__,
+    )
+    knn = False
   names = score_names(len(loaded), knn)
   if score not in names:
     raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")

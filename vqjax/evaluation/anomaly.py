@@ -34,20 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqjax.evaluation import anomaly_figures, metrics
+from vqjax.evaluation import anomaly_figures, metrics, model_jit
 from vqjax.evaluation import memory as memory_lib
 
-# A few recently used models and their jitted reconstruction (linen modules holding dicts
-# cannot be hashed, so jax.jit cannot key its cache on them; identity can).
-_JITTED: list[tuple[Any, Any]] = []
-_MAX_JITTED = 4
 
-
+@model_jit.per_model
 def _reconstruct_fn(model: Any):
   """The jitted `(variables, images) -> (recons, error maps)` of `model`, built once."""
-  for m, fn in _JITTED:
-    if m is model:
-      return fn
 
   def fn(variables, images):
     recon, _ = model.apply(variables, images, train=False)
@@ -55,9 +48,6 @@ def _reconstruct_fn(model: Any):
     maps = jnp.mean(jnp.square(recon - images.astype(jnp.float32)), axis=-1)
     return recon, maps
 
-  fn = jax.jit(fn)
-  _JITTED.insert(0, (model, fn))
-  del _JITTED[_MAX_JITTED:]
   return fn
 
 
@@ -324,14 +314,9 @@ def restore_codes(
   return _restore_fn(model)(variables, codes, rng, jnp.float32(threshold), condition)
 
 
-_RESTORE_JITTED: list[tuple[Any, Any]] = []
-
-
+@model_jit.per_model
 def _restore_fn(model: Any):
-  """The jitted restoration loop of `model` (cached by identity, as `_reconstruct_fn`)."""
-  for m, fn in _RESTORE_JITTED:
-    if m is model:
-      return fn
+  """The jitted restoration loop of `model`, built once."""
 
   def fn(variables, codes, rng, threshold, condition):
     variables = {k: v for k, v in variables.items() if k != "cache"}
@@ -367,9 +352,6 @@ def _restore_fn(model: Any):
     _, restored, replaced = jax.lax.fori_loop(0, size, body, (state["cache"], codes, replaced))
     return restored, replaced
 
-  fn = jax.jit(fn)
-  _RESTORE_JITTED.insert(0, (model, fn))
-  del _RESTORE_JITTED[_MAX_JITTED:]
   return fn
 
 
@@ -421,11 +403,15 @@ class PriorScorer:
     recon = recon.astype(jnp.float32)
     maps = jnp.mean(jnp.square(recon - images), axis=-1)
     codes = self.model.apply(variables, images, method="encode_to_indices")
+    # Traced beside the encodings above, so XLA can share their identical work.
+    latents = None
+    if self.memory is not None:
+      latents, _ = memory_lib.encode_latents(self.model, variables, images)
     nll = []
     for level, ((prior, _), pv) in enumerate(zip(self.priors, prior_variables, strict=True)):
       logits = prior.apply(pv, codes[level], condition=tuple(codes[:level]) or None)
       nll.append(code_nll(logits, codes[level]))
-    return recon, maps, codes, nll
+    return recon, maps, codes, nll, latents
 
   def score(self, images: Any, rng: jax.Array) -> dict[str, np.ndarray]:
     """Scores and maps of a batch.
@@ -443,12 +429,12 @@ class PriorScorer:
     """
     images = jnp.asarray(images, jnp.float32)
     pvars = [v for _, v in self.priors]
-    recon, maps, codes, nll = self._encode(self.variables, pvars, images)
+    recon, maps, codes, nll, latents = self._encode(self.variables, pvars, images)
     out = {"recon": np.asarray(recon), "recon_map": np.asarray(maps)}
     for k, v in image_scores(maps, self.sigma).items():
       out[f"recon_{k}"] = np.asarray(v, np.float64)
     if self.memory is not None:
-      out["knn"] = self.memory.score(memory_lib.latents(self.model, self.variables, images))
+      out["knn"] = self.memory.score(latents)
     if not self.priors:
       return out
     total = 0.0

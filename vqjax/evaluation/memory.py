@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqjax.evaluation import model_jit
+
 DEFAULT_K = 5
 
 
@@ -48,24 +50,23 @@ def latents_and_codes(model: Any, variables: Any, images: Any) -> tuple[jax.Arra
   return _latent_fn(model)(variables, jnp.asarray(images, jnp.float32))
 
 
-# A few recently used models and their jitted encoder, found by identity (linen modules
-# holding dicts cannot be hashed).
-_JITTED: list[tuple[Any, Any]] = []
+def encode_latents(model: Any, variables: Any, images: jax.Array) -> tuple[jax.Array, list]:
+  """`latents_and_codes` unjitted, to trace inside a caller's own jitted function. Needs the
+  stage-1 model's `encode` method (quantized maps and per-level aux with "indices"), which the
+  built-in autoencoders have; `has_encode` says whether a model does."""
+  quantized, aux = model.apply(variables, images, method="encode")
+  flat = [q.reshape(q.shape[0], -1).astype(jnp.float32) for q in quantized]
+  return jnp.concatenate(flat, axis=-1), [a["indices"] for a in aux]
 
 
+def has_encode(model: Any) -> bool:
+  """Whether `model` has the `encode` method the latents need (a plugin may not)."""
+  return callable(getattr(type(model), "encode", None))
+
+
+@model_jit.per_model
 def _latent_fn(model: Any):
-  for m, fn in _JITTED:
-    if m is model:
-      return fn
-
-  def fn(variables, images):
-    quantized, aux = model.apply(variables, images, method="encode")
-    flat = [q.reshape(q.shape[0], -1).astype(jnp.float32) for q in quantized]
-    return jnp.concatenate(flat, axis=-1), [a["indices"] for a in aux]
-
-  fn = jax.jit(fn)
-  _JITTED[:] = [(model, fn), *_JITTED[:3]]
-  return fn
+  return functools.partial(encode_latents, model)
 
 
 @functools.partial(jax.jit, static_argnames="k")
