@@ -66,7 +66,7 @@ def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
     "--protocol=one-class", "--classes=8", "--size=smoke", f"--workdir={tmp_path}", timeout=1200
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  with open(tmp_path / "one-class.jsonl") as f:
+  with open(tmp_path / "one-class_smoke.jsonl") as f:
     (line,) = [json.loads(s) for s in f]
   # The smoke size scores the first 64 test images; bags (8) are the normal class.
   with gzip.open(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz")) as f:
