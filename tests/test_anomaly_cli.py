@@ -283,6 +283,8 @@ def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
     anomaly.run(workdir, out, k=0)
   with pytest.raises(errors.UserError, match=r"--k 59 needs at least 59 .* has 58"):
     anomaly.run(workdir, out, k=59)
+  with pytest.raises(errors.UserError, match=r"--k 50 is more than the 20 images --memory"):
+    anomaly.run(workdir, out, memory=20, k=50)
   with pytest.raises(errors.UserError, match=r"knn needs --memory above 0"):
     anomaly.run(workdir, out, score="knn", memory=0)
   # A model without `encode` (a plugin needs only the code contract): the bank scores go.

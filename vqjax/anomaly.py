@@ -258,6 +258,8 @@ def run(
     raise errors.UserError(f"--memory must be >= 0 (0 = no knn score), got {memory}")
   if k < 1:
     raise errors.UserError(f"--k must be >= 1, got {k}")
+  if 0 < memory < k:
+    raise errors.UserError(f"--k {k} is more than the {memory} images --memory keeps in the bank")
   priors = [p for p in (priors or []) if p]
   knn = memory > 0
   score = ALIASES.get(score, score)
