@@ -71,26 +71,26 @@ _PRIOR_MODEL_FIELDS = (
   "model.dropout",
   "model.cond_channels",
 ) + _PIXELSNAIL_ONLY_FIELDS
+# The nearest-code quantizer's own fields (its loss, EMA codebook and initialisation): a Gumbel
+# quantizer and the classifier read none of them.
+_NEAREST_CODE_FIELDS = (
+  "vq.beta",
+  "vq.ema",
+  "vq.decay",
+  "vq.eps",
+  "vq.bias_correction",
+  "vq.init",
+  "vq.kmeans_iters",
+  "vq.restart_after",
+)
+_VQ_IMPL_FIELDS = ("vq.stats_impl", "vq.distance_impl", "vq.matmul_impl")
 _CLASSIFIER_FIELDS = (
   "classifier.num_classes",
   "classifier.label_smoothing",
   "classifier.stem_stride",
 )
 IGNORED_FIELDS = {
-  ("vq.kind", "gumbel"): (
-    "vq.beta",
-    "vq.ema",
-    "vq.decay",
-    "vq.eps",
-    "vq.bias_correction",
-    "vq.init",
-    "vq.kmeans_iters",
-    "vq.restart_after",
-    "vq.stats_impl",
-    "vq.distance_impl",
-    "vq.matmul_impl",
-    "vq.options",
-  ),
+  ("vq.kind", "gumbel"): _NEAREST_CODE_FIELDS + _VQ_IMPL_FIELDS + ("vq.options",),
   ("vq.kind", "vq"): ("vq.temperature", "vq.kl_weight", "vq.options"),
   ("model.name", "vqvae"): ("model.levels", "model.first_stride", "model.level_stride")
   + _PRIOR_MODEL_FIELDS
@@ -120,21 +120,11 @@ IGNORED_FIELDS = {
     "vq.kind",
     "vq.num_codes",
     "vq.code_dim",
-    "vq.beta",
-    "vq.ema",
-    "vq.decay",
-    "vq.eps",
-    "vq.bias_correction",
-    "vq.init",
-    "vq.kmeans_iters",
-    "vq.restart_after",
-    "vq.temperature",
-    "vq.kl_weight",
-    "vq.stats_impl",
-    "vq.distance_impl",
-    "vq.matmul_impl",
-    "vq.options",
-  ),
+  )
+  + _NEAREST_CODE_FIELDS
+  + ("vq.temperature", "vq.kl_weight")
+  + _VQ_IMPL_FIELDS
+  + ("vq.options",),
   ("optim.name", "adam"): ("optim.weight_decay",),  # decoupled decay is adamw's
 }
 
