@@ -70,8 +70,9 @@ COMBINED = ("knn", "nll_ratio")
 MODEL_SCORES = tuple(k for k in SCORES if k not in ("knn_pixels", "combined"))  # PriorScorer's
 # Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images,
 # normal training images in the knn bank).
-# "long" trains every model 1,000 steps instead of 300 (about 2.5x the time), with nothing else
-# changed: the test of whether longer training moves the scores, `combined` included.
+# "long" trains every model 1,000 steps instead of 300, with nothing else changed: the test of
+# whether longer training moves the scores (it did not, benchmarks/RESULTS.md). About twice the
+# time: leave-one-out alone took 22.3 minutes on the 2-core CPU, against 10.9.
 SIZES = {
   "full": (300, 300, 1000, 0, 10000),
   "long": (1000, 1000, 1000, 0, 10000),
