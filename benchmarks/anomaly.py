@@ -25,8 +25,9 @@ normal images' codes, then `vqjax.evaluation.anomaly.PriorScorer` on the whole t
                              anomaly weighs it, but the pair was chosen after both scores'
                              test AUCs were seen (benchmarks/RESULTS.md says so)
 
-Each class appends one JSON line (AUCs, timings) to --out and prints a progress line; the end
-prints the Markdown table of benchmarks/RESULTS.md. Every setting is the same for all classes.
+Each class appends one JSON line (AUCs, timings) to --out, keeps every per-image score in its
+run folder (scores.npz), and prints a progress line; the end prints the Markdown table of
+benchmarks/RESULTS.md. Every setting is the same for all classes.
 Runs are kept under --workdir and reused when complete (delete it to retrain).
 """
 
@@ -220,6 +221,15 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   z = [(scores[k] - ref[k].mean()) / (ref[k].std() + 1e-12) for k in COMBINED]
   scores["combined"] = np.mean(z, axis=0)
   is_anomaly = ~np.isin(labels, normal)
+  # Every per-image score, so that another combination can be measured without retraining:
+  # test_NAME for the test images (with their labels), ref_NAME for the normal training images
+  # that standardise the combination.
+  np.savez(
+    os.path.join(root, "scores.npz"),
+    labels=labels,
+    **{f"test_{k}": v for k, v in scores.items()},
+    **{f"ref_{k}": ref[k] for k in COMBINED},
+  )
   times["score"] = time.perf_counter() - t
   return {
     "protocol": protocol,

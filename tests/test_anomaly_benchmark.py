@@ -81,6 +81,16 @@ def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
   knn = np.sort(dist, axis=1)[:, :5].mean(axis=1)
   a, n = knn[labels != 8][:, None], knn[labels == 8][None, :]
   assert np.isclose(line["auc"]["knn_pixels"], np.mean((a > n) + 0.5 * (a == n)))
+  # The per-image scores kept beside the run give the line's AUCs again, and knn_pixels is the
+  # distance computed above on the [-1, 1] scale (255 grey levels span 2; padding adds nothing).
+  saved = np.load(tmp_path / "one-class_smoke" / "class8" / "scores.npz")
+  np.testing.assert_array_equal(saved["labels"], labels)
+  np.testing.assert_allclose(saved["test_knn_pixels"], knn * 2 / 255, rtol=1e-4)
+  for name in ("nll", "combined"):
+    s = saved[f"test_{name}"]
+    a, n = s[labels != 8][:, None], s[labels == 8][None, :]
+    assert np.isclose(line["auc"][name], np.mean((a > n) + 0.5 * (a == n))), name
+  assert len(saved["ref_knn"]) == len(saved["ref_nll_ratio"]) == 16
   assert line["num_normal"] == int(np.sum(labels == 8)) > 0
   assert line["num_anomalous"] == int(np.sum(labels != 8))
   assert (line["protocol"], line["class"], line["name"], line["seed"]) == ("one-class", 8, "bag", 0)
