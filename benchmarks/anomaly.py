@@ -264,6 +264,17 @@ def table(lines: list[dict]) -> str:
   return head + "\n".join(rows) + "\n"
 
 
+def parse_classes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+  """--classes "0,8" as [0, 8]; anything else is the parser's usage error."""
+  try:
+    classes = [int(k) for k in text.split(",") if k.strip()]
+  except ValueError:
+    parser.error(f"--classes must be integers 0-9 separated by commas, got {text!r}")
+  if not classes or any(not 0 <= k <= 9 for k in classes):
+    parser.error(f"--classes must be integers 0-9, got {text!r}")
+  return classes
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--protocol", choices=("one-class", "leave-one-out"), required=True)
@@ -275,12 +286,7 @@ def main(argv=None) -> int:
     "--out", default="", help="JSON lines (default WORKDIR/PROTOCOL[_SIZE][_seedN].jsonl)"
   )
   args = parser.parse_args(argv)
-  try:
-    classes = [int(k) for k in args.classes.split(",") if k.strip()]
-  except ValueError:
-    parser.error(f"--classes must be integers 0-9 separated by commas, got {args.classes!r}")
-  if not classes or any(not 0 <= k <= 9 for k in classes):
-    parser.error(f"--classes must be integers 0-9, got {args.classes!r}")
+  classes = parse_classes(parser, args.classes)
   if args.seed < 0:
     parser.error(f"--seed must be >= 0, got {args.seed}")
 
