@@ -223,13 +223,16 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   is_anomaly = ~np.isin(labels, normal)
   # Every per-image score, so that another combination can be measured without retraining:
   # test_NAME for the test images (with their labels), ref_NAME for the normal training images
-  # that standardise the combination.
-  np.savez(
-    os.path.join(root, "scores.npz"),
-    labels=labels,
-    **{f"test_{k}": v for k, v in scores.items()},
-    **{f"ref_{k}": ref[k] for k in COMBINED},
-  )
+  # that standardise the combination. Written beside, then renamed: a kill leaves no half file.
+  path = os.path.join(root, "scores.npz")
+  with open(path + ".tmp", "wb") as f:
+    np.savez(
+      f,
+      labels=labels,
+      **{f"test_{k}": v for k, v in scores.items()},
+      **{f"ref_{k}": ref[k] for k in COMBINED},
+    )
+  os.replace(path + ".tmp", path)
   times["score"] = time.perf_counter() - t
   return {
     "protocol": protocol,

@@ -13,6 +13,7 @@ trained: run the benchmark for every seed first.
 import argparse
 import os
 import sys
+import zipfile
 
 import numpy as np
 
@@ -44,11 +45,14 @@ def load(workdir: str, protocol: str, size: str, seed: int, k: int, score: str):
       f"no {path}: run python benchmarks/anomaly.py --protocol {protocol} --size {size} "
       f"--seed {seed} --classes {k} --workdir {workdir} first"
     )
-  with np.load(path) as f:
-    if f"test_{score}" not in f:
-      names = sorted(n[5:] for n in f.files if n.startswith("test_"))
-      raise EnsembleError(f"{path} has no score {score!r}; it has {', '.join(names)}")
-    return f["labels"], f[f"test_{score}"]
+  try:
+    with np.load(path) as f:
+      if f"test_{score}" not in f:
+        names = sorted(n[5:] for n in f.files if n.startswith("test_"))
+        raise EnsembleError(f"{path} has no score {score!r}; it has {', '.join(names)}")
+      return f["labels"], f[f"test_{score}"]
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise EnsembleError(f"{path} is damaged ({e}): delete it and run the benchmark again") from None
 
 
 def ensemble_class(workdir, protocol, size, seeds, k, score) -> dict:

@@ -68,6 +68,10 @@ def test_missing_runs_and_bad_arguments_are_one_line(tmp_path):
     f"--workdir={tmp_path}",
   )
   assert out.returncode == 1 and "no score 'knn'; it has combined" in out.stderr
+  with open(tmp_path / "leave-one-out_seed1" / "class1" / "scores.npz", "r+b") as f:
+    f.truncate(100)  # a damaged file
+  out = _run("--protocol=leave-one-out", "--seeds=0,1", "--classes=1", f"--workdir={tmp_path}")
+  assert out.returncode == 1 and "is damaged" in out.stderr and "Traceback" not in out.stderr
   for bad in ("--seeds=0", "--seeds=1,1", "--seeds=a,b", "--seeds=-1,0"):
     out = _run("--protocol=one-class", bad, f"--workdir={tmp_path}")
     assert out.returncode == 2 and "--seeds must" in out.stderr, (bad, out.stderr)
