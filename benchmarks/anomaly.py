@@ -2,7 +2,7 @@
 
   python benchmarks/anomaly.py --protocol one-class       # train on one class, 9 anomalous
   python benchmarks/anomaly.py --protocol leave-one-out   # train on nine, the tenth anomalous
-      [--classes 0,8] [--size full|long|smoke] [--seed 0] [--workdir /tmp/vqjax_anomaly]
+      [--classes 0,8] [--size full|long|long_stage1|smoke] [--seed 0] [--workdir /tmp/vqjax_anomaly]
       [--out FILE.jsonl]
 
 For each class of the protocol: a small VQ-VAE-2 (`vqjax.train` on the normal classes, through
@@ -77,6 +77,8 @@ MODEL_SCORES = tuple(k for k in SCORES if k not in ("knn_pixels", "combined"))  
 SIZES = {
   "full": (300, 300, 1000, 0, 10000),
   "long": (1000, 1000, 1000, 0, 10000),
+  # The long stage 1 with the full size's priors: which of the two moved the long scores.
+  "long_stage1": (1000, 300, 1000, 0, 10000),
   "smoke": (2, 2, 16, 64, 32),
 }
 RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code (K = 64: 1/64)
