@@ -77,7 +77,8 @@ MODEL_SCORES = tuple(k for k in SCORES if k not in ("knn_pixels", "combined"))  
 SIZES = {
   "full": (300, 300, 1000, 0, 10000),
   "long": (1000, 1000, 1000, 0, 10000),
-  # The long stage 1 with the full size's priors: which of the two moved the long scores.
+  # The long stage 1 with the full size's priors: which of the two moved the long scores (the
+  # codes did, benchmarks/RESULTS.md).
   "long_stage1": (1000, 300, 1000, 0, 10000),
   "smoke": (2, 2, 16, 64, 32),
 }
