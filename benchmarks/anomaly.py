@@ -2,8 +2,8 @@
 
   python benchmarks/anomaly.py --protocol one-class       # train on one class, 9 anomalous
   python benchmarks/anomaly.py --protocol leave-one-out   # train on nine, the tenth anomalous
-      [--classes 0,8] [--size full|long|long_stage1|smoke] [--seed 0] [--workdir /tmp/vqjax_anomaly]
-      [--out FILE.jsonl]
+      [--classes 0,8] [--size full|long|long_stage1|smoke] [--seed 0]
+      [--workdir /tmp/vqjax_anomaly] [--out FILE.jsonl]
 
 For each class of the protocol: a small VQ-VAE-2 (`vqjax.train` on the normal classes, through
 `data.exclude_labels`), its codes (`vqjax.extract_codes`), a PixelSNAIL prior per level on the

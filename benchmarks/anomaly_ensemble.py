@@ -28,15 +28,6 @@ class EnsembleError(Exception):
   """A missing or mismatched scores.npz: the message is one line for the user."""
 
 
-def auc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
-  """ROC AUC by ranks (Mann-Whitney U, ties counted half)."""
-  from scipy.stats import rankdata
-
-  ranks = rankdata(scores)
-  n_pos, n_neg = int(is_anomaly.sum()), int((~is_anomaly).sum())
-  return float((ranks[is_anomaly].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def load(workdir: str, protocol: str, size: str, seed: int, k: int, score: str):
   """(labels, per-image `score`) of one seed's class-k run."""
   path = os.path.join(workdir, bench.run_name(protocol, size, seed), f"class{k}", "scores.npz")
@@ -57,6 +48,8 @@ def load(workdir: str, protocol: str, size: str, seed: int, k: int, score: str):
 
 def ensemble_class(workdir, protocol, size, seeds, k, score) -> dict:
   """Each seed's ROC AUC of `score` for class k, and the AUC of its mean over the seeds."""
+  from vqjax.evaluation.anomaly import roc_auc
+
   normal = [k] if protocol == "one-class" else [c for c in range(10) if c != k]
   labels, per_seed = None, []
   for seed in seeds:
@@ -68,8 +61,8 @@ def ensemble_class(workdir, protocol, size, seeds, k, score) -> dict:
   is_anomaly = ~np.isin(labels, normal)
   return {
     "class": k,
-    "seeds": [auc(s, is_anomaly) for s in per_seed],
-    "mean": auc(np.mean(per_seed, axis=0), is_anomaly),
+    "seeds": [roc_auc(s, is_anomaly) for s in per_seed],
+    "mean": roc_auc(np.mean(per_seed, axis=0), is_anomaly),
   }
 
 

@@ -34,3 +34,19 @@ def test_built_once_per_model_and_the_oldest_dropped():
     scaled(m)
   scaled(a)  # pushed out by the MAX_MODELS newer ones: built again
   assert built[-1] is a and len(built) == 3 + model_jit.MAX_MODELS + 1
+
+
+def test_a_model_in_use_stays_while_newer_ones_come():
+  built = []
+
+  @model_jit.per_model
+  def scaled(model):
+    built.append(model)
+    return lambda x: x * model.scale
+
+  a = _Unhashable(2.0)
+  scaled(a)
+  for i in range(2 * model_jit.MAX_MODELS):
+    scaled(_Unhashable(float(i)))
+    scaled(a)  # used again after each newcomer: never the least recently used
+  assert built.count(a) == 1

@@ -19,8 +19,9 @@ def per_model(build: Callable[[Any], Callable]) -> Callable[[Any], Callable]:
   kept: list[tuple[Any, Callable]] = []
 
   def get(model: Any) -> Callable:
-    for m, fn in kept:
+    for i, (m, fn) in enumerate(kept):
       if m is model:
+        kept.insert(0, kept.pop(i))  # the most recently used first
         return fn
     fn = jax.jit(build(model))
     kept.insert(0, (model, fn))
