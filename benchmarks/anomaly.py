@@ -65,22 +65,32 @@ SCORES = (
   "nll",
   "nll_ratio",
   "restoration_max",
+  "rotation",
+  "rotation_nll",
   "combined",
+  "combined_rotation",
 )
 COMBINED = ("knn", "nll_ratio")
-MODEL_SCORES = tuple(k for k in SCORES if k not in ("knn_pixels", "combined"))  # PriorScorer's
+COMBINED_ROTATION = ("knn", "nll_ratio", "rotation")
+STANDARDISED = ("knn", "nll_ratio", "rotation")  # the scores the combinations z-score
+ROTATION_SCORES = ("rotation", "rotation_nll")  # RotationScorer's
+# PriorScorer's
+MODEL_SCORES = tuple(
+  k for k in SCORES if k not in ("knn_pixels", "combined", "combined_rotation") + ROTATION_SCORES
+)
 # Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images,
-# normal training images in the knn bank).
+# normal training images in the knn bank, rotation-prior steps).
+# The rotation priors train on four rotated copies of every normal image: twice the steps.
 # "long" trains every model 1,000 steps instead of 300, with nothing else changed: the test of
 # whether longer training moves the scores (it did not, benchmarks/RESULTS.md). About twice the
 # time: leave-one-out alone took 22.3 minutes on the 2-core CPU, against 10.9.
 SIZES = {
-  "full": (300, 300, 1000, 0, 10000),
-  "long": (1000, 1000, 1000, 0, 10000),
+  "full": (300, 300, 1000, 0, 10000, 600),
+  "long": (1000, 1000, 1000, 0, 10000, 2000),
   # The long stage 1 with the full size's priors: which of the two moved the long scores (the
   # codes did, benchmarks/RESULTS.md).
-  "long_stage1": (1000, 300, 1000, 0, 10000),
-  "smoke": (2, 2, 16, 64, 32),
+  "long_stage1": (1000, 300, 1000, 0, 10000, 600),
+  "smoke": (2, 2, 16, 64, 32, 2),
 }
 RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code (K = 64: 1/64)
 
@@ -102,12 +112,18 @@ def stage1_config(normal: list[int], steps: int, smoke: bool, seed: int = 0):
   return c
 
 
-def prior_config(level: int, codes_dir: str, steps: int, smoke: bool, seed: int = 0):
-  """The small unconditional PixelSNAIL of experiments/fashion_mnist_anomaly_prior.py."""
+def prior_config(
+  level: int, codes_dir: str, steps: int, smoke: bool, seed: int = 0, rotations: bool = False
+):
+  """The small unconditional PixelSNAIL of experiments/fashion_mnist_anomaly_prior.py; with
+  `rotations`, the same conditioned on the rotation (codes of `extract_codes --rotations 4`)."""
   from vqjax import configs, pipeline
+  from vqjax.evaluation import rotation
 
   c = configs.load_experiment("fashion_mnist_anomaly_prior" + (":bottom" if level else ""))
   c.seed = seed
+  if rotations:
+    c.prior.update(class_conditional=True, num_classes=rotation.ROTATIONS)
   c.train.steps = c.ckpt.every_steps = steps
   if smoke:
     c.data.update(batch_size=8, eval_batch_size=8, num_workers=0, worker_processes=0)
@@ -138,8 +154,9 @@ def _images(data, max_examples: int):
   return (images[:max_examples], labels[:max_examples]) if max_examples else (images, labels)
 
 
-def score_all(scorer, images, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-  """Every per-image score of `images`, in batches (the last one padded to the same shape)."""
+def score_all(scorer, images, batch_size: int, seed: int, rotations=None) -> dict[str, np.ndarray]:
+  """Every per-image score of `images`, in batches (the last one padded to the same shape);
+  with a `rotation.RotationScorer`, its scores too."""
   import jax
 
   out: dict[str, list] = {}
@@ -150,7 +167,9 @@ def score_all(scorer, images, batch_size: int, seed: int) -> dict[str, np.ndarra
     if real < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
     s = scorer.score(batch, jax.random.fold_in(jax.random.key(seed), start))
-    for k in MODEL_SCORES + ("replaced",):
+    if rotations is not None:
+      s = {**s, **rotations.score(batch)}
+    for k in MODEL_SCORES + ("replaced",) + (ROTATION_SCORES if rotations is not None else ()):
       out.setdefault(k, []).append(s[k][:real])
   return {k: np.concatenate(v) for k, v in out.items()}
 
@@ -160,11 +179,11 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   import jax
 
   from vqjax import extract_codes
-  from vqjax.evaluation import anomaly, memory
+  from vqjax.evaluation import anomaly, memory, rotation
   from vqjax.sampling import hierarchy
 
   smoke = size == "smoke"
-  stage1_steps, prior_steps, num_ref, num_test, num_bank = SIZES[size]
+  stage1_steps, prior_steps, num_ref, num_test, num_bank, rotation_steps = SIZES[size]
   normal = [anomalous] if protocol == "one-class" else [k for k in range(10) if k != anomalous]
   # Seed 0 at the full size keeps the layout of the first runs; another size or seed has runs of
   # its own.
@@ -183,6 +202,16 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   for level, path in enumerate(priors):
     _train(prior_config(level, codes, prior_steps, smoke, seed), path)
   times["priors"] = time.perf_counter() - t
+  # The rotation priors (evaluation/rotation.py): the same priors, conditioned on how many
+  # quarter turns the image was rotated, on the codes of every rotation of the normal images.
+  t = time.perf_counter()
+  rotated_codes = os.path.join(root, "codes_rotated")
+  extract_codes.extract(os.path.join(root, "stage1"), rotated_codes, rotations=rotation.ROTATIONS)
+  rotation_priors = [os.path.join(root, f"rotation_prior{level}") for level in (0, 1)]
+  for level, path in enumerate(rotation_priors):
+    config_r = prior_config(level, rotated_codes, rotation_steps, smoke, seed, rotations=True)
+    _train(config_r, path)
+  times["rotation_priors"] = time.perf_counter() - t
 
   t = time.perf_counter()
   gen = hierarchy.Generator.from_runs(os.path.join(root, "stage1"), priors)
@@ -202,8 +231,10 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
     restore_threshold=RESTORE_THRESHOLD,
     memory=bank,
   )
+  rotation_gen = hierarchy.Generator.from_runs(os.path.join(root, "stage1"), rotation_priors)
+  rotations = rotation.RotationScorer(model, variables, [p[1:] for p in rotation_gen.priors])
   ref_images = bank_images[:num_ref]
-  ref = score_all(scorer, ref_images, batch, seed + 1)
+  ref = score_all(scorer, ref_images, batch, seed + 1, rotations)
   # The reference images are bank rows: their own row (distance 0) is left out of their knn.
   own = memory.Memory(bank.bank, bank.k + 1)
   ref["knn"] = np.concatenate(
@@ -215,14 +246,15 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   data.exclude_labels = ()
   data.eval_split = "test"
   images, labels = _images(data, num_test)
-  scores = score_all(scorer, images, batch, seed)
+  scores = score_all(scorer, images, batch, seed, rotations)
   pixels = memory.Memory(bank_images.reshape(len(bank_images), -1))
   flat = images.reshape(len(images), -1)
   scores["knn_pixels"] = np.concatenate(
     [pixels.score(flat[i : i + batch]) for i in range(0, len(flat), batch)]
   )
-  z = [(scores[k] - ref[k].mean()) / (ref[k].std() + 1e-12) for k in COMBINED]
-  scores["combined"] = np.mean(z, axis=0)
+  z = {k: (scores[k] - ref[k].mean()) / (ref[k].std() + 1e-12) for k in STANDARDISED}
+  scores["combined"] = np.mean([z[k] for k in COMBINED], axis=0)
+  scores["combined_rotation"] = np.mean([z[k] for k in COMBINED_ROTATION], axis=0)
   is_anomaly = ~np.isin(labels, normal)
   # Every per-image score, so that another combination can be measured without retraining:
   # test_NAME for the test images (with their labels), ref_NAME for the normal training images
@@ -233,7 +265,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
       f,
       labels=labels,
       **{f"test_{k}": v for k, v in scores.items()},
-      **{f"ref_{k}": ref[k] for k in COMBINED},
+      **{f"ref_{k}": ref[k] for k in STANDARDISED},
     )
   os.replace(path + ".tmp", path)
   times["score"] = time.perf_counter() - t

@@ -25,6 +25,8 @@ SCORES = (
   "nll",
   "nll_ratio",
   "restoration_max",
+  "rotation",
+  "rotation_nll",
 )
 
 
@@ -86,18 +88,28 @@ def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
   saved = np.load(tmp_path / "one-class_smoke" / "class8" / "scores.npz")
   np.testing.assert_array_equal(saved["labels"], labels)
   np.testing.assert_allclose(saved["test_knn_pixels"], knn * 2 / 255, rtol=1e-4)
-  for name in ("nll", "combined"):
+  for name in ("nll", "rotation", "combined", "combined_rotation"):
     s = saved[f"test_{name}"]
     a, n = s[labels != 8][:, None], s[labels == 8][None, :]
     assert np.isclose(line["auc"][name], np.mean((a > n) + 0.5 * (a == n))), name
-  assert len(saved["ref_knn"]) == len(saved["ref_nll_ratio"]) == 16
+  for name in ("knn", "nll_ratio", "rotation"):
+    assert len(saved[f"ref_{name}"]) == 16, name
+  # The combinations: mean z-scores, each score standardised on the 16 normal training images.
+  z = {
+    k: (saved[f"test_{k}"] - saved[f"ref_{k}"].mean()) / saved[f"ref_{k}"].std()
+    for k in ("knn", "nll_ratio", "rotation")
+  }
+  np.testing.assert_allclose(saved["test_combined"], (z["knn"] + z["nll_ratio"]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(
+    saved["test_combined_rotation"], (z["knn"] + z["nll_ratio"] + z["rotation"]) / 3, rtol=1e-6
+  )
   assert line["num_normal"] == int(np.sum(labels == 8)) > 0
   assert line["num_anomalous"] == int(np.sum(labels != 8))
   assert (line["protocol"], line["class"], line["name"], line["seed"]) == ("one-class", 8, "bag", 0)
-  assert set(line["auc"]) == set(SCORES) | {"combined"}
+  assert set(line["auc"]) == set(SCORES) | {"combined", "combined_rotation"}
   for name, auc in line["auc"].items():
     assert 0.0 <= auc <= 1.0, name
-  assert set(line["seconds"]) == {"stage1", "codes", "priors", "score"}
+  assert set(line["seconds"]) == {"stage1", "codes", "priors", "rotation_priors", "score"}
   # The progress line and the table's mean row.
   assert "[1/1] one-class class 8 (bag):" in out.stdout
   assert f"| 8 bag | {line['auc']['recon_max']:.3f} |" in out.stdout

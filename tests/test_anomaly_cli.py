@@ -287,6 +287,11 @@ def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
     anomaly.run(workdir, out, memory=20, k=50)
   with pytest.raises(errors.UserError, match=r"knn needs --memory above 0"):
     anomaly.run(workdir, out, score="knn", memory=0)
+  for name in ("rotation", "rotation_nll"):
+    with pytest.raises(errors.UserError, match=f"--score {name} needs --rotation_priors"):
+      anomaly.run(workdir, out, score=name)
+  with pytest.raises(errors.UserError, match=r"--score must be one of .*, rotation, rotation_nll"):
+    anomaly.run(workdir, out, score="rotations")
   # A model without `encode` (a plugin needs only the code contract): the bank scores go.
   from vqjax.evaluation import memory
 

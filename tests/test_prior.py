@@ -130,6 +130,53 @@ def test_shards_of_another_checkpoint_step_or_slice_are_refused(stage1, tmp_path
     extract_codes.extract(workdir, out, splits=["test[:5]"], batch_size=8)
 
 
+def test_rotated_extraction_writes_four_turns_of_every_image_labelled_by_turns(stage1, tmp_path):
+  """`rotations=4`: example 4i + t holds the codes of image i turned t quarter turns counter-
+  clockwise (out[i, j] = x[j, W - 1 - i], by index here), labelled t; a run of another rotation
+  setting into the same directory is a one-line error, as older records (no setting) count as
+  unrotated."""
+  workdir, config, model, variables = stage1
+  out = str(tmp_path / "rotated")
+  meta = extract_codes.extract(workdir, out, splits=["test[:6]"], batch_size=4, rotations=4)
+  assert meta["splits"] == {"test": {"num_examples": 24, "num_shards": 1}}
+  assert meta["has_labels"] and meta["rotations"] == 4
+  source = codes.CodesSource(out, "test")
+  images = sources.make_source(config.data, "test[:6]")
+  batch = pipeline.transform_batch(
+    pipeline.load_batch(images, np.arange(6), config.data), config.data
+  )
+  turned = np.asarray(batch["image"])
+  n = turned.shape[1]
+  for t in range(4):
+    maps = model.apply(variables, jnp.asarray(turned), method="encode_to_indices")
+    for i in range(6):
+      record = source[4 * i + t]
+      assert int(record["label"]) == t
+      for level in range(2):
+        np.testing.assert_array_equal(record[f"codes{level}"], np.asarray(maps[level][i]))
+    quarter = np.empty_like(turned)
+    for r in range(n):
+      for c in range(n):
+        quarter[:, r, c] = turned[:, c, n - 1 - r]
+    turned = quarter
+  with pytest.raises(errors.UserError, match=r"rotations 4 \(now 0\)") as e:
+    extract_codes.extract(workdir, out, splits=["test[:6]"], batch_size=4)
+  assert "\n" not in str(e.value)
+  with pytest.raises(errors.UserError, match="--rotations must be 0 or 4, got 3"):
+    extract_codes.extract(workdir, str(tmp_path / "three"), rotations=3)
+  plain = str(tmp_path / "plain")
+  extract_codes.extract(workdir, plain, splits=["test[:6]"], batch_size=4)
+  record = os.path.join(plain, "extraction.json")
+  with open(record) as f:
+    done = json.load(f)
+  del done["rotations"]  # as an older vqjax wrote it
+  with open(record, "w") as f:
+    json.dump(done, f)
+  extract_codes.extract(workdir, plain, splits=["test[:6]"], batch_size=4)  # unrotated: fine
+  with pytest.raises(errors.UserError, match=r"rotations 0 \(now 4\)"):
+    extract_codes.extract(workdir, plain, splits=["test[:6]"], batch_size=4, rotations=4)
+
+
 def test_extraction_from_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
   (tmp_path / "checkpoints").mkdir()
   with pytest.raises(errors.UserError, match="no checkpoint"):

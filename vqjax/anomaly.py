@@ -2,7 +2,7 @@
 
   python -m vqjax.anomaly --workdir STAGE1 [--priors TOP,BOTTOM] [--anomaly_labels 8]
       [--quantile 0.95] [--max_examples 0] [--score max] [--restore_threshold 0.01]
-      [--memory 10000] [--k 5] [--out DIR]
+      [--memory 10000] [--k 5] [--rotation_priors TOP,BOTTOM] [--out DIR]
 
 A VQ-VAE trained on normal images only (`config.data.exclude_labels` leaves some classes out of
 training, e.g. `experiments/fashion_mnist_anomaly.py`) reconstructs what it never saw worse, and
@@ -21,7 +21,11 @@ scores). Every image gets these scores (higher = more anomalous):
   * nll_ratio (with --priors, unless --memory 0): nll minus the nats of the same codes under
     the code frequencies of those normal training images, a model without context: what the
     frequencies explain (plain or busy images) cancels, and what is left is whether the codes
-    fit together as in normal images (a likelihood ratio, Ren et al. 2019).
+    fit together as in normal images (a likelihood ratio, Ren et al. 2019);
+  * with --rotation_priors (one per code level, trained on `extract_codes --rotations 4` codes
+    with config.prior.class_conditional=True, num_classes=4): rotation, how badly the priors
+    name which of four quarter turns each rotated copy of the image has (GEOM's principle,
+    evaluation/rotation.py), and rotation_nll, the nats of the four copies' codes.
 
 This reads the run's eval split without the label filter and splits it by label:
 
@@ -68,6 +72,7 @@ ALIASES = {"max": "recon_max", "mean": "recon_mean"}
 # experiment's model (4x4 and 8x8 codes of 16 numbers), 12.2 GiB for the ImageNet VQ-VAE-2
 # (32x32 and 64x64 codes of 64 numbers): beyond this, a clear error instead of running out.
 MAX_BANK_BYTES = 4 * 2**30
+ROTATION_SCORES = ("rotation", "rotation_nll")  # with --rotation_priors
 
 
 def define_flags() -> None:
@@ -95,6 +100,9 @@ def define_flags() -> None:
     "memory", 10000, "Normal training images in the knn score's bank (0 = no knn score)."
   )
   flags.DEFINE_integer("k", 5, "Nearest neighbours the knn score averages.")
+  flags.DEFINE_list(
+    "rotation_priors", [], "Rotation priors of the run's code levels, TOP,BOTTOM (optional)."
+  )
   flags.DEFINE_integer("seed", 0, "Seed of the restoration draws.")
   flags.DEFINE_string("out", "", "Output directory (default WORKDIR).")
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
@@ -169,6 +177,20 @@ def _load(workdir: str, priors: list[str]) -> tuple[Any, Any, Any, list[tuple[An
   return config, model, variables, loaded
 
 
+def _rotation_scorer(workdir: str, rotation_priors: list[str], model: Any, variables: Any):
+  """The `rotation.RotationScorer` of the run's rotation priors; None without them."""
+  if not rotation_priors:
+    return None
+  from vqjax.evaluation import rotation
+  from vqjax.sampling import hierarchy
+
+  gen = hierarchy.Generator.from_runs(workdir, rotation_priors)
+  try:
+    return rotation.RotationScorer(model, variables, [(m, v) for _, m, v in gen.priors])
+  except ValueError as e:
+    raise errors.UserError(f"--rotation_priors: {e}") from None
+
+
 def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], size: int, k: int):
   """The knn score's bank: the first `size` images of the run's train split, without the run's
   excluded labels and without the anomaly labels."""
@@ -211,6 +233,7 @@ def run(
   seed: int = 0,
   memory: int = 10000,
   k: int = 5,
+  rotation_priors: list[str] | None = None,
 ) -> dict:
   """Scores a stage-1 run's eval split for anomalies and writes anomaly.json and anomaly.png.
 
@@ -230,6 +253,8 @@ def run(
     memory: normal training images in the knn score's bank (the first of the run's train
       split without the anomaly labels); 0 = no knn score.
     k: nearest neighbours the knn score averages.
+    rotation_priors: the rotation priors' workdirs, one per code level (any order): adds the
+      "rotation" and "rotation_nll" scores; None or [] = none.
 
   Returns:
     What anomaly.json holds: "scores" (per score: "auc", "threshold", "tpr" = share of
@@ -244,7 +269,8 @@ def run(
   Raises:
     errors.UserError: a quantile outside (0, 1), an unknown score, a negative --memory, a
       bank with fewer than --k images or over MAX_BANK_BYTES, a run that is not an
-      autoencoder, priors that do not belong to it or are class-conditional, no anomaly
+      autoencoder, priors that do not belong to it or are class-conditional, rotation priors
+      that do not belong to it or are not conditioned on 4 rotations, no anomaly
       labels, eval data without labels, no anomalous images, or fewer than two normal images.
   """
   # Checked before the (slow) imports of JAX and the model code.
@@ -261,12 +287,16 @@ def run(
   if 0 < memory < k:
     raise errors.UserError(f"--k {k} is more than the {memory} images --memory keeps in the bank")
   priors = [p for p in (priors or []) if p]
+  rotation_priors = [p for p in (rotation_priors or []) if p]
   knn = memory > 0
   score = ALIASES.get(score, score)
-  if score not in score_names(max(len(priors), 1), knn) or (
-    not priors and score not in score_names(0, knn)
+  if score in ROTATION_SCORES and not rotation_priors:
+    raise errors.UserError(f"--score {score} needs --rotation_priors")
+  if score not in ROTATION_SCORES and (
+    score not in score_names(max(len(priors), 1), knn)
+    or (not priors and score not in score_names(0, knn))
   ):
-    known = ", ".join(("max", "mean") + score_names(len(priors), knn)[2:])
+    known = ", ".join(("max", "mean") + score_names(len(priors), knn)[2:] + ROTATION_SCORES)
     more = "" if priors else " (the nll and restoration scores need --priors)"
     if score == "knn":
       more = " (knn needs --memory above 0)"
@@ -294,7 +324,8 @@ def run(
       type(model).__name__,
     )
     knn = False
-  names = score_names(len(loaded), knn)
+  rotations = _rotation_scorer(workdir, rotation_priors, model, variables)
+  names = score_names(len(loaded), knn) + (ROTATION_SCORES if rotations else ())
   if score not in names:
     raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")
   if labels is None:
@@ -306,7 +337,7 @@ def run(
     )
   bank = _memory_bank(config, model, variables, labels, memory, k) if knn else None
   scorer = anomaly.PriorScorer(model, variables, loaded, sigma, restore_threshold, bank)
-  map_key = "recon_map" if score in RECON_SCORES + ("knn",) else "restoration_map"
+  map_key = "recon_map" if score in RECON_SCORES + ("knn",) + ROTATION_SCORES else "restoration_map"
 
   # The eval split as it is, normal and anomalous images alike.
   data = config.data.copy_and_resolve_references()
@@ -333,6 +364,8 @@ def run(
     y = np.asarray(batch["label"])[keep].reshape(len(keep), -1)[:, 0].astype(np.int64)
     # The whole padded batch goes through the models, so every batch has one shape (one compile).
     got = scorer.score(batch["image"], jax.random.fold_in(rng, b))
+    if rotations:
+      got.update(rotations.score(batch["image"]))
     for k in scores:
       scores[k].append(np.asarray(got[k], np.float64)[keep])
     found.append(y)
@@ -393,6 +426,7 @@ def run(
     "eval_split": split,
     "workdir": paths.absolute(workdir),
     "priors": [paths.absolute(p) for p in priors],
+    "rotation_priors": [paths.absolute(p) for p in rotation_priors],
   }
   if bank is not None:
     result["memory"], result["k"] = len(bank.bank), bank.k
@@ -454,6 +488,7 @@ def main(argv):
       seed=flags.FLAGS.seed,
       memory=flags.FLAGS.memory,
       k=flags.FLAGS.k,
+      rotation_priors=flags.FLAGS.rotation_priors,
     )
   width = max(len(k) for k in result)
   for key in sorted(result):

@@ -33,6 +33,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch", 0, "Examples per encoding batch (0 = eval batch size).")
   flags.DEFINE_integer("examples_per_shard", 10_000, "Examples per ArrayRecord shard.")
   flags.DEFINE_integer("step", None, "Checkpoint step of the stage-1 run (default newest).")
+  flags.DEFINE_integer(
+    "rotations", 0, "4: each image as 4 examples, rotated 0-3 quarter turns, labelled 0-3."
+  )
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
 
@@ -50,9 +53,11 @@ def _stage1_record(workdir: str, out: str, config, step) -> dict:
 
 
 _EXTRACTION = "extraction.json"
+# What an extraction.json written before a setting existed means by its absence.
+_BEFORE = {"rotations": 0}
 
 
-def _check_extraction(out, stage1, splits, examples_per_shard, process_index) -> None:
+def _check_extraction(out, stage1, splits, examples_per_shard, process_index, rotations=0) -> None:
   """Shards already in `out` count as done only if they were written from the same checkpoint
   step and the same split slices: `out/extraction.json`, written before the first shard,
   records them; a different request is a one-line error rather than codes mixed silently."""
@@ -63,6 +68,7 @@ def _check_extraction(out, stage1, splits, examples_per_shard, process_index) ->
     "stage1_step": stage1["step"],
     "splits": {sources.parse_split(s)[0]: s for s in splits},
     "examples_per_shard": int(examples_per_shard),
+    "rotations": int(rotations),
   }
   path = os.path.join(out, _EXTRACTION)
   try:
@@ -81,9 +87,10 @@ def _check_extraction(out, stage1, splits, examples_per_shard, process_index) ->
     write(wanted)
     return
   problems = [
-    f"{k} {done.get(k)!r} (now {v!r})"
+    f"{k} {done.get(k, _BEFORE.get(k))!r} (now {v!r})"
     for k, v in wanted.items()
-    if k not in ("splits", "stage1_workdir") and done.get(k) != v  # a moved workdir is fine
+    # a moved workdir is fine
+    if k not in ("splits", "stage1_workdir") and done.get(k, _BEFORE.get(k)) != v
   ]
   for base, spec in wanted["splits"].items():
     before = (done.get("splits") or {}).get(base)
@@ -105,6 +112,7 @@ def extract(
   batch_size: int = 0,
   examples_per_shard: int = 10_000,
   step: int | None = None,
+  rotations: int = 0,
 ) -> dict:
   """Writes the code dataset of a stage-1 run (see the module docstring).
 
@@ -115,12 +123,16 @@ def extract(
     batch_size: examples per encoding batch; 0 = the run's eval batch size.
     examples_per_shard: examples per shard.
     step: the stage-1 checkpoint step; None = the newest good one.
+    rotations: 0, or 4: every image becomes 4 examples in a row, the image rotated 0, 1, 2 and
+      3 quarter turns counter-clockwise, labelled by the turns instead of its own label: the
+      training set of rotation priors (evaluation/rotation.py). Square images only.
 
   Returns:
     The metadata written.
 
   Raises:
-    errors.UserError: no trained model in `workdir`, or `out` holds codes of another model.
+    errors.UserError: no trained model in `workdir`, `out` holds codes of another model or
+      extraction, or `rotations` is not 0 or 4.
   """
   import jax
   import numpy as np
@@ -129,6 +141,7 @@ def extract(
 
   from vqjax import runs
   from vqjax.data import codes, pipeline, sources
+  from vqjax.evaluation import rotation
   from vqjax.models import registry
   from vqjax.training import tasks
 
@@ -138,6 +151,9 @@ def extract(
   data = config.data
   splits = splits or [data.train_split, data.eval_split]
   batch_size = batch_size or data.eval_batch_size
+  if rotations not in (0, rotation.ROTATIONS):
+    raise errors.UserError(f"--rotations must be 0 or {rotation.ROTATIONS}, got {rotations}")
+  copies = rotations or 1
   pi, pc = jax.process_index(), jax.process_count()
   stage1 = _stage1_record(workdir, out, config, step)
   epath.Path(out).mkdir(parents=True, exist_ok=True)
@@ -150,7 +166,7 @@ def extract(
         f"({links.resolve(old['stage1']['workdir'], out)}); choose "
         "another --out or delete it"
       )
-  _check_extraction(out, stage1, splits, examples_per_shard, pi)
+  _check_extraction(out, stage1, splits, examples_per_shard, pi, rotations)
 
   encode = jax.jit(lambda v, x: model.apply(v, x, method="encode_to_indices"))
   image = np.zeros((1, data.image_size, data.image_size, data.channels), np.float32)
@@ -163,7 +179,8 @@ def extract(
     "image_shape": [data.image_size, data.image_size, data.channels],
     "stage1": stage1,
     "splits": {},
-    "has_labels": False,
+    "has_labels": bool(rotations),
+    "rotations": int(rotations),
   }
   for split in splits:
     base, _ = sources.parse_split(split)
@@ -184,18 +201,27 @@ def extract(
         for start in range(lo, hi, batch_size):
           idx = np.arange(start, min(start + batch_size, hi))
           batch = pipeline.transform_batch(pipeline.load_batch(source, idx, data), data)
-          maps = [np.asarray(c) for c in encode(variables, batch["image"])]
           labels = batch.get("label")
+          if rotations:
+            maps = [
+              [np.asarray(c) for c in encode(variables, rotation.rotate(batch["image"], t))]
+              for t in range(rotations)
+            ]
+          else:
+            maps = [[np.asarray(c) for c in encode(variables, batch["image"])]]
           for j in range(len(idx)):
-            example = {f"codes{i}": m[j].astype(np.uint16) for i, m in enumerate(maps)}
-            if labels is not None:
-              example["label"] = np.int32(labels[j])
-            writer.write(codes.encode_example(example))
+            for t, rotated in enumerate(maps):
+              example = {f"codes{i}": m[j].astype(np.uint16) for i, m in enumerate(rotated)}
+              if rotations:
+                example["label"] = np.int32(t)
+              elif labels is not None:
+                example["label"] = np.int32(labels[j])
+              writer.write(codes.encode_example(example))
           done += len(idx)
           written += len(idx)
       finally:
         writer.close()
-      codes.finish_shard(tmp, path, hi - lo)
+      codes.finish_shard(tmp, path, (hi - lo) * copies)
       rate = written / max(time.perf_counter() - t0, 1e-9)
       logging.info(
         "%s: shard %d/%d written, %d/%d examples (%.0f examples/s)",
@@ -208,7 +234,7 @@ def extract(
       )
     has_labels = n > 0 and "label" in pipeline.load_batch(source, np.arange(1), data)
     meta["has_labels"] = meta["has_labels"] or has_labels
-    meta["splits"][base] = {"num_examples": n, "num_shards": num_shards}
+    meta["splits"][base] = {"num_examples": n * copies, "num_shards": num_shards}
   if pc > 1:
     multihost_utils.sync_global_devices("vqjax.extract_codes")
   if pi == 0:
@@ -239,6 +265,7 @@ def main(argv):
       flags.FLAGS.batch,
       flags.FLAGS.examples_per_shard,
       flags.FLAGS.step,
+      flags.FLAGS.rotations,
     )
   shown = ", ".join(f"{k}={v['num_examples']}" for k, v in meta["splits"].items())
   print(f"codes written: {shown}", file=sys.stderr)
