@@ -9,17 +9,27 @@ Unconditional, because an image to screen has no label. Small, as `benchmarks/an
 trains one per level for every class: 32 channels, the top with 2 PixelBlocks and causal
 attention (2 heads), the bottom with 1 PixelBlock and a 1-block conditioning stack, 300 steps
 of 64 maps each. `:smoke` and `:bottom_smoke` run one CPU step on synthetic codes.
+
+`:rotation` and `:bottom_rotation` are the rotation priors of the `rotation` anomaly score
+(vqjax/evaluation/rotation.py): the same models conditioned on the number of quarter turns,
+trained 600 steps on `python -m vqjax.extract_codes --rotations 4` codes (four maps an image):
+  python -m vqjax.extract_codes --workdir /tmp/anom/stage1 --out /tmp/anom/codes_rotated \
+      --rotations 4
+  python -m vqjax.train --config experiments/fashion_mnist_anomaly_prior.py:rotation \
+      --config.data.codes_dir=/tmp/anom/codes_rotated --workdir /tmp/anom/rotation_top
 """
 
 import ml_collections
 
 from vqjax import configs
+from vqjax.evaluation import rotation
 
 NUM_CODES = 64  # the stage-1 codebook size
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The top prior; variants "bottom", "smoke" (top) and "bottom_smoke"."""
+  """The top prior; variants "bottom", "rotation", "bottom_rotation", "smoke" (top) and
+  "bottom_smoke"."""
   c = configs.prior_config("workdirs/fashion_mnist_anomaly_codes", level=0, model="pixelsnail")
   c.vq.num_codes = NUM_CODES
   c.model.update(
@@ -40,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   variants = {
     "bottom": _bottom,
+    "rotation": _rotation,
+    "bottom_rotation": lambda c: _rotation(_bottom(c)),
     "smoke": configs.shrink_prior_for_smoke,
     "bottom_smoke": lambda c: configs.shrink_prior_for_smoke(_bottom(c)),
   }
@@ -49,4 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _bottom(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.prior.level = 1
   c.model.update(num_blocks=1, attention=False, num_cond_res_blocks=1, cond_res_channels=32)
+  return c
+
+
+def _rotation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.prior.update(class_conditional=True, num_classes=rotation.ROTATIONS)
+  c.train.steps = c.ckpt.every_steps = 600  # four rotated maps of every image: twice the steps
   return c
