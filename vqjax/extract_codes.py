@@ -1,6 +1,7 @@
 """Encodes a dataset with a trained stage-1 model into a code dataset for stage 2.
 
   python -m vqjax.extract_codes --workdir STAGE1_WORKDIR --out CODES_DIR [--splits train,test]
+      [--rotations 4]
 
 Every split of the run's dataset (default: its train and eval splits, unflipped, in example
 order) is encoded with `encode_to_indices` into one code map per level plus the label, and
@@ -8,6 +9,10 @@ written as ArrayRecord shards with `metadata.json` (data/codes.py). Shards are s
 processes (process p writes shards p, p + P, ...); each is written to a temporary file and
 renamed when complete, so a killed extraction restarts where it stopped and keeps the finished
 shards. Then: `--config.data.name=codes --config.data.codes_dir=CODES_DIR`.
+
+`--rotations 4` writes every image four times in a row, rotated 0-3 quarter turns and labelled
+by the turns instead of its class: the training set of the rotation priors of the `rotation`
+anomaly score (evaluation/rotation.py).
 """
 
 import json
