@@ -116,14 +116,13 @@ def prior_config(
   level: int, codes_dir: str, steps: int, smoke: bool, seed: int = 0, rotations: bool = False
 ):
   """The small unconditional PixelSNAIL of experiments/fashion_mnist_anomaly_prior.py; with
-  `rotations`, the same conditioned on the rotation (codes of `extract_codes --rotations 4`)."""
+  `rotations`, its rotation variant (codes of `extract_codes --rotations 4`)."""
   from vqjax import configs, pipeline
-  from vqjax.evaluation import rotation
 
-  c = configs.load_experiment("fashion_mnist_anomaly_prior" + (":bottom" if level else ""))
+  name = "fashion_mnist_anomaly_prior"
+  variant = "_".join(["bottom"] * bool(level) + ["rotation"] * rotations)  # e.g. bottom_rotation
+  c = configs.load_experiment(f"{name}:{variant}" if variant else name)
   c.seed = seed
-  if rotations:
-    c.prior.update(class_conditional=True, num_classes=rotation.ROTATIONS)
   c.train.steps = c.ckpt.every_steps = steps
   if smoke:
     c.data.update(batch_size=8, eval_batch_size=8, num_workers=0, worker_processes=0)
