@@ -133,3 +133,18 @@ def shared_cache(tmp_path_factory):
   """One persistent compilation cache per test module for every run of the Fashion-MNIST smoke
   model: the in-process run, the CLI runs and their resumes compile each program once."""
   return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def numpy_smoke_vqvae2():
+  """(config, model, variables): the quickstart's smoke VQ-VAE-2 with NumPy-drawn weights, the
+  stage-1 model of the prior-score tests (its codes are what they are; only their use is
+  tested)."""
+  from test_anomaly import _numpy_variables
+
+  from vqjax import configs
+  from vqjax.models import registry
+
+  config = configs.load_experiment("fashion_mnist:smoke")
+  model = registry.build_model(config)
+  return config, model, _numpy_variables(model, (1, 32, 32, 1))

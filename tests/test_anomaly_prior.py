@@ -10,11 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_anomaly import _numpy_variables
 
-from vqjax import configs
 from vqjax.evaluation import anomaly, memory
-from vqjax.models import registry
 
 
 class _MarkovPrior(nn.Module):
@@ -57,13 +54,6 @@ def _numpy_nll(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
   return out.reshape(codes.shape)
 
 
-@pytest.fixture(scope="module")
-def smoke():
-  config = configs.load_experiment("fashion_mnist:smoke")
-  model = registry.build_model(config)
-  return config, model, _numpy_variables(model, (1, 32, 32, 1))
-
-
 def test_code_nll_matches_numpy_log_softmax():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 3, 4, 7)) * 3
@@ -75,8 +65,8 @@ def test_code_nll_matches_numpy_log_softmax():
 
 
 @pytest.mark.slow
-def test_prior_scores_are_the_numpy_likelihood_of_the_codes(smoke):
-  config, model, variables = smoke
+def test_prior_scores_are_the_numpy_likelihood_of_the_codes(numpy_smoke_vqvae2):
+  config, model, variables = numpy_smoke_vqvae2
   k = config.vq.num_codes
   rng = np.random.default_rng(1)
   tables = [rng.normal(size=(k + 1, k)) * 2 for _ in range(2)]
@@ -111,8 +101,8 @@ def test_prior_scores_are_the_numpy_likelihood_of_the_codes(smoke):
 
 
 @pytest.mark.slow
-def test_restoration_keeps_an_image_whose_codes_are_all_likely(smoke):
-  config, model, variables = smoke
+def test_restoration_keeps_an_image_whose_codes_are_all_likely(numpy_smoke_vqvae2):
+  config, model, variables = numpy_smoke_vqvae2
   k = config.vq.num_codes
   # Every code has probability 1/K everywhere: above a threshold of 1/(2K), so none changes.
   priors = [(_MarkovPrior(_table(np.zeros((k + 1, k)))), {"params": {}}) for _ in range(2)]

@@ -13,11 +13,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_anomaly import _numpy_variables
 
-from vqjax import configs
 from vqjax.evaluation import rotation
-from vqjax.models import registry
 
 
 class _LabelPrior(nn.Module):
@@ -58,13 +55,6 @@ def _log_softmax(row: np.ndarray) -> np.ndarray:
   return row - math.log(sum(math.exp(v) for v in row))
 
 
-@pytest.fixture(scope="module")
-def smoke():
-  config = configs.load_experiment("fashion_mnist:smoke")
-  model = registry.build_model(config)
-  return config, model, _numpy_variables(model, (1, 32, 32, 1))
-
-
 def test_rotate_is_the_counter_clockwise_quarter_turn():
   x = np.arange(2 * 3 * 3 * 2, dtype=np.float32).reshape(2, 3, 3, 2)
   expected = x
@@ -98,8 +88,8 @@ def test_recognition_scores_follow_their_definition():
 
 
 @pytest.mark.slow
-def test_scorer_log_likelihoods_are_the_numpy_sums_over_rotations_and_labels(smoke):
-  config, model, variables = smoke
+def test_scorer_log_likelihoods_are_the_numpy_sums_over_rotations_and_labels(numpy_smoke_vqvae2):
+  config, model, variables = numpy_smoke_vqvae2
   k = config.vq.num_codes
   rng = np.random.default_rng(1)
   by_label = [rng.normal(size=(4, k)) * 2 for _ in range(2)]
@@ -135,8 +125,8 @@ def test_scorer_log_likelihoods_are_the_numpy_sums_over_rotations_and_labels(smo
     np.testing.assert_allclose(scores[name], reference[name], rtol=1e-4)
 
 
-def test_scorer_refuses_priors_that_are_not_rotation_priors(smoke):
-  _, model, variables = smoke
+def test_scorer_refuses_priors_that_are_not_rotation_priors(numpy_smoke_vqvae2):
+  _, model, variables = numpy_smoke_vqvae2
   unconditional = _LabelPrior(((0.0,),), num_classes=0)
   with pytest.raises(ValueError, match="num_classes=0, not 4"):
     rotation.RotationScorer(model, variables, [(unconditional, {"params": {}})])
