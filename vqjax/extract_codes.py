@@ -130,7 +130,7 @@ def extract(
     step: the stage-1 checkpoint step; None = the newest good one.
     rotations: 0, or 4: every image becomes 4 examples in a row, the image rotated 0, 1, 2 and
       3 quarter turns counter-clockwise, labelled by the turns instead of its own label: the
-      training set of rotation priors (evaluation/rotation.py). Square images only.
+      training set of rotation priors (evaluation/rotation.py).
 
   Returns:
     The metadata written.
