@@ -13,13 +13,20 @@ class _Unhashable:
     self.scale = scale
 
 
-def test_built_once_per_model_and_the_oldest_dropped():
+def _counting_builder():
+  """A `per_model` function scaling by the model's scale, and the list of models it built for."""
   built = []
 
   @model_jit.per_model
   def scaled(model):
     built.append(model)
     return lambda x: x * model.scale
+
+  return scaled, built
+
+
+def test_built_once_per_model_and_the_oldest_dropped():
+  scaled, built = _counting_builder()
 
   a, b = _Unhashable(2.0), _Unhashable(3.0)
   assert float(scaled(a)(np.float32(1.5))) == 3.0
@@ -37,12 +44,7 @@ def test_built_once_per_model_and_the_oldest_dropped():
 
 
 def test_a_model_in_use_stays_while_newer_ones_come():
-  built = []
-
-  @model_jit.per_model
-  def scaled(model):
-    built.append(model)
-    return lambda x: x * model.scale
+  scaled, built = _counting_builder()
 
   a = _Unhashable(2.0)
   scaled(a)
