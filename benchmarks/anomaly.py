@@ -24,6 +24,16 @@ normal images' codes, then `vqjax.evaluation.anomaly.PriorScorer` on the whole t
                              images (their knn leaves each image's own bank entry out). No
                              anomaly weighs it, but the pair was chosen after both scores'
                              test AUCs were seen (benchmarks/RESULTS.md says so)
+  rotation, rotation_nll     how badly priors conditioned on the quarter turn (0-3) name the
+                             turn of the image's four rotated copies, and the copies' nats
+                             (evaluation/rotation.py)
+  combined_rotation          the mean z-score of knn, nll_ratio and rotation
+  classifier                 leave-one-out only: one minus the maximum softmax probability of
+                             a classifier trained on the nine normal classes' labels
+                             (evaluation/open_set.py); it uses the labels, which the other
+                             scores do not
+  combined_classifier        leave-one-out only: the mean z-score of knn, nll_ratio, rotation
+                             and classifier
 
 Each class appends one JSON line (AUCs, timings) to --out, keeps every per-image score in its
 run folder (scores.npz), and prints a progress line; the end prints the Markdown table of
@@ -69,28 +79,39 @@ SCORES = (
   "rotation_nll",
   "combined",
   "combined_rotation",
+  "classifier",
+  "combined_classifier",
 )
 COMBINED = ("knn", "nll_ratio")
 COMBINED_ROTATION = ("knn", "nll_ratio", "rotation")
-STANDARDISED = ("knn", "nll_ratio", "rotation")  # the scores the combinations z-score
+COMBINED_CLASSIFIER = ("knn", "nll_ratio", "rotation", "classifier")
+STANDARDISED = ("knn", "nll_ratio", "rotation", "classifier")  # what the combinations z-score
 ROTATION_SCORES = ("rotation", "rotation_nll")  # RotationScorer's
+# ClassifierScorer's, and what needs it: leave-one-out only, since one normal class has no
+# labels to tell apart.
+CLASSIFIER_SCORES = ("classifier", "combined_classifier")
 # PriorScorer's
 MODEL_SCORES = tuple(
-  k for k in SCORES if k not in ("knn_pixels", "combined", "combined_rotation") + ROTATION_SCORES
+  k
+  for k in SCORES
+  if k not in ("knn_pixels", "combined", "combined_rotation") + ROTATION_SCORES + CLASSIFIER_SCORES
 )
+# The classifier trains on the train split without its first rows, so that the normal images
+# that standardise its score (the first of the split) are images it never saw.
+CLASSIFIER_SKIP = 2000
 # Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images,
-# normal training images in the knn bank, rotation-prior steps).
+# normal training images in the knn bank, rotation-prior steps, classifier steps).
 # The rotation priors train on four rotated copies of every normal image: twice the steps.
 # "long" trains every model 1,000 steps instead of 300, with nothing else changed: the test of
 # whether longer training moves the scores (it did not, benchmarks/RESULTS.md). About twice the
 # time: leave-one-out alone took 22.3 minutes on the 2-core CPU, against 10.9.
 SIZES = {
-  "full": (300, 300, 1000, 0, 10000, 600),
-  "long": (1000, 1000, 1000, 0, 10000, 2000),
+  "full": (300, 300, 1000, 0, 10000, 600, 1500),
+  "long": (1000, 1000, 1000, 0, 10000, 2000, 1500),
   # The long stage 1 with the full size's priors: which of the two moved the long scores (the
   # codes did, benchmarks/RESULTS.md).
-  "long_stage1": (1000, 300, 1000, 0, 10000, 600),
-  "smoke": (2, 2, 16, 64, 32, 2),
+  "long_stage1": (1000, 300, 1000, 0, 10000, 600, 1500),
+  "smoke": (2, 2, 16, 64, 32, 2, 2),
 }
 RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code (K = 64: 1/64)
 
@@ -130,6 +151,23 @@ def prior_config(
   return pipeline.prior_config(c, codes_dir, c.vq.num_codes)
 
 
+def classifier_config(normal: list[int], steps: int, smoke: bool, seed: int = 0):
+  """The residual classifier of experiments/classifier_fashion_mnist.py:anomaly on the `normal`
+  classes' labels, without the train split's first rows (CLASSIFIER_SKIP)."""
+  from vqjax import configs
+
+  c = configs.load_experiment("classifier_fashion_mnist:anomaly")
+  c.seed = seed
+  c.data.exclude_labels = tuple(k for k in range(10) if k not in normal)
+  c.data.train_split = f"train[{CLASSIFIER_SKIP}:]"
+  c.train.steps = c.ckpt.every_steps = steps
+  if smoke:
+    c.data.train_split = "train[64:512]"  # the smoke bank's rows are the first 512's
+    c.data.update(batch_size=8, eval_batch_size=8, num_workers=0, worker_processes=0)
+    c.log.every_steps = 1
+  return c
+
+
 def _train(config, workdir: str) -> None:
   from vqjax import runs
   from vqjax.training import trainer
@@ -153,9 +191,11 @@ def _images(data, max_examples: int):
   return (images[:max_examples], labels[:max_examples]) if max_examples else (images, labels)
 
 
-def score_all(scorer, images, batch_size: int, seed: int, rotations=None) -> dict[str, np.ndarray]:
+def score_all(
+  scorer, images, batch_size: int, seed: int, rotations=None, classifier=None
+) -> dict[str, np.ndarray]:
   """Every per-image score of `images`, in batches (the last one padded to the same shape);
-  with a `rotation.RotationScorer`, its scores too."""
+  with a `rotation.RotationScorer` or an `open_set.ClassifierScorer`, their scores too."""
   import jax
 
   out: dict[str, list] = {}
@@ -166,9 +206,14 @@ def score_all(scorer, images, batch_size: int, seed: int, rotations=None) -> dic
     if real < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
     s = scorer.score(batch, jax.random.fold_in(jax.random.key(seed), start))
+    keys = MODEL_SCORES + ("replaced",)
     if rotations is not None:
       s = {**s, **rotations.score(batch)}
-    for k in MODEL_SCORES + ("replaced",) + (ROTATION_SCORES if rotations is not None else ()):
+      keys += ROTATION_SCORES
+    if classifier is not None:
+      s = {**s, **classifier.score(batch)}
+      keys += ("classifier",)
+    for k in keys:
       out.setdefault(k, []).append(s[k][:real])
   return {k: np.concatenate(v) for k, v in out.items()}
 
@@ -177,12 +222,14 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   """Trains and scores one class of the protocol; returns its JSON line."""
   import jax
 
-  from vqjax import extract_codes
-  from vqjax.evaluation import anomaly, memory, rotation
+  from vqjax import extract_codes, runs
+  from vqjax.evaluation import anomaly, memory, open_set, rotation
   from vqjax.sampling import hierarchy
 
   smoke = size == "smoke"
-  stage1_steps, prior_steps, num_ref, num_test, num_bank, rotation_steps = SIZES[size]
+  size_settings = SIZES[size]
+  stage1_steps, prior_steps, num_ref, num_test, num_bank = size_settings[:5]
+  rotation_steps, classifier_steps = size_settings[5:]
   normal = [anomalous] if protocol == "one-class" else [k for k in range(10) if k != anomalous]
   # Seed 0 at the full size keeps the layout of the first runs; another size or seed has runs of
   # its own.
@@ -211,6 +258,16 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
     config_r = prior_config(level, rotated_codes, rotation_steps, smoke, seed, rotations=True)
     _train(config_r, path)
   times["rotation_priors"] = time.perf_counter() - t
+  # Leave-one-out's normal images have nine labels: a classifier of them (evaluation/open_set.py).
+  classifier = None
+  if protocol == "leave-one-out":
+    t = time.perf_counter()
+    _train(
+      classifier_config(normal, classifier_steps, smoke, seed), os.path.join(root, "classifier")
+    )
+    _, clf_model, clf_variables = runs.load_run(os.path.join(root, "classifier"))
+    classifier = open_set.ClassifierScorer(clf_model, clf_variables, normal)
+    times["classifier"] = time.perf_counter() - t
 
   t = time.perf_counter()
   gen = hierarchy.Generator.from_runs(os.path.join(root, "stage1"), priors)
@@ -233,7 +290,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   rotation_gen = hierarchy.Generator.from_runs(os.path.join(root, "stage1"), rotation_priors)
   rotations = rotation.RotationScorer(model, variables, [p[1:] for p in rotation_gen.priors])
   ref_images = bank_images[:num_ref]
-  ref = score_all(scorer, ref_images, batch, seed + 1, rotations)
+  ref = score_all(scorer, ref_images, batch, seed + 1, rotations, classifier)
   # The reference images are bank rows: their own row (distance 0) is left out of their knn.
   own = memory.Memory(bank.bank, bank.k + 1)
   ref["knn"] = np.concatenate(
@@ -245,15 +302,17 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   data.exclude_labels = ()
   data.eval_split = "test"
   images, labels = _images(data, num_test)
-  scores = score_all(scorer, images, batch, seed, rotations)
+  scores = score_all(scorer, images, batch, seed, rotations, classifier)
   pixels = memory.Memory(bank_images.reshape(len(bank_images), -1))
   flat = images.reshape(len(images), -1)
   scores["knn_pixels"] = np.concatenate(
     [pixels.score(flat[i : i + batch]) for i in range(0, len(flat), batch)]
   )
-  z = {k: (scores[k] - ref[k].mean()) / (ref[k].std() + 1e-12) for k in STANDARDISED}
+  z = {k: (scores[k] - ref[k].mean()) / (ref[k].std() + 1e-12) for k in STANDARDISED if k in ref}
   scores["combined"] = np.mean([z[k] for k in COMBINED], axis=0)
   scores["combined_rotation"] = np.mean([z[k] for k in COMBINED_ROTATION], axis=0)
+  if classifier is not None:
+    scores["combined_classifier"] = np.mean([z[k] for k in COMBINED_CLASSIFIER], axis=0)
   is_anomaly = ~np.isin(labels, normal)
   # Every per-image score, so that another combination can be measured without retraining:
   # test_NAME for the test images (with their labels), ref_NAME for the normal training images
@@ -264,7 +323,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
       f,
       labels=labels,
       **{f"test_{k}": v for k, v in scores.items()},
-      **{f"ref_{k}": ref[k] for k in STANDARDISED},
+      **{f"ref_{k}": ref[k] for k in STANDARDISED if k in ref},
     )
   os.replace(path + ".tmp", path)
   times["score"] = time.perf_counter() - t
@@ -274,7 +333,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
     "name": CLASSES[anomalous],
     "size": size,
     "seed": seed,
-    "auc": {k: anomaly.roc_auc(scores[k], is_anomaly) for k in SCORES},
+    "auc": {k: anomaly.roc_auc(scores[k], is_anomaly) for k in SCORES if k in scores},
     "replaced_normal": float(scores["replaced"][~is_anomaly].mean()),
     "replaced_anomalous": float(scores["replaced"][is_anomaly].mean()),
     "num_normal": int((~is_anomaly).sum()),
@@ -290,13 +349,20 @@ def run_name(protocol: str, size: str, seed: int) -> str:
 
 
 def table(lines: list[dict]) -> str:
-  """The Markdown table: one row per class, then the mean, one column per score."""
-  head = "| class | " + " | ".join(SCORES) + " |\n|---|" + "---:|" * len(SCORES) + "\n"
+  """The Markdown table: one row per class, then the mean, one column per score that some line
+  has ("-" where a line lacks it: the classifier scores of one-class lines)."""
+  names = [k for k in SCORES if any(k in r["auc"] for r in lines)]
+  head = "| class | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
   rows = []
   for r in sorted(lines, key=lambda r: r["class"]):
-    cells = " | ".join(f"{r['auc'][k]:.3f}" for k in SCORES)
+    cells = " | ".join(f"{r['auc'][k]:.3f}" if k in r["auc"] else "-" for k in names)
     rows.append(f"| {r['class']} {r['name']} | {cells} |")
-  mean = " | ".join(f"**{np.mean([r['auc'][k] for r in lines]):.3f}**" for k in SCORES)
+
+  def mean(k):
+    values = [r["auc"][k] for r in lines if k in r["auc"]]
+    return f"**{np.mean(values):.3f}**" if len(values) == len(lines) else "-"
+
+  mean = " | ".join(mean(k) for k in names)
   rows.append(f"| mean of {len(lines)} | {mean} |")
   return head + "\n".join(rows) + "\n"
 
@@ -344,7 +410,7 @@ def main(argv=None) -> int:
       f.write(json.dumps(line) + "\n")
     elapsed = time.perf_counter() - t0
     eta = elapsed / (n + 1) * (len(classes) - n - 1)
-    aucs = " ".join(f"{s}={line['auc'][s]:.3f}" for s in SCORES)
+    aucs = " ".join(f"{s}={line['auc'][s]:.3f}" for s in SCORES if s in line["auc"])
     print(
       f"[{n + 1}/{len(classes)}] {args.protocol} class {k} ({CLASSES[k]}): {aucs} | "
       f"{sum(line['seconds'].values()):.0f} s, elapsed {elapsed / 60:.1f} min, "

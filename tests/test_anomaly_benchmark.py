@@ -114,3 +114,53 @@ def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
   assert "[1/1] one-class class 8 (bag):" in out.stdout
   assert f"| 8 bag | {line['auc']['recon_max']:.3f} |" in out.stdout
   assert "| mean of 1 |" in out.stdout
+
+
+@pytest.mark.slow
+def test_leave_one_out_smoke_run_adds_the_classifier_scores(tmp_path):
+  if not sources.fashion_mnist_files_exist(FMNIST):
+    pytest.skip("Fashion-MNIST idx files not installed (apt install dataset-fashion-mnist)")
+  out = _bench(
+    "--protocol=leave-one-out", "--classes=8", "--size=smoke", f"--workdir={tmp_path}", timeout=1500
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(tmp_path / "leave-one-out_smoke.jsonl") as f:
+    (line,) = [json.loads(s) for s in f]
+  with gzip.open(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz")) as f:
+    labels = np.frombuffer(f.read()[8:], np.uint8)[:64]
+  is_anomaly = labels == 8  # bags held out, the nine other classes normal
+  assert set(line["auc"]) == set(SCORES) | {
+    "combined",
+    "combined_rotation",
+    "classifier",
+    "combined_classifier",
+  }
+  assert set(line["seconds"]) == {
+    "stage1",
+    "codes",
+    "priors",
+    "rotation_priors",
+    "classifier",
+    "score",
+  }
+  saved = np.load(tmp_path / "leave-one-out_smoke" / "class8" / "scores.npz")
+  np.testing.assert_array_equal(saved["labels"], labels)
+  for name in ("classifier", "combined_classifier"):
+    s = saved[f"test_{name}"]
+    a, n = s[is_anomaly][:, None], s[~is_anomaly][None, :]
+    assert np.isclose(line["auc"][name], np.mean((a > n) + 0.5 * (a == n))), name
+  # One minus a maximum softmax probability over nine classes lies in [0, 8/9].
+  assert np.all((saved["test_classifier"] >= 0) & (saved["test_classifier"] <= 8 / 9 + 1e-9))
+  assert len(saved["ref_classifier"]) == 16
+  names = ("knn", "nll_ratio", "rotation", "classifier")
+  z = [(saved[f"test_{k}"] - saved[f"ref_{k}"].mean()) / saved[f"ref_{k}"].std() for k in names]
+  np.testing.assert_allclose(saved["test_combined_classifier"], np.mean(z, axis=0), rtol=1e-6)
+  # The classifier never saw the bags, nor the first 64 training rows, among which are the 16
+  # normal images that standardise its score (the first nine-class images of train[:512]).
+  with open(tmp_path / "leave-one-out_smoke" / "class8" / "classifier" / "config.json") as f:
+    data = json.load(f)["data"]
+  assert (data["exclude_labels"], data["train_split"]) == ([8], "train[64:512]")
+  with gzip.open(os.path.join(FMNIST, "train-labels-idx1-ubyte.gz")) as f:
+    train_labels = np.frombuffer(f.read()[8:], np.uint8)[:512]
+  assert np.flatnonzero(train_labels != 8)[15] < 64
+  assert f"combined_classifier={line['auc']['combined_classifier']:.3f}" in out.stdout

@@ -350,3 +350,65 @@ def test_cli_prints_a_table_and_mistakes_in_one_line(tiny_run, tmp_path):
     result = json.load(f)
   assert result["anomaly_labels"] == [8, 9] and result["num_anomalous"] == 8
   assert ["auc", f"{result['auc']:.6g}"] in [line.split() for line in ok.stdout.splitlines()]
+
+
+def _classifier_run(path, stage1_data, exclude_labels):
+  """A classifier of the classifier experiment's smoke config on the stage-1 run's data, saved
+  as a run with the labels it was trained without, its weights from an init."""
+  config = configs.load_experiment("classifier_fashion_mnist:smoke")
+  for key in ("local_dir", "data_dir", "image_size", "resize", "channels"):
+    config.data[key] = stage1_data[key]
+  config.data.exclude_labels = exclude_labels
+  model = registry.build_model(config)
+  x = np.zeros((1, config.data.image_size, config.data.image_size, 1), np.float32)
+  variables = jax.jit(model.init)({"params": jax.random.key(2, impl="rbg")}, x)
+  # A converted run holds a VQ state beside the weights; a classifier's is empty.
+  convert.save_converted(str(path), config, {**variables, "vq_state": {}})
+  return str(path), model, variables
+
+
+@pytest.mark.slow
+def test_classifier_score_is_one_minus_the_max_softmax_over_normal_labels(tiny_run, tmp_path):
+  workdir, images, labels = tiny_run
+  stage1 = vqjax.load_run(workdir)[0]
+  path, model, variables = _classifier_run(tmp_path / "clf", stage1.data, (8,))
+  result = anomaly.run(workdir, str(tmp_path / "out"), classifier=path, score="classifier")
+  assert result["classifier"] == path and result["score"] == "classifier"
+  # Independent reference: images padded and scaled by hand, the softmax over labels 0-7 and 9
+  # in float64 (the classifier's ten logits include the anomaly's, which is dropped).
+  x = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None] / 127.5 - 1.0
+  logits = np.asarray(model.apply(variables, x.astype(np.float32)), np.float64)
+  kept = logits[:, [0, 1, 2, 3, 4, 5, 6, 7, 9]]
+  p = np.exp(kept - kept.max(1, keepdims=True))
+  expected = 1 - (p / p.sum(1, keepdims=True)).max(1)
+  with open(tmp_path / "out" / "anomaly_scores.csv") as f:
+    rows = [line.strip().split(",") for line in f]
+  column = rows[0].index("classifier")
+  written = np.array([float(r[column]) for r in rows[1:]])
+  np.testing.assert_allclose(written, expected, rtol=1e-4, atol=1e-6)
+  is_anomaly = labels == 8
+  normal = np.flatnonzero(~is_anomaly)
+  test = np.concatenate([normal[1::2], np.flatnonzero(is_anomaly)])
+  assert math.isclose(result["auc"], _pairwise_auc(written[test], is_anomaly[test]))
+  assert math.isclose(
+    result["threshold"], np.quantile(written[normal[0::2]], 0.95), rel_tol=1e-4, abs_tol=1e-7
+  )
+
+
+@pytest.mark.slow
+def test_classifier_mistakes_are_user_errors(tiny_run, tmp_path):
+  workdir = tiny_run[0]
+  out = str(tmp_path / "out")
+  stage1 = vqjax.load_run(workdir)[0]
+  with pytest.raises(errors.UserError, match="--score classifier needs --classifier"):
+    anomaly.run(workdir, out, score="classifier")
+  with pytest.raises(errors.UserError, match=r"--classifier: .* is not a classifier run"):
+    anomaly.run(workdir, out, classifier=workdir)
+  saw, _, _ = _classifier_run(tmp_path / "saw", stage1.data, ())
+  with pytest.raises(errors.UserError, match=r"trained on the anomaly labels \[8\]"):
+    anomaly.run(workdir, out, classifier=saw)
+  # Trained without 8 but asked about 9 as well.
+  fit, _, _ = _classifier_run(tmp_path / "fit", stage1.data, (8,))
+  with pytest.raises(errors.UserError, match=r"anomaly labels \[9\]"):
+    anomaly.run(workdir, out, anomaly_labels=[8, 9], classifier=fit)
+  assert not os.path.exists(out)

@@ -2,7 +2,7 @@
 
   python -m vqjax.anomaly --workdir STAGE1 [--priors TOP,BOTTOM] [--anomaly_labels 8]
       [--quantile 0.95] [--max_examples 0] [--score max] [--restore_threshold 0.01]
-      [--memory 10000] [--k 5] [--rotation_priors TOP,BOTTOM] [--out DIR]
+      [--memory 10000] [--k 5] [--rotation_priors TOP,BOTTOM] [--classifier RUN] [--out DIR]
 
 A VQ-VAE trained on normal images only (`config.data.exclude_labels` leaves some classes out of
 training, e.g. `experiments/fashion_mnist_anomaly.py`) reconstructs what it never saw worse, and
@@ -25,7 +25,10 @@ scores). Every image gets these scores (higher = more anomalous):
   * with --rotation_priors (one per code level, trained on `extract_codes --rotations 4` codes
     with config.prior.class_conditional=True, num_classes=4): rotation, how badly the priors
     name which of four quarter turns each rotated copy of the image has (GEOM's principle,
-    evaluation/rotation.py), and rotation_nll, the nats of the four copies' codes.
+    evaluation/rotation.py), and rotation_nll, the nats of the four copies' codes;
+  * with --classifier (a classifier run trained on the normal classes' labels, with the anomaly
+    labels in its data.exclude_labels): classifier, one minus its maximum softmax probability
+    over the normal labels (evaluation/open_set.py). It needs normal data of several classes.
 
 This reads the run's eval split without the label filter and splits it by label:
 
@@ -73,6 +76,7 @@ ALIASES = {"max": "recon_max", "mean": "recon_mean"}
 # (32x32 and 64x64 codes of 64 numbers): beyond this, a clear error instead of running out.
 MAX_BANK_BYTES = 4 * 2**30
 ROTATION_SCORES = ("rotation", "rotation_nll")  # with --rotation_priors
+CLASSIFIER_SCORES = ("classifier",)  # with --classifier
 
 
 def define_flags() -> None:
@@ -102,6 +106,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("k", 5, "Nearest neighbours the knn score averages.")
   flags.DEFINE_list(
     "rotation_priors", [], "Rotation priors of the run's code levels, TOP,BOTTOM (optional)."
+  )
+  flags.DEFINE_string(
+    "classifier", "", "A classifier run trained on the normal labels only (optional)."
   )
   flags.DEFINE_integer("seed", 0, "Seed of the restoration draws.")
   flags.DEFINE_string("out", "", "Output directory (default WORKDIR).")
@@ -191,6 +198,29 @@ def _rotation_scorer(workdir: str, rotation_priors: list[str], model: Any, varia
     raise errors.UserError(f"--rotation_priors: {e}") from None
 
 
+def _classifier_scorer(path: str, config: Any, labels: list[int]):
+  """The `open_set.ClassifierScorer` of the classifier run at `path`, over the labels of the
+  stage-1 run's eval data that are not anomalous; None without a path."""
+  if not path:
+    return None
+  from vqjax import runs
+  from vqjax.evaluation import open_set
+  from vqjax.sampling import hierarchy
+
+  hierarchy.check_run(path, "classifier", "--classifier")
+  clf_config, model, variables = runs.load_run(path)
+  hierarchy.check_run(path, "classifier", "--classifier", clf_config.task)
+  problems = open_set.check_inputs(clf_config.data, config.data, labels)
+  if problems:
+    raise errors.UserError(f"--classifier {path}: {'; '.join(problems)}")
+  classes = int(clf_config.classifier.num_classes)
+  normal = [k for k in range(classes) if k not in set(labels) | set(clf_config.data.exclude_labels)]
+  try:
+    return open_set.ClassifierScorer(model, variables, normal)
+  except ValueError as e:
+    raise errors.UserError(f"--classifier {path}: {e}") from None
+
+
 def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], size: int, k: int):
   """The knn score's bank: the first `size` images of the run's train split, without the run's
   excluded labels and without the anomaly labels."""
@@ -234,6 +264,7 @@ def run(
   memory: int = 10000,
   k: int = 5,
   rotation_priors: list[str] | None = None,
+  classifier: str = "",
 ) -> dict:
   """Scores a stage-1 run's eval split for anomalies and writes anomaly.json and anomaly.png.
 
@@ -255,6 +286,8 @@ def run(
     k: nearest neighbours the knn score averages.
     rotation_priors: the rotation priors' workdirs, one per code level (any order): adds the
       "rotation" and "rotation_nll" scores; None or [] = none.
+    classifier: a classifier run trained on the normal labels only: adds the "classifier"
+      score; "" = none.
 
   Returns:
     What anomaly.json holds: "scores" (per score: "auc", "threshold", "tpr" = share of
@@ -270,7 +303,8 @@ def run(
     errors.UserError: a quantile outside (0, 1), an unknown score, a negative --memory, a
       bank with fewer than --k images or over MAX_BANK_BYTES, a run that is not an
       autoencoder, priors that do not belong to it or are class-conditional, rotation priors
-      that do not belong to it or are not conditioned on 4 rotations, no anomaly
+      that do not belong to it or are not conditioned on 4 rotations, a classifier run of
+      other data or trained on the anomaly labels, no anomaly
       labels, eval data without labels, no anomalous images, or fewer than two normal images.
   """
   # Checked before the (slow) imports of JAX and the model code.
@@ -292,11 +326,14 @@ def run(
   score = ALIASES.get(score, score)
   if score in ROTATION_SCORES and not rotation_priors:
     raise errors.UserError(f"--score {score} needs --rotation_priors")
-  if score not in ROTATION_SCORES and (
+  if score in CLASSIFIER_SCORES and not classifier:
+    raise errors.UserError(f"--score {score} needs --classifier")
+  extra = ROTATION_SCORES + CLASSIFIER_SCORES
+  if score not in extra and (
     score not in score_names(max(len(priors), 1), knn)
     or (not priors and score not in score_names(0, knn))
   ):
-    known = ", ".join(("max", "mean") + score_names(len(priors), knn)[2:] + ROTATION_SCORES)
+    known = ", ".join(("max", "mean") + score_names(len(priors), knn)[2:] + extra)
     more = "" if priors else " (the nll and restoration scores need --priors)"
     if score == "knn":
       more = " (knn needs --memory above 0)"
@@ -325,9 +362,6 @@ def run(
     )
     knn = False
   rotations = _rotation_scorer(workdir, rotation_priors, model, variables)
-  names = score_names(len(loaded), knn) + (ROTATION_SCORES if rotations else ())
-  if score not in names:
-    raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")
   if labels is None:
     labels = _parse_labels(list(config.data.exclude_labels))
   if not labels:
@@ -335,9 +369,17 @@ def run(
       f"no anomaly labels: {workdir} left no label out of training (data.exclude_labels is "
       "empty); pass --anomaly_labels"
     )
+  classifier_scorer = _classifier_scorer(classifier, config, labels)
+  names = (
+    score_names(len(loaded), knn)
+    + (ROTATION_SCORES if rotations else ())
+    + (CLASSIFIER_SCORES if classifier_scorer else ())
+  )
+  if score not in names:
+    raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")
   bank = _memory_bank(config, model, variables, labels, memory, k) if knn else None
   scorer = anomaly.PriorScorer(model, variables, loaded, sigma, restore_threshold, bank)
-  map_key = "recon_map" if score in RECON_SCORES + ("knn",) + ROTATION_SCORES else "restoration_map"
+  map_key = "recon_map" if score in RECON_SCORES + ("knn",) + extra else "restoration_map"
 
   # The eval split as it is, normal and anomalous images alike.
   data = config.data.copy_and_resolve_references()
@@ -366,6 +408,8 @@ def run(
     got = scorer.score(batch["image"], jax.random.fold_in(rng, b))
     if rotations:
       got.update(rotations.score(batch["image"]))
+    if classifier_scorer:
+      got.update(classifier_scorer.score(batch["image"]))
     for k in scores:
       scores[k].append(np.asarray(got[k], np.float64)[keep])
     found.append(y)
@@ -427,6 +471,7 @@ def run(
     "workdir": paths.absolute(workdir),
     "priors": [paths.absolute(p) for p in priors],
     "rotation_priors": [paths.absolute(p) for p in rotation_priors],
+    "classifier": paths.absolute(classifier) if classifier else "",
   }
   if bank is not None:
     result["memory"], result["k"] = len(bank.bank), bank.k
@@ -489,6 +534,7 @@ def main(argv):
       memory=flags.FLAGS.memory,
       k=flags.FLAGS.k,
       rotation_priors=flags.FLAGS.rotation_priors,
+      classifier=flags.FLAGS.classifier,
     )
   width = max(len(k) for k in result)
   for key in sorted(result):

@@ -1,0 +1,78 @@
+"""Tests of vqjax/evaluation/open_set.py: the classifier score against its definition computed with
+`math`, the scorer against a NumPy softmax of the classifier's logits over the normal labels only,
+and the checks that refuse a classifier unfit for a stage-1 run's images."""
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from vqjax.evaluation import open_set
+from vqjax.models import classifier
+
+
+def test_max_softmax_score_matches_its_definition():
+  logits = [[0.0, math.log(3.0)], [2.0, 2.0], [-50.0, 700.0]]
+  # softmax max: 3/4, 1/2, and (without overflow) 1.
+  np.testing.assert_allclose(open_set.max_softmax_score(logits), [0.25, 0.5, 0.0], atol=1e-15)
+  # Only the listed columns enter the softmax: the huge logit of column 0 is dropped.
+  picked = open_set.max_softmax_score([[900.0, 0.0, math.log(3.0)]], labels=[2, 1])
+  assert math.isclose(picked[0], 0.25, rel_tol=1e-12)
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(5, 7)) * 3
+  cols = [0, 3, 4, 6]
+  expected = [
+    1 - max(math.exp(z[i, c]) for c in cols) / sum(math.exp(z[i, c]) for c in cols)
+    for i in range(5)
+  ]
+  np.testing.assert_allclose(open_set.max_softmax_score(z, cols), expected, rtol=1e-12)
+  with pytest.raises(ValueError, match=r"expected logits \[B, C\]"):
+    open_set.max_softmax_score(np.zeros(3))
+
+
+def test_scorer_uses_the_normal_labels_of_the_classifier_logits():
+  model = classifier.Classifier(num_classes=10, channels=8, num_stages=2)
+  x = jax.random.uniform(jax.random.key(0), (6, 16, 16, 1), minval=-1, maxval=1)
+  variables = jax.jit(model.init)({"params": jax.random.key(1, impl="rbg")}, x)
+  normal = [9, 0, 1, 2, 3, 4, 5, 7, 8]  # label 6 held out; any order
+  scorer = open_set.ClassifierScorer(model, variables, normal)
+  assert scorer.normal_labels == sorted(normal)
+  logits = np.asarray(model.apply(variables, x), np.float64)
+  np.testing.assert_allclose(scorer.logits(x), logits, rtol=1e-6, atol=1e-6)
+  kept = logits[:, sorted(normal)]
+  p = np.exp(kept - kept.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  got = scorer.score(x)
+  assert list(got) == ["classifier"] and got["classifier"].dtype == np.float64
+  np.testing.assert_allclose(got["classifier"], 1 - p.max(1), rtol=1e-5, atol=1e-7)
+  # All ten columns would give another score: the held-out logit is really dropped.
+  assert not np.allclose(open_set.max_softmax_score(logits), got["classifier"])
+
+
+def test_scorer_refuses_too_few_or_unknown_labels():
+  model = classifier.Classifier(num_classes=4, channels=8, num_stages=1)
+  with pytest.raises(ValueError, match="at least 2 normal labels"):
+    open_set.ClassifierScorer(model, {}, [2])
+  with pytest.raises(ValueError, match=r"outside the classifier's 4 classes"):
+    open_set.ClassifierScorer(model, {}, [0, 4])
+
+
+def _data(**kw):
+  base = dict(name="fashion_mnist", image_size=32, channels=1, resize="pad", exclude_labels=(8,))
+  return ml_collections.ConfigDict({**base, **kw})
+
+
+def test_check_inputs_names_every_mismatch():
+  assert open_set.check_inputs(_data(), _data(), [8]) == []
+  problems = open_set.check_inputs(_data(image_size=28, exclude_labels=()), _data(), [8])
+  assert problems == [
+    "its data.image_size is 28, the stage-1 run's 32",
+    "it was trained on the anomaly labels [8] (its data.exclude_labels is []): train it "
+    "without them",
+  ]
+  (problem,) = open_set.check_inputs(_data(exclude_labels=(8,)), _data(), [8, 9])
+  assert "anomaly labels [9]" in problem
+  (problem,) = open_set.check_inputs(_data(name="mnist"), _data(), [8])
+  assert problem == "its data.name is 'mnist', the stage-1 run's 'fashion_mnist'"
