@@ -402,6 +402,8 @@ def test_classifier_mistakes_are_user_errors(tiny_run, tmp_path):
   stage1 = vqjax.load_run(workdir)[0]
   with pytest.raises(errors.UserError, match="--score classifier needs --classifier"):
     anomaly.run(workdir, out, score="classifier")
+  with pytest.raises(errors.UserError, match=r"--classifier: .*nowhere is not a directory"):
+    anomaly.run(workdir, out, classifier=str(tmp_path / "nowhere"))
   with pytest.raises(errors.UserError, match=r"--classifier: .* is not a classifier run"):
     anomaly.run(workdir, out, classifier=workdir)
   saw, _, _ = _classifier_run(tmp_path / "saw", stage1.data, ())

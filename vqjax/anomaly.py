@@ -207,6 +207,8 @@ def _classifier_scorer(path: str, config: Any, labels: list[int]):
   from vqjax.evaluation import open_set
   from vqjax.sampling import hierarchy
 
+  if not epath.Path(paths.absolute(path)).is_dir():
+    raise errors.UserError(f"--classifier: {path} is not a directory")
   hierarchy.check_run(path, "classifier", "--classifier")
   clf_config, model, variables = runs.load_run(path)
   hierarchy.check_run(path, "classifier", "--classifier", clf_config.task)
