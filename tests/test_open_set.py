@@ -74,5 +74,7 @@ def test_check_inputs_names_every_mismatch():
   ]
   (problem,) = open_set.check_inputs(_data(exclude_labels=(8,)), _data(), [8, 9])
   assert "anomaly labels [9]" in problem
+  (problem,) = open_set.check_inputs(_data(exclude_labels=(3, 8)), _data(), [8])
+  assert problem.startswith("it was trained without the normal labels [3] (its data.exclude")
   (problem,) = open_set.check_inputs(_data(name="mnist"), _data(), [8])
   assert problem == "its data.name is 'mnist', the stage-1 run's 'fashion_mnist'"

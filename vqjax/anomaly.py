@@ -97,7 +97,7 @@ def define_flags() -> None:
     "score",
     "max",
     "The score thresholded first and shown: max, mean, knn, nll, nll_level0, ..., nll_ratio, "
-    "restoration_max.",
+    "restoration_max, rotation, rotation_nll, classifier.",
   )
   flags.DEFINE_float("restore_threshold", 0.01, "Restoration redraws codes less likely than this.")
   flags.DEFINE_integer(
@@ -215,8 +215,7 @@ def _classifier_scorer(path: str, config: Any, labels: list[int]):
   problems = open_set.check_inputs(clf_config.data, config.data, labels)
   if problems:
     raise errors.UserError(f"--classifier {path}: {'; '.join(problems)}")
-  classes = int(clf_config.classifier.num_classes)
-  normal = [k for k in range(classes) if k not in set(labels) | set(clf_config.data.exclude_labels)]
+  normal = [k for k in range(int(clf_config.classifier.num_classes)) if k not in labels]
   try:
     return open_set.ClassifierScorer(model, variables, normal)
   except ValueError as e:

@@ -92,10 +92,16 @@ def check_inputs(classifier_data: Any, data: Any, anomaly_labels: Any) -> list[s
     mine, theirs = classifier_data.get(key), data.get(key)
     if mine != theirs:
       problems.append(f"its data.{key} is {mine!r}, the stage-1 run's {theirs!r}")
-  seen = sorted(set(int(k) for k in anomaly_labels) - set(classifier_data.exclude_labels))
+  anomalous, excluded = {int(k) for k in anomaly_labels}, set(classifier_data.exclude_labels)
+  seen, unseen = sorted(anomalous - excluded), sorted(excluded - anomalous)
   if seen:
     problems.append(
       f"it was trained on the anomaly labels {seen} (its data.exclude_labels is "
-      f"{list(classifier_data.exclude_labels)}): train it without them"
+      f"{sorted(excluded)}): train it without them"
+    )
+  if unseen:
+    problems.append(
+      f"it was trained without the normal labels {unseen} (its data.exclude_labels is "
+      f"{sorted(excluded)}): it would call every normal image of them unfamiliar"
     )
   return problems
