@@ -60,19 +60,26 @@ def test_argument_mistakes_are_usage_errors(tmp_path):
   assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
-@pytest.mark.slow
-def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
+def _smoke_bag_run(protocol: str, tmp_path):
+  """Runs `protocol` for class 8 (bags) at the smoke size into tmp_path; returns (the process,
+  its JSON line, the labels of the 64 test images the smoke size scores, from the idx file)."""
   if not sources.fashion_mnist_files_exist(FMNIST):
     pytest.skip("Fashion-MNIST idx files not installed (apt install dataset-fashion-mnist)")
   out = _bench(
-    "--protocol=one-class", "--classes=8", "--size=smoke", f"--workdir={tmp_path}", timeout=1200
+    f"--protocol={protocol}", "--classes=8", "--size=smoke", f"--workdir={tmp_path}", timeout=1500
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  with open(tmp_path / "one-class_smoke.jsonl") as f:
+  with open(tmp_path / f"{protocol}_smoke.jsonl") as f:
     (line,) = [json.loads(s) for s in f]
-  # The smoke size scores the first 64 test images; bags (8) are the normal class.
   with gzip.open(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz")) as f:
     labels = np.frombuffer(f.read()[8:], np.uint8)[:64]
+  return out, line, labels
+
+
+@pytest.mark.slow
+def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
+  # Bags (8) are the normal class.
+  out, line, labels = _smoke_bag_run("one-class", tmp_path)
   # knn_pixels from the idx files alone: the first 32 bags of train[:512] are the bank, the
   # score the mean distance to the 5 nearest (padding and the [-1, 1] scale change no rank).
   with gzip.open(os.path.join(FMNIST, "train-labels-idx1-ubyte.gz")) as f:
@@ -118,16 +125,7 @@ def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
 
 @pytest.mark.slow
 def test_leave_one_out_smoke_run_adds_the_classifier_scores(tmp_path):
-  if not sources.fashion_mnist_files_exist(FMNIST):
-    pytest.skip("Fashion-MNIST idx files not installed (apt install dataset-fashion-mnist)")
-  out = _bench(
-    "--protocol=leave-one-out", "--classes=8", "--size=smoke", f"--workdir={tmp_path}", timeout=1500
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  with open(tmp_path / "leave-one-out_smoke.jsonl") as f:
-    (line,) = [json.loads(s) for s in f]
-  with gzip.open(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz")) as f:
-    labels = np.frombuffer(f.read()[8:], np.uint8)[:64]
+  out, line, labels = _smoke_bag_run("leave-one-out", tmp_path)
   is_anomaly = labels == 8  # bags held out, the nine other classes normal
   assert set(line["auc"]) == set(SCORES) | {
     "combined",
