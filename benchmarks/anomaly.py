@@ -358,12 +358,12 @@ def table(lines: list[dict]) -> str:
     cells = " | ".join(f"{r['auc'][k]:.3f}" if k in r["auc"] else "-" for k in names)
     rows.append(f"| {r['class']} {r['name']} | {cells} |")
 
-  def mean(k):
+  def mean_cell(k):
     values = [r["auc"][k] for r in lines if k in r["auc"]]
     return f"**{np.mean(values):.3f}**" if len(values) == len(lines) else "-"
 
-  mean = " | ".join(mean(k) for k in names)
-  rows.append(f"| mean of {len(lines)} | {mean} |")
+  means = " | ".join(mean_cell(k) for k in names)
+  rows.append(f"| mean of {len(lines)} | {means} |")
   return head + "\n".join(rows) + "\n"
 
 

@@ -209,7 +209,6 @@ def _classifier_scorer(path: str, config: Any, labels: list[int]):
 
   if not epath.Path(paths.absolute(path)).is_dir():
     raise errors.UserError(f"--classifier: {path} is not a directory")
-  hierarchy.check_run(path, "classifier", "--classifier")
   clf_config, model, variables = runs.load_run(path)
   hierarchy.check_run(path, "classifier", "--classifier", clf_config.task)
   problems = open_set.check_inputs(clf_config.data, config.data, labels)
