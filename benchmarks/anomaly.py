@@ -34,6 +34,11 @@ normal images' codes, then `vqjax.evaluation.anomaly.PriorScorer` on the whole t
                              scores do not
   combined_classifier        leave-one-out only: the mean z-score of knn, nll_ratio, rotation
                              and classifier
+  mahalanobis                leave-one-out only: the squared Mahalanobis distance of the
+                             classifier's features to the nearest normal class (class means
+                             and a shared covariance from 10,000 of its training images)
+  combined_mahalanobis       leave-one-out only: the mean z-score of knn, nll_ratio, rotation,
+                             classifier and mahalanobis
 
 Each class appends one JSON line (AUCs, timings) to --out, keeps every per-image score in its
 run folder (scores.npz), and prints a progress line; the end prints the Markdown table of
@@ -81,15 +86,19 @@ SCORES = (
   "combined_rotation",
   "classifier",
   "combined_classifier",
+  "mahalanobis",
+  "combined_mahalanobis",
 )
 COMBINED = ("knn", "nll_ratio")
 COMBINED_ROTATION = ("knn", "nll_ratio", "rotation")
 COMBINED_CLASSIFIER = ("knn", "nll_ratio", "rotation", "classifier")
-STANDARDISED = ("knn", "nll_ratio", "rotation", "classifier")  # what the combinations z-score
+COMBINED_MAHALANOBIS = ("knn", "nll_ratio", "rotation", "classifier", "mahalanobis")
+# What the combinations z-score.
+STANDARDISED = ("knn", "nll_ratio", "rotation", "classifier", "mahalanobis")
 ROTATION_SCORES = ("rotation", "rotation_nll")  # RotationScorer's
 # ClassifierScorer's, and what needs it: leave-one-out only, since one normal class has no
 # labels to tell apart.
-CLASSIFIER_SCORES = ("classifier", "combined_classifier")
+CLASSIFIER_SCORES = ("classifier", "combined_classifier", "mahalanobis", "combined_mahalanobis")
 # PriorScorer's
 MODEL_SCORES = tuple(
   k
@@ -99,6 +108,9 @@ MODEL_SCORES = tuple(
 # The classifier trains on the train split without its first rows, so that the normal images
 # that standardise its score (the first of the split) are images it never saw.
 CLASSIFIER_SKIP = 2000
+# The classifier's training images whose features fit the mahalanobis score's class Gaussians
+# (the first of its train split; smoke: all of its few).
+MAHALANOBIS_IMAGES = 10000
 # Sizes: (stage-1 steps, prior steps, normal training images for the z-scores, test images,
 # normal training images in the knn bank, rotation-prior steps, classifier steps).
 # The rotation priors train on four rotated copies of every normal image: twice the steps.
@@ -212,7 +224,7 @@ def score_all(
       keys += ROTATION_SCORES
     if classifier is not None:
       s = {**s, **classifier.score(batch)}
-      keys += ("classifier",)
+      keys += ("classifier",) + (("mahalanobis",) if classifier.gaussians is not None else ())
     for k in keys:
       out.setdefault(k, []).append(s[k][:real])
   return {k: np.concatenate(v) for k, v in out.items()}
@@ -265,8 +277,13 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
     _train(
       classifier_config(normal, classifier_steps, smoke, seed), os.path.join(root, "classifier")
     )
-    _, clf_model, clf_variables = runs.load_run(os.path.join(root, "classifier"))
+    clf_config, clf_model, clf_variables = runs.load_run(os.path.join(root, "classifier"))
     classifier = open_set.ClassifierScorer(clf_model, clf_variables, normal)
+    # Its own training images (labelled, normal, and none of the reference images) fit the
+    # Gaussians of the mahalanobis score.
+    fit_data = clf_config.data.copy_and_resolve_references()
+    fit_data.eval_split = fit_data.train_split
+    classifier = classifier.fit(*_images(fit_data, 0 if smoke else MAHALANOBIS_IMAGES))
     times["classifier"] = time.perf_counter() - t
 
   t = time.perf_counter()
@@ -313,6 +330,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   scores["combined_rotation"] = np.mean([z[k] for k in COMBINED_ROTATION], axis=0)
   if classifier is not None:
     scores["combined_classifier"] = np.mean([z[k] for k in COMBINED_CLASSIFIER], axis=0)
+    scores["combined_mahalanobis"] = np.mean([z[k] for k in COMBINED_MAHALANOBIS], axis=0)
   is_anomaly = ~np.isin(labels, normal)
   # Every per-image score, so that another combination can be measured without retraining:
   # test_NAME for the test images (with their labels), ref_NAME for the normal training images

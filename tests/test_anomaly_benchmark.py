@@ -132,6 +132,8 @@ def test_leave_one_out_smoke_run_adds_the_classifier_scores(tmp_path):
     "combined_rotation",
     "classifier",
     "combined_classifier",
+    "mahalanobis",
+    "combined_mahalanobis",
   }
   assert set(line["seconds"]) == {
     "stage1",
@@ -143,7 +145,7 @@ def test_leave_one_out_smoke_run_adds_the_classifier_scores(tmp_path):
   }
   saved = np.load(tmp_path / "leave-one-out_smoke" / "class8" / "scores.npz")
   np.testing.assert_array_equal(saved["labels"], labels)
-  for name in ("classifier", "combined_classifier"):
+  for name in ("classifier", "combined_classifier", "mahalanobis", "combined_mahalanobis"):
     s = saved[f"test_{name}"]
     a, n = s[is_anomaly][:, None], s[~is_anomaly][None, :]
     assert np.isclose(line["auc"][name], np.mean((a > n) + 0.5 * (a == n))), name
@@ -153,6 +155,9 @@ def test_leave_one_out_smoke_run_adds_the_classifier_scores(tmp_path):
   names = ("knn", "nll_ratio", "rotation", "classifier")
   z = [(saved[f"test_{k}"] - saved[f"ref_{k}"].mean()) / saved[f"ref_{k}"].std() for k in names]
   np.testing.assert_allclose(saved["test_combined_classifier"], np.mean(z, axis=0), rtol=1e-6)
+  names += ("mahalanobis",)
+  z = [(saved[f"test_{k}"] - saved[f"ref_{k}"].mean()) / saved[f"ref_{k}"].std() for k in names]
+  np.testing.assert_allclose(saved["test_combined_mahalanobis"], np.mean(z, axis=0), rtol=1e-6)
   # The classifier never saw the bags, nor the first 64 training rows, among which are the 16
   # normal images that standardise its score (the first nine-class images of train[:512]).
   with open(tmp_path / "leave-one-out_smoke" / "class8" / "classifier" / "config.json") as f:
@@ -162,3 +167,27 @@ def test_leave_one_out_smoke_run_adds_the_classifier_scores(tmp_path):
     train_labels = np.frombuffer(f.read()[8:], np.uint8)[:512]
   assert np.flatnonzero(train_labels != 8)[15] < 64
   assert f"combined_classifier={line['auc']['combined_classifier']:.3f}" in out.stdout
+  # mahalanobis in NumPy from the classifier's features: of the idx images, padded to 32x32 with
+  # black and scaled to [-1, 1]; the Gaussians from its non-bag training images train[64:512].
+  from vqjax import runs
+
+  _, model, variables = runs.load_run(
+    str(tmp_path / "leave-one-out_smoke" / "class8" / "classifier")
+  )
+  to_input = lambda x: np.pad(
+    x.reshape(-1, 28, 28, 1) / 127.5 - 1, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1
+  )
+  feats = lambda x: np.asarray(
+    model.apply(variables, to_input(x).astype(np.float32), method="features"), np.float64
+  )
+  with gzip.open(os.path.join(FMNIST, "train-labels-idx1-ubyte.gz")) as f:
+    fit_labels = np.frombuffer(f.read()[8:], np.uint8)[64:512]
+  fit = feats(_idx_images("train-images-idx3-ubyte.gz", 512)[64:][fit_labels != 8])
+  fit_labels = fit_labels[fit_labels != 8]
+  normal = [0, 1, 2, 3, 4, 5, 6, 7, 9]
+  means = {k: fit[fit_labels == k].mean(0) for k in normal}
+  dev = np.concatenate([fit[fit_labels == k] - means[k] for k in normal])
+  precision = np.linalg.pinv(dev.T @ dev / len(dev))
+  test = feats(_idx_images("t10k-images-idx3-ubyte.gz", 64))
+  expected = [min((f - m) @ precision @ (f - m) for m in means.values()) for f in test]
+  np.testing.assert_allclose(saved["test_mahalanobis"], expected, rtol=1e-3)

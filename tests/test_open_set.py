@@ -1,5 +1,6 @@
 """Tests of vqjax/evaluation/open_set.py: the classifier score against its definition computed with
 `math`, the scorer against a NumPy softmax of the classifier's logits over the normal labels only,
+the Mahalanobis score against a hand-derived case and a per-class loop with `np.linalg.solve`,
 and the checks that refuse a classifier unfit for a stage-1 run's images."""
 
 import math
@@ -49,6 +50,65 @@ def test_scorer_uses_the_normal_labels_of_the_classifier_logits():
   np.testing.assert_allclose(got["classifier"], 1 - p.max(1), rtol=1e-5, atol=1e-7)
   # All ten columns would give another score: the held-out logit is really dropped.
   assert not np.allclose(open_set.max_softmax_score(logits), got["classifier"])
+
+
+def test_mahalanobis_score_of_a_hand_derived_case():
+  # Class 0 at the corners (+-1, +-2) around (0, 0), class 5 the same around (4, 0): class means
+  # (0, 0) and (4, 0), shared covariance diag(1, 4) exactly.
+  corners = np.array([[1, 2], [1, -2], [-1, 2], [-1, -2]], np.float64)
+  features = np.concatenate([corners, corners + [4, 0]])
+  g = open_set.fit_gaussians(features, [0] * 4 + [5] * 4, normal_labels=[5, 0])
+  assert g.labels == (0, 5)
+  np.testing.assert_allclose(g.means, [[0, 0], [4, 0]], atol=1e-15)
+  np.testing.assert_allclose(g.precision, [[1, 0], [0, 0.25]], atol=1e-12)
+  # (1, 2): 1 + 4/4 = 2 from class 0, 9 + 1 = 10 from class 5. (3, 0): 9 or 1. (2, 4): 4 + 4 both.
+  got = open_set.mahalanobis_score([[1, 2], [3, 0], [2, 4]], g)
+  np.testing.assert_allclose(got, [2.0, 1.0, 8.0], rtol=1e-12)
+
+
+def test_mahalanobis_score_matches_a_loop_over_classes():
+  rng = np.random.default_rng(1)
+  labels = rng.choice([1, 3, 4], size=300)
+  features = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)) + labels[:, None] * 0.7
+  g = open_set.fit_gaussians(features, labels, [1, 3, 4])
+  means = {k: features[labels == k].mean(0) for k in (1, 3, 4)}
+  dev = np.concatenate([features[labels == k] - means[k] for k in (1, 3, 4)])
+  cov = np.cov(dev.T, bias=True)
+  x = rng.normal(size=(7, 5)) * 2
+  expected = [min(float((f - m) @ np.linalg.solve(cov, f - m)) for m in means.values()) for f in x]
+  np.testing.assert_allclose(open_set.mahalanobis_score(x, g), expected, rtol=1e-9)
+
+
+def test_fit_gaussians_refuses_labels_that_do_not_fit():
+  f = np.zeros((4, 2))
+  with pytest.raises(ValueError, match=r"labels \[7\] outside the normal \[0, 1\]"):
+    open_set.fit_gaussians(f, [0, 1, 7, 1], [0, 1])
+  with pytest.raises(ValueError, match=r"no fitting image has the normal labels \[2\]"):
+    open_set.fit_gaussians(f, [0, 1, 0, 1], [0, 1, 2])
+  with pytest.raises(ValueError, match=r"expected features \[N, D\] and labels \[N\]"):
+    open_set.fit_gaussians(f, [0, 1], [0, 1])
+
+
+def test_fitted_scorer_adds_the_mahalanobis_score_of_the_features():
+  model = classifier.Classifier(num_classes=4, channels=8, num_stages=2)
+  rng = jax.random.split(jax.random.key(2), 2)
+  train = jax.random.uniform(rng[0], (40, 16, 16, 1), minval=-1, maxval=1)
+  test = jax.random.uniform(rng[1], (6, 16, 16, 1), minval=-1, maxval=1)
+  variables = jax.jit(model.init)({"params": jax.random.key(3, impl="rbg")}, test)
+  labels = np.arange(40) % 3  # label 3 held out
+  scorer = open_set.ClassifierScorer(model, variables, [0, 1, 2])
+  fitted = scorer.fit(train, labels, batch_size=16)
+  assert scorer.gaussians is None and fitted.gaussians is not None
+  feats = lambda x: np.asarray(model.apply(variables, x, method="features"), np.float64)
+  ft, fx = feats(train), feats(test)
+  means = [ft[labels == k].mean(0) for k in range(3)]
+  dev = ft - np.stack(means)[labels]
+  precision = np.linalg.pinv(dev.T @ dev / len(ft))
+  expected = [min((f - m) @ precision @ (f - m) for m in means) for f in fx]
+  got = fitted.score(test)
+  assert sorted(got) == ["classifier", "mahalanobis"]
+  np.testing.assert_allclose(got["mahalanobis"], expected, rtol=1e-3)
+  np.testing.assert_allclose(got["classifier"], scorer.score(test)["classifier"], rtol=1e-12)
 
 
 def test_scorer_refuses_too_few_or_unknown_labels():

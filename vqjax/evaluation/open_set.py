@@ -9,6 +9,14 @@ Examples"): high when the classifier cannot name any normal class with confidenc
 runs over the normal labels only; a head with more classes (a run that kept the full dataset's
 `num_classes` and left some labels out of training) has those logits dropped first.
 
+A second score reads the classifier's pooled features instead of its head: the Mahalanobis
+distance to the nearest normal class, under one Gaussian per class with a covariance shared by
+all (Lee et al. 2018, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+Adversarial Attacks"; here on the last features only, without their input perturbation). The
+means and covariance come from labelled normal training images (`ClassifierScorer.fit`). It
+answers where the head is confidently wrong: an unseen class whose features fall far from every
+normal class even when one logit is large.
+
 The classifier is the library's own (models/classifier.py, the judge of rejection sampling),
 trained with `python -m vqjax.train --config experiments/classifier_fashion_mnist.py` and
 `config.data.exclude_labels` set to the anomalous classes. It needs labels, so it has no
@@ -16,8 +24,11 @@ place in the one-class protocol, where the normal data is a single class.
 
   scorer = open_set.ClassifierScorer(model, variables, normal_labels=[0, 1, ...])
   scores = scorer.score(images)   # {"classifier": float64 [B]}
+  scorer = scorer.fit(train_images, train_labels)
+  scores = scorer.score(images)   # {"classifier": ..., "mahalanobis": float64 [B]}
 """
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -38,25 +49,88 @@ def max_softmax_score(logits: Any, labels: Any = None) -> np.ndarray:
   return 1.0 - 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassGaussians:
+  """Class-conditional Gaussians with a shared covariance, fitted to features.
+
+  Attributes:
+    labels: the label of each mean, sorted.
+    means: float64 [K, D], the mean feature of each label.
+    precision: float64 [D, D], the pseudo-inverse of the shared covariance.
+  """
+
+  labels: tuple[int, ...]
+  means: np.ndarray
+  precision: np.ndarray
+
+
+def fit_gaussians(features: Any, labels: Any, normal_labels: Any) -> ClassGaussians:
+  """The `ClassGaussians` of features [N, D] with their labels [N], over `normal_labels`.
+
+  The covariance is the mean outer product of each feature's deviation from its own class mean
+  (the maximum-likelihood estimate, shared by the classes); its pseudo-inverse keeps directions
+  the features never vary in from dividing by zero.
+
+  Raises:
+    ValueError: mismatched shapes, a label outside `normal_labels`, or a normal label with no
+      feature.
+  """
+  f = np.asarray(features, np.float64)
+  y = np.asarray(labels, np.int64).reshape(-1)
+  if f.ndim != 2 or len(f) != len(y):
+    raise ValueError(f"expected features [N, D] and labels [N], got {f.shape} and {y.shape}")
+  normal = sorted({int(k) for k in normal_labels})
+  others = sorted(set(np.unique(y).tolist()) - set(normal))
+  if others:
+    raise ValueError(f"the fitting images have labels {others} outside the normal {normal}")
+  missing = [k for k in normal if not np.any(y == k)]
+  if missing:
+    raise ValueError(f"no fitting image has the normal labels {missing}")
+  means = np.stack([f[y == k].mean(axis=0) for k in normal])
+  centred = f - means[np.searchsorted(normal, y)]
+  covariance = centred.T @ centred / len(f)
+  return ClassGaussians(tuple(normal), means, np.linalg.pinv(covariance, hermitian=True))
+
+
+def mahalanobis_score(features: Any, gaussians: ClassGaussians) -> np.ndarray:
+  """min_k (f - mean_k)^T precision (f - mean_k), float64 [B], for features [B, D]: the
+  squared Mahalanobis distance to the nearest class."""
+  f = np.asarray(features, np.float64)
+  d = f[:, None, :] - gaussians.means[None]
+  return np.einsum("bkd,de,bke->bk", d, gaussians.precision, d).min(axis=1)
+
+
 @model_jit.per_model
 def _logits_fn(model: Any):
-  """The jitted `(variables, images) -> float32 logits` of a classifier in eval mode."""
+  """The jitted `(variables, images) -> (float32 features, float32 logits)` of a classifier in
+  eval mode: the pooled features and the head applied to them."""
 
   def fn(variables, images):
-    return model.apply(variables, images, train=False).astype(jnp.float32)
+    features = model.apply(variables, images, train=False, method="features")
+    logits = model.apply(variables, features, method=lambda m, f: m.head(f))
+    return features.astype(jnp.float32), logits.astype(jnp.float32)
 
   return fn
 
 
 class ClassifierScorer:
-  """The "classifier" score (module docstring) of a trained classifier.
+  """The "classifier" score (module docstring) of a trained classifier, and with `fit` the
+  "mahalanobis" score of its features.
 
   Attributes:
-    model, variables: the classifier (`model.apply(variables, images, train=False)` -> logits).
+    model, variables: the classifier (`model.apply(variables, images, train=False)` -> logits;
+      `method="features"` -> its pooled features, the head's input).
     normal_labels: the labels it was trained on, the columns the softmax keeps (sorted).
+    gaussians: the `ClassGaussians` of its features, None before `fit`.
   """
 
-  def __init__(self, model: Any, variables: Any, normal_labels: Any):
+  def __init__(
+    self,
+    model: Any,
+    variables: Any,
+    normal_labels: Any,
+    gaussians: ClassGaussians | None = None,
+  ):
     labels = sorted({int(k) for k in normal_labels})
     classes = getattr(model, "num_classes", None)
     if len(labels) < 2:
@@ -67,15 +141,52 @@ class ClassifierScorer:
     if classes is not None and (labels[0] < 0 or labels[-1] >= classes):
       raise ValueError(f"normal labels {labels} are outside the classifier's {classes} classes")
     self.model, self.variables, self.normal_labels = model, variables, labels
+    self.gaussians = gaussians
+
+  def features_and_logits(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+    """float64 features [B, D] and logits [B, num_classes] of images [B, H, W, C] in [-1, 1]."""
+    images = jnp.asarray(images, jnp.float32)
+    features, logits = _logits_fn(self.model)(self.variables, images)
+    return np.asarray(features, np.float64), np.asarray(logits, np.float64)
 
   def logits(self, images: Any) -> np.ndarray:
     """float64 logits [B, num_classes] of images [B, H, W, C] in [-1, 1]."""
-    images = jnp.asarray(images, jnp.float32)
-    return np.asarray(_logits_fn(self.model)(self.variables, images), np.float64)
+    return self.features_and_logits(images)[1]
+
+  def fit(self, images: Any, labels: Any, batch_size: int = 500) -> "ClassifierScorer":
+    """This scorer with the `ClassGaussians` of the features of labelled normal images.
+
+    Args:
+      images: float [N, H, W, C] in [-1, 1], normal training images (the classifier's own
+        training images serve: Lee et al. fit on the training set).
+      labels: int [N], each a normal label; every normal label must occur.
+      batch_size: images per forward pass.
+
+    Raises:
+      ValueError: as `fit_gaussians`.
+    """
+    images = np.asarray(images)
+    features = (
+      np.concatenate(
+        [
+          self.features_and_logits(images[i : i + batch_size])[0]
+          for i in range(0, len(images), batch_size)
+        ]
+      )
+      if len(images)
+      else np.zeros((0, 0))
+    )
+    gaussians = fit_gaussians(features, labels, self.normal_labels)
+    return ClassifierScorer(self.model, self.variables, self.normal_labels, gaussians)
 
   def score(self, images: Any) -> dict[str, np.ndarray]:
-    """{"classifier": float64 [B]}: `max_softmax_score` over the normal labels."""
-    return {"classifier": max_softmax_score(self.logits(images), self.normal_labels)}
+    """{"classifier": float64 [B]}: `max_softmax_score` over the normal labels; after `fit`
+    also "mahalanobis": `mahalanobis_score` of the features."""
+    features, logits = self.features_and_logits(images)
+    out = {"classifier": max_softmax_score(logits, self.normal_labels)}
+    if self.gaussians is not None:
+      out["mahalanobis"] = mahalanobis_score(features, self.gaussians)
+    return out
 
 
 def check_inputs(classifier_data: Any, data: Any, anomaly_labels: Any) -> list[str]:
