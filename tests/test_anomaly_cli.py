@@ -393,6 +393,31 @@ def test_classifier_score_is_one_minus_the_max_softmax_over_normal_labels(tiny_r
   assert math.isclose(
     result["threshold"], np.quantile(written[normal[0::2]], 0.95), rel_tol=1e-4, abs_tol=1e-7
   )
+  # mahalanobis: the features of the classifier's own training images (the fake train[:64], its
+  # smoke split, without bags; rebuilt from the same seed) fit the class means and the shared
+  # covariance, in float64 NumPy.
+  train_images, train_labels = _write_fashion_dir(tmp_path / "again")["train"]
+  keep = (np.arange(len(train_labels)) < 64) & (train_labels != 8)
+  assert result["classifier_images"] == int(keep.sum())
+
+  def features(im):
+    x = np.pad(im, ((0, 0), (2, 2), (2, 2)))[..., None] / 127.5 - 1.0
+    return np.asarray(model.apply(variables, x.astype(np.float32), method="features"), np.float64)
+
+  fit, fit_labels = features(train_images[keep]), train_labels[keep]
+  means = {c: fit[fit_labels == c].mean(0) for c in (0, 1, 2, 3, 4, 5, 6, 7, 9)}
+  dev = fit - np.stack([means[c] for c in fit_labels])
+  precision = np.linalg.pinv(dev.T @ dev / len(fit))
+  expected = [min((f - m) @ precision @ (f - m) for m in means.values()) for f in features(images)]
+  column = rows[0].index("mahalanobis")
+  written = np.array([float(r[column]) for r in rows[1:]])
+  np.testing.assert_allclose(written, expected, rtol=1e-3)
+  assert math.isclose(
+    result["scores"]["mahalanobis"]["auc"], _pairwise_auc(written[test], is_anomaly[test])
+  )
+  # --classifier_images 0 leaves the score out.
+  result = anomaly.run(workdir, str(tmp_path / "out0"), classifier=path, classifier_images=0)
+  assert "mahalanobis" not in result["scores"] and "classifier_images" not in result
 
 
 @pytest.mark.slow
@@ -402,6 +427,10 @@ def test_classifier_mistakes_are_user_errors(tiny_run, tmp_path):
   stage1 = vqjax.load_run(workdir)[0]
   with pytest.raises(errors.UserError, match="--score classifier needs --classifier"):
     anomaly.run(workdir, out, score="classifier")
+  with pytest.raises(errors.UserError, match="--score mahalanobis needs --classifier"):
+    anomaly.run(workdir, out, score="mahalanobis")
+  with pytest.raises(errors.UserError, match="--classifier_images must be >= 0"):
+    anomaly.run(workdir, out, classifier_images=-1)
   with pytest.raises(errors.UserError, match=r"--classifier: .*nowhere is not a directory"):
     anomaly.run(workdir, out, classifier=str(tmp_path / "nowhere"))
   with pytest.raises(errors.UserError, match=r"--classifier: .* is not a classifier run"):
@@ -413,4 +442,13 @@ def test_classifier_mistakes_are_user_errors(tiny_run, tmp_path):
   fit, _, _ = _classifier_run(tmp_path / "fit", stage1.data, (8,))
   with pytest.raises(errors.UserError, match=r"anomaly labels \[9\]"):
     anomaly.run(workdir, out, anomaly_labels=[8, 9], classifier=fit)
+  with pytest.raises(errors.UserError, match="--score mahalanobis needs --classifier_images"):
+    anomaly.run(workdir, out, classifier=fit, score="mahalanobis", classifier_images=0)
+  # The first 3 training images have labels 0, 1, 2: six normal labels have no Gaussian.
+  with pytest.raises(
+    errors.UserError,
+    match=r"cannot fit the mahalanobis score \(no fitting image has the normal labels "
+    r"\[3, 4, 5, 6, 7, 9\]\); --classifier_images 0 leaves",
+  ):
+    anomaly.run(workdir, out, classifier=fit, classifier_images=3)
   assert not os.path.exists(out)

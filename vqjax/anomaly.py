@@ -2,7 +2,8 @@
 
   python -m vqjax.anomaly --workdir STAGE1 [--priors TOP,BOTTOM] [--anomaly_labels 8]
       [--quantile 0.95] [--max_examples 0] [--score max] [--restore_threshold 0.01]
-      [--memory 10000] [--k 5] [--rotation_priors TOP,BOTTOM] [--classifier RUN] [--out DIR]
+      [--memory 10000] [--k 5] [--rotation_priors TOP,BOTTOM] [--classifier RUN]
+      [--classifier_images 10000] [--out DIR]
 
 A VQ-VAE trained on normal images only (`config.data.exclude_labels` leaves some classes out of
 training, e.g. `experiments/fashion_mnist_anomaly.py`) reconstructs what it never saw worse, and
@@ -29,6 +30,10 @@ scores). Every image gets these scores (higher = more anomalous):
   * with --classifier (a classifier run trained on the normal classes' labels, with the anomaly
     labels in its data.exclude_labels): classifier, one minus its maximum softmax probability
     over the normal labels (evaluation/open_set.py). It needs normal data of several classes.
+    And (unless --classifier_images 0) mahalanobis: the squared Mahalanobis distance of the
+    classifier's pooled features to the nearest normal class, with class means and a shared
+    covariance fitted to the first --classifier_images images of the classifier's own train
+    split (Lee et al. 2018);
 
 This reads the run's eval split without the label filter and splits it by label:
 
@@ -76,7 +81,7 @@ ALIASES = {"max": "recon_max", "mean": "recon_mean"}
 # (32x32 and 64x64 codes of 64 numbers): beyond this, a clear error instead of running out.
 MAX_BANK_BYTES = 4 * 2**30
 ROTATION_SCORES = ("rotation", "rotation_nll")  # with --rotation_priors
-CLASSIFIER_SCORES = ("classifier",)  # with --classifier
+CLASSIFIER_SCORES = ("classifier", "mahalanobis")  # with --classifier
 
 
 def define_flags() -> None:
@@ -97,7 +102,7 @@ def define_flags() -> None:
     "score",
     "max",
     "The score thresholded first and shown: max, mean, knn, nll, nll_level0, ..., nll_ratio, "
-    "restoration_max, rotation, rotation_nll, classifier.",
+    "restoration_max, rotation, rotation_nll, classifier, mahalanobis.",
   )
   flags.DEFINE_float("restore_threshold", 0.01, "Restoration redraws codes less likely than this.")
   flags.DEFINE_integer(
@@ -109,6 +114,11 @@ def define_flags() -> None:
   )
   flags.DEFINE_string(
     "classifier", "", "A classifier run trained on the normal labels only (optional)."
+  )
+  flags.DEFINE_integer(
+    "classifier_images",
+    10000,
+    "Images of the classifier's train split that fit the mahalanobis score (0 = no such score).",
   )
   flags.DEFINE_integer("seed", 0, "Seed of the restoration draws.")
   flags.DEFINE_string("out", "", "Output directory (default WORKDIR).")
@@ -198,12 +208,16 @@ def _rotation_scorer(workdir: str, rotation_priors: list[str], model: Any, varia
     raise errors.UserError(f"--rotation_priors: {e}") from None
 
 
-def _classifier_scorer(path: str, config: Any, labels: list[int]):
+def _classifier_scorer(path: str, config: Any, labels: list[int], fit_images: int):
   """The `open_set.ClassifierScorer` of the classifier run at `path`, over the labels of the
-  stage-1 run's eval data that are not anomalous; None without a path."""
+  stage-1 run's eval data that are not anomalous, fitted to the first `fit_images` of the
+  classifier's own train split (0: not fitted); None without a path."""
   if not path:
     return None
+  import numpy as np
+
   from vqjax import runs
+  from vqjax.data import pipeline
   from vqjax.evaluation import open_set
   from vqjax.sampling import hierarchy
 
@@ -216,9 +230,28 @@ def _classifier_scorer(path: str, config: Any, labels: list[int]):
     raise errors.UserError(f"--classifier {path}: {'; '.join(problems)}")
   normal = [k for k in range(int(clf_config.classifier.num_classes)) if k not in labels]
   try:
-    return open_set.ClassifierScorer(model, variables, normal)
+    scorer = open_set.ClassifierScorer(model, variables, normal)
   except ValueError as e:
     raise errors.UserError(f"--classifier {path}: {e}") from None
+  if not fit_images:
+    return scorer
+  data = clf_config.data.copy_and_resolve_references()
+  data.eval_split = data.train_split
+  images, found = [], []
+  batches = math.ceil(fit_images / data.eval_batch_size)
+  for batch in pipeline.make_eval_iterator(data, max_batches=batches):
+    keep = np.asarray(batch["mask"]) > 0
+    images.append(np.asarray(batch["image"], np.float32)[keep])
+    found.append(np.asarray(batch["label"]).reshape(len(keep), -1)[keep, 0])
+  images = np.concatenate(images)[:fit_images] if images else np.zeros((0,))
+  found = np.concatenate(found)[:fit_images] if found else np.zeros((0,), np.int64)
+  try:
+    return scorer.fit(images, found)
+  except ValueError as e:
+    raise errors.UserError(
+      f"--classifier {path}: its train split {data.train_split!r} cannot fit the mahalanobis "
+      f"score ({e}); --classifier_images 0 leaves that score out"
+    ) from None
 
 
 def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], size: int, k: int):
@@ -265,6 +298,7 @@ def run(
   k: int = 5,
   rotation_priors: list[str] | None = None,
   classifier: str = "",
+  classifier_images: int = 10000,
 ) -> dict:
   """Scores a stage-1 run's eval split for anomalies and writes anomaly.json and anomaly.png.
 
@@ -288,6 +322,8 @@ def run(
       "rotation" and "rotation_nll" scores; None or [] = none.
     classifier: a classifier run trained on the normal labels only: adds the "classifier"
       score; "" = none.
+    classifier_images: with `classifier`, the first this many images of its own train split
+      fit the class Gaussians of the "mahalanobis" score; 0 = no mahalanobis score.
 
   Returns:
     What anomaly.json holds: "scores" (per score: "auc", "threshold", "tpr" = share of
@@ -326,8 +362,14 @@ def run(
   score = ALIASES.get(score, score)
   if score in ROTATION_SCORES and not rotation_priors:
     raise errors.UserError(f"--score {score} needs --rotation_priors")
+  if classifier_images < 0:
+    raise errors.UserError(
+      f"--classifier_images must be >= 0 (0 = no mahalanobis score), got {classifier_images}"
+    )
   if score in CLASSIFIER_SCORES and not classifier:
     raise errors.UserError(f"--score {score} needs --classifier")
+  if score == "mahalanobis" and not classifier_images:
+    raise errors.UserError("--score mahalanobis needs --classifier_images above 0")
   extra = ROTATION_SCORES + CLASSIFIER_SCORES
   if score not in extra and (
     score not in score_names(max(len(priors), 1), knn)
@@ -369,11 +411,11 @@ def run(
       f"no anomaly labels: {workdir} left no label out of training (data.exclude_labels is "
       "empty); pass --anomaly_labels"
     )
-  classifier_scorer = _classifier_scorer(classifier, config, labels)
+  classifier_scorer = _classifier_scorer(classifier, config, labels, classifier_images)
   names = (
     score_names(len(loaded), knn)
     + (ROTATION_SCORES if rotations else ())
-    + (CLASSIFIER_SCORES if classifier_scorer else ())
+    + (CLASSIFIER_SCORES[: 1 + bool(classifier_images)] if classifier_scorer else ())
   )
   if score not in names:
     raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")
@@ -473,6 +515,8 @@ def run(
     "rotation_priors": [paths.absolute(p) for p in rotation_priors],
     "classifier": paths.absolute(classifier) if classifier else "",
   }
+  if classifier_scorer and classifier_images:
+    result["classifier_images"] = classifier_scorer.gaussians.num_images
   if bank is not None:
     result["memory"], result["k"] = len(bank.bank), bank.k
   if loaded:
@@ -535,6 +579,7 @@ def main(argv):
       k=flags.FLAGS.k,
       rotation_priors=flags.FLAGS.rotation_priors,
       classifier=flags.FLAGS.classifier,
+      classifier_images=flags.FLAGS.classifier_images,
     )
   width = max(len(k) for k in result)
   for key in sorted(result):

@@ -57,11 +57,13 @@ class ClassGaussians:
     labels: the label of each mean, sorted.
     means: float64 [K, D], the mean feature of each label.
     precision: float64 [D, D], the pseudo-inverse of the shared covariance.
+    num_images: how many features they were fitted to.
   """
 
   labels: tuple[int, ...]
   means: np.ndarray
   precision: np.ndarray
+  num_images: int
 
 
 def fit_gaussians(features: Any, labels: Any, normal_labels: Any) -> ClassGaussians:
@@ -89,7 +91,8 @@ def fit_gaussians(features: Any, labels: Any, normal_labels: Any) -> ClassGaussi
   means = np.stack([f[y == k].mean(axis=0) for k in normal])
   centred = f - means[np.searchsorted(normal, y)]
   covariance = centred.T @ centred / len(f)
-  return ClassGaussians(tuple(normal), means, np.linalg.pinv(covariance, hermitian=True))
+  precision = np.linalg.pinv(covariance, hermitian=True)
+  return ClassGaussians(tuple(normal), means, precision, len(f))
 
 
 def mahalanobis_score(features: Any, gaussians: ClassGaussians) -> np.ndarray:
