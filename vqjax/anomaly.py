@@ -340,7 +340,8 @@ def run(
       bank with fewer than --k images or over MAX_BANK_BYTES, a run that is not an
       autoencoder, priors that do not belong to it or are class-conditional, rotation priors
       that do not belong to it or are not conditioned on 4 rotations, a classifier run of
-      other data or trained on the anomaly labels, no anomaly
+      other data or trained on the anomaly labels (or without a normal one), a negative
+      --classifier_images or too few of them to hold every normal label, no anomaly
       labels, eval data without labels, no anomalous images, or fewer than two normal images.
   """
   # Checked before the (slow) imports of JAX and the model code.
