@@ -104,7 +104,7 @@ def mahalanobis_score(features: Any, gaussians: ClassGaussians) -> np.ndarray:
 
 
 @model_jit.per_model
-def _logits_fn(model: Any):
+def _features_and_logits_fn(model: Any):
   """The jitted `(variables, images) -> (float32 features, float32 logits)` of a classifier in
   eval mode: the pooled features and the head applied to them."""
 
@@ -149,7 +149,7 @@ class ClassifierScorer:
   def features_and_logits(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
     """float64 features [B, D] and logits [B, num_classes] of images [B, H, W, C] in [-1, 1]."""
     images = jnp.asarray(images, jnp.float32)
-    features, logits = _logits_fn(self.model)(self.variables, images)
+    features, logits = _features_and_logits_fn(self.model)(self.variables, images)
     return np.asarray(features, np.float64), np.asarray(logits, np.float64)
 
   def logits(self, images: Any) -> np.ndarray:
