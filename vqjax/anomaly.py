@@ -237,16 +237,18 @@ def _classifier_scorer(path: str, config: Any, labels: list[int], fit_images: in
     return scorer
   data = clf_config.data.copy_and_resolve_references()
   data.eval_split = data.train_split
-  images, found = [], []
+  # Batch by batch, keeping only the features: 10,000 large images would not fit in memory.
+  features, found = [np.zeros((0, model.feature_dim))], [np.zeros((0,), np.int64)]
   batches = math.ceil(fit_images / data.eval_batch_size)
   for batch in pipeline.make_eval_iterator(data, max_batches=batches):
     keep = np.asarray(batch["mask"]) > 0
-    images.append(np.asarray(batch["image"], np.float32)[keep])
+    features.append(scorer.features_and_logits(batch["image"])[0][keep])
     found.append(np.asarray(batch["label"]).reshape(len(keep), -1)[keep, 0])
-  images = np.concatenate(images)[:fit_images] if images else np.zeros((0,))
-  found = np.concatenate(found)[:fit_images] if found else np.zeros((0,), np.int64)
+  features = np.concatenate(features)[:fit_images]
+  found = np.concatenate(found)[:fit_images]
   try:
-    return scorer.fit(images, found)
+    gaussians = open_set.fit_gaussians(features, found, normal)
+    return open_set.ClassifierScorer(model, variables, normal, gaussians)
   except ValueError as e:
     raise errors.UserError(
       f"--classifier {path}: its train split {data.train_split!r} cannot fit the mahalanobis "
