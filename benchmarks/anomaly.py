@@ -224,7 +224,7 @@ def score_all(
       keys += ROTATION_SCORES
     if classifier is not None:
       s = {**s, **classifier.score(batch)}
-      keys += ("classifier",) + (("mahalanobis",) if classifier.gaussians is not None else ())
+      keys += classifier.names
     for k in keys:
       out.setdefault(k, []).append(s[k][:real])
   return {k: np.concatenate(v) for k, v in out.items()}
@@ -235,6 +235,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   import jax
 
   from vqjax import extract_codes, runs
+  from vqjax.data import pipeline
   from vqjax.evaluation import anomaly, memory, open_set, rotation
   from vqjax.sampling import hierarchy
 
@@ -283,7 +284,11 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
     # Gaussians of the mahalanobis score.
     fit_data = clf_config.data.copy_and_resolve_references()
     fit_data.eval_split = fit_data.train_split
-    classifier = classifier.fit(*_images(fit_data, 0 if smoke else MAHALANOBIS_IMAGES))
+    fit_images = 0 if smoke else MAHALANOBIS_IMAGES
+    fit_batches = -(-fit_images // fit_data.eval_batch_size)
+    classifier = classifier.fit(
+      pipeline.make_eval_iterator(fit_data, max_batches=fit_batches), fit_images
+    )
     times["classifier"] = time.perf_counter() - t
 
   t = time.perf_counter()

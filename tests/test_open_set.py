@@ -97,8 +97,19 @@ def test_fitted_scorer_adds_the_mahalanobis_score_of_the_features():
   variables = jax.jit(model.init)({"params": jax.random.key(3, impl="rbg")}, test)
   labels = np.arange(40) % 3  # label 3 held out
   scorer = open_set.ClassifierScorer(model, variables, [0, 1, 2])
-  fitted = scorer.fit(train, labels, batch_size=16)
-  assert scorer.gaussians is None and fitted.gaussians is not None
+  # Eval-iterator batches of 16, the last padded with 8 rows that the mask leaves out; the fit
+  # stops at 39 images, so the 40th (label 0) is not in it.
+  padded = np.concatenate([np.asarray(train), np.zeros((8, 16, 16, 1), np.float32)])
+  padded_labels = np.concatenate([labels, np.full(8, 3)])
+  mask = np.arange(48) < 40
+  batches = [
+    {"image": padded[i : i + 16], "label": padded_labels[i : i + 16], "mask": mask[i : i + 16]}
+    for i in range(0, 48, 16)
+  ]
+  fitted = scorer.fit(batches, max_images=39)
+  train, labels = train[:39], labels[:39]
+  assert scorer.gaussians is None and fitted.gaussians.num_images == 39
+  assert (scorer.names, fitted.names) == (("classifier",), ("classifier", "mahalanobis"))
   feats = lambda x: np.asarray(model.apply(variables, x, method="features"), np.float64)
   ft, fx = feats(train), feats(test)
   means = [ft[labels == k].mean(0) for k in range(3)]

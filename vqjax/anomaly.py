@@ -214,8 +214,6 @@ def _classifier_scorer(path: str, config: Any, labels: list[int], fit_images: in
   classifier's own train split (0: not fitted); None without a path."""
   if not path:
     return None
-  import numpy as np
-
   from vqjax import runs
   from vqjax.data import pipeline
   from vqjax.evaluation import open_set
@@ -237,18 +235,11 @@ def _classifier_scorer(path: str, config: Any, labels: list[int], fit_images: in
     return scorer
   data = clf_config.data.copy_and_resolve_references()
   data.eval_split = data.train_split
-  # Batch by batch, keeping only the features: 10,000 large images would not fit in memory.
-  features, found = [np.zeros((0, model.feature_dim))], [np.zeros((0,), np.int64)]
-  batches = math.ceil(fit_images / data.eval_batch_size)
-  for batch in pipeline.make_eval_iterator(data, max_batches=batches):
-    keep = np.asarray(batch["mask"]) > 0
-    features.append(scorer.features_and_logits(batch["image"])[0][keep])
-    found.append(np.asarray(batch["label"]).reshape(len(keep), -1)[keep, 0])
-  features = np.concatenate(features)[:fit_images]
-  found = np.concatenate(found)[:fit_images]
+  batches = pipeline.make_eval_iterator(
+    data, max_batches=math.ceil(fit_images / data.eval_batch_size)
+  )
   try:
-    gaussians = open_set.fit_gaussians(features, found, normal)
-    return open_set.ClassifierScorer(model, variables, normal, gaussians)
+    return scorer.fit(batches, fit_images)
   except ValueError as e:
     raise errors.UserError(
       f"--classifier {path}: its train split {data.train_split!r} cannot fit the mahalanobis "
@@ -418,7 +409,7 @@ def run(
   names = (
     score_names(len(loaded), knn)
     + (ROTATION_SCORES if rotations else ())
-    + (CLASSIFIER_SCORES[: 1 + bool(classifier_images)] if classifier_scorer else ())
+    + (classifier_scorer.names if classifier_scorer else ())
   )
   if score not in names:
     raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")

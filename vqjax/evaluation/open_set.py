@@ -24,7 +24,7 @@ place in the one-class protocol, where the normal data is a single class.
 
   scorer = open_set.ClassifierScorer(model, variables, normal_labels=[0, 1, ...])
   scores = scorer.score(images)   # {"classifier": float64 [B]}
-  scorer = scorer.fit(train_images, train_labels)
+  scorer = scorer.fit(train_batches)  # eval-iterator dicts: "image", "label", "mask"
   scores = scorer.score(images)   # {"classifier": ..., "mahalanobis": float64 [B]}
 """
 
@@ -146,6 +146,11 @@ class ClassifierScorer:
     self.model, self.variables, self.normal_labels = model, variables, labels
     self.gaussians = gaussians
 
+  @property
+  def names(self) -> tuple[str, ...]:
+    """The scores `score` returns: "classifier", and "mahalanobis" once fitted."""
+    return ("classifier",) + (("mahalanobis",) if self.gaussians is not None else ())
+
   def features_and_logits(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
     """float64 features [B, D] and logits [B, num_classes] of images [B, H, W, C] in [-1, 1]."""
     images = jnp.asarray(images, jnp.float32)
@@ -156,29 +161,32 @@ class ClassifierScorer:
     """float64 logits [B, num_classes] of images [B, H, W, C] in [-1, 1]."""
     return self.features_and_logits(images)[1]
 
-  def fit(self, images: Any, labels: Any, batch_size: int = 500) -> "ClassifierScorer":
+  def fit(self, batches: Any, max_images: int = 0) -> "ClassifierScorer":
     """This scorer with the `ClassGaussians` of the features of labelled normal images.
 
     Args:
-      images: float [N, H, W, C] in [-1, 1], normal training images (the classifier's own
-        training images serve: Lee et al. fit on the training set).
-      labels: int [N], each a normal label; every normal label must occur.
-      batch_size: images per forward pass.
+      batches: an iterable of dicts with "image" (float [B, H, W, C] in [-1, 1]), "label" [B]
+        and optionally "mask" [B] (> 0 marks a real image, as the eval iterator pads): normal
+        training images, each label a normal one (the classifier's own training images serve:
+        Lee et al. fit on the training set). Only features are kept, batch by batch.
+      max_images: use the first this many real images; 0 = all.
 
     Raises:
-      ValueError: as `fit_gaussians`.
+      ValueError: as `fit_gaussians` (every normal label must occur).
     """
-    images = np.asarray(images)
-    features = (
-      np.concatenate(
-        [
-          self.features_and_logits(images[i : i + batch_size])[0]
-          for i in range(0, len(images), batch_size)
-        ]
-      )
-      if len(images)
-      else np.zeros((0, 0))
-    )
+    features, labels, have = [], [], 0
+    for batch in batches:
+      keep = np.ones(len(batch["image"]), bool)
+      if "mask" in batch:
+        keep = np.asarray(batch["mask"]) > 0
+      features.append(self.features_and_logits(batch["image"])[0][keep])
+      labels.append(np.asarray(batch["label"]).reshape(len(keep), -1)[keep, 0])
+      have += int(keep.sum())
+      if max_images and have >= max_images:
+        break
+    end = max_images or None
+    features = np.concatenate(features)[:end] if features else np.zeros((0, 0))
+    labels = np.concatenate(labels)[:end] if labels else np.zeros((0,), np.int64)
     gaussians = fit_gaussians(features, labels, self.normal_labels)
     return ClassifierScorer(self.model, self.variables, self.normal_labels, gaussians)
 
