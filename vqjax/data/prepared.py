@@ -27,7 +27,9 @@ from vqjax import errors
 from vqjax.data import codes
 from vqjax.data.splits import parse_split
 
-FORMAT = "vqjax-prepared/1"
+# /2: records as `codes.encode_example` writes them; /1's .npz records are still read.
+FORMAT = "vqjax-prepared/2"
+READABLE_FORMATS = ("vqjax-prepared/1", FORMAT)
 WHAT = "prepared dataset"
 HINT = (
   "run `python -m vqjax.prepare --config EXPERIMENT --out DIR` and set "
@@ -51,7 +53,7 @@ def read_metadata(prepared_dir: str, complete: bool = True) -> dict:
     errors.UserError: one line when there is none, it is of another format, or (with
       `complete`) the preparation has not finished.
   """
-  meta = codes.read_dataset_metadata(prepared_dir, FORMAT, WHAT, HINT)
+  meta = codes.read_dataset_metadata(prepared_dir, READABLE_FORMATS, WHAT, HINT)
   if complete and not meta.get("complete"):
     raise errors.UserError(
       f"{WHAT} {prepared_dir} is incomplete (its preparation did not finish); run the same "
