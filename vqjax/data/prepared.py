@@ -11,8 +11,9 @@ to `image_size` by `resize`, still uint8, not flipped) and writes a directory
                                       complete
   {split}-{k:05d}-of-{n:05d}.array_record
                                       shard k of a split: one record per example, in example
-                                      order, each an .npz of {"image": uint8 [S, S, C],
-                                      "label", ...} (the layout of the code datasets, codes.py)
+                                      order, each the arrays {"image": uint8 [S, S, C],
+                                      "label", ...} (the record of the code datasets,
+                                      `codes.encode_example`)
 
 `PreparedSource` (`--config.data.name=prepared --config.data.prepared_dir=DIR`) reads one split
 back as a random-access source whose images already have the configured size, so the pipeline
