@@ -83,6 +83,7 @@ def test_records_of_the_older_npz_format_are_read():
   "damage, match",
   [
     (lambda r: r[:-1], "header accounts for"),  # cut short
+    (lambda r: r[:10], "cut inside its"),  # cut inside the header
     (lambda r: r + b"\0", "header accounts for"),  # trailing bytes
     (lambda r: b"GIF8" + r[4:], "not a vqjax record"),
   ],

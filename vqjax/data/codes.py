@@ -92,6 +92,8 @@ def _record_arrays(record: bytes) -> dict[str, np.ndarray]:
   """Read-only views of a record's arrays (`encode_example`'s layout)."""
   start = len(RECORD_MAGIC) + _LENGTH_BYTES
   offset = start + int.from_bytes(record[len(RECORD_MAGIC) : start], "little")
+  if offset > len(record):
+    raise ValueError(f"a record of {len(record)} bytes cut inside its {offset}-byte header")
   fields = [
     (name, np.dtype(dtype), shape) for name, dtype, shape in json.loads(record[start:offset])
   ]
