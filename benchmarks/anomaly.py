@@ -126,6 +126,10 @@ SIZES = {
   "smoke": (2, 2, 16, 64, 32, 2, 2),
 }
 RESTORE_THRESHOLD = 0.01  # probability below which restoration replaces a code (K = 64: 1/64)
+# Batches of the trainer's own final eval of each model (500 images or codes each; its figures go
+# to the run's metrics.jsonl, and no score reads them). The whole test split took seconds a
+# model: each rotation prior's holds 36,000 rotated codes.
+EVAL_BATCHES = 2
 
 
 def stage1_config(normal: list[int], steps: int, smoke: bool, seed: int = 0):
@@ -136,6 +140,7 @@ def stage1_config(normal: list[int], steps: int, smoke: bool, seed: int = 0):
   c.seed = seed
   c.data.exclude_labels = tuple(k for k in range(10) if k not in normal)
   c.train.steps = c.ckpt.every_steps = steps
+  c.log.eval_batches = EVAL_BATCHES
   if smoke:
     c.data.update(
       train_split="train[:512]", eval_split="test[:64]", batch_size=8, eval_batch_size=8
@@ -157,6 +162,7 @@ def prior_config(
   c = configs.load_experiment(f"{name}:{variant}" if variant else name)
   c.seed = seed
   c.train.steps = c.ckpt.every_steps = steps
+  c.log.eval_batches = EVAL_BATCHES
   if smoke:
     c.data.update(batch_size=8, eval_batch_size=8, num_workers=0, worker_processes=0)
     c.log.every_steps = 1
@@ -173,6 +179,7 @@ def classifier_config(normal: list[int], steps: int, smoke: bool, seed: int = 0)
   c.data.exclude_labels = tuple(k for k in range(10) if k not in normal)
   c.data.train_split = f"train[{CLASSIFIER_SKIP}:]"
   c.train.steps = c.ckpt.every_steps = steps
+  c.log.eval_batches = EVAL_BATCHES
   if smoke:
     c.data.train_split = "train[64:512]"  # the smoke bank's rows are the first 512's
     c.data.update(batch_size=8, eval_batch_size=8, num_workers=0, worker_processes=0)
