@@ -89,40 +89,39 @@ def encode_example(example: dict[str, np.ndarray]) -> bytes:
 
 
 def _record_arrays(record: bytes) -> dict[str, np.ndarray]:
-  """Read-only views of a record's arrays (`encode_example`'s layout)."""
+  """A record's arrays, of either format: read-only views into `record` for `encode_example`'s
+  layout, arrays of their own for an .npz of format /1."""
+  if record[: len(_NPZ_MAGIC)] == _NPZ_MAGIC:
+    with np.load(io.BytesIO(record)) as z:
+      return {k: z[k] for k in z.files}
+  if record[: len(RECORD_MAGIC)] != RECORD_MAGIC:
+    raise ValueError(f"not a vqjax record (starts {bytes(record[:4])!r})")
   start = len(RECORD_MAGIC) + _LENGTH_BYTES
   offset = start + int.from_bytes(record[len(RECORD_MAGIC) : start], "little")
   if offset > len(record):
     raise ValueError(f"a record of {len(record)} bytes cut inside its {offset}-byte header")
-  fields = [
-    (name, np.dtype(dtype), shape) for name, dtype, shape in json.loads(record[start:offset])
-  ]
-  counts = [int(np.prod(shape, dtype=np.int64)) for _, _, shape in fields]
-  end = offset + sum(n * dtype.itemsize for n, (_, dtype, _) in zip(counts, fields, strict=True))
+  fields = []  # (name, dtype, shape, element count)
+  for name, dtype, shape in json.loads(record[start:offset]):
+    fields.append((name, np.dtype(dtype), shape, int(np.prod(shape, dtype=np.int64))))
+  end = offset + sum(n * dtype.itemsize for _, dtype, _, n in fields)
   if end != len(record):
     raise ValueError(f"a record of {len(record)} bytes whose header accounts for {end}")
   arrays = {}
-  for n, (name, dtype, shape) in zip(counts, fields, strict=True):
+  for name, dtype, shape, n in fields:
     arrays[name] = np.frombuffer(record, dtype, n, offset).reshape(shape)
     offset += n * dtype.itemsize
   return arrays
 
 
 def load_record(record: bytes) -> dict[str, np.ndarray]:
-  """The arrays of one record (either format), with the dtypes they were written with."""
-  if record[: len(_NPZ_MAGIC)] == _NPZ_MAGIC:
-    with np.load(io.BytesIO(record)) as z:
-      return {k: z[k] for k in z.files}
-  if record[: len(RECORD_MAGIC)] != RECORD_MAGIC:
-    raise ValueError(f"not a vqjax record (starts {bytes(record[:4])!r})")
-  return {k: v.copy() for k, v in _record_arrays(record).items()}
+  """The arrays of one record (either format), writable, with the dtypes they were written
+  with."""
+  return {k: v if v.flags.writeable else v.copy() for k, v in _record_arrays(record).items()}
 
 
 def decode_example(record: bytes) -> dict[str, np.ndarray]:
   """The inverse of `encode_example`: code maps as int32, the label as an int32 scalar."""
-  if record[: len(RECORD_MAGIC)] == RECORD_MAGIC:  # converted straight from the views
-    return {k: v.astype(np.int32) for k, v in _record_arrays(record).items()}
-  return {k: np.asarray(v, np.int32) for k, v in load_record(record).items()}
+  return {k: v.astype(np.int32) for k, v in _record_arrays(record).items()}
 
 
 def read_dataset_metadata(directory: str, formats: tuple[str, ...], what: str, hint: str) -> dict:
