@@ -89,11 +89,8 @@ SCORES = (
   "mahalanobis",
   "combined_mahalanobis",
 )
-COMBINED = ("knn", "nll_ratio")
-COMBINED_ROTATION = ("knn", "nll_ratio", "rotation")
-COMBINED_CLASSIFIER = ("knn", "nll_ratio", "rotation", "classifier")
-COMBINED_MAHALANOBIS = ("knn", "nll_ratio", "rotation", "classifier", "mahalanobis")
-# What the combinations z-score.
+# The combinations (`vqjax.evaluation.combined.COMBINATIONS`) z-score these, standardised on the
+# reference images (normal training images, never the test split).
 STANDARDISED = ("knn", "nll_ratio", "rotation", "classifier", "mahalanobis")
 ROTATION_SCORES = ("rotation", "rotation_nll")  # RotationScorer's
 # ClassifierScorer's, and what needs it: leave-one-out only, since one normal class has no
@@ -243,7 +240,7 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
 
   from vqjax import extract_codes, runs
   from vqjax.data import pipeline
-  from vqjax.evaluation import anomaly, memory, open_set, rotation
+  from vqjax.evaluation import anomaly, combined, memory, open_set, rotation
   from vqjax.sampling import hierarchy
 
   smoke = size == "smoke"
@@ -337,12 +334,8 @@ def run_class(anomalous: int, protocol: str, size: str, workdir: str, seed: int 
   scores["knn_pixels"] = np.concatenate(
     [pixels.score(flat[i : i + batch]) for i in range(0, len(flat), batch)]
   )
-  z = {k: (scores[k] - ref[k].mean()) / (ref[k].std() + 1e-12) for k in STANDARDISED if k in ref}
-  scores["combined"] = np.mean([z[k] for k in COMBINED], axis=0)
-  scores["combined_rotation"] = np.mean([z[k] for k in COMBINED_ROTATION], axis=0)
-  if classifier is not None:
-    scores["combined_classifier"] = np.mean([z[k] for k in COMBINED_CLASSIFIER], axis=0)
-    scores["combined_mahalanobis"] = np.mean([z[k] for k in COMBINED_MAHALANOBIS], axis=0)
+  standard = combined.Standardiser.fit({k: ref[k] for k in STANDARDISED if k in ref})
+  scores.update(standard.combinations(scores))
   is_anomaly = ~np.isin(labels, normal)
   # Every per-image score, so that another combination can be measured without retraining:
   # test_NAME for the test images (with their labels), ref_NAME for the normal training images

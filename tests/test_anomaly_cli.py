@@ -19,7 +19,7 @@ from PIL import Image
 from test_memory import _codewords, _numpy_knn
 
 import vqjax
-from vqjax import anomaly, config_checks, configs, convert, errors
+from vqjax import anomaly, anomaly_runs, config_checks, configs, convert, errors
 from vqjax.data import pipeline, sources
 from vqjax.models import registry
 
@@ -292,6 +292,17 @@ def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
       anomaly.run(workdir, out, score=name)
   with pytest.raises(errors.UserError, match=r"--score must be one of .*, rotation, rotation_nll"):
     anomaly.run(workdir, out, score="rotations")
+  # A combination needs every part: here knn is scored, nll_ratio and rotation are not.
+  with pytest.raises(
+    errors.UserError,
+    match=r"--score combined_rotation combines knn, nll_ratio, rotation; scoring nll_ratio needs "
+    r"--priors and --memory above 0; rotation needs --rotation_priors$",
+  ):
+    anomaly.run(workdir, out, score="combined_rotation")
+  with pytest.raises(
+    errors.UserError, match=r"nll_ratio; scoring knn needs --memory above 0; nll_ratio needs"
+  ):
+    anomaly.run(workdir, out, score="combined", memory=0)
   # A model without `encode` (a plugin needs only the code contract): the bank scores go.
   from vqjax.evaluation import memory
 
@@ -301,7 +312,7 @@ def test_run_mistakes_are_user_errors(tiny_run, tmp_path, monkeypatch):
   without = anomaly.run(workdir, str(tmp_path / "no_encode"))
   assert list(without["scores"]) == ["recon_max", "recon_mean"] and "memory" not in without
   monkeypatch.undo()
-  monkeypatch.setattr(anomaly, "MAX_BANK_BYTES", 1000)  # 58 latents of 640 numbers: 145 KiB
+  monkeypatch.setattr(anomaly_runs, "MAX_BANK_BYTES", 1000)  # 58 latents of 640 numbers: 145 KiB
   with pytest.raises(errors.UserError, match=r"--memory 10000: a bank of 10000 latents"):
     anomaly.run(workdir, out)
   monkeypatch.undo()

@@ -50,6 +50,7 @@ LAYERS = {
   "vqjax.evaluate": 4,
   "vqjax.features": 4,
   "vqjax.anomaly": 4,
+  "vqjax.anomaly_runs": 4,
   "vqjax.prepare": 4,
   "vqjax.convert.__main__": 4,
 }

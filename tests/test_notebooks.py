@@ -13,12 +13,14 @@ import then the anomaly notebook. Measured on 2 CPU cores busy with other jobs (
 
 import argparse
 import concurrent.futures
+import csv
 import gzip
 import importlib.util
 import json
 import math
 import os
 import re
+import statistics
 import threading
 
 import numpy as np
@@ -303,8 +305,22 @@ def test_anomaly_maps(executed):
   # Every score of a stage-1 run with a prior per level; restoration's leads.
   assert len(r["priors"]) == 2 and r["score"] == "restoration_max"
   names = ("recon_max", "recon_mean", "knn", "nll_level0", "nll_level1", "nll", "nll_ratio")
-  names += ("restoration_max",)
+  names += ("restoration_max", "combined")
   assert list(r["scores"]) == list(names)
+  # combined: the mean z-score of knn and nll_ratio, each scaled by its mean and population
+  # spread over the held-out normal images, recomputed here from the written per-image scores.
+  with open(r["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  held = [r_ for r_ in rows if r_["role"] == "heldout"]
+  assert len(held) == r["num_heldout"]
+  z = []
+  for k in ("knn", "nll_ratio"):
+    ref = [float(r_[k]) for r_ in held]
+    mu, sd = statistics.fmean(ref), statistics.pstdev(ref)
+    z.append([(float(r_[k]) - mu) / sd for r_ in rows])
+  np.testing.assert_allclose(
+    [float(r_["combined"]) for r_ in rows], np.mean(z, axis=0), rtol=1e-4, atol=1e-4
+  )
   assert r["auc"] == r["scores"]["restoration_max"]["auc"] == r["auc_restoration_max"]
   assert 0.0 <= r["replaced_normal"] <= 1.0 and 0.0 <= r["replaced_anomalous"] <= 1.0
   with open(r["json"]) as f:

@@ -34,6 +34,11 @@ scores). Every image gets these scores (higher = more anomalous):
     classifier's pooled features to the nearest normal class, with class means and a shared
     covariance fitted to the first --classifier_images images of the classifier's own train
     split (Lee et al. 2018);
+  * combined, combined_rotation, combined_classifier, combined_mahalanobis, wherever all of
+    their parts are scored (evaluation/combined.py): the mean of the z-scores of knn and
+    nll_ratio, then also rotation, classifier and mahalanobis, each standardised by its mean
+    and spread over the held-out normal images below. On Fashion-MNIST they are the best
+    scores of benchmarks/anomaly.py.
 
 This reads the run's eval split without the label filter and splits it by label:
 
@@ -76,12 +81,18 @@ from vqjax import _cli, errors, paths
 # Per-image scores without priors; "max" and "mean" name the first two (the older flag values).
 RECON_SCORES = ("recon_max", "recon_mean")
 ALIASES = {"max": "recon_max", "mean": "recon_mean"}
-# The knn bank lives on the device with the model. 10,000 latents take 49 MiB for the anomaly
-# experiment's model (4x4 and 8x8 codes of 16 numbers), 12.2 GiB for the ImageNet VQ-VAE-2
-# (32x32 and 64x64 codes of 64 numbers): beyond this, a clear error instead of running out.
-MAX_BANK_BYTES = 4 * 2**30
 ROTATION_SCORES = ("rotation", "rotation_nll")  # with --rotation_priors
 CLASSIFIER_SCORES = ("classifier", "mahalanobis")  # with --classifier
+# evaluation/combined.py's COMBINATIONS (a test keeps the two equal), named here so that a flag
+# error answers before JAX loads; and what each of their parts needs.
+COMBINED_SCORES = ("combined", "combined_rotation", "combined_classifier", "combined_mahalanobis")
+PART_NEEDS = {
+  "knn": "--memory above 0",
+  "nll_ratio": "--priors and --memory above 0",
+  "rotation": "--rotation_priors",
+  "classifier": "--classifier",
+  "mahalanobis": "--classifier and --classifier_images above 0",
+}
 
 
 def define_flags() -> None:
@@ -102,7 +113,8 @@ def define_flags() -> None:
     "score",
     "max",
     "The score thresholded first and shown: max, mean, knn, nll, nll_level0, ..., nll_ratio, "
-    "restoration_max, rotation, rotation_nll, classifier, mahalanobis.",
+    "restoration_max, rotation, rotation_nll, classifier, mahalanobis, combined, "
+    "combined_rotation, combined_classifier, combined_mahalanobis.",
   )
   flags.DEFINE_float("restore_threshold", 0.01, "Restoration redraws codes less likely than this.")
   flags.DEFINE_integer(
@@ -167,114 +179,6 @@ def split_indices(is_anomaly: Any) -> tuple[Any, Any, Any]:
   return normal[0::2], normal[1::2], np.flatnonzero(is_anomaly)
 
 
-def _load(workdir: str, priors: list[str]) -> tuple[Any, Any, Any, list[tuple[Any, Any]]]:
-  """(config, model, variables, [(prior model, variables)]) of the stage-1 run and its priors."""
-  from vqjax import runs
-  from vqjax.models import registry
-
-  if not priors:
-    config, model, variables = runs.load_run(workdir)
-    loaded = []
-  else:
-    from vqjax.sampling import hierarchy
-
-    gen = hierarchy.Generator.from_runs(workdir, priors)
-    config, model, variables = gen.stage1
-    if gen.class_conditional:
-      raise errors.UserError(
-        "the priors are class-conditional: an image to screen has no label; train "
-        "unconditional priors (config.prior.class_conditional=False) for anomaly scores"
-      )
-    loaded = [(m, v) for _, m, v in gen.priors]
-  if config.task != "autoencoder" or not registry.is_autoencoder(config):
-    raise errors.UserError(
-      f"{workdir} is a {config.task} run of {config.model.name!r}, not a stage-1 autoencoder "
-      f"({', '.join(registry.AUTOENCODERS)}): anomaly maps need reconstructions"
-    )
-  return config, model, variables, loaded
-
-
-def _rotation_scorer(workdir: str, rotation_priors: list[str], model: Any, variables: Any):
-  """The `rotation.RotationScorer` of the run's rotation priors; None without them."""
-  if not rotation_priors:
-    return None
-  from vqjax.evaluation import rotation
-  from vqjax.sampling import hierarchy
-
-  gen = hierarchy.Generator.from_runs(workdir, rotation_priors)
-  try:
-    return rotation.RotationScorer(model, variables, [(m, v) for _, m, v in gen.priors])
-  except ValueError as e:
-    raise errors.UserError(f"--rotation_priors: {e}") from None
-
-
-def _classifier_scorer(path: str, config: Any, labels: list[int], fit_images: int):
-  """The `open_set.ClassifierScorer` of the classifier run at `path`, over the labels of the
-  stage-1 run's eval data that are not anomalous, fitted to the first `fit_images` of the
-  classifier's own train split (0: not fitted); None without a path."""
-  if not path:
-    return None
-  from vqjax import runs
-  from vqjax.data import pipeline
-  from vqjax.evaluation import open_set
-  from vqjax.sampling import hierarchy
-
-  if not epath.Path(paths.absolute(path)).is_dir():
-    raise errors.UserError(f"--classifier: {path} is not a directory")
-  clf_config, model, variables = runs.load_run(path)
-  hierarchy.check_run(path, "classifier", "--classifier", clf_config.task)
-  problems = open_set.check_inputs(clf_config.data, config.data, labels)
-  if problems:
-    raise errors.UserError(f"--classifier {path}: {'; '.join(problems)}")
-  normal = [k for k in range(int(clf_config.classifier.num_classes)) if k not in labels]
-  try:
-    scorer = open_set.ClassifierScorer(model, variables, normal)
-  except ValueError as e:
-    raise errors.UserError(f"--classifier {path}: {e}") from None
-  if not fit_images:
-    return scorer
-  data = clf_config.data.copy_and_resolve_references()
-  data.eval_split = data.train_split
-  batches = pipeline.make_eval_iterator(
-    data, max_batches=math.ceil(fit_images / data.eval_batch_size)
-  )
-  try:
-    return scorer.fit(batches, fit_images)
-  except ValueError as e:
-    raise errors.UserError(
-      f"--classifier {path}: its train split {data.train_split!r} cannot fit the mahalanobis "
-      f"score ({e}); --classifier_images 0 leaves that score out"
-    ) from None
-
-
-def _memory_bank(config: Any, model: Any, variables: Any, labels: list[int], size: int, k: int):
-  """The knn score's bank: the first `size` images of the run's train split, without the run's
-  excluded labels and without the anomaly labels."""
-  from vqjax.data import pipeline
-  from vqjax.evaluation import memory
-
-  data = config.data.copy_and_resolve_references()
-  data.exclude_labels = tuple(sorted(set(data.exclude_labels) | set(labels)))
-  data.eval_split = data.train_split
-  batches = pipeline.make_eval_iterator(data, max_batches=math.ceil(size / data.eval_batch_size))
-  try:
-    bank = memory.Memory.build(
-      model, variables, batches, size, config.vq.num_codes, k=1, max_bytes=MAX_BANK_BYTES
-    )
-  except memory.BankTooLargeError as e:
-    raise errors.UserError(f"--memory {size}: {e} (--memory N, or 0 for none)") from None
-  except ValueError:
-    raise errors.UserError(
-      f"--memory: the train split {data.train_split!r} has no normal images for the knn bank"
-    ) from None
-  if len(bank.bank) < k:
-    raise errors.UserError(
-      f"--k {k} needs at least {k} normal training images; the train split "
-      f"{data.train_split!r} has {len(bank.bank)}"
-    )
-  return memory.Memory(bank.bank, k, bank.counts)
-
-
 def run(
   workdir: str,
   out: str,
@@ -330,7 +234,7 @@ def run(
 
   Raises:
     errors.UserError: a quantile outside (0, 1), an unknown score, a negative --memory, a
-      bank with fewer than --k images or over MAX_BANK_BYTES, a run that is not an
+      bank with fewer than --k images or over anomaly_runs.MAX_BANK_BYTES, a run that is not an
       autoencoder, priors that do not belong to it or are class-conditional, rotation priors
       that do not belong to it or are not conditioned on 4 rotations, a classifier run of
       other data or trained on the anomaly labels (or without a normal one), a negative
@@ -365,11 +269,11 @@ def run(
   if score == "mahalanobis" and not classifier_images:
     raise errors.UserError("--score mahalanobis needs --classifier_images above 0")
   extra = ROTATION_SCORES + CLASSIFIER_SCORES
-  if score not in extra and (
+  if score not in extra + COMBINED_SCORES and (
     score not in score_names(max(len(priors), 1), knn)
     or (not priors and score not in score_names(0, knn))
   ):
-    known = ", ".join(("max", "mean") + score_names(len(priors), knn)[2:] + extra)
+    known = ", ".join(("max", "mean") + score_names(len(priors), knn)[2:] + extra + COMBINED_SCORES)
     more = "" if priors else " (the nll and restoration scores need --priors)"
     if score == "knn":
       more = " (knn needs --memory above 0)"
@@ -379,11 +283,12 @@ def run(
   import jax
   import numpy as np
 
+  from vqjax import anomaly_runs
   from vqjax.data import pipeline
-  from vqjax.evaluation import anomaly, anomaly_figures
+  from vqjax.evaluation import anomaly, anomaly_figures, combined
   from vqjax.evaluation import memory as memory_lib
 
-  config, model, variables, loaded = _load(workdir, priors)
+  config, model, variables, loaded = anomaly_runs.load(workdir, priors)
   if knn and not memory_lib.has_encode(model):
     # A plugin autoencoder needs only the code contract (encode_to_indices); the latents need
     # its `encode` too. Without it the two bank scores are left out, and said so.
@@ -397,7 +302,7 @@ def run(
       type(model).__name__,
     )
     knn = False
-  rotations = _rotation_scorer(workdir, rotation_priors, model, variables)
+  rotations = anomaly_runs.rotation_scorer(workdir, rotation_priors, model, variables)
   if labels is None:
     labels = _parse_labels(list(config.data.exclude_labels))
   if not labels:
@@ -405,17 +310,25 @@ def run(
       f"no anomaly labels: {workdir} left no label out of training (data.exclude_labels is "
       "empty); pass --anomaly_labels"
     )
-  classifier_scorer = _classifier_scorer(classifier, config, labels, classifier_images)
+  classifier_scorer = anomaly_runs.classifier_scorer(classifier, config, labels, classifier_images)
   names = (
     score_names(len(loaded), knn)
     + (ROTATION_SCORES if rotations else ())
     + (classifier_scorer.names if classifier_scorer else ())
   )
-  if score not in names:
+  combos = combined.available(names)
+  if score in combined.COMBINATIONS and score not in combos:
+    missing = [k for k in combined.COMBINATIONS[score] if k not in names]
+    raise errors.UserError(
+      f"--score {score} combines {', '.join(combined.COMBINATIONS[score])}; scoring "
+      + "; ".join(f"{k} needs {PART_NEEDS[k]}" for k in missing)
+    )
+  if score not in names + combos:
     raise errors.UserError(f"--score {score!r} needs a prior per level: got {len(loaded)}")
-  bank = _memory_bank(config, model, variables, labels, memory, k) if knn else None
+  bank = anomaly_runs.memory_bank(config, model, variables, labels, memory, k) if knn else None
   scorer = anomaly.PriorScorer(model, variables, loaded, sigma, restore_threshold, bank)
-  map_key = "recon_map" if score in RECON_SCORES + ("knn",) + extra else "restoration_map"
+  error_map = RECON_SCORES + ("knn",) + extra + COMBINED_SCORES
+  map_key = "recon_map" if score in error_map else "restoration_map"
 
   # The eval split as it is, normal and anomalous images alike.
   data = config.data.copy_and_resolve_references()
@@ -448,6 +361,7 @@ def run(
       got.update(classifier_scorer.score(batch["image"]))
     for k in scores:
       scores[k].append(np.asarray(got[k], np.float64)[keep])
+    first = sum(len(f) for f in found)  # this batch's first image, in split order
     found.append(y)
     # The PNG shows the first scored normal images (odd normal positions) and anomalous ones.
     is_anomaly = np.isin(y, labels)
@@ -462,7 +376,7 @@ def run(
             "reconstruction": got["recon"][i],
             "restoration": got["restored"][i] if loaded else None,
             "map": got[map_key][i],
-            "score": float(got[score][i]),
+            "index": first + j,  # its score is read once every score is known
           }
         )
 
@@ -480,6 +394,20 @@ def run(
       f"eval split {split!r} has {len(heldout) + len(normal)} normal image(s) among the "
       f"{len(y)} read; at least 2 are needed (one to choose the threshold, one to score)"
     )
+  if combos:
+    # Each part standardised over the held-out normal images, which choose the thresholds too.
+    try:
+      standard = combined.Standardiser.fit({k: s[k][heldout] for k in combined.parts(combos)})
+    except ValueError as e:
+      if score in combos:
+        raise errors.UserError(
+          f"--score {score}: the held-out normal images cannot scale it: {e}"
+        ) from None
+      logging.warning("no combined scores: the held-out normal images cannot scale them: %s", e)
+      combos = ()
+    if combos:
+      s.update(standard.combinations(s, combos))
+      names += combos
   test = np.concatenate([normal, anomalous])
   per_score = {}
   for k in names:
@@ -525,8 +453,10 @@ def run(
   columns["reconstruction"] = np.stack([p["reconstruction"] for p in picked])
   if loaded:
     columns["restoration"] = np.stack([p["restoration"] for p in picked])
+  # Three lines, so that a long score name stays within its row.
   titles = [
-    f"{'anomalous' if r >= k else 'normal'}\n{score} {p['score']:.4g}" for r, p in enumerate(picked)
+    f"{'anomalous' if r >= k else 'normal'}\n{score}\n{s[score][p['index']]:.4g}"
+    for r, p in enumerate(picked)
   ]
   map_title = "restoration map" if map_key == "restoration_map" else "error map"
   png = os.path.join(out, "anomaly.png")
@@ -582,9 +512,10 @@ def main(argv):
       continue  # the same numbers as the auc_* lines and the table below
     shown = f"{value:.6g}" if isinstance(value, float) else value
     print(f"{key:<{width}}  {shown}")
-  print(f"\n{'score':<16} {'ROC AUC':>8} {'TPR':>6} {'FPR':>6}  (at the thresholds)")
+  w = max(len(name) for name in result["scores"])
+  print(f"\n{'score':<{w}} {'ROC AUC':>8} {'TPR':>6} {'FPR':>6}  (at the thresholds)")
   for name, v in result["scores"].items():
-    print(f"{name:<16} {v['auc']:8.4f} {v['tpr']:6.3f} {v['fpr']:6.3f}")
+    print(f"{name:<{w}} {v['auc']:8.4f} {v['tpr']:6.3f} {v['fpr']:6.3f}")
   print(f"written to {result['json']} and {result['png']}", file=sys.stderr)
 
 
