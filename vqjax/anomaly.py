@@ -230,7 +230,10 @@ def run(
     --score's "auc", "threshold", "tpr", "fpr", "heldout_fpr", "num_heldout", "num_normal"
     (scored), "num_anomalous", with priors "replaced_normal" / "replaced_anomalous" (mean share
     of codes restoration redrew), with the knn score "memory" (the bank's size) and "k", the
-    settings and the paths written ("png", "csv", "json").
+    settings and the paths written ("png", "csv", "json"). "scores" includes every
+    combination of evaluation/combined.py whose parts are scored, each part standardised over
+    the held-out normal images (left out, with a warning, where they cannot scale a part: fewer
+    than two, or all one value).
 
   Raises:
     errors.UserError: a quantile outside (0, 1), an unknown score, a negative --memory, a
@@ -239,7 +242,9 @@ def run(
       that do not belong to it or are not conditioned on 4 rotations, a classifier run of
       other data or trained on the anomaly labels (or without a normal one), a negative
       --classifier_images or too few of them to hold every normal label, no anomaly
-      labels, eval data without labels, no anomalous images, or fewer than two normal images.
+      labels, eval data without labels, no anomalous images, fewer than two normal images, or
+      a combined --score without all of its parts or whose parts the held-out normal images
+      cannot scale.
   """
   # Checked before the (slow) imports of JAX and the model code.
   if not 0.0 < quantile < 1.0:
