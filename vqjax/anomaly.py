@@ -366,7 +366,7 @@ def run(
       got.update(classifier_scorer.score(batch["image"]))
     for k in scores:
       scores[k].append(np.asarray(got[k], np.float64)[keep])
-    first = sum(len(f) for f in found)  # this batch's first image, in split order
+    first = read - len(keep)  # this batch's first kept image, in split order
     found.append(y)
     # The PNG shows the first scored normal images (odd normal positions) and anomalous ones.
     is_anomaly = np.isin(y, labels)
