@@ -40,7 +40,8 @@ normal images' codes, then `vqjax.evaluation.anomaly.PriorScorer` on the whole t
   combined_mahalanobis       leave-one-out only: the mean z-score of knn, nll_ratio, rotation,
                              classifier and mahalanobis
 
-Each class appends one JSON line (AUCs, timings) to --out, keeps every per-image score in its
+Each class writes one JSON line (AUCs, timings) to --out, replacing the line of an earlier run
+of the same class, protocol, size and seed; keeps every per-image score in its
 run folder (scores.npz), and prints a progress line; the end prints the Markdown table of
 benchmarks/RESULTS.md. Every setting is the same for all classes.
 Runs are kept under --workdir and reused when complete (delete it to retrain).
@@ -185,10 +186,38 @@ def classifier_config(normal: list[int], steps: int, smoke: bool, seed: int = 0)
 
 
 def _train(config, workdir: str) -> None:
-  from vqjax import runs
+  """Trains (or resumes) one model; a run stopped by a signal stops the benchmark too."""
+  from vqjax import errors, runs
   from vqjax.training import trainer
 
-  trainer.train_and_evaluate(config, workdir, make_task=runs.make_task)
+  result = trainer.train_and_evaluate(config, workdir, make_task=runs.make_task)
+  if "stopped" in result:
+    # The trainer saved and returned on SIGINT/SIGTERM; going on would train the next model
+    # and score with this one unfinished.
+    raise errors.Stopped(
+      f"{workdir} stopped at step {result['step']} of {config.train.steps}, checkpoint saved; "
+      "run the same command to go on",
+      int(result["stopped"]),
+    )
+
+
+def merge_lines(old: list[dict], new: dict) -> list[dict]:
+  """`old` without any line of `new`'s protocol, size, seed and class, then `new`: a class run
+  again (after a stop, or to check it) replaces its line instead of counting twice."""
+  key = ("protocol", "size", "seed", "class")
+  return [line for line in old if [line.get(k) for k in key] != [new[k] for k in key]] + [new]
+
+
+def write_line(path: str, line: dict) -> None:
+  """Adds `line` to the JSON-lines file at `path` through `merge_lines`, written beside and
+  renamed, so that a kill leaves the old file or the new one."""
+  old = []
+  if os.path.exists(path):
+    with open(path) as f:
+      old = [json.loads(text) for text in f if text.strip()]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(each) + "\n" for each in merge_lines(old, line))
+  os.replace(path + ".tmp", path)
 
 
 def _images(data, max_examples: int):
@@ -416,10 +445,18 @@ def main(argv=None) -> int:
   if args.seed < 0:
     parser.error(f"--seed must be >= 0, got {args.seed}")
 
-  from vqjax import _cli
-  from vqjax.training import trainer
+  from vqjax import _cli, errors
 
   _cli.setup()
+  # A user's mistake (a workdir that is a file, an unwritable disk, a damaged checkpoint) and
+  # Ctrl-C end in one line; a run stopped by a signal exits 128 + the signal.
+  with errors.one_line("benchmarks/anomaly.py"):
+    return _run(args, classes)
+
+
+def _run(args: argparse.Namespace, classes: list[int]) -> int:
+  from vqjax.training import trainer
+
   trainer.setup_compilation_cache(os.path.join(args.workdir, "jax_cache"))
   out = args.out or os.path.join(
     args.workdir, run_name(args.protocol, args.size, args.seed) + ".jsonl"
@@ -429,8 +466,7 @@ def main(argv=None) -> int:
   for n, k in enumerate(classes):
     line = run_class(k, args.protocol, args.size, args.workdir, args.seed)
     lines.append(line)
-    with open(out, "a") as f:
-      f.write(json.dumps(line) + "\n")
+    write_line(out, line)
     elapsed = time.perf_counter() - t0
     eta = elapsed / (n + 1) * (len(classes) - n - 1)
     aucs = " ".join(f"{s}={line['auc'][s]:.3f}" for s in SCORES if s in line["auc"])
@@ -441,7 +477,7 @@ def main(argv=None) -> int:
       flush=True,
     )
   print(table(lines))
-  print(f"total {(time.perf_counter() - t0) / 60:.1f} min; lines appended to {out}")
+  print(f"total {(time.perf_counter() - t0) / 60:.1f} min; lines written to {out}")
   return 0
 
 

@@ -60,6 +60,77 @@ def test_argument_mistakes_are_usage_errors(tmp_path):
   assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
+def _load_benchmark():
+  """benchmarks/anomaly.py as a module (it is a script, not part of the package)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+    "anomaly_benchmark", os.path.join(ROOT, "benchmarks", "anomaly.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("not a directory")
+  out = _bench("--protocol=one-class", "--classes=8", "--size=smoke", f"--workdir={afile}")
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  (last,) = out.stderr.strip().splitlines()[-1:]
+  assert last.startswith("benchmarks/anomaly.py: ") and str(afile) in last, out.stderr
+
+
+def test_a_model_stopped_by_a_signal_stops_the_benchmark(tmp_path, monkeypatch, capsys):
+  """The trainer saves and returns on SIGINT; the benchmark must not go on to the next model
+  (or score with this one half-trained): it exits 130 and writes no line."""
+  import argparse
+  import signal
+
+  from vqjax import errors
+  from vqjax.training import trainer
+
+  bench = _load_benchmark()
+  calls = []
+  monkeypatch.setattr(trainer, "setup_compilation_cache", lambda path: None)
+  monkeypatch.setattr(
+    trainer,
+    "train_and_evaluate",
+    lambda config, workdir, **kwargs: (
+      calls.append(workdir) or {"step": 1.0, "stopped": signal.SIGINT}
+    ),
+  )
+  args = argparse.Namespace(
+    protocol="one-class", size="smoke", seed=0, workdir=str(tmp_path), out=""
+  )
+  with pytest.raises(SystemExit) as e, errors.one_line("benchmarks/anomaly.py"):
+    bench._run(args, [8])
+  assert e.value.code == 128 + signal.SIGINT
+  assert len(calls) == 1 and calls[0].endswith("stage1"), calls
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("benchmarks/anomaly.py: ") and "run the same command to go on" in err
+  assert not os.path.exists(tmp_path / "one-class_smoke.jsonl")
+
+
+def test_a_class_run_again_replaces_its_line(tmp_path):
+  bench = _load_benchmark()
+  path = str(tmp_path / "lines.jsonl")
+  line = lambda k, auc, seed=0: {
+    "protocol": "one-class",
+    "size": "smoke",
+    "seed": seed,
+    "class": k,
+    "auc": {"knn": auc},
+  }
+  for each in (line(8, 0.1), line(2, 0.2), line(8, 0.3), line(8, 0.4, seed=1)):
+    bench.write_line(path, each)
+  with open(path) as f:
+    got = [json.loads(s) for s in f]
+  assert got == [line(2, 0.2), line(8, 0.3), line(8, 0.4, seed=1)]
+  assert not os.path.exists(path + ".tmp")
+
+
 def _smoke_bag_run(protocol: str, tmp_path):
   """Runs `protocol` for class 8 (bags) at the smoke size into tmp_path; returns (the process,
   its JSON line, the labels of the 64 test images the smoke size scores, from the idx file)."""
@@ -121,6 +192,15 @@ def test_one_class_smoke_run_writes_a_line_per_class(tmp_path):
   assert "[1/1] one-class class 8 (bag):" in out.stdout
   assert f"| 8 bag | {line['auc']['recon_max']:.3f} |" in out.stdout
   assert "| mean of 1 |" in out.stdout
+  # Run again: every model is found complete and reused, the scores come out the same, and the
+  # class's line is replaced, not written twice.
+  again = _bench(
+    "--protocol=one-class", "--classes=8", "--size=smoke", f"--workdir={tmp_path}", timeout=600
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  with open(tmp_path / "one-class_smoke.jsonl") as f:
+    (second,) = [json.loads(s) for s in f]
+  assert second["auc"] == line["auc"]
 
 
 @pytest.mark.slow

@@ -463,3 +463,70 @@ def test_classifier_mistakes_are_user_errors(tiny_run, tmp_path):
   ):
     anomaly.run(workdir, out, classifier=fit, classifier_images=3)
   assert not os.path.exists(out)
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(tiny_run, tmp_path, monkeypatch):
+  """A run that fails while writing (here a full disk at anomaly.json, the last file) leaves
+  the previous run's three files as they were, and none of its own half-written ones."""
+  workdir, out = tiny_run[0], tmp_path / "out"
+  anomaly.run(workdir, str(out), memory=0)
+  names = ("anomaly.png", "anomaly_scores.csv", "anomaly.json")
+  before = {name: (out / name).read_bytes() for name in names}
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(json, "dump", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    anomaly.run(workdir, str(out), memory=0, score="mean", max_examples=40)
+  monkeypatch.undo()
+  assert sorted(os.listdir(out)) == sorted(names)
+  assert {name: (out / name).read_bytes() for name in names} == before
+  # The same run without the fault replaces all three.
+  result = anomaly.run(workdir, str(out), memory=0, score="mean", max_examples=40)
+  assert sorted(os.listdir(out)) == sorted(names)
+  with open(out / "anomaly.json") as f:
+    assert json.load(f)["score"] == result["score"] == "recon_mean"
+  with open(out / "anomaly_scores.csv") as f:
+    assert len(f.read().splitlines()) == 1 + 40
+
+
+def test_an_unusable_out_fails_before_any_scoring(tiny_run, tmp_path, monkeypatch):
+  workdir = tiny_run[0]
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  monkeypatch.setattr(anomaly_runs, "load", lambda *a: pytest.fail("scoring started"))
+  for out in (afile, afile / "below"):
+    with pytest.raises(errors.UserError, match=f"--out {out}: {afile} is a file"):
+      anomaly.run(workdir, str(out))
+  assert sorted(os.listdir(tmp_path)) == ["afile"]  # the check leaves nothing behind
+
+
+def test_allow_mismatch_reaches_both_kinds_of_priors(tiny_run, tmp_path, monkeypatch):
+  """The mismatch error names --allow_mismatch: the flag exists and is passed on."""
+  from vqjax.sampling import hierarchy
+
+  seen = []
+
+  def from_runs(stage1, priors, allow_mismatch=False):
+    seen.append((tuple(priors), allow_mismatch))
+    raise errors.UserError("checked")
+
+  monkeypatch.setattr(hierarchy.Generator, "from_runs", from_runs)
+  for allow in (False, True):
+    with pytest.raises(errors.UserError, match="checked"):
+      anomaly.run(tiny_run[0], str(tmp_path / "out"), priors=["p0", "p1"], allow_mismatch=allow)
+    with pytest.raises(errors.UserError, match="checked"):
+      anomaly_runs.rotation_scorer(tiny_run[0], ["r0", "r1"], None, None, allow)
+  assert seen == [(("p0", "p1"), False), (("r0", "r1"), False)] + [
+    (("p0", "p1"), True),
+    (("r0", "r1"), True),
+  ]
+  help_text = subprocess.run(
+    [sys.executable, "-m", "vqjax.anomaly", "--help"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  ).stdout
+  assert "--[no]allow_mismatch:" in help_text

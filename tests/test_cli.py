@@ -90,6 +90,32 @@ def test_every_command_answers_help_with_its_usage_and_status_0():
     assert "--workdir" in out or "--data" in out or name in ("prepare", "convert"), name
 
 
+def test_a_stray_argument_is_one_line_in_every_command():
+  """absl would print the whole usage before the message; each command says it in one line."""
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+  )
+  running = {
+    name: subprocess.Popen(
+      [sys.executable, "-m", f"vqjax.{name}", f"--config={SMOKE}", "--workdir=/nowhere", "stray"]
+      if name == "train"
+      else [sys.executable, "-m", f"vqjax.{name}", "--workdir=/nowhere", "stray"],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for name in ("train", "anomaly", "sample")
+  }
+  for name, process in running.items():
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 1, (name, err[-2000:])
+    assert err.strip() == (
+      f"vqjax.{name}: unexpected arguments: ['stray'] (--help lists the flags)"
+    ), (name, err[-2000:])
+
+
 @pytest.mark.parametrize(
   "args,expected",
   [

@@ -204,4 +204,13 @@ def run(
       sys.exit(0)
     return (flags_parser or app.parse_flags_with_usage)(argv)
 
-  app.run(main, flags_parser=parse)
+  def checked(argv: list[str]) -> None:
+    # absl prints the whole usage before a UsageError's message; one line says it better.
+    try:
+      main(argv)
+    except app.UsageError as e:
+      spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # set by `python -m`
+      prog = spec.name if spec else os.path.basename(argv[0] if argv else "vqjax")
+      raise SystemExit(f"{prog}: {e} (--help lists the flags)") from None
+
+  app.run(checked, flags_parser=parse)

@@ -64,6 +64,7 @@ dataset labelled by directory (docs/anomaly.md): SCANS/train/normal/ (training),
 SCANS/test/normal/ (held out: they choose the thresholds) and SCANS/test/screen/ (label 1).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -133,6 +134,11 @@ def define_flags() -> None:
     "Images of the classifier's train split that fit the mahalanobis score (0 = no such score).",
   )
   flags.DEFINE_integer("seed", 0, "Seed of the restoration draws.")
+  flags.DEFINE_bool(
+    "allow_mismatch",
+    False,
+    "Use priors or rotation priors trained on another stage-1 run's codes anyway (a warning).",
+  )
   flags.DEFINE_string("out", "", "Output directory (default WORKDIR).")
   flags.DEFINE_bool("verbose", False, "Show the traceback of user errors too.")
 
@@ -196,6 +202,7 @@ def run(
   rotation_priors: list[str] | None = None,
   classifier: str = "",
   classifier_images: int = 10000,
+  allow_mismatch: bool = False,
 ) -> dict:
   """Scores a stage-1 run's eval split for anomalies and writes anomaly.json and anomaly.png.
 
@@ -221,6 +228,8 @@ def run(
       score; "" = none.
     classifier_images: with `classifier`, the first this many images of its own train split
       fit the class Gaussians of the "mahalanobis" score; 0 = no mahalanobis score.
+    allow_mismatch: use priors and rotation priors trained on another stage-1 run's codes
+      (a warning instead of an error).
 
   Returns:
     What anomaly.json holds: "scores" (per score: "auc", "threshold", "tpr" = share of
@@ -284,6 +293,7 @@ def run(
       more = " (knn needs --memory above 0)"
     raise errors.UserError(f"--score must be one of {known}, not {score!r}{more}")
   labels = _parse_labels(anomaly_labels)
+  _check_out(out)
 
   import jax
   import numpy as np
@@ -293,7 +303,7 @@ def run(
   from vqjax.evaluation import anomaly, anomaly_figures, combined
   from vqjax.evaluation import memory as memory_lib
 
-  config, model, variables, loaded = anomaly_runs.load(workdir, priors)
+  config, model, variables, loaded = anomaly_runs.load(workdir, priors, allow_mismatch)
   if knn and not memory_lib.has_encode(model):
     # A plugin autoencoder needs only the code contract (encode_to_indices); the latents need
     # its `encode` too. Without it the two bank scores are left out, and said so.
@@ -307,7 +317,9 @@ def run(
       type(model).__name__,
     )
     knn = False
-  rotations = anomaly_runs.rotation_scorer(workdir, rotation_priors, model, variables)
+  rotations = anomaly_runs.rotation_scorer(
+    workdir, rotation_priors, model, variables, allow_mismatch
+  )
   if labels is None:
     labels = _parse_labels(list(config.data.exclude_labels))
   if not labels:
@@ -451,7 +463,6 @@ def run(
     result["seed"] = int(seed)
     result["replaced_normal"] = float(np.mean(s["replaced"][normal]))
     result["replaced_anomalous"] = float(np.mean(s["replaced"][anomalous]))
-  epath.Path(out).mkdir(parents=True, exist_ok=True)
   k = min(len(shown[False]), len(shown[True]))
   picked = shown[False][:k] + shown[True][:k]
   columns = {"input": np.stack([p["input"] for p in picked])}
@@ -464,27 +475,66 @@ def run(
     for r, p in enumerate(picked)
   ]
   map_title = "restoration map" if map_key == "restoration_map" else "error map"
-  png = os.path.join(out, "anomaly.png")
-  anomaly_figures.save_anomaly_figure(
-    png, columns, np.stack([p["map"] for p in picked]), titles, map_title=map_title
-  )
-  result["png"] = png
+  result["png"] = os.path.join(out, "anomaly.png")
   result["png_rows"] = (
     f"{k} scored normal images, then {k} anomalous ones: {', '.join(columns)}, {map_title}"
   )
   result["csv"] = os.path.join(out, "anomaly_scores.csv")
+  result["json"] = os.path.join(out, "anomaly.json")
   role = np.full(len(y), "anomalous", object)
   role[heldout], role[normal] = "heldout", "normal"
   flagged = s[score] > per_score[score]["threshold"]
-  with epath.Path(result["csv"]).open("w") as f:
-    f.write(",".join(["index", "label", "role", *names, f"flagged_by_{score}"]) + "\n")
-    for i in range(len(y)):
-      values = [f"{s[k][i]:.6g}" for k in names]
-      f.write(",".join([str(i), str(y[i]), role[i], *values, str(int(flagged[i]))]) + "\n")
-  result["json"] = os.path.join(out, "anomaly.json")
-  with epath.Path(result["json"]).open("w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
+  written = [result[key] for key in ("png", "csv", "json")]
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
+  # Each written under a name of its own, then all three renamed: a failure (a full disk) or a
+  # kill before the renames leaves the previous run's outputs as they were, not a mix of two.
+  try:
+    anomaly_figures.save_anomaly_figure(
+      _partial(result["png"]),
+      columns,
+      np.stack([p["map"] for p in picked]),
+      titles,
+      map_title=map_title,
+    )
+    with epath.Path(_partial(result["csv"])).open("w") as f:
+      f.write(",".join(["index", "label", "role", *names, f"flagged_by_{score}"]) + "\n")
+      for i in range(len(y)):
+        values = [f"{s[k][i]:.6g}" for k in names]
+        f.write(",".join([str(i), str(y[i]), role[i], *values, str(int(flagged[i]))]) + "\n")
+    with epath.Path(_partial(result["json"])).open("w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+  except BaseException:
+    for path in written:
+      with contextlib.suppress(OSError):
+        epath.Path(_partial(path)).unlink(missing_ok=True)
+    raise
+  for path in written:
+    epath.Path(_partial(path)).replace(path)
   return result
+
+
+def _partial(path: str) -> str:
+  """Where an output is written before it is renamed to `path` (one per process)."""
+  return f"{path}.partial-{os.getpid()}"
+
+
+def _check_out(out: str) -> None:
+  """Fails in one line, before the scoring instead of after it, where --out cannot be written:
+  its nearest existing directory (itself, or the one it would be created in) is a file or
+  refuses a file. Nothing is left behind. A bucket has no directories to check."""
+  if paths.is_remote(out):
+    return
+  place = epath.Path(paths.absolute(out))
+  while not place.exists():
+    place = place.parent
+  if not place.is_dir():
+    raise errors.UserError(f"--out {out}: {place} is a file, not a directory")
+  probe = place / os.path.basename(_partial(".anomaly-write-check"))
+  try:
+    probe.write_text("")
+  except OSError as e:
+    raise errors.UserError(f"--out {out}: cannot write in {place} ({e.strerror or e})") from None
+  probe.unlink()
 
 
 def main(argv):
@@ -509,6 +559,7 @@ def main(argv):
       rotation_priors=flags.FLAGS.rotation_priors,
       classifier=flags.FLAGS.classifier,
       classifier_images=flags.FLAGS.classifier_images,
+      allow_mismatch=flags.FLAGS.allow_mismatch,
     )
   width = max(len(k) for k in result)
   for key in sorted(result):

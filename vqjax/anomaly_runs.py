@@ -18,8 +18,11 @@ from vqjax import errors, paths
 MAX_BANK_BYTES = 4 * 2**30
 
 
-def load(workdir: str, priors: list[str]) -> tuple[Any, Any, Any, list[tuple[Any, Any]]]:
-  """(config, model, variables, [(prior model, variables)]) of the stage-1 run and its priors."""
+def load(
+  workdir: str, priors: list[str], allow_mismatch: bool = False
+) -> tuple[Any, Any, Any, list[tuple[Any, Any]]]:
+  """(config, model, variables, [(prior model, variables)]) of the stage-1 run and its priors;
+  `allow_mismatch`: priors of another stage-1 run's codes with a warning, not an error."""
   from vqjax import runs
   from vqjax.models import registry
 
@@ -29,7 +32,7 @@ def load(workdir: str, priors: list[str]) -> tuple[Any, Any, Any, list[tuple[Any
   else:
     from vqjax.sampling import hierarchy
 
-    gen = hierarchy.Generator.from_runs(workdir, priors)
+    gen = hierarchy.Generator.from_runs(workdir, priors, allow_mismatch)
     config, model, variables = gen.stage1
     if gen.class_conditional:
       raise errors.UserError(
@@ -45,14 +48,16 @@ def load(workdir: str, priors: list[str]) -> tuple[Any, Any, Any, list[tuple[Any
   return config, model, variables, loaded
 
 
-def rotation_scorer(workdir: str, rotation_priors: list[str], model: Any, variables: Any):
+def rotation_scorer(
+  workdir: str, rotation_priors: list[str], model: Any, variables: Any, allow_mismatch: bool = False
+):
   """The `rotation.RotationScorer` of the run's rotation priors; None without them."""
   if not rotation_priors:
     return None
   from vqjax.evaluation import rotation
   from vqjax.sampling import hierarchy
 
-  gen = hierarchy.Generator.from_runs(workdir, rotation_priors)
+  gen = hierarchy.Generator.from_runs(workdir, rotation_priors, allow_mismatch)
   try:
     return rotation.RotationScorer(model, variables, [(m, v) for _, m, v in gen.priors])
   except ValueError as e:
