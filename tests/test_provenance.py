@@ -30,9 +30,14 @@ def test_a_run_id_is_written_once_and_kept(tmp_path):
   assert len(first) == 32 and identity.ensure_run_id(str(tmp_path / "run")) == first
   assert identity.read_run_id(str(tmp_path / "run")) == first
   assert identity.read_run_id(str(tmp_path / "none")) is None
+  # A damaged record is an error, never read as "no id" and replaced by a new one.
   (tmp_path / "bad").mkdir()
-  (tmp_path / "bad" / identity.RUN_FILE).write_text("[1]")
-  assert identity.read_run_id(str(tmp_path / "bad")) is None
+  for damaged in ("[1]", '{"run_id": ', '{"created": "2026"}', '{"run_id": ""}', ""):
+    (tmp_path / "bad" / identity.RUN_FILE).write_text(damaged)
+    for call in (identity.read_run_id, identity.ensure_run_id):
+      with pytest.raises(errors.UserError, match=r"run.json is damaged .*--allow_mismatch"):
+        call(str(tmp_path / "bad"))
+    assert (tmp_path / "bad" / identity.RUN_FILE).read_text() == damaged
 
 
 def test_the_chain_check_names_what_does_not_belong(tmp_path):

@@ -253,7 +253,8 @@ def run(
       --classifier_images or too few of them to hold every normal label, no anomaly
       labels, eval data without labels, no anomalous images, fewer than two normal images, or
       a combined --score without all of its parts or whose parts the held-out normal images
-      cannot scale.
+      cannot scale, or an `out` whose nearest existing directory is a file or refuses a file
+      (checked before any scoring).
   """
   # Checked before the (slow) imports of JAX and the model code.
   if not 0.0 < quantile < 1.0:

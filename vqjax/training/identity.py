@@ -17,20 +17,35 @@ import uuid
 
 from etils import epath
 
-from vqjax import paths
+from vqjax import errors, paths
 
 RUN_FILE = "run.json"
 
 
 def read_run_id(workdir: str) -> str | None:
-  """The run id recorded in `workdir`, or None (a run from before ids were recorded)."""
+  """The run id recorded in `workdir`, or None where it has no record (a run from before ids
+  were recorded).
+
+  Raises:
+    errors.UserError: a record that is there but damaged (not JSON, or without an id). It is
+      never replaced silently: a new id would make everything made from the run look foreign.
+  """
+  path = epath.Path(workdir, RUN_FILE)
   try:
-    with epath.Path(workdir, RUN_FILE).open() as f:
-      record = json.load(f)
-  except (OSError, ValueError):
+    text = path.read_text()
+  except FileNotFoundError:
     return None
+  try:
+    record = json.loads(text)
+  except ValueError:
+    record = None
   run_id = record.get("run_id") if isinstance(record, dict) else None
-  return run_id if isinstance(run_id, str) and run_id else None
+  if not (isinstance(run_id, str) and run_id):
+    raise errors.UserError(
+      f"{path} is damaged (no run id in it); delete it to give the run a new id, and pass "
+      "--allow_mismatch where priors trained on this run's codes are used with it"
+    )
+  return run_id
 
 
 def ensure_run_id(workdir: str) -> str:
