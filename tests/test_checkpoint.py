@@ -238,6 +238,37 @@ def test_a_step_without_checksums_is_read_with_a_warning(tmp_path, caplog):
   assert step == 1 and any("no checksum record" in r.getMessage() for r in caplog.records)
 
 
+def test_a_damaged_step_without_checksums_is_named_in_plain_words(tmp_path):
+  """Without the checksum record, a truncated array file is found only by the read, and the
+  error is TensorStore's: shortened to one line, without its pointer to the details (which
+  prints as a bound method)."""
+  _, target, meta = _saved_run(tmp_path, steps=(1,))
+  os.remove(tmp_path / "c" / "1" / checkpoint_integrity.CHECKSUM_FILE)
+  data = [p for p in (tmp_path / "c" / "1").rglob("*") if p.is_file() and "/d/" in str(p)]
+  assert data, sorted((tmp_path / "c" / "1").rglob("*"))
+  for path in data:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"))
+  with pytest.raises(errors.CheckpointDamagedError, match="checkpoint step 1 .*is damaged") as e:
+    ckpt.restore_newest_intact(target, meta=meta)
+  ckpt.close()
+  message = str(e.value)
+  assert (
+    "\n" not in message and "bound method" not in message and "TensorStore details" not in (message)
+  )
+
+
+def test_a_tensorstore_message_loses_its_pointer_to_the_details():
+  text = (
+    "DATA_LOSS: Error reading \"params\" in OCDBT database\n  [source locations='x.cc:1'] See "
+    "full TensorStore details: <bound method PyCapsule.details of ValueError(...)>"
+  )
+  assert checkpoint_integrity.short_message(ValueError(text)) == (
+    "DATA_LOSS: Error reading \"params\" in OCDBT database [source locations='x.cc:1']"
+  )
+  assert checkpoint_integrity.short_message(ValueError("")) == "ValueError"
+
+
 def test_weights_that_are_not_finite_are_refused(tmp_path, caplog):
   """A step saved with a NaN in its weights (checksums intact) is damaged: the previous
   step is read instead, and alone it is one line naming the array."""

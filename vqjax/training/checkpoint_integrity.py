@@ -37,8 +37,10 @@ _REQUIRED_FILES = (
 
 
 def short_message(e: BaseException, limit: int = 240) -> str:
-  """First line of an exception, cut to `limit` characters (tensorstore errors run to KBs)."""
-  text = " ".join(str(e).split()) or type(e).__name__
+  """An exception's text on one line, cut to `limit` characters (tensorstore errors run to KBs),
+  without the pointer TensorStore appends to its details (it prints as a bound method)."""
+  text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
+  text = text or type(e).__name__
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
