@@ -209,15 +209,15 @@ def merge_lines(old: list[dict], new: dict) -> list[dict]:
 
 
 def write_line(path: str, line: dict) -> None:
-  """Adds `line` to the JSON-lines file at `path` through `merge_lines`, written beside and
-  renamed, so that a kill leaves the old file or the new one."""
+  """Adds `line` to the JSON-lines file at `path` through `merge_lines`, replacing the file
+  whole (`paths.write_text`), so that a kill leaves the old file or the new one."""
+  from vqjax import paths
+
   old = []
   if os.path.exists(path):
     with open(path) as f:
       old = [json.loads(text) for text in f if text.strip()]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(each) + "\n" for each in merge_lines(old, line))
-  os.replace(path + ".tmp", path)
+  paths.write_text(path, "".join(json.dumps(each) + "\n" for each in merge_lines(old, line)))
 
 
 def _images(data, max_examples: int):

@@ -128,7 +128,7 @@ def test_a_class_run_again_replaces_its_line(tmp_path):
   with open(path) as f:
     got = [json.loads(s) for s in f]
   assert got == [line(2, 0.2), line(8, 0.3), line(8, 0.4, seed=1)]
-  assert not os.path.exists(path + ".tmp")
+  assert os.listdir(tmp_path) == ["lines.jsonl"]  # no temporary file left
 
 
 def _smoke_bag_run(protocol: str, tmp_path):
